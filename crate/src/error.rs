@@ -1,0 +1,67 @@
+//! One error type for the whole engine. Every variant carries the context a person needs to act:
+//! which file, which tensor, which shape, which limit.
+
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Error {
+    /// No usable WebGPU / Vulkan / Metal / DX12 adapter.
+    NoAdapter(String),
+    /// The adapter exists but cannot grant what the model needs.
+    AdapterLimits(String),
+    /// The device was lost (driver reset, tab backgrounded, out of memory).
+    DeviceLost(String),
+    /// A GPU operation failed (validation, out of memory, map failure).
+    Gpu(String),
+    /// A file could not be read.
+    Io { path: String, message: String },
+    /// A safetensors file is malformed.
+    Safetensors { path: String, message: String },
+    /// A tensor is missing, or its dtype/shape does not match the config.
+    Tensor { path: String, tensor: String, message: String },
+    /// A config.json is missing a field or holds an unsupported value.
+    Config { path: String, message: String },
+    /// Tokenizer files are missing or malformed.
+    Tokenizer { path: String, message: String },
+    /// A caller passed a bad parameter (shape, size, option).
+    InvalidParameter(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NoAdapter(m) => write!(f, "no GPU adapter: {m}"),
+            Error::AdapterLimits(m) => write!(f, "GPU adapter too limited: {m}"),
+            Error::DeviceLost(m) => write!(f, "GPU device lost: {m}"),
+            Error::Gpu(m) => write!(f, "GPU error: {m}"),
+            Error::Io { path, message } => write!(f, "{path}: {message}"),
+            Error::Safetensors { path, message } => write!(f, "{path}: invalid safetensors: {message}"),
+            Error::Tensor { path, tensor, message } => write!(f, "{path}: tensor '{tensor}': {message}"),
+            Error::Config { path, message } => write!(f, "{path}: {message}"),
+            Error::Tokenizer { path, message } => write!(f, "{path}: tokenizer: {message}"),
+            Error::InvalidParameter(m) => write!(f, "invalid parameter: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Error {
+    /// Stable machine-readable name, used as the JS error `name`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::NoAdapter(_) => "WebGpuUnavailable",
+            Error::AdapterLimits(_) => "AdapterLimits",
+            Error::DeviceLost(_) => "DeviceLost",
+            Error::Gpu(_) => "GpuError",
+            Error::Io { .. } => "IoError",
+            Error::Safetensors { .. } => "CorruptWeights",
+            Error::Tensor { .. } => "WrongModel",
+            Error::Config { .. } => "BadConfig",
+            Error::Tokenizer { .. } => "BadTokenizer",
+            Error::InvalidParameter(_) => "InvalidParameter",
+        }
+    }
+}

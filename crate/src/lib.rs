@@ -1,0 +1,13 @@
+//! Stable Diffusion XL on WebGPU. Data flows one way:
+//! store → weights → gpu/ops → models → pipeline → API.
+
+pub mod error;
+pub mod gpu;
+pub mod models;
+pub mod ops;
+pub mod pipeline;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use gpu::{DType, Gpu, Precision, Tensor};

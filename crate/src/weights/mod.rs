@@ -1,0 +1,234 @@
+//! Model files: where bytes come from (`Source`), safetensors headers, config.json, and loading
+//! one component's tensors to the GPU one tensor at a time (never a whole file in memory).
+
+pub mod safetensors;
+
+use std::collections::HashMap;
+
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+use safetensors::{Dtype, Header, TensorInfo};
+
+/// Read access to a model folder (diffusers layout) by relative path.
+#[allow(async_fn_in_trait)]
+pub trait Source {
+    /// Human-readable location of `path`, for errors.
+    fn describe(&self, path: &str) -> String;
+    async fn exists(&self, path: &str) -> bool;
+    async fn len(&self, path: &str) -> Result<u64>;
+    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>>;
+    async fn read(&self, path: &str) -> Result<Vec<u8>> {
+        let n = self.len(path).await?;
+        self.read_range(path, 0, n).await
+    }
+}
+
+/// A model folder on disk.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DirSource {
+    root: std::path::PathBuf,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl DirSource {
+    pub fn new(root: impl Into<std::path::PathBuf>) -> DirSource {
+        DirSource { root: root.into() }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Source for DirSource {
+    fn describe(&self, path: &str) -> String {
+        self.root.join(path).display().to_string()
+    }
+    async fn exists(&self, path: &str) -> bool {
+        self.root.join(path).is_file()
+    }
+    async fn len(&self, path: &str) -> Result<u64> {
+        std::fs::metadata(self.root.join(path))
+            .map(|m| m.len())
+            .map_err(|e| Error::Io { path: self.describe(path), message: e.to_string() })
+    }
+    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let io = |e: std::io::Error| Error::Io { path: self.describe(path), message: e.to_string() };
+        let mut f = std::fs::File::open(self.root.join(path)).map_err(io)?;
+        f.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut buf = vec![0; (end - start) as usize];
+        f.read_exact(&mut buf).map_err(io)?;
+        Ok(buf)
+    }
+}
+
+/// Files held in memory (tests, and pages that already hold the bytes).
+#[derive(Default)]
+pub struct MemorySource {
+    files: HashMap<String, Vec<u8>>,
+}
+
+impl MemorySource {
+    pub fn insert(&mut self, path: &str, bytes: Vec<u8>) {
+        self.files.insert(path.to_string(), bytes);
+    }
+    fn get(&self, path: &str) -> Result<&Vec<u8>> {
+        self.files.get(path).ok_or_else(|| Error::Io { path: self.describe(path), message: "no such file".into() })
+    }
+}
+
+impl Source for MemorySource {
+    fn describe(&self, path: &str) -> String {
+        format!("memory:{path}")
+    }
+    async fn exists(&self, path: &str) -> bool {
+        self.files.contains_key(path)
+    }
+    async fn len(&self, path: &str) -> Result<u64> {
+        Ok(self.get(path)?.len() as u64)
+    }
+    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>> {
+        self.get(path)?
+            .get(start as usize..end as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| Error::Io { path: self.describe(path), message: format!("bytes {start}..{end} out of range") })
+    }
+}
+
+/// Reads and parses a JSON file.
+pub async fn read_json<T: DeserializeOwned>(source: &impl Source, path: &str) -> Result<T> {
+    let bytes = source.read(path).await?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Config { path: source.describe(path), message: format!("invalid JSON: {e}") })
+}
+
+/// The tensors of one model component (`text_encoder/`, `unet/`, ...), possibly sharded.
+pub struct Weights<'a, S: Source> {
+    source: &'a S,
+    files: Vec<String>,
+    tensors: HashMap<String, (usize, TensorInfo)>,
+}
+
+impl<'a, S: Source> Weights<'a, S> {
+    /// Opens `dir/{model,diffusion_pytorch_model}[.fp16].safetensors` or a sharded index. The fp16
+    /// variant is preferred when the GPU computes in f16 (half the bytes to read).
+    pub async fn open(source: &'a S, dir: &str, prefer_fp16: bool) -> Result<Weights<'a, S>> {
+        let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
+        for stem in ["model", "diffusion_pytorch_model"] {
+            for variant in variants {
+                let single = format!("{dir}/{stem}{variant}.safetensors");
+                if source.exists(&single).await {
+                    return Weights::from_files(source, vec![single]).await;
+                }
+                let index = format!("{dir}/{stem}.safetensors.index{variant}.json");
+                let index_alt = format!("{dir}/{stem}{variant}.safetensors.index.json");
+                for index in [index, index_alt] {
+                    if source.exists(&index).await {
+                        let json: serde_json::Value = read_json(source, &index).await?;
+                        let mut shards: Vec<String> = json
+                            .get("weight_map")
+                            .and_then(|m| m.as_object())
+                            .ok_or_else(|| Error::Config { path: source.describe(&index), message: "no weight_map".into() })?
+                            .values()
+                            .filter_map(|v| v.as_str().map(|s| format!("{dir}/{s}")))
+                            .collect();
+                        shards.sort();
+                        shards.dedup();
+                        return Weights::from_files(source, shards).await;
+                    }
+                }
+            }
+        }
+        Err(Error::Io { path: source.describe(dir), message: "no model.safetensors or diffusion_pytorch_model.safetensors".into() })
+    }
+
+    pub async fn from_files(source: &'a S, files: Vec<String>) -> Result<Weights<'a, S>> {
+        let mut tensors = HashMap::new();
+        for (i, file) in files.iter().enumerate() {
+            let header = read_header(source, file).await?;
+            tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
+        }
+        Ok(Weights { source, files, tensors })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Shape of a stored tensor.
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.info(name)?.1.shape)
+    }
+
+    fn info(&self, name: &str) -> Result<&(usize, TensorInfo)> {
+        self.tensors.get(name).ok_or_else(|| Error::Tensor {
+            path: self.files.iter().map(|f| self.source.describe(f)).collect::<Vec<_>>().join(", "),
+            tensor: name.to_string(),
+            message: "missing (is this the right model folder?)".into(),
+        })
+    }
+
+    fn shape_error(&self, file: usize, name: &str, message: String) -> Error {
+        Error::Tensor { path: self.source.describe(&self.files[file]), tensor: name.to_string(), message }
+    }
+
+    /// Reads a tensor to the CPU as f32, checking its shape.
+    pub async fn host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (file, info) = self.info(name)?;
+        if info.shape != shape {
+            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
+        }
+        let bytes = self.source.read_range(&self.files[*file], info.start, info.end).await?;
+        Ok(safetensors::to_f32(info.dtype, &bytes))
+    }
+
+    /// Uploads a float tensor in the GPU's working dtype, checking its shape against the config.
+    pub async fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (file, info) = self.info(name)?;
+        if info.shape != shape {
+            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
+        }
+        let bytes = self.source.read_range(&self.files[*file], info.start, info.end).await?;
+        let uploaded = match info.dtype {
+            Dtype::F16 if gpu.dtype == DType::F16 => gpu.upload_f16(bytemuck::cast_slice(&aligned(bytes)), shape, name),
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 => gpu.upload_as(&safetensors::to_f32(info.dtype, &bytes), shape, gpu.dtype, name),
+            _ => return Err(self.shape_error(*file, name, format!("{:?} is not a float dtype", info.dtype))),
+        };
+        uploaded.map_err(|e| self.shape_error(*file, name, e.to_string()))
+    }
+
+    /// Uploads a 2-D table [rows, dim] as row chunks that each fit one GPU binding.
+    pub async fn tensor_rows(&self, gpu: &Gpu, name: &str, shape: [usize; 2]) -> Result<Vec<Tensor>> {
+        let (file, info) = self.info(name)?;
+        if info.shape != shape {
+            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
+        }
+        let [rows, dim] = shape;
+        let row_bytes = (dim * gpu.dtype.size()) as u64;
+        let per_chunk = (gpu.max_binding_bytes() / row_bytes.max(1)).max(1) as usize;
+        let src_row = (dim * info.dtype.size()) as u64;
+        let mut chunks = Vec::new();
+        for r0 in (0..rows).step_by(per_chunk) {
+            let n = per_chunk.min(rows - r0);
+            let start = info.start + r0 as u64 * src_row;
+            let bytes = self.source.read_range(&self.files[*file], start, start + n as u64 * src_row).await?;
+            let chunk = gpu
+                .upload_as(&safetensors::to_f32(info.dtype, &bytes), &[n, dim], gpu.dtype, name)
+                .map_err(|e| self.shape_error(*file, name, e.to_string()))?;
+            chunks.push(chunk);
+        }
+        Ok(chunks)
+    }
+}
+
+/// Copies bytes into u16-aligned storage (a Vec<u8> has no alignment guarantee for casts).
+fn aligned(bytes: Vec<u8>) -> Vec<u16> {
+    bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+}
+
+async fn read_header(source: &impl Source, path: &str) -> Result<Header> {
+    let file_len = source.len(path).await?;
+    let prefix = source.read_range(path, 0, safetensors::PREFIX.min(file_len)).await?;
+    let n = safetensors::header_len(&source.describe(path), &prefix, file_len)?;
+    let json = source.read_range(path, safetensors::PREFIX, safetensors::PREFIX + n).await?;
+    safetensors::parse_header(&source.describe(path), &json, file_len)
+}

@@ -1,0 +1,153 @@
+//! safetensors: an 8-byte little-endian header length, a JSON header, then raw tensor bytes.
+//! The header is parsed and validated on its own so that tensors can be streamed one at a time.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Headers larger than this are refused as corrupt (the real SDXL UNet header is ~200 KB).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+    I64,
+    I32,
+}
+
+impl Dtype {
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::I64 => 8,
+        }
+    }
+    fn parse(s: &str) -> Option<Dtype> {
+        Some(match s {
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "I64" => Dtype::I64,
+            "I32" => Dtype::I32,
+            _ => return None,
+        })
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::I64 => "I64",
+            Dtype::I32 => "I32",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub start: u64,
+    pub end: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+/// Bytes of the file prefix holding the header length.
+pub const PREFIX: u64 = 8;
+
+/// Header length from the first 8 bytes, checked against the file size.
+pub fn header_len(path: &str, prefix: &[u8], file_len: u64) -> Result<u64> {
+    let err = |message: String| Error::Safetensors { path: path.to_string(), message };
+    let bytes: [u8; 8] = prefix
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| err(format!("file is {file_len} bytes, too short for a header")))?;
+    let n = u64::from_le_bytes(bytes);
+    if n > MAX_HEADER_BYTES || PREFIX + n > file_len {
+        return Err(err(format!("header length {n} does not fit in a {file_len}-byte file (truncated or not safetensors)")));
+    }
+    Ok(n)
+}
+
+/// Parses and validates the JSON header; `file_len` bounds every tensor's byte range.
+pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
+    let err = |message: String| Error::Safetensors { path: path.to_string(), message };
+    let value: Value = serde_json::from_slice(json).map_err(|e| err(format!("header is not valid JSON: {e}")))?;
+    let Value::Object(map) = value else {
+        return Err(err("header is not a JSON object".into()));
+    };
+    let data_start = PREFIX + json.len() as u64;
+    let data_len = file_len - data_start;
+    let mut tensors = BTreeMap::new();
+    for (name, entry) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let terr = |message: String| Error::Tensor { path: path.to_string(), tensor: name.clone(), message };
+        let dtype_str = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| terr("no dtype".into()))?;
+        let dtype = Dtype::parse(dtype_str).ok_or_else(|| terr(format!("unsupported dtype {dtype_str}")))?;
+        let shape: Vec<usize> = entry
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| terr("shape is not a list of sizes".into()))?;
+        let offsets: Vec<u64> = entry
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .ok_or_else(|| terr("data_offsets is not a pair of offsets".into()))?;
+        let &[begin, end] = offsets.as_slice() else {
+            return Err(terr("data_offsets is not a pair of offsets".into()));
+        };
+        if begin > end || end > data_len {
+            return Err(terr(format!("bytes {begin}..{end} lie outside the {data_len}-byte data section (truncated file?)")));
+        }
+        let expected = shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64));
+        if expected != Some(end - begin) {
+            return Err(terr(format!("{} {:?} needs {:?} bytes but the file gives {}", dtype.name(), shape, expected, end - begin)));
+        }
+        tensors.insert(name, TensorInfo { dtype, shape, start: data_start + begin, end: data_start + end });
+    }
+    Ok(Header { tensors })
+}
+
+/// Decodes raw little-endian tensor bytes to f32.
+pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+    }
+}
+
+/// Serialises f32 tensors (name, shape, data) into a safetensors file image.
+pub fn serialize_f32(tensors: &[(&str, Vec<usize>, &[f32])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape, data) in tensors {
+        let end = offset + data.len() * 4;
+        header.insert(name.to_string(), serde_json::json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, end] }));
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&Value::Object(header)).expect("a JSON map always serialises");
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    for (_, _, data) in tensors {
+        out.extend_from_slice(bytemuck::cast_slice(data));
+    }
+    out
+}

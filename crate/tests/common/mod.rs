@@ -1,0 +1,88 @@
+//! Shared test support: GPUs for every precision the adapter offers, deterministic data, CPU
+//! references, tolerances, and `gpu_tests!` which runs each async test natively (pollster) and in
+//! the browser (wasm-bindgen-test).
+#![allow(dead_code)]
+
+use sdxl::{DType, Gpu, Precision};
+
+/// An f32 device, plus an f16 one where the adapter has shader-f16.
+pub async fn gpus() -> Vec<Gpu> {
+    let f32_gpu = Gpu::new(Precision::F32).await.expect("a GPU adapter (lavapipe natively, SwiftShader in Chromium)");
+    let has_f16 = f32_gpu.has_shader_f16;
+    let mut all = vec![f32_gpu];
+    if has_f16 {
+        all.push(Gpu::new(Precision::F16).await.expect("an f16 device"));
+    }
+    all
+}
+
+/// Relative tolerance of a kernel result: f32 storage keeps ~1e-6 per op; f16 storage rounds every
+/// input and output to 11 bits.
+pub fn tolerance(gpu: &Gpu) -> f32 {
+    match gpu.dtype {
+        DType::F16 => 1e-2,
+        _ => 1e-5,
+    }
+}
+
+/// Max |got - want| relative to max(1, max |want|); panics with the position of the worst element.
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let (worst, err) = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| if g.is_nan() { f32::INFINITY } else { (g - w).abs() })
+        .enumerate()
+        .fold((0, 0f32), |acc, (i, e)| if e > acc.1 { (i, e) } else { acc });
+    assert!(err / scale <= tol, "{what}: max |Δ| {err} (relative {}) at {worst}: got {} want {}; tolerance {tol}", err / scale, got[worst], want[worst]);
+}
+
+/// Deterministic values in [-1, 1) (xorshift).
+pub fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Values as the GPU stores them (f16 rounding on f16 devices), so references see the same inputs.
+pub fn stored(gpu: &Gpu, v: &[f32]) -> Vec<f32> {
+    match gpu.dtype {
+        DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+        _ => v.to_vec(),
+    }
+}
+
+#[macro_export]
+macro_rules! gpu_tests {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(target_arch = "wasm32")]
+        wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+        mod run {
+            $(
+                #[cfg(not(target_arch = "wasm32"))]
+                #[test]
+                fn $name() {
+                    pollster::block_on(async {
+                        for gpu in crate::common::gpus().await {
+                            super::$name(&gpu).await;
+                        }
+                    })
+                }
+                #[cfg(target_arch = "wasm32")]
+                #[wasm_bindgen_test::wasm_bindgen_test]
+                async fn $name() {
+                    for gpu in crate::common::gpus().await {
+                        super::$name(&gpu).await;
+                    }
+                }
+            )*
+        }
+    };
+}

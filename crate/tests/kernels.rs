@@ -1,0 +1,326 @@
+//! Every kernel against a CPU reference, on shapes that are not multiples of the tile sizes, in f32
+//! and (where the adapter has shader-f16) f16.
+
+mod common;
+
+use common::{assert_close, random, stored, tolerance};
+use sdxl::ops::Activation;
+use sdxl::Gpu;
+
+gpu_tests!(
+    linear_with_bias,
+    matmul_plain,
+    attention_cross,
+    attention_causal,
+    softmax_wide_rows,
+    layer_norm_rows,
+    group_norm_with_and_without_silu,
+    activations,
+    geglu_gate,
+    elementwise_and_broadcast,
+    concat_axes,
+    embedding_chunked,
+    conv2d_variants,
+    upsample_nearest,
+    timestep_embedding,
+);
+
+fn cpu_matmul_bt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k).map(|p| a[i * k + p] as f64 * b[j * k + p] as f64).sum::<f64>() as f32;
+        }
+    }
+    c
+}
+
+async fn linear_with_bias(gpu: &Gpu) {
+    let (m, k, n) = (2 * 37, 53, 29);
+    let (x, w, b) = (stored(gpu, &random(m * k, 1)), stored(gpu, &random(n * k, 2)), stored(gpu, &random(n, 3)));
+    let y = gpu
+        .linear(&gpu.upload(&x, &[2, 37, k]).unwrap(), &gpu.upload(&w, &[n, k]).unwrap(), Some(&gpu.upload(&b, &[n]).unwrap()))
+        .unwrap();
+    assert_eq!(y.shape(), [2, 37, n]);
+    let mut want = cpu_matmul_bt(&x, &w, m, n, k);
+    want.iter_mut().enumerate().for_each(|(i, v)| *v += b[i % n]);
+    assert_close("linear", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    let no_bias = gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &gpu.upload(&w, &[n, k]).unwrap(), None).unwrap();
+    assert_close("linear without bias", &gpu.read(&no_bias).await.unwrap(), &cpu_matmul_bt(&x, &w, m, n, k), tolerance(gpu));
+    assert!(gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &gpu.upload(&w, &[k, n]).unwrap(), None).is_err(), "shape mismatch must be an error");
+}
+
+async fn matmul_plain(gpu: &Gpu) {
+    let (m, k, n) = (3 * 19, 23, 31);
+    let (a, b) = (stored(gpu, &random(m * k, 4)), stored(gpu, &random(k * n, 5)));
+    let y = gpu.matmul(&gpu.upload(&a, &[3, 19, k]).unwrap(), &gpu.upload(&b, &[k, n]).unwrap()).unwrap();
+    let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+    assert_close("matmul", &gpu.read(&y).await.unwrap(), &cpu_matmul_bt(&a, &bt, m, n, k), tolerance(gpu));
+}
+
+/// softmax(q kᵀ / sqrt(d)) v per batch and head over [batch, tokens, heads * d].
+#[allow(clippy::too_many_arguments)]
+fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], b: usize, lq: usize, lk: usize, heads: usize, d: usize, causal: bool) -> Vec<f32> {
+    let w = heads * d;
+    let mut out = vec![0.0; b * lq * w];
+    for bi in 0..b {
+        for h in 0..heads {
+            for i in 0..lq {
+                let kept = if causal { i + 1 } else { lk };
+                let scores: Vec<f64> = (0..kept)
+                    .map(|j| (0..d).map(|e| q[(bi * lq + i) * w + h * d + e] as f64 * k[(bi * lk + j) * w + h * d + e] as f64).sum::<f64>() / (d as f64).sqrt())
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - mx).exp()).sum();
+                for e in 0..d {
+                    out[(bi * lq + i) * w + h * d + e] =
+                        (0..kept).map(|j| (scores[j] - mx).exp() / z * v[(bi * lk + j) * w + h * d + e] as f64).sum::<f64>() as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn check_attention(gpu: &Gpu, b: usize, lq: usize, lk: usize, heads: usize, d: usize, causal: bool) {
+    let w = heads * d;
+    let q = stored(gpu, &random(b * lq * w, 6).iter().map(|x| x * 3.0).collect::<Vec<_>>());
+    let k = stored(gpu, &random(b * lk * w, 7));
+    let v = stored(gpu, &random(b * lk * w, 8));
+    let y = gpu
+        .attention(&gpu.upload(&q, &[b, lq, w]).unwrap(), &gpu.upload(&k, &[b, lk, w]).unwrap(), &gpu.upload(&v, &[b, lk, w]).unwrap(), heads, causal)
+        .unwrap();
+    assert_close("attention", &gpu.read(&y).await.unwrap(), &cpu_attention(&q, &k, &v, b, lq, lk, heads, d, causal), 2.0 * tolerance(gpu));
+}
+
+async fn attention_cross(gpu: &Gpu) {
+    check_attention(gpu, 2, 13, 21, 3, 5, false).await;
+    check_attention(gpu, 1, 33, 17, 2, 24, false).await;
+}
+
+async fn attention_causal(gpu: &Gpu) {
+    check_attention(gpu, 2, 17, 17, 3, 7, true).await;
+}
+
+async fn softmax_wide_rows(gpu: &Gpu) {
+    let (rows, cols) = (7, 300);
+    let x: Vec<f32> = stored(gpu, &random(rows * cols, 9).iter().map(|v| v * 8.0).collect::<Vec<_>>());
+    let t = gpu.upload(&x, &[rows, cols]).unwrap();
+    gpu.softmax_rows(&t, rows, false).unwrap();
+    let mut want = x.clone();
+    for r in want.chunks_mut(cols) {
+        let m = r.iter().cloned().fold(f32::MIN, f32::max);
+        let z: f64 = r.iter().map(|v| ((v - m) as f64).exp()).sum();
+        r.iter_mut().for_each(|v| *v = (((*v - m) as f64).exp() / z) as f32);
+    }
+    assert_close("softmax", &gpu.read(&t).await.unwrap(), &want, tolerance(gpu));
+}
+
+fn cpu_normalize(x: &[f32], eps: f32) -> Vec<f32> {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    x.iter().map(|&v| ((v as f64 - mean) / (var + eps as f64).sqrt()) as f32).collect()
+}
+
+async fn layer_norm_rows(gpu: &Gpu) {
+    let (rows, cols) = (5, 300);
+    let x: Vec<f32> = stored(gpu, &random(rows * cols, 10).iter().map(|v| v * 4.0 + 2.0).collect::<Vec<_>>());
+    let (g, b) = (stored(gpu, &random(cols, 11)), stored(gpu, &random(cols, 12)));
+    let y = gpu.layer_norm(&gpu.upload(&x, &[rows, cols]).unwrap(), &gpu.upload(&g, &[cols]).unwrap(), &gpu.upload(&b, &[cols]).unwrap(), 1e-5).unwrap();
+    let want: Vec<f32> = x.chunks(cols).flat_map(|r| cpu_normalize(r, 1e-5).into_iter().enumerate().map(|(i, v)| v * g[i] + b[i])).collect();
+    assert_close("layer_norm", &gpu.read(&y).await.unwrap(), &want, 2.0 * tolerance(gpu));
+}
+
+async fn group_norm_with_and_without_silu(gpu: &Gpu) {
+    let (n, c, h, w, groups) = (2, 12, 7, 5, 4);
+    let hw = h * w;
+    let x: Vec<f32> = stored(gpu, &random(n * c * hw, 13).iter().map(|v| v * 3.0 - 1.0).collect::<Vec<_>>());
+    let (g, b) = (stored(gpu, &random(c, 14)), stored(gpu, &random(c, 15)));
+    for silu in [false, true] {
+        let y = gpu
+            .group_norm(&gpu.upload(&x, &[n, c, h, w]).unwrap(), groups, &gpu.upload(&g, &[c]).unwrap(), &gpu.upload(&b, &[c]).unwrap(), 1e-6, silu)
+            .unwrap();
+        let per = c / groups * hw;
+        let want: Vec<f32> = x
+            .chunks(per)
+            .enumerate()
+            .flat_map(|(set, chunk)| {
+                let c0 = (set % groups) * (c / groups);
+                cpu_normalize(chunk, 1e-6).into_iter().enumerate().map(move |(i, v)| (c0 + i / hw, v))
+            })
+            .map(|(ch, v)| v * g[ch] + b[ch])
+            .map(|v| if silu { v / (1.0 + (-v).exp()) } else { v })
+            .collect();
+        assert_close("group_norm", &gpu.read(&y).await.unwrap(), &want, 2.0 * tolerance(gpu));
+    }
+}
+
+/// erf by its Maclaurin series (converges fast for |x| <= 6 in f64).
+fn erf(x: f64) -> f64 {
+    if x.abs() > 5.0 {
+        return x.signum();
+    }
+    let (mut term, mut sum, mut n) = (x, x, 0.0);
+    while term.abs() > 1e-17 {
+        n += 1.0;
+        term *= -x * x / n;
+        sum += term / (2.0 * n + 1.0);
+    }
+    sum * 2.0 / std::f64::consts::PI.sqrt()
+}
+
+fn cpu_gelu(v: f32) -> f32 {
+    (0.5 * v as f64 * (1.0 + erf(v as f64 / 2f64.sqrt()))) as f32
+}
+
+async fn activations(gpu: &Gpu) {
+    let x = stored(gpu, &random(1001, 16).iter().map(|v| v * 6.0).collect::<Vec<_>>());
+    let t = gpu.upload(&x, &[7, 143]).unwrap();
+    let cases: [(Activation, fn(f32) -> f32); 3] = [
+        (Activation::Silu, |v| v / (1.0 + (-v).exp())),
+        (Activation::Gelu, cpu_gelu),
+        (Activation::QuickGelu, |v| v / (1.0 + (-1.702 * v).exp())),
+    ];
+    for (act, f) in cases {
+        let y = gpu.activation(&t, act).unwrap();
+        assert_close(&format!("{act:?}"), &gpu.read(&y).await.unwrap(), &x.iter().map(|&v| f(v)).collect::<Vec<_>>(), tolerance(gpu));
+    }
+}
+
+async fn geglu_gate(gpu: &Gpu) {
+    let (rows, half) = (3, 37);
+    let x = stored(gpu, &random(rows * 2 * half, 17).iter().map(|v| v * 3.0).collect::<Vec<_>>());
+    let y = gpu.geglu(&gpu.upload(&x, &[1, rows, 2 * half]).unwrap()).unwrap();
+    assert_eq!(y.shape(), [1, rows, half]);
+    let want: Vec<f32> = x.chunks(2 * half).flat_map(|r| (0..half).map(move |j| r[j] * cpu_gelu(r[half + j]))).collect();
+    assert_close("geglu", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+}
+
+async fn elementwise_and_broadcast(gpu: &Gpu) {
+    let (n, c, hw) = (2, 5, 9);
+    let a = stored(gpu, &random(n * c * hw, 18));
+    let b = stored(gpu, &random(n * c * hw, 19));
+    let ta = gpu.upload(&a, &[n, c, 3, 3]).unwrap();
+    let tb = gpu.upload(&b, &[n, c, 3, 3]).unwrap();
+    let read = |t| async move { gpu.read(&t).await.unwrap() };
+    let tol = tolerance(gpu);
+    assert_close("add", &read(gpu.add(&ta, &tb).unwrap()).await, &a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>(), tol);
+    assert_close("mul", &read(gpu.mul(&ta, &tb).unwrap()).await, &a.iter().zip(&b).map(|(x, y)| x * y).collect::<Vec<_>>(), tol);
+    assert_close("axpby", &read(gpu.axpby(1.5, &ta, -2.0, &tb).unwrap()).await, &a.iter().zip(&b).map(|(x, y)| 1.5 * x - 2.0 * y).collect::<Vec<_>>(), tol);
+    assert_close("scale", &read(gpu.scale(&ta, 0.25).unwrap()).await, &a.iter().map(|x| x * 0.25).collect::<Vec<_>>(), tol);
+    let row = stored(gpu, &random(3, 20));
+    let want: Vec<f32> = a.iter().enumerate().map(|(i, x)| x + row[i % 3]).collect();
+    assert_close("add suffix", &read(gpu.add(&ta, &gpu.upload(&row, &[3]).unwrap()).unwrap()).await, &want, tol);
+    let per_c = stored(gpu, &random(c, 21));
+    let want: Vec<f32> = a.iter().enumerate().map(|(i, x)| x + per_c[(i / hw) % c]).collect();
+    assert_close("add per channel", &read(gpu.add_channelwise(&ta, &gpu.upload(&per_c, &[c]).unwrap()).unwrap()).await, &want, tol);
+    let per_nc = stored(gpu, &random(n * c, 22));
+    let want: Vec<f32> = a.iter().enumerate().map(|(i, x)| x + per_nc[i / hw]).collect();
+    assert_close("add per sample channel", &read(gpu.add_channelwise(&ta, &gpu.upload(&per_nc, &[n, c]).unwrap()).unwrap()).await, &want, tol);
+    assert!(gpu.add(&ta, &gpu.upload(&per_c, &[c]).unwrap()).is_err(), "a non-suffix shape must not broadcast");
+}
+
+async fn concat_axes(gpu: &Gpu) {
+    let (a, b) = (stored(gpu, &random(2 * 3 * 4, 23)), stored(gpu, &random(2 * 5 * 4, 24)));
+    let y = gpu.concat(&gpu.upload(&a, &[2, 3, 4]).unwrap(), &gpu.upload(&b, &[2, 5, 4]).unwrap(), 1).unwrap();
+    assert_eq!(y.shape(), [2, 8, 4]);
+    let want: Vec<f32> = (0..2).flat_map(|o| a[o * 12..o * 12 + 12].iter().chain(&b[o * 20..o * 20 + 20]).copied().collect::<Vec<_>>()).collect();
+    assert_close("concat axis 1", &gpu.read(&y).await.unwrap(), &want, 0.0);
+    let (c, d) = (stored(gpu, &random(3 * 2, 25)), stored(gpu, &random(3 * 7, 26)));
+    let y = gpu.concat(&gpu.upload(&c, &[1, 3, 2]).unwrap(), &gpu.upload(&d, &[1, 3, 7]).unwrap(), 2).unwrap();
+    let want: Vec<f32> = (0..3).flat_map(|o| c[o * 2..o * 2 + 2].iter().chain(&d[o * 7..o * 7 + 7]).copied().collect::<Vec<_>>()).collect();
+    assert_close("concat last axis", &gpu.read(&y).await.unwrap(), &want, 0.0);
+    let y = gpu.concat(&gpu.upload(&c, &[3, 2]).unwrap(), &gpu.upload(&c, &[3, 2]).unwrap(), 0).unwrap();
+    assert_close("concat axis 0", &gpu.read(&y).await.unwrap(), &[c.clone(), c.clone()].concat(), 0.0);
+}
+
+async fn embedding_chunked(gpu: &Gpu) {
+    let (rows, dim) = (50, 7);
+    let table = stored(gpu, &random(rows * dim, 27));
+    let chunks: Vec<_> = [(0, 20), (20, 40), (40, 50)]
+        .iter()
+        .map(|&(r0, r1)| gpu.upload(&table[r0 * dim..r1 * dim], &[r1 - r0, dim]).unwrap())
+        .collect();
+    let ids = [49u32, 0, 19, 20, 33, 40, 7, 49, 21];
+    let y = gpu.embedding(&gpu.upload_u32(&ids, &[ids.len()]).unwrap(), &chunks).unwrap();
+    let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * dim..(i as usize + 1) * dim].to_vec()).collect();
+    assert_close("embedding", &gpu.read(&y).await.unwrap(), &want, 0.0);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_conv(x: &[f32], w: &[f32], b: &[f32], (n, cin, h, wd): (usize, usize, usize, usize), cout: usize, k: usize, stride: usize, pad: usize) -> (Vec<f32>, usize, usize) {
+    let oh = (h + 2 * pad - k) / stride + 1;
+    let ow = (wd + 2 * pad - k) / stride + 1;
+    let mut y = vec![0.0; n * cout * oh * ow];
+    for bi in 0..n {
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = b[co] as f64;
+                    for ci in 0..cin {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (iy, ix) = ((oy * stride + ky) as isize - pad as isize, (ox * stride + kx) as isize - pad as isize);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                    acc += x[((bi * cin + ci) * h + iy as usize) * wd + ix as usize] as f64 * w[((co * cin + ci) * k + ky) * k + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    y[((bi * cout + co) * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    (y, oh, ow)
+}
+
+async fn conv2d_variants(gpu: &Gpu) {
+    let (n, cin, h, w, cout) = (2, 5, 9, 7, 6);
+    let x = stored(gpu, &random(n * cin * h * w, 28));
+    let tx = gpu.upload(&x, &[n, cin, h, w]).unwrap();
+    for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
+        let wt = stored(gpu, &random(cout * cin * k * k, 29 + k as u64));
+        let b = stored(gpu, &random(cout, 31));
+        let y = gpu.conv2d(&tx, &gpu.upload(&wt, &[cout, cin, k, k]).unwrap(), &gpu.upload(&b, &[cout]).unwrap(), stride, pad).unwrap();
+        let (want, oh, ow) = cpu_conv(&x, &wt, &b, (n, cin, h, w), cout, k, stride, pad);
+        assert_eq!(y.shape(), [n, cout, oh, ow], "conv {k}x{k} stride {stride}");
+        assert_close(&format!("conv {k}x{k} stride {stride}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    }
+}
+
+async fn upsample_nearest(gpu: &Gpu) {
+    let (p, h, w) = (6, 5, 4);
+    let x = stored(gpu, &random(p * h * w, 32));
+    let y = gpu.upsample_nearest2x(&gpu.upload(&x, &[2, 3, h, w]).unwrap()).unwrap();
+    assert_eq!(y.shape(), [2, 3, 2 * h, 2 * w]);
+    let want: Vec<f32> = (0..p * 4 * h * w)
+        .map(|i| {
+            let (pl, r) = (i / (4 * h * w), i % (4 * h * w));
+            x[(pl * h + r / (2 * w) / 2) * w + (r % (2 * w)) / 2]
+        })
+        .collect();
+    assert_close("upsample", &gpu.read(&y).await.unwrap(), &want, 0.0);
+}
+
+async fn timestep_embedding(gpu: &Gpu) {
+    let t = [0.0f32, 1.0, 500.5, 999.0];
+    for (dim, flip, shift) in [(32usize, true, 0.0f32), (33, false, 1.0)] {
+        let y = gpu.timestep_embedding(&gpu.upload_f32(&t, &[4]).unwrap(), dim, flip, shift, 1.0, 10000.0).unwrap();
+        let half = dim / 2;
+        let mut want = vec![0.0; 4 * dim];
+        for (r, &tv) in t.iter().enumerate() {
+            for f in 0..half {
+                // torch computes the argument in f32; only sin/cos of it are exact here.
+                let freq = (-(10000f32.ln()) * f as f32 / (half as f32 - shift)).exp();
+                let arg = (tv * freq) as f64;
+                let (first, second) = if flip { (arg.cos(), arg.sin()) } else { (arg.sin(), arg.cos()) };
+                want[r * dim + f] = first as f32;
+                want[r * dim + half + f] = second as f32;
+            }
+        }
+        let tol = if gpu.dtype == sdxl::DType::F32 { 2e-4 } else { 2e-3 };
+        assert_close(&format!("timestep dim {dim}"), &gpu.read(&y).await.unwrap(), &want, tol);
+    }
+}
