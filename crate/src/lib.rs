@@ -1,6 +1,8 @@
 //! Stable Diffusion XL on WebGPU. Data flows one way:
 //! store → weights → gpu/ops → models → pipeline → API.
 
+#[cfg(not(target_arch = "wasm32"))]
+pub mod cli;
 pub mod error;
 pub mod gpu;
 pub mod models;

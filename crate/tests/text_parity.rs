@@ -21,7 +21,7 @@ fn fixture(dir: &str) -> sdxl::weights::DirSource {
 fn fixture(dir: &str) -> sdxl::weights::MemorySource {
     macro_rules! embed {
         ($src:ident, $root:literal, [$($file:literal),* $(,)?]) => {
-            $( $src.insert($file, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/", $root, "/", $file)).to_vec()); )*
+            { $( $src.insert($file, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/", $root, "/", $file)).to_vec()); )* }
         };
     }
     let mut s = sdxl::weights::MemorySource::default();

@@ -73,7 +73,10 @@ pub fn header_len(path: &str, prefix: &[u8], file_len: u64) -> Result<u64> {
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| err(format!("file is {file_len} bytes, too short for a header")))?;
     let n = u64::from_le_bytes(bytes);
-    if n > MAX_HEADER_BYTES || PREFIX + n > file_len {
+    if n > MAX_HEADER_BYTES {
+        return Err(err(format!("header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")));
+    }
+    if PREFIX + n > file_len {
         return Err(err(format!("header length {n} does not fit in a {file_len}-byte file (truncated or not safetensors)")));
     }
     Ok(n)
@@ -87,19 +90,22 @@ pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
         return Err(err("header is not a JSON object".into()));
     };
     let data_start = PREFIX + json.len() as u64;
-    let data_len = file_len - data_start;
+    let data_len = file_len
+        .checked_sub(data_start)
+        .ok_or_else(|| err(format!("a {}-byte header does not fit in a {file_len}-byte file", json.len())))?;
     let mut tensors = BTreeMap::new();
     for (name, entry) in map {
         if name == "__metadata__" {
             continue;
         }
-        let terr = |message: String| Error::Tensor { path: path.to_string(), tensor: name.clone(), message };
+        // A malformed entry is corruption, not a wrong model: report it as such, naming the tensor.
+        let terr = |message: String| Error::Safetensors { path: path.to_string(), message: format!("tensor '{name}': {message}") };
         let dtype_str = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| terr("no dtype".into()))?;
         let dtype = Dtype::parse(dtype_str).ok_or_else(|| terr(format!("unsupported dtype {dtype_str}")))?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(Value::as_array)
-            .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
             .ok_or_else(|| terr("shape is not a list of sizes".into()))?;
         let offsets: Vec<u64> = entry
             .get("data_offsets")
@@ -114,7 +120,8 @@ pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
         }
         let expected = shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64));
         if expected != Some(end - begin) {
-            return Err(terr(format!("{} {:?} needs {:?} bytes but the file gives {}", dtype.name(), shape, expected, end - begin)));
+            let needs = expected.map_or_else(|| "more than 2^64".into(), |n| n.to_string());
+            return Err(terr(format!("{} {:?} needs {needs} bytes but the file gives {}", dtype.name(), shape, end - begin)));
         }
         tensors.insert(name, TensorInfo { dtype, shape, start: data_start + begin, end: data_start + end });
     }

@@ -1,0 +1,153 @@
+#![cfg(not(target_arch = "wasm32"))]
+//! The `sdxl` binary end to end: `encode` on the tiny base fixture against diffusers' reference
+//! embeddings, and the errors it prints for bad command lines.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
+use sdxl::weights::{DirSource, Weights};
+
+const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
+const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference");
+/// The "plain" case of reference/text_cases.json (no negative prompt).
+const PROMPT: &str = "a photo of an astronaut riding a horse on mars";
+/// The negative prompt of the "unicode" case.
+const NEGATIVE: &str = "blurry, low quality";
+
+const PROMPT_EMBEDS: &str = "prompt_embeds";
+const POOLED: &str = "pooled_prompt_embeds";
+const NEGATIVE_EMBEDS: &str = "negative_prompt_embeds";
+const NEGATIVE_POOLED: &str = "negative_pooled_prompt_embeds";
+
+fn sdxl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().expect("the sdxl binary runs")
+}
+
+/// A fresh directory under the system temp dir, deleted on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("sdxl-cli-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `sdxl encode` of PROMPT (and `negative`) in f32; returns every tensor of the output file.
+fn encode(negative: Option<&str>) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let dir = TempDir::new(if negative.is_some() { "negative" } else { "plain" });
+    let out = dir.file("e.safetensors");
+    let mut args = vec!["encode", "--model", MODEL, "--prompt", PROMPT, "--out", &out, "--precision", "f32"];
+    args.extend(negative.iter().flat_map(|n| ["--negative", n]));
+    let run = sdxl(&args);
+    assert!(run.status.success(), "sdxl {args:?} failed: {}", String::from_utf8_lossy(&run.stderr));
+    read_all(&dir.0, "e.safetensors")
+}
+
+/// Every tensor of `dir/file` as (shape, values); each must be stored as F32.
+fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join(file)).unwrap();
+    let n = header_len(file, &bytes, bytes.len() as u64).unwrap() as usize;
+    let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
+    let source = DirSource::new(dir);
+    let weights = pollster::block_on(Weights::from_files(&source, vec![file.to_string()])).unwrap();
+    let read = |name: &str, shape: &[usize]| pollster::block_on(weights.host(name, shape)).unwrap();
+    header
+        .tensors
+        .into_iter()
+        .map(|(name, info)| {
+            assert_eq!(info.dtype, Dtype::F32, "{name}: dtype");
+            let values = read(&name, &info.shape);
+            (name, (info.shape, values))
+        })
+        .collect()
+}
+
+/// diffusers' `encode_prompt` output for `key` (e.g. "plain.base.prompt_embeds").
+fn reference(key: &str, shape: &[usize]) -> Vec<f32> {
+    let source = DirSource::new(REFERENCE);
+    pollster::block_on(async {
+        let weights = Weights::from_files(&source, vec!["text.safetensors".into()]).await.unwrap();
+        weights.host(key, shape).await.unwrap()
+    })
+}
+
+fn assert_matches_reference(got: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, name: &str, key: &str) {
+    let (shape, values) = &got[name];
+    let want = reference(key, shape);
+    let err = values.iter().zip(&want).fold(0f32, |m, (g, w)| if g.is_nan() { f32::INFINITY } else { m.max((g - w).abs()) });
+    assert!(err <= 1e-4, "{name} vs {key}: max |Δ| {err} > 1e-4");
+}
+
+fn is_zero(got: &BTreeMap<String, (Vec<usize>, Vec<f32>)>, name: &str) -> bool {
+    got[name].1.iter().all(|&v| v == 0.0)
+}
+
+#[test]
+fn encode_matches_diffusers() {
+    let got = encode(None);
+    let shapes: Vec<(&str, &[usize])> = got.iter().map(|(name, (shape, _))| (name.as_str(), shape.as_slice())).collect();
+    let expected: [(&str, &[usize]); 4] = [(NEGATIVE_POOLED, &[1, 32]), (NEGATIVE_EMBEDS, &[1, 77, 40]), (POOLED, &[1, 32]), (PROMPT_EMBEDS, &[1, 77, 40])];
+    assert_eq!(shapes, expected);
+    for name in [PROMPT_EMBEDS, POOLED, NEGATIVE_EMBEDS, NEGATIVE_POOLED] {
+        assert_matches_reference(&got, name, &format!("plain.base.{name}"));
+    }
+    // No --negative and force_zeros_for_empty_prompt: zeros, not the encoding of "".
+    assert!(is_zero(&got, NEGATIVE_EMBEDS) && is_zero(&got, NEGATIVE_POOLED), "negative embeddings are not zero");
+}
+
+#[test]
+fn encode_with_negative_prompt() {
+    let got = encode(Some(NEGATIVE));
+    assert!(!is_zero(&got, NEGATIVE_EMBEDS) && !is_zero(&got, NEGATIVE_POOLED), "negative embeddings are zero");
+    // The prompt's embeddings do not depend on the negative; the negative's are those diffusers
+    // computed for the same negative text in the "unicode" case.
+    for name in [PROMPT_EMBEDS, POOLED] {
+        assert_matches_reference(&got, name, &format!("plain.base.{name}"));
+    }
+    for name in [NEGATIVE_EMBEDS, NEGATIVE_POOLED] {
+        assert_matches_reference(&got, name, &format!("unicode.base.{name}"));
+    }
+}
+
+/// Asserts that the run failed cleanly (exit 1, not a panic) with an `error:` line mentioning `needle`.
+fn assert_fails_with(run: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "exit status {:?}; stderr:\n{stderr}", run.status);
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no 'error:' line in:\n{stderr}"));
+    assert!(line.contains(needle), "{line:?} does not mention {needle:?}");
+}
+
+#[test]
+fn missing_model_option() {
+    let dir = TempDir::new("missing-model");
+    assert_fails_with(&sdxl(&["encode", "--prompt", PROMPT, "--out", &dir.file("e.safetensors")]), "--model is required");
+}
+
+#[test]
+fn unknown_option() {
+    let dir = TempDir::new("unknown-option");
+    let run = sdxl(&["encode", "--model", MODEL, "--prompt", PROMPT, "--steps", "4", "--out", &dir.file("e.safetensors")]);
+    assert_fails_with(&run, "unknown option '--steps'");
+}
+
+#[test]
+fn nonexistent_model_dir() {
+    let dir = TempDir::new("no-model");
+    let model = dir.file("no-such-model");
+    let run = sdxl(&["encode", "--model", &model, "--prompt", PROMPT, "--out", &dir.file("e.safetensors"), "--precision", "f32"]);
+    assert_fails_with(&run, &model);
+    assert!(!dir.0.join("e.safetensors").exists(), "an output file was written");
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test: native (wgpu on Vulkan; lavapipe on machines without a GPU) and in headless
+# Chromium on WebGPU (wasm-bindgen-test; SwiftShader without a GPU). Needs what .ci/run installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+echo "== native tests"
+cargo run --locked -q -- info
+cargo test --locked
+
+echo "== browser tests (headless Chromium, WebGPU)"
+export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
+export CHROMEDRIVER="${CHROMEDRIVER:-/usr/bin/chromedriver}"
+# The text-encoder parity test uploads two 49408-row embedding tables through SwiftShader.
+export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-600}"
+(cd crate && cargo test --locked --target wasm32-unknown-unknown --test kernels --test text_parity)
