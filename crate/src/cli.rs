@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 
+use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
 use crate::pipeline::prompt::PromptEncoder;
 use crate::pipeline::ModelIndex;
 use crate::weights::{safetensors, DirSource};
@@ -12,6 +13,12 @@ const USAGE: &str = "usage:
       Encodes a prompt with the model's text encoders (diffusers-layout folder) and writes
       prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds (f32).
       Without --negative, a model with force_zeros_for_empty_prompt gets zero negative embeddings.
+  sdxl generate --model DIR [--refiner DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
+                [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
+                [--tensors-out FILE.safetensors] [--precision auto|f32|f16]
+      Text to image as diffusers' StableDiffusionXLPipeline (Euler, classifier-free guidance); with
+      --refiner, the refiner takes over after --refiner-start of the schedule. The same --seed gives
+      diffusers' image. --tensors-out also writes f32 `noise`, `latents` and `image`.
   sdxl info
       Prints the GPU adapter and its features.";
 
@@ -40,13 +47,82 @@ impl Args {
     fn required(&self, name: &str) -> Result<&str> {
         self.get(name).ok_or_else(|| Error::InvalidParameter(format!("--{name} is required")))
     }
+    fn parsed<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| Error::InvalidParameter(format!("--{name} '{v}' is not a valid value"))),
+        }
+    }
+}
+
+fn write_safetensors(path: &str, host: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<()> {
+    let views: Vec<_> = host.iter().map(|(n, s, d)| (*n, s.clone(), d.as_slice())).collect();
+    std::fs::write(path, safetensors::serialize_f32(&views)).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })
+}
+
+/// RGB [1, 3, H, W] in 0..1 to 8-bit PNG, rounding as diffusers' numpy_to_pil ((x * 255).round()).
+fn write_png(path: &str, image: &[f32], height: usize, width: usize) -> Result<()> {
+    let plane = height * width;
+    let rgb: Vec<u8> = (0..plane)
+        .flat_map(|i| (0..3).map(move |c| (image[c * plane + i].clamp(0.0, 1.0) * 255.0).round_ties_even() as u8))
+        .collect();
+    let io = |e: String| Error::Io { path: path.to_string(), message: e };
+    let file = std::fs::File::create(path).map_err(|e| io(e.to_string()))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| io(e.to_string()))?;
+    writer.write_image_data(&rgb).map_err(|e| io(e.to_string()))
+}
+
+async fn generate_command(args: &Args) -> Result<()> {
+    let defaults = GenerateParams::default();
+    let params = GenerateParams {
+        prompt: args.required("prompt")?.to_string(),
+        negative: args.get("negative").map(str::to_string),
+        width: args.parsed("width", defaults.width)?,
+        height: args.parsed("height", defaults.height)?,
+        steps: args.parsed("steps", defaults.steps)?,
+        guidance: args.parsed("guidance", defaults.guidance)?,
+        seed: args.parsed("seed", defaults.seed)?,
+        refiner_start: args.parsed("refiner-start", defaults.refiner_start)?,
+        ..defaults
+    };
+    let out = args.required("out")?;
+    let model = args.required("model")?;
+    let precision: Precision = args.parsed("precision", Precision::Auto)?;
+    let gpu = Gpu::new(precision).await?;
+    eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
+    let base = SdxlModel::load(&gpu, &DirSource::new(model)).await?;
+    let refiner = match args.get("refiner") {
+        Some(dir) => Some(SdxlModel::load(&gpu, &DirSource::new(dir)).await?),
+        None => None,
+    };
+    let result = generate(&gpu, &base, refiner.as_ref(), &params, |p| {
+        let stage = if p.stage == Stage::Base { "base" } else { "refiner" };
+        eprintln!("{stage} step {}/{}", p.step, p.steps);
+    })
+    .await?;
+    let image = gpu.read(&result.image).await?;
+    write_png(out, &image, params.height, params.width)?;
+    eprintln!("wrote {out}");
+    if let Some(path) = args.get("tensors-out") {
+        let host = [
+            ("noise", result.noise.shape().to_vec(), gpu.read(&result.noise).await?),
+            ("latents", result.latents.shape().to_vec(), gpu.read(&result.latents).await?),
+            ("image", result.image.shape().to_vec(), image),
+        ];
+        write_safetensors(path, &host)?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
 }
 
 async fn encode(args: &Args) -> Result<()> {
     let model = args.required("model")?;
     let prompt = args.required("prompt")?;
     let out = args.required("out")?;
-    let precision: Precision = args.get("precision").unwrap_or("auto").parse()?;
+    let precision: Precision = args.parsed("precision", Precision::Auto)?;
     let gpu = Gpu::new(precision).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
     let source = DirSource::new(model);
@@ -63,8 +139,7 @@ async fn encode(args: &Args) -> Result<()> {
     for (name, t) in named {
         host.push((name, t.shape().to_vec(), gpu.read(t).await?));
     }
-    let views: Vec<_> = host.iter().map(|(n, s, d)| (*n, s.clone(), d.as_slice())).collect();
-    std::fs::write(out, safetensors::serialize_f32(&views)).map_err(|e| Error::Io { path: out.to_string(), message: e.to_string() })?;
+    write_safetensors(out, &host)?;
     eprintln!("wrote {out}");
     Ok(())
 }
@@ -72,6 +147,13 @@ async fn encode(args: &Args) -> Result<()> {
 async fn run(argv: &[String]) -> Result<()> {
     match argv.first().map(String::as_str) {
         Some("encode") => encode(&Args::parse(&argv[1..], &["model", "prompt", "negative", "out", "precision"])?).await,
+        Some("generate") => {
+            let known = [
+                "model", "refiner", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "refiner-start", "out",
+                "tensors-out", "precision",
+            ];
+            generate_command(&Args::parse(&argv[1..], &known)?).await
+        }
         Some("info") => {
             let gpu = Gpu::new(Precision::Auto).await?;
             println!("adapter: {}\nshader-f16: {}\nsubgroups: {}\nmax binding: {} MiB", gpu.adapter_name, gpu.has_shader_f16, gpu.has_subgroups, gpu.max_binding_bytes() >> 20);

@@ -300,6 +300,26 @@ impl Gpu {
         }
     }
 
+    /// Copy of items `start..start + len` along the first axis (e.g. one half of a CFG batch).
+    pub fn narrow(&self, t: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        let outer = *t.shape.first().ok_or_else(|| Error::InvalidParameter("narrow: scalar tensor".into()))?;
+        if start + len > outer {
+            return Err(Error::InvalidParameter(format!("narrow {start}..{} of {:?}", start + len, t.shape)));
+        }
+        let item_bytes = (t.len() / outer * t.dtype.size()) as u64;
+        let (offset, bytes) = (start as u64 * item_bytes, len as u64 * item_bytes);
+        if offset % 4 != 0 || bytes % 4 != 0 {
+            return Err(Error::InvalidParameter(format!("narrow of {:?}: items of {item_bytes} bytes are not 4-byte aligned", t.shape)));
+        }
+        let mut shape = t.shape.clone();
+        shape[0] = len;
+        let out = self.alloc(&shape, t.dtype, "narrowed tensor")?;
+        let mut pending = self.pending.borrow_mut();
+        let encoder = pending.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        encoder.copy_buffer_to_buffer(&t.buffer, offset, &out.buffer, 0, bytes);
+        Ok(out)
+    }
+
     /// Copies a tensor back to the CPU as f32.
     pub async fn read(&self, t: &Tensor) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(t).await?;
@@ -347,6 +367,22 @@ impl Gpu {
             .to_vec();
         staging.unmap();
         Ok(bytes)
+    }
+
+    /// Submits all recorded work and waits until the GPU has finished it: bounds how far the CPU
+    /// runs ahead (and so the memory held by queued work), and surfaces device errors.
+    pub async fn sync(&self) -> Result<()> {
+        self.flush();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        rx.await.map_err(|_| Error::DeviceLost("the queue was dropped".into()))?;
+        self.check()
     }
 
     /// Submits all recorded work (so that it starts while the CPU prepares more).

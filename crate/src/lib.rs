@@ -8,6 +8,8 @@ pub mod gpu;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
+pub mod random;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 

@@ -317,21 +317,29 @@ impl Gpu {
 
     /// 2-D convolution, x [n, cin, h, w], weight [cout, cin, k, k], bias [cout].
     pub fn conv2d(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+        self.conv2d_padded(x, weight, bias, stride, [padding; 4])
+    }
+
+    /// conv2d with zero padding [top, bottom, left, right] (torch's F.pad order is left, right,
+    /// top, bottom), e.g. diffusers' Downsample2D with padding 0: [0, 1, 0, 1].
+    pub fn conv2d_padded(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
         let (&[n, cin, h, w], &[cout, wcin, k, k2]) = (x.shape(), weight.shape()) else {
             return Err(bad(format!("conv2d: input {:?}, weight {:?} must be 4-D", x.shape(), weight.shape())));
         };
-        if wcin != cin || k != k2 || bias.shape() != [cout] || stride == 0 || h + 2 * padding < k || w + 2 * padding < k {
+        let [top, bottom, left, right] = pad;
+        let (ph, pw) = (h + top + bottom, w + left + right);
+        if wcin != cin || k != k2 || bias.shape() != [cout] || stride == 0 || ph < k || pw < k {
             return Err(bad(format!(
-                "conv2d: input {:?}, weight {:?}, bias {:?}, stride {stride}, padding {padding}",
+                "conv2d: input {:?}, weight {:?}, bias {:?}, stride {stride}, padding {pad:?}",
                 x.shape(),
                 weight.shape(),
                 bias.shape()
             )));
         }
-        let oh = (h + 2 * padding - k) / stride + 1;
-        let ow = (w + 2 * padding - k) / stride + 1;
+        let oh = (ph - k) / stride + 1;
+        let ow = (pw - k) / stride + 1;
         let y = self.empty(&[n, cout, oh, ow])?;
-        let params = [u(n), u(cin), u(h), u(w), u(cout), u(oh), u(ow), u(k), u(stride), u(padding), 0, 0];
+        let params = [u(n), u(cin), u(h), u(w), u(cout), u(oh), u(ow), u(k), u(stride), u(top), u(left), 0];
         self.dispatch(&CONV, "conv2d", &params, &[x, weight, bias, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
@@ -361,6 +369,42 @@ impl Gpu {
         let y = self.empty(&[n, dim])?;
         let params = [u(n), u(dim), flip_sin_to_cos as u32, shift.to_bits(), max_period.ln().to_bits(), scale.to_bits(), 0, 0];
         self.dispatch(&TIMESTEP, "timestep", &params, &[t, &y], Gpu::grid(y.len(), 256)?)?;
+        Ok(y)
+    }
+}
+
+impl Gpu {
+    /// Swaps the last two axes: [.., rows, cols] -> [.., cols, rows]. Moves images between NCHW
+    /// ([B, C, H*W]) and the token layout [B, H*W, C] of attention and linear projections.
+    pub fn transpose(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_float(x, "transpose input")?;
+        let s = x.shape();
+        if s.len() < 2 {
+            return Err(bad(format!("transpose: expected [.., rows, cols], got {s:?}")));
+        }
+        let (rows, cols) = (s[s.len() - 2], s[s.len() - 1]);
+        let mut shape = s.to_vec();
+        let r = shape.len();
+        shape.swap(r - 2, r - 1);
+        let y = self.empty(&shape)?;
+        self.dispatch(&RESAMPLE, "transpose", &[u(y.len()), u(rows), u(cols), 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
+        Ok(y)
+    }
+}
+
+impl Gpu {
+    /// Pointwise clamp(f(scale * x + shift), lo, hi), f = exp when `exp` (else identity), computed
+    /// in f32: e.g. diffusers' image post-processing (x / 2 + 0.5).clamp(0, 1) and a VAE
+    /// posterior's clamped logvar and std = exp(logvar / 2). Use ±infinity for an open bound.
+    pub fn affine(&self, x: &Tensor, scale: f32, shift: f32, exp: bool, (lo, hi): (f32, f32)) -> Result<Tensor> {
+        self.check_float(x, "affine input")?;
+        if lo.is_nan() || hi.is_nan() || lo > hi {
+            return Err(bad(format!("affine: clamp bounds {lo}..{hi}")));
+        }
+        let one = self.upload(&[1.0], &[1])?;
+        let y = self.empty(x.shape())?;
+        let params = [u(x.len()), exp as u32, 1, 1, scale.to_bits(), shift.to_bits(), lo.to_bits(), hi.to_bits()];
+        self.dispatch(&ELEMENTWISE, "affine", &params, &[x, &one, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 }

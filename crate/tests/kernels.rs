@@ -23,6 +23,9 @@ gpu_tests!(
     conv2d_variants,
     upsample_nearest,
     timestep_embedding,
+    narrow_first_axis,
+    conv2d_asymmetric_padding,
+    affine_clamp_exp,
 );
 
 fn cpu_matmul_bt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -323,4 +326,57 @@ async fn timestep_embedding(gpu: &Gpu) {
         let tol = if gpu.dtype == sdxl::DType::F32 { 2e-4 } else { 2e-3 };
         assert_close(&format!("timestep dim {dim}"), &gpu.read(&y).await.unwrap(), &want, tol);
     }
+}
+
+async fn narrow_first_axis(gpu: &Gpu) {
+    let x = stored(gpu, &random(3 * 4 * 2, 40));
+    let t = gpu.upload(&x, &[3, 4, 2]).unwrap();
+    let y = gpu.narrow(&t, 1, 2).unwrap();
+    assert_eq!(y.shape(), [2, 4, 2]);
+    assert_close("narrow", &gpu.read(&y).await.unwrap(), &x[8..], 0.0);
+    assert!(gpu.narrow(&t, 2, 2).is_err(), "out-of-range narrow must be an error");
+}
+
+async fn conv2d_asymmetric_padding(gpu: &Gpu) {
+    // diffusers' Downsample2D with padding 0: F.pad(x, (0, 1, 0, 1)) then a 3x3 stride-2 conv; and
+    // a general [top, bottom, left, right], checked against the CPU conv of the explicitly padded input.
+    let (n, cin, h, w, cout, k) = (2, 3, 7, 10, 4, 3);
+    let x = stored(gpu, &random(n * cin * h * w, 41));
+    let wt = stored(gpu, &random(cout * cin * k * k, 42));
+    let b = stored(gpu, &random(cout, 43));
+    let (tx, tw, tb) = (gpu.upload(&x, &[n, cin, h, w]).unwrap(), gpu.upload(&wt, &[cout, cin, k, k]).unwrap(), gpu.upload(&b, &[cout]).unwrap());
+    for (stride, [top, bottom, left, right]) in [(2, [0, 1, 0, 1]), (1, [2, 0, 1, 3])] {
+        let (ph, pw) = (h + top + bottom, w + left + right);
+        let mut padded = vec![0.0; n * cin * ph * pw];
+        for plane in 0..n * cin {
+            for y in 0..h {
+                for xx in 0..w {
+                    padded[(plane * ph + y + top) * pw + xx + left] = x[(plane * h + y) * w + xx];
+                }
+            }
+        }
+        let (want, oh, ow) = cpu_conv(&padded, &wt, &b, (n, cin, ph, pw), cout, k, stride, 0);
+        let y = gpu.conv2d_padded(&tx, &tw, &tb, stride, [top, bottom, left, right]).unwrap();
+        assert_eq!(y.shape(), [n, cout, oh, ow], "conv pad {top} {bottom} {left} {right}");
+        assert_close(&format!("conv pad {top} {bottom} {left} {right}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    }
+}
+
+async fn affine_clamp_exp(gpu: &Gpu) {
+    let x: Vec<f32> = stored(gpu, &random(1000, 44)).iter().map(|v| v * 3.0).collect();
+    let t = gpu.upload(&x, &[10, 100]).unwrap();
+    let inf = f32::INFINITY;
+    for (scale, shift, exp, (lo, hi)) in [(0.5, 0.5, false, (0.0, 1.0)), (1.0, 0.0, false, (-1.5, 2.0)), (0.5, -0.25, true, (-inf, inf))] {
+        let y = gpu.affine(&t, scale, shift, exp, (lo, hi)).unwrap();
+        assert_eq!(y.shape(), [10, 100]);
+        let want: Vec<f32> = x
+            .iter()
+            .map(|&v| {
+                let a = scale * v + shift;
+                (if exp { a.exp() } else { a }).clamp(lo, hi)
+            })
+            .collect();
+        assert_close(&format!("affine {scale} {shift} {exp} {lo}..{hi}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    }
+    assert!(gpu.affine(&t, 1.0, 0.0, false, (1.0, 0.0)).is_err(), "inverted clamp bounds must be an error");
 }

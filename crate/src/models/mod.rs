@@ -1,6 +1,10 @@
 //! Model building blocks with their weights, mirroring torch modules; components in submodules.
 
 pub mod clip;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;
+pub mod vae;
 
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};

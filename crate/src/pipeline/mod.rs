@@ -1,5 +1,6 @@
 //! SDXL pipelines assembled from the models, following diffusers' StableDiffusionXL pipelines.
 
+pub mod generate;
 pub mod prompt;
 
 use serde_json::Value;

@@ -1,0 +1,114 @@
+//! diffusers' ResnetBlock2D, Upsample2D and Downsample2D (models/resnet.py, upsampling.py,
+//! downsampling.py), shared by the UNet and the VAE.
+
+use crate::error::Result;
+use crate::gpu::{Gpu, Tensor};
+use crate::models::{Conv2d, GroupNorm, Linear};
+use crate::weights::{Source, Weights};
+
+/// ResnetBlock2D with the "default" time-embedding norm, output_scale_factor 1 and a 1x1
+/// `conv_shortcut` when the channel count changes (dropout is inference-time identity):
+/// h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb)) per channel];
+/// out = shortcut(x) + conv2(silu(norm2(h))).
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    in_channels: usize,
+}
+
+impl ResnetBlock2D {
+    #[allow(clippy::too_many_arguments)]
+    pub async fn load<S: Source>(
+        gpu: &Gpu,
+        w: &Weights<'_, S>,
+        prefix: &str,
+        in_channels: usize,
+        out_channels: usize,
+        temb_channels: Option<usize>,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let norm1 = GroupNorm::load(gpu, w, &format!("{prefix}.norm1"), in_channels, groups, eps).await?;
+        let conv1 = Conv2d::load(gpu, w, &format!("{prefix}.conv1"), in_channels, out_channels, 3, 1, 1).await?;
+        let time_emb_proj = match temb_channels {
+            Some(t) => Some(Linear::load(gpu, w, &format!("{prefix}.time_emb_proj"), t, out_channels, true).await?),
+            None => None,
+        };
+        let norm2 = GroupNorm::load(gpu, w, &format!("{prefix}.norm2"), out_channels, groups, eps).await?;
+        let conv2 = Conv2d::load(gpu, w, &format!("{prefix}.conv2"), out_channels, out_channels, 3, 1, 1).await?;
+        let conv_shortcut = match in_channels != out_channels {
+            true => Some(Conv2d::load(gpu, w, &format!("{prefix}.conv_shortcut"), in_channels, out_channels, 1, 1, 0).await?),
+            false => None,
+        };
+        Ok(ResnetBlock2D { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, in_channels })
+    }
+
+    /// x [B, C, H, W]; temb [B, temb_channels] (raw time embedding; SiLU and time_emb_proj are
+    /// applied here, as diffusers does). A block loaded with temb_channels ignores a missing temb
+    /// (diffusers' `temb=None`); a block without time_emb_proj ignores a given one.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        if x.shape().len() != 4 || x.shape()[1] != self.in_channels {
+            return Err(crate::error::Error::InvalidParameter(format!(
+                "ResnetBlock2D: expected [batch, {}, height, width], got {:?}",
+                self.in_channels,
+                x.shape()
+            )));
+        }
+        let h = self.norm1.forward(gpu, x, true)?;
+        let mut h = self.conv1.forward(gpu, &h)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
+            let t = proj.forward(gpu, &gpu.activation(temb, crate::ops::Activation::Silu)?)?;
+            h = gpu.add_channelwise(&h, &t)?;
+        }
+        let h = self.norm2.forward(gpu, &h, true)?;
+        let h = self.conv2.forward(gpu, &h)?;
+        match &self.conv_shortcut {
+            Some(shortcut) => gpu.add(&shortcut.forward(gpu, x)?, &h),
+            None => gpu.add(x, &h),
+        }
+    }
+}
+
+/// Upsample2D with use_conv: nearest-neighbour ×2, then a 3x3 `conv` (padding 1).
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize) -> Result<Self> {
+        Ok(Upsample2D { conv: Conv2d::load(gpu, w, &format!("{prefix}.conv"), channels, channels, 3, 1, 1).await? })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        self.conv.forward(gpu, &gpu.upsample_nearest2x(x)?)
+    }
+}
+
+/// Downsample2D with use_conv: a 3x3 stride-2 `conv`. With padding 0 (the VAE encoder) diffusers
+/// first pads the input by (left 0, right 1, top 0, bottom 1).
+pub struct Downsample2D {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+}
+
+impl Downsample2D {
+    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Downsample2D {
+            weight: w.tensor(gpu, &format!("{prefix}.conv.weight"), &[channels, channels, 3, 3]).await?,
+            bias: w.tensor(gpu, &format!("{prefix}.conv.bias"), &[channels]).await?,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        match self.padding {
+            0 => gpu.conv2d_padded(x, &self.weight, &self.bias, 2, [0, 1, 0, 1]),
+            p => gpu.conv2d(x, &self.weight, &self.bias, 2, p),
+        }
+    }
+}

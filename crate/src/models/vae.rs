@@ -1,0 +1,398 @@
+//! diffusers' AutoencoderKL (models/autoencoders/autoencoder_kl.py, vae.py), driven by its
+//! config.json: an Encoder (DownEncoderBlock2D ×N, a resnet-attention-resnet mid block) to a
+//! diagonal Gaussian over the latents, and a Decoder (mid block, UpDecoderBlock2D ×N) back to pixels.
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
+use crate::models::{Conv2d, GroupNorm, Linear};
+use crate::weights::{read_json, Source, Weights};
+
+/// Mirrors diffusers' AutoencoderKL config (defaults as diffusers).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    #[serde(default = "defaults::channels")]
+    pub in_channels: usize,
+    #[serde(default = "defaults::channels")]
+    pub out_channels: usize,
+    #[serde(default = "defaults::down_block_types")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "defaults::up_block_types")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "defaults::block_out_channels")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "defaults::layers_per_block")]
+    pub layers_per_block: usize,
+    #[serde(default = "defaults::act_fn")]
+    pub act_fn: String,
+    #[serde(default = "defaults::latent_channels")]
+    pub latent_channels: usize,
+    #[serde(default = "defaults::norm_num_groups")]
+    pub norm_num_groups: usize,
+    /// An int or [height, width]; only used by diffusers' tiled decoding.
+    #[serde(default)]
+    pub sample_size: Option<serde_json::Value>,
+    #[serde(default = "defaults::scaling_factor")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
+    /// diffusers runs such a VAE in f32 even in an f16 pipeline (SDXL's VAE overflows f16).
+    #[serde(default = "defaults::yes")]
+    pub force_upcast: bool,
+    #[serde(default = "defaults::yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "defaults::yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "defaults::yes")]
+    pub mid_block_add_attention: bool,
+}
+
+mod defaults {
+    pub fn channels() -> usize { 3 }
+    pub fn down_block_types() -> Vec<String> { vec!["DownEncoderBlock2D".into()] }
+    pub fn up_block_types() -> Vec<String> { vec!["UpDecoderBlock2D".into()] }
+    pub fn block_out_channels() -> Vec<usize> { vec![64] }
+    pub fn layers_per_block() -> usize { 1 }
+    pub fn act_fn() -> String { "silu".into() }
+    pub fn latent_channels() -> usize { 4 }
+    pub fn norm_num_groups() -> usize { 32 }
+    pub fn scaling_factor() -> f64 { 0.18215 }
+    pub fn yes() -> bool { true }
+}
+
+/// Encoder and Decoder norms and resnets use eps 1e-6 (fixed in diffusers' vae.py).
+const EPS: f64 = 1e-6;
+
+/// diffusers' `Attention` as built by UNetMidBlock2D for the VAE: group norm, one head over all
+/// channels, q/k/v/out projections with bias, tokens = H*W, residual connection.
+struct MidAttention {
+    group_norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl MidAttention {
+    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, groups: usize) -> Result<Self> {
+        // Checkpoints from before diffusers 0.14 name the projections query/key/value/proj_attn
+        // (diffusers converts them on load).
+        let names = if w.contains(&format!("{prefix}.query.weight")) {
+            ["query", "key", "value", "proj_attn"]
+        } else {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        };
+        let mut linears = Vec::with_capacity(4);
+        for name in names {
+            linears.push(Linear::load(gpu, w, &format!("{prefix}.{name}"), channels, channels, true).await?);
+        }
+        let [q, k, v, out] = <[Linear; 4]>::try_from(linears).ok().expect("four projections");
+        let group_norm = GroupNorm::load(gpu, w, &format!("{prefix}.group_norm"), channels, groups, EPS).await?;
+        Ok(MidAttention { group_norm, q, k, v, out })
+    }
+
+    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let &[b, c, h, w] = x.shape() else { unreachable!("checked by the resnet before") };
+        let n = self.group_norm.forward(gpu, x, false)?;
+        let tokens = gpu.transpose(&n.reshape(&[b, c, h * w])?)?;
+        let (q, k, v) = (self.q.forward(gpu, &tokens)?, self.k.forward(gpu, &tokens)?, self.v.forward(gpu, &tokens)?);
+        let a = self.out.forward(gpu, &gpu.attention(&q, &k, &v, 1, false)?)?;
+        gpu.add(x, &gpu.transpose(&a)?.reshape(&[b, c, h, w])?)
+    }
+}
+
+/// UNetMidBlock2D without time embedding: resnet, (attention, resnet).
+struct MidBlock {
+    first: ResnetBlock2D,
+    attention: Option<MidAttention>,
+    second: ResnetBlock2D,
+}
+
+impl MidBlock {
+    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, groups: usize, attention: bool) -> Result<Self> {
+        let first = ResnetBlock2D::load(gpu, w, &format!("{prefix}.resnets.0"), channels, channels, None, groups, EPS).await?;
+        let attention = match attention {
+            true => Some(MidAttention::load(gpu, w, &format!("{prefix}.attentions.0"), channels, groups).await?),
+            false => None,
+        };
+        let second = ResnetBlock2D::load(gpu, w, &format!("{prefix}.resnets.1"), channels, channels, None, groups, EPS).await?;
+        Ok(MidBlock { first, attention, second })
+    }
+
+    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.first.forward(gpu, x, None)?;
+        if let Some(attention) = &self.attention {
+            x = attention.forward(gpu, &x)?;
+        }
+        self.second.forward(gpu, &x, None)
+    }
+}
+
+/// DownEncoderBlock2D / UpDecoderBlock2D: resnets, then an optional resampler.
+struct Block<R> {
+    resnets: Vec<ResnetBlock2D>,
+    resample: Option<R>,
+}
+
+/// A convolution kept as raw tensors (the encoder's last one is split into mean and logvar halves).
+struct RawConv {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+}
+
+impl RawConv {
+    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        gpu.conv2d(x, &self.weight, &self.bias, 1, self.padding)
+    }
+}
+
+pub struct AutoencoderKL {
+    pub config: VaeConfig,
+    // Encoder
+    enc_conv_in: Conv2d,
+    enc_blocks: Vec<Block<Downsample2D>>,
+    enc_mid: MidBlock,
+    enc_norm_out: GroupNorm,
+    /// Encoder conv_out, applied whole when a quant_conv follows, else split as `moments`.
+    enc_conv_out: Option<Conv2d>,
+    /// The last convolution producing [mean; logvar], split by output channel into two.
+    moments: [RawConv; 2],
+    // Decoder
+    post_quant_conv: Option<Conv2d>,
+    dec_conv_in: Conv2d,
+    dec_mid: MidBlock,
+    dec_blocks: Vec<Block<Upsample2D>>,
+    dec_norm_out: GroupNorm,
+    dec_conv_out: Conv2d,
+}
+
+impl AutoencoderKL {
+    /// Loads `{dir}/config.json` and the weights in `dir` (a diffusers `vae` folder).
+    pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<AutoencoderKL> {
+        let config_path = format!("{dir}/config.json");
+        let config: VaeConfig = read_json(source, &config_path).await?;
+        let bad = |message: String| Error::Config { path: source.describe(&config_path), message };
+        check_config(&config).map_err(bad)?;
+        let w = Weights::open(source, dir, gpu.dtype == crate::DType::F16).await?;
+        let c = &config;
+        let (groups, boc, lpb, latent) = (c.norm_num_groups, &c.block_out_channels, c.layers_per_block, c.latent_channels);
+        let last = *boc.last().expect("checked");
+        let conv = |name: String, cin: usize, cout: usize, k: usize| {
+            let w = &w;
+            async move { Conv2d::load(gpu, w, &name, cin, cout, k, 1, k / 2).await }
+        };
+
+        // Encoder.
+        let enc_conv_in = conv("encoder.conv_in".into(), c.in_channels, boc[0], 3).await?;
+        let mut enc_blocks = Vec::with_capacity(boc.len());
+        let mut channels = boc[0];
+        for (i, &out) in boc.iter().enumerate() {
+            let p = format!("encoder.down_blocks.{i}");
+            let mut resnets = Vec::with_capacity(lpb);
+            for j in 0..lpb {
+                let cin = if j == 0 { channels } else { out };
+                resnets.push(ResnetBlock2D::load(gpu, &w, &format!("{p}.resnets.{j}"), cin, out, None, groups, EPS).await?);
+            }
+            let resample = match i + 1 < boc.len() {
+                true => Some(Downsample2D::load(gpu, &w, &format!("{p}.downsamplers.0"), out, 0).await?),
+                false => None,
+            };
+            enc_blocks.push(Block { resnets, resample });
+            channels = out;
+        }
+        let enc_mid = MidBlock::load(gpu, &w, "encoder.mid_block", last, groups, c.mid_block_add_attention).await?;
+        let enc_norm_out = GroupNorm::load(gpu, &w, "encoder.conv_norm_out", last, groups, EPS).await?;
+        let (enc_conv_out, split_name, split_in, split_k) = match c.use_quant_conv {
+            true => (Some(conv("encoder.conv_out".into(), last, 2 * latent, 3).await?), "quant_conv", 2 * latent, 1),
+            false => (None, "encoder.conv_out", last, 3),
+        };
+        let moments = split_conv(gpu, &w, split_name, split_in, latent, split_k).await?;
+
+        // Decoder.
+        let post_quant_conv = match c.use_post_quant_conv {
+            true => Some(conv("post_quant_conv".into(), latent, latent, 1).await?),
+            false => None,
+        };
+        let dec_conv_in = conv("decoder.conv_in".into(), latent, last, 3).await?;
+        let dec_mid = MidBlock::load(gpu, &w, "decoder.mid_block", last, groups, c.mid_block_add_attention).await?;
+        let mut dec_blocks = Vec::with_capacity(boc.len());
+        let mut channels = last;
+        for (i, &out) in boc.iter().rev().enumerate() {
+            let p = format!("decoder.up_blocks.{i}");
+            let mut resnets = Vec::with_capacity(lpb + 1);
+            for j in 0..=lpb {
+                let cin = if j == 0 { channels } else { out };
+                resnets.push(ResnetBlock2D::load(gpu, &w, &format!("{p}.resnets.{j}"), cin, out, None, groups, EPS).await?);
+            }
+            let resample = match i + 1 < boc.len() {
+                true => Some(Upsample2D::load(gpu, &w, &format!("{p}.upsamplers.0"), out).await?),
+                false => None,
+            };
+            dec_blocks.push(Block { resnets, resample });
+            channels = out;
+        }
+        let dec_norm_out = GroupNorm::load(gpu, &w, "decoder.conv_norm_out", boc[0], groups, EPS).await?;
+        let dec_conv_out = conv("decoder.conv_out".into(), boc[0], c.out_channels, 3).await?;
+        Ok(AutoencoderKL {
+            config,
+            enc_conv_in,
+            enc_blocks,
+            enc_mid,
+            enc_norm_out,
+            enc_conv_out,
+            moments,
+            post_quant_conv,
+            dec_conv_in,
+            dec_mid,
+            dec_blocks,
+            dec_norm_out,
+            dec_conv_out,
+        })
+    }
+
+    /// Total down-sampling factor between pixels and latents (8 for SDXL).
+    pub fn downscale(&self) -> usize {
+        1 << (self.config.block_out_channels.len() - 1)
+    }
+
+    fn check_input(&self, x: &Tensor, channels: usize, what: &str) -> Result<()> {
+        match x.shape() {
+            &[b, c, h, w] if c == channels && b > 0 && h > 0 && w > 0 => Ok(()),
+            s => Err(Error::InvalidParameter(format!("VAE {what}: expected [batch, {channels}, height, width], got {s:?}"))),
+        }
+    }
+
+    /// `vae.decode(z).sample`: latents already divided by the scaling factor -> raw decoder output
+    /// [B, out_channels, H·f, W·f] (about -1..1, unclamped).
+    pub fn decode_raw(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
+        self.check_input(z, self.config.latent_channels, "decode input (latents)")?;
+        let mut x = match &self.post_quant_conv {
+            Some(conv) => conv.forward(gpu, z)?,
+            None => z.clone(),
+        };
+        x = self.dec_conv_in.forward(gpu, &x)?;
+        x = self.dec_mid.forward(gpu, &x)?;
+        for block in &self.dec_blocks {
+            for resnet in &block.resnets {
+                x = resnet.forward(gpu, &x, None)?;
+            }
+            if let Some(up) = &block.resample {
+                x = up.forward(gpu, &x)?;
+            }
+        }
+        let x = self.dec_norm_out.forward(gpu, &x, true)?;
+        self.dec_conv_out.forward(gpu, &x)
+    }
+
+    /// What diffusers' SDXL pipeline makes of denoised latents [B, latent_channels, h, w]:
+    /// `vae.decode(latents / scaling_factor).sample`, post-processed as `(x / 2 + 0.5).clamp(0, 1)`
+    /// -> image [B, out_channels, h·f, w·f] in 0..1 (f = 8 for SDXL).
+    pub fn decode(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
+        self.check_input(latents, self.config.latent_channels, "decode input (latents)")?;
+        let z = gpu.scale(latents, (1.0 / self.config.scaling_factor) as f32)?;
+        let x = self.decode_raw(gpu, &z)?;
+        gpu.affine(&x, 0.5, 0.5, false, (0.0, 1.0))
+    }
+
+    /// `vae.encode(image).latent_dist`: image [B, in_channels, H, W] in -1..1 -> (mean, logvar),
+    /// each [B, latent_channels, ceil(H/f), ceil(W/f)], logvar clamped to [-30, 20] as diffusers'
+    /// DiagonalGaussianDistribution does.
+    pub fn encode(&self, gpu: &Gpu, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_input(image, self.config.in_channels, "encode input (image)")?;
+        let mut x = self.enc_conv_in.forward(gpu, image)?;
+        for block in &self.enc_blocks {
+            for resnet in &block.resnets {
+                x = resnet.forward(gpu, &x, None)?;
+            }
+            if let Some(down) = &block.resample {
+                x = down.forward(gpu, &x)?;
+            }
+        }
+        x = self.enc_mid.forward(gpu, &x)?;
+        x = self.enc_norm_out.forward(gpu, &x, true)?;
+        if let Some(conv) = &self.enc_conv_out {
+            x = conv.forward(gpu, &x)?;
+        }
+        let mean = self.moments[0].forward(gpu, &x)?;
+        let logvar = gpu.affine(&self.moments[1].forward(gpu, &x)?, 1.0, 0.0, false, (-30.0, 20.0))?;
+        Ok((mean, logvar))
+    }
+
+    /// The posterior's standard deviation, exp(logvar / 2).
+    pub fn std(&self, gpu: &Gpu, logvar: &Tensor) -> Result<Tensor> {
+        gpu.affine(logvar, 0.5, 0.0, true, (f32::NEG_INFINITY, f32::INFINITY))
+    }
+
+    /// A sample of the posterior, mean + std · noise, scaled for the UNet (× scaling_factor), as
+    /// diffusers' img2img `prepare_latents` does with `latent_dist.sample()`.
+    pub fn encode_latents(&self, gpu: &Gpu, mean: &Tensor, logvar: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        if mean.shape() != logvar.shape() || mean.shape() != noise.shape() {
+            return Err(Error::InvalidParameter(format!(
+                "encode_latents: mean {:?}, logvar {:?} and noise {:?} must have one shape",
+                mean.shape(),
+                logvar.shape(),
+                noise.shape()
+            )));
+        }
+        let sample = gpu.add(mean, &gpu.mul(&self.std(gpu, logvar)?, noise)?)?;
+        gpu.scale(&sample, self.config.scaling_factor as f32)
+    }
+}
+
+fn check_config(c: &VaeConfig) -> std::result::Result<(), String> {
+    let n = c.block_out_channels.len();
+    if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
+        return Err(format!(
+            "block_out_channels {:?}, down_block_types {:?} and up_block_types {:?} must have one non-zero length",
+            c.block_out_channels, c.down_block_types, c.up_block_types
+        ));
+    }
+    if let Some(t) = c.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        return Err(format!("unsupported down block type '{t}' (only DownEncoderBlock2D)"));
+    }
+    if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
+        return Err(format!("unsupported up block type '{t}' (only UpDecoderBlock2D)"));
+    }
+    if c.act_fn != "silu" && c.act_fn != "swish" {
+        return Err(format!("unsupported act_fn '{}' (only silu)", c.act_fn));
+    }
+    if c.layers_per_block == 0 || c.latent_channels == 0 || c.in_channels == 0 || c.out_channels == 0 {
+        return Err("layers_per_block, latent_channels, in_channels and out_channels must be positive".into());
+    }
+    let g = c.norm_num_groups;
+    if g == 0 || c.block_out_channels.iter().any(|&ch| ch == 0 || ch % g != 0) {
+        return Err(format!("norm_num_groups {g} does not divide block_out_channels {:?}", c.block_out_channels));
+    }
+    if !(c.scaling_factor.is_finite() && c.scaling_factor != 0.0) {
+        return Err(format!("scaling_factor {} must be finite and non-zero", c.scaling_factor));
+    }
+    if let Some(s) = c.shift_factor {
+        return Err(format!("shift_factor {s} is not supported (SDXL's VAE has none)"));
+    }
+    if c.latents_mean.is_some() || c.latents_std.is_some() {
+        return Err("latents_mean / latents_std are not supported (SDXL's VAE has none)".into());
+    }
+    Ok(())
+}
+
+/// Loads conv `name` [2·half, cin, k, k] as two convolutions of `half` output channels each.
+async fn split_conv<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, name: &str, cin: usize, half: usize, k: usize) -> Result<[RawConv; 2]> {
+    let weight = w.host(&format!("{name}.weight"), &[2 * half, cin, k, k]).await?;
+    let bias = w.host(&format!("{name}.bias"), &[2 * half]).await?;
+    let per = half * cin * k * k;
+    let part = |i: usize| -> Result<RawConv> {
+        Ok(RawConv {
+            weight: gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], gpu.dtype, &format!("{name}.weight"))?,
+            bias: gpu.upload_as(&bias[i * half..(i + 1) * half], &[half], gpu.dtype, &format!("{name}.bias"))?,
+            padding: k / 2,
+        })
+    };
+    Ok([part(0)?, part(1)?])
+}

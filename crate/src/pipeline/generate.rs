@@ -1,0 +1,215 @@
+//! Text-to-image as diffusers' StableDiffusionXLPipeline, with the refiner taking over the last
+//! part of the schedule as StableDiffusionXLImg2ImgPipeline(denoising_start=f) does ("ensemble of
+//! experts"): same timestep schedule, no noise added at the handoff, then the VAE decode.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Tensor};
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::AutoencoderKL;
+use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder};
+use crate::pipeline::ModelIndex;
+use crate::random::TorchGenerator;
+use crate::scheduler::{EulerDiscreteScheduler, Schedule};
+use crate::weights::Source;
+
+/// One SDXL model folder (base or refiner) loaded on the GPU.
+pub struct SdxlModel {
+    pub index: ModelIndex,
+    pub prompt_encoder: PromptEncoder,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub scheduler: EulerDiscreteScheduler,
+}
+
+impl SdxlModel {
+    pub async fn load(gpu: &Gpu, source: &impl Source) -> Result<SdxlModel> {
+        let index = ModelIndex::load(source).await?;
+        for part in ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"] {
+            if !index.has(part) {
+                return Err(Error::Config { path: source.describe("model_index.json"), message: format!("the model has no {part}") });
+            }
+        }
+        Ok(SdxlModel {
+            prompt_encoder: PromptEncoder::load(gpu, source, &index).await?,
+            unet: UNet2DConditionModel::load(gpu, source, "unet").await?,
+            vae: AutoencoderKL::load(gpu, source, "vae").await?,
+            scheduler: EulerDiscreteScheduler::load(source, "scheduler/scheduler_config.json").await?,
+            index,
+        })
+    }
+
+    /// Image sizes must be multiples of this: the VAE's downscale times the UNet's.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.downscale() * self.unet.size_multiple()
+    }
+
+    /// diffusers' `_get_add_time_ids`: (original size, crop top-left, target size) for the base,
+    /// (original size, crop top-left, aesthetic score) for a model that requires aesthetics scores.
+    fn time_ids(&self, p: &GenerateParams, aesthetic_score: f32) -> Vec<f32> {
+        let (oh, ow) = p.original_size.unwrap_or((p.height, p.width));
+        let (ct, cl) = p.crops_coords_top_left;
+        let mut ids = vec![oh as f32, ow as f32, ct as f32, cl as f32];
+        if self.index.requires_aesthetics_score {
+            ids.push(aesthetic_score);
+        } else {
+            let (th, tw) = p.target_size.unwrap_or((p.height, p.width));
+            ids.extend([th as f32, tw as f32]);
+        }
+        ids
+    }
+}
+
+/// Generation settings; defaults as diffusers' SDXL pipelines.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    /// None is diffusers' `negative_prompt=None` (zeros on the base, "" on the refiner).
+    pub negative: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    /// Classifier-free guidance scale; at most 1 runs the UNet once per step without guidance.
+    pub guidance: f32,
+    pub seed: u64,
+    /// Fraction of the schedule after which the refiner takes over (denoising_end / denoising_start).
+    pub refiner_start: f64,
+    pub original_size: Option<(usize, usize)>,
+    pub crops_coords_top_left: (usize, usize),
+    pub target_size: Option<(usize, usize)>,
+    pub aesthetic_score: f32,
+    pub negative_aesthetic_score: f32,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            prompt: String::new(),
+            negative: None,
+            width: 1024,
+            height: 1024,
+            steps: 30,
+            guidance: 5.0,
+            seed: 0,
+            refiner_start: 0.8,
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Base,
+    Refiner,
+}
+
+/// Reported after each denoising step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepProgress {
+    pub stage: Stage,
+    /// 1-based step within the stage.
+    pub step: usize,
+    pub steps: usize,
+}
+
+pub struct Generated {
+    /// The seed's unit Gaussian noise [1, 4, h, w], before scaling by init_noise_sigma.
+    pub noise: Tensor,
+    /// Final latents [1, 4, h, w] before the VAE.
+    pub latents: Tensor,
+    /// RGB [1, 3, H, W] in 0..1.
+    pub image: Tensor,
+}
+
+fn check_params(p: &GenerateParams, multiple: usize) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidParameter(m));
+    if p.steps == 0 {
+        return bad("steps must be at least 1".into());
+    }
+    if p.width == 0 || p.height == 0 || p.width % multiple != 0 || p.height % multiple != 0 {
+        return bad(format!("width and height must be positive multiples of {multiple} for this model (got {}x{})", p.width, p.height));
+    }
+    if !p.guidance.is_finite() || p.guidance < 0.0 {
+        return bad(format!("guidance {} must be a finite number >= 0", p.guidance));
+    }
+    if !(p.refiner_start > 0.0 && p.refiner_start < 1.0) {
+        return bad(format!("refiner start {} must be in (0, 1)", p.refiner_start));
+    }
+    Ok(())
+}
+
+/// Runs the base model (and the refiner for the last part of the schedule), then decodes.
+pub async fn generate(
+    gpu: &Gpu,
+    base: &SdxlModel,
+    refiner: Option<&SdxlModel>,
+    p: &GenerateParams,
+    mut on_step: impl FnMut(StepProgress),
+) -> Result<Generated> {
+    let multiple = refiner.map_or(1, |r| r.size_multiple()).max(base.size_multiple());
+    check_params(p, multiple)?;
+    let latent_shape = [1, 4, p.height / base.vae.downscale(), p.width / base.vae.downscale()];
+    let noise_host = TorchGenerator::new(p.seed).randn(latent_shape.iter().product());
+    let noise = gpu.upload(&noise_host, &latent_shape)?;
+
+    let (base_schedule, refiner_schedule) = match refiner {
+        Some(r) => (base.scheduler.denoising_end(p.steps, p.refiner_start)?, Some(r.scheduler.denoising_start(p.steps, p.refiner_start)?)),
+        None => (base.scheduler.timesteps(p.steps)?, None),
+    };
+    let mut latents = gpu.scale(&noise, base_schedule.init_noise_sigma)?;
+    latents = denoise(gpu, base, p, &base_schedule, latents, Stage::Base, &mut on_step).await?;
+    let last = match (refiner, refiner_schedule) {
+        (Some(r), Some(schedule)) => {
+            latents = denoise(gpu, r, p, &schedule, latents, Stage::Refiner, &mut on_step).await?;
+            r
+        }
+        _ => base,
+    };
+    let image = last.vae.decode(gpu, &latents)?;
+    Ok(Generated { noise, latents, image })
+}
+
+/// The denoising loop of one model over `schedule`, with classifier-free guidance as a batch of 2
+/// (negative first, as diffusers concatenates them).
+async fn denoise(
+    gpu: &Gpu,
+    model: &SdxlModel,
+    p: &GenerateParams,
+    schedule: &Schedule,
+    mut latents: Tensor,
+    stage: Stage,
+    on_step: &mut impl FnMut(StepProgress),
+) -> Result<Tensor> {
+    let guided = p.guidance > 1.0;
+    let negative = if guided { p.negative.as_deref() } else { None };
+    let PromptEmbeds { prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds } =
+        model.prompt_encoder.encode(gpu, &p.prompt, negative)?;
+    let time_ids = model.time_ids(p, p.aesthetic_score);
+    let (context, pooled, time_ids) = if guided {
+        let negative_time_ids = model.time_ids(p, p.negative_aesthetic_score);
+        (
+            gpu.concat(&negative_prompt_embeds, &prompt_embeds, 0)?,
+            gpu.concat(&negative_pooled_prompt_embeds, &pooled_prompt_embeds, 0)?,
+            [negative_time_ids, time_ids].concat(),
+        )
+    } else {
+        (prompt_embeds, pooled_prompt_embeds, time_ids)
+    };
+    for i in 0..schedule.num_steps() {
+        let input = if guided { gpu.concat(&latents, &latents, 0)? } else { latents.clone() };
+        let input = gpu.scale(&input, schedule.input_scale(i))?;
+        let mut prediction = model.unet.forward(gpu, &input, schedule.timesteps[i], &context, &pooled, &time_ids)?;
+        if guided {
+            let (uncond, text) = (gpu.narrow(&prediction, 0, 1)?, gpu.narrow(&prediction, 1, 1)?);
+            prediction = gpu.axpby(1.0 - p.guidance, &uncond, p.guidance, &text)?;
+        }
+        let (a, b) = schedule.step_coefficients(i);
+        latents = gpu.axpby(a, &latents, b, &prediction)?;
+        gpu.sync().await?;
+        on_step(StepProgress { stage, step: i + 1, steps: schedule.num_steps() });
+    }
+    Ok(latents)
+}

@@ -1,0 +1,89 @@
+//! End-to-end text-to-image against diffusers on the tiny fixtures: a base-only run (non-square,
+//! negative prompt) and a base → refiner ensemble-of-experts run, same seeds as diffusers.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
+use sdxl::weights::{DirSource, Source, Weights};
+use sdxl::{DType, Gpu};
+use serde::Deserialize;
+
+gpu_tests!(pipelines_match_diffusers);
+
+fn fixture(dir: &str) -> DirSource {
+    DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative: Option<String>,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance: f32,
+    seed: u64,
+    refiner_start: Option<f64>,
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
+}
+
+/// PSNR of images in 0..1.
+fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    10.0 * (1.0 / mse.max(1e-20)).log10()
+}
+
+async fn pipelines_match_diffusers(gpu: &Gpu) {
+    let reference = fixture("reference");
+    let refs = Weights::from_files(&reference, vec!["pipeline.safetensors".into()]).await.unwrap();
+    let cases: Vec<Case> = serde_json::from_slice(&reference.read("pipeline_cases.json").await.unwrap()).unwrap();
+    let base = SdxlModel::load(gpu, &fixture("tiny-sdxl-base")).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &fixture("tiny-sdxl-refiner")).await.unwrap();
+    // f32 as the issue states; f16 storage rounds every activation, so only the image is held to a bar.
+    let (latent_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (f32::INFINITY, 30.0) };
+    for case in &cases {
+        let params = GenerateParams {
+            prompt: case.prompt.clone(),
+            negative: case.negative.clone(),
+            width: case.width,
+            height: case.height,
+            steps: case.steps,
+            guidance: case.guidance,
+            seed: case.seed,
+            refiner_start: case.refiner_start.unwrap_or(0.8),
+            ..Default::default()
+        };
+        let with_refiner = case.refiner_start.map(|_| &refiner);
+        let mut steps = (0, 0);
+        let out = generate(gpu, &base, with_refiner, &params, |p| match p.stage {
+            Stage::Base => steps.0 += 1,
+            Stage::Refiner => steps.1 += 1,
+        })
+        .await
+        .unwrap();
+        assert_eq!(steps.0 + steps.1, case.steps, "{}: every step reported once", case.name);
+        let read = |key: &str, shape: &[usize]| {
+            let key = format!("{}.{key}", case.name);
+            let shape = shape.to_vec();
+            let refs = &refs;
+            async move { refs.host(&key, &shape).await.unwrap() }
+        };
+        let noise = gpu.read(&out.noise).await.unwrap();
+        let noise_err = max_abs(&noise, &read("noise", out.noise.shape()).await);
+        let noise_tol = if gpu.dtype == DType::F32 { 1e-5 } else { 1e-3 };
+        assert!(noise_err <= noise_tol, "{}: noise max |Δ| {noise_err}", case.name);
+        let want = read("latents", out.latents.shape()).await;
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let latent_err = max_abs(&gpu.read(&out.latents).await.unwrap(), &want) / scale;
+        assert!(latent_err <= latent_tol, "{}: latents relative error {latent_err} ({:?})", case.name, gpu.dtype);
+        let image = gpu.read(&out.image).await.unwrap();
+        let db = psnr(&image, &read("image", out.image.shape()).await);
+        assert!(db >= min_psnr, "{}: image PSNR {db:.1} dB < {min_psnr} ({:?})", case.name, gpu.dtype);
+        eprintln!("{} {:?}: latents rel err {latent_err:.2e}, image PSNR {db:.1} dB", case.name, gpu.dtype);
+    }
+}
