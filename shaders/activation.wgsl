@@ -1,6 +1,7 @@
-// Pointwise activations, and GEGLU (diffusers: hidden, gate = x.chunk(2, -1); hidden * gelu(gate)).
+// Pointwise functions: activations, an affine map with clamp, and GEGLU (diffusers: hidden, gate =
+// x.chunk(2, -1); hidden * gelu(gate)).
 
-struct Params { n: u32, op: u32, half_width: u32, _pad: u32 }
+struct Params { n: u32, op: u32, half_width: u32, _pad: u32, scale: f32, shift: f32, lo: f32, hi: f32 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<T>;
@@ -53,4 +54,21 @@ fn geglu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         let base = row * 2u * p.half_width;
         y[i] = T(f32(x[base + col]) * gelu(f32(x[base + p.half_width + col])));
     }
+}
+
+// y = clamp(f(scale * x + shift), lo, hi) with f = exp when op == 1, else identity: the pipeline's
+// image post-processing (x / 2 + 0.5 clamped to 0..1), a VAE posterior's logvar clamp and
+// std = exp(logvar / 2).
+@compute @workgroup_size(256)
+fn affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid, 256u);
+    if (i >= p.n) {
+        return;
+    }
+    var v = p.scale * f32(x[i]) + p.shift;
+    if (p.op == 1u) {
+        v = exp(v);
+    }
+    y[i] = T(clamp(v, p.lo, p.hi));
 }

@@ -56,20 +56,3 @@ fn concat(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         y[i] = b[o * p.b_width + j - p.a_width];
     }
 }
-
-// out = clamp(f(alpha * a + beta * b[(i / b_inner) % b_len]), lo, hi) with f = exp when op == 1
-// (else identity); lo and hi are the f32 bit patterns in a_width and b_width. Image
-// post-processing (x / 2 + 0.5 clamped to 0..1), logvar clamping and std = exp(logvar / 2).
-@compute @workgroup_size(256)
-fn affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-          @builtin(local_invocation_index) lid: u32) {
-    let i = flat_index(wid, nwg, lid, 256u);
-    if (i >= p.n) {
-        return;
-    }
-    var v = p.alpha * f32(a[i]) + p.beta * f32(b[(i / p.b_inner) % p.b_len]);
-    if (p.op == 1u) {
-        v = exp(v);
-    }
-    y[i] = T(clamp(v, bitcast<f32>(p.a_width), bitcast<f32>(p.b_width)));
-}

@@ -204,7 +204,7 @@ impl Gpu {
 
     pub fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let y = self.empty(x.shape())?;
-        self.dispatch(&ACTIVATION, "unary", &[u(x.len()), act as u32, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
+        self.dispatch(&ACTIVATION, "unary", &[u(x.len()), act as u32, 0, 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 
@@ -217,7 +217,7 @@ impl Gpu {
         let mut shape = x.shape().to_vec();
         *shape.last_mut().unwrap() = w / 2;
         let y = self.empty(&shape)?;
-        self.dispatch(&ACTIVATION, "geglu", &[u(y.len()), 0, u(w / 2), 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
+        self.dispatch(&ACTIVATION, "geglu", &[u(y.len()), 0, u(w / 2), 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 
@@ -371,9 +371,7 @@ impl Gpu {
         self.dispatch(&TIMESTEP, "timestep", &params, &[t, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
-}
 
-impl Gpu {
     /// Swaps the last two axes: [.., rows, cols] -> [.., cols, rows]. Moves images between NCHW
     /// ([B, C, H*W]) and the token layout [B, H*W, C] of attention and linear projections.
     pub fn transpose(&self, x: &Tensor) -> Result<Tensor> {
@@ -390,9 +388,7 @@ impl Gpu {
         self.dispatch(&RESAMPLE, "transpose", &[u(y.len()), u(rows), u(cols), 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
-}
 
-impl Gpu {
     /// Pointwise clamp(f(scale * x + shift), lo, hi), f = exp when `exp` (else identity), computed
     /// in f32: e.g. diffusers' image post-processing (x / 2 + 0.5).clamp(0, 1) and a VAE
     /// posterior's clamped logvar and std = exp(logvar / 2). Use ±infinity for an open bound.
@@ -401,10 +397,9 @@ impl Gpu {
         if lo.is_nan() || hi.is_nan() || lo > hi {
             return Err(bad(format!("affine: clamp bounds {lo}..{hi}")));
         }
-        let one = self.upload(&[1.0], &[1])?;
         let y = self.empty(x.shape())?;
-        let params = [u(x.len()), exp as u32, 1, 1, scale.to_bits(), shift.to_bits(), lo.to_bits(), hi.to_bits()];
-        self.dispatch(&ELEMENTWISE, "affine", &params, &[x, &one, &y], Gpu::grid(x.len(), 256)?)?;
+        let params = [u(x.len()), exp as u32, 0, 0, scale.to_bits(), shift.to_bits(), lo.to_bits(), hi.to_bits()];
+        self.dispatch(&ACTIVATION, "affine", &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 }

@@ -24,6 +24,7 @@ gpu_tests!(
     upsample_nearest,
     timestep_embedding,
     narrow_first_axis,
+    transpose_last_axes,
     conv2d_asymmetric_padding,
     affine_clamp_exp,
 );
@@ -379,4 +380,13 @@ async fn affine_clamp_exp(gpu: &Gpu) {
         assert_close(&format!("affine {scale} {shift} {exp} {lo}..{hi}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
     }
     assert!(gpu.affine(&t, 1.0, 0.0, false, (1.0, 0.0)).is_err(), "inverted clamp bounds must be an error");
+}
+
+async fn transpose_last_axes(gpu: &Gpu) {
+    let (b, rows, cols) = (2, 5, 7);
+    let x = stored(gpu, &random(b * rows * cols, 41));
+    let y = gpu.transpose(&gpu.upload(&x, &[b, rows, cols]).unwrap()).unwrap();
+    assert_eq!(y.shape(), [b, cols, rows]);
+    let want: Vec<f32> = (0..b * rows * cols).map(|i| x[(i / (rows * cols)) * rows * cols + (i % rows) * cols + (i / rows) % cols]).collect();
+    assert_close("transpose", &gpu.read(&y).await.unwrap(), &want, 0.0);
 }

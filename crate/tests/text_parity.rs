@@ -11,37 +11,20 @@ use serde::Deserialize;
 
 gpu_tests!(base_encode_prompt_matches_diffusers, refiner_encode_prompt_matches_diffusers);
 
-#[cfg(not(target_arch = "wasm32"))]
-fn fixture(dir: &str) -> sdxl::weights::DirSource {
-    sdxl::weights::DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
-
-/// The browser has no file system: the fixture files are compiled into the test module.
-#[cfg(target_arch = "wasm32")]
-fn fixture(dir: &str) -> sdxl::weights::MemorySource {
-    macro_rules! embed {
-        ($src:ident, $root:literal, [$($file:literal),* $(,)?]) => {
-            { $( $src.insert($file, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/", $root, "/", $file)).to_vec()); )* }
-        };
-    }
-    let mut s = sdxl::weights::MemorySource::default();
-    match dir {
-        "tiny-sdxl-base" => embed!(s, "tiny-sdxl-base", [
-            "model_index.json",
-            "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
-            "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_2/tokenizer_config.json", "tokenizer_2/special_tokens_map.json",
-            "text_encoder/config.json", "text_encoder/model.safetensors",
-            "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
-        ]),
-        "tiny-sdxl-refiner" => embed!(s, "tiny-sdxl-refiner", [
-            "model_index.json",
-            "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_2/tokenizer_config.json", "tokenizer_2/special_tokens_map.json",
-            "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
-        ]),
-        "reference" => embed!(s, "reference", ["text.safetensors", "text_cases.json"]),
-        other => panic!("no embedded fixture {other}"),
-    }
-    s
+fixtures! {
+    "tiny-sdxl-base" => [
+        "model_index.json",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+        "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_2/tokenizer_config.json", "tokenizer_2/special_tokens_map.json",
+        "text_encoder/config.json", "text_encoder/model.safetensors",
+        "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+    ],
+    "tiny-sdxl-refiner" => [
+        "model_index.json",
+        "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_2/tokenizer_config.json", "tokenizer_2/special_tokens_map.json",
+        "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+    ],
+    "reference" => ["text.safetensors", "text_cases.json"],
 }
 
 #[derive(Deserialize)]

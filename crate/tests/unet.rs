@@ -16,27 +16,10 @@ gpu_tests!(
     bad_unet_inputs_are_refused,
 );
 
-#[cfg(not(target_arch = "wasm32"))]
-fn fixture(dir: &str) -> sdxl::weights::DirSource {
-    sdxl::weights::DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
-
-/// The browser has no file system: the fixture files are compiled into the test module.
-#[cfg(target_arch = "wasm32")]
-fn fixture(dir: &str) -> sdxl::weights::MemorySource {
-    macro_rules! embed {
-        ($src:ident, $root:literal, [$($file:literal),* $(,)?]) => {
-            { $( $src.insert($file, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/", $root, "/", $file)).to_vec()); )* }
-        };
-    }
-    let mut s = sdxl::weights::MemorySource::default();
-    match dir {
-        "tiny-sdxl-base" => embed!(s, "tiny-sdxl-base", ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]),
-        "tiny-sdxl-refiner" => embed!(s, "tiny-sdxl-refiner", ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]),
-        "reference" => embed!(s, "reference", ["unet.safetensors"]),
-        other => panic!("no embedded fixture {other}"),
-    }
-    s
+fixtures! {
+    "tiny-sdxl-base" => ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"],
+    "tiny-sdxl-refiner" => ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"],
+    "reference" => ["unet.safetensors"],
 }
 
 /// f32 meets the 1e-4 relative error. f16 storage rounds every activation to 11 bits

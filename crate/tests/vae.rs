@@ -10,26 +10,9 @@ use sdxl::{DType, Error, Gpu, Tensor};
 
 gpu_tests!(decode_matches_diffusers, encode_matches_diffusers, wrong_channel_counts_are_refused, unsupported_config_is_refused);
 
-#[cfg(not(target_arch = "wasm32"))]
-fn fixture(dir: &str) -> sdxl::weights::DirSource {
-    sdxl::weights::DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
-
-/// The browser has no file system: the fixture files are compiled into the test module.
-#[cfg(target_arch = "wasm32")]
-fn fixture(dir: &str) -> sdxl::weights::MemorySource {
-    macro_rules! embed {
-        ($src:ident, $root:literal, [$($file:literal),* $(,)?]) => {
-            { $( $src.insert($file, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/", $root, "/", $file)).to_vec()); )* }
-        };
-    }
-    let mut s = sdxl::weights::MemorySource::default();
-    match dir {
-        "tiny-sdxl-base" => embed!(s, "tiny-sdxl-base", ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]),
-        "reference" => embed!(s, "reference", ["vae.safetensors"]),
-        other => panic!("no embedded fixture {other}"),
-    }
-    s
+fixtures! {
+    "tiny-sdxl-base" => ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"],
+    "reference" => ["vae.safetensors"],
 }
 
 /// Max |Δ| allowed against diffusers (f32 reference): 1e-4 in f32 (the requirement).

@@ -86,3 +86,28 @@ macro_rules! gpu_tests {
         }
     };
 }
+
+/// `fixtures! { "dir" => ["file", ...], ... }` defines `fixture(dir)`, a `Source` over
+/// tests/fixtures/dir: the folder on disk natively; in the browser, which has no file system, the
+/// listed files compiled into the test module.
+#[macro_export]
+macro_rules! fixtures {
+    ($($dir:literal => [$($file:literal),* $(,)?]),* $(,)?) => {
+        #[cfg(not(target_arch = "wasm32"))]
+        fn fixture(dir: &str) -> sdxl::weights::DirSource {
+            sdxl::weights::DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        fn fixture(dir: &str) -> sdxl::weights::MemorySource {
+            let mut source = sdxl::weights::MemorySource::default();
+            match dir {
+                $($dir => {
+                    $(source.insert($file, include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/", $dir, "/", $file)).to_vec());)*
+                })*
+                other => panic!("no embedded fixture {other}"),
+            }
+            source
+        }
+    };
+}

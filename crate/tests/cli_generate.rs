@@ -1,0 +1,331 @@
+#![cfg(not(target_arch = "wasm32"))]
+//! `sdxl generate` end to end on the second, differently-sized tiny pipeline
+//! (tests/fixtures/generate_alt.py: other text widths and head dims, other UNet widths / heads /
+//! depths / group counts, a 3-level VAE with a latent downscale of 4), against diffusers' runs with
+//! the same seeds; and the errors it prints for bad parameters.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Instant;
+
+use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
+use sdxl::weights::{DirSource, Weights};
+use serde::Deserialize;
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-alt-base");
+const REFINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-alt-refiner");
+/// Image sizes the alt models need: VAE downscale 4 × 2^(UNet upsamplers): base 2 → 16, refiner 3 → 32.
+const BASE_MULTIPLE: usize = 16;
+const REFINER_MULTIPLE: usize = 32;
+
+#[derive(Deserialize, Debug)]
+struct Case {
+    name: String,
+    prompt: String,
+    negative: Option<String>,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance: f32,
+    seed: u64,
+    refiner_start: Option<f64>,
+}
+
+fn sdxl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().expect("the sdxl binary runs")
+}
+
+/// A fresh directory under the system temp dir, deleted on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("sdxl-cli-generate-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn file(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let bytes = std::fs::read(format!("{FIXTURES}/reference/alt_pipeline_cases.json")).unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn case(name: &str) -> Case {
+    cases().into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name} in alt_pipeline_cases.json"))
+}
+
+/// Every tensor of `dir/file` as (shape, values); each must be stored as F32.
+fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join(file)).unwrap();
+    let n = header_len(file, &bytes, bytes.len() as u64).unwrap() as usize;
+    let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
+    let source = DirSource::new(dir);
+    let weights = pollster::block_on(Weights::from_files(&source, vec![file.to_string()])).unwrap();
+    header
+        .tensors
+        .into_iter()
+        .map(|(name, info)| {
+            assert_eq!(info.dtype, Dtype::F32, "{name}: dtype");
+            let values = pollster::block_on(weights.host(&name, &info.shape)).unwrap();
+            (name, (info.shape, values))
+        })
+        .collect()
+}
+
+/// diffusers' tensor `key` of reference/alt_pipeline.safetensors, checked to have `shape`.
+fn reference(key: &str, shape: &[usize]) -> Vec<f32> {
+    let source = DirSource::new(format!("{FIXTURES}/reference"));
+    pollster::block_on(async {
+        let weights = Weights::from_files(&source, vec!["alt_pipeline.safetensors".into()]).await.unwrap();
+        weights.host(key, shape).await.unwrap_or_else(|e| panic!("reference {key} with shape {shape:?}: {e}"))
+    })
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
+}
+
+/// PSNR of images in 0..1.
+fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    10.0 * (1.0 / mse.max(1e-20)).log10()
+}
+
+/// The PNG as (width, height, RGB8 bytes).
+fn read_png(path: &str) -> (u32, u32, Vec<u8>) {
+    let file = std::io::BufReader::new(std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}")));
+    let mut reader = png::Decoder::new(file).read_info().unwrap_or_else(|e| panic!("{path} does not decode: {e}"));
+    let mut buf = vec![0; reader.output_buffer_size().expect("PNG buffer size")];
+    let info = reader.next_frame(&mut buf).unwrap_or_else(|e| panic!("{path} does not decode: {e}"));
+    assert_eq!((info.color_type, info.bit_depth), (png::ColorType::Rgb, png::BitDepth::Eight), "{path}: pixel format");
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, buf)
+}
+
+/// The generate command line of a case, without --out / --tensors-out.
+fn case_args(c: &Case) -> Vec<String> {
+    let mut args: Vec<String> = ["generate", "--model", BASE, "--prompt", &c.prompt].iter().map(|s| s.to_string()).collect();
+    if let Some(negative) = &c.negative {
+        args.extend(["--negative".into(), negative.clone()]);
+    }
+    if let Some(start) = c.refiner_start {
+        args.extend(["--refiner".into(), REFINER.into(), "--refiner-start".into(), start.to_string()]);
+    }
+    for (flag, value) in [
+        ("--width", c.width.to_string()),
+        ("--height", c.height.to_string()),
+        ("--steps", c.steps.to_string()),
+        ("--guidance", c.guidance.to_string()),
+        ("--seed", c.seed.to_string()),
+        ("--precision", "f32".into()),
+    ] {
+        args.extend([flag.to_string(), value]);
+    }
+    args
+}
+
+/// Runs `sdxl generate` for the case and compares its PNG and tensors with diffusers'.
+fn check_case(name: &str) {
+    let c = case(name);
+    let dir = TempDir::new(name);
+    let (png_path, tensors_path) = (dir.file("x.png"), dir.file("x.safetensors"));
+    let mut args = case_args(&c);
+    args.extend(["--out".into(), png_path.clone(), "--tensors-out".into(), tensors_path.clone()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    let run = sdxl(&args);
+    let seconds = start.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "sdxl {args:?} failed ({:?}):\n{stderr}", run.status);
+    let steps_reported = stderr.lines().filter(|l| l.contains(" step ")).count();
+    assert_eq!(steps_reported, c.steps, "{name}: step lines in stderr:\n{stderr}");
+
+    let got = read_all(&dir.0, "x.safetensors");
+    let names: Vec<&str> = got.keys().map(String::as_str).collect();
+    assert_eq!(names, ["image", "latents", "noise"], "{name}: tensors written");
+    let latent_shape = [1, 4, c.height / 4, c.width / 4];
+    let (noise_shape, noise) = &got["noise"];
+    let (latents_shape, latents) = &got["latents"];
+    let (image_shape, image) = &got["image"];
+    assert_eq!(noise_shape, &latent_shape, "{name}: noise shape (VAE downscale 4)");
+    assert_eq!(latents_shape, &latent_shape, "{name}: latents shape");
+    assert_eq!(image_shape, &[1, 3, c.height, c.width], "{name}: image shape");
+
+    let noise_err = max_abs(noise, &reference(&format!("{name}.noise"), noise_shape));
+    assert!(noise_err <= 1e-5, "{name}: noise max |Δ| {noise_err} > 1e-5");
+    let want = reference(&format!("{name}.latents"), latents_shape);
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let latent_err = max_abs(latents, &want) / scale;
+    assert!(latent_err <= 1e-3, "{name}: latents relative error {latent_err} > 1e-3 (max |ref| {scale})");
+    let db = psnr(image, &reference(&format!("{name}.image"), image_shape));
+    assert!(db >= 45.0, "{name}: image PSNR {db:.1} dB < 45 dB");
+
+    // The PNG is the tensors' image, rounded as diffusers' numpy_to_pil.
+    let (w, h, rgb) = read_png(&png_path);
+    assert_eq!((w as usize, h as usize), (c.width, c.height), "{name}: PNG size");
+    let plane = c.width * c.height;
+    let mut worst = 0i32;
+    for i in 0..plane {
+        for ch in 0..3 {
+            let want = (image[ch * plane + i].clamp(0.0, 1.0) * 255.0).round() as i32;
+            worst = worst.max((rgb[i * 3 + ch] as i32 - want).abs());
+        }
+    }
+    assert!(worst <= 1, "{name}: PNG pixels differ from round(image * 255) by up to {worst} levels");
+    eprintln!(
+        "{name} ({}x{}, {} steps): noise max |Δ| {noise_err:.1e}, latents rel err {latent_err:.2e}, image PSNR {db:.1} dB, \
+         PNG max level diff {worst}, {seconds:.1} s",
+        c.width, c.height, c.steps
+    );
+}
+
+#[test]
+fn alt_base_only_matches_diffusers() {
+    check_case("alt_base_only");
+}
+
+#[test]
+fn alt_base_to_refiner_matches_diffusers() {
+    check_case("alt_split");
+}
+
+#[test]
+fn alt_cases_are_the_expected_ones() {
+    let cases = cases();
+    let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["alt_base_only", "alt_split"]);
+    for c in &cases {
+        let multiple = if c.refiner_start.is_some() { REFINER_MULTIPLE } else { BASE_MULTIPLE };
+        assert!(c.width % multiple == 0 && c.height % multiple == 0, "{c:?}");
+        assert!(c.negative.is_some() && c.steps > 0, "{c:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad parameters: a clean failure (non-zero exit, not a panic), an `error:` line naming the problem,
+// and no image written.
+// ---------------------------------------------------------------------------------------------
+
+/// `sdxl generate` on the alt base (with the alt refiner when `refiner` is set), 4 steps at 64x64,
+/// with `extra` options appended (a later option overrides an earlier one).
+fn generate_with(dir: &TempDir, refiner: Option<&str>, extra: &[&str]) -> Output {
+    let out = dir.file("x.png");
+    let mut args = vec!["generate", "--model", BASE, "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "4"];
+    args.extend(["--precision", "f32", "--out", &out]);
+    if let Some(r) = refiner {
+        args.extend(["--refiner", r]);
+    }
+    args.extend(extra);
+    sdxl(&args)
+}
+
+/// Asserts a clean failure with an `error:` line containing every needle, and no output image.
+fn assert_fails_with(dir: &TempDir, run: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let code = run.status.code();
+    assert!(matches!(code, Some(c) if c != 0 && c != 101), "exit status {:?} (0 = success, 101 = panic); stderr:\n{stderr}", run.status);
+    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no 'error:' line in:\n{stderr}"));
+    for needle in needles {
+        assert!(line.contains(needle), "{line:?} does not mention {needle:?}");
+    }
+    assert!(!Path::new(&dir.file("x.png")).exists(), "an image was written despite {line:?}");
+}
+
+#[test]
+fn zero_steps() {
+    let dir = TempDir::new("steps0");
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--steps", "0"]), &["steps", "at least 1"]);
+}
+
+#[test]
+fn width_not_a_multiple_of_8() {
+    let dir = TempDir::new("width100");
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--width", "100"]), &["width", "multiples of", "100"]);
+}
+
+#[test]
+fn width_not_a_multiple_of_the_models_size_multiple() {
+    // 72 is a multiple of 8 but not of 16 (VAE downscale 4 × 2 UNet upsamplers).
+    let dir = TempDir::new("width72");
+    let run = generate_with(&dir, None, &["--width", "72"]);
+    assert_fails_with(&dir, &run, &["width", &format!("multiples of {BASE_MULTIPLE}"), "72"]);
+}
+
+#[test]
+fn size_not_a_multiple_of_the_refiners_size_multiple() {
+    // 80 suits the base (16) but not the refiner (4 × 2^3 = 32).
+    let dir = TempDir::new("refiner-height80");
+    let run = generate_with(&dir, Some(REFINER), &["--height", "80"]);
+    assert_fails_with(&dir, &run, &["height", &format!("multiples of {REFINER_MULTIPLE}"), "80"]);
+}
+
+#[test]
+fn refiner_start_above_1() {
+    let dir = TempDir::new("start1.5");
+    let run = generate_with(&dir, Some(REFINER), &["--refiner-start", "1.5"]);
+    assert_fails_with(&dir, &run, &["refiner start", "1.5", "(0, 1)"]);
+}
+
+#[test]
+fn refiner_start_0() {
+    let dir = TempDir::new("start0");
+    let run = generate_with(&dir, Some(REFINER), &["--refiner-start", "0"]);
+    assert_fails_with(&dir, &run, &["refiner start", "0", "(0, 1)"]);
+}
+
+/// Copies `from` to `to` recursively, leaving out the top-level entry `skip`.
+fn copy_tree(from: &Path, to: &Path, skip: &str) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() == skip {
+            continue;
+        }
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target, "");
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn refiner_without_unet() {
+    let dir = TempDir::new("refiner-no-unet");
+    let refiner = dir.0.join("refiner");
+    copy_tree(Path::new(REFINER), &refiner, "unet");
+    let refiner = refiner.display().to_string();
+    let run = generate_with(&dir, Some(&refiner), &["--refiner-start", "0.7"]);
+    assert_fails_with(&dir, &run, &[&refiner, "unet"]);
+}
+
+#[test]
+fn non_numeric_steps() {
+    let dir = TempDir::new("steps-abc");
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--steps", "abc"]), &["--steps", "abc"]);
+}
+
+#[test]
+fn missing_prompt() {
+    let dir = TempDir::new("no-prompt");
+    let out = dir.file("x.png");
+    let run = sdxl(&["generate", "--model", BASE, "--width", "64", "--height", "64", "--steps", "2", "--out", &out]);
+    assert_fails_with(&dir, &run, &["--prompt is required"]);
+}
