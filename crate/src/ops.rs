@@ -344,20 +344,31 @@ impl Gpu {
         Ok(y)
     }
 
-    /// Nearest-neighbour ×2 upsampling of [.., h, w].
+    /// Nearest-neighbour resize of [.., h, w] to [.., out_h, out_w] as torch's
+    /// F.interpolate(mode="nearest"): ×2 in general, the skip's size in a UNet whose latent is not
+    /// a multiple of 2^levels (diffusers' forward_upsample_size).
+    pub fn upsample_nearest(&self, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+        let s = x.shape();
+        if s.len() < 2 || out_h == 0 || out_w == 0 || s.iter().any(|&d| d == 0) {
+            return Err(bad(format!("upsample: [.., h, w] {s:?} to {out_h}x{out_w}")));
+        }
+        let (h, w) = (s[s.len() - 2], s[s.len() - 1]);
+        let mut shape = s.to_vec();
+        let r = shape.len();
+        (shape[r - 2], shape[r - 1]) = (out_h, out_w);
+        let y = self.empty(&shape)?;
+        let (scale_y, scale_x) = (h as f32 / out_h as f32, w as f32 / out_w as f32);
+        let params = [u(y.len()), u(h), u(w), u(out_h), u(out_w), scale_y.to_bits(), scale_x.to_bits(), 0];
+        self.dispatch(&RESAMPLE, "upsample_nearest", &params, &[x, &y], Gpu::grid(y.len(), 256)?)?;
+        Ok(y)
+    }
+
     pub fn upsample_nearest2x(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.shape();
         if s.len() < 2 {
             return Err(bad(format!("upsample: expected [.., h, w], got {s:?}")));
         }
-        let (h, w) = (s[s.len() - 2], s[s.len() - 1]);
-        let mut shape = s.to_vec();
-        let r = shape.len();
-        shape[r - 2] *= 2;
-        shape[r - 1] *= 2;
-        let y = self.empty(&shape)?;
-        self.dispatch(&RESAMPLE, "upsample_nearest2x", &[u(y.len()), u(h), u(w), 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
-        Ok(y)
+        self.upsample_nearest(x, 2 * s[s.len() - 2], 2 * s[s.len() - 1])
     }
 
     /// diffusers' get_timestep_embedding: timesteps [n] (f32) -> [n, dim].
@@ -385,7 +396,7 @@ impl Gpu {
         let r = shape.len();
         shape.swap(r - 2, r - 1);
         let y = self.empty(&shape)?;
-        self.dispatch(&RESAMPLE, "transpose", &[u(y.len()), u(rows), u(cols), 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
+        self.dispatch(&RESAMPLE, "transpose", &[u(y.len()), u(rows), u(cols), 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 

@@ -25,6 +25,7 @@ gpu_tests!(
     timestep_embedding,
     narrow_first_axis,
     transpose_last_axes,
+    resize_nearest_like_torch,
     conv2d_asymmetric_padding,
     affine_clamp_exp,
 );
@@ -389,4 +390,16 @@ async fn transpose_last_axes(gpu: &Gpu) {
     assert_eq!(y.shape(), [b, cols, rows]);
     let want: Vec<f32> = (0..b * rows * cols).map(|i| x[(i / (rows * cols)) * rows * cols + (i % rows) * cols + (i / rows) % cols]).collect();
     assert_close("transpose", &gpu.read(&y).await.unwrap(), &want, 0.0);
+}
+
+/// F.interpolate(mode="nearest", size=...): src = min(floor(dst * (in / out)), in - 1), scale in f32.
+async fn resize_nearest_like_torch(gpu: &Gpu) {
+    for (h, w, oh, ow) in [(3, 5, 5, 9), (5, 3, 9, 6), (4, 4, 7, 8), (2, 3, 2, 3)] {
+        let x = stored(gpu, &random(2 * h * w, 42));
+        let y = gpu.upsample_nearest(&gpu.upload(&x, &[2, h, w]).unwrap(), oh, ow).unwrap();
+        assert_eq!(y.shape(), [2, oh, ow]);
+        let src = |d: usize, i: usize, o: usize| ((d as f32 * (i as f32 / o as f32)).floor() as usize).min(i - 1);
+        let want: Vec<f32> = (0..2 * oh * ow).map(|k| x[(k / (oh * ow)) * h * w + src((k % (oh * ow)) / ow, h, oh) * w + src(k % ow, w, ow)]).collect();
+        assert_close(&format!("resize {h}x{w} -> {oh}x{ow}"), &gpu.read(&y).await.unwrap(), &want, 0.0);
+    }
 }

@@ -73,7 +73,8 @@ impl ResnetBlock2D {
     }
 }
 
-/// Upsample2D with use_conv: nearest-neighbour ×2, then a 3x3 `conv` (padding 1).
+/// Upsample2D with use_conv: nearest-neighbour ×2 (or to an explicit size), then a 3x3 `conv`
+/// (padding 1).
 pub struct Upsample2D {
     conv: Conv2d,
 }
@@ -83,8 +84,14 @@ impl Upsample2D {
         Ok(Upsample2D { conv: Conv2d::load(gpu, w, &format!("{prefix}.conv"), channels, channels, 3, 1, 1).await? })
     }
 
-    pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        self.conv.forward(gpu, &gpu.upsample_nearest2x(x)?)
+    /// `size` is diffusers' `output_size`: the UNet passes the next skip's [h, w] so that latents
+    /// that are not a multiple of 2^levels line up with their skips.
+    pub fn forward(&self, gpu: &Gpu, x: &Tensor, size: Option<[usize; 2]>) -> Result<Tensor> {
+        let up = match size {
+            Some([h, w]) => gpu.upsample_nearest(x, h, w)?,
+            None => gpu.upsample_nearest2x(x)?,
+        };
+        self.conv.forward(gpu, &up)
     }
 }
 

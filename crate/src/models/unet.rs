@@ -478,7 +478,9 @@ impl UpBlock {
             x = self.block.layer(gpu, j, &gpu.concat(&x, &skip, 1)?, temb, context)?;
         }
         match &self.upsampler {
-            Some(upsampler) => upsampler.forward(gpu, &x),
+            // Always to the next skip's size: ×2 when the latent divides evenly, else diffusers'
+            // forward_upsample_size.
+            Some(upsampler) => upsampler.forward(gpu, &x, skips.last().map(|s| [s.shape()[2], s.shape()[3]])),
             None => Ok(x),
         }
     }
@@ -550,15 +552,10 @@ impl UNet2DConditionModel {
         attentions.next().map(|a| a.cross_attention_dim)
     }
 
-    /// Latent height and width must be multiples of this (2^number of upsamplers).
-    pub fn size_multiple(&self) -> usize {
-        1 << self.layout.up.iter().filter(|b| b.resample).count()
-    }
-
     /// One denoiser evaluation, as diffusers' `unet(sample, t, encoder_hidden_states,
     /// added_cond_kwargs={"text_embeds", "time_ids"})`.
     ///
-    /// - `sample` [B, in_channels, h, w], h and w multiples of [`Self::size_multiple`];
+    /// - `sample` [B, in_channels, h, w], any size (odd sizes as diffusers' forward_upsample_size);
     /// - `timestep` the same for the whole batch (fractional values are fine);
     /// - `encoder_hidden_states` [B, tokens, cross_attention_dim];
     /// - `text_embeds` [B, P] and `time_ids` (row-major [B, K], K = 6 for the base, 5 for the
@@ -575,15 +572,8 @@ impl UNet2DConditionModel {
         let &[batch, channels, h, w] = sample.shape() else {
             return Err(bad(format!("sample must be [batch, {}, height, width], got {:?}", c.in_channels, sample.shape())));
         };
-        let multiple = self.size_multiple();
-        if batch == 0 || channels != c.in_channels || h == 0 || w == 0 || !h.is_multiple_of(multiple) || !w.is_multiple_of(multiple) {
-            // diffusers resizes odd-sized skips with a nearest interpolation to the skip's size
-            // (forward_upsample_size); the ×2 upsampler here cannot, so such sizes are refused.
-            return Err(bad(format!(
-                "sample {:?}: expected [batch, {}, h, w] with h and w non-zero multiples of {multiple}",
-                sample.shape(),
-                c.in_channels
-            )));
+        if batch == 0 || channels != c.in_channels || h == 0 || w == 0 {
+            return Err(bad(format!("sample {:?}: expected [batch, {}, h, w], non-empty", sample.shape(), c.in_channels)));
         }
         if let Some(width) = self.cross_attention_dim() {
             if !matches!(encoder_hidden_states.shape(), &[b, tokens, cw] if b == batch && tokens > 0 && cw == width) {

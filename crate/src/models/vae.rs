@@ -284,7 +284,7 @@ impl AutoencoderKL {
                 x = resnet.forward(gpu, &x, None)?;
             }
             if let Some(up) = &block.resample {
-                x = up.forward(gpu, &x)?;
+                x = up.forward(gpu, &x, None)?;
             }
         }
         let x = self.dec_norm_out.forward(gpu, &x, true)?;

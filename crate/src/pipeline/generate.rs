@@ -38,9 +38,10 @@ impl SdxlModel {
         })
     }
 
-    /// Image sizes must be multiples of this: the VAE's downscale times the UNet's.
+    /// Image sizes must be multiples of this: 8 (diffusers' check) and the VAE's downscale.
     pub fn size_multiple(&self) -> usize {
-        self.vae.downscale() * self.unet.size_multiple()
+        let d = self.vae.downscale();
+        8 * d / gcd(8, d)
     }
 
     /// diffusers' `_get_add_time_ids`: (original size, crop top-left, target size) for the base,
@@ -116,15 +117,19 @@ pub struct StepProgress {
 }
 
 pub struct Generated {
-    /// The seed's unit Gaussian noise [1, 4, h, w], before scaling by init_noise_sigma.
+    /// The seed's unit Gaussian noise [1, C, h, w], before scaling by init_noise_sigma.
     pub noise: Tensor,
-    /// Final latents [1, 4, h, w] before the VAE.
+    /// Final latents [1, C, h, w] before the VAE.
     pub latents: Tensor,
     /// RGB [1, 3, H, W] in 0..1.
     pub image: Tensor,
 }
 
-fn check_params(p: &GenerateParams, multiple: usize) -> Result<()> {
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn check_params(p: &GenerateParams, multiple: usize, with_refiner: bool) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidParameter(m));
     if p.steps == 0 {
         return bad("steps must be at least 1".into());
@@ -135,7 +140,7 @@ fn check_params(p: &GenerateParams, multiple: usize) -> Result<()> {
     if !p.guidance.is_finite() || p.guidance < 0.0 {
         return bad(format!("guidance {} must be a finite number >= 0", p.guidance));
     }
-    if !(p.refiner_start > 0.0 && p.refiner_start < 1.0) {
+    if with_refiner && !(p.refiner_start > 0.0 && p.refiner_start < 1.0) {
         return bad(format!("refiner start {} must be in (0, 1)", p.refiner_start));
     }
     Ok(())
@@ -150,8 +155,8 @@ pub async fn generate(
     mut on_step: impl FnMut(StepProgress),
 ) -> Result<Generated> {
     let multiple = refiner.map_or(1, |r| r.size_multiple()).max(base.size_multiple());
-    check_params(p, multiple)?;
-    let latent_shape = [1, 4, p.height / base.vae.downscale(), p.width / base.vae.downscale()];
+    check_params(p, multiple, refiner.is_some())?;
+    let latent_shape = [1, base.unet.config.in_channels, p.height / base.vae.downscale(), p.width / base.vae.downscale()];
     let noise_host = TorchGenerator::new(p.seed).randn(latent_shape.iter().product());
     let noise = gpu.upload(&noise_host, &latent_shape)?;
 
