@@ -14,4 +14,4 @@ export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
 export CHROMEDRIVER="${CHROMEDRIVER:-/usr/bin/chromedriver}"
 # The text-encoder parity test uploads two 49408-row embedding tables through SwiftShader.
 export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-600}"
-(cd crate && cargo test --locked --target wasm32-unknown-unknown --test kernels --test text_parity --test unet --test vae)
+(cd crate && cargo test --locked --target wasm32-unknown-unknown --test kernels --test text_parity --test unet --test vae --test quant)

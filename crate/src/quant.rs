@@ -1,0 +1,335 @@
+//! Block-quantized weights that the kernels read directly (`Gpu::linear_q`, `Gpu::conv2d_q`).
+//!
+//! A weight is seen as a 2-D matrix [rows, cols]: nn.Linear [out, in]; a convolution
+//! [cout, cin·kh·kw] (torch's layout flattened). Each row is cut into blocks of [`BLOCK`] = 32
+//! consecutive values along cols; the last block of a row is padded (cols is rounded up to a
+//! multiple of 32; padding is quantized as 0 where the block's grid allows, and never read as a
+//! weight: the kernels zero the matching activations).
+//!
+//! | format | per block                                   | value            | bits / weight |
+//! |--------|---------------------------------------------|------------------|---------------|
+//! | `Q8`   | f16 scale d, 32 × i8 q in [-127, 127]       | d·q              | 8.5           |
+//! | `Q4`   | f16 scale d, f16 min m, 32 × u4 q in [0, 15] | d·q + m          | 5.0           |
+//!
+//! (ggml's q8_0 and q4_1.) Scales are rounded *up* to f16 (and Q4 mins *down*), so every value of
+//! the block lies on the grid's range without clamping and the error per element is at most d/2,
+//! where d is the stored scale (at most 2⁻¹⁰ relatively above the ideal max|x|/127 or
+//! (max - min)/15). Values on an f16 grid (d·q, or d·q + m with f16 d, m) round-trip exactly.
+//!
+//! ## Layout (identical on the GPU and in a file)
+//!
+//! - `data`: u32 words [rows, blocks, words_per_block]; Q8: 8 words, byte j of word w (little
+//!   endian, bits 8j..8j+7) is the two's-complement code of value 4w + j; Q4: 4 words, nibble j of
+//!   word w (bits 4j..4j+3) is the code of value 8w + j. Kernels use aligned u32 loads only.
+//! - `scales` (and `mins` for Q4): f16 per block, [rows, blocks]. On the GPU they become one u32
+//!   plane ([`QuantizedTensor::gpu_scales`]): Q8 packs two consecutive blocks' scales per word
+//!   (flat block index b = row·blocks + block: word b/2, low half for even b); Q4 packs each block's
+//!   (d, m) into one word (d low, m high). f16 is decoded from its bits in the kernel (subnormal
+//!   scales included: no reliance on a device's f16 denormal support).
+//!
+//! Real cost of a [rows, cols] weight: `rows · ceil(cols/32) · (32 + 2)` bytes for Q8 and
+//! `rows · ceil(cols/32) · (16 + 4)` bytes for Q4 — 8.5 and 5 bits per weight when cols is a
+//! multiple of 32 (every SDXL linear, and every conv whose cin is a multiple of 32; a k×k conv has
+//! cols = cin·k², so only the few small-cin convs such as conv_in pay for padding, see
+//! [`QuantizedTensor::bits_per_weight`]), plus at most 2 bytes to round the Q8 scale plane to whole
+//! words on the GPU. A file storing the planes verbatim costs the same.
+
+use half::f16;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+
+/// Values per quantization block (along cols).
+pub const BLOCK: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// f16 scale + 32 × i8 per block (symmetric): 8.5 bits per weight.
+    Q8,
+    /// f16 scale + f16 min + 32 × u4 per block (affine): 5 bits per weight.
+    Q4,
+}
+
+impl QuantFormat {
+    /// u32 words of codes per block.
+    pub fn words_per_block(self) -> usize {
+        match self {
+            QuantFormat::Q8 => 8,
+            QuantFormat::Q4 => 4,
+        }
+    }
+
+    /// f16 parameters per block (scale, and min for Q4).
+    pub fn params_per_block(self) -> usize {
+        match self {
+            QuantFormat::Q8 => 1,
+            QuantFormat::Q4 => 2,
+        }
+    }
+
+    /// Bits per weight of a full block, codes and parameters together (8.5 and 5.0).
+    pub fn bits_per_weight(self) -> f64 {
+        (self.words_per_block() * 32 + self.params_per_block() * 16) as f64 / BLOCK as f64
+    }
+
+    /// The number the kernels switch on.
+    pub(crate) fn kernel_id(self) -> u32 {
+        match self {
+            QuantFormat::Q8 => 0,
+            QuantFormat::Q4 => 1,
+        }
+    }
+}
+
+impl std::str::FromStr for QuantFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "q8" | "Q8" => Ok(QuantFormat::Q8),
+            "q4" | "Q4" => Ok(QuantFormat::Q4),
+            _ => Err(Error::InvalidParameter(format!("quantization format '{s}': expected q8 or q4"))),
+        }
+    }
+}
+
+/// A quantized [rows, cols] weight on the CPU, in the GPU's layout (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedTensor {
+    pub format: QuantFormat,
+    pub rows: usize,
+    pub cols: usize,
+    /// Codes, [rows, blocks, words_per_block] u32 words.
+    pub data: Vec<u32>,
+    /// Scale d per block, [rows, blocks].
+    pub scales: Vec<f16>,
+    /// Min m per block, [rows, blocks] for Q4; empty for Q8.
+    pub mins: Vec<f16>,
+}
+
+fn bad(msg: String) -> Error {
+    Error::InvalidParameter(msg)
+}
+
+/// Smallest f16 >= v (v finite, non-negative or not); infinity when v exceeds f16's range.
+fn f16_up(v: f32) -> f16 {
+    let h = f16::from_f32(v);
+    if h.to_f32() >= v {
+        return h;
+    }
+    let bits = h.to_bits();
+    if bits & 0x7fff == 0 {
+        f16::from_bits(0x0001)
+    } else if bits & 0x8000 == 0 {
+        f16::from_bits(bits + 1)
+    } else {
+        f16::from_bits(bits - 1)
+    }
+}
+
+/// Largest f16 <= v.
+fn f16_down(v: f32) -> f16 {
+    -f16_up(-v)
+}
+
+impl QuantizedTensor {
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols.div_ceil(BLOCK)
+    }
+
+    /// Bytes of codes and block parameters (the file size of the planes; the GPU adds at most 2).
+    pub fn bytes(&self) -> usize {
+        self.data.len() * 4 + (self.scales.len() + self.mins.len()) * 2
+    }
+
+    /// Bits per original weight, padding of the last block of each row included.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.bytes() as f64 * 8.0 / (self.rows * self.cols).max(1) as f64
+    }
+
+    /// Checks that the planes have the sizes the format and shape call for.
+    pub fn validate(&self) -> Result<()> {
+        let blocks = self.rows * self.blocks_per_row();
+        let mins = match self.format {
+            QuantFormat::Q8 => 0,
+            QuantFormat::Q4 => blocks,
+        };
+        if self.data.len() != blocks * self.format.words_per_block() || self.scales.len() != blocks || self.mins.len() != mins {
+            return Err(bad(format!(
+                "{:?} [{}, {}]: {} code words, {} scales, {} mins; expected {}, {blocks}, {mins}",
+                self.format,
+                self.rows,
+                self.cols,
+                self.data.len(),
+                self.scales.len(),
+                self.mins.len(),
+                blocks * self.format.words_per_block()
+            )));
+        }
+        if self.scales.iter().chain(&self.mins).any(|v| !v.is_finite()) {
+            return Err(bad(format!("{:?} [{}, {}]: non-finite block scale or min", self.format, self.rows, self.cols)));
+        }
+        Ok(())
+    }
+
+    /// The block parameters as the kernels read them: Q8 two f16 scales per u32 (even flat block
+    /// index in the low half), Q4 one u32 per block (d low, m high).
+    pub fn gpu_scales(&self) -> Vec<u32> {
+        match self.format {
+            QuantFormat::Q8 => self
+                .scales
+                .chunks(2)
+                .map(|p| p[0].to_bits() as u32 | (p.get(1).map_or(0, |s| s.to_bits()) as u32) << 16)
+                .collect(),
+            QuantFormat::Q4 => self.scales.iter().zip(&self.mins).map(|(d, m)| d.to_bits() as u32 | (m.to_bits() as u32) << 16).collect(),
+        }
+    }
+
+    /// The integer code of element (row, col) (col may index the padding).
+    pub fn code(&self, row: usize, col: usize) -> i32 {
+        let words = self.format.words_per_block();
+        let base = (row * self.blocks_per_row() + col / BLOCK) * words;
+        let i = col % BLOCK;
+        match self.format {
+            QuantFormat::Q8 => (self.data[base + i / 4] >> (8 * (i % 4))) as u8 as i8 as i32,
+            QuantFormat::Q4 => ((self.data[base + i / 8] >> (4 * (i % 8))) & 15) as i32,
+        }
+    }
+}
+
+/// Quantizes a row-major [rows, cols] matrix. Errors on a length mismatch, a non-finite value, or
+/// a block whose scale or min does not fit f16 (|x| beyond ~8·10⁶ for Q8, ~65504 for Q4).
+pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Result<QuantizedTensor> {
+    if values.len() != rows * cols {
+        return Err(bad(format!("quantize: {} values do not fill [{rows}, {cols}]", values.len())));
+    }
+    let nb = cols.div_ceil(BLOCK);
+    let mut q = QuantizedTensor {
+        format,
+        rows,
+        cols,
+        data: Vec::with_capacity(rows * nb * format.words_per_block()),
+        scales: Vec::with_capacity(rows * nb),
+        mins: Vec::with_capacity(if format == QuantFormat::Q4 { rows * nb } else { 0 }),
+    };
+    let mut codes = [0u8; BLOCK];
+    for (r, row) in values.chunks(cols.max(1)).take(rows).enumerate() {
+        for (b, block) in row.chunks(BLOCK).enumerate() {
+            if let Some(i) = block.iter().position(|v| !v.is_finite()) {
+                return Err(bad(format!("quantize: non-finite value {} at [{r}, {}]", block[i], b * BLOCK + i)));
+            }
+            codes.fill(0);
+            let too_large = || bad(format!("quantize: block [{r}, {}..] exceeds f16's range for a {format:?} scale", b * BLOCK));
+            match format {
+                QuantFormat::Q8 => {
+                    let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let d = f16_up(amax / 127.0);
+                    if !d.is_finite() {
+                        return Err(too_large());
+                    }
+                    let df = d.to_f32();
+                    if df > 0.0 {
+                        for (c, &v) in codes.iter_mut().zip(block) {
+                            *c = (v / df).round().clamp(-127.0, 127.0) as i32 as i8 as u8;
+                        }
+                    }
+                    q.scales.push(d);
+                }
+                QuantFormat::Q4 => {
+                    let (lo, hi) = block.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+                    let m = f16_down(lo);
+                    let d = f16_up((hi - m.to_f32()) / 15.0);
+                    if !m.is_finite() || !d.is_finite() {
+                        return Err(too_large());
+                    }
+                    let (df, mf) = (d.to_f32(), m.to_f32());
+                    let code = |v: f32| if df > 0.0 { ((v - mf) / df).round().clamp(0.0, 15.0) as u8 } else { 0 };
+                    for (i, c) in codes.iter_mut().enumerate() {
+                        *c = code(block.get(i).copied().unwrap_or(0.0));
+                    }
+                    q.scales.push(d);
+                    q.mins.push(m);
+                }
+            }
+            push_codes(&mut q.data, format, &codes);
+        }
+    }
+    Ok(q)
+}
+
+fn push_codes(data: &mut Vec<u32>, format: QuantFormat, codes: &[u8; BLOCK]) {
+    match format {
+        QuantFormat::Q8 => data.extend(codes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        QuantFormat::Q4 => data.extend(codes.chunks(8).map(|c| c.iter().rev().fold(0u32, |w, &n| (w << 4) | n as u32))),
+    }
+}
+
+/// The values a quantized matrix stands for, [rows, cols] row-major (padding dropped), computed
+/// as the kernels do: d·q (Q8) or d·q + m (Q4) in f32.
+pub fn dequantize(q: &QuantizedTensor) -> Vec<f32> {
+    let nb = q.blocks_per_row();
+    let mut out = Vec::with_capacity(q.rows * q.cols);
+    for r in 0..q.rows {
+        for c in 0..q.cols {
+            let blk = r * nb + c / BLOCK;
+            let d = q.scales[blk].to_f32();
+            let code = q.code(r, c) as f32;
+            out.push(match q.format {
+                QuantFormat::Q8 => d * code,
+                QuantFormat::Q4 => d * code + q.mins[blk].to_f32(),
+            });
+        }
+    }
+    out
+}
+
+/// A quantized weight uploaded for the kernels: two u32 planes, each within one binding.
+#[derive(Clone, Debug)]
+pub struct QuantTensor {
+    pub format: QuantFormat,
+    pub rows: usize,
+    pub cols: usize,
+    /// Codes, U32 [rows, blocks · words_per_block].
+    pub data: Tensor,
+    /// Block parameters, U32 (see [`QuantizedTensor::gpu_scales`]).
+    pub scales: Tensor,
+}
+
+impl QuantTensor {
+    /// Uploads `q`; `name` identifies the weight in errors (e.g. when its codes exceed the largest
+    /// buffer one kernel binding can address).
+    pub fn upload(gpu: &Gpu, q: &QuantizedTensor, name: &str) -> Result<QuantTensor> {
+        q.validate().map_err(|e| bad(format!("quantized weight '{name}': {e}")))?;
+        let scales = q.gpu_scales();
+        let limit = gpu.max_binding_bytes();
+        for (plane, words) in [("codes", q.data.len()), ("scales", scales.len())] {
+            let bytes = words as u64 * 4;
+            if bytes > limit {
+                return Err(Error::AdapterLimits(format!(
+                    "quantized weight '{name}' ({:?} [{}, {}]) needs {:.1} MiB of {plane} in one binding; this adapter allows {:.1} MiB",
+                    q.format,
+                    q.rows,
+                    q.cols,
+                    bytes as f64 / 1048576.0,
+                    limit as f64 / 1048576.0
+                )));
+            }
+        }
+        let row_words = q.blocks_per_row() * q.format.words_per_block();
+        Ok(QuantTensor {
+            format: q.format,
+            rows: q.rows,
+            cols: q.cols,
+            data: gpu.upload_u32(&q.data, &[q.rows, row_words])?,
+            scales: gpu.upload_u32(&scales, &[scales.len()])?,
+        })
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        self.cols.div_ceil(BLOCK)
+    }
+
+    /// Bytes held on the GPU (both planes).
+    pub fn gpu_bytes(&self) -> usize {
+        (self.data.len() + self.scales.len()) * DType::U32.size()
+    }
+}

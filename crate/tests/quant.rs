@@ -1,0 +1,414 @@
+//! Block-quantized weights: CPU round trips of the quantizer, and the kernels that read the
+//! quantized planes directly (`linear_q`, `conv2d_q`) against CPU references computed from
+//! `dequantize()`, on shapes that are not multiples of the tile or block sizes, f32 and f16.
+
+mod common;
+
+use common::{assert_close, random, stored, tolerance};
+use half::f16;
+use sdxl::quant::{dequantize, quantize, QuantFormat, QuantTensor, QuantizedTensor, BLOCK};
+use sdxl::Gpu;
+
+gpu_tests!(
+    linear_q8_odd_shapes,
+    linear_q4_odd_shapes,
+    linear_q_subnormal_scales,
+    conv2d_q8_variants,
+    conv2d_q4_variants,
+    quant_ops_reject_mismatches,
+);
+
+fn subnormal(d: &f16) -> bool {
+    d.to_bits() & 0x7c00 == 0 && d.to_bits() & 0x3ff != 0
+}
+
+const FORMATS: [QuantFormat; 2] = [QuantFormat::Q8, QuantFormat::Q4];
+
+/// Rows of different magnitudes (weights of real layers are far from [-1, 1]).
+fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    random(rows * cols, seed).iter().enumerate().map(|(i, v)| v * [0.02, 0.3, 1.0, 4.0, 0.07][(i / cols) % 5]).collect()
+}
+
+/// Checks every element of a round trip against its block's stored parameters: error ≤ d/2 (plus
+/// f32 rounding), d at most 2⁻¹⁰ above the ideal scale, Q4 min ≤ the block's minimum. Returns the
+/// worst error in units of d.
+fn check_round_trip(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -> (QuantizedTensor, f32) {
+    let q = quantize(values, rows, cols, format).unwrap();
+    q.validate().unwrap();
+    let nb = cols.div_ceil(BLOCK);
+    assert_eq!(q.data.len(), rows * nb * format.words_per_block(), "{format:?} code words");
+    let deq = dequantize(&q);
+    assert_eq!(deq.len(), rows * cols);
+    let smallest = f16::from_bits(1).to_f32();
+    let mut worst = 0f32;
+    for r in 0..rows {
+        for b in 0..nb {
+            let blk = r * nb + b;
+            let real = &values[r * cols + b * BLOCK..r * cols + ((b + 1) * BLOCK).min(cols)];
+            let d = q.scales[blk].to_f32();
+            let (lo, hi) = real.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            let ideal = match format {
+                QuantFormat::Q8 => lo.abs().max(hi.abs()) / 127.0,
+                QuantFormat::Q4 => {
+                    let m = q.mins[blk].to_f32();
+                    assert!(m <= lo && m >= lo - lo.abs() / 1024.0 - smallest, "Q4 min {m} vs block minimum {lo}");
+                    (hi - lo + lo.abs() / 1024.0) / 15.0
+                }
+            };
+            assert!(d >= 0.0 && d <= ideal * (1.0 + 1.0 / 1024.0) + smallest, "{format:?} block {blk}: scale {d} vs ideal {ideal}");
+            for (i, &v) in real.iter().enumerate() {
+                let got = deq[r * cols + b * BLOCK + i];
+                let err = (got - v).abs();
+                assert!(
+                    err <= 0.5 * d * (1.0 + 1e-6) + 2.0 * v.abs() * f32::EPSILON,
+                    "{format:?} [{r}, {}]: {v} -> {got}, error {err} > d/2 = {}",
+                    b * BLOCK + i,
+                    d / 2.0
+                );
+                if d > 0.0 {
+                    worst = worst.max(err / d);
+                }
+            }
+            if format == QuantFormat::Q8 {
+                for c in real.len()..BLOCK {
+                    assert_eq!(q.code(r, b * BLOCK + c), 0, "Q8 padding is quantized as 0");
+                }
+            }
+        }
+    }
+    (q, worst)
+}
+
+macro_rules! cpu_tests {
+    ($($name:ident),* $(,)?) => {
+        mod cpu {
+            $(
+                #[cfg_attr(not(target_arch = "wasm32"), test)]
+                #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
+                fn $name() {
+                    super::$name();
+                }
+            )*
+        }
+    };
+}
+
+cpu_tests!(
+    round_trip_random,
+    round_trip_grid_values_exact,
+    round_trip_zero_blocks,
+    round_trip_constant_blocks,
+    round_trip_cols_not_multiple_of_32,
+    round_trip_q4_negative_only_blocks,
+    round_trip_tiny_values_subnormal_scales,
+    quantize_rejects_bad_input,
+    bits_per_weight,
+);
+
+fn round_trip_random() {
+    let (rows, cols) = (10, 320);
+    let w = weights(rows, cols, 1);
+    for format in FORMATS {
+        let (_, worst) = check_round_trip(&w, rows, cols, format);
+        let deq = dequantize(&quantize(&w, rows, cols, format).unwrap());
+        let rms = |v: &mut dyn Iterator<Item = f32>| (v.map(|x| (x as f64).powi(2)).sum::<f64>() / (rows * cols) as f64).sqrt();
+        let rel = rms(&mut w.iter().zip(&deq).map(|(a, b)| a - b)) / rms(&mut w.iter().copied());
+        eprintln!("{format:?}: worst error {worst:.4} d, rms error / rms weight {rel:.2e}");
+        assert!(worst <= 0.5 + 1e-5);
+    }
+}
+
+fn round_trip_grid_values_exact() {
+    let (rows, cols) = (4, 96);
+    let codes = random(rows * cols, 2);
+    // Q8: d·q with an f16 d per block and |q| = 127 reached in every block.
+    let d8 = [0.0078125f32, f16::from_f32(0.0123).to_f32(), 3.5, f16::from_f32(1.7e-3).to_f32()];
+    let v8: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let q = if i % BLOCK == 5 { if i % 2 == 0 { 127.0 } else { -127.0 } } else { (codes[i] * 127.0).round() };
+            d8[(i / BLOCK) % 4] * q
+        })
+        .collect();
+    let (q, _) = check_round_trip(&v8, rows, cols, QuantFormat::Q8);
+    assert_eq!(dequantize(&q), v8, "Q8 grid values round-trip exactly");
+    // Q4: d·q + m with f16 d and m, q = 0 and 15 reached in every block.
+    let dm = [(0.015625f32, -0.25f32), (f16::from_f32(0.0377).to_f32(), f16::from_f32(0.61).to_f32()), (0.5, -7.0)];
+    let v4: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let q = match i % BLOCK {
+                3 => 0.0,
+                17 => 15.0,
+                _ => ((codes[i] + 1.0) * 7.5).round().min(15.0),
+            };
+            let (d, m) = dm[(i / BLOCK) % 3];
+            d * q + m
+        })
+        .collect();
+    let (q, _) = check_round_trip(&v4, rows, cols, QuantFormat::Q4);
+    assert_eq!(dequantize(&q), v4, "Q4 grid values round-trip exactly");
+}
+
+fn round_trip_zero_blocks() {
+    let (rows, cols) = (3, 64 + 7);
+    let mut w = weights(rows, cols, 3);
+    w[..cols].fill(0.0); // a whole row
+    w[cols + 32..cols + 64].fill(0.0); // one block of the second row
+    w[2 * cols + 64..].fill(0.0); // the short last block of the last row
+    for format in FORMATS {
+        let (q, _) = check_round_trip(&w, rows, cols, format);
+        let deq = dequantize(&q);
+        for (i, (&a, &b)) in w.iter().zip(&deq).enumerate() {
+            if a == 0.0 {
+                assert_eq!(b, 0.0, "{format:?}: zero at {i} must stay exactly zero");
+            }
+        }
+        assert_eq!(q.scales[0].to_f32(), 0.0, "{format:?}: zero block has scale 0");
+    }
+}
+
+fn round_trip_constant_blocks() {
+    let cols = 32;
+    for c in [0.5f32, -3.25, 0.3, -0.1234567, 1e-3, 1000.0] {
+        let w = vec![c; cols];
+        for format in FORMATS {
+            let (q, _) = check_round_trip(&w, 1, cols, format);
+            let deq = dequantize(&q);
+            let err = deq.iter().map(|v| (v - c).abs()).fold(0f32, f32::max);
+            // Q8: d = |c|/127 rounded up to f16, so c is within 2⁻¹⁰ relatively (or 127 steps of a
+            // subnormal f16 for a tiny c); Q4 keeps m ≈ c.
+            let bound = (c.abs() / 1024.0).max(127.0 * f16::from_bits(1).to_f32());
+            assert!(err <= bound, "{format:?} constant {c}: error {err}");
+            if f16::from_f32(c).to_f32() == c && format == QuantFormat::Q4 {
+                assert_eq!(deq, w, "Q4: an f16-exact constant block is exact");
+            }
+        }
+    }
+}
+
+fn round_trip_cols_not_multiple_of_32() {
+    for cols in [1, 5, 31, 33, 45, 70, 100] {
+        let rows = 3;
+        let w = weights(rows, cols, cols as u64);
+        for format in FORMATS {
+            let (q, _) = check_round_trip(&w, rows, cols, format);
+            assert_eq!(q.blocks_per_row(), cols.div_ceil(32));
+            assert_eq!(q.scales.len(), rows * cols.div_ceil(32));
+        }
+    }
+}
+
+fn round_trip_q4_negative_only_blocks() {
+    let (rows, cols) = (2, 80);
+    let w: Vec<f32> = random(rows * cols, 4).iter().map(|v| -2.0 + v).collect(); // in [-3, -1)
+    let (q, worst) = check_round_trip(&w, rows, cols, QuantFormat::Q4);
+    assert!(q.mins.iter().all(|m| m.to_f32() < -2.5), "mins are the (negative) block minima");
+    assert!(worst <= 0.5 + 1e-5);
+    // Codes span the grid: 0 at the block minimum, 15 at its maximum.
+    let codes: Vec<i32> = (0..cols).map(|c| q.code(0, c)).collect();
+    assert!(codes.contains(&0) && codes.contains(&15), "codes {codes:?}");
+    let w: Vec<f32> = vec![-5.0, -1.25].into_iter().cycle().take(32).collect();
+    let (q, _) = check_round_trip(&w, 1, 32, QuantFormat::Q4);
+    assert_eq!(dequantize(&q), w, "two negative levels are exact");
+}
+
+fn round_trip_tiny_values_subnormal_scales() {
+    let (rows, cols) = (2, 64);
+    let w: Vec<f32> = random(rows * cols, 5).iter().map(|v| v * 1e-4).collect();
+    for format in FORMATS {
+        let (q, _) = check_round_trip(&w, rows, cols, format);
+        assert!(q.scales.iter().all(subnormal), "{format:?}: scales {:?}", &q.scales[..2]);
+    }
+}
+
+fn quantize_rejects_bad_input() {
+    for format in FORMATS {
+        assert!(quantize(&[0.0; 10], 3, 4, format).is_err(), "length mismatch");
+        let mut w = vec![0.5; 40];
+        w[33] = f32::NAN;
+        let e = quantize(&w, 1, 40, format).unwrap_err().to_string();
+        assert!(e.contains("[0, 33]"), "{e}");
+        w[33] = f32::INFINITY;
+        assert!(quantize(&w, 1, 40, format).is_err());
+    }
+    assert!(quantize(&[1e7, 0.0], 1, 2, QuantFormat::Q8).is_err(), "Q8 scale beyond f16");
+    assert!(quantize(&[-1e5, 0.0], 1, 2, QuantFormat::Q4).is_err(), "Q4 min beyond f16");
+    assert!(quantize(&[-6e4, 1e6], 1, 2, QuantFormat::Q4).is_err(), "Q4 scale beyond f16");
+    assert!(quantize(&[1e5, 0.0], 1, 2, QuantFormat::Q4).is_ok(), "Q4 reaches m + 15·d");
+    assert!(quantize(&[60000.0, -60000.0], 1, 2, QuantFormat::Q8).is_ok());
+    let mut q = quantize(&weights(2, 40, 6), 2, 40, QuantFormat::Q4).unwrap();
+    q.mins.pop();
+    assert!(q.validate().is_err(), "a missing min must fail validation");
+}
+
+fn bits_per_weight() {
+    assert_eq!(QuantFormat::Q8.bits_per_weight(), 8.5);
+    assert_eq!(QuantFormat::Q4.bits_per_weight(), 5.0);
+    for format in FORMATS {
+        let q = quantize(&weights(64, 320, 7), 64, 320, format).unwrap();
+        assert_eq!(q.bits_per_weight(), format.bits_per_weight());
+        assert_eq!(q.bytes(), 64 * 10 * (format.words_per_block() * 4 + format.params_per_block() * 2));
+        // conv_in's [320, 4·3·3]: 36 columns pad to 64.
+        let q = quantize(&weights(320, 36, 8), 320, 36, format).unwrap();
+        assert!((q.bits_per_weight() - format.bits_per_weight() * 64.0 / 36.0).abs() < 1e-9);
+    }
+}
+
+// ---- kernels ----
+
+fn cpu_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>();
+            y[i * n + j] = (dot + b.map_or(0.0, |b| b[j] as f64)) as f32;
+        }
+    }
+    y
+}
+
+/// Worst |Δ| relative to max(1, max |want|), as `assert_close` measures it.
+fn rel_error(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max) / scale
+}
+
+async fn check_linear_q(gpu: &Gpu, format: QuantFormat) {
+    for (lead, k, n, seed) in [(vec![37], 45, 29, 10u64), (vec![2, 19], 320, 70, 11), (vec![1], 1, 3, 12), (vec![3, 1], 64, 33, 13)] {
+        let m: usize = lead.iter().product();
+        let x = stored(gpu, &random(m * k, seed));
+        let q = quantize(&weights(n, k, seed + 100), n, k, format).unwrap();
+        let w = dequantize(&q);
+        let b = stored(gpu, &random(n, seed + 200));
+        let qt = QuantTensor::upload(gpu, &q, "test.weight").unwrap();
+        let mut shape = lead.clone();
+        shape.push(k);
+        let tx = gpu.upload(&x, &shape).unwrap();
+        let y = gpu.linear_q(&tx, &qt, Some(&gpu.upload(&b, &[n]).unwrap())).unwrap();
+        let mut want_shape = lead.clone();
+        want_shape.push(n);
+        assert_eq!(y.shape(), want_shape.as_slice());
+        let want = cpu_linear(&x, &w, Some(&b), m, n, k);
+        let got = gpu.read(&y).await.unwrap();
+        let what = format!("linear_q {format:?} {:?} m={m} k={k} n={n}", gpu.dtype);
+        eprintln!("{what}: relative error {:.2e}", rel_error(&got, &want));
+        assert_close(&what, &got, &want, tolerance(gpu));
+        let y = gpu.linear_q(&tx, &qt, None).unwrap();
+        assert_close(&format!("{what} without bias"), &gpu.read(&y).await.unwrap(), &cpu_linear(&x, &w, None, m, n, k), tolerance(gpu));
+    }
+}
+
+async fn linear_q8_odd_shapes(gpu: &Gpu) {
+    check_linear_q(gpu, QuantFormat::Q8).await;
+}
+
+async fn linear_q4_odd_shapes(gpu: &Gpu) {
+    check_linear_q(gpu, QuantFormat::Q4).await;
+}
+
+/// Blocks of |w| ~ 1e-4 have subnormal f16 scales: the kernels must decode them, not flush them.
+async fn linear_q_subnormal_scales(gpu: &Gpu) {
+    let (m, k, n) = (3, 64, 5);
+    let x = stored(gpu, &random(m * k, 14).iter().map(|v| v + 2.0).collect::<Vec<_>>());
+    for format in FORMATS {
+        let q = quantize(&random(n * k, 15).iter().map(|v| v * 1e-4).collect::<Vec<_>>(), n, k, format).unwrap();
+        assert!(q.scales.iter().all(subnormal));
+        let y = gpu.linear_q(&gpu.upload(&x, &[m, k]).unwrap(), &QuantTensor::upload(gpu, &q, "tiny").unwrap(), None).unwrap();
+        let scale = |v: Vec<f32>| v.into_iter().map(|e| e * 1e3).collect::<Vec<_>>();
+        let want = scale(cpu_linear(&x, &dequantize(&q), None, m, n, k));
+        assert!(want.iter().any(|v| v.abs() > 0.5), "outputs of order 1e-3");
+        assert_close(&format!("linear_q {format:?} subnormal scales"), &scale(gpu.read(&y).await.unwrap()), &want, tolerance(gpu));
+    }
+}
+
+/// Direct convolution with zero padding [top, bottom, left, right], f64 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn cpu_conv(x: &[f32], w: &[f32], b: Option<&[f32]>, (n, cin, h, wd): (usize, usize, usize, usize), cout: usize, k: usize, stride: usize, pad: [usize; 4]) -> (Vec<f32>, usize, usize) {
+    let [top, bottom, left, right] = pad;
+    let oh = (h + top + bottom - k) / stride + 1;
+    let ow = (wd + left + right - k) / stride + 1;
+    let mut y = vec![0.0; n * cout * oh * ow];
+    for bi in 0..n {
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = b.map_or(0.0, |b| b[co] as f64);
+                    for ci in 0..cin {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (iy, ix) = ((oy * stride + ky) as isize - top as isize, (ox * stride + kx) as isize - left as isize);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                    acc += x[((bi * cin + ci) * h + iy as usize) * wd + ix as usize] as f64 * w[((co * cin + ci) * k + ky) * k + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    y[((bi * cout + co) * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    (y, oh, ow)
+}
+
+async fn check_conv2d_q(gpu: &Gpu, format: QuantFormat) {
+    type Case = ((usize, usize, usize, usize), usize, usize, usize, [usize; 4]);
+    let cases: [Case; 6] = [
+        ((2, 5, 9, 7), 37, 3, 1, [1; 4]),       // 3×3 stride 1 pad 1; cols 45 (padded), 2×2 tiles
+        ((2, 5, 9, 7), 37, 3, 2, [1; 4]),       // 3×3 stride 2
+        ((2, 5, 9, 7), 6, 1, 1, [0; 4]),        // 1×1
+        ((2, 3, 7, 10), 4, 3, 2, [0, 1, 0, 1]), // Downsample2D's asymmetric pad
+        ((1, 3, 7, 10), 4, 3, 1, [2, 0, 1, 3]), // general asymmetric pad
+        ((1, 32, 6, 5), 8, 3, 1, [1; 4]),       // cols 288: whole blocks
+    ];
+    for (i, (dims, cout, k, stride, pad)) in cases.into_iter().enumerate() {
+        let (n, cin, h, w) = dims;
+        let x = stored(gpu, &random(n * cin * h * w, 20 + i as u64));
+        let q = quantize(&weights(cout, cin * k * k, 30 + i as u64), cout, cin * k * k, format).unwrap();
+        let wt = dequantize(&q);
+        let b = stored(gpu, &random(cout, 40 + i as u64));
+        let qt = QuantTensor::upload(gpu, &q, "conv.weight").unwrap();
+        let tx = gpu.upload(&x, &[n, cin, h, w]).unwrap();
+        let what = format!("conv2d_q {format:?} {:?} {k}x{k} stride {stride} pad {pad:?} cin {cin} cout {cout}", gpu.dtype);
+        let (want, oh, ow) = cpu_conv(&x, &wt, Some(&b), dims, cout, k, stride, pad);
+        let y = gpu.conv2d_q(&tx, &qt, k, Some(&gpu.upload(&b, &[cout]).unwrap()), stride, pad).unwrap();
+        assert_eq!(y.shape(), [n, cout, oh, ow], "{what}");
+        let got = gpu.read(&y).await.unwrap();
+        eprintln!("{what}: relative error {:.2e}", rel_error(&got, &want));
+        assert_close(&what, &got, &want, tolerance(gpu));
+        let y = gpu.conv2d_q(&tx, &qt, k, None, stride, pad).unwrap();
+        let (want, _, _) = cpu_conv(&x, &wt, None, dims, cout, k, stride, pad);
+        assert_close(&format!("{what} without bias"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    }
+}
+
+async fn conv2d_q8_variants(gpu: &Gpu) {
+    check_conv2d_q(gpu, QuantFormat::Q8).await;
+}
+
+async fn conv2d_q4_variants(gpu: &Gpu) {
+    check_conv2d_q(gpu, QuantFormat::Q4).await;
+}
+
+async fn quant_ops_reject_mismatches(gpu: &Gpu) {
+    let (k, n) = (45, 7);
+    let q = quantize(&weights(n, k, 50), n, k, QuantFormat::Q8).unwrap();
+    let qt = QuantTensor::upload(gpu, &q, "w").unwrap();
+    let x = gpu.upload(&random(2 * k, 51), &[2, k]).unwrap();
+    assert!(gpu.linear_q(&gpu.upload(&random(2 * 44, 52), &[2, 44]).unwrap(), &qt, None).is_err(), "k mismatch");
+    assert!(gpu.linear_q(&x, &qt, Some(&gpu.upload(&random(n + 1, 53), &[n + 1]).unwrap())).is_err(), "bias length");
+    assert!(gpu.linear_q(&gpu.upload_u32(&[0; 90], &[2, k]).unwrap(), &qt, None).is_err(), "u32 input");
+    assert!(gpu.linear_q(&x, &qt, None).is_ok());
+    // conv: weight cols must be cin·k·k (45 = 5·3·3).
+    let img = gpu.upload(&random(5 * 4 * 4, 54), &[1, 5, 4, 4]).unwrap();
+    assert!(gpu.conv2d_q(&img, &qt, 3, None, 1, [1; 4]).is_ok());
+    assert!(gpu.conv2d_q(&img, &qt, 1, None, 1, [0; 4]).is_err(), "kernel size mismatch");
+    assert!(gpu.conv2d_q(&gpu.upload(&random(4 * 16, 55), &[1, 4, 4, 4]).unwrap(), &qt, 3, None, 1, [1; 4]).is_err(), "cin mismatch");
+    assert!(gpu.conv2d_q(&img, &qt, 3, None, 0, [1; 4]).is_err(), "stride 0");
+    assert!(gpu.conv2d_q(&gpu.upload(&random(5 * 2 * 2, 56), &[1, 5, 2, 2]).unwrap(), &qt, 3, None, 1, [0; 4]).is_err(), "input smaller than the kernel");
+    assert!(gpu.conv2d_q(&img.reshape(&[5, 4, 4]).unwrap(), &qt, 3, None, 1, [1; 4]).is_err(), "3-D input");
+    // Inconsistent planes are refused at upload, naming the weight.
+    let mut broken = q.clone();
+    broken.data.pop();
+    let e = QuantTensor::upload(gpu, &broken, "unet.down.0.proj.weight").unwrap_err().to_string();
+    assert!(e.contains("unet.down.0.proj.weight"), "{e}");
+}

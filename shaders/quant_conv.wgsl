@@ -1,0 +1,146 @@
+// 2-D convolution over a block-quantized weight (layout in crate/src/quant.rs): NCHW input,
+// weight rows = cout, cols = cin·k·k in torch's order (ci, ky, kx), square stride, zero padding
+// (pad_y rows above, pad_x columns left; padding below / right only sizes the output).
+// Implicit GEMM: per image, y[co, pixel] = Σ_kidx W[co, kidx] · im2col(x)[kidx, pixel]; a 16×16
+// workgroup computes 32 pixels × 32 output channels, one weight block (32 values of kidx)
+// dequantized into workgroup memory per step; accumulation in f32. Invocation (tx, ty) owns
+// pixels tx, tx + 16 and channels ty, ty + 16, so stores are contiguous along pixels.
+
+struct Params {
+    n: u32, cin: u32, h: u32, w: u32,
+    cout: u32, oh: u32, ow: u32, k: u32,
+    stride: u32, pad_y: u32, pad_x: u32, format: u32, // format 0: Q8, 1: Q4
+    blocks: u32, kdim: u32, _p0: u32, _p1: u32, // blocks per weight row = ceil(kdim / 32), kdim = cin·k·k
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<T>;
+@group(0) @binding(2) var<storage, read> wq: array<u32>;
+@group(0) @binding(3) var<storage, read> wscale: array<u32>;
+@group(0) @binding(4) var<storage, read_write> y: array<T>;
+@group(0) @binding(5) var<storage, read> bias: array<T>;
+
+const TILE: u32 = 32u;
+var<workgroup> xs: array<array<f32, 32>, 32>; // [kidx][pixel]
+var<workgroup> ws: array<array<f32, 33>, 32>; // [output channel][kidx]
+
+// f16 bits to f32, subnormals included (no reliance on the device's f16 denormal handling).
+fn half_to_f32(h: u32) -> f32 {
+    let e = (h >> 10u) & 0x1fu;
+    let mant = h & 0x3ffu;
+    var v = f32(mant) * 5.9604645e-8; // 2^-24
+    if (e != 0u) {
+        v = bitcast<f32>(((e + 112u) << 23u) | (mant << 13u));
+    }
+    return select(v, -v, (h & 0x8000u) != 0u);
+}
+
+// Values 4·part .. 4·part + 3 of block `blk` (flat index row · blocks + block).
+fn dequant4(blk: u32, part: u32) -> vec4<f32> {
+    if (p.format == 0u) {
+        let word = wq[blk * 8u + part];
+        let d = half_to_f32((wscale[blk / 2u] >> (16u * (blk % 2u))) & 0xffffu);
+        let q = bitcast<vec4<i32>>(vec4<u32>(word) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+        return d * vec4<f32>(q);
+    }
+    let word = wq[blk * 4u + part / 2u] >> (16u * (part % 2u));
+    let dm = wscale[blk];
+    let q = (vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
+    return half_to_f32(dm & 0xffffu) * vec4<f32>(q) + half_to_f32(dm >> 16u);
+}
+
+// Block kb of weight rows c0 .. c0 + 32 into ws: 8 invocations per row, 4 values each.
+fn load_weights(c0: u32, kb: u32, li: u32) {
+    let r = li / 8u;
+    let part = li % 8u;
+    var v = vec4<f32>(0.0);
+    if (c0 + r < p.cout) {
+        v = dequant4((c0 + r) * p.blocks + kb, part);
+    }
+    ws[r][part * 4u] = v.x;
+    ws[r][part * 4u + 1u] = v.y;
+    ws[r][part * 4u + 2u] = v.z;
+    ws[r][part * 4u + 3u] = v.w;
+}
+
+// Accumulators (pixel tx, channel ty), (tx + 16, ty), (tx, ty + 16), (tx + 16, ty + 16).
+fn tile_product(b: u32, p0: u32, c0: u32, tx: u32, ty: u32, li: u32) -> vec4<f32> {
+    // The im2col element this invocation loads: pixel r, kidx rows li / 32 + 8i.
+    let r = li % TILE;
+    let pix = p0 + r;
+    let valid = pix < p.oh * p.ow;
+    let iy0 = i32((pix / p.ow) * p.stride) - i32(p.pad_y);
+    let ix0 = i32((pix % p.ow) * p.stride) - i32(p.pad_x);
+    let kk2 = p.k * p.k;
+    let x0 = b * p.cin * p.h * p.w;
+    var acc = vec4<f32>(0.0);
+    for (var kb = 0u; kb < p.blocks; kb = kb + 1u) {
+        for (var i = 0u; i < 4u; i = i + 1u) {
+            let c = li / TILE + i * 8u;
+            let kidx = kb * TILE + c;
+            var v = 0.0;
+            if (valid && kidx < p.kdim) {
+                let ci = kidx / kk2;
+                let rem = kidx % kk2;
+                let iy = iy0 + i32(rem / p.k);
+                let ix = ix0 + i32(rem % p.k);
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    v = f32(x[x0 + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
+                }
+            }
+            xs[c][r] = v;
+        }
+        load_weights(c0, kb, li);
+        workgroupBarrier();
+        for (var kk = 0u; kk < TILE; kk = kk + 1u) {
+            let a0 = xs[kk][tx];
+            let a1 = xs[kk][tx + 16u];
+            let w0 = ws[ty][kk];
+            let w1 = ws[ty + 16u][kk];
+            acc = acc + vec4<f32>(a0 * w0, a1 * w0, a0 * w1, a1 * w1);
+        }
+        workgroupBarrier();
+    }
+    return acc;
+}
+
+fn put(b: u32, co: u32, pix: u32, v: f32) {
+    let ohw = p.oh * p.ow;
+    if (co < p.cout && pix < ohw) {
+        y[(b * p.cout + co) * ohw + pix] = T(v);
+    }
+}
+
+@compute @workgroup_size(16, 16)
+fn conv2d_q(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+            @builtin(local_invocation_index) li: u32) {
+    let p0 = wid.x * TILE;
+    let c0 = wid.y * TILE;
+    let acc = tile_product(wid.z, p0, c0, lid.x, lid.y, li);
+    put(wid.z, c0 + lid.y, p0 + lid.x, acc.x);
+    put(wid.z, c0 + lid.y, p0 + lid.x + 16u, acc.y);
+    put(wid.z, c0 + lid.y + 16u, p0 + lid.x, acc.z);
+    put(wid.z, c0 + lid.y + 16u, p0 + lid.x + 16u, acc.w);
+}
+
+@compute @workgroup_size(16, 16)
+fn conv2d_q_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let p0 = wid.x * TILE;
+    let c0 = wid.y * TILE;
+    let acc = tile_product(wid.z, p0, c0, lid.x, lid.y, li);
+    let co0 = c0 + lid.y;
+    let co1 = co0 + 16u;
+    var b0 = 0.0;
+    var b1 = 0.0;
+    if (co0 < p.cout) {
+        b0 = f32(bias[co0]);
+    }
+    if (co1 < p.cout) {
+        b1 = f32(bias[co1]);
+    }
+    put(wid.z, co0, p0 + lid.x, acc.x + b0);
+    put(wid.z, co0, p0 + lid.x + 16u, acc.y + b0);
+    put(wid.z, co1, p0 + lid.x, acc.z + b1);
+    put(wid.z, co1, p0 + lid.x + 16u, acc.w + b1);
+}
