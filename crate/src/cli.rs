@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
 use crate::pipeline::prompt::PromptEncoder;
+use crate::pipeline::quality::quality;
 use crate::pipeline::ModelIndex;
+use crate::quant::QuantPreset;
 use crate::weights::{safetensors, DirSource};
 use crate::{Error, Gpu, Precision, Result};
 
@@ -15,10 +17,15 @@ const USAGE: &str = "usage:
       Without --negative, a model with force_zeros_for_empty_prompt gets zero negative embeddings.
   sdxl generate --model DIR [--refiner DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
-                [--tensors-out FILE.safetensors] [--precision auto|f32|f16]
+                [--tensors-out FILE.safetensors] [--precision auto|f32|f16] [--quant f16|q8|q4]
       Text to image as diffusers' StableDiffusionXLPipeline (Euler, classifier-free guidance); with
       --refiner, the refiner takes over after --refiner-start of the schedule. The same --seed gives
-      diffusers' image. --tensors-out also writes f32 `noise`, `latents` and `image`.
+      diffusers' image. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
+      the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
+  sdxl quality --model DIR --prompt TEXT [--negative TEXT] [--width 256] [--height 256] [--steps 30]
+               [--guidance 5.0] [--seed 0] [--precision f32|f16|auto] [--json FILE]
+      Measures quantization: per-layer relative error of every UNet weight matrix in Q8 and Q4, the
+      UNet output error and the image PSNR of the q8 and q4 presets against dense weights (same seed).
   sdxl info
       Prints the GPU adapter and its features.";
 
@@ -93,9 +100,10 @@ async fn generate_command(args: &Args) -> Result<()> {
     let precision: Precision = args.parsed("precision", Precision::Auto)?;
     let gpu = Gpu::new(precision).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
-    let base = SdxlModel::load(&gpu, &DirSource::new(model)).await?;
+    let quant: QuantPreset = args.parsed("quant", QuantPreset::F16)?;
+    let base = SdxlModel::load(&gpu, &DirSource::new(model), quant).await?;
     let refiner = match args.get("refiner") {
-        Some(dir) => Some(SdxlModel::load(&gpu, &DirSource::new(dir)).await?),
+        Some(dir) => Some(SdxlModel::load(&gpu, &DirSource::new(dir), quant).await?),
         None => None,
     };
     let result = generate(&gpu, &base, refiner.as_ref(), &params, |p| {
@@ -144,15 +152,58 @@ async fn encode(args: &Args) -> Result<()> {
     Ok(())
 }
 
+async fn quality_command(args: &Args) -> Result<()> {
+    let defaults = GenerateParams::default();
+    let params = GenerateParams {
+        prompt: args.required("prompt")?.to_string(),
+        negative: args.get("negative").map(str::to_string),
+        width: args.parsed("width", 256)?,
+        height: args.parsed("height", 256)?,
+        steps: args.parsed("steps", defaults.steps)?,
+        guidance: args.parsed("guidance", defaults.guidance)?,
+        seed: args.parsed("seed", defaults.seed)?,
+        ..defaults
+    };
+    let gpu = Gpu::new(args.parsed("precision", Precision::F32)?).await?;
+    eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
+    let report = quality(&gpu, &DirSource::new(args.required("model")?), &params).await?;
+    let mut worst = report.layers.clone();
+    worst.sort_by(|a, b| b.q4.total_cmp(&a.q4));
+    println!("UNet weight matrices: {} quantizable; largest Q4 errors (relative RMS):", report.layers.len());
+    for l in worst.iter().take(10) {
+        println!("  {:<70} q8 {:.2e}  q4 {:.2e}", l.name, l.q8, l.q4);
+    }
+    let mean = |f: fn(&crate::pipeline::quality::LayerError) -> f64| report.layers.iter().map(f).sum::<f64>() / report.layers.len().max(1) as f64;
+    println!("  mean over layers: q8 {:.2e}, q4 {:.2e}", mean(|l| l.q8), mean(|l| l.q4));
+    for p in &report.presets {
+        println!(
+            "{}: UNet matrices {:.1} MiB, UNet output relative error {:.2e}, image PSNR {:.1} dB",
+            p.preset,
+            p.unet_matrix_bytes as f64 / 1048576.0,
+            p.unet_relative_error,
+            p.image_psnr
+        );
+    }
+    if let Some(path) = args.get("json") {
+        let json = serde_json::to_vec_pretty(&report).expect("the report serialises");
+        std::fs::write(path, json).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
+    }
+    Ok(())
+}
+
 async fn run(argv: &[String]) -> Result<()> {
     match argv.first().map(String::as_str) {
         Some("encode") => encode(&Args::parse(&argv[1..], &["model", "prompt", "negative", "out", "precision"])?).await,
         Some("generate") => {
             let known = [
                 "model", "refiner", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "refiner-start", "out",
-                "tensors-out", "precision",
+                "tensors-out", "precision", "quant",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await
+        }
+        Some("quality") => {
+            let known = ["model", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "precision", "json"];
+            quality_command(&Args::parse(&argv[1..], &known)?).await
         }
         Some("info") => {
             let gpu = Gpu::new(Precision::Auto).await?;

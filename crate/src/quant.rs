@@ -333,3 +333,54 @@ impl QuantTensor {
         (self.data.len() + self.scales.len()) * DType::U32.size()
     }
 }
+
+/// A GPU weight matrix as the models hold it: dense in the working float type, or block-quantized.
+#[derive(Clone, Debug)]
+pub enum Weight {
+    Dense(Tensor),
+    Quant(QuantTensor),
+}
+
+/// Which weights a model keeps quantized on the GPU.
+///
+/// Only the large matrices of nn.Linear and nn.Conv2d are candidates (norms, biases and embedding
+/// tables never go through here). Kept dense in every preset: the first and last convolutions
+/// (`conv_in`, `conv_out`), the time and added-condition embeddings (`time_embedding`,
+/// `add_embedding`, each resnet's `time_emb_proj`), the text encoders' `text_projection`, and
+/// matrices narrower than one block. `Q4` quantizes the attention projections to Q8 and everything
+/// else to Q4: attention logits feed a softmax, whose error grows with the logits' scale.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum QuantPreset {
+    /// All weights dense (f16 on shader-f16 adapters).
+    #[default]
+    F16,
+    Q8,
+    Q4,
+}
+
+impl std::str::FromStr for QuantPreset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f16" | "none" => Ok(QuantPreset::F16),
+            "q8" => Ok(QuantPreset::Q8),
+            "q4" => Ok(QuantPreset::Q4),
+            _ => Err(bad(format!("quantization '{s}': expected f16, q8 or q4"))),
+        }
+    }
+}
+
+impl QuantPreset {
+    /// The format for weight `name` of `cols` inputs per output (None: keep it dense).
+    pub fn format_for(self, name: &str, cols: usize) -> Option<QuantFormat> {
+        const DENSE: [&str; 6] = ["conv_in.", "conv_out.", "time_embedding.", "add_embedding.", "time_emb_proj.", "text_projection."];
+        if self == QuantPreset::F16 || cols < BLOCK || DENSE.iter().any(|d| name.starts_with(d) || name.contains(&format!(".{d}"))) {
+            return None;
+        }
+        let attention = [".to_q.", ".to_k.", ".to_v.", ".to_out.", ".q_proj.", ".k_proj.", ".v_proj.", ".out_proj."];
+        match self {
+            QuantPreset::Q4 if !attention.iter().any(|a| name.contains(a)) => Some(QuantFormat::Q4),
+            _ => Some(QuantFormat::Q8),
+        }
+    }
+}

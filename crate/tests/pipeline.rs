@@ -5,6 +5,7 @@
 mod common;
 
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
+use sdxl::quant::QuantPreset;
 use sdxl::weights::{DirSource, Source, Weights};
 use sdxl::{DType, Gpu};
 use serde::Deserialize;
@@ -42,8 +43,8 @@ async fn pipelines_match_diffusers(gpu: &Gpu) {
     let reference = fixture("reference");
     let refs = Weights::from_files(&reference, vec!["pipeline.safetensors".into()]).await.unwrap();
     let cases: Vec<Case> = serde_json::from_slice(&reference.read("pipeline_cases.json").await.unwrap()).unwrap();
-    let base = SdxlModel::load(gpu, &fixture("tiny-sdxl-base")).await.unwrap();
-    let refiner = SdxlModel::load(gpu, &fixture("tiny-sdxl-refiner")).await.unwrap();
+    let base = SdxlModel::load(gpu, &fixture("tiny-sdxl-base"), QuantPreset::F16).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &fixture("tiny-sdxl-refiner"), QuantPreset::F16).await.unwrap();
     // f32 as the issue states; f16 storage rounds every activation, so only the image is held to a bar.
     let (latent_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (f32::INFINITY, 30.0) };
     for case in &cases {

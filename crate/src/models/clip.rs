@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::{LayerNorm, Linear};
 use crate::ops::Activation;
+use crate::quant::QuantPreset;
 use crate::weights::{read_json, Source, Weights};
 
 /// Mirrors transformers' CLIPTextConfig (defaults as transformers).
@@ -79,6 +80,11 @@ pub struct ClipOutput {
 
 impl ClipTextModel {
     pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<ClipTextModel> {
+        Self::load_quantized(gpu, source, dir, QuantPreset::F16).await
+    }
+
+    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPreset`]).
+    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: QuantPreset) -> Result<ClipTextModel> {
         let config_path = format!("{dir}/config.json");
         let config: ClipTextConfig = read_json(source, &config_path).await?;
         let bad = |message: String| Error::Config { path: source.describe(&config_path), message };
@@ -89,7 +95,7 @@ impl ClipTextModel {
         if heads == 0 || h % heads != 0 || config.num_hidden_layers < 2 {
             return Err(bad(format!("hidden_size {h} with {heads} heads and {} layers", config.num_hidden_layers)));
         }
-        let w = Weights::open(source, dir, gpu.dtype == crate::DType::F16).await?;
+        let w = Weights::open(source, dir, gpu.dtype == crate::DType::F16).await?.with_quant(quant);
         let p = "text_model";
         let token_embedding = w.tensor_rows(gpu, &format!("{p}.embeddings.token_embedding.weight"), [config.vocab_size, h]).await?;
         let position_embedding = w

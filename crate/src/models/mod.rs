@@ -8,17 +8,18 @@ pub mod vae;
 
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
+use crate::quant::Weight;
 use crate::weights::{Source, Weights};
 
-/// nn.Linear: weight [out, in], optional bias [out].
+/// nn.Linear: weight [out, in] (dense or quantized), optional bias [out].
 pub struct Linear {
-    weight: Tensor,
+    weight: Weight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, inputs: usize, outputs: usize, bias: bool) -> Result<Linear> {
-        let weight = w.tensor(gpu, &format!("{prefix}.weight"), &[outputs, inputs]).await?;
+        let weight = w.matrix(gpu, &format!("{prefix}.weight"), &[outputs, inputs]).await?;
         let bias = match bias {
             true => Some(w.tensor(gpu, &format!("{prefix}.bias"), &[outputs]).await?),
             false => None,
@@ -27,7 +28,10 @@ impl Linear {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        gpu.linear(x, &self.weight, self.bias.as_ref())
+        match &self.weight {
+            Weight::Dense(weight) => gpu.linear(x, weight, self.bias.as_ref()),
+            Weight::Quant(weight) => gpu.linear_q(x, weight, self.bias.as_ref()),
+        }
     }
 }
 
@@ -52,12 +56,14 @@ impl LayerNorm {
     }
 }
 
-/// nn.Conv2d with square kernel, stride and symmetric zero padding.
+/// nn.Conv2d with a square kernel (dense or quantized weight), stride and zero padding.
 pub struct Conv2d {
-    weight: Tensor,
+    weight: Weight,
+    kernel: usize,
     bias: Tensor,
     stride: usize,
-    padding: usize,
+    /// [top, bottom, left, right]
+    padding: [usize; 4],
 }
 
 impl Conv2d {
@@ -73,15 +79,25 @@ impl Conv2d {
         padding: usize,
     ) -> Result<Conv2d> {
         Ok(Conv2d {
-            weight: w.tensor(gpu, &format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel]).await?,
+            weight: w.matrix(gpu, &format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel]).await?,
+            kernel,
             bias: w.tensor(gpu, &format!("{prefix}.bias"), &[outputs]).await?,
             stride,
-            padding,
+            padding: [padding; 4],
         })
     }
 
+    /// Replaces the symmetric padding by [top, bottom, left, right].
+    pub fn with_padding(mut self, padding: [usize; 4]) -> Conv2d {
+        self.padding = padding;
+        self
+    }
+
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        gpu.conv2d(x, &self.weight, &self.bias, self.stride, self.padding)
+        match &self.weight {
+            Weight::Dense(weight) => gpu.conv2d_padded(x, weight, &self.bias, self.stride, self.padding),
+            Weight::Quant(weight) => gpu.conv2d_q(x, weight, self.kernel, Some(&self.bias), self.stride, self.padding),
+        }
     }
 }
 

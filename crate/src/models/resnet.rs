@@ -98,24 +98,16 @@ impl Upsample2D {
 /// Downsample2D with use_conv: a 3x3 stride-2 `conv`. With padding 0 (the VAE encoder) diffusers
 /// first pads the input by (left 0, right 1, top 0, bottom 1).
 pub struct Downsample2D {
-    weight: Tensor,
-    bias: Tensor,
-    padding: usize,
+    conv: Conv2d,
 }
 
 impl Downsample2D {
     pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, padding: usize) -> Result<Self> {
-        Ok(Downsample2D {
-            weight: w.tensor(gpu, &format!("{prefix}.conv.weight"), &[channels, channels, 3, 3]).await?,
-            bias: w.tensor(gpu, &format!("{prefix}.conv.bias"), &[channels]).await?,
-            padding,
-        })
+        let conv = Conv2d::load(gpu, w, &format!("{prefix}.conv"), channels, channels, 3, 2, padding).await?;
+        Ok(Downsample2D { conv: if padding == 0 { conv.with_padding([0, 1, 0, 1]) } else { conv } })
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        match self.padding {
-            0 => gpu.conv2d_padded(x, &self.weight, &self.bias, 2, [0, 1, 0, 1]),
-            p => gpu.conv2d(x, &self.weight, &self.bias, 2, p),
-        }
+        self.conv.forward(gpu, x)
     }
 }

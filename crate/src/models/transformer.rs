@@ -2,6 +2,7 @@
 //! (transformers/transformer_2d.py, attention.py BasicTransformerBlock, FeedForward with GEGLU,
 //! attention_processor.py Attention with the default processor).
 
+use crate::quant::Weight;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::{GroupNorm, LayerNorm, Linear};
@@ -175,9 +176,9 @@ async fn projection<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, inpu
     if linear {
         return Linear::load(gpu, w, prefix, inputs, outputs, true).await;
     }
-    let weight = w.tensor(gpu, &format!("{prefix}.weight"), &[outputs, inputs, 1, 1]).await?;
-    Ok(Linear {
-        weight: weight.reshape(&[outputs, inputs])?,
-        bias: Some(w.tensor(gpu, &format!("{prefix}.bias"), &[outputs]).await?),
-    })
+    let weight = match w.matrix(gpu, &format!("{prefix}.weight"), &[outputs, inputs, 1, 1]).await? {
+        Weight::Dense(t) => Weight::Dense(t.reshape(&[outputs, inputs])?),
+        quantized => quantized,
+    };
+    Ok(Linear { weight, bias: Some(w.tensor(gpu, &format!("{prefix}.bias"), &[outputs]).await?) })
 }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::quant::QuantPreset;
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::transformer::{Transformer2DConfig, Transformer2DModel};
 use crate::models::{Conv2d, GroupNorm, Linear};
@@ -502,10 +503,15 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Loads `dir/config.json` and the weights next to it (the fp16 variant on f16 devices).
     pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<UNet2DConditionModel> {
+        Self::load_quantized(gpu, source, dir, QuantPreset::F16).await
+    }
+
+    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPreset`]).
+    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: QuantPreset) -> Result<UNet2DConditionModel> {
         let config_path = format!("{dir}/config.json");
         let config: UNet2DConditionConfig = read_json(source, &config_path).await?;
         let layout = config.layout().map_err(|message| Error::Config { path: source.describe(&config_path), message })?;
-        let w = Weights::open(source, dir, gpu.dtype == DType::F16).await?;
+        let w = Weights::open(source, dir, gpu.dtype == DType::F16).await?.with_quant(quant);
         let c = &config;
         let (groups, eps) = (c.norm_num_groups.expect("checked by layout()"), c.norm_eps);
         let first = c.block_out_channels[0];

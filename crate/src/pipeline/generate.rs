@@ -8,6 +8,7 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder};
 use crate::pipeline::ModelIndex;
+use crate::quant::QuantPreset;
 use crate::random::TorchGenerator;
 use crate::scheduler::{EulerDiscreteScheduler, Schedule};
 use crate::weights::Source;
@@ -22,7 +23,9 @@ pub struct SdxlModel {
 }
 
 impl SdxlModel {
-    pub async fn load(gpu: &Gpu, source: &impl Source) -> Result<SdxlModel> {
+    /// Loads a model folder; `quant` selects which weight matrices stay quantized on the GPU
+    /// (the VAE always stays dense).
+    pub async fn load(gpu: &Gpu, source: &impl Source, quant: QuantPreset) -> Result<SdxlModel> {
         let index = ModelIndex::load(source).await?;
         for part in ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"] {
             if !index.has(part) {
@@ -30,8 +33,8 @@ impl SdxlModel {
             }
         }
         Ok(SdxlModel {
-            prompt_encoder: PromptEncoder::load(gpu, source, &index).await?,
-            unet: UNet2DConditionModel::load(gpu, source, "unet").await?,
+            prompt_encoder: PromptEncoder::load_quantized(gpu, source, &index, quant).await?,
+            unet: UNet2DConditionModel::load_quantized(gpu, source, "unet", quant).await?,
             vae: AutoencoderKL::load(gpu, source, "vae").await?,
             scheduler: EulerDiscreteScheduler::load(source, "scheduler/scheduler_config.json").await?,
             index,
@@ -46,7 +49,7 @@ impl SdxlModel {
 
     /// diffusers' `_get_add_time_ids`: (original size, crop top-left, target size) for the base,
     /// (original size, crop top-left, aesthetic score) for a model that requires aesthetics scores.
-    fn time_ids(&self, p: &GenerateParams, aesthetic_score: f32) -> Vec<f32> {
+    pub(crate) fn time_ids(&self, p: &GenerateParams, aesthetic_score: f32) -> Vec<f32> {
         let (oh, ow) = p.original_size.unwrap_or((p.height, p.width));
         let (ct, cl) = p.crops_coords_top_left;
         let mut ids = vec![oh as f32, ow as f32, ct as f32, cl as f32];

@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod prompt;
+pub mod quality;
 
 use serde_json::Value;
 

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::quant::{quantize, QuantPreset, QuantTensor, Weight};
 use safetensors::{Dtype, Header, TensorInfo};
 
 /// Read access to a model folder (diffusers layout) by relative path.
@@ -106,6 +107,8 @@ pub struct Weights<'a, S: Source> {
     source: &'a S,
     files: Vec<String>,
     tensors: HashMap<String, (usize, TensorInfo)>,
+    /// Which weight matrices `matrix` quantizes as they load.
+    quant: QuantPreset,
 }
 
 impl<'a, S: Source> Weights<'a, S> {
@@ -147,11 +150,40 @@ impl<'a, S: Source> Weights<'a, S> {
             let header = read_header(source, file).await?;
             tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
         }
-        Ok(Weights { source, files, tensors })
+        Ok(Weights { source, files, tensors, quant: QuantPreset::F16 })
+    }
+
+    /// Quantize weight matrices loaded through [`Weights::matrix`] as `preset` says.
+    pub fn with_quant(mut self, preset: QuantPreset) -> Self {
+        self.quant = preset;
+        self
+    }
+
+    /// A Linear or Conv2d weight ([out, in, ...]): quantized on the CPU as it streams in when the
+    /// preset says so (one tensor in memory at a time), else dense.
+    pub async fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Weight> {
+        let rows = shape.first().copied().unwrap_or(0);
+        let cols = shape.iter().skip(1).product::<usize>();
+        match self.quant.format_for(name, cols) {
+            Some(format) => {
+                let values = self.host(name, shape).await?;
+                let file = self.info(name)?.0;
+                let q = quantize(&values, rows, cols, format).map_err(|e| self.shape_error(file, name, e.to_string()))?;
+                Ok(Weight::Quant(QuantTensor::upload(gpu, &q, name)?))
+            }
+            None => Ok(Weight::Dense(self.tensor(gpu, name, shape).await?)),
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+
+    /// Names of all stored tensors, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
     }
 
     /// Shape of a stored tensor.
