@@ -347,8 +347,9 @@ pub enum Weight {
 /// tables never go through here). Kept dense in every preset: the first and last convolutions
 /// (`conv_in`, `conv_out`), the time and added-condition embeddings (`time_embedding`,
 /// `add_embedding`, each resnet's `time_emb_proj`), the text encoders' `text_projection`, and
-/// matrices narrower than one block. `Q4` quantizes the attention projections to Q8 and everything
-/// else to Q4: attention logits feed a softmax, whose error grows with the logits' scale.
+/// matrices narrower than one block. `Q4` uses Q4 for every candidate: the size targets (base UNet
+/// at most 1.6 GB) leave no room for Q8 exceptions across whole layer families; per-layer
+/// exceptions should come from `sdxl quality`'s per-layer report on real weights.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum QuantPreset {
     /// All weights dense (f16 on shader-f16 adapters).
@@ -377,9 +378,8 @@ impl QuantPreset {
         if self == QuantPreset::F16 || cols < BLOCK || DENSE.iter().any(|d| name.starts_with(d) || name.contains(&format!(".{d}"))) {
             return None;
         }
-        let attention = [".to_q.", ".to_k.", ".to_v.", ".to_out.", ".q_proj.", ".k_proj.", ".v_proj.", ".out_proj."];
         match self {
-            QuantPreset::Q4 if !attention.iter().any(|a| name.contains(a)) => Some(QuantFormat::Q4),
+            QuantPreset::Q4 => Some(QuantFormat::Q4),
             _ => Some(QuantFormat::Q8),
         }
     }
