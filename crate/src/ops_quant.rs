@@ -6,8 +6,14 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Shader, Tensor};
 use crate::quant::QuantTensor;
 
-const QUANT_MATMUL: Shader = Shader { name: "quant_matmul", source: include_str!("../../shaders/quant_matmul.wgsl") };
-const QUANT_CONV: Shader = Shader { name: "quant_conv", source: include_str!("../../shaders/quant_conv.wgsl") };
+const QUANT_MATMUL: Shader = Shader {
+    name: "quant_matmul",
+    source: concat!(include_str!("../../shaders/quant_common.wgsl"), include_str!("../../shaders/quant_matmul.wgsl")),
+};
+const QUANT_CONV: Shader = Shader {
+    name: "quant_conv",
+    source: concat!(include_str!("../../shaders/quant_common.wgsl"), include_str!("../../shaders/quant_conv.wgsl")),
+};
 
 /// Output tile edge of both kernels (32 × 32 outputs per workgroup).
 const TILE: usize = 32;
