@@ -6,6 +6,7 @@ use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
 use crate::pipeline::prompt::PromptEncoder;
 use crate::pipeline::quality::quality;
 use crate::pipeline::ModelIndex;
+use crate::pack::{self, ConvertOptions, PackSource};
 use crate::quant::QuantPreset;
 use crate::weights::{safetensors, DirSource};
 use crate::{Error, Gpu, Precision, Result};
@@ -22,6 +23,13 @@ const USAGE: &str = "usage:
       --refiner, the refiner takes over after --refiner-start of the schedule. The same --seed gives
       diffusers' image. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
+      --model / --refiner may also be model packs (folders with manifest.json, from `sdxl convert`):
+      they load as stored; --quant must then be left out or match the pack's preset.
+  sdxl convert --from DIR --quant f16|q8|q4 --out PACK_DIR [--force]
+      Converts a diffusers-layout SDXL folder (base or refiner) into a model pack: manifest.json and
+      shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and every tensor, with the
+      text encoders' and UNet's weight matrices stored block-quantized as --quant says (the VAE and
+      embedding tables stay dense f16). --out must be missing or empty; --force replaces a pack there.
   sdxl quality --model DIR --prompt TEXT [--negative TEXT] [--width 256] [--height 256] [--steps 30]
                [--guidance 5.0] [--seed 0] [--precision f32|f16|auto] [--json FILE]
       Measures quantization: per-layer relative error of every UNet weight matrix in Q8 and Q4, the
@@ -100,10 +108,10 @@ async fn generate_command(args: &Args) -> Result<()> {
     let precision: Precision = args.parsed("precision", Precision::Auto)?;
     let gpu = Gpu::new(precision).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
-    let quant: QuantPreset = args.parsed("quant", QuantPreset::F16)?;
-    let base = SdxlModel::load(&gpu, &DirSource::new(model), quant).await?;
+    let quant = args.get("quant").map(|_| args.parsed("quant", QuantPreset::F16)).transpose()?;
+    let base = load_model(&gpu, model, quant).await?;
     let refiner = match args.get("refiner") {
-        Some(dir) => Some(SdxlModel::load(&gpu, &DirSource::new(dir), quant).await?),
+        Some(dir) => Some(load_model(&gpu, dir, quant).await?),
         None => None,
     };
     let result = generate(&gpu, &base, refiner.as_ref(), &params, |p| {
@@ -123,6 +131,42 @@ async fn generate_command(args: &Args) -> Result<()> {
         write_safetensors(path, &host)?;
         eprintln!("wrote {path}");
     }
+    Ok(())
+}
+
+/// Loads a diffusers folder (quantized on load as `quant` says, dense without it) or a model pack
+/// (a folder with manifest.json: loaded as stored; `quant` must be absent or the pack's preset).
+async fn load_model(gpu: &Gpu, dir: &str, quant: Option<QuantPreset>) -> Result<SdxlModel> {
+    if !std::path::Path::new(dir).join(pack::MANIFEST).is_file() {
+        return SdxlModel::load(gpu, &DirSource::new(dir), quant.unwrap_or(QuantPreset::F16)).await;
+    }
+    let source = PackSource::open(DirSource::new(dir)).await?;
+    let m = source.manifest();
+    let stored = pack::preset_name(m.quant);
+    if let Some(q) = quant.filter(|&q| q != m.quant) {
+        return Err(Error::InvalidParameter(format!(
+            "--quant {} does not apply to the model pack {dir}: it is stored as {stored} (convert again with --quant {} instead)",
+            pack::preset_name(q),
+            pack::preset_name(q)
+        )));
+    }
+    eprintln!("{dir}: model pack ({:?}, {stored}, {} shards, {:.1} MiB)", m.model, m.shards.len(), m.bytes() as f64 / 1048576.0);
+    SdxlModel::load(gpu, &source, m.quant).await
+}
+
+async fn convert_command(args: &Args, force: bool) -> Result<()> {
+    let from = args.required("from")?;
+    let out = args.required("out")?;
+    let quant: QuantPreset = args.required("quant")?.parse()?;
+    let options = ConvertOptions { force, ..ConvertOptions::new(quant) };
+    let manifest = pack::convert_dir(std::path::Path::new(from), std::path::Path::new(out), &options, |line| eprintln!("{line}")).await?;
+    eprintln!(
+        "wrote {out}: {:?} pack, {}, {} shards, {:.1} MiB",
+        manifest.model,
+        pack::preset_name(manifest.quant),
+        manifest.shards.len(),
+        manifest.bytes() as f64 / 1048576.0
+    );
     Ok(())
 }
 
@@ -200,6 +244,11 @@ async fn run(argv: &[String]) -> Result<()> {
                 "tensors-out", "precision", "quant",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await
+        }
+        Some("convert") => {
+            let rest: Vec<String> = argv[1..].iter().filter(|a| *a != "--force").cloned().collect();
+            let force = rest.len() + 1 != argv.len();
+            convert_command(&Args::parse(&rest, &["from", "quant", "out"])?, force).await
         }
         Some("quality") => {
             let known = ["model", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "precision", "json"];

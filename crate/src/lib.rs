@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod models;
 pub mod ops;
 mod ops_quant;
+pub mod pack;
 pub mod pipeline;
 pub mod quant;
 pub mod random;

@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::pack::{Pack, PackComponent};
 use crate::quant::{quantize, QuantPreset, QuantTensor, Weight};
 use safetensors::{Dtype, Header, TensorInfo};
 
@@ -23,6 +24,11 @@ pub trait Source {
     async fn read(&self, path: &str) -> Result<Vec<u8>> {
         let n = self.len(path).await?;
         self.read_range(path, 0, n).await
+    }
+    /// The model pack this source serves ([`crate::pack::PackSource`]), if any: then
+    /// [`Weights::open`] reads the pack's entries instead of safetensors files.
+    fn pack(&self) -> Option<&Pack> {
+        None
     }
 }
 
@@ -109,12 +115,19 @@ pub struct Weights<'a, S: Source> {
     tensors: HashMap<String, (usize, TensorInfo)>,
     /// Which weight matrices `matrix` quantizes as they load.
     quant: QuantPreset,
+    /// Set when the source is a model pack: this component's entries, stored as the pack says
+    /// (`quant` is then not used); `files` and `tensors` stay empty.
+    pack: Option<PackComponent<'a>>,
 }
 
 impl<'a, S: Source> Weights<'a, S> {
     /// Opens `dir/{model,diffusion_pytorch_model}[.fp16].safetensors` or a sharded index. The fp16
     /// variant is preferred when the GPU computes in f16 (half the bytes to read).
     pub async fn open(source: &'a S, dir: &str, prefer_fp16: bool) -> Result<Weights<'a, S>> {
+        if let Some(pack) = source.pack() {
+            let pack = Some(pack.component(dir)?);
+            return Ok(Weights { source, files: Vec::new(), tensors: HashMap::new(), quant: QuantPreset::F16, pack });
+        }
         let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
         for stem in ["model", "diffusion_pytorch_model"] {
             for variant in variants {
@@ -150,7 +163,7 @@ impl<'a, S: Source> Weights<'a, S> {
             let header = read_header(source, file).await?;
             tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
         }
-        Ok(Weights { source, files, tensors, quant: QuantPreset::F16 })
+        Ok(Weights { source, files, tensors, quant: QuantPreset::F16, pack: None })
     }
 
     /// Quantize weight matrices loaded through [`Weights::matrix`] as `preset` says.
@@ -162,6 +175,9 @@ impl<'a, S: Source> Weights<'a, S> {
     /// A Linear or Conv2d weight ([out, in, ...]): quantized on the CPU as it streams in when the
     /// preset says so (one tensor in memory at a time), else dense.
     pub async fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Weight> {
+        if let Some(pack) = &self.pack {
+            return pack.matrix(self.source, gpu, name, shape).await;
+        }
         let rows = shape.first().copied().unwrap_or(0);
         let cols = shape.iter().skip(1).product::<usize>();
         match self.quant.format_for(name, cols) {
@@ -176,11 +192,17 @@ impl<'a, S: Source> Weights<'a, S> {
     }
 
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(pack) = &self.pack {
+            return pack.contains(name);
+        }
         self.tensors.contains_key(name)
     }
 
     /// Names of all stored tensors, sorted.
     pub fn names(&self) -> Vec<&str> {
+        if let Some(pack) = &self.pack {
+            return pack.names();
+        }
         let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
         names.sort_unstable();
         names
@@ -188,7 +210,18 @@ impl<'a, S: Source> Weights<'a, S> {
 
     /// Shape of a stored tensor.
     pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        if let Some(pack) = &self.pack {
+            return pack.shape(name);
+        }
         Ok(&self.info(name)?.1.shape)
+    }
+
+    /// Stored dtype of a tensor (a quantized pack entry has none: an error).
+    pub fn dtype(&self, name: &str) -> Result<Dtype> {
+        if let Some(pack) = &self.pack {
+            return pack.dtype(name);
+        }
+        Ok(self.info(name)?.1.dtype)
     }
 
     fn info(&self, name: &str) -> Result<&(usize, TensorInfo)> {
@@ -205,6 +238,9 @@ impl<'a, S: Source> Weights<'a, S> {
 
     /// Reads a tensor to the CPU as f32, checking its shape.
     pub async fn host(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(pack) = &self.pack {
+            return pack.host(self.source, name, shape).await;
+        }
         let (file, info) = self.info(name)?;
         if info.shape != shape {
             return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
@@ -215,6 +251,9 @@ impl<'a, S: Source> Weights<'a, S> {
 
     /// Uploads a float tensor in the GPU's working dtype, checking its shape against the config.
     pub async fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(pack) = &self.pack {
+            return pack.tensor(self.source, gpu, name, shape).await;
+        }
         let (file, info) = self.info(name)?;
         if info.shape != shape {
             return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
@@ -230,6 +269,9 @@ impl<'a, S: Source> Weights<'a, S> {
 
     /// Uploads a 2-D table [rows, dim] as row chunks that each fit one GPU binding.
     pub async fn tensor_rows(&self, gpu: &Gpu, name: &str, shape: [usize; 2]) -> Result<Vec<Tensor>> {
+        if let Some(pack) = &self.pack {
+            return pack.tensor_rows(self.source, gpu, name, shape).await;
+        }
         let (file, info) = self.info(name)?;
         if info.shape != shape {
             return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));

@@ -1,0 +1,1002 @@
+//! Model packs: one SDXL model (base or refiner) as self-contained records of at most
+//! [`SHARD_BYTES`] — what the browser stores (one IndexedDB record per shard) and what the GPU
+//! upload reads shard by shard.
+//!
+//! A pack is a folder (or any [`Source`]) holding `manifest.json` and `shards/00000.bin`,
+//! `shards/00001.bin`, ... Every shard but the last is exactly `shard_bytes` long. The shards hold,
+//! back to back, the small files a model needs (model_index.json, each component's config.json,
+//! scheduler/scheduler_config.json, the tokenizers' vocab.json, merges.txt, tokenizer_config.json
+//! and special_tokens_map.json) and then every tensor of text_encoder, text_encoder_2, unet and vae,
+//! each stored as it will be uploaded: dense f16 (f32 only where a value exceeds f16's range), or
+//! the planes of a [`QuantizedTensor`] (`data`: u32 words, `scales`: f16, `mins`: f16 for q4; the
+//! layout of [`crate::quant`]). Every plane (and file) starts 4-byte aligned and is a list of
+//! segments `{shard, offset, length}`: a plane larger than what is left of a shard continues at
+//! offset 0 of the next one. All numbers are little-endian.
+//!
+//! ```json
+//! {
+//!   "format": "sdxl-pack",
+//!   "version": 1,
+//!   "model": "sdxl-base",
+//!   "quant": "q8",
+//!   "shard_bytes": 67108864,
+//!   "shards": [{ "path": "shards/00000.bin", "bytes": 67108864, "sha256": "9f86d0…" }, …],
+//!   "files": [{ "path": "unet/config.json", "bytes": 1784, "sha256": "…",
+//!               "segments": [{ "shard": 0, "offset": 1360, "length": 1784 }] }, …],
+//!   "tensors": [
+//!     { "name": "unet/conv_in.weight", "storage": "f16", "shape": [320, 4, 3, 3],
+//!       "data": [{ "shard": 0, "offset": 2891776, "length": 23040 }] },
+//!     { "name": "unet/down_blocks.1.attentions.0.proj_in.weight", "storage": "q8", "shape": [640, 640],
+//!       "rows": 640, "cols": 640,
+//!       "data": [{ "shard": 3, "offset": 67010560, "length": 98304 }, { "shard": 4, "offset": 0, "length": 311296 }],
+//!       "scales": [{ "shard": 4, "offset": 311296, "length": 25600 }] },
+//!     …
+//!   ]
+//! }
+//! ```
+//!
+//! Loading: [`PackSource`] wraps the source holding the pack (a [`crate::weights::DirSource`], a
+//! [`MemorySource`], IndexedDB later), serves the small files by their original paths (so
+//! `ModelIndex`, configs and tokenizers load unchanged; each file's sha256 is checked as it is
+//! read) and reports itself through [`Source::pack`], which [`Weights::open`] checks: on a pack it
+//! reads the component's entries instead of safetensors files. Quantized entries upload as
+//! [`Weight::Quant`] without re-quantizing, dense ones as [`Weight::Dense`]; a quantized entry asked
+//! for dense ([`Weights::tensor`], [`Weights::host`]) is dequantized. Only the segments of the
+//! tensor being loaded are read. Shards' sha256 are for the store to check: [`verify`].
+//!
+//! Converting: [`convert`] (any [`Source`] to any [`PackSink`]) and, natively, [`convert_dir`]
+//! (`sdxl convert`).
+
+use std::collections::HashMap;
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
+use crate::quant::{dequantize, quantize, QuantFormat, QuantPreset, QuantTensor, QuantizedTensor, Weight, BLOCK};
+use crate::weights::safetensors::{self, Dtype};
+use crate::weights::{MemorySource, Source, Weights};
+
+/// Largest shard: one browser storage record.
+pub const SHARD_BYTES: u64 = 64 << 20;
+/// The manifest's `format`.
+pub const FORMAT: &str = "sdxl-pack";
+/// The manifest version this build reads and writes.
+pub const VERSION: u32 = 1;
+/// The manifest's path in a pack.
+pub const MANIFEST: &str = "manifest.json";
+/// Alignment of every plane and file in a shard.
+const ALIGN: usize = 4;
+/// Bytes read at a time by [`verify`].
+const VERIFY_CHUNK: u64 = 4 << 20;
+
+/// Components whose tensors a pack holds, in pack order.
+const WEIGHT_COMPONENTS: [&str; 4] = ["text_encoder", "text_encoder_2", "unet", "vae"];
+/// Components of model_index.json the engine reads (the others are refused or skipped, see [`convert`]).
+const KNOWN_COMPONENTS: [&str; 7] = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler"];
+/// Components every SDXL model (base or refiner) has.
+const REQUIRED_COMPONENTS: [&str; 5] = ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"];
+
+// ------------------------------------------------------------------------------------------------
+// Manifest
+// ------------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ModelKind {
+    #[serde(rename = "sdxl-base")]
+    Base,
+    /// model_index.json's `requires_aesthetics_score`.
+    #[serde(rename = "sdxl-refiner")]
+    Refiner,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    F16,
+    F32,
+    Q8,
+    Q4,
+}
+
+impl Storage {
+    fn quant_format(self) -> Option<QuantFormat> {
+        match self {
+            Storage::Q8 => Some(QuantFormat::Q8),
+            Storage::Q4 => Some(QuantFormat::Q4),
+            Storage::F16 | Storage::F32 => None,
+        }
+    }
+}
+
+/// A byte range of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub shard: u32,
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// `shards/NNNNN.bin`, NNNNN its index.
+    pub path: String,
+    pub bytes: u64,
+    /// Lowercase hex.
+    pub sha256: String,
+}
+
+/// A small file of the source folder, stored in the shards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackTensor {
+    /// Component-qualified: `unet/conv_in.weight`.
+    pub name: String,
+    pub storage: Storage,
+    /// The tensor's logical shape (as in the source safetensors).
+    pub shape: Vec<usize>,
+    /// Quantized entries: the matrix the planes describe (rows = shape[0], cols = the rest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<usize>,
+    /// Dense values (f16 / f32), or the quantized codes (u32 words).
+    pub data: Vec<Segment>,
+    /// Quantized entries: f16 block scales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scales: Option<Vec<Segment>>,
+    /// Q4 entries: f16 block mins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mins: Option<Vec<Segment>>,
+}
+
+impl PackTensor {
+    /// Bytes of all planes.
+    pub fn bytes(&self) -> u64 {
+        let sum = |s: &[Segment]| s.iter().map(|s| s.length).sum::<u64>();
+        sum(&self.data) + self.scales.as_deref().map_or(0, sum) + self.mins.as_deref().map_or(0, sum)
+    }
+
+    fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+mod preset_name {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+
+    use crate::quant::QuantPreset;
+
+    pub fn name(p: QuantPreset) -> &'static str {
+        match p {
+            QuantPreset::F16 => "f16",
+            QuantPreset::Q8 => "q8",
+            QuantPreset::Q4 => "q4",
+        }
+    }
+    pub fn serialize<S: Serializer>(p: &QuantPreset, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(name(*p))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<QuantPreset, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.as_str() {
+            "f16" => Ok(QuantPreset::F16),
+            "q8" => Ok(QuantPreset::Q8),
+            "q4" => Ok(QuantPreset::Q4),
+            _ => Err(D::Error::custom(format!("unknown quant preset '{s}' (expected f16, q8 or q4)"))),
+        }
+    }
+}
+
+/// The name of a preset as the CLI and the manifest write it.
+pub fn preset_name(p: QuantPreset) -> &'static str {
+    preset_name::name(p)
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Always [`VERSION`].
+    pub version: u32,
+    pub model: ModelKind,
+    /// The preset the converter applied (text encoders and UNet; the VAE is always dense).
+    #[serde(with = "preset_name")]
+    pub quant: QuantPreset,
+    /// The shard size limit the pack was written with (every shard but the last is this long).
+    pub shard_bytes: u64,
+    pub shards: Vec<Shard>,
+    pub files: Vec<PackFile>,
+    pub tensors: Vec<PackTensor>,
+}
+
+impl Manifest {
+    /// Total bytes of all shards.
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+}
+
+/// The path of shard `i`.
+pub fn shard_path(i: usize) -> String {
+    format!("shards/{i:05}.bin")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// A validated manifest with its look-up tables: what [`Source::pack`] returns.
+#[derive(Debug)]
+pub struct Pack {
+    manifest: Manifest,
+    /// describe(manifest.json) of the source holding the pack, for errors.
+    location: String,
+    files: HashMap<String, usize>,
+    /// component → (name within the component → index in manifest.tensors).
+    components: HashMap<String, HashMap<String, usize>>,
+}
+
+impl Pack {
+    /// Reads and validates `manifest.json` of `source`, and checks that every shard has the
+    /// length the manifest gives (a truncated or missing shard is reported here, by name).
+    pub async fn load(source: &impl Source) -> Result<Pack> {
+        let location = source.describe(MANIFEST);
+        if !source.exists(MANIFEST).await {
+            return Err(Error::Io { path: location, message: "not a model pack (no manifest.json)".into() });
+        }
+        let bytes = source.read(MANIFEST).await?;
+        let pack = Pack::from_manifest_bytes(&bytes, location)?;
+        for shard in &pack.manifest.shards {
+            let len = source.len(&shard.path).await?;
+            if len != shard.bytes {
+                return Err(Error::Io {
+                    path: source.describe(&shard.path),
+                    message: format!("shard is {len} bytes, the manifest says {} (truncated or replaced?)", shard.bytes),
+                });
+            }
+        }
+        Ok(pack)
+    }
+
+    /// Parses and validates a manifest; `location` names it in errors.
+    pub fn from_manifest_bytes(bytes: &[u8], location: String) -> Result<Pack> {
+        let bad = |message: String| Error::Config { path: location.clone(), message };
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let format = value.get("format").and_then(|v| v.as_str());
+        if format != Some(FORMAT) {
+            return Err(bad(format!("format {} is not \"{FORMAT}\" (not a model pack)", value.get("format").map_or("missing".into(), |v| v.to_string()))));
+        }
+        match value.get("version").and_then(|v| v.as_u64()) {
+            Some(v) if v == VERSION as u64 => {}
+            other => {
+                let got = other.map_or_else(|| value.get("version").map_or("missing".into(), |v| v.to_string()), |v| v.to_string());
+                return Err(bad(format!("pack version {got} is not supported (this build reads version {VERSION}); convert the model again")));
+            }
+        }
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| bad(format!("invalid manifest: {e}")))?;
+        Pack::new(manifest, location)
+    }
+
+    /// Validates `manifest` (segments inside their shards and aligned, plane sizes matching each
+    /// entry's storage and shape, unique names) and indexes it.
+    pub fn new(manifest: Manifest, location: String) -> Result<Pack> {
+        let bad = |message: String| Error::Config { path: location.clone(), message };
+        if manifest.shard_bytes == 0 || manifest.shard_bytes > SHARD_BYTES {
+            return Err(bad(format!("shard_bytes {} is not in 1..={SHARD_BYTES}", manifest.shard_bytes)));
+        }
+        for (i, s) in manifest.shards.iter().enumerate() {
+            if s.path != shard_path(i) {
+                return Err(bad(format!("shard {i} is named '{}', expected '{}'", s.path, shard_path(i))));
+            }
+            if s.bytes > manifest.shard_bytes {
+                return Err(bad(format!("{} is {} bytes, more than shard_bytes {}", s.path, s.bytes, manifest.shard_bytes)));
+            }
+            if s.sha256.len() != 64 || !s.sha256.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+                return Err(bad(format!("{}: sha256 '{}' is not 64 lowercase hex digits", s.path, s.sha256)));
+            }
+        }
+        let check_segments = |what: &str, segments: &[Segment], expected: u64| -> Result<()> {
+            let mut total = 0u64;
+            for s in segments {
+                let shard = manifest.shards.get(s.shard as usize).ok_or_else(|| bad(format!("{what}: segment in shard {} of {}", s.shard, manifest.shards.len())))?;
+                if s.offset % ALIGN as u64 != 0 || s.length == 0 || s.offset.checked_add(s.length).is_none_or(|e| e > shard.bytes) {
+                    return Err(bad(format!("{what}: segment {s:?} is empty, unaligned or outside {} ({} bytes)", shard.path, shard.bytes)));
+                }
+                total += s.length;
+            }
+            if total != expected {
+                return Err(bad(format!("{what}: segments hold {total} bytes, expected {expected}")));
+            }
+            Ok(())
+        };
+        let mut files = HashMap::new();
+        for (i, f) in manifest.files.iter().enumerate() {
+            if f.path.is_empty() || f.path.starts_with('/') || f.path.split('/').any(|p| p == ".." || p.is_empty()) || f.path == MANIFEST || f.path.starts_with("shards/") {
+                return Err(bad(format!("file path '{}' is not allowed in a pack", f.path)));
+            }
+            check_segments(&f.path, &f.segments, f.bytes)?;
+            if files.insert(f.path.clone(), i).is_some() {
+                return Err(bad(format!("file '{}' is listed twice", f.path)));
+            }
+        }
+        let mut components: HashMap<String, HashMap<String, usize>> = HashMap::new();
+        for (i, t) in manifest.tensors.iter().enumerate() {
+            let (component, name) = t.name.split_once('/').filter(|(c, n)| !c.is_empty() && !n.is_empty()).ok_or_else(|| bad(format!("tensor name '{}' is not component/name", t.name)))?;
+            let numel = t.numel();
+            match t.storage.quant_format() {
+                None => {
+                    if t.rows.is_some() || t.cols.is_some() || t.scales.is_some() || t.mins.is_some() {
+                        return Err(bad(format!("{}: a dense entry has rows/cols/scales/mins", t.name)));
+                    }
+                    let size = if t.storage == Storage::F16 { 2 } else { 4 };
+                    check_segments(&t.name, &t.data, numel * size)?;
+                }
+                Some(format) => {
+                    let (rows, cols) = (t.rows.unwrap_or(0), t.cols.unwrap_or(0));
+                    if t.shape.len() < 2 || Some(rows) != t.shape.first().copied() || (rows * cols) as u64 != numel {
+                        return Err(bad(format!("{}: {:?} [{rows}, {cols}] does not match shape {:?}", t.name, t.storage, t.shape)));
+                    }
+                    let blocks = (rows * cols.div_ceil(BLOCK)) as u64;
+                    check_segments(&format!("{} data", t.name), &t.data, blocks * format.words_per_block() as u64 * 4)?;
+                    let scales = t.scales.as_deref().ok_or_else(|| bad(format!("{}: no scales", t.name)))?;
+                    check_segments(&format!("{} scales", t.name), scales, blocks * 2)?;
+                    match (format, t.mins.as_deref()) {
+                        (QuantFormat::Q4, Some(mins)) => check_segments(&format!("{} mins", t.name), mins, blocks * 2)?,
+                        (QuantFormat::Q8, None) => {}
+                        _ => return Err(bad(format!("{}: mins must be given for q4 and only for q4", t.name))),
+                    }
+                }
+            }
+            if components.entry(component.to_string()).or_default().insert(name.to_string(), i).is_some() {
+                return Err(bad(format!("tensor '{}' is listed twice", t.name)));
+            }
+        }
+        Ok(Pack { manifest, location, files, components })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The tensors of component `dir` (`unet`, `text_encoder`, ...).
+    pub(crate) fn component<'a>(&'a self, dir: &str) -> Result<PackComponent<'a>> {
+        let (dir, tensors) = self.components.get_key_value(dir).ok_or_else(|| Error::Io {
+            path: self.location.clone(),
+            message: format!("the pack has no tensors for component '{dir}'"),
+        })?;
+        Ok(PackComponent { pack: self, dir, tensors })
+    }
+
+    fn file(&self, path: &str) -> Option<&PackFile> {
+        self.files.get(path).map(|&i| &self.manifest.files[i])
+    }
+
+    /// Reads bytes `start..end` of a plane made of `segments` (only the segments it overlaps).
+    async fn read_plane(&self, source: &impl Source, segments: &[Segment], start: u64, end: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let mut pos = 0u64;
+        for s in segments {
+            let (a, b) = (pos, pos + s.length);
+            pos = b;
+            let (lo, hi) = (start.max(a), end.min(b));
+            if lo < hi {
+                let path = &self.manifest.shards[s.shard as usize].path;
+                let bytes = source.read_range(path, s.offset + lo - a, s.offset + hi - a).await?;
+                if bytes.len() as u64 != hi - lo {
+                    return Err(Error::Io { path: source.describe(path), message: format!("read {} bytes, asked for {}", bytes.len(), hi - lo) });
+                }
+                out.extend_from_slice(&bytes);
+            }
+        }
+        if out.len() as u64 != end - start {
+            return Err(Error::Io { path: self.location.clone(), message: format!("bytes {start}..{end} lie outside a {pos}-byte plane") });
+        }
+        Ok(out)
+    }
+
+    async fn read_whole(&self, source: &impl Source, segments: &[Segment]) -> Result<Vec<u8>> {
+        let total = segments.iter().map(|s| s.length).sum();
+        self.read_plane(source, segments, 0, total).await
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Loading
+// ------------------------------------------------------------------------------------------------
+
+/// A pack seen as a model folder: the small files by their original paths, the tensors through
+/// [`Weights`]. `manifest.json` and `shards/*` are passed through to the inner source.
+pub struct PackSource<S: Source> {
+    inner: S,
+    pack: Pack,
+}
+
+impl<S: Source> PackSource<S> {
+    /// Reads and validates the manifest of the pack that `inner` holds.
+    pub async fn open(inner: S) -> Result<PackSource<S>> {
+        let pack = Pack::load(&inner).await?;
+        Ok(PackSource { inner, pack })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.pack.manifest
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn passthrough(path: &str) -> bool {
+        path == MANIFEST || path.starts_with("shards/")
+    }
+}
+
+impl<S: Source> Source for PackSource<S> {
+    fn describe(&self, path: &str) -> String {
+        if Self::passthrough(path) {
+            self.inner.describe(path)
+        } else {
+            format!("{path} (in the pack {})", self.inner.describe(""))
+        }
+    }
+    async fn exists(&self, path: &str) -> bool {
+        if Self::passthrough(path) {
+            self.inner.exists(path).await
+        } else {
+            self.pack.file(path).is_some()
+        }
+    }
+    async fn len(&self, path: &str) -> Result<u64> {
+        if Self::passthrough(path) {
+            return self.inner.len(path).await;
+        }
+        self.pack.file(path).map(|f| f.bytes).ok_or_else(|| Error::Io { path: self.describe(path), message: "no such file in the pack".into() })
+    }
+    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>> {
+        if Self::passthrough(path) {
+            return self.inner.read_range(path, start, end).await;
+        }
+        let file = self.pack.file(path).ok_or_else(|| Error::Io { path: self.describe(path), message: "no such file in the pack".into() })?;
+        if start > end || end > file.bytes {
+            return Err(Error::Io { path: self.describe(path), message: format!("bytes {start}..{end} out of range of {}", file.bytes) });
+        }
+        // Small files: read whole, so that the checksum can be verified.
+        let bytes = self.pack.read_whole(&self.inner, &file.segments).await?;
+        let sum = sha256_hex(&bytes);
+        if sum != file.sha256 {
+            return Err(Error::Io {
+                path: self.describe(path),
+                message: format!("sha256 {sum} does not match the manifest's {} (corrupt pack)", file.sha256),
+            });
+        }
+        Ok(bytes[start as usize..end as usize].to_vec())
+    }
+    fn pack(&self) -> Option<&Pack> {
+        Some(&self.pack)
+    }
+}
+
+/// One component's entries, as [`Weights`] reads them from a pack.
+#[derive(Clone, Copy)]
+pub(crate) struct PackComponent<'a> {
+    pack: &'a Pack,
+    dir: &'a str,
+    tensors: &'a HashMap<String, usize>,
+}
+
+impl<'a> PackComponent<'a> {
+    pub fn names(&self) -> Vec<&'a str> {
+        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn error(&self, name: &str, message: String) -> Error {
+        Error::Tensor { path: self.pack.location.clone(), tensor: format!("{}/{name}", self.dir), message }
+    }
+
+    fn entry(&self, name: &str) -> Result<&'a PackTensor> {
+        self.tensors
+            .get(name)
+            .map(|&i| &self.pack.manifest.tensors[i])
+            .ok_or_else(|| self.error(name, "missing (is this the right model pack?)".into()))
+    }
+
+    pub fn shape(&self, name: &str) -> Result<&'a [usize]> {
+        Ok(&self.entry(name)?.shape)
+    }
+
+    /// The dtype dense entries decode from; quantized entries have none.
+    pub fn dtype(&self, name: &str) -> Result<Dtype> {
+        match self.entry(name)?.storage {
+            Storage::F16 => Ok(Dtype::F16),
+            Storage::F32 => Ok(Dtype::F32),
+            s => Err(self.error(name, format!("stored {s:?} (quantized), not in one dtype"))),
+        }
+    }
+
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<&'a PackTensor> {
+        let t = self.entry(name)?;
+        if t.shape != shape {
+            return Err(self.error(name, format!("shape {:?}, the config implies {shape:?}", t.shape)));
+        }
+        Ok(t)
+    }
+
+    async fn quantized(&self, source: &impl Source, t: &PackTensor, format: QuantFormat) -> Result<QuantizedTensor> {
+        let data = self.pack.read_whole(source, &t.data).await?;
+        let scales = self.pack.read_whole(source, t.scales.as_deref().unwrap_or_default()).await?;
+        let mins = self.pack.read_whole(source, t.mins.as_deref().unwrap_or_default()).await?;
+        let halves = |b: Vec<u8>| b.chunks_exact(2).map(|h| f16::from_le_bytes([h[0], h[1]])).collect::<Vec<_>>();
+        Ok(QuantizedTensor {
+            format,
+            rows: t.rows.unwrap_or(0),
+            cols: t.cols.unwrap_or(0),
+            data: data.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect(),
+            scales: halves(scales),
+            mins: halves(mins),
+        })
+    }
+
+    /// The entry as (dtype, little-endian bytes); quantized entries are dequantized to F32.
+    async fn dense(&self, source: &impl Source, t: &PackTensor) -> Result<(Dtype, Vec<u8>)> {
+        match t.storage.quant_format() {
+            None => Ok((if t.storage == Storage::F16 { Dtype::F16 } else { Dtype::F32 }, self.pack.read_whole(source, &t.data).await?)),
+            Some(format) => {
+                let q = self.quantized(source, t, format).await?;
+                Ok((Dtype::F32, bytemuck::cast_slice(&dequantize(&q)).to_vec()))
+            }
+        }
+    }
+
+    pub async fn host(&self, source: &impl Source, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.checked(name, shape)?;
+        let (dtype, bytes) = self.dense(source, t).await?;
+        Ok(safetensors::to_f32(dtype, &bytes))
+    }
+
+    pub async fn tensor(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.checked(name, shape)?;
+        let (dtype, bytes) = self.dense(source, t).await?;
+        upload_dense(gpu, dtype, &bytes, shape, name).map_err(|e| self.error(name, e.to_string()))
+    }
+
+    pub async fn tensor_rows(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: [usize; 2]) -> Result<Vec<Tensor>> {
+        let t = self.checked(name, &shape)?;
+        let [rows, dim] = shape;
+        let per_chunk = (gpu.max_binding_bytes() / ((dim * gpu.dtype.size()) as u64).max(1)).max(1) as usize;
+        let mut chunks = Vec::new();
+        if t.storage.quant_format().is_some() {
+            let values = self.host(source, name, &shape).await?;
+            for r0 in (0..rows).step_by(per_chunk) {
+                let n = per_chunk.min(rows - r0);
+                let chunk = gpu.upload_as(&values[r0 * dim..(r0 + n) * dim], &[n, dim], gpu.dtype, name).map_err(|e| self.error(name, e.to_string()))?;
+                chunks.push(chunk);
+            }
+            return Ok(chunks);
+        }
+        let (dtype, size) = if t.storage == Storage::F16 { (Dtype::F16, 2) } else { (Dtype::F32, 4) };
+        let src_row = (dim * size) as u64;
+        for r0 in (0..rows).step_by(per_chunk) {
+            let n = per_chunk.min(rows - r0);
+            let start = r0 as u64 * src_row;
+            let bytes = self.pack.read_plane(source, &t.data, start, start + n as u64 * src_row).await?;
+            chunks.push(upload_dense(gpu, dtype, &bytes, &[n, dim], name).map_err(|e| self.error(name, e.to_string()))?);
+        }
+        Ok(chunks)
+    }
+
+    /// Quantized entries upload as stored ([`Weight::Quant`]); dense ones as [`Weight::Dense`].
+    pub async fn matrix(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Weight> {
+        let t = self.checked(name, shape)?;
+        match t.storage.quant_format() {
+            None => Ok(Weight::Dense(self.tensor(source, gpu, name, shape).await?)),
+            Some(format) => {
+                let q = self.quantized(source, t, format).await?;
+                let uploaded = QuantTensor::upload(gpu, &q, &format!("{}/{name}", self.dir)).map_err(|e| self.error(name, e.to_string()))?;
+                Ok(Weight::Quant(uploaded))
+            }
+        }
+    }
+}
+
+/// Uploads dense little-endian f16 / f32 bytes in the GPU's working dtype.
+fn upload_dense(gpu: &Gpu, dtype: Dtype, bytes: &[u8], shape: &[usize], name: &str) -> Result<Tensor> {
+    match dtype {
+        Dtype::F16 if gpu.dtype == DType::F16 => {
+            let halves: Vec<f16> = bytes.chunks_exact(2).map(|h| f16::from_le_bytes([h[0], h[1]])).collect();
+            gpu.upload_f16(&halves, shape, name)
+        }
+        _ => gpu.upload_as(&safetensors::to_f32(dtype, bytes), shape, gpu.dtype, name),
+    }
+}
+
+/// Checks every shard of the pack that `source` holds against the manifest's length and sha256,
+/// reading [`VERIFY_CHUNK`] bytes at a time. The error names the first bad shard.
+pub async fn verify(source: &impl Source) -> Result<()> {
+    let pack = Pack::load(source).await?;
+    for shard in &pack.manifest.shards {
+        let mut hasher = Sha256::new();
+        let mut pos = 0;
+        while pos < shard.bytes {
+            let end = (pos + VERIFY_CHUNK).min(shard.bytes);
+            hasher.update(source.read_range(&shard.path, pos, end).await?);
+            pos = end;
+        }
+        let sum = hex(&hasher.finalize());
+        if sum != shard.sha256 {
+            return Err(Error::Io {
+                path: source.describe(&shard.path),
+                message: format!("sha256 {sum} does not match the manifest's {} (corrupt shard)", shard.sha256),
+            });
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Converting
+// ------------------------------------------------------------------------------------------------
+
+/// Where a converter writes a pack: shards in order, then `manifest.json` last (a pack without a
+/// manifest is incomplete).
+#[allow(async_fn_in_trait)]
+pub trait PackSink {
+    async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()>;
+}
+
+impl PackSink for MemorySource {
+    async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()> {
+        self.insert(path, bytes.to_vec());
+        Ok(())
+    }
+}
+
+/// Cuts a byte stream into shards of at most `shard_bytes`, aligning every write to 4 bytes.
+struct ShardWriter<'k, K: PackSink> {
+    sink: &'k mut K,
+    shard_bytes: u64,
+    current: Vec<u8>,
+    shards: Vec<Shard>,
+    on_shard: &'k mut dyn FnMut(&str),
+}
+
+impl<K: PackSink> ShardWriter<'_, K> {
+    async fn flush(&mut self) -> Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let path = shard_path(self.shards.len());
+        self.sink.write(&path, &self.current).await?;
+        self.shards.push(Shard { path, bytes: self.current.len() as u64, sha256: sha256_hex(&self.current) });
+        let total: u64 = self.shards.iter().map(|s| s.bytes).sum();
+        (self.on_shard)(&format!("  {} ({:.1} MiB written)", self.shards.last().unwrap().path, total as f64 / 1048576.0));
+        self.current.clear();
+        Ok(())
+    }
+
+    /// Appends `bytes` at the next aligned offset, continuing in new shards as each fills.
+    async fn write(&mut self, bytes: &[u8]) -> Result<Vec<Segment>> {
+        self.current.resize(self.current.len().next_multiple_of(ALIGN), 0);
+        let mut segments = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            if self.current.len() as u64 >= self.shard_bytes {
+                self.flush().await?;
+            }
+            let n = ((self.shard_bytes - self.current.len() as u64) as usize).min(rest.len());
+            segments.push(Segment { shard: self.shards.len() as u32, offset: self.current.len() as u64, length: n as u64 });
+            self.current.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+        Ok(segments)
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / 1048576.0)
+}
+
+/// The small files a component needs: (path, required).
+fn component_files(component: &str) -> Vec<(String, bool)> {
+    match component {
+        "scheduler" => vec![("scheduler/scheduler_config.json".into(), true)],
+        "tokenizer" | "tokenizer_2" => [("vocab.json", true), ("merges.txt", true), ("tokenizer_config.json", false), ("special_tokens_map.json", false)]
+            .iter()
+            .map(|(f, r)| (format!("{component}/{f}"), *r))
+            .collect(),
+        _ => vec![(format!("{component}/config.json"), true)],
+    }
+}
+
+/// Whether `name` (without its component) of `component` is stored quantized under `preset`, and how.
+pub fn storage_format(preset: QuantPreset, component: &str, name: &str, shape: &[usize]) -> Option<QuantFormat> {
+    // The VAE always stays dense; embedding tables (text_model.embeddings.*) are read by row.
+    if component == "vae" || shape.len() < 2 || !name.ends_with(".weight") || name.contains("embeddings.") {
+        return None;
+    }
+    preset.format_for(name, shape[1..].iter().product())
+}
+
+/// Converts the diffusers-layout model that `source` holds into a pack written to `sink`, with
+/// the text encoders' and UNet's weight matrices stored as `preset` says (see [`storage_format`];
+/// the VAE stays dense) and every other tensor dense f16 (f32 if a value exceeds f16's range).
+/// One tensor is held in memory at a time, plus the shard being filled. `progress` gets one line
+/// per component and per shard written.
+///
+/// Refuses: a source without model_index.json, a pipeline class other than StableDiffusionXL*,
+/// a declared component whose folder (config / tokenizer files / weights) is missing, a missing
+/// SDXL component, integer tensors (other than the unused `position_ids` buffers, which are
+/// skipped), a source that is itself a pack, and `shard_bytes` that is not a positive multiple of 4
+/// up to [`SHARD_BYTES`].
+pub async fn convert<S: Source, K: PackSink>(
+    source: &S,
+    preset: QuantPreset,
+    shard_bytes: u64,
+    sink: &mut K,
+    mut progress: impl FnMut(&str),
+) -> Result<Manifest> {
+    if shard_bytes == 0 || !shard_bytes.is_multiple_of(ALIGN as u64) || shard_bytes > SHARD_BYTES {
+        return Err(Error::InvalidParameter(format!("shard size {shard_bytes} must be a positive multiple of {ALIGN} up to {SHARD_BYTES}")));
+    }
+    if source.pack().is_some() || (source.exists(MANIFEST).await && !source.exists("model_index.json").await) {
+        return Err(Error::InvalidParameter(format!("{} is already a model pack; convert reads a diffusers model folder", source.describe(""))));
+    }
+    let index_path = "model_index.json";
+    if !source.exists(index_path).await {
+        return Err(Error::Config {
+            path: source.describe(index_path),
+            message: "missing: not a diffusers model folder (expected model_index.json, unet/, vae/, ...)".into(),
+        });
+    }
+    let index: serde_json::Value = crate::weights::read_json(source, index_path).await?;
+    let bad = |message: String| Error::Config { path: source.describe(index_path), message };
+    let map = index.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+    let class = map.get("_class_name").and_then(|v| v.as_str()).unwrap_or("");
+    if !class.starts_with("StableDiffusionXL") {
+        return Err(bad(format!("pipeline class '{class}' is not a Stable Diffusion XL pipeline (StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline)")));
+    }
+    let declared = |c: &str| matches!(map.get(c), Some(serde_json::Value::Array(a)) if !a.is_empty() && a.iter().all(|v| !v.is_null()));
+    for c in REQUIRED_COMPONENTS {
+        if !declared(c) {
+            return Err(bad(format!("the model has no {c} (every SDXL base and refiner has {})", REQUIRED_COMPONENTS.join(", "))));
+        }
+    }
+    for (key, _) in map.iter().filter(|(k, _)| !k.starts_with('_') && !KNOWN_COMPONENTS.contains(&k.as_str())) {
+        if declared(key) {
+            progress(&format!("note: skipping component '{key}' (not used by this engine)"));
+        }
+    }
+    let kind = if map.get("requires_aesthetics_score").and_then(|v| v.as_bool()).unwrap_or(false) { ModelKind::Refiner } else { ModelKind::Base };
+    let components: Vec<&str> = KNOWN_COMPONENTS.iter().copied().filter(|c| declared(c)).collect();
+
+    // Everything that can be refused is checked before anything is written.
+    let mut files = vec![(index_path.to_string(), true)];
+    for c in &components {
+        files.extend(component_files(c));
+    }
+    let mut small = Vec::new();
+    for (path, required) in files {
+        if source.exists(&path).await {
+            small.push(path);
+        } else if required {
+            let component = path.split('/').next().unwrap_or_default();
+            return Err(Error::Io {
+                path: source.describe(&path),
+                message: format!("missing: model_index.json declares '{component}' but its folder lacks this file"),
+            });
+        }
+    }
+    let mut weights = Vec::new();
+    for c in WEIGHT_COMPONENTS.iter().copied().filter(|c| components.contains(c)) {
+        let w = Weights::open(source, c, false).await?;
+        for name in w.names() {
+            let dtype = w.dtype(name)?;
+            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) && !name.ends_with("position_ids") {
+                return Err(Error::Tensor {
+                    path: source.describe(c),
+                    tensor: name.to_string(),
+                    message: format!("dtype {dtype:?} is not supported (weights must be F32, F16 or BF16)"),
+                });
+            }
+        }
+        weights.push((c, w));
+    }
+
+    let mut on_shard = |line: &str| progress(line);
+    let mut out = ShardWriter { sink, shard_bytes, current: Vec::new(), shards: Vec::new(), on_shard: &mut on_shard };
+    let mut pack_files = Vec::new();
+    let mut small_bytes = 0;
+    for path in &small {
+        let bytes = source.read(path).await?;
+        small_bytes += bytes.len() as u64;
+        let segments = out.write(&bytes).await?;
+        pack_files.push(PackFile { path: path.clone(), bytes: bytes.len() as u64, sha256: sha256_hex(&bytes), segments });
+    }
+    (out.on_shard)(&format!("files: {} small files, {}", pack_files.len(), mib(small_bytes)));
+
+    let mut tensors = Vec::new();
+    for (c, w) in &weights {
+        let (mut read, mut written, mut counts) = (0u64, 0u64, HashMap::<Storage, usize>::new());
+        let mut skipped = Vec::new();
+        for name in w.names() {
+            let dtype = w.dtype(name)?;
+            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                skipped.push(name);
+                continue;
+            }
+            let shape = w.shape(name)?.to_vec();
+            let values = w.host(name, &shape).await?;
+            read += (values.len() * dtype.size()) as u64;
+            let full = format!("{c}/{name}");
+            let entry = match storage_format(preset, c, name, &shape) {
+                Some(format) => {
+                    let (rows, cols) = (shape[0], shape[1..].iter().product());
+                    let q = quantize(&values, rows, cols, format).map_err(|e| Error::Tensor { path: source.describe(c), tensor: name.to_string(), message: e.to_string() })?;
+                    let data = out.write(bytemuck::cast_slice(&q.data)).await?;
+                    let scales = Some(out.write(bytemuck::cast_slice(&q.scales)).await?);
+                    let mins = if format == QuantFormat::Q4 { Some(out.write(bytemuck::cast_slice(&q.mins)).await?) } else { None };
+                    let storage = if format == QuantFormat::Q8 { Storage::Q8 } else { Storage::Q4 };
+                    PackTensor { name: full, storage, shape, rows: Some(rows), cols: Some(cols), data, scales, mins }
+                }
+                None => {
+                    let fits_f16 = values.iter().all(|&v| !v.is_finite() || f16::from_f32(v).is_finite());
+                    let (storage, data) = if fits_f16 {
+                        let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                        (Storage::F16, out.write(bytemuck::cast_slice(&halves)).await?)
+                    } else {
+                        (Storage::F32, out.write(bytemuck::cast_slice(&values)).await?)
+                    };
+                    PackTensor { name: full, storage, shape, rows: None, cols: None, data, scales: None, mins: None }
+                }
+            };
+            written += entry.bytes();
+            *counts.entry(entry.storage).or_default() += 1;
+            tensors.push(entry);
+        }
+        let count = |s: Storage| counts.get(&s).copied().unwrap_or(0);
+        let mut line = format!(
+            "{c}: {} tensors ({} f16, {} f32, {} q8, {} q4), {} read, {} written",
+            count(Storage::F16) + count(Storage::F32) + count(Storage::Q8) + count(Storage::Q4),
+            count(Storage::F16),
+            count(Storage::F32),
+            count(Storage::Q8),
+            count(Storage::Q4),
+            mib(read),
+            mib(written)
+        );
+        if !skipped.is_empty() {
+            line += &format!("; skipped unused integer buffers {}", skipped.join(", "));
+        }
+        (out.on_shard)(&line);
+    }
+    out.flush().await?;
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: VERSION,
+        model: kind,
+        quant: preset,
+        shard_bytes,
+        shards: std::mem::take(&mut out.shards),
+        files: pack_files,
+        tensors,
+    };
+    // The manifest this build writes must be one it reads.
+    Pack::new(manifest.clone(), MANIFEST.into())?;
+    let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
+    out.sink.write(MANIFEST, &json).await?;
+    Ok(manifest)
+}
+
+/// Options of [`convert_dir`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConvertOptions {
+    pub quant: QuantPreset,
+    /// Shard size limit: [`SHARD_BYTES`]; tests use small ones so that planes cross shards.
+    pub shard_bytes: u64,
+    /// Replace a pack already in the output folder.
+    pub force: bool,
+}
+
+impl ConvertOptions {
+    pub fn new(quant: QuantPreset) -> ConvertOptions {
+        ConvertOptions { quant, shard_bytes: SHARD_BYTES, force: false }
+    }
+}
+
+/// Writes a pack into a folder.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DirSink {
+    root: std::path::PathBuf,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl DirSink {
+    pub fn new(root: impl Into<std::path::PathBuf>) -> DirSink {
+        DirSink { root: root.into() }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl PackSink for DirSink {
+    async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()> {
+        let target = self.root.join(path);
+        let io = |e: std::io::Error| Error::Io { path: target.display().to_string(), message: e.to_string() };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&target, bytes).map_err(io)
+    }
+}
+
+/// `sdxl convert`: the diffusers folder `from` to a pack in the folder `out`.
+///
+/// `out` must be missing or empty; with `force`, a folder holding only a pack (manifest.json,
+/// shards/) is replaced. On failure, what was written is removed again.
+#[cfg(not(target_arch = "wasm32"))]
+pub async fn convert_dir(from: &std::path::Path, out: &std::path::Path, options: &ConvertOptions, progress: impl FnMut(&str)) -> Result<Manifest> {
+    use crate::weights::DirSource;
+    let io = |path: &std::path::Path, e: std::io::Error| Error::Io { path: path.display().to_string(), message: e.to_string() };
+    if !from.is_dir() {
+        return Err(Error::Io { path: from.display().to_string(), message: "not a folder (--from must be a diffusers model folder)".into() });
+    }
+    let existed = out.exists();
+    if existed {
+        if !out.is_dir() {
+            return Err(Error::Io { path: out.display().to_string(), message: "exists and is not a folder".into() });
+        }
+        let entries: Vec<String> = std::fs::read_dir(out)
+            .map_err(|e| io(out, e))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| io(out, e))?;
+        if !entries.is_empty() {
+            let only_pack = entries.iter().all(|e| e == MANIFEST || e == "shards");
+            if !options.force {
+                let hint = if only_pack { " (it holds a pack: --force replaces it)" } else { "" };
+                return Err(Error::Io { path: out.display().to_string(), message: format!("output folder exists and is not empty{hint}") });
+            }
+            if !only_pack {
+                return Err(Error::Io {
+                    path: out.display().to_string(),
+                    message: format!("output folder holds files other than a pack ({}); not replacing it, even with --force", entries.join(", ")),
+                });
+            }
+        }
+    }
+    let clean = || {
+        let _ = std::fs::remove_file(out.join(MANIFEST));
+        let _ = std::fs::remove_dir_all(out.join("shards"));
+    };
+    clean();
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let source = DirSource::new(from);
+    let mut sink = DirSink::new(out);
+    let result = convert(&source, options.quant, options.shard_bytes, &mut sink, progress).await;
+    if result.is_err() {
+        clean();
+        if !existed {
+            let _ = std::fs::remove_dir(out);
+        }
+    }
+    result
+}
