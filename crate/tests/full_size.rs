@@ -16,11 +16,14 @@
 //! XDG_RUNTIME_DIR=/tmp cargo test --release --test full_size -- --ignored --nocapture
 //! ```
 //!
-//! Measured on lavapipe (2 cores shared with other builds, f16): base load 36 s + forward 37 min,
-//! refiner load 27 s + forward 17 min; peak RSS 10.2 GB. The weights are 5.1 GB (base) and 4.5 GB
-//! (refiner) in f16; the RSS is twice that because `queue.write_buffer` stages every upload until
-//! the next submit and loading submits nothing, so all staging copies are alive at once. The two
-//! tests take a lock so that only one model is resident at a time.
+//! Measured on lavapipe (2 cores shared with other builds, f16): base load 36 s + forward 22-37
+//! min, refiner load 25 s + forward 11-17 min (the spread is CPU contention); peak RSS 10.4 GB.
+//! The weights are 5.1 GB (base) and 4.5 GB (refiner) in f16. The RSS is twice that because
+//! `queue.write_buffer` stages every upload and loading submits nothing: RSS is 5.3 GB when the
+//! load has been recorded, 10.4 GB once the first submit has copied it into the buffers, and stays
+//! there (probably because lavapipe has one memory type, so freed staging space stays in
+//! allocator blocks shared with the weights). The two tests take a lock so that only one model is
+//! resident at a time.
 #![cfg(not(target_arch = "wasm32"))]
 
 use std::cell::RefCell;
@@ -178,6 +181,16 @@ impl Source for VirtualModel {
     }
 }
 
+/// Resident and peak memory of this process (Linux), for the log.
+fn memory() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        let kb = status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok());
+        kb.map_or("?".into(), |kb| format!("{:.2} GB", kb * 1024.0 / 1e9))
+    };
+    format!("RSS {}, peak {}", field("VmRSS:"), field("VmHWM:"))
+}
+
 /// Deterministic inputs in ±`scale`.
 fn input(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     (0..n as u64).map(|i| scale * uniform(splitmix(seed) ^ i)).collect()
@@ -214,6 +227,7 @@ fn smoke(which: &str, context_width: usize, time_ids: [&[f32]; 2]) {
 
         let t0 = Instant::now();
         let unet = UNet2DConditionModel::load(&gpu, &source, "unet").await.unwrap_or_else(|e| panic!("{which}: load failed: {e}"));
+        println!("{which}: load recorded (nothing submitted yet): {}", memory());
         // Every tensor diffusers has must have been read by the loader (none silently unused).
         let reads = source.reads.borrow();
         let unread: Vec<&str> = source.tensors.iter().zip(reads.iter()).filter(|(_, &n)| n == 0).map(|(t, _)| t.name.as_str()).collect();
@@ -228,7 +242,7 @@ fn smoke(which: &str, context_width: usize, time_ids: [&[f32]; 2]) {
         // Uploads are queued: a tiny read waits for them so that the load time is complete.
         gpu.read(&text_embeds).await.unwrap();
         let load = t0.elapsed();
-        println!("{which}: loaded in {:.1} s; running one forward (tens of minutes on lavapipe)", load.as_secs_f64());
+        println!("{which}: loaded in {:.1} s ({}); running one forward (tens of minutes on lavapipe)", load.as_secs_f64(), memory());
 
         let t1 = Instant::now();
         let out = unet.forward(&gpu, &sample, 999.0, &context, &text_embeds, &ids).unwrap_or_else(|e| panic!("{which}: forward failed: {e}"));
@@ -236,6 +250,7 @@ fn smoke(which: &str, context_width: usize, time_ids: [&[f32]; 2]) {
         let values = gpu.read(&out).await.unwrap_or_else(|e| panic!("{which}: reading the output failed: {e}"));
         let forward = t1.elapsed();
 
+        println!("{which}: after the forward: {}", memory());
         let bad = values.iter().filter(|v| !v.is_finite()).count();
         let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
         let mean = values.iter().map(|v| v.abs() as f64).sum::<f64>() / values.len() as f64;
@@ -253,14 +268,14 @@ fn smoke(which: &str, context_width: usize, time_ids: [&[f32]; 2]) {
 }
 
 #[test]
-#[ignore = "full-size: ~10 GB of RAM (5 GB of GPU memory), ~40 min on lavapipe; run with: cargo test --release --test full_size -- --ignored"]
+#[ignore = "full-size: ~10 GB of RAM (5 GB of GPU memory), 20-40 min on lavapipe; run with: cargo test --release --test full_size -- --ignored"]
 fn full_size_base_unet_forward() {
     // time_ids: original size, crop top-left, target size.
     smoke("base", 2048, [&[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], &[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]);
 }
 
 #[test]
-#[ignore = "full-size: ~9 GB of RAM (4.5 GB of GPU memory), ~20 min on lavapipe; run with: cargo test --release --test full_size -- --ignored"]
+#[ignore = "full-size: ~9 GB of RAM (4.5 GB of GPU memory), 10-20 min on lavapipe; run with: cargo test --release --test full_size -- --ignored"]
 fn full_size_refiner_unet_forward() {
     // time_ids: original size, crop top-left, aesthetic score (positive 6.0, negative 2.5).
     smoke("refiner", 1280, [&[1024.0, 1024.0, 0.0, 0.0, 6.0], &[1024.0, 1024.0, 0.0, 0.0, 2.5]]);
