@@ -1,6 +1,6 @@
 // Shared by the block-quantized kernels (quant_matmul, quant_conv): the weight planes (layout in
 // crate/src/quant.rs) and their dequantization into workgroup memory. Each kernel's `Params` has
-// `format` (0: Q8, 1: Q4) and `blocks` (blocks per weight row).
+// `format` (0: Q8_0, 1: Q4_1, 2: Q4_0) and `blocks` (blocks per weight row).
 
 @group(0) @binding(2) var<storage, read> wq: array<u32>;
 @group(0) @binding(3) var<storage, read> wscale: array<u32>;
@@ -18,18 +18,25 @@ fn half_to_f32(h: u32) -> f32 {
     return select(v, -v, (h & 0x8000u) != 0u);
 }
 
+// Scale of block `blk` where two blocks share a word (Q8_0, Q4_0).
+fn paired_scale(blk: u32) -> f32 {
+    return half_to_f32((wscale[blk / 2u] >> (16u * (blk % 2u))) & 0xffffu);
+}
+
 // Values 4·part .. 4·part + 3 of block `blk` (flat index row · blocks + block).
 fn dequant4(blk: u32, part: u32) -> vec4<f32> {
     if (p.format == 0u) {
         let word = wq[blk * 8u + part];
-        let d = half_to_f32((wscale[blk / 2u] >> (16u * (blk % 2u))) & 0xffffu);
         let q = bitcast<vec4<i32>>(vec4<u32>(word) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
-        return d * vec4<f32>(q);
+        return paired_scale(blk) * vec4<f32>(q);
     }
     let word = wq[blk * 4u + part / 2u] >> (16u * (part % 2u));
+    let q = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
+    if (p.format == 2u) {
+        return paired_scale(blk) * (q - 8.0);
+    }
     let dm = wscale[blk];
-    let q = (vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
-    return half_to_f32(dm & 0xffffu) * vec4<f32>(q) + half_to_f32(dm >> 16u);
+    return half_to_f32(dm & 0xffffu) * q + half_to_f32(dm >> 16u);
 }
 
 // Block kb of weight rows n0 .. n0 + 32 (of `rows`) into ws: 8 invocations per row, 4 values each.

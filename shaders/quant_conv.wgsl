@@ -9,7 +9,7 @@
 struct Params {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, oh: u32, ow: u32, k: u32,
-    stride: u32, pad_y: u32, pad_x: u32, format: u32, // format 0: Q8, 1: Q4
+    stride: u32, pad_y: u32, pad_x: u32, format: u32, // format: see quant_common.wgsl
     blocks: u32, kdim: u32, _p0: u32, _p1: u32, // blocks per weight row = ceil(kdim / 32), kdim = cin·k·k
 }
 

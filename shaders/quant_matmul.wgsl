@@ -6,7 +6,7 @@
 
 struct Params {
     m: u32, n: u32, k: u32, blocks: u32, // blocks per weight row = ceil(k / 32)
-    format: u32, _p0: u32, _p1: u32, _p2: u32, // format 0: Q8, 1: Q4
+    format: u32, _p0: u32, _p1: u32, _p2: u32, // format: see quant_common.wgsl
 }
 
 @group(0) @binding(0) var<uniform> p: Params;

@@ -1,13 +1,14 @@
 //! The `sdxl` command line (native only).
 
+use std::collections::HashMap;
 use std::process::ExitCode;
 
 use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
 use crate::pipeline::prompt::PromptEncoder;
-use crate::pipeline::quality::quality;
+use crate::pipeline::quality::{allocate, quality, sensitivity, FormatErrors};
 use crate::pipeline::ModelIndex;
 use crate::pack::{self, ConvertOptions, PackSource};
-use crate::quant::QuantPreset;
+use crate::quant::{QuantFormat, QuantPreset};
 use crate::weights::{safetensors, DirSource};
 use crate::{Error, Gpu, Precision, Result};
 
@@ -32,8 +33,13 @@ const USAGE: &str = "usage:
       embedding tables stay dense f16). --out must be missing or empty; --force replaces a pack there.
   sdxl quality --model DIR --prompt TEXT [--negative TEXT] [--width 256] [--height 256] [--steps 30]
                [--guidance 5.0] [--seed 0] [--precision f32|f16|auto] [--json FILE]
-      Measures quantization: per-layer relative error of every UNet weight matrix in Q8 and Q4, the
-      UNet output error and the image PSNR of the q8 and q4 presets against dense weights (same seed).
+               [--sensitivity SHAPES.json --budget BYTES]
+      Measures quantization: per-layer relative error of every UNet weight matrix in Q4_0, Q4_1 and
+      Q8_0, the UNet output error and the image PSNR of the q8 and q4 presets against dense weights
+      (same seed). With --sensitivity: the UNet output error when only one role (a weight's name
+      without layer indices) is quantized, per role and format, and the per-role formats that fit
+      --budget bytes for the UNet of SHAPES.json (e.g. tests/fixtures/reference/sdxl_unet_tensors.json,
+      the real SDXL shapes): how the q4 preset's exceptions were chosen.
   sdxl info
       Prints the GPU adapter and its features.";
 
@@ -210,29 +216,76 @@ async fn quality_command(args: &Args) -> Result<()> {
     };
     let gpu = Gpu::new(args.parsed("precision", Precision::F32)?).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
-    let report = quality(&gpu, &DirSource::new(args.required("model")?), &params).await?;
-    let mut worst = report.layers.clone();
-    worst.sort_by(|a, b| b.q4.total_cmp(&a.q4));
-    println!("UNet weight matrices: {} quantizable; largest Q4 errors (relative RMS):", report.layers.len());
-    for l in worst.iter().take(10) {
-        println!("  {:<70} q8 {:.2e}  q4 {:.2e}", l.name, l.q8, l.q4);
+    let source = DirSource::new(args.required("model")?);
+    if let Some(shapes) = args.get("sensitivity") {
+        return sensitivity_command(&gpu, &source, &params, shapes, args.parsed("budget", 0f64)?, args.get("json")).await;
     }
-    let mean = |f: fn(&crate::pipeline::quality::LayerError) -> f64| report.layers.iter().map(f).sum::<f64>() / report.layers.len().max(1) as f64;
-    println!("  mean over layers: q8 {:.2e}, q4 {:.2e}", mean(|l| l.q8), mean(|l| l.q4));
+    let report = quality(&gpu, &source, &params).await?;
+    let mut worst = report.layers.clone();
+    worst.sort_by(|a, b| b.errors.q4_0.total_cmp(&a.errors.q4_0));
+    println!("UNet weight matrices: {} quantizable; largest Q4_0 errors (relative RMS):", report.layers.len());
+    let line = |e: &FormatErrors| format!("q4_0 {:.2e}  q4_1 {:.2e}  q8_0 {:.2e}", e.q4_0, e.q4_1, e.q8_0);
+    for l in worst.iter().take(10) {
+        println!("  {:<70} {}", l.name, line(&l.errors));
+    }
+    let n = report.layers.len().max(1) as f64;
+    let mean = |f: QuantFormat| report.layers.iter().map(|l| l.errors.get(f)).sum::<f64>() / n;
+    let means = FormatErrors { q4_0: mean(QuantFormat::Q4_0), q4_1: mean(QuantFormat::Q4_1), q8_0: mean(QuantFormat::Q8_0) };
+    println!("  mean over layers: {}", line(&means));
     for p in &report.presets {
         println!(
-            "{}: UNet matrices {:.1} MiB, UNet output relative error {:.2e}, image PSNR {:.1} dB",
+            "{}: UNet {:.1} MiB, UNet output relative error {:.2e}, image PSNR {:.1} dB",
             p.preset,
-            p.unet_matrix_bytes as f64 / 1048576.0,
+            p.unet_bytes as f64 / 1048576.0,
             p.unet_relative_error,
             p.image_psnr
         );
     }
-    if let Some(path) = args.get("json") {
-        let json = serde_json::to_vec_pretty(&report).expect("the report serialises");
+    write_json(args.get("json"), &report)
+}
+
+fn write_json(path: Option<&str>, value: &impl serde::Serialize) -> Result<()> {
+    if let Some(path) = path {
+        let json = serde_json::to_vec_pretty(value).expect("the report serialises");
         std::fs::write(path, json).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
     }
     Ok(())
+}
+
+/// `quality --sensitivity SHAPES.json --budget BYTES`: every role's sensitivity on this model,
+/// then the per-role formats that fit the budget for the UNet listed in SHAPES.json under this
+/// model's kind ("base" or "refiner"), printed as the `Q4_EXCEPTIONS` table.
+async fn sensitivity_command(gpu: &Gpu, source: &DirSource, params: &GenerateParams, shapes: &str, budget: f64, json: Option<&str>) -> Result<()> {
+    let kind = if ModelIndex::load(source).await?.requires_aesthetics_score { "refiner" } else { "base" };
+    let text = std::fs::read_to_string(shapes).map_err(|e| Error::Io { path: shapes.to_string(), message: e.to_string() })?;
+    let all: HashMap<String, Vec<(String, Vec<usize>)>> =
+        serde_json::from_str(&text).map_err(|e| Error::Config { path: shapes.to_string(), message: e.to_string() })?;
+    let sized = all.get(kind).ok_or_else(|| Error::Config { path: shapes.to_string(), message: format!("no \"{kind}\" tensor list") })?;
+    if budget <= 0.0 {
+        return Err(Error::InvalidParameter("--sensitivity needs --budget BYTES (e.g. 1.6e9)".into()));
+    }
+    println!("{:<72} {:>9} {:>9} {:>9}  (UNet output relative RMS error, only this role quantized)", "role", "q4_0", "q4_1", "q8_0");
+    let measured = sensitivity(gpu, source, params, |r| {
+        let e = &r.output_error;
+        println!("{:<72} {:>9.2e} {:>9.2e} {:>9.2e}", r.role, e.q4_0, e.q4_1, e.q8_0);
+    })
+    .await?;
+    let a = allocate(&measured, sized, budget as u64);
+    println!(
+        "\n{kind} UNet from {shapes}: q4_0 everywhere {:.3} GB, sum of squared errors {:.3e}; with the exceptions below {:.3} GB (budget {:.3} GB), {:.3e}",
+        a.q4_0_bytes as f64 / 1e9,
+        a.q4_0_error_sq,
+        a.bytes as f64 / 1e9,
+        budget / 1e9,
+        a.error_sq
+    );
+    for (role, format) in &a.exceptions {
+        println!("    (\"{role}\", QuantFormat::{}),", format.to_uppercase());
+    }
+    if !a.unmeasured.is_empty() {
+        println!("roles of the sized UNet this model does not have (left at q4_0): {}", a.unmeasured.join(", "));
+    }
+    write_json(json, &(measured, a))
 }
 
 async fn run(argv: &[String]) -> Result<()> {
@@ -251,7 +304,7 @@ async fn run(argv: &[String]) -> Result<()> {
             convert_command(&Args::parse(&rest, &["from", "quant", "out"])?, force).await
         }
         Some("quality") => {
-            let known = ["model", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "precision", "json"];
+            let known = ["model", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "precision", "json", "sensitivity", "budget"];
             quality_command(&Args::parse(&argv[1..], &known)?).await
         }
         Some("info") => {

@@ -88,6 +88,10 @@ impl Tensor {
 /// Dispatches recorded before the encoder is submitted; bounds the memory held by pending
 /// uniform buffers and bind groups.
 const DISPATCHES_PER_SUBMIT: u32 = 64;
+/// Bytes of `write_buffer` uploads after which the queue is submitted and the GPU waited for: each
+/// write is staged until the next submit, so loading a model without submitting would hold a
+/// second copy of all its weights.
+const STAGED_BYTES_PER_SUBMIT: u64 = 256 << 20;
 /// WebGPU's guaranteed maximum workgroup count per dimension.
 const MAX_GROUPS_PER_DIM: u32 = 65535;
 
@@ -103,6 +107,7 @@ pub struct Gpu {
     pipelines: RefCell<HashMap<(&'static str, &'static str), wgpu::ComputePipeline>>,
     pending: RefCell<Option<wgpu::CommandEncoder>>,
     pending_dispatches: Cell<u32>,
+    staged_bytes: Cell<u64>,
     failure: Arc<Mutex<Option<Error>>>,
 }
 
@@ -192,6 +197,7 @@ impl Gpu {
             pipelines: RefCell::default(),
             pending: RefCell::default(),
             pending_dispatches: Cell::new(0),
+            staged_bytes: Cell::new(0),
             failure,
         })
     }
@@ -297,6 +303,22 @@ impl Gpu {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().next_multiple_of(4), 0);
             self.queue.write_buffer(&t.buffer, 0, &padded);
+        }
+        self.staged_bytes.set(self.staged_bytes.get() + bytes.len() as u64);
+        if self.staged_bytes.get() >= STAGED_BYTES_PER_SUBMIT {
+            self.release_staging();
+        }
+    }
+
+    /// Submits the staged writes and, natively, waits for them so that their staging memory is
+    /// freed (the browser's writeBuffer copies outside the wasm heap and needs no wait).
+    fn release_staging(&self) {
+        self.staged_bytes.set(0);
+        self.flush();
+        self.queue.submit([]);
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Err(e) = self.device.poll(wgpu::PollType::wait_indefinitely()) {
+            self.failure.lock().unwrap().get_or_insert(Error::Gpu(format!("waiting for uploads: {e}")));
         }
     }
 

@@ -55,7 +55,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::quant::{dequantize, quantize, QuantFormat, QuantPreset, QuantTensor, QuantizedTensor, Weight, BLOCK};
+use crate::quant::{dequantize, quantize, QuantFormat, QuantPolicy, QuantPreset, QuantTensor, QuantizedTensor, Weight, BLOCK};
 use crate::weights::safetensors::{self, Dtype};
 use crate::weights::{MemorySource, Source, Weights};
 
@@ -92,21 +92,32 @@ pub enum ModelKind {
     Refiner,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(non_camel_case_types)] // ggml's names, as the quantized formats
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Storage {
     F16,
     F32,
-    Q8,
-    Q4,
+    Q8_0,
+    Q4_0,
+    Q4_1,
 }
 
 impl Storage {
     fn quant_format(self) -> Option<QuantFormat> {
         match self {
-            Storage::Q8 => Some(QuantFormat::Q8),
-            Storage::Q4 => Some(QuantFormat::Q4),
+            Storage::Q8_0 => Some(QuantFormat::Q8_0),
+            Storage::Q4_0 => Some(QuantFormat::Q4_0),
+            Storage::Q4_1 => Some(QuantFormat::Q4_1),
             Storage::F16 | Storage::F32 => None,
+        }
+    }
+
+    fn quantized(format: QuantFormat) -> Storage {
+        match format {
+            QuantFormat::Q8_0 => Storage::Q8_0,
+            QuantFormat::Q4_0 => Storage::Q4_0,
+            QuantFormat::Q4_1 => Storage::Q4_1,
         }
     }
 }
@@ -356,9 +367,9 @@ impl Pack {
                     let scales = t.scales.as_deref().ok_or_else(|| bad(format!("{}: no scales", t.name)))?;
                     check_segments(&format!("{} scales", t.name), scales, blocks * 2)?;
                     match (format, t.mins.as_deref()) {
-                        (QuantFormat::Q4, Some(mins)) => check_segments(&format!("{} mins", t.name), mins, blocks * 2)?,
-                        (QuantFormat::Q8, None) => {}
-                        _ => return Err(bad(format!("{}: mins must be given for q4 and only for q4", t.name))),
+                        (QuantFormat::Q4_1, Some(mins)) => check_segments(&format!("{} mins", t.name), mins, blocks * 2)?,
+                        (QuantFormat::Q8_0 | QuantFormat::Q4_0, None) => {}
+                        _ => return Err(bad(format!("{}: mins must be given for q4_1 and only for q4_1", t.name))),
                     }
                 }
             }
@@ -728,13 +739,25 @@ fn component_files(component: &str) -> Vec<(String, bool)> {
     }
 }
 
-/// Whether `name` (without its component) of `component` is stored quantized under `preset`, and how.
-pub fn storage_format(preset: QuantPreset, component: &str, name: &str, shape: &[usize]) -> Option<QuantFormat> {
+/// Whether `name` (without its component) of `component` is stored quantized under `policy`, and how.
+pub fn storage_format(policy: &QuantPolicy, component: &str, name: &str, shape: &[usize]) -> Option<QuantFormat> {
     // The VAE always stays dense; embedding tables (text_model.embeddings.*) are read by row.
     if component == "vae" || shape.len() < 2 || !name.ends_with(".weight") || name.contains("embeddings.") {
         return None;
     }
-    preset.format_for(name, shape[1..].iter().product())
+    policy.format_for(&format!("{component}/{name}"), shape[1..].iter().product())
+}
+
+/// Bytes a pack of `component` would hold for these (name, shape) tensors under `policy`: the
+/// quantized planes, every other tensor as f16 (configs and tokenizer files not counted).
+pub fn planned_bytes<'t>(policy: &QuantPolicy, component: &str, tensors: impl IntoIterator<Item = (&'t str, &'t [usize])>) -> u64 {
+    tensors
+        .into_iter()
+        .map(|(name, shape)| match storage_format(policy, component, name, shape) {
+            Some(format) => format.matrix_bytes(shape[0], shape[1..].iter().product()),
+            None => shape.iter().product::<usize>() as u64 * 2,
+        })
+        .sum()
 }
 
 /// Converts the diffusers-layout model that `source` holds into a pack written to `sink`, with
@@ -755,6 +778,7 @@ pub async fn convert<S: Source, K: PackSink>(
     sink: &mut K,
     mut progress: impl FnMut(&str),
 ) -> Result<Manifest> {
+    let policy = preset.policy();
     if shard_bytes == 0 || !shard_bytes.is_multiple_of(ALIGN as u64) || shard_bytes > SHARD_BYTES {
         return Err(Error::InvalidParameter(format!("shard size {shard_bytes} must be a positive multiple of {ALIGN} up to {SHARD_BYTES}")));
     }
@@ -848,15 +872,14 @@ pub async fn convert<S: Source, K: PackSink>(
             let values = w.host(name, &shape).await?;
             read += (values.len() * dtype.size()) as u64;
             let full = format!("{c}/{name}");
-            let entry = match storage_format(preset, c, name, &shape) {
+            let entry = match storage_format(&policy, c, name, &shape) {
                 Some(format) => {
                     let (rows, cols) = (shape[0], shape[1..].iter().product());
                     let q = quantize(&values, rows, cols, format).map_err(|e| Error::Tensor { path: source.describe(c), tensor: name.to_string(), message: e.to_string() })?;
                     let data = out.write(bytemuck::cast_slice(&q.data)).await?;
                     let scales = Some(out.write(bytemuck::cast_slice(&q.scales)).await?);
-                    let mins = if format == QuantFormat::Q4 { Some(out.write(bytemuck::cast_slice(&q.mins)).await?) } else { None };
-                    let storage = if format == QuantFormat::Q8 { Storage::Q8 } else { Storage::Q4 };
-                    PackTensor { name: full, storage, shape, rows: Some(rows), cols: Some(cols), data, scales, mins }
+                    let mins = if format == QuantFormat::Q4_1 { Some(out.write(bytemuck::cast_slice(&q.mins)).await?) } else { None };
+                    PackTensor { name: full, storage: Storage::quantized(format), shape, rows: Some(rows), cols: Some(cols), data, scales, mins }
                 }
                 None => {
                     let fits_f16 = values.iter().all(|&v| !v.is_finite() || f16::from_f32(v).is_finite());
@@ -873,17 +896,10 @@ pub async fn convert<S: Source, K: PackSink>(
             *counts.entry(entry.storage).or_default() += 1;
             tensors.push(entry);
         }
-        let count = |s: Storage| counts.get(&s).copied().unwrap_or(0);
-        let mut line = format!(
-            "{c}: {} tensors ({} f16, {} f32, {} q8, {} q4), {} read, {} written",
-            count(Storage::F16) + count(Storage::F32) + count(Storage::Q8) + count(Storage::Q4),
-            count(Storage::F16),
-            count(Storage::F32),
-            count(Storage::Q8),
-            count(Storage::Q4),
-            mib(read),
-            mib(written)
-        );
+        let mut kinds: Vec<_> = counts.iter().collect();
+        kinds.sort();
+        let kinds: Vec<String> = kinds.iter().map(|(s, n)| format!("{n} {}", format!("{s:?}").to_lowercase())).collect();
+        let mut line = format!("{c}: {} tensors ({}), {} read, {} written", counts.values().sum::<usize>(), kinds.join(", "), mib(read), mib(written));
         if !skipped.is_empty() {
             line += &format!("; skipped unused integer buffers {}", skipped.join(", "));
         }

@@ -6,32 +6,34 @@
 //! multiple of 32; padding is quantized as 0 where the block's grid allows, and never read as a
 //! weight: the kernels zero the matching activations).
 //!
-//! | format | per block                                   | value            | bits / weight |
-//! |--------|---------------------------------------------|------------------|---------------|
-//! | `Q8`   | f16 scale d, 32 × i8 q in [-127, 127]       | d·q              | 8.5           |
-//! | `Q4`   | f16 scale d, f16 min m, 32 × u4 q in [0, 15] | d·q + m          | 5.0           |
+//! | format  | per block                                    | value       | bits / weight |
+//! |---------|----------------------------------------------|-------------|---------------|
+//! | `Q8_0`  | f16 scale d, 32 × i8 q in [-127, 127]        | d·q         | 8.5           |
+//! | `Q4_0`  | f16 scale d, 32 × u4 q in [0, 15]            | d·(q − 8)   | 4.5           |
+//! | `Q4_1`  | f16 scale d, f16 min m, 32 × u4 q in [0, 15] | d·q + m     | 5.0           |
 //!
-//! (ggml's q8_0 and q4_1.) Scales are rounded *up* to f16 (and Q4 mins *down*), so every value of
-//! the block lies on the grid's range without clamping and the error per element is at most d/2,
-//! where d is the stored scale (at most 2⁻¹⁰ relatively above the ideal max|x|/127 or
-//! (max - min)/15). Values on an f16 grid (d·q, or d·q + m with f16 d, m) round-trip exactly.
+//! (ggml's formats of the same names, so GGUF blocks repack without requantizing.) Scales are
+//! rounded *up* in magnitude to f16 (and Q4_1 mins *down*), so every value of the block lies on
+//! the grid's range and the error per element is at most d/2, where |d| is at most 2⁻¹⁰ relatively
+//! above the ideal max|x|/127, max|x|/8 or (max − min)/15. Q4_0's grid is asymmetric as in ggml:
+//! the block's extreme value maps to code 0 (d carries its sign), so values near the opposite
+//! extreme clamp to code 15 with an error of up to |d|. Values on the grid round-trip exactly.
 //!
 //! ## Layout (identical on the GPU and in a file)
 //!
-//! - `data`: u32 words [rows, blocks, words_per_block]; Q8: 8 words, byte j of word w (little
-//!   endian, bits 8j..8j+7) is the two's-complement code of value 4w + j; Q4: 4 words, nibble j of
-//!   word w (bits 4j..4j+3) is the code of value 8w + j. Kernels use aligned u32 loads only.
-//! - `scales` (and `mins` for Q4): f16 per block, [rows, blocks]. On the GPU they become one u32
-//!   plane ([`QuantizedTensor::gpu_scales`]): Q8 packs two consecutive blocks' scales per word
-//!   (flat block index b = row·blocks + block: word b/2, low half for even b); Q4 packs each block's
-//!   (d, m) into one word (d low, m high). f16 is decoded from its bits in the kernel (subnormal
+//! - `data`: u32 words [rows, blocks, words_per_block]; Q8_0: 8 words, byte j of word w (little
+//!   endian, bits 8j..8j+7) is the two's-complement code of value 4w + j; Q4_*: 4 words, nibble j
+//!   of word w (bits 4j..4j+3) is the code of value 8w + j. Kernels use aligned u32 loads only.
+//! - `scales` (and `mins` for Q4_1): f16 per block, [rows, blocks]. On the GPU they become one u32
+//!   plane ([`QuantizedTensor::gpu_scales`]): Q8_0 and Q4_0 pack two consecutive blocks' scales per
+//!   word (flat block index b = row·blocks + block: word b/2, low half for even b); Q4_1 packs each
+//!   block's (d, m) into one word (d low, m high). f16 is decoded from its bits in the kernel (subnormal
 //!   scales included: no reliance on a device's f16 denormal support).
 //!
-//! Real cost of a [rows, cols] weight: `rows · ceil(cols/32) · (32 + 2)` bytes for Q8 and
-//! `rows · ceil(cols/32) · (16 + 4)` bytes for Q4 — 8.5 and 5 bits per weight when cols is a
-//! multiple of 32 (every SDXL linear, and every conv whose cin is a multiple of 32; a k×k conv has
+//! Real cost of a [rows, cols] weight: `rows · ceil(cols/32)` blocks of 34 bytes (Q8_0), 18 (Q4_0)
+//! or 20 (Q4_1) — 8.5, 4.5 and 5 bits per weight when cols is a multiple of 32 (every SDXL linear, and every conv whose cin is a multiple of 32; a k×k conv has
 //! cols = cin·k², so only the few small-cin convs such as conv_in pay for padding, see
-//! [`QuantizedTensor::bits_per_weight`]), plus at most 2 bytes to round the Q8 scale plane to whole
+//! [`QuantizedTensor::bits_per_weight`]), plus at most 2 bytes to round a scale plane to whole
 //! words on the GPU. A file storing the planes verbatim costs the same.
 
 use half::f16;
@@ -42,41 +44,60 @@ use crate::gpu::{DType, Gpu, Tensor};
 /// Values per quantization block (along cols).
 pub const BLOCK: usize = 32;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // ggml's names
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QuantFormat {
-    /// f16 scale + 32 × i8 per block (symmetric): 8.5 bits per weight.
-    Q8,
+    /// f16 scale + 32 × u4 per block (symmetric): 4.5 bits per weight.
+    Q4_0,
     /// f16 scale + f16 min + 32 × u4 per block (affine): 5 bits per weight.
-    Q4,
+    Q4_1,
+    /// f16 scale + 32 × i8 per block (symmetric): 8.5 bits per weight.
+    Q8_0,
 }
 
 impl QuantFormat {
     /// u32 words of codes per block.
     pub fn words_per_block(self) -> usize {
         match self {
-            QuantFormat::Q8 => 8,
-            QuantFormat::Q4 => 4,
+            QuantFormat::Q8_0 => 8,
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 => 4,
         }
     }
 
-    /// f16 parameters per block (scale, and min for Q4).
+    /// f16 parameters per block (scale, and min for Q4_1).
     pub fn params_per_block(self) -> usize {
         match self {
-            QuantFormat::Q8 => 1,
-            QuantFormat::Q4 => 2,
+            QuantFormat::Q4_1 => 2,
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 => 1,
         }
     }
 
-    /// Bits per weight of a full block, codes and parameters together (8.5 and 5.0).
+    /// Bits per weight of a full block, codes and parameters together (8.5, 4.5, 5.0).
     pub fn bits_per_weight(self) -> f64 {
         (self.words_per_block() * 32 + self.params_per_block() * 16) as f64 / BLOCK as f64
+    }
+
+    /// Bytes of a [rows, cols] matrix in this format (codes and block parameters; the last block
+    /// of each row padded).
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> u64 {
+        (rows * cols.div_ceil(BLOCK) * (self.words_per_block() * 4 + self.params_per_block() * 2)) as u64
     }
 
     /// The number the kernels switch on.
     pub(crate) fn kernel_id(self) -> u32 {
         match self {
-            QuantFormat::Q8 => 0,
-            QuantFormat::Q4 => 1,
+            QuantFormat::Q8_0 => 0,
+            QuantFormat::Q4_1 => 1,
+            QuantFormat::Q4_0 => 2,
+        }
+    }
+
+    /// The name files and the CLI use (ggml's).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Q8_0 => "q8_0",
+            QuantFormat::Q4_0 => "q4_0",
+            QuantFormat::Q4_1 => "q4_1",
         }
     }
 }
@@ -84,11 +105,10 @@ impl QuantFormat {
 impl std::str::FromStr for QuantFormat {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "q8" | "Q8" => Ok(QuantFormat::Q8),
-            "q4" | "Q4" => Ok(QuantFormat::Q4),
-            _ => Err(Error::InvalidParameter(format!("quantization format '{s}': expected q8 or q4"))),
-        }
+        [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1]
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| Error::InvalidParameter(format!("quantization format '{s}': expected q8_0, q4_0 or q4_1")))
     }
 }
 
@@ -102,7 +122,7 @@ pub struct QuantizedTensor {
     pub data: Vec<u32>,
     /// Scale d per block, [rows, blocks].
     pub scales: Vec<f16>,
-    /// Min m per block, [rows, blocks] for Q4; empty for Q8.
+    /// Min m per block, [rows, blocks] for Q4_1; empty otherwise.
     pub mins: Vec<f16>,
 }
 
@@ -149,10 +169,7 @@ impl QuantizedTensor {
     /// Checks that the planes have the sizes the format and shape call for.
     pub fn validate(&self) -> Result<()> {
         let blocks = self.rows * self.blocks_per_row();
-        let mins = match self.format {
-            QuantFormat::Q8 => 0,
-            QuantFormat::Q4 => blocks,
-        };
+        let mins = if self.format == QuantFormat::Q4_1 { blocks } else { 0 };
         if self.data.len() != blocks * self.format.words_per_block() || self.scales.len() != blocks || self.mins.len() != mins {
             return Err(bad(format!(
                 "{:?} [{}, {}]: {} code words, {} scales, {} mins; expected {}, {blocks}, {mins}",
@@ -171,16 +188,16 @@ impl QuantizedTensor {
         Ok(())
     }
 
-    /// The block parameters as the kernels read them: Q8 two f16 scales per u32 (even flat block
-    /// index in the low half), Q4 one u32 per block (d low, m high).
+    /// The block parameters as the kernels read them: Q8_0 and Q4_0 two f16 scales per u32 (even
+    /// flat block index in the low half), Q4_1 one u32 per block (d low, m high).
     pub fn gpu_scales(&self) -> Vec<u32> {
         match self.format {
-            QuantFormat::Q8 => self
+            QuantFormat::Q8_0 | QuantFormat::Q4_0 => self
                 .scales
                 .chunks(2)
                 .map(|p| p[0].to_bits() as u32 | (p.get(1).map_or(0, |s| s.to_bits()) as u32) << 16)
                 .collect(),
-            QuantFormat::Q4 => self.scales.iter().zip(&self.mins).map(|(d, m)| d.to_bits() as u32 | (m.to_bits() as u32) << 16).collect(),
+            QuantFormat::Q4_1 => self.scales.iter().zip(&self.mins).map(|(d, m)| d.to_bits() as u32 | (m.to_bits() as u32) << 16).collect(),
         }
     }
 
@@ -190,14 +207,15 @@ impl QuantizedTensor {
         let base = (row * self.blocks_per_row() + col / BLOCK) * words;
         let i = col % BLOCK;
         match self.format {
-            QuantFormat::Q8 => (self.data[base + i / 4] >> (8 * (i % 4))) as u8 as i8 as i32,
-            QuantFormat::Q4 => ((self.data[base + i / 8] >> (4 * (i % 8))) & 15) as i32,
+            QuantFormat::Q8_0 => (self.data[base + i / 4] >> (8 * (i % 4))) as u8 as i8 as i32,
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 => ((self.data[base + i / 8] >> (4 * (i % 8))) & 15) as i32,
         }
     }
 }
 
 /// Quantizes a row-major [rows, cols] matrix. Errors on a length mismatch, a non-finite value, or
-/// a block whose scale or min does not fit f16 (|x| beyond ~8·10⁶ for Q8, ~65504 for Q4).
+/// a block whose scale or min does not fit f16 (|x| beyond ~8·10⁶ for Q8_0, ~5·10⁵ for Q4_0,
+/// ~65504 for Q4_1).
 pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Result<QuantizedTensor> {
     if values.len() != rows * cols {
         return Err(bad(format!("quantize: {} values do not fill [{rows}, {cols}]", values.len())));
@@ -209,7 +227,7 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -
         cols,
         data: Vec::with_capacity(rows * nb * format.words_per_block()),
         scales: Vec::with_capacity(rows * nb),
-        mins: Vec::with_capacity(if format == QuantFormat::Q4 { rows * nb } else { 0 }),
+        mins: Vec::with_capacity(if format == QuantFormat::Q4_1 { rows * nb } else { 0 }),
     };
     let mut codes = [0u8; BLOCK];
     for (r, row) in values.chunks(cols.max(1)).take(rows).enumerate() {
@@ -220,7 +238,7 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -
             codes.fill(0);
             let too_large = || bad(format!("quantize: block [{r}, {}..] exceeds f16's range for a {format:?} scale", b * BLOCK));
             match format {
-                QuantFormat::Q8 => {
+                QuantFormat::Q8_0 => {
                     let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                     let d = f16_up(amax / 127.0);
                     if !d.is_finite() {
@@ -234,7 +252,22 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -
                     }
                     q.scales.push(d);
                 }
-                QuantFormat::Q4 => {
+                QuantFormat::Q4_0 => {
+                    // The extreme value maps to code 0: d = extreme / −8, magnitude rounded up.
+                    let extreme = block.iter().fold(0f32, |e, &v| if v.abs() > e.abs() { v } else { e });
+                    let magnitude = f16_up(extreme.abs() / 8.0);
+                    if !magnitude.is_finite() {
+                        return Err(too_large());
+                    }
+                    let d = if extreme > 0.0 { -magnitude } else { magnitude };
+                    let df = d.to_f32();
+                    for (i, c) in codes.iter_mut().enumerate() {
+                        let v = block.get(i).copied().unwrap_or(0.0);
+                        *c = if df != 0.0 { (v / df + 8.0).round().clamp(0.0, 15.0) as u8 } else { 8 };
+                    }
+                    q.scales.push(d);
+                }
+                QuantFormat::Q4_1 => {
                     let (lo, hi) = block.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
                     let m = f16_down(lo);
                     let d = f16_up((hi - m.to_f32()) / 15.0);
@@ -258,13 +291,13 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -
 
 fn push_codes(data: &mut Vec<u32>, format: QuantFormat, codes: &[u8; BLOCK]) {
     match format {
-        QuantFormat::Q8 => data.extend(codes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        QuantFormat::Q4 => data.extend(codes.chunks(8).map(|c| c.iter().rev().fold(0u32, |w, &n| (w << 4) | n as u32))),
+        QuantFormat::Q8_0 => data.extend(codes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        QuantFormat::Q4_0 | QuantFormat::Q4_1 => data.extend(codes.chunks(8).map(|c| c.iter().rev().fold(0u32, |w, &n| (w << 4) | n as u32))),
     }
 }
 
 /// The values a quantized matrix stands for, [rows, cols] row-major (padding dropped), computed
-/// as the kernels do: d·q (Q8) or d·q + m (Q4) in f32.
+/// as the kernels do: d·q (Q8_0), d·(q − 8) (Q4_0) or d·q + m (Q4_1) in f32.
 pub fn dequantize(q: &QuantizedTensor) -> Vec<f32> {
     let nb = q.blocks_per_row();
     let mut out = Vec::with_capacity(q.rows * q.cols);
@@ -274,8 +307,9 @@ pub fn dequantize(q: &QuantizedTensor) -> Vec<f32> {
             let d = q.scales[blk].to_f32();
             let code = q.code(r, c) as f32;
             out.push(match q.format {
-                QuantFormat::Q8 => d * code,
-                QuantFormat::Q4 => d * code + q.mins[blk].to_f32(),
+                QuantFormat::Q8_0 => d * code,
+                QuantFormat::Q4_0 => d * (code - 8.0),
+                QuantFormat::Q4_1 => d * code + q.mins[blk].to_f32(),
             });
         }
     }
@@ -341,15 +375,10 @@ pub enum Weight {
     Quant(QuantTensor),
 }
 
-/// Which weights a model keeps quantized on the GPU.
+/// The quantization presets users pick (`--quant`); each stands for a [`QuantPolicy`].
 ///
-/// Only the large matrices of nn.Linear and nn.Conv2d are candidates (norms, biases and embedding
-/// tables never go through here). Kept dense in every preset: the first and last convolutions
-/// (`conv_in`, `conv_out`), the time and added-condition embeddings (`time_embedding`,
-/// `add_embedding`, each resnet's `time_emb_proj`), the text encoders' `text_projection`, and
-/// matrices narrower than one block. `Q4` uses Q4 for every candidate: the size targets (base UNet
-/// at most 1.6 GB) leave no room for Q8 exceptions across whole layer families; per-layer
-/// exceptions should come from `sdxl quality`'s per-layer report on real weights.
+/// `Q8` stores every candidate matrix as Q8_0. `Q4` stores them as Q4_0 except the roles in
+/// [`Q4_EXCEPTIONS`], which `sdxl quality --sensitivity` chose by measurement (see there).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum QuantPreset {
     /// All weights dense (f16 on shader-f16 adapters).
@@ -371,16 +400,59 @@ impl std::str::FromStr for QuantPreset {
     }
 }
 
+/// The q4 preset's exceptions to Q4_0, by role (see [`role`]): the roles whose Q4_0 error
+/// costs the UNet's output most per byte saved, upgraded greedily until the real SDXL base UNet
+/// reaches its 1.6 GB budget. Measured by `sdxl quality --sensitivity --budget 1.6e9` on the tiny
+/// random-weight base fixture (README, "Quantized weights"): a method, rerunnable on real weights,
+/// rather than a claim about trained SDXL.
+pub const Q4_EXCEPTIONS: &[(&str, QuantFormat)] = &[];
+
 impl QuantPreset {
-    /// The format for weight `name` of `cols` inputs per output (None: keep it dense).
-    pub fn format_for(self, name: &str, cols: usize) -> Option<QuantFormat> {
-        const DENSE: [&str; 6] = ["conv_in.", "conv_out.", "time_embedding.", "add_embedding.", "time_emb_proj.", "text_projection."];
-        if self == QuantPreset::F16 || cols < BLOCK || DENSE.iter().any(|d| name.starts_with(d) || name.contains(&format!(".{d}"))) {
-            return None;
-        }
+    pub fn policy(self) -> QuantPolicy {
         match self {
-            QuantPreset::Q4 => Some(QuantFormat::Q4),
-            _ => Some(QuantFormat::Q8),
+            QuantPreset::F16 => QuantPolicy::default(),
+            QuantPreset::Q8 => QuantPolicy { default: Some(QuantFormat::Q8_0), exceptions: Vec::new() },
+            QuantPreset::Q4 => QuantPolicy {
+                default: Some(QuantFormat::Q4_0),
+                exceptions: Q4_EXCEPTIONS.iter().map(|&(role, format)| (role.to_string(), Some(format))).collect(),
+            },
         }
     }
+}
+
+/// Which weight matrices a model keeps quantized on the GPU, and how.
+///
+/// Only the large matrices of nn.Linear and nn.Conv2d are candidates (norms, biases and embedding
+/// tables never go through here). Always dense: the first and last convolutions (`conv_in`,
+/// `conv_out`), the time and added-condition embeddings (`time_embedding`, `add_embedding`, each
+/// resnet's `time_emb_proj`), the text encoders' `text_projection`, and matrices narrower than one
+/// block. Every other candidate gets its role's exception if there is one, else `default`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuantPolicy {
+    /// Format of the candidates no exception names (None: dense).
+    pub default: Option<QuantFormat>,
+    /// (role, format) pairs; a None format keeps that role dense.
+    pub exceptions: Vec<(String, Option<QuantFormat>)>,
+}
+
+impl QuantPolicy {
+    /// The format for weight `name` (component-qualified: `unet/conv_in.weight`) of `cols` inputs
+    /// per output (None: keep it dense).
+    pub fn format_for(&self, name: &str, cols: usize) -> Option<QuantFormat> {
+        const DENSE: [&str; 6] = ["conv_in.", "conv_out.", "time_embedding.", "add_embedding.", "time_emb_proj.", "text_projection."];
+        let local = name.rsplit('/').next().unwrap_or(name);
+        if cols < BLOCK || DENSE.iter().any(|d| local.starts_with(d) || local.contains(&format!(".{d}"))) {
+            return None;
+        }
+        let role = role(name);
+        self.exceptions.iter().find(|(r, _)| *r == role).map_or(self.default, |&(_, format)| format)
+    }
+}
+
+/// A weight's role: its component-qualified name without layer indices and without `.weight`,
+/// e.g. `unet/down_blocks.attentions.transformer_blocks.attn2.to_k` for every cross-attention key
+/// projection of the down path. What the mixed q4 preset decides on.
+pub fn role(name: &str) -> String {
+    let name = name.strip_suffix(".weight").unwrap_or(name);
+    name.split('.').filter(|part| !part.bytes().all(|b| b.is_ascii_digit())).collect::<Vec<_>>().join(".")
 }

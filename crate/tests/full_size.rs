@@ -17,12 +17,11 @@
 //! ```
 //!
 //! Measured on lavapipe (2 cores shared with other builds, f16): base load 36 s + forward 22-37
-//! min, refiner load 25 s + forward 11-17 min (the spread is CPU contention); peak RSS 10.4 GB.
-//! The weights are 5.1 GB (base) and 4.5 GB (refiner) in f16. The RSS is twice that because
-//! `queue.write_buffer` stages every upload and loading submits nothing: RSS is 5.3 GB when the
-//! load has been recorded, 10.4 GB once the first submit has copied it into the buffers, and stays
-//! there (probably because lavapipe has one memory type, so freed staging space stays in
-//! allocator blocks shared with the weights). The two tests take a lock so that only one model is
+//! min, refiner load 25 s + forward 11-17 min (the spread is CPU contention). The weights are 5.1 GB
+//! (base) and 4.5 GB (refiner) in f16. Peak RSS was 10.4 GB before `Gpu` bounded its upload
+//! staging (every `queue.write_buffer` was staged until the first submit, so the whole model lived
+//! twice); it now submits every 256 MiB staged (tests/upload_memory.rs: 1.25 GiB peak growth for
+//! 1 GiB of uploads, 2.00 GiB before). The two tests take a lock so that only one model is
 //! resident at a time.
 #![cfg(not(target_arch = "wasm32"))]
 

@@ -187,7 +187,7 @@ fn weights_read_from_a_pack_match_the_folder() {
                 assert!(p.contains(name));
                 let want = f.host(name, &shape).await.unwrap();
                 let got = p.host(name, &shape).await.unwrap();
-                let format = pack::storage_format(QuantPreset::Q4, component, name, &shape);
+                let format = pack::storage_format(&QuantPreset::Q4.policy(), component, name, &shape);
                 match format {
                     None => {
                         dense += 1;
@@ -257,7 +257,7 @@ fn manifests_are_consistent_and_verify() {
             }
             assert!(crossing > 10, "{model} {preset:?}: only {crossing} planes cross a shard boundary");
             if preset != QuantPreset::F16 {
-                let q = m.tensors.iter().filter(|t| matches!(t.storage, Storage::Q8 | Storage::Q4));
+                let q = m.tensors.iter().filter(|t| matches!(t.storage, Storage::Q8_0 | Storage::Q4_0 | Storage::Q4_1));
                 assert!(q.clone().any(|t| t.data.len() > 1), "{model} {preset:?}: no quantized plane crosses a shard");
                 assert!(m.tensors.iter().filter(|t| t.name.starts_with("vae/")).all(|t| t.storage == Storage::F16), "VAE stays dense");
                 assert!(m.tensors.iter().filter(|t| t.name.contains("embeddings.")).all(|t| t.storage == Storage::F16), "embeddings stay dense");

@@ -3,35 +3,114 @@
 #![cfg(not(target_arch = "wasm32"))]
 
 use sdxl::pipeline::generate::GenerateParams;
-use sdxl::pipeline::quality::quality;
+use sdxl::pipeline::quality::{allocate, quality, sensitivity, FormatErrors, RoleSensitivity};
+use sdxl::quant::{role, QuantFormat, QuantPolicy, Q4_EXCEPTIONS};
 use sdxl::weights::DirSource;
 use sdxl::{Gpu, Precision};
+
+const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
+
+fn params() -> GenerateParams {
+    GenerateParams {
+        prompt: "a red fox in the snow, watercolor".into(),
+        negative: Some("blurry".into()),
+        width: 96,
+        height: 64,
+        steps: 5,
+        seed: 42,
+        ..Default::default()
+    }
+}
 
 #[test]
 fn q8_and_q4_quality_against_dense_f32() {
     pollster::block_on(async {
         let gpu = Gpu::new(Precision::F32).await.unwrap();
-        let source = DirSource::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base"));
-        let params = GenerateParams {
-            prompt: "a red fox in the snow, watercolor".into(),
-            negative: Some("blurry".into()),
-            width: 96,
-            height: 64,
-            steps: 5,
-            seed: 42,
-            ..Default::default()
-        };
-        let report = quality(&gpu, &source, &params).await.unwrap();
-        assert!(report.layers.len() > 50, "every quantizable UNet matrix is measured");
+        let report = quality(&gpu, &DirSource::new(BASE), &params()).await.unwrap();
+        assert!(report.layers.len() > 20, "every quantizable UNet matrix is measured");
         for l in &report.layers {
-            // Q8's error per element is at most half a step of max|x| / 127; Q4's of (max - min) / 15.
-            assert!(l.q8 < 0.01 && l.q4 < 0.1 && l.q8 < l.q4, "{}: q8 {:.2e}, q4 {:.2e}", l.name, l.q8, l.q4);
+            // Q8_0's error per element is at most half a step of max|x| / 127; Q4_1's of
+            // (max - min) / 15, Q4_0's of max|x| / 8 (a whole step for the clamped code 15).
+            let e = &l.errors;
+            assert!(e.q8_0 < 0.01 && e.q4_1 < 0.1 && e.q4_0 < 0.15 && e.q8_0 < e.q4_1.min(e.q4_0), "{}: {e:?}", l.name);
         }
         let [q8, q4] = [&report.presets[0], &report.presets[1]];
         eprintln!("q8: UNet rel. error {:.2e}, PSNR {:.1} dB; q4: {:.2e}, {:.1} dB", q8.unet_relative_error, q8.image_psnr, q4.unet_relative_error, q4.image_psnr);
         assert!(q8.image_psnr >= 35.0, "q8 image PSNR {:.1} dB < 35 dB", q8.image_psnr);
         assert!(q8.unet_relative_error < 0.05, "q8 UNet relative error {:.2e}", q8.unet_relative_error);
         assert!(q4.image_psnr.is_finite() && q4.image_psnr > 20.0, "q4 image PSNR {:.1} dB", q4.image_psnr);
-        assert!(q4.unet_matrix_bytes < q8.unet_matrix_bytes, "q4 must be smaller than q8");
+        assert!(q4.unet_bytes < q8.unet_bytes, "q4 must be smaller than q8");
+    });
+}
+
+#[test]
+fn roles_group_layers_across_indices() {
+    assert_eq!(role("unet/down_blocks.1.attentions.0.transformer_blocks.3.attn2.to_k.weight"), "unet/down_blocks.attentions.transformer_blocks.attn2.to_k");
+    assert_eq!(role("unet/up_blocks.0.attentions.2.transformer_blocks.0.ff.net.0.proj.weight"), "unet/up_blocks.attentions.transformer_blocks.ff.net.proj");
+    assert_eq!(role("text_encoder_2/text_model.encoder.layers.31.mlp.fc1.weight"), "text_encoder_2/text_model.encoder.layers.mlp.fc1");
+    let policy = QuantPolicy {
+        default: Some(QuantFormat::Q4_0),
+        exceptions: vec![("unet/mid_block.resnets.conv1".into(), Some(QuantFormat::Q8_0)), ("unet/up_blocks.upsamplers.conv".into(), None)],
+    };
+    assert_eq!(policy.format_for("unet/mid_block.resnets.1.conv1.weight", 1280 * 9), Some(QuantFormat::Q8_0));
+    assert_eq!(policy.format_for("unet/mid_block.resnets.1.conv2.weight", 1280 * 9), Some(QuantFormat::Q4_0));
+    assert_eq!(policy.format_for("unet/up_blocks.1.upsamplers.0.conv.weight", 1280 * 9), None);
+    assert_eq!(policy.format_for("unet/conv_in.weight", 36), None, "always dense");
+    assert_eq!(policy.format_for("unet/down_blocks.0.resnets.0.time_emb_proj.weight", 1280), None, "always dense");
+    assert_eq!(policy.format_for("text_encoder_2/text_projection.weight", 1280), None, "always dense");
+    assert_eq!(policy.format_for("unet/down_blocks.0.resnets.0.conv1.weight", 16), None, "narrower than a block");
+    // The q4 preset's exceptions name roles that exist in the real SDXL base UNet.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/sdxl_unet_tensors.json")).unwrap();
+    let real: std::collections::HashMap<String, Vec<(String, Vec<usize>)>> = serde_json::from_str(&text).unwrap();
+    for (r, _) in Q4_EXCEPTIONS {
+        assert!(real["base"].iter().any(|(n, _)| role(&format!("unet/{n}")) == *r), "{r} is no role of the SDXL base UNet");
+    }
+    assert!(Q4_EXCEPTIONS.iter().all(|(_, f)| *f != QuantFormat::Q4_0));
+}
+
+/// `allocate` on made-up measurements: upgrades by error removed per byte, within the budget.
+#[test]
+fn allocation_spends_the_budget_where_it_removes_most_error() {
+    let matrix = |name: &str| (name.to_string(), vec![320usize, 320]);
+    let shapes = vec![matrix("a.0.w.weight"), matrix("a.1.w.weight"), matrix("b.0.w.weight"), matrix("c.0.w.weight"), ("c.0.bias".into(), vec![320])];
+    let measured = |role: &str, q4_0: f64, q4_1: f64, q8_0: f64| RoleSensitivity {
+        role: format!("unet/{role}"),
+        matrices: 1,
+        params: 320 * 320,
+        output_error: FormatErrors { q4_0, q4_1, q8_0 },
+    };
+    // a: two matrices, sensitive; b: one matrix, very sensitive; c: insensitive.
+    let m = vec![measured("a.w", 0.1, 0.08, 0.01), measured("b.w", 0.2, 0.15, 0.01), measured("c.w", 0.001, 0.001, 0.0001)];
+    let q4_0 = QuantFormat::Q4_0.matrix_bytes(320, 320);
+    let q8_0 = QuantFormat::Q8_0.matrix_bytes(320, 320);
+    let floor = 4 * q4_0 + 320 * 2;
+    let none = allocate(&m, &shapes, floor);
+    assert_eq!(none.bytes, floor);
+    assert!(none.exceptions.is_empty(), "no room: {:?}", none.exceptions);
+    // Room for one matrix in Q8_0: b (one matrix, most error per byte) gets it.
+    let one = allocate(&m, &shapes, floor + (q8_0 - q4_0));
+    assert_eq!(one.exceptions, vec![("unet/b.w".to_string(), "q8_0".to_string())]);
+    assert!(one.error_sq < none.error_sq && one.bytes <= floor + q8_0 - q4_0);
+    // Unlimited: everything whose error Q8_0 lowers goes Q8_0.
+    let all = allocate(&m, &shapes, u64::MAX / 2);
+    assert_eq!(all.exceptions.len(), 3);
+    assert!(all.exceptions.iter().all(|(_, f)| f == "q8_0"));
+    assert_eq!(all.bytes, 4 * q8_0 + 320 * 2);
+}
+
+/// The measurement itself on the tiny fixture: every role its (narrow) UNet quantizes, each format.
+#[test]
+fn sensitivity_measures_each_role_in_each_format() {
+    pollster::block_on(async {
+        let gpu = Gpu::new(Precision::F32).await.unwrap();
+        let mut seen = Vec::new();
+        let measured = sensitivity(&gpu, &DirSource::new(BASE), &params(), |r| seen.push(r.role.clone())).await.unwrap();
+        assert_eq!(seen.len(), measured.len());
+        assert!(measured.len() >= 10, "{seen:?}");
+        for r in &measured {
+            let e = &r.output_error;
+            assert!(e.q8_0 > 0.0 && e.q8_0 * 4.0 < e.q4_0.min(e.q4_1), "{}: {e:?}", r.role);
+            assert!(e.q4_0 < 0.2 && e.q4_1 < 0.2, "{}: {e:?}", r.role);
+        }
     });
 }

@@ -10,11 +10,13 @@ use sdxl::quant::{dequantize, quantize, QuantFormat, QuantTensor, QuantizedTenso
 use sdxl::Gpu;
 
 gpu_tests!(
-    linear_q8_odd_shapes,
-    linear_q4_odd_shapes,
+    linear_q8_0_odd_shapes,
+    linear_q4_0_odd_shapes,
+    linear_q4_1_odd_shapes,
     linear_q_subnormal_scales,
-    conv2d_q8_variants,
-    conv2d_q4_variants,
+    conv2d_q8_0_variants,
+    conv2d_q4_0_variants,
+    conv2d_q4_1_variants,
     quant_ops_reject_mismatches,
 );
 
@@ -22,16 +24,16 @@ fn subnormal(d: &f16) -> bool {
     d.to_bits() & 0x7c00 == 0 && d.to_bits() & 0x3ff != 0
 }
 
-const FORMATS: [QuantFormat; 2] = [QuantFormat::Q8, QuantFormat::Q4];
+const FORMATS: [QuantFormat; 3] = [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1];
 
 /// Rows of different magnitudes (weights of real layers are far from [-1, 1]).
 fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     random(rows * cols, seed).iter().enumerate().map(|(i, v)| v * [0.02, 0.3, 1.0, 4.0, 0.07][(i / cols) % 5]).collect()
 }
 
-/// Checks every element of a round trip against its block's stored parameters: error ≤ d/2 (plus
-/// f32 rounding), d at most 2⁻¹⁰ above the ideal scale, Q4 min ≤ the block's minimum. Returns the
-/// worst error in units of d.
+/// Checks every element of a round trip against its block's stored parameters: error ≤ |d|/2 (plus
+/// f32 rounding; |d| for Q4_0's clamped code 15), |d| at most 2⁻¹⁰ above the ideal scale, Q4_1 min
+/// ≤ the block's minimum, Q4_0's extreme at code 0. Returns the worst error in units of |d|.
 fn check_round_trip(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -> (QuantizedTensor, f32) {
     let q = quantize(values, rows, cols, format).unwrap();
     q.validate().unwrap();
@@ -48,28 +50,35 @@ fn check_round_trip(values: &[f32], rows: usize, cols: usize, format: QuantForma
             let d = q.scales[blk].to_f32();
             let (lo, hi) = real.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
             let ideal = match format {
-                QuantFormat::Q8 => lo.abs().max(hi.abs()) / 127.0,
-                QuantFormat::Q4 => {
+                QuantFormat::Q8_0 => lo.abs().max(hi.abs()) / 127.0,
+                QuantFormat::Q4_0 => {
+                    let extreme = if hi.abs() > lo.abs() { hi } else { lo };
+                    assert!(d == 0.0 || (d < 0.0) == (extreme > 0.0), "Q4_0 block {blk}: d {d} must map the extreme {extreme} to code 0");
+                    extreme.abs() / 8.0
+                }
+                QuantFormat::Q4_1 => {
                     let m = q.mins[blk].to_f32();
                     assert!(m <= lo && m >= lo - lo.abs() / 1024.0 - smallest, "Q4 min {m} vs block minimum {lo}");
                     (hi - lo + lo.abs() / 1024.0) / 15.0
                 }
             };
-            assert!(d >= 0.0 && d <= ideal * (1.0 + 1.0 / 1024.0) + smallest, "{format:?} block {blk}: scale {d} vs ideal {ideal}");
+            assert!((format == QuantFormat::Q4_0 || d >= 0.0) && d.abs() <= ideal * (1.0 + 1.0 / 1024.0) + smallest, "{format:?} block {blk}: scale {d} vs ideal {ideal}");
+            let d = d.abs();
             for (i, &v) in real.iter().enumerate() {
                 let got = deq[r * cols + b * BLOCK + i];
                 let err = (got - v).abs();
+                let steps = if format == QuantFormat::Q4_0 && q.code(r, b * BLOCK + i) == 15 { 1.0 } else { 0.5 };
                 assert!(
-                    err <= 0.5 * d * (1.0 + 1e-6) + 2.0 * v.abs() * f32::EPSILON,
-                    "{format:?} [{r}, {}]: {v} -> {got}, error {err} > d/2 = {}",
+                    err <= steps * d * (1.0 + 1e-6) + 2.0 * v.abs() * f32::EPSILON,
+                    "{format:?} [{r}, {}]: {v} -> {got}, error {err} > {steps}·|d| = {}",
                     b * BLOCK + i,
-                    d / 2.0
+                    steps * d
                 );
                 if d > 0.0 {
                     worst = worst.max(err / d);
                 }
             }
-            if format == QuantFormat::Q8 {
+            if format == QuantFormat::Q8_0 {
                 for c in real.len()..BLOCK {
                     assert_eq!(q.code(r, b * BLOCK + c), 0, "Q8 padding is quantized as 0");
                 }
@@ -114,7 +123,7 @@ fn round_trip_random() {
         let rms = |v: &mut dyn Iterator<Item = f32>| (v.map(|x| (x as f64).powi(2)).sum::<f64>() / (rows * cols) as f64).sqrt();
         let rel = rms(&mut w.iter().zip(&deq).map(|(a, b)| a - b)) / rms(&mut w.iter().copied());
         eprintln!("{format:?}: worst error {worst:.4} d, rms error / rms weight {rel:.2e}");
-        assert!(worst <= 0.5 + 1e-5);
+        assert!(worst <= if format == QuantFormat::Q4_0 { 1.0 } else { 0.5 } + 1e-5);
     }
 }
 
@@ -129,7 +138,7 @@ fn round_trip_grid_values_exact() {
             d8[(i / BLOCK) % 4] * q
         })
         .collect();
-    let (q, _) = check_round_trip(&v8, rows, cols, QuantFormat::Q8);
+    let (q, _) = check_round_trip(&v8, rows, cols, QuantFormat::Q8_0);
     assert_eq!(dequantize(&q), v8, "Q8 grid values round-trip exactly");
     // Q4: d·q + m with f16 d and m, q = 0 and 15 reached in every block.
     let dm = [(0.015625f32, -0.25f32), (f16::from_f32(0.0377).to_f32(), f16::from_f32(0.61).to_f32()), (0.5, -7.0)];
@@ -144,8 +153,18 @@ fn round_trip_grid_values_exact() {
             d * q + m
         })
         .collect();
-    let (q, _) = check_round_trip(&v4, rows, cols, QuantFormat::Q4);
-    assert_eq!(dequantize(&q), v4, "Q4 grid values round-trip exactly");
+    let (q, _) = check_round_trip(&v4, rows, cols, QuantFormat::Q4_1);
+    assert_eq!(dequantize(&q), v4, "Q4_1 grid values round-trip exactly");
+    // Q4_0: d·(q − 8) with f16 d of either sign, the extreme (code 0) reached in every block.
+    let d40 = [0.015625f32, -f16::from_f32(0.0377).to_f32(), 0.5];
+    let v40: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let q = if i % BLOCK == 9 { 0.0 } else { ((codes[i] + 1.0) * 7.5).round().clamp(1.0, 15.0) };
+            d40[(i / BLOCK) % 3] * (q - 8.0)
+        })
+        .collect();
+    let (q, _) = check_round_trip(&v40, rows, cols, QuantFormat::Q4_0);
+    assert_eq!(dequantize(&q), v40, "Q4_0 grid values round-trip exactly");
 }
 
 fn round_trip_zero_blocks() {
@@ -178,7 +197,7 @@ fn round_trip_constant_blocks() {
             // subnormal f16 for a tiny c); Q4 keeps m ≈ c.
             let bound = (c.abs() / 1024.0).max(127.0 * f16::from_bits(1).to_f32());
             assert!(err <= bound, "{format:?} constant {c}: error {err}");
-            if f16::from_f32(c).to_f32() == c && format == QuantFormat::Q4 {
+            if f16::from_f32(c).to_f32() == c && format == QuantFormat::Q4_1 {
                 assert_eq!(deq, w, "Q4: an f16-exact constant block is exact");
             }
         }
@@ -200,14 +219,14 @@ fn round_trip_cols_not_multiple_of_32() {
 fn round_trip_q4_negative_only_blocks() {
     let (rows, cols) = (2, 80);
     let w: Vec<f32> = random(rows * cols, 4).iter().map(|v| -2.0 + v).collect(); // in [-3, -1)
-    let (q, worst) = check_round_trip(&w, rows, cols, QuantFormat::Q4);
+    let (q, worst) = check_round_trip(&w, rows, cols, QuantFormat::Q4_1);
     assert!(q.mins.iter().all(|m| m.to_f32() < -2.5), "mins are the (negative) block minima");
     assert!(worst <= 0.5 + 1e-5);
     // Codes span the grid: 0 at the block minimum, 15 at its maximum.
     let codes: Vec<i32> = (0..cols).map(|c| q.code(0, c)).collect();
     assert!(codes.contains(&0) && codes.contains(&15), "codes {codes:?}");
     let w: Vec<f32> = vec![-5.0, -1.25].into_iter().cycle().take(32).collect();
-    let (q, _) = check_round_trip(&w, 1, 32, QuantFormat::Q4);
+    let (q, _) = check_round_trip(&w, 1, 32, QuantFormat::Q4_1);
     assert_eq!(dequantize(&q), w, "two negative levels are exact");
 }
 
@@ -230,23 +249,27 @@ fn quantize_rejects_bad_input() {
         w[33] = f32::INFINITY;
         assert!(quantize(&w, 1, 40, format).is_err());
     }
-    assert!(quantize(&[1e7, 0.0], 1, 2, QuantFormat::Q8).is_err(), "Q8 scale beyond f16");
-    assert!(quantize(&[-1e5, 0.0], 1, 2, QuantFormat::Q4).is_err(), "Q4 min beyond f16");
-    assert!(quantize(&[-6e4, 1e6], 1, 2, QuantFormat::Q4).is_err(), "Q4 scale beyond f16");
-    assert!(quantize(&[1e5, 0.0], 1, 2, QuantFormat::Q4).is_ok(), "Q4 reaches m + 15·d");
-    assert!(quantize(&[60000.0, -60000.0], 1, 2, QuantFormat::Q8).is_ok());
-    let mut q = quantize(&weights(2, 40, 6), 2, 40, QuantFormat::Q4).unwrap();
+    assert!(quantize(&[1e7, 0.0], 1, 2, QuantFormat::Q8_0).is_err(), "Q8 scale beyond f16");
+    assert!(quantize(&[-1e5, 0.0], 1, 2, QuantFormat::Q4_1).is_err(), "Q4 min beyond f16");
+    assert!(quantize(&[-6e4, 1e6], 1, 2, QuantFormat::Q4_1).is_err(), "Q4 scale beyond f16");
+    assert!(quantize(&[1e5, 0.0], 1, 2, QuantFormat::Q4_1).is_ok(), "Q4 reaches m + 15·d");
+    assert!(quantize(&[60000.0, -60000.0], 1, 2, QuantFormat::Q8_0).is_ok());
+    assert!(quantize(&[6e5, 0.0], 1, 2, QuantFormat::Q4_0).is_err(), "Q4_0 scale beyond f16");
+    assert!(quantize(&[-5e5, 1.0], 1, 2, QuantFormat::Q4_0).is_ok(), "Q4_0 reaches 8·65504");
+    let mut q = quantize(&weights(2, 40, 6), 2, 40, QuantFormat::Q4_1).unwrap();
     q.mins.pop();
     assert!(q.validate().is_err(), "a missing min must fail validation");
 }
 
 fn bits_per_weight() {
-    assert_eq!(QuantFormat::Q8.bits_per_weight(), 8.5);
-    assert_eq!(QuantFormat::Q4.bits_per_weight(), 5.0);
+    assert_eq!(QuantFormat::Q8_0.bits_per_weight(), 8.5);
+    assert_eq!(QuantFormat::Q4_1.bits_per_weight(), 5.0);
+    assert_eq!(QuantFormat::Q4_0.bits_per_weight(), 4.5);
     for format in FORMATS {
         let q = quantize(&weights(64, 320, 7), 64, 320, format).unwrap();
         assert_eq!(q.bits_per_weight(), format.bits_per_weight());
         assert_eq!(q.bytes(), 64 * 10 * (format.words_per_block() * 4 + format.params_per_block() * 2));
+        assert_eq!(q.bytes() as u64, format.matrix_bytes(64, 320));
         // conv_in's [320, 4·3·3]: 36 columns pad to 64.
         let q = quantize(&weights(320, 36, 8), 320, 36, format).unwrap();
         assert!((q.bits_per_weight() - format.bits_per_weight() * 64.0 / 36.0).abs() < 1e-9);
@@ -297,12 +320,16 @@ async fn check_linear_q(gpu: &Gpu, format: QuantFormat) {
     }
 }
 
-async fn linear_q8_odd_shapes(gpu: &Gpu) {
-    check_linear_q(gpu, QuantFormat::Q8).await;
+async fn linear_q8_0_odd_shapes(gpu: &Gpu) {
+    check_linear_q(gpu, QuantFormat::Q8_0).await;
 }
 
-async fn linear_q4_odd_shapes(gpu: &Gpu) {
-    check_linear_q(gpu, QuantFormat::Q4).await;
+async fn linear_q4_0_odd_shapes(gpu: &Gpu) {
+    check_linear_q(gpu, QuantFormat::Q4_0).await;
+}
+
+async fn linear_q4_1_odd_shapes(gpu: &Gpu) {
+    check_linear_q(gpu, QuantFormat::Q4_1).await;
 }
 
 /// Blocks of |w| ~ 1e-4 have subnormal f16 scales: the kernels must decode them, not flush them.
@@ -381,17 +408,21 @@ async fn check_conv2d_q(gpu: &Gpu, format: QuantFormat) {
     }
 }
 
-async fn conv2d_q8_variants(gpu: &Gpu) {
-    check_conv2d_q(gpu, QuantFormat::Q8).await;
+async fn conv2d_q8_0_variants(gpu: &Gpu) {
+    check_conv2d_q(gpu, QuantFormat::Q8_0).await;
 }
 
-async fn conv2d_q4_variants(gpu: &Gpu) {
-    check_conv2d_q(gpu, QuantFormat::Q4).await;
+async fn conv2d_q4_0_variants(gpu: &Gpu) {
+    check_conv2d_q(gpu, QuantFormat::Q4_0).await;
+}
+
+async fn conv2d_q4_1_variants(gpu: &Gpu) {
+    check_conv2d_q(gpu, QuantFormat::Q4_1).await;
 }
 
 async fn quant_ops_reject_mismatches(gpu: &Gpu) {
     let (k, n) = (45, 7);
-    let q = quantize(&weights(n, k, 50), n, k, QuantFormat::Q8).unwrap();
+    let q = quantize(&weights(n, k, 50), n, k, QuantFormat::Q8_0).unwrap();
     let qt = QuantTensor::upload(gpu, &q, "w").unwrap();
     let x = gpu.upload(&random(2 * k, 51), &[2, k]).unwrap();
     assert!(gpu.linear_q(&gpu.upload(&random(2 * 44, 52), &[2, 44]).unwrap(), &qt, None).is_err(), "k mismatch");

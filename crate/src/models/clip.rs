@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::{LayerNorm, Linear};
 use crate::ops::Activation;
-use crate::quant::QuantPreset;
+use crate::quant::QuantPolicy;
 use crate::weights::{read_json, Source, Weights};
 
 /// Mirrors transformers' CLIPTextConfig (defaults as transformers).
@@ -80,11 +80,11 @@ pub struct ClipOutput {
 
 impl ClipTextModel {
     pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<ClipTextModel> {
-        Self::load_quantized(gpu, source, dir, QuantPreset::F16).await
+        Self::load_quantized(gpu, source, dir, &QuantPolicy::default()).await
     }
 
-    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPreset`]).
-    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: QuantPreset) -> Result<ClipTextModel> {
+    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPolicy`]).
+    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: &QuantPolicy) -> Result<ClipTextModel> {
         let config_path = format!("{dir}/config.json");
         let config: ClipTextConfig = read_json(source, &config_path).await?;
         let bad = |message: String| Error::Config { path: source.describe(&config_path), message };

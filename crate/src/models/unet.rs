@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::quant::QuantPreset;
+use crate::quant::QuantPolicy;
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::transformer::{Transformer2DConfig, Transformer2DModel};
 use crate::models::{Conv2d, GroupNorm, Linear};
@@ -503,11 +503,11 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Loads `dir/config.json` and the weights next to it (the fp16 variant on f16 devices).
     pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<UNet2DConditionModel> {
-        Self::load_quantized(gpu, source, dir, QuantPreset::F16).await
+        Self::load_quantized(gpu, source, dir, &QuantPolicy::default()).await
     }
 
-    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPreset`]).
-    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: QuantPreset) -> Result<UNet2DConditionModel> {
+    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPolicy`]).
+    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: &QuantPolicy) -> Result<UNet2DConditionModel> {
         let config_path = format!("{dir}/config.json");
         let config: UNet2DConditionConfig = read_json(source, &config_path).await?;
         let layout = config.layout().map_err(|message| Error::Config { path: source.describe(&config_path), message })?;

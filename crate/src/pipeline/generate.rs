@@ -33,8 +33,8 @@ impl SdxlModel {
             }
         }
         Ok(SdxlModel {
-            prompt_encoder: PromptEncoder::load_quantized(gpu, source, &index, quant).await?,
-            unet: UNet2DConditionModel::load_quantized(gpu, source, "unet", quant).await?,
+            prompt_encoder: PromptEncoder::load_quantized(gpu, source, &index, &quant.policy()).await?,
+            unet: UNet2DConditionModel::load_quantized(gpu, source, "unet", &quant.policy()).await?,
             vae: AutoencoderKL::load(gpu, source, "vae").await?,
             scheduler: EulerDiscreteScheduler::load(source, "scheduler/scheduler_config.json").await?,
             index,

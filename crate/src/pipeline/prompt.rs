@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::clip::ClipTextModel;
 use crate::pipeline::ModelIndex;
-use crate::quant::QuantPreset;
+use crate::quant::QuantPolicy;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::Source;
 
@@ -36,11 +36,11 @@ struct Encoded {
 impl PromptEncoder {
     /// Loads the text encoders and tokenizers that `model_index.json` declares.
     pub async fn load(gpu: &Gpu, source: &impl Source, index: &ModelIndex) -> Result<PromptEncoder> {
-        Self::load_quantized(gpu, source, index, QuantPreset::F16).await
+        Self::load_quantized(gpu, source, index, &QuantPolicy::default()).await
     }
 
     /// Loads with the encoders' weight matrices quantized as `quant` says.
-    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, index: &ModelIndex, quant: QuantPreset) -> Result<PromptEncoder> {
+    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, index: &ModelIndex, quant: &QuantPolicy) -> Result<PromptEncoder> {
         let mut encoders = Vec::new();
         for (tok, enc) in [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")] {
             if index.has(enc) {

@@ -1,6 +1,9 @@
-//! What quantization costs, measured rather than assumed: per-layer weight error of Q8 and Q4, the
-//! UNet output error of the q8 / q4 presets, and the final image's PSNR against dense weights on
-//! the same seed (`sdxl quality`).
+//! What quantization costs, measured rather than assumed (`sdxl quality`): per-layer weight error
+//! of each format, the UNet output error of the q8 / q4 presets and the final image's PSNR against
+//! dense weights on the same seed; and, for the mixed q4 preset, each role's sensitivity (the UNet
+//! output error when only that role is quantized) and the per-role formats a byte budget allows.
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
@@ -9,24 +12,49 @@ use crate::gpu::Gpu;
 use crate::models::unet::UNet2DConditionModel;
 use crate::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use crate::gpu::Tensor;
-use crate::quant::{dequantize, quantize, QuantFormat, QuantPreset, BLOCK};
+use crate::pack::planned_bytes;
+use crate::quant::{dequantize, quantize, role, QuantFormat, QuantPolicy, QuantPreset};
 use crate::random::TorchGenerator;
 use crate::weights::{Source, Weights};
+
+/// The formats, cheapest first.
+pub const FORMATS: [QuantFormat; 3] = [QuantFormat::Q4_0, QuantFormat::Q4_1, QuantFormat::Q8_0];
+
+/// One error per format, in [`FORMATS`] order.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FormatErrors {
+    pub q4_0: f64,
+    pub q4_1: f64,
+    pub q8_0: f64,
+}
+
+impl FormatErrors {
+    pub fn get(&self, format: QuantFormat) -> f64 {
+        match format {
+            QuantFormat::Q4_0 => self.q4_0,
+            QuantFormat::Q4_1 => self.q4_1,
+            QuantFormat::Q8_0 => self.q8_0,
+        }
+    }
+
+    async fn measure<F: std::future::Future<Output = Result<f64>>>(mut f: impl FnMut(QuantFormat) -> F) -> Result<FormatErrors> {
+        Ok(FormatErrors { q4_0: f(QuantFormat::Q4_0).await?, q4_1: f(QuantFormat::Q4_1).await?, q8_0: f(QuantFormat::Q8_0).await? })
+    }
+}
 
 /// Relative RMS error ‖w − deq(q(w))‖ / ‖w‖ of one weight matrix in each format.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerError {
     pub name: String,
     pub params: usize,
-    pub q8: f64,
-    pub q4: f64,
+    pub errors: FormatErrors,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PresetQuality {
     pub preset: String,
-    /// Bytes of the UNet's weight matrices under this preset (dense ones at the GPU's float size).
-    pub unet_matrix_bytes: u64,
+    /// Bytes of the UNet's tensors under this preset, as a pack stores them (dense ones in f16).
+    pub unet_bytes: u64,
     /// max |Δ| / max |reference| of one UNet forward against dense weights.
     pub unet_relative_error: f64,
     /// PSNR (dB) of the generated image against the dense-weight image, same seed.
@@ -60,39 +88,39 @@ pub fn psnr(reference: &[f32], other: &[f32]) -> f64 {
     10.0 * (1.0 / mse.max(1e-20)).log10()
 }
 
-/// Per-layer errors of every UNet matrix the q8 preset would quantize, in both formats.
+/// The UNet's quantizable matrices: (name, shape) of every weight the q8 preset quantizes.
+async fn unet_matrices(source: &impl Source) -> Result<Vec<(String, Vec<usize>)>> {
+    let w = Weights::open(source, "unet", false).await?;
+    let q8 = QuantPreset::Q8.policy();
+    let mut matrices = Vec::new();
+    for name in w.names() {
+        let shape = w.shape(name)?.to_vec();
+        if crate::pack::storage_format(&q8, "unet", name, &shape).is_some() {
+            matrices.push((name.to_string(), shape));
+        }
+    }
+    Ok(matrices)
+}
+
+/// Per-layer errors of every UNet matrix the presets quantize, in each format.
 async fn layer_errors(source: &impl Source) -> Result<Vec<LayerError>> {
     let w = Weights::open(source, "unet", false).await?;
     let mut layers = Vec::new();
-    for name in w.names() {
-        let shape = w.shape(name)?.to_vec();
-        let (rows, cols) = (shape[0], shape.iter().skip(1).product::<usize>());
-        if shape.len() < 2 || !name.ends_with(".weight") || QuantPreset::Q8.format_for(name, cols).is_none() {
-            continue;
-        }
-        let values = w.host(name, &shape).await?;
-        let error = |format| -> Result<f64> { Ok(relative_rms(&values, &dequantize(&quantize(&values, rows, cols, format)?))) };
-        layers.push(LayerError { name: name.to_string(), params: values.len(), q8: error(QuantFormat::Q8)?, q4: error(QuantFormat::Q4)? });
+    for (name, shape) in unet_matrices(source).await? {
+        let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+        let values = w.host(&name, &shape).await?;
+        let values = &values;
+        let errors = FormatErrors::measure(|format| async move { Ok(relative_rms(values, &dequantize(&quantize(values, rows, cols, format)?))) }).await?;
+        layers.push(LayerError { name, params: values.len(), errors });
     }
     Ok(layers)
 }
 
-/// Bytes of the UNet's weight matrices under `preset`.
-async fn matrix_bytes(gpu: &Gpu, source: &impl Source, preset: QuantPreset) -> Result<u64> {
+/// Bytes of the UNet's tensors under `preset` as a pack stores them.
+async fn unet_bytes(source: &impl Source, preset: QuantPreset) -> Result<u64> {
     let w = Weights::open(source, "unet", false).await?;
-    let mut bytes = 0u64;
-    for name in w.names() {
-        let shape = w.shape(name)?;
-        let (rows, cols) = (shape[0], shape.iter().skip(1).product::<usize>());
-        if shape.len() < 2 || !name.ends_with(".weight") {
-            continue;
-        }
-        bytes += match preset.format_for(name, cols) {
-            Some(format) => (rows * cols.div_ceil(BLOCK)) as u64 * (BLOCK as f64 * format.bits_per_weight() / 8.0) as u64,
-            None => (rows * cols * gpu.dtype.size()) as u64,
-        };
-    }
-    Ok(bytes)
+    let shapes: Vec<(&str, &[usize])> = w.names().into_iter().map(|n| Ok((n, w.shape(n)?))).collect::<Result<_>>()?;
+    Ok(planned_bytes(&preset.policy(), "unet", shapes))
 }
 
 /// The UNet's inputs for one guided step of `p` (dense text encoders, so that only the UNet's
@@ -141,10 +169,111 @@ pub async fn quality(gpu: &Gpu, source: &impl Source, p: &GenerateParams) -> Res
         let image = gpu.read(&generate(gpu, &model, None, p, |_| {}).await?.image).await?;
         presets.push(PresetQuality {
             preset: label.into(),
-            unet_matrix_bytes: matrix_bytes(gpu, source, preset).await?,
+            unet_bytes: unet_bytes(source, preset).await?,
             unet_relative_error: max_relative(&reference_unet, &unet),
             image_psnr: psnr(&reference_image, &image),
         });
     }
     Ok(QualityReport { layers, presets })
+}
+
+/// How much the UNet's output moves when only the matrices of one role are quantized.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoleSensitivity {
+    pub role: String,
+    pub matrices: usize,
+    pub params: usize,
+    /// Relative RMS error of one guided UNet forward against dense weights, per format.
+    pub output_error: FormatErrors,
+}
+
+/// Measures every role of the UNet in `source` (dense f32 elsewhere), reporting each as it is done.
+pub async fn sensitivity(gpu: &Gpu, source: &impl Source, p: &GenerateParams, mut on_role: impl FnMut(&RoleSensitivity)) -> Result<Vec<RoleSensitivity>> {
+    let dense = SdxlModel::load(gpu, source, QuantPreset::F16).await?;
+    let inputs = UnetInputs::new(gpu, &dense, p).await?;
+    let reference = inputs.run(gpu, &dense.unet).await?;
+    drop(dense);
+    let mut roles: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (name, shape) in unet_matrices(source).await? {
+        let entry = roles.entry(role(&format!("unet/{name}"))).or_default();
+        entry.0 += 1;
+        entry.1 += shape.iter().product::<usize>();
+    }
+    let mut out = Vec::new();
+    for (role, (matrices, params)) in roles {
+        let (inputs, reference, role_ref) = (&inputs, &reference, &role);
+        let output_error = FormatErrors::measure(|format| async move {
+            let policy = QuantPolicy { default: None, exceptions: vec![(role_ref.clone(), Some(format))] };
+            let unet = UNet2DConditionModel::load_quantized(gpu, source, "unet", &policy).await?;
+            Ok(relative_rms(reference, &inputs.run(gpu, &unet).await?))
+        })
+        .await?;
+        let r = RoleSensitivity { role, matrices, params, output_error };
+        on_role(&r);
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// A per-role format choice for a byte budget.
+#[derive(Debug, Clone, Serialize)]
+pub struct Allocation {
+    /// Roles that leave the default Q4_0, with their format name.
+    pub exceptions: Vec<(String, String)>,
+    /// Bytes of the sized model under the resulting policy, and under plain Q4_0.
+    pub bytes: u64,
+    pub q4_0_bytes: u64,
+    /// Sum of the measured squared output errors of every role, before and after.
+    pub q4_0_error_sq: f64,
+    pub error_sq: f64,
+    /// Roles of the sized model that were not measured (left at Q4_0).
+    pub unmeasured: Vec<String>,
+}
+
+/// Chooses formats per role for the UNet whose tensors are `shapes` ((name, shape), e.g. the real
+/// SDXL base) within `budget` bytes: every role starts at Q4_0; then, repeatedly, the upgrade
+/// (role → costlier format) that removes the most measured squared output error per added byte
+/// and still fits is taken. Squared errors of different roles add (their noise is independent).
+pub fn allocate(measured: &[RoleSensitivity], shapes: &[(String, Vec<usize>)], budget: u64) -> Allocation {
+    let base = QuantPolicy { default: Some(QuantFormat::Q4_0), exceptions: Vec::new() };
+    let tensors = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+    let q4_0_bytes = planned_bytes(&base, "unet", tensors());
+    // Bytes of each role's matrices per format, in the sized model.
+    let mut role_bytes: BTreeMap<String, [u64; 3]> = BTreeMap::new();
+    for (name, shape) in shapes {
+        if crate::pack::storage_format(&base, "unet", name, shape).is_some() {
+            let bytes = role_bytes.entry(role(&format!("unet/{name}"))).or_default();
+            for (b, f) in bytes.iter_mut().zip(FORMATS) {
+                *b += f.matrix_bytes(shape[0], shape[1..].iter().product());
+            }
+        }
+    }
+    let unmeasured: Vec<String> = role_bytes.keys().filter(|r| !measured.iter().any(|m| &m.role == *r)).cloned().collect();
+    let sq = |m: &RoleSensitivity, f: usize| m.output_error.get(FORMATS[f]).powi(2);
+    let mut level = vec![0usize; measured.len()];
+    let mut bytes = q4_0_bytes;
+    loop {
+        let mut best: Option<(f64, usize, usize, u64)> = None;
+        for (i, m) in measured.iter().enumerate() {
+            let Some(b) = role_bytes.get(&m.role) else { continue };
+            for f in level[i] + 1..FORMATS.len() {
+                let (gain, cost) = (sq(m, level[i]) - sq(m, f), b[f].saturating_sub(b[level[i]]));
+                if gain > 0.0 && bytes + cost <= budget && best.is_none_or(|(g, ..)| gain / cost.max(1) as f64 > g) {
+                    best = Some((gain / cost.max(1) as f64, i, f, cost));
+                }
+            }
+        }
+        let Some((_, i, f, cost)) = best else { break };
+        level[i] = f;
+        bytes += cost;
+    }
+    let exceptions = measured.iter().zip(&level).filter(|(_, &l)| l > 0).map(|(m, &l)| (m.role.clone(), FORMATS[l].name().to_string())).collect();
+    Allocation {
+        exceptions,
+        bytes,
+        q4_0_bytes,
+        q4_0_error_sq: measured.iter().map(|m| sq(m, 0)).sum(),
+        error_sq: measured.iter().zip(&level).map(|(m, &l)| sq(m, l)).sum(),
+        unmeasured,
+    }
 }

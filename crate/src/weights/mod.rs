@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::pack::{Pack, PackComponent};
-use crate::quant::{quantize, QuantPreset, QuantTensor, Weight};
+use crate::quant::{quantize, QuantPolicy, QuantTensor, Weight};
 use safetensors::{Dtype, Header, TensorInfo};
 
 /// Read access to a model folder (diffusers layout) by relative path.
@@ -111,10 +111,12 @@ pub async fn read_json<T: DeserializeOwned>(source: &impl Source, path: &str) ->
 /// The tensors of one model component (`text_encoder/`, `unet/`, ...), possibly sharded.
 pub struct Weights<'a, S: Source> {
     source: &'a S,
+    /// The component's folder (`unet`), which qualifies tensor names for the quantization policy.
+    dir: String,
     files: Vec<String>,
     tensors: HashMap<String, (usize, TensorInfo)>,
     /// Which weight matrices `matrix` quantizes as they load.
-    quant: QuantPreset,
+    quant: QuantPolicy,
     /// Set when the source is a model pack: this component's entries, stored as the pack says
     /// (`quant` is then not used); `files` and `tensors` stay empty.
     pack: Option<PackComponent<'a>>,
@@ -126,7 +128,7 @@ impl<'a, S: Source> Weights<'a, S> {
     pub async fn open(source: &'a S, dir: &str, prefer_fp16: bool) -> Result<Weights<'a, S>> {
         if let Some(pack) = source.pack() {
             let pack = Some(pack.component(dir)?);
-            return Ok(Weights { source, files: Vec::new(), tensors: HashMap::new(), quant: QuantPreset::F16, pack });
+            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack });
         }
         let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
         for stem in ["model", "diffusion_pytorch_model"] {
@@ -163,12 +165,13 @@ impl<'a, S: Source> Weights<'a, S> {
             let header = read_header(source, file).await?;
             tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
         }
-        Ok(Weights { source, files, tensors, quant: QuantPreset::F16, pack: None })
+        let dir = files.first().and_then(|f| f.rsplit_once('/')).map_or("", |(dir, _)| dir).to_string();
+        Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None })
     }
 
-    /// Quantize weight matrices loaded through [`Weights::matrix`] as `preset` says.
-    pub fn with_quant(mut self, preset: QuantPreset) -> Self {
-        self.quant = preset;
+    /// Quantize weight matrices loaded through [`Weights::matrix`] as `policy` says.
+    pub fn with_quant(mut self, policy: &QuantPolicy) -> Self {
+        self.quant = policy.clone();
         self
     }
 
@@ -180,7 +183,7 @@ impl<'a, S: Source> Weights<'a, S> {
         }
         let rows = shape.first().copied().unwrap_or(0);
         let cols = shape.iter().skip(1).product::<usize>();
-        match self.quant.format_for(name, cols) {
+        match self.quant.format_for(&format!("{}/{name}", self.dir), cols) {
             Some(format) => {
                 let values = self.host(name, shape).await?;
                 let file = self.info(name)?.0;

@@ -1,0 +1,63 @@
+//! What the converter would produce for the real SDXL models, computed from their real tensor
+//! lists (tests/fixtures/reference/sdxl_{unet,other}_tensors.json, read off diffusers and
+//! transformers by tests/fixtures/ref_full_size.py) with the same rule `sdxl convert` applies,
+//! against the size targets: base UNet q4 ≤ 1.6 GB and q8 ≤ 2.8 GB; base + refiner at q4 ≤ 4.0 GB.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::collections::HashMap;
+
+use sdxl::pack::planned_bytes;
+use sdxl::quant::QuantPreset;
+
+const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference");
+
+type Tensors = Vec<(String, Vec<usize>)>;
+
+fn load(file: &str) -> HashMap<String, Tensors> {
+    let text = std::fs::read_to_string(format!("{REFERENCE}/{file}")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn bytes(preset: QuantPreset, component: &str, tensors: &Tensors) -> u64 {
+    planned_bytes(&preset.policy(), component, tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+}
+
+#[test]
+fn real_sdxl_pack_sizes_meet_the_targets() {
+    let unets = load("sdxl_unet_tensors.json");
+    let other = load("sdxl_other_tensors.json");
+    let gb = |b: u64| b as f64 / 1e9;
+    let mut totals = HashMap::new();
+    println!("| preset | base UNet | refiner UNet | CLIP-L | bigG | VAE | base total | refiner total | both, shared bigG + VAE |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (preset, label) in [(QuantPreset::F16, "f16"), (QuantPreset::Q8, "q8"), (QuantPreset::Q4, "q4")] {
+        let base_unet = bytes(preset, "unet", &unets["base"]);
+        let refiner_unet = bytes(preset, "unet", &unets["refiner"]);
+        let clip_l = bytes(preset, "text_encoder", &other["text_encoder"]);
+        let big_g = bytes(preset, "text_encoder_2", &other["text_encoder_2"]);
+        let vae = bytes(preset, "vae", &other["vae"]);
+        let base = base_unet + clip_l + big_g + vae;
+        let refiner = refiner_unet + big_g + vae;
+        let shared = base + refiner_unet;
+        println!(
+            "| {label} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+            gb(base_unet),
+            gb(refiner_unet),
+            gb(clip_l),
+            gb(big_g),
+            gb(vae),
+            gb(base),
+            gb(refiner),
+            gb(shared)
+        );
+        totals.insert(label, (base_unet, shared, base + refiner));
+    }
+    let params: u64 = unets["base"].iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum();
+    assert_eq!(totals["f16"].0, 2 * params, "f16 stores every base UNet tensor in 2 bytes");
+    assert!(totals["q4"].0 < totals["q8"].0 && totals["q8"].0 < totals["f16"].0);
+    assert!(totals["q4"].0 <= 1_600_000_000, "base UNet q4: {:.3} GB > 1.6 GB", gb(totals["q4"].0));
+    assert!(totals["q8"].0 <= 2_800_000_000, "base UNet q8: {:.3} GB > 2.8 GB", gb(totals["q8"].0));
+    // The refiner's text_encoder_2 and VAE have the base's configs and, the text encoders being
+    // frozen in SDXL's training (sgm configs: is_trainable: False), the base's weights: stored once.
+    assert!(totals["q4"].1 <= 4_000_000_000, "base + refiner q4: {:.3} GB > 4.0 GB", gb(totals["q4"].1));
+}
