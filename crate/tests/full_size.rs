@@ -30,6 +30,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use sdxl::models::unet::UNet2DConditionModel;
+use sdxl::quant::QuantPreset;
 use sdxl::weights::Source;
 use sdxl::{DType, Error, Gpu, Precision};
 
@@ -278,6 +279,48 @@ fn full_size_base_unet_forward() {
 fn full_size_refiner_unet_forward() {
     // time_ids: original size, crop top-left, aesthetic score (positive 6.0, negative 2.5).
     smoke("refiner", 1280, [&[1024.0, 1024.0, 0.0, 0.0, 6.0], &[1024.0, 1024.0, 0.0, 0.0, 2.5]]);
+}
+
+/// Relative RMS of `other - reference`.
+fn relative_rms(reference: &[f32], other: &[f32]) -> f64 {
+    let err: f64 = reference.iter().zip(other).map(|(r, o)| ((r - o) as f64).powi(2)).sum();
+    let norm: f64 = reference.iter().map(|r| (*r as f64).powi(2)).sum();
+    (err / norm).sqrt()
+}
+
+/// The q8 and q4 presets on the full-size base UNet (random weights) against dense f32 weights:
+/// one guided forward at a 32×32 latent (256²), output relative error. A job for a real GPU: on
+/// lavapipe each forward takes hours.
+#[test]
+#[ignore = "full-size: ~11 GB of RAM or GPU memory; minutes on a GPU, hours on lavapipe; run with: cargo test --release --test full_size -- --ignored quantization"]
+fn full_size_base_unet_quantization() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    pollster::block_on(async {
+        let gpu = Gpu::new(Precision::F32).await.expect("a GPU adapter");
+        let source = VirtualModel::new("base");
+        let latent: usize = std::env::var("SDXL_QUALITY_LATENT").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
+        let (batch, tokens) = (2, 77);
+        let ids = [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(2);
+        let mut reference = Vec::new();
+        for preset in [QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4] {
+            let t0 = Instant::now();
+            let unet = UNet2DConditionModel::load_quantized(&gpu, &source, "unet", &preset.policy()).await.unwrap();
+            let sample = gpu.upload(&input(batch * 4 * latent * latent, 1, 1.0), &[batch, 4, latent, latent]).unwrap();
+            let context = gpu.upload(&input(batch * tokens * 2048, 2, 1.0), &[batch, tokens, 2048]).unwrap();
+            let text_embeds = gpu.upload(&input(batch * 1280, 3, 1.0), &[batch, 1280]).unwrap();
+            let out = unet.forward(&gpu, &sample, 500.0, &context, &text_embeds, &ids).unwrap();
+            let values = gpu.read(&out).await.unwrap();
+            assert!(values.iter().all(|v| v.is_finite()), "{preset:?}: non-finite output");
+            if reference.is_empty() {
+                println!("dense f32: load + forward {:.1} s ({})", t0.elapsed().as_secs_f64(), memory());
+                reference = values;
+            } else {
+                let error = relative_rms(&reference, &values);
+                println!("{preset:?}: load + forward {:.1} s, UNet output relative RMS error {error:.3e} ({})", t0.elapsed().as_secs_f64(), memory());
+                assert!(error < 0.5, "{preset:?}: relative error {error}");
+            }
+        }
+    });
 }
 
 /// The synthesised file is self-consistent and parses as the real checkpoint would (cheap: no GPU).
