@@ -2,9 +2,12 @@
 //! The `sdxl` binary end to end: `encode` on the tiny base fixture against diffusers' reference
 //! embeddings, and the errors it prints for bad command lines.
 
+mod common;
+
+use common::{sdxl, TempDir};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
 use sdxl::weights::{DirSource, Weights};
@@ -21,29 +24,8 @@ const POOLED: &str = "pooled_prompt_embeds";
 const NEGATIVE_EMBEDS: &str = "negative_prompt_embeds";
 const NEGATIVE_POOLED: &str = "negative_pooled_prompt_embeds";
 
-fn sdxl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().expect("the sdxl binary runs")
-}
 
-/// A fresh directory under the system temp dir, deleted on drop.
-struct TempDir(PathBuf);
 
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("sdxl-cli-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn file(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `sdxl encode` of PROMPT (and `negative`) in f32; returns every tensor of the output file.
 fn encode(negative: Option<&str>) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {

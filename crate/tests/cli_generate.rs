@@ -4,9 +4,12 @@
 //! depths / group counts, a 3-level VAE with a latent downscale of 4), against diffusers' runs with
 //! the same seeds; and the errors it prints for bad parameters.
 
+mod common;
+
+use common::{copy_tree, max_abs, sdxl, TempDir};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 use std::time::Instant;
 
 use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
@@ -30,30 +33,8 @@ struct Case {
     refiner_start: Option<f64>,
 }
 
-fn sdxl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().expect("the sdxl binary runs")
-}
 
-/// A fresh directory under the system temp dir, deleted on drop.
-struct TempDir(PathBuf);
 
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("sdxl-cli-generate-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn file(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn cases() -> Vec<Case> {
     let bytes = std::fs::read(format!("{FIXTURES}/reference/alt_pipeline_cases.json")).unwrap();
@@ -91,10 +72,6 @@ fn reference(key: &str, shape: &[usize]) -> Vec<f32> {
     })
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
-}
 
 /// PSNR of images in 0..1.
 fn psnr(a: &[f32], b: &[f32]) -> f64 {
@@ -280,22 +257,6 @@ fn refiner_start_0() {
     assert_fails_with(&dir, &run, &["refiner start", "0", "(0, 1)"]);
 }
 
-/// Copies `from` to `to` recursively, leaving out the top-level entry `skip`.
-fn copy_tree(from: &Path, to: &Path, skip: &str) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() == skip {
-            continue;
-        }
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target, "");
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 #[test]
 fn refiner_without_unet() {

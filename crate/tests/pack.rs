@@ -4,8 +4,11 @@
 //! manifest's invariants, corruption and truncation, and the CLI.
 #![cfg(not(target_arch = "wasm32"))]
 
+mod common;
+
+use common::{copy_tree, max_abs, sdxl, TempDir};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use sdxl::pack::{self, ConvertOptions, Manifest, PackSource, Storage, SHARD_BYTES};
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
@@ -18,29 +21,7 @@ const REFINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/ti
 /// Small, and not a power of two, so that many planes cross shard boundaries at odd offsets.
 const TEST_SHARD: u64 = 20_000;
 
-/// A fresh directory under the system temp dir, deleted on drop.
-struct TempDir(PathBuf);
 
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("sdxl-pack-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn file(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Converts `from` into `out` with the test shard size.
 fn convert(from: &str, out: &Path, quant: QuantPreset) -> Manifest {
@@ -57,10 +38,6 @@ fn f16_gpu() -> Option<Gpu> {
     gpu().has_shader_f16.then(|| pollster::block_on(Gpu::new(Precision::F16)).expect("an f16 device"))
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
-}
 
 /// Base → refiner at 64x64 with a negative prompt and guidance: (latents, image).
 async fn run(gpu: &Gpu, base: &SdxlModel, refiner: &SdxlModel) -> (Vec<f32>, Vec<f32>) {
@@ -377,9 +354,6 @@ fn bad_manifests_are_refused() {
 // CLI
 // ------------------------------------------------------------------------------------------------
 
-fn sdxl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().expect("the sdxl binary runs")
-}
 
 fn assert_fails_with(run: &Output, needles: &[&str]) {
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -436,22 +410,6 @@ fn cli_convert_then_generate() {
     assert_eq!(std::fs::read_dir(dir.path("base/shards")).unwrap().count(), m.shards.len(), "no stale shards");
 }
 
-/// Copies `from` to `to` recursively, leaving out the top-level entry `skip`.
-fn copy_tree(from: &Path, to: &Path, skip: &str) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_name() == skip {
-            continue;
-        }
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target, "");
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
 
 /// A one-tensor safetensors file with `dtype`.
 fn safetensors_with(name: &str, dtype: &str, bytes: &[u8]) -> Vec<u8> {

@@ -27,7 +27,7 @@ fn q8_and_q4_quality_against_dense_f32() {
     pollster::block_on(async {
         let gpu = Gpu::new(Precision::F32).await.unwrap();
         let report = quality(&gpu, &DirSource::new(BASE), &params()).await.unwrap();
-        assert!(report.layers.len() > 20, "every quantizable UNet matrix is measured");
+        assert!(report.layers.len() > 50, "every quantizable UNet matrix is measured (127 in the fixture)");
         for l in &report.layers {
             // Q8_0's error per element is at most half a step of max|x| / 127; Q4_1's of
             // (max - min) / 15, Q4_0's of max|x| / 8 (a whole step for the clamped code 15).

@@ -89,8 +89,7 @@ pub fn psnr(reference: &[f32], other: &[f32]) -> f64 {
 }
 
 /// The UNet's quantizable matrices: (name, shape) of every weight the q8 preset quantizes.
-async fn unet_matrices(source: &impl Source) -> Result<Vec<(String, Vec<usize>)>> {
-    let w = Weights::open(source, "unet", false).await?;
+fn unet_matrices(w: &Weights<'_, impl Source>) -> Result<Vec<(String, Vec<usize>)>> {
     let q8 = QuantPreset::Q8.policy();
     let mut matrices = Vec::new();
     for name in w.names() {
@@ -106,7 +105,7 @@ async fn unet_matrices(source: &impl Source) -> Result<Vec<(String, Vec<usize>)>
 async fn layer_errors(source: &impl Source) -> Result<Vec<LayerError>> {
     let w = Weights::open(source, "unet", false).await?;
     let mut layers = Vec::new();
-    for (name, shape) in unet_matrices(source).await? {
+    for (name, shape) in unet_matrices(&w)? {
         let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
         let values = w.host(&name, &shape).await?;
         let values = &values;
@@ -194,7 +193,7 @@ pub async fn sensitivity(gpu: &Gpu, source: &impl Source, p: &GenerateParams, mu
     let reference = inputs.run(gpu, &dense.unet).await?;
     drop(dense);
     let mut roles: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for (name, shape) in unet_matrices(source).await? {
+    for (name, shape) in unet_matrices(&Weights::open(source, "unet", false).await?)? {
         let entry = roles.entry(role(&format!("unet/{name}"))).or_default();
         entry.0 += 1;
         entry.1 += shape.iter().product::<usize>();

@@ -5,6 +5,12 @@
 
 use sdxl::{DType, Gpu, Precision};
 
+#[cfg(not(target_arch = "wasm32"))]
+mod files;
+#[cfg(not(target_arch = "wasm32"))]
+#[allow(unused_imports)] // each test binary uses some
+pub use files::{copy_tree, sdxl, TempDir};
+
 /// An f32 device, plus an f16 one where the adapter has shader-f16.
 pub async fn gpus() -> Vec<Gpu> {
     let f32_gpu = Gpu::new(Precision::F32).await.expect("a GPU adapter (lavapipe natively, SwiftShader in Chromium)");
@@ -14,6 +20,12 @@ pub async fn gpus() -> Vec<Gpu> {
         all.push(Gpu::new(Precision::F16).await.expect("an f16 device"));
     }
     all
+}
+
+/// Largest |a − b| (infinite where either side is NaN).
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
 }
 
 /// Relative tolerance of a kernel result: f32 storage keeps ~1e-6 per op; f16 storage rounds every
