@@ -9,9 +9,17 @@ echo "== native tests"
 cargo run --locked -q -- info
 cargo test --locked
 
-echo "== browser tests (headless Chromium, WebGPU)"
+echo "== browser tests (headless Chromium, WebGPU; the store tests on IndexedDB against a local HTTP server)"
+fixtures=target/store-fixtures
+SDXL=target/debug/sdxl bash tests/store_fixtures.sh "$fixtures"
+python3 tests/server.py --mount /diffusers=tests/fixtures/tiny-sdxl-base --mount /pack="$fixtures/pack" \
+  --mount /expected="$fixtures/expected" >"$fixtures/server.url" &
+server=$!
+trap 'kill $server 2>/dev/null' EXIT
+for _ in $(seq 100); do [ -s "$fixtures/server.url" ] && break; sleep 0.1; done
+export SDXL_TEST_SERVER="$(head -n1 "$fixtures/server.url")"
 export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
 export CHROMEDRIVER="${CHROMEDRIVER:-/usr/bin/chromedriver}"
 # The text-encoder parity test uploads two 49408-row embedding tables through SwiftShader.
 export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-600}"
-(cd crate && cargo test --locked --target wasm32-unknown-unknown --test kernels --test text_parity --test unet --test vae --test quant)
+(cd crate && cargo test --locked --target wasm32-unknown-unknown --test kernels --test text_parity --test unet --test vae --test quant --test store)

@@ -9,6 +9,7 @@ use crate::pipeline::quality::{allocate, quality, sensitivity, FormatErrors};
 use crate::pipeline::ModelIndex;
 use crate::pack::{self, ConvertOptions, PackSource};
 use crate::quant::{QuantFormat, QuantPreset};
+use crate::store::{DirStore, DownloadOptions, ModelStore};
 use crate::weights::{safetensors, DirSource};
 use crate::{Error, Gpu, Precision, Result};
 
@@ -26,11 +27,20 @@ const USAGE: &str = "usage:
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
       --model / --refiner may also be model packs (folders with manifest.json, from `sdxl convert`):
       they load as stored; --quant must then be left out or match the pack's preset.
-  sdxl convert --from DIR --quant f16|q8|q4 --out PACK_DIR [--force]
+  sdxl convert --from DIR --quant f16|q8|q4 --out PACK_DIR [--force] [--shard-bytes 67108864]
       Converts a diffusers-layout SDXL folder (base or refiner) into a model pack: manifest.json and
       shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and every tensor, with the
       text encoders' and UNet's weight matrices stored block-quantized as --quant says (the VAE and
       embedding tables stay dense f16). --out must be missing or empty; --force replaces a pack there.
+      --shard-bytes sets a smaller record size (tests).
+  sdxl download --url URL --id ID --quant f16|q8|q4 [--store DIR] [--shard-bytes N]
+      Downloads the model pack or diffusers-layout SDXL folder at URL (plain http:// natively) into
+      the store folder (default: sdxl-models) as STORE/ID, a model pack --model reads. A folder is
+      converted with --quant as it streams in. Run it again to resume an interrupted download or to
+      re-fetch records that fail their sha256.
+  sdxl store list|verify|delete [--id ID] [--store DIR]
+      Lists the stored models (sizes, complete or not), checks one model's records against their
+      sha256 (verify --id), or deletes one (delete --id) or all (delete).
   sdxl quality --model DIR --prompt TEXT [--negative TEXT] [--width 256] [--height 256] [--steps 30]
                [--guidance 5.0] [--seed 0] [--precision f32|f16|auto] [--json FILE]
                [--sensitivity SHAPES.json --budget BYTES]
@@ -164,7 +174,7 @@ async fn convert_command(args: &Args, force: bool) -> Result<()> {
     let from = args.required("from")?;
     let out = args.required("out")?;
     let quant: QuantPreset = args.required("quant")?.parse()?;
-    let options = ConvertOptions { force, ..ConvertOptions::new(quant) };
+    let options = ConvertOptions { force, shard_bytes: args.parsed("shard-bytes", pack::SHARD_BYTES)?, ..ConvertOptions::new(quant) };
     let manifest = pack::convert_dir(std::path::Path::new(from), std::path::Path::new(out), &options, |line| eprintln!("{line}")).await?;
     eprintln!(
         "wrote {out}: {:?} pack, {}, {} shards, {:.1} MiB",
@@ -174,6 +184,49 @@ async fn convert_command(args: &Args, force: bool) -> Result<()> {
         manifest.bytes() as f64 / 1048576.0
     );
     Ok(())
+}
+
+fn model_store(args: &Args) -> ModelStore<DirStore> {
+    ModelStore::new(DirStore::new(args.get("store").unwrap_or("sdxl-models")))
+}
+
+async fn download_command(args: &Args) -> Result<()> {
+    let store = model_store(args);
+    let id = args.required("id")?;
+    let options = DownloadOptions { shard_bytes: args.parsed("shard-bytes", pack::SHARD_BYTES)?, ..DownloadOptions::new(args.required("quant")?.parse()?) };
+    let mut last_stage = "";
+    let manifest = store
+        .download(id, args.required("url")?, &options, |p| {
+            if p.stage != last_stage || p.bytes_done == p.bytes_total {
+                eprintln!("{}: {:.1} of {:.1} MiB {}", p.stage, p.bytes_done as f64 / 1048576.0, p.bytes_total as f64 / 1048576.0, p.detail);
+                last_stage = p.stage;
+            }
+        })
+        .await?;
+    let dir = store.records().root().join(id);
+    eprintln!("stored {}: {:?}, {}, {} shards, {:.1} MiB", dir.display(), manifest.model, pack::preset_name(manifest.quant), manifest.shards.len(), manifest.bytes() as f64 / 1048576.0);
+    Ok(())
+}
+
+async fn store_command(action: Option<&str>, args: &Args) -> Result<()> {
+    let store = model_store(args);
+    match (action, args.get("id")) {
+        (Some("list"), _) => {
+            for m in store.list().await? {
+                let total = m.total_bytes.map_or("?".into(), |n| format!("{:.1}", n as f64 / 1048576.0));
+                let state = if m.complete { "complete" } else { "incomplete" };
+                println!("{}\t{}\t{:.1} of {total} MiB\t{state}\t{}", m.id, m.quant.unwrap_or_default(), m.stored_bytes as f64 / 1048576.0, m.url.unwrap_or_default());
+            }
+            Ok(())
+        }
+        (Some("verify"), Some(id)) => match store.verify(id).await?.as_slice() {
+            [] => Ok(println!("{id}: every record matches its sha256")),
+            bad => Err(Error::Corrupt { path: id.into(), message: format!("missing or damaged: {} (download again to re-fetch them)", bad.join(", ")) }),
+        },
+        (Some("delete"), Some(id)) => Ok(println!("deleted {id}: {:.1} MiB freed", store.delete(id).await? as f64 / 1048576.0)),
+        (Some("delete"), None) => Ok(println!("deleted every model: {:.1} MiB freed", store.delete_all().await? as f64 / 1048576.0)),
+        _ => Err(Error::InvalidParameter(format!("store needs list, verify --id ID or delete [--id ID]\n{USAGE}"))),
+    }
 }
 
 async fn encode(args: &Args) -> Result<()> {
@@ -301,8 +354,10 @@ async fn run(argv: &[String]) -> Result<()> {
         Some("convert") => {
             let rest: Vec<String> = argv[1..].iter().filter(|a| *a != "--force").cloned().collect();
             let force = rest.len() + 1 != argv.len();
-            convert_command(&Args::parse(&rest, &["from", "quant", "out"])?, force).await
+            convert_command(&Args::parse(&rest, &["from", "quant", "out", "shard-bytes"])?, force).await
         }
+        Some("download") => download_command(&Args::parse(&argv[1..], &["url", "id", "quant", "store", "shard-bytes"])?).await,
+        Some("store") => store_command(argv.get(1).map(String::as_str), &Args::parse(argv.get(2..).unwrap_or_default(), &["id", "store"])?).await,
         Some("quality") => {
             let known = ["model", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "precision", "json", "sensitivity", "budget"];
             quality_command(&Args::parse(&argv[1..], &known)?).await

@@ -25,6 +25,14 @@ pub enum Error {
     Tokenizer { path: String, message: String },
     /// A caller passed a bad parameter (shape, size, option).
     InvalidParameter(String),
+    /// An HTTP request failed; `status` is the HTTP status where the server answered.
+    Network { url: String, status: Option<u16>, message: String },
+    /// Stored or downloaded bytes do not match their checksum.
+    Corrupt { path: String, message: String },
+    /// The browser's (or the disk's) storage cannot hold what must be written.
+    QuotaExceeded(String),
+    /// A stored model is missing or was not completely downloaded.
+    ModelIncomplete(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -42,6 +50,11 @@ impl fmt::Display for Error {
             Error::Config { path, message } => write!(f, "{path}: {message}"),
             Error::Tokenizer { path, message } => write!(f, "{path}: tokenizer: {message}"),
             Error::InvalidParameter(m) => write!(f, "invalid parameter: {m}"),
+            Error::Network { url, status: Some(s), message } if !message.contains(&s.to_string()) => write!(f, "{url}: HTTP {s}: {message}"),
+            Error::Network { url, message, .. } => write!(f, "{url}: {message}"),
+            Error::Corrupt { path, message } => write!(f, "{path}: {message}"),
+            Error::QuotaExceeded(m) => write!(f, "storage full: {m}"),
+            Error::ModelIncomplete(m) => write!(f, "model not available: {m}"),
         }
     }
 }
@@ -62,6 +75,10 @@ impl Error {
             Error::Config { .. } => "BadConfig",
             Error::Tokenizer { .. } => "BadTokenizer",
             Error::InvalidParameter(_) => "InvalidParameter",
+            Error::Network { .. } => "NetworkError",
+            Error::Corrupt { .. } => "CorruptWeights",
+            Error::QuotaExceeded(_) => "QuotaExceeded",
+            Error::ModelIncomplete(_) => "ModelIncomplete",
         }
     }
 }

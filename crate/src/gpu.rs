@@ -92,6 +92,8 @@ const DISPATCHES_PER_SUBMIT: u32 = 64;
 /// write is staged until the next submit, so loading a model without submitting would hold a
 /// second copy of all its weights.
 const STAGED_BYTES_PER_SUBMIT: u64 = 256 << 20;
+/// Elements widened from f16 to f32 at a time on upload.
+const WIDEN_CHUNK: usize = 1 << 20;
 /// WebGPU's guaranteed maximum workgroup count per dimension.
 const MAX_GROUPS_PER_DIM: u32 = 65535;
 
@@ -275,7 +277,7 @@ impl Gpu {
         Ok(t)
     }
 
-    /// Uploads f16 data as the working float type without a detour through f32 when possible.
+        /// Uploads f16 data as the working float type without a detour through f32 when possible.
     pub fn upload_f16(&self, data: &[half::f16], shape: &[usize], what: &str) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
         if self.dtype == DType::F16 {
@@ -283,8 +285,13 @@ impl Gpu {
             self.write(&t, bytemuck::cast_slice(data));
             Ok(t)
         } else {
-            let f: Vec<f32> = data.iter().map(|x| x.to_f32()).collect();
-            self.upload_as(&f, shape, DType::F32, what)
+            // Widened a slice at a time: a whole f32 copy of a large table would double the heap peak.
+            let t = self.alloc(shape, DType::F32, what)?;
+            for (i, chunk) in data.chunks(WIDEN_CHUNK).enumerate() {
+                let f: Vec<f32> = chunk.iter().map(|x| x.to_f32()).collect();
+                self.write_at(&t, (i * WIDEN_CHUNK * 4) as u64, bytemuck::cast_slice(&f));
+            }
+            Ok(t)
         }
     }
 
@@ -296,13 +303,18 @@ impl Gpu {
     }
 
     fn write(&self, t: &Tensor, bytes: &[u8]) {
+        self.write_at(t, 0, bytes);
+    }
+
+    /// Writes `bytes` at byte `offset` (a multiple of 4) of the tensor's buffer.
+    fn write_at(&self, t: &Tensor, offset: u64, bytes: &[u8]) {
         // write_buffer needs a multiple of 4 bytes; odd-length f16 tensors get one padding element.
         if bytes.len() % 4 == 0 {
-            self.queue.write_buffer(&t.buffer, 0, bytes);
+            self.queue.write_buffer(&t.buffer, offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().next_multiple_of(4), 0);
-            self.queue.write_buffer(&t.buffer, 0, &padded);
+            self.queue.write_buffer(&t.buffer, offset, &padded);
         }
         self.staged_bytes.set(self.staged_bytes.get() + bytes.len() as u64);
         if self.staged_bytes.get() >= STAGED_BYTES_PER_SUBMIT {

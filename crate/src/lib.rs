@@ -1,5 +1,5 @@
 //! Stable Diffusion XL on WebGPU. Data flows one way:
-//! store → weights → gpu/ops → models → pipeline → API.
+//! weights (sources, safetensors, packs) ← store (records, HTTP) → gpu/ops → models → pipeline → API.
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;
@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod quant;
 pub mod random;
 pub mod scheduler;
+pub mod store;
 pub mod tokenizer;
 pub mod weights;
 

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Tensor};
+use crate::gpu::{Gpu, Tensor};
 use crate::quant::{dequantize, quantize, QuantFormat, QuantPolicy, QuantPreset, QuantTensor, QuantizedTensor, Weight, BLOCK};
 use crate::weights::safetensors::{self, Dtype};
 use crate::weights::{MemorySource, Source, Weights};
@@ -104,7 +104,7 @@ pub enum Storage {
 }
 
 impl Storage {
-    fn quant_format(self) -> Option<QuantFormat> {
+    pub(crate) fn quant_format(self) -> Option<QuantFormat> {
         match self {
             Storage::Q8_0 => Some(QuantFormat::Q8_0),
             Storage::Q4_0 => Some(QuantFormat::Q4_0),
@@ -182,7 +182,7 @@ impl PackTensor {
     }
 }
 
-mod preset_name {
+pub(crate) mod preset_name {
     use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
 
     use crate::quant::QuantPreset;
@@ -399,6 +399,15 @@ impl Pack {
 
     /// Reads bytes `start..end` of a plane made of `segments` (only the segments it overlaps).
     async fn read_plane(&self, source: &impl Source, segments: &[Segment], start: u64, end: u64) -> Result<Vec<u8>> {
+        if let [s] = segments {
+            // One segment (most planes): the read itself, without a copy.
+            if end <= s.length {
+                let bytes = source.read_range(&self.manifest.shards[s.shard as usize].path, s.offset + start, s.offset + end).await?;
+                if bytes.len() as u64 == end - start {
+                    return Ok(bytes);
+                }
+            }
+        }
         let mut out = Vec::with_capacity((end - start) as usize);
         let mut pos = 0u64;
         for s in segments {
@@ -633,10 +642,13 @@ impl<'a> PackComponent<'a> {
 /// Uploads dense little-endian f16 / f32 bytes in the GPU's working dtype.
 fn upload_dense(gpu: &Gpu, dtype: Dtype, bytes: &[u8], shape: &[usize], name: &str) -> Result<Tensor> {
     match dtype {
-        Dtype::F16 if gpu.dtype == DType::F16 => {
-            let halves: Vec<f16> = bytes.chunks_exact(2).map(|h| f16::from_le_bytes([h[0], h[1]])).collect();
-            gpu.upload_f16(&halves, shape, name)
-        }
+        Dtype::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+            Ok(halves) => gpu.upload_f16(halves, shape, name),
+            Err(_) => {
+                let halves: Vec<f16> = bytes.chunks_exact(2).map(|h| f16::from_le_bytes([h[0], h[1]])).collect();
+                gpu.upload_f16(&halves, shape, name)
+            }
+        },
         _ => gpu.upload_as(&safetensors::to_f32(dtype, bytes), shape, gpu.dtype, name),
     }
 }
@@ -669,10 +681,14 @@ pub async fn verify(source: &impl Source) -> Result<()> {
 // ------------------------------------------------------------------------------------------------
 
 /// Where a converter writes a pack: shards in order, then `manifest.json` last (a pack without a
-/// manifest is incomplete).
+/// manifest is incomplete). After each shard, [`PackSink::checkpoint`] gets what a later
+/// [`convert`] needs to resume without reading again what those shards hold.
 #[allow(async_fn_in_trait)]
 pub trait PackSink {
     async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()>;
+    async fn checkpoint(&mut self, _state: &Checkpoint) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl PackSink for MemorySource {
@@ -682,12 +698,32 @@ impl PackSink for MemorySource {
     }
 }
 
-/// Cuts a byte stream into shards of at most `shard_bytes`, aligning every write to 4 bytes.
+/// A conversion's progress after a shard was written: the shards so far and the entries that lie
+/// wholly in them (always a prefix of the pack's files, then tensors, in order).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub shards: Vec<Shard>,
+    pub files: Vec<PackFile>,
+    pub tensors: Vec<PackTensor>,
+    /// Stream position where the first entry not listed begins (it may start in a written shard).
+    pub next_offset: u64,
+}
+
+/// Cuts a byte stream into shards of exactly `shard_bytes` (the last one shorter), aligning every
+/// entry to 4 bytes. A segment's shard and offset follow from its stream position alone, so a
+/// resumed conversion replays the entry it was in the middle of and keeps only the bytes past
+/// `keep_from` (the end of the shards already written).
 struct ShardWriter<'k, K: PackSink> {
     sink: &'k mut K,
     shard_bytes: u64,
+    /// Stream position of the next byte.
+    pos: u64,
+    keep_from: u64,
+    /// Bytes of the shard being filled, from `keep_from` or its start on.
     current: Vec<u8>,
-    shards: Vec<Shard>,
+    done: Checkpoint,
+    /// Where the entry being written began.
+    entry_start: u64,
     on_shard: &'k mut dyn FnMut(&str),
 }
 
@@ -696,30 +732,44 @@ impl<K: PackSink> ShardWriter<'_, K> {
         if self.current.is_empty() {
             return Ok(());
         }
-        let path = shard_path(self.shards.len());
+        let path = shard_path(self.done.shards.len());
         self.sink.write(&path, &self.current).await?;
-        self.shards.push(Shard { path, bytes: self.current.len() as u64, sha256: sha256_hex(&self.current) });
-        let total: u64 = self.shards.iter().map(|s| s.bytes).sum();
-        (self.on_shard)(&format!("  {} ({:.1} MiB written)", self.shards.last().unwrap().path, total as f64 / 1048576.0));
+        self.done.shards.push(Shard { path, bytes: self.current.len() as u64, sha256: sha256_hex(&self.current) });
         self.current.clear();
+        self.done.next_offset = self.entry_start;
+        self.sink.checkpoint(&self.done).await?;
+        let total: u64 = self.done.shards.iter().map(|s| s.bytes).sum();
+        (self.on_shard)(&format!("  {} ({:.1} MiB written)", self.done.shards.last().unwrap().path, total as f64 / 1048576.0));
         Ok(())
     }
 
-    /// Appends `bytes` at the next aligned offset, continuing in new shards as each fills.
-    async fn write(&mut self, bytes: &[u8]) -> Result<Vec<Segment>> {
-        self.current.resize(self.current.len().next_multiple_of(ALIGN), 0);
+    /// Appends `bytes` at `pos`; returns their segments.
+    async fn append(&mut self, bytes: &[u8]) -> Result<Vec<Segment>> {
         let mut segments = Vec::new();
         let mut rest = bytes;
         while !rest.is_empty() {
-            if self.current.len() as u64 >= self.shard_bytes {
+            let offset = self.pos % self.shard_bytes;
+            let n = ((self.shard_bytes - offset) as usize).min(rest.len());
+            segments.push(Segment { shard: (self.pos / self.shard_bytes) as u32, offset, length: n as u64 });
+            let end = self.pos + n as u64;
+            if end > self.keep_from {
+                let skip = self.keep_from.saturating_sub(self.pos) as usize;
+                self.current.extend_from_slice(&rest[skip..n]);
+            }
+            self.pos = end;
+            rest = &rest[n..];
+            if self.pos.is_multiple_of(self.shard_bytes) {
                 self.flush().await?;
             }
-            let n = ((self.shard_bytes - self.current.len() as u64) as usize).min(rest.len());
-            segments.push(Segment { shard: self.shards.len() as u32, offset: self.current.len() as u64, length: n as u64 });
-            self.current.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
         }
         Ok(segments)
+    }
+
+    /// Writes one plane of an entry at the next aligned position.
+    async fn write(&mut self, bytes: &[u8]) -> Result<Vec<Segment>> {
+        let padding = self.pos.next_multiple_of(ALIGN as u64) - self.pos;
+        self.append(&[0; ALIGN][..padding as usize]).await?;
+        self.append(bytes).await
     }
 }
 
@@ -760,28 +810,81 @@ pub fn planned_bytes<'t>(policy: &QuantPolicy, component: &str, tensors: impl In
         .sum()
 }
 
-/// Converts the diffusers-layout model that `source` holds into a pack written to `sink`, with
-/// the text encoders' and UNet's weight matrices stored as `preset` says (see [`storage_format`];
-/// the VAE stays dense) and every other tensor dense f16 (f32 if a value exceeds f16's range).
-/// One tensor is held in memory at a time, plus the shard being filled. `progress` gets one line
-/// per component and per shard written.
+/// A tensor's planes as a pack stores them: quantized (`data`, `scales`, and `mins` for q4_1) when
+/// `format` says so, else dense f16, or f32 where a value exceeds f16's range.
+pub(crate) fn encode(values: &[f32], shape: &[usize], format: Option<QuantFormat>) -> Result<(Storage, Vec<Vec<u8>>)> {
+    let Some(format) = format else {
+        if values.iter().all(|&v| !v.is_finite() || f16::from_f32(v).is_finite()) {
+            let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+            return Ok((Storage::F16, vec![bytemuck::cast_slice(&halves).to_vec()]));
+        }
+        return Ok((Storage::F32, vec![bytemuck::cast_slice(values).to_vec()]));
+    };
+    let q = quantize(values, shape[0], shape[1..].iter().product(), format)?;
+    let mut planes = vec![bytemuck::cast_slice(&q.data).to_vec(), bytemuck::cast_slice(&q.scales).to_vec()];
+    if format == QuantFormat::Q4_1 {
+        planes.push(bytemuck::cast_slice(&q.mins).to_vec());
+    }
+    Ok((Storage::quantized(format), planes))
+}
+
+/// A resumed conversion must meet the same entries in the same order.
+fn check_resumed(stored: &str, now: &str) -> Result<()> {
+    if stored == now {
+        return Ok(());
+    }
+    Err(Error::InvalidParameter(format!("the model changed since the conversion began ('{stored}' became '{now}'); start it again")))
+}
+
+/// What converting the diffusers-layout model that `source` holds reads and writes: the small files
+/// it copies and each weight component's safetensors files (the fp16 variant where the folder has
+/// one: the same pack for half the download). Everything [`convert`] can refuse is refused here,
+/// before anything is read past the headers.
+pub struct Plan<'a, S: Source> {
+    pub source: &'a S,
+    pub model: ModelKind,
+    pub preset: QuantPreset,
+    /// Configs and tokenizer files, in pack order.
+    pub small: Vec<String>,
+    pub weights: Vec<(&'static str, Weights<'a, S>)>,
+}
+
+impl<S: Source> Plan<'_, S> {
+    /// Every file the conversion reads, with its size: what a download fetches.
+    pub async fn files(&self) -> Result<Vec<(String, u64)>> {
+        let mut files = Vec::new();
+        for path in self.small.iter().map(String::as_str).chain(self.weights.iter().flat_map(|(_, w)| w.files())) {
+            files.push((path.to_string(), self.source.len(path).await?));
+        }
+        Ok(files)
+    }
+
+    /// Bytes of the pack: the small files plus every tensor as [`planned_bytes`] stores it (f32
+    /// fallbacks for values beyond f16's range, which only the data shows, not counted).
+    pub async fn pack_bytes(&self) -> Result<u64> {
+        let policy = self.preset.policy();
+        let mut total = 0;
+        for path in &self.small {
+            total += self.source.len(path).await?;
+        }
+        for (c, w) in &self.weights {
+            let mut tensors = Vec::new();
+            for name in w.names().into_iter().filter(|n| !n.ends_with("position_ids")) {
+                tensors.push((name, w.shape(name)?));
+            }
+            total += planned_bytes(&policy, c, tensors);
+        }
+        Ok(total)
+    }
+}
+
+/// Plans the conversion of the model `source` holds (see [`Plan`]).
 ///
 /// Refuses: a source without model_index.json, a pipeline class other than StableDiffusionXL*,
 /// a declared component whose folder (config / tokenizer files / weights) is missing, a missing
 /// SDXL component, integer tensors (other than the unused `position_ids` buffers, which are
-/// skipped), a source that is itself a pack, and `shard_bytes` that is not a positive multiple of 4
-/// up to [`SHARD_BYTES`].
-pub async fn convert<S: Source, K: PackSink>(
-    source: &S,
-    preset: QuantPreset,
-    shard_bytes: u64,
-    sink: &mut K,
-    mut progress: impl FnMut(&str),
-) -> Result<Manifest> {
-    let policy = preset.policy();
-    if shard_bytes == 0 || !shard_bytes.is_multiple_of(ALIGN as u64) || shard_bytes > SHARD_BYTES {
-        return Err(Error::InvalidParameter(format!("shard size {shard_bytes} must be a positive multiple of {ALIGN} up to {SHARD_BYTES}")));
-    }
+/// skipped), and a source that is itself a pack.
+pub async fn plan<S: Source>(source: &S, preset: QuantPreset, mut progress: impl FnMut(&str)) -> Result<Plan<'_, S>> {
     if source.pack().is_some() || (source.exists(MANIFEST).await && !source.exists("model_index.json").await) {
         return Err(Error::InvalidParameter(format!("{} is already a model pack; convert reads a diffusers model folder", source.describe(""))));
     }
@@ -832,7 +935,7 @@ pub async fn convert<S: Source, K: PackSink>(
     }
     let mut weights = Vec::new();
     for c in WEIGHT_COMPONENTS.iter().copied().filter(|c| components.contains(c)) {
-        let w = Weights::open(source, c, false).await?;
+        let w = Weights::open(source, c, true).await?;
         for name in w.names() {
             let dtype = w.dtype(name)?;
             if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) && !name.ends_with("position_ids") {
@@ -845,20 +948,55 @@ pub async fn convert<S: Source, K: PackSink>(
         }
         weights.push((c, w));
     }
+    Ok(Plan { source, model: kind, preset, small, weights })
+}
 
+/// Converts the diffusers-layout model that `source` holds into a pack written to `sink`, with
+/// the text encoders' and UNet's weight matrices stored as `preset` says (see [`storage_format`];
+/// the VAE stays dense) and every other tensor dense f16 (f32 if a value exceeds f16's range).
+/// One tensor is held in memory at a time, plus the shard being filled. With `resume` (the sink's
+/// last [`Checkpoint`]), the entries it lists are not read again and the shards it lists are not
+/// written again: the entry that was cut is read and re-encoded, and only its rest is kept.
+/// `progress` gets one line per component and per shard written.
+///
+/// Refuses what [`plan`] refuses, and `shard_bytes` that is not a positive multiple of 4 up to
+/// [`SHARD_BYTES`].
+pub async fn convert<S: Source, K: PackSink>(
+    source: &S,
+    preset: QuantPreset,
+    shard_bytes: u64,
+    resume: Option<Checkpoint>,
+    sink: &mut K,
+    mut progress: impl FnMut(&str),
+) -> Result<Manifest> {
+    if shard_bytes == 0 || !shard_bytes.is_multiple_of(ALIGN as u64) || shard_bytes > SHARD_BYTES {
+        return Err(Error::InvalidParameter(format!("shard size {shard_bytes} must be a positive multiple of {ALIGN} up to {SHARD_BYTES}")));
+    }
+    let Plan { model: kind, small, weights, .. } = plan(source, preset, &mut progress).await?;
+    let policy = preset.policy();
+    let resume = resume.unwrap_or_default();
     let mut on_shard = |line: &str| progress(line);
-    let mut out = ShardWriter { sink, shard_bytes, current: Vec::new(), shards: Vec::new(), on_shard: &mut on_shard };
-    let mut pack_files = Vec::new();
+    let keep_from = resume.shards.iter().map(|s| s.bytes).sum();
+    if resume.shards.iter().any(|s| s.bytes != shard_bytes) {
+        return Err(Error::InvalidParameter(format!("the checkpoint's shards are not {shard_bytes} bytes each; start the conversion again")));
+    }
+    let (pos, files_done, tensors_done) = (resume.next_offset, resume.files.len(), resume.tensors.len());
+    let mut out = ShardWriter { sink, shard_bytes, pos, keep_from, current: Vec::new(), done: resume, entry_start: pos, on_shard: &mut on_shard };
     let mut small_bytes = 0;
-    for path in &small {
+    for (i, path) in small.iter().enumerate() {
+        if i < files_done {
+            check_resumed(&out.done.files[i].path, path)?;
+            continue;
+        }
+        out.entry_start = out.pos;
         let bytes = source.read(path).await?;
         small_bytes += bytes.len() as u64;
         let segments = out.write(&bytes).await?;
-        pack_files.push(PackFile { path: path.clone(), bytes: bytes.len() as u64, sha256: sha256_hex(&bytes), segments });
+        out.done.files.push(PackFile { path: path.clone(), bytes: bytes.len() as u64, sha256: sha256_hex(&bytes), segments });
     }
-    (out.on_shard)(&format!("files: {} small files, {}", pack_files.len(), mib(small_bytes)));
+    (out.on_shard)(&format!("files: {} small files, {} read", small.len(), mib(small_bytes)));
 
-    let mut tensors = Vec::new();
+    let mut index = 0;
     for (c, w) in &weights {
         let (mut read, mut written, mut counts) = (0u64, 0u64, HashMap::<Storage, usize>::new());
         let mut skipped = Vec::new();
@@ -868,33 +1006,32 @@ pub async fn convert<S: Source, K: PackSink>(
                 skipped.push(name);
                 continue;
             }
+            let full = format!("{c}/{name}");
+            index += 1;
+            if index <= tensors_done {
+                check_resumed(&out.done.tensors[index - 1].name, &full)?;
+                continue;
+            }
+            out.entry_start = out.pos;
             let shape = w.shape(name)?.to_vec();
             let values = w.host(name, &shape).await?;
             read += (values.len() * dtype.size()) as u64;
-            let full = format!("{c}/{name}");
-            let entry = match storage_format(&policy, c, name, &shape) {
-                Some(format) => {
-                    let (rows, cols) = (shape[0], shape[1..].iter().product());
-                    let q = quantize(&values, rows, cols, format).map_err(|e| Error::Tensor { path: source.describe(c), tensor: name.to_string(), message: e.to_string() })?;
-                    let data = out.write(bytemuck::cast_slice(&q.data)).await?;
-                    let scales = Some(out.write(bytemuck::cast_slice(&q.scales)).await?);
-                    let mins = if format == QuantFormat::Q4_1 { Some(out.write(bytemuck::cast_slice(&q.mins)).await?) } else { None };
-                    PackTensor { name: full, storage: Storage::quantized(format), shape, rows: Some(rows), cols: Some(cols), data, scales, mins }
-                }
-                None => {
-                    let fits_f16 = values.iter().all(|&v| !v.is_finite() || f16::from_f32(v).is_finite());
-                    let (storage, data) = if fits_f16 {
-                        let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
-                        (Storage::F16, out.write(bytemuck::cast_slice(&halves)).await?)
-                    } else {
-                        (Storage::F32, out.write(bytemuck::cast_slice(&values)).await?)
-                    };
-                    PackTensor { name: full, storage, shape, rows: None, cols: None, data, scales: None, mins: None }
-                }
+            let format = storage_format(&policy, c, name, &shape);
+            let (storage, planes) = encode(&values, &shape, format).map_err(|e| Error::Tensor { path: source.describe(c), tensor: name.to_string(), message: e.to_string() })?;
+            let mut segments = Vec::new();
+            for plane in &planes {
+                segments.push(out.write(plane).await?);
+            }
+            let mut segments = segments.into_iter();
+            let (rows, cols) = match format {
+                Some(_) => (Some(shape[0]), Some(shape[1..].iter().product())),
+                None => (None, None),
             };
+            let data = segments.next().unwrap_or_default();
+            let entry = PackTensor { name: full, storage, shape, rows, cols, data, scales: segments.next(), mins: segments.next() };
             written += entry.bytes();
             *counts.entry(entry.storage).or_default() += 1;
-            tensors.push(entry);
+            out.done.tensors.push(entry);
         }
         let mut kinds: Vec<_> = counts.iter().collect();
         kinds.sort();
@@ -905,16 +1042,18 @@ pub async fn convert<S: Source, K: PackSink>(
         }
         (out.on_shard)(&line);
     }
+    out.entry_start = out.pos;
     out.flush().await?;
+    let done = std::mem::take(&mut out.done);
     let manifest = Manifest {
         format: FORMAT.into(),
         version: VERSION,
         model: kind,
         quant: preset,
         shard_bytes,
-        shards: std::mem::take(&mut out.shards),
-        files: pack_files,
-        tensors,
+        shards: done.shards,
+        files: done.files,
+        tensors: done.tensors,
     };
     // The manifest this build writes must be one it reads.
     Pack::new(manifest.clone(), MANIFEST.into())?;
@@ -1007,7 +1146,7 @@ pub async fn convert_dir(from: &std::path::Path, out: &std::path::Path, options:
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let source = DirSource::new(from);
     let mut sink = DirSink::new(out);
-    let result = convert(&source, options.quant, options.shard_bytes, &mut sink, progress).await;
+    let result = convert(&source, options.quant, options.shard_bytes, None, &mut sink, progress).await;
     if result.is_err() {
         clean();
         if !existed {

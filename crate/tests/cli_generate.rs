@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{copy_tree, max_abs, sdxl, TempDir};
+use common::{copy_tree, max_abs, psnr, sdxl, TempDir};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
@@ -72,13 +72,6 @@ fn reference(key: &str, shape: &[usize]) -> Vec<f32> {
     })
 }
 
-
-/// PSNR of images in 0..1.
-fn psnr(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    10.0 * (1.0 / mse.max(1e-20)).log10()
-}
 
 /// The PNG as (width, height, RGB8 bytes).
 fn read_png(path: &str) -> (u32, u32, Vec<u8>) {

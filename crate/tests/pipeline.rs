@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::psnr;
+
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
 use sdxl::quant::QuantPreset;
 use sdxl::weights::{DirSource, Source, Weights};
@@ -31,12 +33,6 @@ struct Case {
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
-}
-
-/// PSNR of images in 0..1.
-fn psnr(a: &[f32], b: &[f32]) -> f64 {
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    10.0 * (1.0 / mse.max(1e-20)).log10()
 }
 
 async fn pipelines_match_diffusers(gpu: &Gpu) {

@@ -201,6 +201,11 @@ impl<'a, S: Source> Weights<'a, S> {
         self.tensors.contains_key(name)
     }
 
+    /// The safetensors files the tensors come from (none for a pack).
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        self.files.iter().map(String::as_str)
+    }
+
     /// Names of all stored tensors, sorted.
     pub fn names(&self) -> Vec<&str> {
         if let Some(pack) = &self.pack {

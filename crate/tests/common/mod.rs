@@ -28,6 +28,13 @@ pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
 }
 
+/// PSNR of images in 0..1.
+pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
+    10.0 * (1.0 / mse.max(1e-20)).log10()
+}
+
 /// Relative tolerance of a kernel result: f32 storage keeps ~1e-6 per op; f16 storage rounds every
 /// input and output to 11 bits.
 pub fn tolerance(gpu: &Gpu) -> f32 {

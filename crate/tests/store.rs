@@ -1,0 +1,374 @@
+//! The model store over real HTTP (tests/server.py: Range requests, dropped connections, a request
+//! log): download of a pack and of a diffusers folder, load → generate equal to the native CLI,
+//! resume after an interruption fetching only what is missing, repair of a damaged record, running
+//! out of space, delete. Natively on a DirStore with a server started here; in Chromium (a dedicated
+//! worker, as the page runs it) on IndexedDB with the server tests/run.sh starts.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::psnr;
+use sdxl::pack::Manifest;
+use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
+use sdxl::quant::QuantPreset;
+use sdxl::store::{Bytes, DownloadOptions, HttpSource, ModelStore, RecordStore};
+use sdxl::weights::{MemorySource, Source, Weights};
+use sdxl::{Error, Gpu, Precision};
+use serde::Deserialize;
+
+#[cfg(not(target_arch = "wasm32"))]
+mod platform {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::{Mutex, MutexGuard, OnceLock};
+
+    pub type Store = sdxl::store::DirStore;
+
+    /// Builds the served fixtures with the CLI and starts the server (it exits when this process does).
+    pub fn server() -> &'static str {
+        static SERVER: OnceLock<(String, std::process::ChildStdin)> = OnceLock::new();
+        &SERVER
+            .get_or_init(|| {
+                let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+                let out = format!("{}/store", env!("CARGO_TARGET_TMPDIR"));
+                let status = Command::new("bash").arg(format!("{root}/tests/store_fixtures.sh")).arg(&out).env("SDXL", env!("CARGO_BIN_EXE_sdxl")).status().unwrap();
+                assert!(status.success(), "tests/store_fixtures.sh failed");
+                let mut child = Command::new("python3")
+                    .arg(format!("{root}/tests/server.py"))
+                    .args(["--exit-with-stdin", "--mount", &format!("/diffusers={root}/tests/fixtures/tiny-sdxl-base")])
+                    .args(["--mount", &format!("/pack={out}/pack"), "--mount", &format!("/expected={out}/expected")])
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .expect("python3 runs tests/server.py");
+                let mut url = String::new();
+                BufReader::new(child.stdout.take().unwrap()).read_line(&mut url).unwrap();
+                (url.trim().to_string(), child.stdin.take().unwrap())
+            })
+            .0
+    }
+
+    pub async fn store(name: &str) -> Store {
+        let dir = std::env::temp_dir().join(format!("sdxl-store-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        sdxl::store::DirStore::new(dir)
+    }
+
+    /// The server's fault injection and request log are shared: one test at a time.
+    pub fn serial() -> MutexGuard<'static, ()> {
+        static LOCK: Mutex<()> = Mutex::new(());
+        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(target_arch = "wasm32")]
+mod platform {
+    pub type Store = sdxl::store::IdbStore;
+
+    pub fn server() -> &'static str {
+        option_env!("SDXL_TEST_SERVER").expect("SDXL_TEST_SERVER: the URL of tests/server.py, set by tests/run.sh")
+    }
+
+    pub async fn store(name: &str) -> Store {
+        sdxl::store::IdbStore::open(&format!("sdxl-test-{name}-{}", js_sys::Date::now())).await.unwrap()
+    }
+}
+
+use platform::{server, store};
+
+const PROMPT: &str = "a red fox in the snow";
+
+fn url(path: &str) -> String {
+    format!("{}/{path}", server())
+}
+
+fn options() -> DownloadOptions {
+    DownloadOptions { retries: 0, shard_bytes: 1 << 20, ..DownloadOptions::new(QuantPreset::Q8) }
+}
+
+async fn get(path: &str) -> Vec<u8> {
+    HttpSource::new(server()).unwrap().with_retries(0).read(path).await.unwrap()
+}
+
+#[derive(Deserialize)]
+struct Request {
+    path: String,
+    start: u64,
+    end: u64,
+}
+
+async fn reset() {
+    get("_control/reset").await;
+}
+
+/// Requests under `prefix` for bytes from `from` on send `after` bytes, then drop the connection.
+async fn fail(prefix: &str, from: u64, after: u64) {
+    get(&format!("_control/fail?prefix={prefix}&from={from}&after={after}&times=1000")).await;
+}
+
+/// GET requests since the last reset.
+async fn requests() -> Vec<Request> {
+    serde_json::from_slice(&get("_control/log").await).unwrap()
+}
+
+/// Paths of the pack's shards fetched since the last reset, with their counts.
+async fn shards_fetched() -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in requests().await {
+        if let Some(shard) = r.path.strip_prefix("/pack/") {
+            if shard.starts_with("shards/") {
+                *counts.entry(shard.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+async fn served_manifest() -> Manifest {
+    serde_json::from_slice(&get("pack/manifest.json").await).unwrap()
+}
+
+async fn stored_shards(store: &ModelStore<impl RecordStore>, id: &str) -> BTreeSet<String> {
+    let prefix = format!("{id}/");
+    let records = store.records().list(&format!("{id}/shards/")).await.unwrap();
+    records.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect()
+}
+
+fn kind<T>(result: &Result<T, Error>) -> &'static str {
+    match result {
+        Ok(_) => panic!("expected an error, got success"),
+        Err(e) => e.kind(),
+    }
+}
+
+/// Overwrites a record with other bytes of the same length.
+async fn damage(store: &ModelStore<impl RecordStore>, key: &str) {
+    let bytes = store.records().get(key).await.unwrap().expect("the record to damage");
+    let mut data = bytes.slice(0, bytes.len());
+    data.iter_mut().step_by(97).for_each(|b| *b ^= 0x5a);
+    store.records().put(key, &Bytes::from(data)).await.unwrap();
+}
+
+async fn download_pack_load_and_generate() {
+    let store = ModelStore::new(store("pack").await);
+    reset().await;
+    let mut stages = BTreeSet::new();
+    let manifest = store.download("tiny", &url("pack"), &options(), |p| {
+        stages.insert(p.stage);
+    }).await.unwrap();
+    assert!(stages.contains("download"), "progress stages {stages:?}");
+    assert_eq!(manifest, served_manifest().await);
+    assert!(manifest.shards.len() >= 5, "the fixture pack should span several records");
+    let fetched = shards_fetched().await;
+    assert!(manifest.shards.iter().all(|s| fetched.get(&s.path) == Some(&1)), "each shard fetched once: {fetched:?}");
+
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].complete && listed[0].id == "tiny" && listed[0].quant.as_deref() == Some("q8"));
+    assert_eq!(listed[0].total_bytes, Some(manifest.bytes()));
+    assert!(store.verify("tiny").await.unwrap().is_empty());
+
+    // Load record by record and generate: the native CLI's image of the same pack.
+    let gpu = Gpu::new(Precision::F32).await.unwrap();
+    let model = SdxlModel::load(&gpu, &store.open("tiny").await.unwrap(), QuantPreset::Q8).await.unwrap();
+    let params = GenerateParams { prompt: PROMPT.into(), width: 64, height: 64, steps: 4, guidance: 5.0, seed: 7, ..GenerateParams::default() };
+    let image = gpu.read(&generate(&gpu, &model, None, &params, |_| {}).await.unwrap().image).await.unwrap();
+    let mut expected = MemorySource::default();
+    expected.insert("image.safetensors", get("expected/image.safetensors").await);
+    let tensors = Weights::from_files(&expected, vec!["image.safetensors".into()]).await.unwrap();
+    let want = tensors.host("image", &[1, 3, 64, 64]).await.unwrap();
+    let db = psnr(&image, &want);
+    assert!(db >= 40.0, "image from the store vs the native CLI: {db:.1} dB < 40 dB");
+    store.delete_all().await.unwrap();
+}
+
+async fn download_folder_converts_as_the_cli() {
+    let store = ModelStore::new(store("folder").await);
+    let manifest = store.download("tiny", &url("diffusers"), &options(), |_| {}).await.unwrap();
+    // Same encoder, same record size: the records the CLI's `sdxl convert` wrote, byte for byte.
+    assert_eq!(manifest, served_manifest().await);
+    assert!(store.list().await.unwrap()[0].complete);
+    assert!(store.verify("tiny").await.unwrap().is_empty());
+    store.delete_all().await.unwrap();
+}
+
+async fn interrupted_pack_download_resumes() {
+    let store = ModelStore::new(store("resume").await);
+    reset().await;
+    fail("/pack/shards/00003.bin", 0, 1000).await;
+    assert_eq!(kind(&store.download("tiny", &url("pack"), &options(), |_| {}).await), "NetworkError");
+    let listed = store.list().await.unwrap();
+    assert!(listed.len() == 1 && !listed[0].complete, "{listed:?}");
+    assert_eq!(kind(&store.open("tiny").await), "ModelIncomplete");
+    let before = stored_shards(&store, "tiny").await;
+    assert!(!before.contains("shards/00003.bin"), "the cut shard must not be stored: {before:?}");
+
+    reset().await;
+    let manifest = store.download("tiny", &url("pack"), &options(), |_| {}).await.unwrap();
+    let fetched = shards_fetched().await;
+    for shard in &manifest.shards {
+        let n = fetched.get(&shard.path).copied().unwrap_or(0);
+        let want = usize::from(!before.contains(&shard.path));
+        assert_eq!(n, want, "{}: fetched {n} times on resume (stored before: {})", shard.path, want == 0);
+    }
+    assert!(store.verify("tiny").await.unwrap().is_empty());
+    store.delete_all().await.unwrap();
+}
+
+async fn interrupted_conversion_resumes() {
+    let store = ModelStore::new(store("resume-folder").await);
+    reset().await;
+    fail("/diffusers/unet/diffusion_pytorch_model.safetensors", 500_000, 1000).await;
+    assert_eq!(kind(&store.download("tiny", &url("diffusers"), &options(), |_| {}).await), "NetworkError");
+    assert!(!store.list().await.unwrap()[0].complete);
+    let before = stored_shards(&store, "tiny").await;
+    assert!(before.len() >= 3, "the text encoders' records are stored before the UNet: {before:?}");
+
+    reset().await;
+    let manifest = store.download("tiny", &url("diffusers"), &options(), |_| {}).await.unwrap();
+    assert_eq!(manifest, served_manifest().await);
+    // The tokenizers lie in records stored before the cut: not fetched again.
+    let again: Vec<String> = requests().await.into_iter().filter(|r| r.path.contains("/tokenizer")).map(|r| format!("{} {}..{}", r.path, r.start, r.end)).collect();
+    assert!(again.is_empty(), "resume fetched files it had stored: {again:?}");
+    assert!(store.verify("tiny").await.unwrap().is_empty());
+    assert!(store.records().get("tiny/checkpoint.json").await.unwrap().is_none(), "the checkpoint goes once the model is complete");
+    store.delete_all().await.unwrap();
+}
+
+async fn damaged_records_are_fetched_again() {
+    let store = ModelStore::new(store("repair").await);
+    store.download("pack", &url("pack"), &options(), |_| {}).await.unwrap();
+    damage(&store, "pack/shards/00002.bin").await;
+    assert_eq!(store.verify("pack").await.unwrap(), vec!["shards/00002.bin".to_string()]);
+    reset().await;
+    store.download("pack", &url("pack"), &options(), |_| {}).await.unwrap();
+    assert_eq!(shards_fetched().await.into_iter().collect::<Vec<_>>(), vec![("shards/00002.bin".to_string(), 1)]);
+    assert!(store.verify("pack").await.unwrap().is_empty());
+
+    // A converted model's record is rebuilt from the tensors it holds.
+    store.download("folder", &url("diffusers"), &options(), |_| {}).await.unwrap();
+    damage(&store, "folder/shards/00004.bin").await;
+    store.records().delete("folder/shards/00006.bin").await.unwrap();
+    assert_eq!(store.verify("folder").await.unwrap(), vec!["shards/00004.bin".to_string(), "shards/00006.bin".to_string()]);
+    assert_eq!(kind(&store.open("folder").await), "ModelIncomplete");
+    store.download("folder", &url("diffusers"), &options(), |_| {}).await.unwrap();
+    assert!(store.verify("folder").await.unwrap().is_empty());
+    store.delete_all().await.unwrap();
+}
+
+/// A store whose writes fail once `limit` bytes are stored although it reports no shortage up
+/// front: the browser's estimate said yes, then a write hit the quota.
+struct FullAfter<R: RecordStore> {
+    inner: R,
+    limit: u64,
+}
+
+impl<R: RecordStore> RecordStore for FullAfter<R> {
+    fn describe(&self, key: &str) -> String {
+        self.inner.describe(key)
+    }
+    async fn get(&self, key: &str) -> sdxl::Result<Option<Bytes>> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, bytes: &Bytes) -> sdxl::Result<()> {
+        let used: u64 = self.inner.list("").await?.iter().map(|(_, n)| n).sum();
+        if used + bytes.len() > self.limit {
+            return Err(Error::QuotaExceeded(format!("{key}: simulated full storage")));
+        }
+        self.inner.put(key, bytes).await
+    }
+    async fn delete(&self, key: &str) -> sdxl::Result<()> {
+        self.inner.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> sdxl::Result<Vec<(String, u64)>> {
+        self.inner.list(prefix).await
+    }
+    async fn available(&self) -> sdxl::Result<Option<u64>> {
+        self.inner.available().await
+    }
+}
+
+async fn running_out_of_space_leaves_no_model_complete() {
+    let size = served_manifest().await.bytes();
+    // Known up front: refused before fetching anything.
+    let store = ModelStore::new(store("quota").await.with_quota(size / 2));
+    reset().await;
+    let result = store.download("tiny", &url("pack"), &options(), |_| {}).await;
+    assert_eq!(kind(&result), "QuotaExceeded");
+    let message = result.unwrap_err().to_string();
+    assert!(message.contains("MiB") && message.contains("available"), "the error gives the numbers: {message}");
+    assert!(shards_fetched().await.is_empty());
+    store.delete_all().await.unwrap();
+
+    // Hit mid-way: an error, no manifest, the partial records kept until deleted.
+    let store = ModelStore::new(FullAfter { inner: platform::store("quota-midway").await, limit: size / 2 });
+    assert_eq!(kind(&store.download("tiny", &url("pack"), &options(), |_| {}).await), "QuotaExceeded");
+    let listed = store.list().await.unwrap();
+    assert!(listed.len() == 1 && !listed[0].complete && listed[0].stored_bytes > 0, "{listed:?}");
+    assert_eq!(kind(&store.open("tiny").await), "ModelIncomplete");
+    assert!(store.records().get("tiny/manifest.json").await.unwrap().is_none());
+    assert_eq!(store.delete("tiny").await.unwrap(), listed[0].stored_bytes);
+    assert!(store.list().await.unwrap().is_empty());
+}
+
+async fn delete_frees_the_space() {
+    let store = ModelStore::new(store("delete").await);
+    store.download("a", &url("pack"), &options(), |_| {}).await.unwrap();
+    store.download("b", &url("pack"), &options(), |_| {}).await.unwrap();
+    let listed = store.list().await.unwrap();
+    assert_eq!(listed.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(store.delete("a").await.unwrap(), listed[0].stored_bytes);
+    assert!(store.records().list("a/").await.unwrap().is_empty());
+    assert_eq!(store.list().await.unwrap().len(), 1);
+    assert_eq!(kind(&store.open("a").await), "ModelIncomplete");
+    assert_eq!(store.delete_all().await.unwrap(), listed[1].stored_bytes);
+    assert!(store.records().list("").await.unwrap().is_empty());
+}
+
+async fn bad_requests_get_clear_errors() {
+    let store = ModelStore::new(store("bad").await);
+    assert_eq!(kind(&store.download("../up", &url("pack"), &options(), |_| {}).await), "InvalidParameter");
+    assert_eq!(kind(&store.download("x", &url("nothing-here"), &options(), |_| {}).await), "NetworkError");
+    assert_eq!(kind(&store.download("x", "not a url", &options(), |_| {}).await), "InvalidParameter");
+    let q4 = DownloadOptions::new(QuantPreset::Q4);
+    assert_eq!(kind(&store.download("x", &url("pack"), &q4, |_| {}).await), "InvalidParameter");
+    store.download("x", &url("pack"), &options(), |_| {}).await.unwrap();
+    let other = store.download("x", &url("diffusers"), &options(), |_| {}).await;
+    assert!(other.as_ref().is_err_and(|e| e.to_string().contains("already holds")), "{:?}", other.err());
+    assert_eq!(kind(&store.open("missing").await), "ModelIncomplete");
+    store.delete_all().await.unwrap();
+}
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(target_arch = "wasm32")]
+        wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_dedicated_worker);
+        mod run {
+            $(
+                #[cfg(not(target_arch = "wasm32"))]
+                #[test]
+                fn $name() {
+                    let _one_at_a_time = super::platform::serial();
+                    pollster::block_on(super::$name());
+                }
+                #[cfg(target_arch = "wasm32")]
+                #[wasm_bindgen_test::wasm_bindgen_test]
+                async fn $name() {
+                    super::$name().await;
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    download_pack_load_and_generate,
+    download_folder_converts_as_the_cli,
+    interrupted_pack_download_resumes,
+    interrupted_conversion_resumes,
+    damaged_records_are_fetched_again,
+    running_out_of_space_leaves_no_model_complete,
+    delete_frees_the_space,
+    bad_requests_get_clear_errors,
+);

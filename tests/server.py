@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Static HTTP server for the store tests: Range requests, HEAD, CORS, and fault injection.
+
+    python3 tests/server.py --mount /diffusers=tests/fixtures/tiny-sdxl-base --mount /pack=DIR [--port 0]
+
+Prints `http://127.0.0.1:PORT` on its first line once it listens. Control endpoints (for tests):
+  /_control/reset                            forget the request log and the faults
+  /_control/log                              JSON list of the GET requests served: {path, start, end}
+  /_control/fail?prefix=P&from=S&after=N&times=K
+                                             the next K GETs under P for bytes from S on send N body
+                                             bytes, then drop the connection
+"""
+import argparse
+import json
+import os
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlparse
+
+STATE = {"log": [], "faults": []}
+LOCK = threading.Lock()
+
+
+class Handler(BaseHTTPRequestHandler):
+    mounts = {}
+
+    def log_message(self, *args):
+        pass
+
+    def cors(self):
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Access-Control-Allow-Headers", "Range")
+        self.send_header("Access-Control-Expose-Headers", "Content-Length, Content-Range")
+
+    def do_OPTIONS(self):
+        self.send_response(204)
+        self.cors()
+        self.end_headers()
+
+    def reply(self, status, body):
+        self.send_response(status)
+        self.cors()
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def control(self, url, head):
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        with LOCK:
+            if url.path != "/_control/log" and head:
+                pass  # side effects on GET only
+            elif url.path == "/_control/reset":
+                STATE["log"].clear()
+                STATE["faults"].clear()
+            elif url.path == "/_control/fail":
+                STATE["faults"].append({
+                    "prefix": query["prefix"], "from": int(query.get("from", 0)),
+                    "after": int(query.get("after", 0)), "times": int(query.get("times", 1)),
+                })
+            elif url.path != "/_control/log":
+                return self.reply(404, b"{}")
+            body = json.dumps(STATE["log"]).encode() if url.path == "/_control/log" else b"ok"
+        self.reply(200, body)
+
+    def resolve(self, path):
+        for prefix, root in self.mounts.items():
+            if path.startswith(prefix + "/"):
+                rel = path[len(prefix) + 1:]
+                full = os.path.realpath(os.path.join(root, rel))
+                if full.startswith(os.path.realpath(root) + os.sep) and os.path.isfile(full):
+                    return full
+        return None
+
+    def serve(self, head):
+        url = urlparse(self.path)
+        path = unquote(url.path)
+        if path.startswith("/_control/"):
+            return self.control(url, head)
+        file = self.resolve(path)
+        if file is None:
+            return self.reply(404, b'{"error": "not found"}')
+        size = os.path.getsize(file)
+        start, end = 0, size
+        header = self.headers.get("Range")
+        if header and header.startswith("bytes="):
+            a, _, b = header[len("bytes="):].partition("-")
+            start, end = int(a), min(size, int(b) + 1) if b else size
+            if start >= end:
+                self.send_response(416)
+                self.cors()
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.end_headers()
+                return
+        self.send_response(206 if header else 200)
+        self.cors()
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        if header:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if head:
+            return
+        limit = end - start
+        with LOCK:
+            STATE["log"].append({"path": path, "start": start, "end": end})
+            for fault in STATE["faults"]:
+                if fault["times"] > 0 and path.startswith(fault["prefix"]) and start >= fault["from"]:
+                    fault["times"] -= 1
+                    limit = min(limit, fault["after"])
+                    break
+        with open(file, "rb") as f:
+            f.seek(start)
+            self.wfile.write(f.read(limit))
+        if limit < end - start:
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+
+    def do_GET(self):
+        self.serve(head=False)
+
+    def do_HEAD(self):
+        self.serve(head=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--mount", action="append", default=[], help="/prefix=DIR")
+    parser.add_argument("--exit-with-stdin", action="store_true", help="exit when stdin closes (the test process ended)")
+    args = parser.parse_args()
+    if args.exit_with_stdin:
+        threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+    Handler.mounts = {m.split("=", 1)[0].rstrip("/"): m.split("=", 1)[1] for m in args.mount}
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server.daemon_threads = True
+    print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
+    sys.stdout.close()
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
