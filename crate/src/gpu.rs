@@ -277,7 +277,7 @@ impl Gpu {
         Ok(t)
     }
 
-        /// Uploads f16 data as the working float type without a detour through f32 when possible.
+    /// Uploads f16 data as the working float type without a detour through f32 when possible.
     pub fn upload_f16(&self, data: &[half::f16], shape: &[usize], what: &str) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
         if self.dtype == DType::F16 {

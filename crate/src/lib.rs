@@ -1,5 +1,7 @@
 //! Stable Diffusion XL on WebGPU. Data flows one way:
-//! weights (sources, safetensors, packs) ← store (records, HTTP) → gpu/ops → models → pipeline → API.
+//! store (downloads, records) → weights (sources, safetensors, packs) → gpu/ops → models → pipeline → API.
+//! The store hands the models a `weights::Source` over what it stored; it converts downloads with
+//! `pack`'s converter.
 
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;

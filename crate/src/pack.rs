@@ -399,16 +399,7 @@ impl Pack {
 
     /// Reads bytes `start..end` of a plane made of `segments` (only the segments it overlaps).
     async fn read_plane(&self, source: &impl Source, segments: &[Segment], start: u64, end: u64) -> Result<Vec<u8>> {
-        if let [s] = segments {
-            // One segment (most planes): the read itself, without a copy.
-            if end <= s.length {
-                let bytes = source.read_range(&self.manifest.shards[s.shard as usize].path, s.offset + start, s.offset + end).await?;
-                if bytes.len() as u64 == end - start {
-                    return Ok(bytes);
-                }
-            }
-        }
-        let mut out = Vec::with_capacity((end - start) as usize);
+        let mut out = Vec::new();
         let mut pos = 0u64;
         for s in segments {
             let (a, b) = (pos, pos + s.length);
@@ -420,7 +411,12 @@ impl Pack {
                 if bytes.len() as u64 != hi - lo {
                     return Err(Error::Io { path: source.describe(path), message: format!("read {} bytes, asked for {}", bytes.len(), hi - lo) });
                 }
-                out.extend_from_slice(&bytes);
+                if out.is_empty() && hi - lo == end - start {
+                    out = bytes; // the whole range in one segment (most planes): no copy
+                } else {
+                    out.reserve_exact((end - start) as usize - out.len());
+                    out.extend_from_slice(&bytes);
+                }
             }
         }
         if out.len() as u64 != end - start {
@@ -815,8 +811,7 @@ pub fn planned_bytes<'t>(policy: &QuantPolicy, component: &str, tensors: impl In
 pub(crate) fn encode(values: &[f32], shape: &[usize], format: Option<QuantFormat>) -> Result<(Storage, Vec<Vec<u8>>)> {
     let Some(format) = format else {
         if values.iter().all(|&v| !v.is_finite() || f16::from_f32(v).is_finite()) {
-            let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
-            return Ok((Storage::F16, vec![bytemuck::cast_slice(&halves).to_vec()]));
+            return Ok((Storage::F16, vec![values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect()]));
         }
         return Ok((Storage::F32, vec![bytemuck::cast_slice(values).to_vec()]));
     };
@@ -826,6 +821,11 @@ pub(crate) fn encode(values: &[f32], shape: &[usize], format: Option<QuantFormat
         planes.push(bytemuck::cast_slice(&q.mins).to_vec());
     }
     Ok((Storage::quantized(format), planes))
+}
+
+/// Whether a pack stores tensors of this dtype (integer buffers are skipped).
+fn is_float(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16)
 }
 
 /// A resumed conversion must meet the same entries in the same order.
@@ -869,8 +869,10 @@ impl<S: Source> Plan<'_, S> {
         }
         for (c, w) in &self.weights {
             let mut tensors = Vec::new();
-            for name in w.names().into_iter().filter(|n| !n.ends_with("position_ids")) {
-                tensors.push((name, w.shape(name)?));
+            for name in w.names() {
+                if is_float(w.dtype(name)?) {
+                    tensors.push((name, w.shape(name)?));
+                }
             }
             total += planned_bytes(&policy, c, tensors);
         }
@@ -938,7 +940,7 @@ pub async fn plan<S: Source>(source: &S, preset: QuantPreset, mut progress: impl
         let w = Weights::open(source, c, true).await?;
         for name in w.names() {
             let dtype = w.dtype(name)?;
-            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) && !name.ends_with("position_ids") {
+            if !is_float(dtype) && !name.ends_with("position_ids") {
                 return Err(Error::Tensor {
                     path: source.describe(c),
                     tensor: name.to_string(),
@@ -951,19 +953,17 @@ pub async fn plan<S: Source>(source: &S, preset: QuantPreset, mut progress: impl
     Ok(Plan { source, model: kind, preset, small, weights })
 }
 
-/// Converts the diffusers-layout model that `source` holds into a pack written to `sink`, with
-/// the text encoders' and UNet's weight matrices stored as `preset` says (see [`storage_format`];
+/// Converts the model that `plan` reads ([`plan`]) into a pack written to `sink`, with
+/// the text encoders' and UNet's weight matrices stored as its preset says (see [`storage_format`];
 /// the VAE stays dense) and every other tensor dense f16 (f32 if a value exceeds f16's range).
 /// One tensor is held in memory at a time, plus the shard being filled. With `resume` (the sink's
 /// last [`Checkpoint`]), the entries it lists are not read again and the shards it lists are not
 /// written again: the entry that was cut is read and re-encoded, and only its rest is kept.
 /// `progress` gets one line per component and per shard written.
 ///
-/// Refuses what [`plan`] refuses, and `shard_bytes` that is not a positive multiple of 4 up to
-/// [`SHARD_BYTES`].
+/// Refuses `shard_bytes` that is not a positive multiple of 4 up to [`SHARD_BYTES`].
 pub async fn convert<S: Source, K: PackSink>(
-    source: &S,
-    preset: QuantPreset,
+    plan: Plan<'_, S>,
     shard_bytes: u64,
     resume: Option<Checkpoint>,
     sink: &mut K,
@@ -972,7 +972,7 @@ pub async fn convert<S: Source, K: PackSink>(
     if shard_bytes == 0 || !shard_bytes.is_multiple_of(ALIGN as u64) || shard_bytes > SHARD_BYTES {
         return Err(Error::InvalidParameter(format!("shard size {shard_bytes} must be a positive multiple of {ALIGN} up to {SHARD_BYTES}")));
     }
-    let Plan { model: kind, small, weights, .. } = plan(source, preset, &mut progress).await?;
+    let Plan { source, model: kind, preset, small, weights } = plan;
     let policy = preset.policy();
     let resume = resume.unwrap_or_default();
     let mut on_shard = |line: &str| progress(line);
@@ -1002,7 +1002,7 @@ pub async fn convert<S: Source, K: PackSink>(
         let mut skipped = Vec::new();
         for name in w.names() {
             let dtype = w.dtype(name)?;
-            if !matches!(dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+            if !is_float(dtype) {
                 skipped.push(name);
                 continue;
             }
@@ -1108,7 +1108,7 @@ impl PackSink for DirSink {
 /// `out` must be missing or empty; with `force`, a folder holding only a pack (manifest.json,
 /// shards/) is replaced. On failure, what was written is removed again.
 #[cfg(not(target_arch = "wasm32"))]
-pub async fn convert_dir(from: &std::path::Path, out: &std::path::Path, options: &ConvertOptions, progress: impl FnMut(&str)) -> Result<Manifest> {
+pub async fn convert_dir(from: &std::path::Path, out: &std::path::Path, options: &ConvertOptions, mut progress: impl FnMut(&str)) -> Result<Manifest> {
     use crate::weights::DirSource;
     let io = |path: &std::path::Path, e: std::io::Error| Error::Io { path: path.display().to_string(), message: e.to_string() };
     if !from.is_dir() {
@@ -1146,7 +1146,11 @@ pub async fn convert_dir(from: &std::path::Path, out: &std::path::Path, options:
     std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let source = DirSource::new(from);
     let mut sink = DirSink::new(out);
-    let result = convert(&source, options.quant, options.shard_bytes, None, &mut sink, progress).await;
+    let result = async {
+        let plan = plan(&source, options.quant, &mut progress).await?;
+        convert(plan, options.shard_bytes, None, &mut sink, progress).await
+    }
+    .await;
     if result.is_err() {
         clean();
         if !existed {

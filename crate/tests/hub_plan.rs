@@ -219,3 +219,20 @@ fn base_repository_plan() {
 fn refiner_repository_plan() {
     check("refiner", REFINER_FP16, &["text_encoder_2", "tokenizer_2", "unet", "vae"]);
 }
+
+/// The planner's pack size is what the converter writes (up to the 4-byte alignment of each plane
+/// and file), on the tiny base folder, for every preset.
+#[test]
+fn planned_pack_size_is_what_convert_writes() {
+    use sdxl::weights::{DirSource, MemorySource};
+    let source = DirSource::new(format!("{ROOT}/tiny-sdxl-base"));
+    for preset in [QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4] {
+        let plan = pollster::block_on(pack::plan(&source, preset, |_| {})).unwrap();
+        let planned = pollster::block_on(plan.pack_bytes()).unwrap();
+        let mut sink = MemorySource::default();
+        let manifest = pollster::block_on(pack::convert(plan, 1 << 20, None, &mut sink, |_| {})).unwrap();
+        let planes = manifest.files.len() + manifest.tensors.iter().map(|t| 1 + t.scales.is_some() as usize + t.mins.is_some() as usize).sum::<usize>();
+        let written = manifest.bytes();
+        assert!(planned <= written && written < planned + 4 * planes as u64, "{preset:?}: planned {planned}, written {written} ({planes} planes)");
+    }
+}

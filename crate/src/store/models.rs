@@ -59,7 +59,7 @@ pub struct Progress {
 }
 
 /// A model in the store, complete or not.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredModel {
     pub id: String,
     pub url: Option<String>,
@@ -77,8 +77,6 @@ pub struct StoredModel {
 struct Origin {
     url: String,
     quant: String,
-    /// "pack" or "diffusers".
-    layout: String,
     /// Bytes of the complete pack (planned, for a conversion).
     bytes: u64,
 }
@@ -278,7 +276,7 @@ impl<R: RecordStore> ModelStore<R> {
                 pack::preset_name(options.quant)
             )));
         }
-        let origin = Origin { url: http.base().into(), quant: pack::preset_name(options.quant).into(), layout: "pack".into(), bytes: manifest.bytes() };
+        let origin = Origin { url: http.base().into(), quant: pack::preset_name(options.quant).into(), bytes: manifest.bytes() };
         self.begin(id, &origin).await?;
         let todo = self.missing_or_bad(id, &manifest.shards, progress).await?;
         let needed = todo.iter().map(|&i| manifest.shards[i].bytes).sum();
@@ -316,7 +314,6 @@ impl<R: RecordStore> ModelStore<R> {
         let origin = Origin {
             url: http.base().into(),
             quant: pack::preset_name(options.quant).into(),
-            layout: "diffusers".into(),
             bytes: plan.pack_bytes().await?,
         };
         self.begin(id, &origin).await?;
@@ -342,11 +339,10 @@ impl<R: RecordStore> ModelStore<R> {
         let stored: u64 = resume.as_ref().map_or(0, |c| c.shards.iter().map(|s| s.bytes).sum());
         self.check_space(origin.bytes.saturating_sub(stored)).await?;
         let download_bytes: u64 = plan.files().await?.iter().map(|(_, n)| n).sum();
-        drop(plan);
 
         let mut sink = StoreSink { store: self, id };
         let fetched_before = http.bytes_fetched();
-        let manifest = pack::convert(http, options.quant, options.shard_bytes, resume, &mut sink, |line| {
+        let manifest = pack::convert(plan, options.shard_bytes, resume, &mut sink, |line| {
             let done = http.bytes_fetched() - fetched_before;
             progress(&Progress { stage: "convert", bytes_done: done, bytes_total: download_bytes, detail: line.trim().to_string() });
         })
