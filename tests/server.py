@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Static HTTP server for the store tests: Range requests, HEAD, CORS, and fault injection.
+"""Static HTTP server for the page and the tests: Range requests, HEAD, CORS, and fault injection.
 
-    python3 tests/server.py --mount /diffusers=tests/fixtures/tiny-sdxl-base --mount /pack=DIR [--port 0]
+    python3 tests/server.py --mount /=web --mount /models/tiny-sdxl-base=tests/fixtures/tiny-sdxl-base [--port 0]
+
+A folder's URL serves its index.html.
 
 Prints `http://127.0.0.1:PORT` on its first line once it listens. Control endpoints (for tests):
   /_control/reset                            forget the request log and the faults
@@ -19,6 +21,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
 STATE = {"log": [], "faults": []}
+# Module scripts and streaming wasm compilation need exact types; weights are plain bytes.
+TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
+         ".html": "text/html; charset=utf-8", ".css": "text/css", ".png": "image/png", ".svg": "image/svg+xml",
+         ".webmanifest": "application/manifest+json"}
 LOCK = threading.Lock()
 
 
@@ -70,7 +76,10 @@ class Handler(BaseHTTPRequestHandler):
             if path.startswith(prefix + "/"):
                 rel = path[len(prefix) + 1:]
                 full = os.path.realpath(os.path.join(root, rel))
-                if full.startswith(os.path.realpath(root) + os.sep) and os.path.isfile(full):
+                if os.path.isdir(full):
+                    full = os.path.join(full, "index.html")
+                inside = full.startswith(os.path.realpath(root) + os.sep)
+                if inside and os.path.isfile(full):
                     return full
         return None
 
@@ -96,7 +105,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
         self.send_response(206 if header else 200)
         self.cors()
-        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Type", TYPES.get(os.path.splitext(file)[1], "application/octet-stream"))
         self.send_header("Content-Length", str(end - start))
         if header:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")

@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::process::ExitCode;
 
-use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
+use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage, StepProgress};
+use crate::pipeline::image;
 use crate::pipeline::prompt::PromptEncoder;
 use crate::pipeline::quality::{allocate, quality, sensitivity, FormatErrors};
 use crate::pipeline::ModelIndex;
@@ -91,21 +92,6 @@ fn write_safetensors(path: &str, host: &[(&str, Vec<usize>, Vec<f32>)]) -> Resul
     std::fs::write(path, safetensors::serialize_f32(&views)).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })
 }
 
-/// RGB [1, 3, H, W] in 0..1 to 8-bit PNG, rounding as diffusers' numpy_to_pil ((x * 255).round()).
-fn write_png(path: &str, image: &[f32], height: usize, width: usize) -> Result<()> {
-    let plane = height * width;
-    let rgb: Vec<u8> = (0..plane)
-        .flat_map(|i| (0..3).map(move |c| (image[c * plane + i].clamp(0.0, 1.0) * 255.0).round_ties_even() as u8))
-        .collect();
-    let io = |e: String| Error::Io { path: path.to_string(), message: e };
-    let file = std::fs::File::create(path).map_err(|e| io(e.to_string()))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(|e| io(e.to_string()))?;
-    writer.write_image_data(&rgb).map_err(|e| io(e.to_string()))
-}
-
 async fn generate_command(args: &Args) -> Result<()> {
     let defaults = GenerateParams::default();
     let params = GenerateParams {
@@ -130,13 +116,15 @@ async fn generate_command(args: &Args) -> Result<()> {
         Some(dir) => Some(load_model(&gpu, dir, quant).await?),
         None => None,
     };
-    let result = generate(&gpu, &base, refiner.as_ref(), &params, |p| {
+    let result = generate(&gpu, &base, refiner.as_ref(), &params, |p: StepProgress| {
         let stage = if p.stage == Stage::Base { "base" } else { "refiner" };
         eprintln!("{stage} step {}/{}", p.step, p.steps);
     })
     .await?;
     let image = gpu.read(&result.image).await?;
-    write_png(out, &image, params.height, params.width)?;
+    let recipe = image::parameters(&params, &model_name(model), args.get("refiner").map(model_name).as_deref());
+    let png = image::encode_png(&image::rgb8(&image, params.height, params.width), params.width, params.height, &recipe)?;
+    std::fs::write(out, png).map_err(|e| Error::Io { path: out.to_string(), message: e.to_string() })?;
     eprintln!("wrote {out}");
     if let Some(path) = args.get("tensors-out") {
         let host = [
@@ -148,6 +136,12 @@ async fn generate_command(args: &Args) -> Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// A model folder's name, as the PNG recipe names it.
+fn model_name(dir: &str) -> String {
+    let path = std::path::Path::new(dir);
+    path.file_name().unwrap_or(path.as_os_str()).to_string_lossy().into_owned()
 }
 
 /// Loads a diffusers folder (quantized on load as `quant` says, dense without it) or a model pack

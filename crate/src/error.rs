@@ -33,6 +33,8 @@ pub enum Error {
     QuotaExceeded(String),
     /// A stored model is missing or was not completely downloaded.
     ModelIncomplete(String),
+    /// The caller cancelled the run (an AbortSignal in the browser).
+    Cancelled(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -55,6 +57,7 @@ impl fmt::Display for Error {
             Error::Corrupt { path, message } => write!(f, "{path}: {message}"),
             Error::QuotaExceeded(m) => write!(f, "storage full: {m}"),
             Error::ModelIncomplete(m) => write!(f, "model not available: {m}"),
+            Error::Cancelled(m) => write!(f, "cancelled: {m}"),
         }
     }
 }
@@ -79,6 +82,7 @@ impl Error {
             Error::Corrupt { .. } => "CorruptWeights",
             Error::QuotaExceeded(_) => "QuotaExceeded",
             Error::ModelIncomplete(_) => "ModelIncomplete",
+            Error::Cancelled(_) => "AbortError",
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Stable Diffusion XL on WebGPU. Data flows one way:
-//! store (downloads, records) → weights (sources, safetensors, packs) → gpu/ops → models → pipeline → API.
+//! store (downloads, records) → weights (sources, safetensors, packs) → gpu/ops → models → pipeline → API
+//! (`web`: the engine the JS API in web/ drives from a worker).
 //! The store hands the models a `weights::Source` over what it stored; it converts downloads with
 //! `pack`'s converter.
 
@@ -17,6 +18,8 @@ pub mod random;
 pub mod scheduler;
 pub mod store;
 pub mod tokenizer;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 pub mod weights;
 
 pub use error::{Error, Result};

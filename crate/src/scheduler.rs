@@ -343,6 +343,20 @@ impl Schedule {
         }
     }
 
+    /// `(a, b)` such that the model's estimate of the clean latents at step `i` is
+    /// `x0 = a * x + b * model_output` (the `pred_original_sample` of diffusers' Euler step): what
+    /// previews show. Panics if `i >= num_steps()`.
+    pub fn denoised_coefficients(&self, i: usize) -> (f32, f32) {
+        let sigma = self.sigmas[i] as f64;
+        let s2 = sigma * sigma + 1.0;
+        let (a, b) = match self.prediction {
+            PredictionType::Epsilon => (1.0, -sigma),
+            PredictionType::VPrediction => (1.0 / s2, -sigma / s2.sqrt()),
+            PredictionType::Sample => (0.0, 1.0),
+        };
+        (a as f32, b as f32)
+    }
+
     /// Steps `begin..begin + count` of a full schedule, with their landing sigma.
     fn part(&self, begin: usize, count: usize) -> Schedule {
         Schedule {

@@ -73,15 +73,16 @@ fn reference(key: &str, shape: &[usize]) -> Vec<f32> {
 }
 
 
-/// The PNG as (width, height, RGB8 bytes).
-fn read_png(path: &str) -> (u32, u32, Vec<u8>) {
+/// The PNG as (width, height, RGB8 bytes, its `parameters` text).
+fn read_png(path: &str) -> (u32, u32, Vec<u8>, Option<String>) {
     let file = std::io::BufReader::new(std::fs::File::open(path).unwrap_or_else(|e| panic!("{path}: {e}")));
     let mut reader = png::Decoder::new(file).read_info().unwrap_or_else(|e| panic!("{path} does not decode: {e}"));
     let mut buf = vec![0; reader.output_buffer_size().expect("PNG buffer size")];
     let info = reader.next_frame(&mut buf).unwrap_or_else(|e| panic!("{path} does not decode: {e}"));
     assert_eq!((info.color_type, info.bit_depth), (png::ColorType::Rgb, png::BitDepth::Eight), "{path}: pixel format");
     buf.truncate(info.buffer_size());
-    (info.width, info.height, buf)
+    let text = reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").map(|t| t.text.clone());
+    (info.width, info.height, buf, text)
 }
 
 /// The generate command line of a case, without --out / --tensors-out.
@@ -143,8 +144,14 @@ fn check_case(name: &str) {
     assert!(db >= 45.0, "{name}: image PSNR {db:.1} dB < 45 dB");
 
     // The PNG is the tensors' image, rounded as diffusers' numpy_to_pil.
-    let (w, h, rgb) = read_png(&png_path);
+    let (w, h, rgb, recipe) = read_png(&png_path);
     assert_eq!((w as usize, h as usize), (c.width, c.height), "{name}: PNG size");
+    let recipe = recipe.unwrap_or_else(|| panic!("{name}: the PNG has no parameters text"));
+    let settings = format!("Steps: {}, Sampler: Euler, CFG scale: {}, Seed: {}, Size: {}x{}, Model: tiny-sdxl-alt-base", c.steps, c.guidance, c.seed, c.width, c.height);
+    assert!(recipe.starts_with(&c.prompt) && recipe.contains(&settings), "{name}: PNG recipe {recipe:?} lacks {settings:?}");
+    if let Some(negative) = &c.negative {
+        assert!(recipe.contains(&format!("\nNegative prompt: {negative}\n")), "{name}: PNG recipe {recipe:?} lacks the negative prompt");
+    }
     let plane = c.width * c.height;
     let mut worst = 0i32;
     for i in 0..plane {

@@ -6,13 +6,34 @@ mod common;
 
 use common::psnr;
 
-use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage};
+use sdxl::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel};
 use sdxl::quant::QuantPreset;
 use sdxl::weights::{DirSource, Source, Weights};
 use sdxl::{DType, Gpu};
 use serde::Deserialize;
 
 gpu_tests!(pipelines_match_diffusers);
+
+/// The events of a run, as text, and the last step's denoised estimate.
+#[derive(Default)]
+struct Recorder {
+    events: Vec<String>,
+    last_denoised: Vec<f32>,
+}
+
+impl Observer for &mut Recorder {
+    async fn event(&mut self, gpu: &Gpu, event: Event<'_>) -> sdxl::Result<()> {
+        self.events.push(match event {
+            Event::Encode(stage) => format!("encode {stage:?}"),
+            Event::Step { progress: p, denoised } => {
+                self.last_denoised = gpu.read(denoised).await?;
+                format!("{:?} step {}/{}", p.stage, p.step, p.steps)
+            }
+            Event::Decode => "decode".into(),
+        });
+        Ok(())
+    }
+}
 
 fn fixture(dir: &str) -> DirSource {
     DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
@@ -56,14 +77,26 @@ async fn pipelines_match_diffusers(gpu: &Gpu) {
             ..Default::default()
         };
         let with_refiner = case.refiner_start.map(|_| &refiner);
-        let mut steps = (0, 0);
-        let out = generate(gpu, &base, with_refiner, &params, |p| match p.stage {
-            Stage::Base => steps.0 += 1,
-            Stage::Refiner => steps.1 += 1,
-        })
-        .await
-        .unwrap();
-        assert_eq!(steps.0 + steps.1, case.steps, "{}: every step reported once", case.name);
+        let mut recorder = Recorder::default();
+        let out = generate(gpu, &base, with_refiner, &params, &mut recorder).await.unwrap();
+        let stage_steps = |stage: &'static str, n: usize| (1..=n).map(move |i| format!("{stage} step {i}/{n}"));
+        let mut expected: Vec<String> = vec!["encode Base".into()];
+        match case.refiner_start {
+            Some(start) => {
+                let base_steps = recorder.events.iter().filter(|e| e.starts_with("Base step")).count();
+                assert!(base_steps > 0 && base_steps < case.steps, "{}: the refiner takes over at {start}", case.name);
+                expected.extend(stage_steps("Base", base_steps));
+                expected.push("encode Refiner".into());
+                expected.extend(stage_steps("Refiner", case.steps - base_steps));
+            }
+            None => expected.extend(stage_steps("Base", case.steps)),
+        }
+        expected.push("decode".into());
+        assert_eq!(recorder.events, expected, "{}: events in order, every step once", case.name);
+        // The last step lands on sigma 0, where the estimate of the clean latents is the result.
+        let final_latents = gpu.read(&out.latents).await.unwrap();
+        let denoised_err = max_abs(&recorder.last_denoised, &final_latents);
+        assert!(denoised_err <= 1e-6, "{}: last step's denoised estimate differs from the final latents by {denoised_err}", case.name);
         let read = |key: &str, shape: &[usize]| {
             let key = format!("{}.{key}", case.name);
             let shape = shape.to_vec();

@@ -119,6 +119,35 @@ pub struct StepProgress {
     pub steps: usize,
 }
 
+/// What a generation is doing, in order: `Encode(Base)`, the base's steps, then (with a refiner)
+/// `Encode(Refiner)` and its steps, then `Decode`.
+pub enum Event<'a> {
+    /// The stage's model starts by encoding the prompt.
+    Encode(Stage),
+    /// A step finished (its GPU work done); `denoised` [1, C, h, w] is the model's current
+    /// estimate of the final latents, which previews show.
+    Step { progress: StepProgress, denoised: &'a Tensor },
+    /// The VAE decode starts.
+    Decode,
+}
+
+/// Watches a generation; an error it returns (e.g. [`Error::Cancelled`]) stops the run there and
+/// frees its GPU buffers.
+#[allow(async_fn_in_trait)]
+pub trait Observer {
+    async fn event(&mut self, gpu: &Gpu, event: Event<'_>) -> Result<()>;
+}
+
+/// A closure sees the steps only.
+impl<F: FnMut(StepProgress)> Observer for F {
+    async fn event(&mut self, _: &Gpu, event: Event<'_>) -> Result<()> {
+        if let Event::Step { progress, .. } = event {
+            self(progress);
+        }
+        Ok(())
+    }
+}
+
 pub struct Generated {
     /// The seed's unit Gaussian noise [1, C, h, w], before scaling by init_noise_sigma.
     pub noise: Tensor,
@@ -155,7 +184,7 @@ pub async fn generate(
     base: &SdxlModel,
     refiner: Option<&SdxlModel>,
     p: &GenerateParams,
-    mut on_step: impl FnMut(StepProgress),
+    mut observer: impl Observer,
 ) -> Result<Generated> {
     let multiple = refiner.map_or(1, |r| r.size_multiple()).max(base.size_multiple());
     check_params(p, multiple, refiner.is_some())?;
@@ -168,14 +197,15 @@ pub async fn generate(
         None => (base.scheduler.timesteps(p.steps)?, None),
     };
     let mut latents = gpu.scale(&noise, base_schedule.init_noise_sigma)?;
-    latents = denoise(gpu, base, p, &base_schedule, latents, Stage::Base, &mut on_step).await?;
+    latents = denoise(gpu, base, p, &base_schedule, latents, Stage::Base, &mut observer).await?;
     let last = match (refiner, refiner_schedule) {
         (Some(r), Some(schedule)) => {
-            latents = denoise(gpu, r, p, &schedule, latents, Stage::Refiner, &mut on_step).await?;
+            latents = denoise(gpu, r, p, &schedule, latents, Stage::Refiner, &mut observer).await?;
             r
         }
         _ => base,
     };
+    observer.event(gpu, Event::Decode).await?;
     let image = last.vae.decode(gpu, &latents)?;
     Ok(Generated { noise, latents, image })
 }
@@ -189,8 +219,9 @@ async fn denoise(
     schedule: &Schedule,
     mut latents: Tensor,
     stage: Stage,
-    on_step: &mut impl FnMut(StepProgress),
+    observer: &mut impl Observer,
 ) -> Result<Tensor> {
+    observer.event(gpu, Event::Encode(stage)).await?;
     let guided = p.guidance > 1.0;
     let negative = if guided { p.negative.as_deref() } else { None };
     let PromptEmbeds { prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds } =
@@ -214,10 +245,13 @@ async fn denoise(
             let (uncond, text) = (gpu.narrow(&prediction, 0, 1)?, gpu.narrow(&prediction, 1, 1)?);
             prediction = gpu.axpby(1.0 - p.guidance, &uncond, p.guidance, &text)?;
         }
+        let (a, b) = schedule.denoised_coefficients(i);
+        let denoised = gpu.axpby(a, &latents, b, &prediction)?;
         let (a, b) = schedule.step_coefficients(i);
         latents = gpu.axpby(a, &latents, b, &prediction)?;
         gpu.sync().await?;
-        on_step(StepProgress { stage, step: i + 1, steps: schedule.num_steps() });
+        let progress = StepProgress { stage, step: i + 1, steps: schedule.num_steps() };
+        observer.event(gpu, Event::Step { progress, denoised: &denoised }).await?;
     }
     Ok(latents)
 }

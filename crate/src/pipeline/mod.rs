@@ -1,6 +1,7 @@
 //! SDXL pipelines assembled from the models, following diffusers' StableDiffusionXL pipelines.
 
 pub mod generate;
+pub mod image;
 pub mod prompt;
 pub mod quality;
 

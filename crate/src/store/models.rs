@@ -58,8 +58,9 @@ pub struct Progress {
     pub detail: String,
 }
 
-/// A model in the store, complete or not.
-#[derive(Debug, Clone, PartialEq)]
+/// A model in the store, complete or not (the JS API lists these).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StoredModel {
     pub id: String,
     pub url: Option<String>,

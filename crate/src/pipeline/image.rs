@@ -1,0 +1,133 @@
+//! Images out of a generation: 8-bit RGB as diffusers rounds it, PNG files that carry their recipe
+//! (AUTOMATIC1111's `parameters` text, which image viewers and web UIs read back), and the cheap
+//! latent → RGB previews shown while a run goes.
+
+use crate::error::{Error, Result};
+use crate::pipeline::generate::GenerateParams;
+
+/// RGB [1, 3, H, W] in 0..1 to interleaved 8-bit RGB, rounding as diffusers' numpy_to_pil
+/// ((x * 255).round(), half to even).
+pub fn rgb8(image: &[f32], height: usize, width: usize) -> Vec<u8> {
+    let plane = height * width;
+    (0..plane).flat_map(|i| (0..3).map(move |c| (image[c * plane + i].clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)).collect()
+}
+
+/// The recipe in AUTOMATIC1111's `parameters` format: the prompt, `Negative prompt: ...`, then
+/// `Key: value` pairs. `model` and `refiner` name the models as the user chose them.
+pub fn parameters(p: &GenerateParams, model: &str, refiner: Option<&str>) -> String {
+    let mut text = p.prompt.clone();
+    if let Some(negative) = p.negative.as_deref().filter(|n| !n.is_empty()) {
+        text += &format!("\nNegative prompt: {negative}");
+    }
+    // diffusers' EulerDiscreteScheduler is A1111's "Euler" sampler.
+    text += &format!(
+        "\nSteps: {}, Sampler: Euler, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
+        p.steps, p.guidance, p.seed, p.width, p.height
+    );
+    if let Some(refiner) = refiner {
+        text += &format!(", Refiner: {refiner}, Refiner switch at: {}", p.refiner_start);
+    }
+    text + &format!(", Version: sdxl-webgpu {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// An 8-bit RGB PNG with `parameters` as its `parameters` text chunk: tEXt when the text is
+/// Latin-1 (as A1111 writes it), iTXt (UTF-8) otherwise, as PIL does.
+pub fn encode_png(rgb: &[u8], width: usize, height: usize, parameters: &str) -> Result<Vec<u8>> {
+    let error = |e: png::EncodingError| Error::InvalidParameter(format!("cannot encode a {width}x{height} PNG: {e}"));
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, width as u32, height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let (key, text) = ("parameters".to_string(), parameters.to_string());
+    if parameters.chars().all(|c| (c as u32) < 256) {
+        encoder.add_text_chunk(key, text).map_err(error)?;
+    } else {
+        encoder.add_itxt_chunk(key, text).map_err(error)?;
+    }
+    let mut writer = encoder.write_header().map_err(error)?;
+    writer.write_image_data(rgb).map_err(error)?;
+    writer.finish().map_err(error)?;
+    Ok(out)
+}
+
+/// SDXL's latent channels → RGB: the linear fit ComfyUI uses for its SDXL previews (rows are the
+/// 4 latent channels; then the bias).
+const SDXL_LATENT_RGB: [[f32; 3]; 4] = [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]];
+const SDXL_LATENT_RGB_BIAS: [f32; 3] = [0.1084, -0.0175, -0.0011];
+
+/// A preview of latents [1, C, h, w] as RGBA bytes at latent resolution (h × w): SDXL's linear
+/// latent → RGB map for 4 channels, the channel mean as grey for other latent spaces.
+pub fn latent_preview(latents: &[f32], channels: usize, height: usize, width: usize) -> Vec<u8> {
+    let plane = height * width;
+    let byte = |v: f32| (((v + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round() as u8;
+    (0..plane)
+        .flat_map(|i| {
+            let channel = |c: usize| latents[c * plane + i];
+            let rgb = if channels == 4 {
+                std::array::from_fn(|k| SDXL_LATENT_RGB_BIAS[k] + (0..4).map(|c| channel(c) * SDXL_LATENT_RGB[c][k]).sum::<f32>())
+            } else {
+                [(0..channels).map(channel).sum::<f32>() / channels.max(1) as f32; 3]
+            };
+            [byte(rgb[0]), byte(rgb[1]), byte(rgb[2]), 255]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(png_bytes: &[u8]) -> (Vec<u8>, png::Info<'static>) {
+        let mut reader = png::Decoder::new(std::io::Cursor::new(png_bytes.to_vec())).read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let frame = reader.next_frame(&mut buf).unwrap();
+        buf.truncate(frame.buffer_size());
+        (buf, reader.info().clone())
+    }
+
+    #[test]
+    fn recipe_is_a1111_parameters() {
+        let p = GenerateParams { prompt: "a fox".into(), negative: Some("blurry".into()), width: 1152, height: 896, steps: 30, guidance: 7.5, seed: 42, ..Default::default() };
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            parameters(&p, "base-q4", Some("refiner-q4")),
+            format!("a fox\nNegative prompt: blurry\nSteps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 1152x896, Model: base-q4, Refiner: refiner-q4, Refiner switch at: 0.8, Version: sdxl-webgpu {version}")
+        );
+        let p = GenerateParams { prompt: "x".into(), negative: Some(String::new()), guidance: 5.0, ..Default::default() };
+        assert_eq!(parameters(&p, "m", None), format!("x\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, Version: sdxl-webgpu {version}"));
+    }
+
+    #[test]
+    fn png_keeps_pixels_and_recipe() {
+        let rgb: Vec<u8> = (0..3 * 5 * 3).map(|i| (i * 17 % 256) as u8).collect();
+        for recipe in ["plain latin-1: café", "unicode: 狐 🦊"] {
+            let (pixels, info) = decode(&encode_png(&rgb, 5, 3, recipe).unwrap());
+            assert_eq!(pixels, rgb);
+            let latin1: Vec<_> = info.uncompressed_latin1_text.iter().map(|t| (t.keyword.as_str(), t.text.as_str())).collect();
+            let utf8: Vec<_> = info.utf8_text.iter().map(|t| (t.keyword.clone(), t.get_text().unwrap())).collect();
+            if recipe.starts_with("plain") {
+                assert_eq!((latin1, utf8.len()), (vec![("parameters", recipe)], 0));
+            } else {
+                assert_eq!((latin1.len(), utf8), (0, vec![("parameters".to_string(), recipe.to_string())]));
+            }
+        }
+    }
+
+    #[test]
+    fn rgb8_rounds_like_diffusers() {
+        // [1, 3, 1, 2]: planes to interleaved, clamped, half to even as numpy's round.
+        let image = [0.0, 1.5, 0.5 / 255.0, 1.5 / 255.0, -1.0, 254.5 / 255.0];
+        assert_eq!(rgb8(&image, 1, 2), vec![0, 0, 0, 255, 2, 254]);
+    }
+
+    #[test]
+    fn preview_maps_latents_to_rgb() {
+        // One pixel: zero latents give the bias; channel 0 = 1 adds its row.
+        let rgba = latent_preview(&[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], 4, 1, 2);
+        let byte = |v: f32| (((v + 1.0) / 2.0) * 255.0).round() as u8;
+        assert_eq!(&rgba[..4], &[byte(0.1084), byte(-0.0175), byte(-0.0011), 255]);
+        assert_eq!(&rgba[4..], &[byte(0.1084 + 0.3651), byte(-0.0175 + 0.4232), byte(-0.0011 + 0.4341), 255]);
+        // Two channels (not SDXL's latent space): their mean as grey.
+        assert_eq!(latent_preview(&[0.5, -0.5, 1.0, 1.0], 2, 1, 2), vec![223, 223, 223, 255, 159, 159, 159, 255]);
+    }
+}

@@ -1,0 +1,356 @@
+//! The engine behind the JS API (`web/sdxl.js`), exported with wasm-bindgen. `web/worker.js` runs
+//! it in a dedicated worker, one call at a time: options and results cross as JSON, images and
+//! previews as `Uint8Array`s, events through a callback. Errors are JS `Error`s whose `name` is
+//! [`Error::kind`] (`AbortError` for a cancelled run).
+
+use std::cell::Cell;
+
+use js_sys::{Function, Object, Reflect, Uint8Array};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+use wasm_bindgen::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::pack::{self, ModelKind, Pack};
+use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel, Stage};
+use crate::pipeline::image;
+use crate::quant::QuantPreset;
+use crate::store::{DownloadOptions, IdbStore, ModelStore};
+use crate::weights::Source;
+use crate::{Gpu, Precision};
+
+fn js_error(e: Error) -> JsValue {
+    let error = js_sys::Error::new(&e.to_string());
+    error.set_name(e.kind());
+    error.into()
+}
+
+fn parse<T: DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| Error::InvalidParameter(format!("{what}: {e}")))
+}
+
+fn emit(callback: &Function, event: serde_json::Value) {
+    // The callback is the worker's own postMessage wrapper; it does not throw.
+    let _ = callback.call1(&JsValue::NULL, &JsValue::from_str(&event.to_string()));
+}
+
+fn stage_name(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Base => "base",
+        Stage::Refiner => "refiner",
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateOptions {
+    /// "auto" (f16 where the adapter has shader-f16), "f16" or "f32".
+    precision: Option<String>,
+    /// The IndexedDB database holding the models.
+    store_name: Option<String>,
+}
+
+/// A model to load: its id in the store and where to download it from when it is not stored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelRef {
+    id: String,
+    url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadOptions {
+    base: ModelRef,
+    refiner: Option<ModelRef>,
+    quant: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GenerateOptions {
+    prompt: String,
+    negative_prompt: Option<String>,
+    width: Option<usize>,
+    height: Option<usize>,
+    steps: Option<usize>,
+    guidance: Option<f32>,
+    seed: Option<u64>,
+    /// Fraction of the schedule after which the refiner takes over; `null` runs the base alone.
+    refiner_start: Option<f64>,
+    /// Whether to send a latent preview with every step.
+    #[serde(default)]
+    preview: bool,
+}
+
+struct Loaded {
+    id: String,
+    quant: QuantPreset,
+    model: SdxlModel,
+}
+
+#[wasm_bindgen]
+pub struct Engine {
+    gpu: Gpu,
+    store: ModelStore<IdbStore>,
+    base: Option<Loaded>,
+    refiner: Option<Loaded>,
+}
+
+#[wasm_bindgen]
+impl Engine {
+    /// Opens the GPU and the model store. `options`: JSON of `{precision?, storeName?}`.
+    pub async fn create(options: String) -> std::result::Result<Engine, JsValue> {
+        async {
+            let options: CreateOptions = parse(&options, "Sdxl.create options")?;
+            let precision: Precision = options.precision.as_deref().unwrap_or("auto").parse()?;
+            let gpu = Gpu::new(precision).await?;
+            let store = ModelStore::new(IdbStore::open(options.store_name.as_deref().unwrap_or("sdxl-models")).await?);
+            Ok(Engine { gpu, store, base: None, refiner: None })
+        }
+        .await
+        .map_err(js_error)
+    }
+
+    /// JSON `{adapter, precision, shaderF16, maxBufferBytes}`.
+    pub fn info(&self) -> String {
+        json!({
+            "adapter": self.gpu.adapter_name,
+            "precision": format!("{:?}", self.gpu.dtype).to_lowercase(),
+            "shaderF16": self.gpu.has_shader_f16,
+            "maxBufferBytes": self.gpu.max_binding_bytes(),
+        })
+        .to_string()
+    }
+
+    /// Makes the models of `options` (JSON of `{base: {id, url}, refiner?: {id, url}, quant}`) the
+    /// loaded ones: each is downloaded into the store unless it is stored complete, then uploaded to
+    /// the GPU. Models already loaded with the same id and preset stay; others are released first,
+    /// so the GPU never holds two of a kind. `on_event` gets JSON progress events.
+    pub async fn load(&mut self, options: String, on_event: Function) -> std::result::Result<(), JsValue> {
+        async {
+            let options: LoadOptions = parse(&options, "load options")?;
+            let quant: QuantPreset = options.quant.parse()?;
+            let keep = |slot: &Option<Loaded>, wanted: Option<&ModelRef>| {
+                matches!((slot, wanted), (Some(l), Some(w)) if l.id == w.id && l.quant == quant)
+            };
+            if !keep(&self.base, Some(&options.base)) {
+                self.base = None;
+            }
+            if !keep(&self.refiner, options.refiner.as_ref()) {
+                self.refiner = None;
+            }
+            if self.base.is_none() {
+                self.base = Some(self.load_one(&options.base, quant, ModelKind::Base, &on_event).await?);
+            }
+            if let (None, Some(wanted)) = (&self.refiner, &options.refiner) {
+                self.refiner = Some(self.load_one(wanted, quant, ModelKind::Refiner, &on_event).await?);
+            }
+            Ok(())
+        }
+        .await
+        .map_err(js_error)
+    }
+
+    /// Text to image with the loaded models (JSON options as `GenerateOptions`). `on_event(json,
+    /// preview)` gets encode / step / decode events (`preview`: RGBA bytes at latent resolution, or
+    /// undefined); `cancelled()` is asked before every step and before the decode, and a true answer
+    /// ends the run with an `AbortError`. Returns `{png, parameters, seed, width, height, timings}`.
+    pub async fn generate(&self, options: String, on_event: Function, cancelled: Function) -> std::result::Result<Object, JsValue> {
+        self.run(&options, &on_event, &cancelled).await.map_err(js_error)
+    }
+
+    /// JSON list of the stored models: `{id, url, quant, model, storedBytes, totalBytes, complete}`.
+    pub async fn models(&self) -> std::result::Result<String, JsValue> {
+        let models = self.store.list().await.map_err(js_error)?;
+        Ok(serde_json::to_string(&models).expect("stored models serialise"))
+    }
+
+    /// Deletes a stored model (releasing it from the GPU if loaded); returns the bytes freed.
+    #[wasm_bindgen(js_name = deleteModel)]
+    pub async fn delete_model(&mut self, id: String) -> std::result::Result<f64, JsValue> {
+        for slot in [&mut self.base, &mut self.refiner] {
+            if slot.as_ref().is_some_and(|l| l.id == id) {
+                *slot = None;
+            }
+        }
+        self.store.delete(&id).await.map(|n| n as f64).map_err(js_error)
+    }
+
+    /// Checks a stored model's records against their sha256; JSON list of the bad ones.
+    pub async fn verify(&self, id: String) -> std::result::Result<String, JsValue> {
+        let bad = self.store.verify(&id).await.map_err(js_error)?;
+        Ok(serde_json::to_string(&bad).expect("paths serialise"))
+    }
+}
+
+impl Engine {
+    async fn load_one(&self, wanted: &ModelRef, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
+        let stored = self.store.list().await?.into_iter().find(|m| m.id == wanted.id);
+        if !stored.is_some_and(|m| m.complete) {
+            self.store
+                .download(&wanted.id, &wanted.url, &DownloadOptions::new(quant), |p| {
+                    // A diffusers folder is converted as it downloads: for the user, both are the download.
+                    let stage = if p.stage == "verify" { "verify" } else { "download" };
+                    emit(on_event, json!({"type": stage, "model": wanted.id, "loaded": p.bytes_done, "total": p.bytes_total, "detail": p.detail}));
+                })
+                .await?;
+        }
+        let source = self.store.open(&wanted.id).await?;
+        let manifest = source.manifest();
+        if manifest.quant != quant {
+            return Err(Error::InvalidParameter(format!(
+                "the stored model '{}' is {}, not {}: delete it or load it as {}",
+                wanted.id,
+                pack::preset_name(manifest.quant),
+                pack::preset_name(quant),
+                pack::preset_name(manifest.quant)
+            )));
+        }
+        if manifest.model != kind {
+            let (is, slot) = match manifest.model {
+                ModelKind::Base => ("an SDXL base model", "base"),
+                ModelKind::Refiner => ("an SDXL refiner", "refiner"),
+            };
+            return Err(Error::InvalidParameter(format!("'{}' is {is}: load it as `{slot}`", wanted.id)));
+        }
+        let total = manifest.bytes();
+        let reported = Cell::new(0);
+        // Thousands of tensors: an event per 0.5 % is enough for a progress bar.
+        let report = |done: u64| {
+            if done - reported.get() >= total / 200 || done >= total {
+                reported.set(done);
+                emit(on_event, json!({"type": "upload", "model": wanted.id, "loaded": done.min(total), "total": total}));
+            }
+        };
+        let counted = Counted { inner: &source, done: Cell::new(0), report: &report };
+        let model = SdxlModel::load(&self.gpu, &counted, quant).await?;
+        report(total);
+        Ok(Loaded { id: wanted.id.clone(), quant, model })
+    }
+
+    async fn run(&self, options: &str, on_event: &Function, cancelled: &Function) -> Result<Object> {
+        let options: GenerateOptions = parse(options, "generate options")?;
+        let base = self.base.as_ref().ok_or_else(|| Error::ModelIncomplete("no model is loaded: call load() first".into()))?;
+        let refiner = match options.refiner_start {
+            Some(_) => Some(self.refiner.as_ref().ok_or_else(|| {
+                Error::InvalidParameter("refinerStart is set but no refiner is loaded (load one, or set refinerStart to null)".into())
+            })?),
+            None => None,
+        };
+        let defaults = GenerateParams::default();
+        let params = GenerateParams {
+            prompt: options.prompt,
+            negative: options.negative_prompt,
+            width: options.width.unwrap_or(defaults.width),
+            height: options.height.unwrap_or(defaults.height),
+            steps: options.steps.unwrap_or(defaults.steps),
+            guidance: options.guidance.unwrap_or(defaults.guidance),
+            // A random seed fits a JS number exactly (53 bits), so the result can report it.
+            seed: options.seed.unwrap_or_else(|| (js_sys::Math::random() * 2f64.powi(53)) as u64),
+            refiner_start: options.refiner_start.unwrap_or(defaults.refiner_start),
+            ..defaults
+        };
+        let mut watcher = JsObserver { on_event, cancelled, preview: options.preview, marks: vec![("start", js_sys::Date::now())] };
+        let out = generate(&self.gpu, &base.model, refiner.map(|r| &r.model), &params, &mut watcher).await?;
+        let pixels = self.gpu.read(&out.image).await?;
+        watcher.marks.push(("end", js_sys::Date::now()));
+
+        let recipe = image::parameters(&params, &base.id, refiner.map(|r| r.id.as_str()));
+        let png = image::encode_png(&image::rgb8(&pixels, params.height, params.width), params.width, params.height, &recipe)?;
+        let timings = watcher.timings();
+        let result = Object::new();
+        let set = |key: &str, value: JsValue| Reflect::set(&result, &key.into(), &value).expect("setting a field of a new object");
+        set("png", Uint8Array::from(png.as_slice()).into());
+        set("parameters", recipe.into());
+        set("seed", (params.seed as f64).into());
+        set("width", params.width.into());
+        set("height", params.height.into());
+        set("timings", js_sys::JSON::parse(&timings.to_string()).expect("timings are JSON"));
+        Ok(result)
+    }
+}
+
+/// Reports a generation's events to JS and asks whether it was cancelled.
+struct JsObserver<'a> {
+    on_event: &'a Function,
+    cancelled: &'a Function,
+    preview: bool,
+    /// When each phase began (ms): "start", "base", "refiner", "decode", "end".
+    marks: Vec<(&'static str, f64)>,
+}
+
+impl JsObserver<'_> {
+    /// Milliseconds per phase; each stage's time includes its prompt encoding.
+    fn timings(&self) -> serde_json::Value {
+        let mut timings = serde_json::Map::new();
+        for pair in self.marks.windows(2) {
+            if pair[0].0 != "start" {
+                timings.insert(pair[0].0.to_string(), json!(pair[1].1 - pair[0].1));
+            }
+        }
+        timings.insert("total".into(), json!(self.marks.last().unwrap().1 - self.marks[0].1));
+        json!(timings)
+    }
+}
+
+impl Observer for &mut JsObserver<'_> {
+    async fn event(&mut self, gpu: &Gpu, event: Event<'_>) -> Result<()> {
+        if self.cancelled.call0(&JsValue::NULL).map_or(false, |v| v.is_truthy()) {
+            return Err(Error::Cancelled("the run was cancelled; its GPU buffers are freed".into()));
+        }
+        let (json, preview) = match event {
+            Event::Encode(stage) => {
+                self.marks.push((stage_name(stage), js_sys::Date::now()));
+                (json!({"type": "encode", "stage": stage_name(stage)}), JsValue::UNDEFINED)
+            }
+            Event::Step { progress, denoised } => {
+                let mut json = json!({"type": "step", "stage": stage_name(progress.stage), "step": progress.step, "steps": progress.steps});
+                let preview = if self.preview {
+                    let &[_, c, h, w] = denoised.shape() else { unreachable!("latents are [1, C, h, w]") };
+                    json["previewWidth"] = json!(w);
+                    json["previewHeight"] = json!(h);
+                    Uint8Array::from(image::latent_preview(&gpu.read(denoised).await?, c, h, w).as_slice()).into()
+                } else {
+                    JsValue::UNDEFINED
+                };
+                (json, preview)
+            }
+            Event::Decode => {
+                self.marks.push(("decode", js_sys::Date::now()));
+                (json!({"type": "decode"}), JsValue::UNDEFINED)
+            }
+        };
+        let _ = self.on_event.call2(&JsValue::NULL, &JsValue::from_str(&json.to_string()), &preview);
+        Ok(())
+    }
+}
+
+/// A source that reports the bytes read through it (the upload to the GPU).
+struct Counted<'a, S: Source> {
+    inner: &'a S,
+    done: Cell<u64>,
+    report: &'a dyn Fn(u64),
+}
+
+impl<S: Source> Source for Counted<'_, S> {
+    fn describe(&self, path: &str) -> String {
+        self.inner.describe(path)
+    }
+    async fn exists(&self, path: &str) -> bool {
+        self.inner.exists(path).await
+    }
+    async fn len(&self, path: &str) -> Result<u64> {
+        self.inner.len(path).await
+    }
+    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>> {
+        let bytes = self.inner.read_range(path, start, end).await?;
+        self.done.set(self.done.get() + bytes.len() as u64);
+        (self.report)(self.done.get());
+        Ok(bytes)
+    }
+    fn pack(&self) -> Option<&Pack> {
+        self.inner.pack()
+    }
+}

@@ -1,0 +1,46 @@
+// Type-checks web/sdxl.d.ts against the README's usage (tsc --noEmit in tests/run.sh).
+import { Sdxl, SdxlError, SDXL_1_0, RESOLUTION_BUCKETS, type ProgressEvent, type StepEvent, type GenerateResult } from '../../web/sdxl.js';
+
+function describe(e: ProgressEvent): string {
+  switch (e.type) {
+    case 'download':
+    case 'verify':
+    case 'upload':
+      return `${e.type} ${e.model}: ${e.loaded}/${e.total}, ${e.etaSeconds ?? '?'} s left (${e.fraction})`;
+    case 'encode':
+      return `encoding for the ${e.stage}`;
+    case 'step':
+      return `${e.stage} step ${e.step}/${e.steps}`;
+    case 'decode':
+      return 'decoding';
+  }
+}
+
+export async function example(canvas: HTMLCanvasElement): Promise<GenerateResult | null> {
+  const sdxl = await Sdxl.create({ onProgress: (e) => console.log(describe(e)), precision: 'auto' });
+  const adapter: string = sdxl.info.adapter;
+  await sdxl.load({ base: SDXL_1_0.base, refiner: SDXL_1_0.refiner, quant: 'q4' });
+  const [width, height] = RESOLUTION_BUCKETS[1];
+  const controller = new AbortController();
+  try {
+    const result = await sdxl.generate({
+      prompt: `a red fox in the snow, ${adapter}`,
+      negativePrompt: 'blurry',
+      width, height, steps: 30, guidance: 5, seed: 7, refinerStart: 0.8,
+      signal: controller.signal,
+      onStep: (e: StepEvent) => e.preview && canvas.getContext('2d')?.putImageData(e.preview, 0, 0),
+    });
+    const seconds: number = result.timings.total / 1000;
+    console.log(result.parameters, result.seed, seconds, result.blob.type, result.bitmap.width);
+    return result;
+  } catch (e) {
+    if (e instanceof SdxlError && (e.name === 'AbortError' || e.name === 'QuotaExceeded')) return null;
+    throw e;
+  } finally {
+    const stored = await sdxl.models();
+    console.log(stored.filter((m) => m.complete).map((m) => `${m.id} ${m.quant} ${m.storedBytes}`));
+    const { usage, quota, persisted } = await sdxl.storage();
+    console.log(usage / quota, persisted, await sdxl.verify(stored[0].id), await sdxl.deleteModel(stored[0].id));
+    sdxl.terminate();
+  }
+}

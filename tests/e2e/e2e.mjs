@@ -1,0 +1,289 @@
+// End-to-end tests of the page (web/index.html) and the JS API in headless Chromium (WebGPU; on
+// SwiftShader without a GPU), against tests/server.py serving web/ and the tiny demo model:
+//   1. the page loads the tiny base + refiner from the server into IndexedDB and generates; the PNG
+//      equals the native CLI's image of the same q8 packs and seed (PSNR >= 40 dB) and carries its
+//      recipe in a `parameters` text chunk;
+//   2. a run cancelled mid-way stops at that step, and the next run gives the same image again;
+//   3. the JS API's typed errors, and a download cancelled by its AbortSignal, then resumed;
+//   4. with the server gone, a reload is served by the service worker and generates from the
+//      models stored in IndexedDB;
+//   5. web/examples/embed.html (at most 20 lines) generates the same image;
+//   6. without WebGPU the page says so and offers no generate button.
+// Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+import { inflateSync } from 'node:zlib';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const root = path.resolve(import.meta.dirname, '../..');
+const out = path.resolve(process.argv[2] ?? path.join(root, 'target/e2e'));
+const sdxlCli = process.env.SDXL ?? path.join(root, 'target/debug/sdxl');
+const PROMPT = 'a red fox in the snow';
+const RUN = { width: 64, height: 64, steps: 4, guidance: 5, seed: 7, refinerStart: 0.8 };
+const MIN_PSNR = 40;
+const MINUTE = 60_000;
+
+function log(...args) {
+  console.log(`[e2e ${new Date().toISOString().slice(11, 19)}]`, ...args);
+}
+
+/** Decodes an 8-bit RGB/RGBA, non-interlaced PNG: {width, height, rgb, text: {keyword: value}}. */
+function decodePng(bytes) {
+  assert.deepEqual([...bytes.subarray(0, 8)], [137, 80, 78, 71, 13, 10, 26, 10], 'PNG signature');
+  const idat = [];
+  const text = {};
+  let width, height, channels;
+  for (let at = 8; at < bytes.length;) {
+    const length = bytes.readUInt32BE(at);
+    const type = bytes.toString('latin1', at + 4, at + 8);
+    const data = bytes.subarray(at + 8, at + 8 + length);
+    at += 12 + length;
+    if (type === 'IHDR') {
+      [width, height] = [data.readUInt32BE(0), data.readUInt32BE(4)];
+      assert.equal(data[8], 8, 'bit depth 8');
+      channels = { 2: 3, 6: 4 }[data[9]];
+      assert.ok(channels && data[12] === 0, 'RGB or RGBA, not interlaced');
+    } else if (type === 'IDAT') idat.push(data);
+    else if (type === 'tEXt') {
+      const nul = data.indexOf(0);
+      text[data.toString('latin1', 0, nul)] = data.toString('latin1', nul + 1);
+    } else if (type === 'iTXt') {
+      const nul = data.indexOf(0);
+      assert.equal(data[nul + 1], 0, 'uncompressed iTXt');
+      const lang = data.indexOf(0, nul + 3);
+      const translated = data.indexOf(0, lang + 1);
+      text[data.toString('latin1', 0, nul)] = data.toString('utf8', translated + 1);
+    }
+  }
+  const raw = inflateSync(Buffer.concat(idat));
+  const stride = width * channels;
+  const pixels = Buffer.alloc(height * stride);
+  for (let y = 0; y < height; y++) {
+    const filter = raw[y * (stride + 1)];
+    for (let x = 0; x < stride; x++) {
+      const v = raw[y * (stride + 1) + 1 + x];
+      const a = x >= channels ? pixels[y * stride + x - channels] : 0;
+      const b = y > 0 ? pixels[(y - 1) * stride + x] : 0;
+      const c = x >= channels && y > 0 ? pixels[(y - 1) * stride + x - channels] : 0;
+      const p = a + b - c;
+      const paeth = Math.abs(p - a) <= Math.abs(p - b) && Math.abs(p - a) <= Math.abs(p - c) ? a : Math.abs(p - b) <= Math.abs(p - c) ? b : c;
+      pixels[y * stride + x] = (v + [0, a, b, (a + b) >> 1, paeth][filter]) & 255;
+    }
+  }
+  const rgb = channels === 3 ? pixels : Buffer.from(pixels.filter((_, i) => i % 4 !== 3));
+  return { width, height, rgb, text };
+}
+
+function psnr(a, b) {
+  assert.equal(a.length, b.length, 'same image size');
+  let se = 0;
+  for (let i = 0; i < a.length; i++) se += (a[i] - b[i]) ** 2;
+  return se === 0 ? Infinity : 10 * Math.log10((255 * 255) / (se / a.length));
+}
+
+/** The CLI's image of the tiny base + refiner as q8 packs: what the page must reproduce. */
+function expectedImage() {
+  for (const model of ['base', 'refiner']) {
+    execFileSync(sdxlCli, ['convert', '--from', `${root}/tests/fixtures/tiny-sdxl-${model}`, '--quant', 'q8', '--out', `${out}/${model}-q8`, '--force'], { stdio: 'inherit' });
+  }
+  const png = `${out}/expected.png`;
+  execFileSync(sdxlCli, ['generate', '--model', `${out}/base-q8`, '--refiner', `${out}/refiner-q8`, '--prompt', PROMPT,
+    '--width', `${RUN.width}`, '--height', `${RUN.height}`, '--steps', `${RUN.steps}`, '--guidance', `${RUN.guidance}`,
+    '--seed', `${RUN.seed}`, '--refiner-start', `${RUN.refinerStart}`, '--precision', 'f32', '--out', png], { stdio: 'inherit' });
+  return decodePng(readFileSync(png));
+}
+
+async function startServer(port = 0) {
+  const server = spawn('python3', [`${root}/tests/server.py`, '--port', `${port}`, '--mount', `/=${root}/web`,
+    '--mount', `/models/tiny-sdxl-base=${root}/tests/fixtures/tiny-sdxl-base`,
+    '--mount', `/models/tiny-sdxl-refiner=${root}/tests/fixtures/tiny-sdxl-refiner`], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const [url] = await createInterface({ input: server.stdout })[Symbol.asyncIterator]().next().then((r) => [r.value]);
+  return { server, url };
+}
+
+async function imageBytes(page, selector) {
+  const bytes = await page.evaluate(async (sel) => {
+    const response = await fetch(document.querySelector(sel).src);
+    return Array.from(new Uint8Array(await response.arrayBuffer()));
+  }, selector);
+  return Buffer.from(bytes);
+}
+
+/** Waits for the page's status to leave "loading"/"generating"; fails with its text on an error. */
+async function finished(page, state, timeout = 20 * MINUTE) {
+  const status = page.locator('#status');
+  await page.waitForFunction(() => !['loading', 'generating', 'idle'].includes(document.getElementById('status').dataset.state), null, { timeout });
+  assert.equal(await status.getAttribute('data-state'), state, `status: ${await status.textContent()}`);
+}
+
+async function setForm(page, steps) {
+  await page.fill('#prompt', PROMPT);
+  await page.fill('#negative', '');
+  await page.selectOption('#size', `${RUN.width}x${RUN.height}`);
+  await page.fill('#steps', `${steps}`);
+  await page.fill('#guidance', `${RUN.guidance}`);
+  await page.fill('#seed', `${RUN.seed}`);
+  await page.check('#lock-seed');
+  await page.check('#use-refiner');
+  await page.locator('#refiner-start').fill(`${RUN.refinerStart}`);
+}
+
+/** Generates with the form's settings; checks the newest gallery image against the CLI's. */
+async function generateAndCompare(page, expected, what) {
+  const before = await page.locator('#gallery figure').count();
+  await setForm(page, RUN.steps);
+  await page.click('#generate');
+  await finished(page, 'done');
+  assert.equal(await page.locator('#gallery figure').count(), before + 1, `${what}: one new image`);
+  log(`${what}: ${await page.locator('#status').textContent()}`);
+  const png = await imageBytes(page, '#gallery figure:first-child img');
+  const image = decodePng(png);
+  assert.deepEqual([image.width, image.height], [RUN.width, RUN.height], `${what}: size`);
+  const db = psnr(image.rgb, expected.rgb);
+  log(`${what}: PSNR against the native CLI ${db.toFixed(1)} dB`);
+  assert.ok(db >= MIN_PSNR, `${what}: PSNR ${db.toFixed(1)} dB < ${MIN_PSNR} dB`);
+  return { png, image };
+}
+
+function watch(page, name) {
+  page.on('pageerror', (e) => log(`${name}: page error: ${e.message}`));
+  page.on('console', (m) => m.type() === 'error' && log(`${name}: console: ${m.text()}`));
+}
+
+async function main() {
+  rmSync(out, { recursive: true, force: true });
+  mkdirSync(out, { recursive: true });
+  const expected = expectedImage();
+  let { server, url } = await startServer();
+  log(`server ${url}`);
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
+    args: ['--no-sandbox', '--enable-unsafe-webgpu', '--enable-unsafe-swiftshader', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--disable-quic', '--disable-dev-shm-usage'],
+  });
+  try {
+    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+    const page = await context.newPage();
+    watch(page, 'page');
+
+    log('1. load the tiny model into IndexedDB and generate');
+    await page.goto(`${url}/?preset=tiny`);
+    await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+    assert.match(await page.locator('#gpu-status').getAttribute('data-state'), /^(ok|f32)$/, 'WebGPU found');
+    await page.waitForSelector('body[data-offline="ready"]', { timeout: MINUTE });
+    const first = await generateAndCompare(page, expected, 'page');
+    const recipe = first.image.text.parameters;
+    assert.ok(recipe, 'the PNG has a parameters text chunk');
+    const settings = `Steps: ${RUN.steps}, Sampler: Euler, CFG scale: ${RUN.guidance}, Seed: ${RUN.seed}, Size: ${RUN.width}x${RUN.height}, ` +
+      `Model: tiny-sdxl-base-q8, Refiner: tiny-sdxl-refiner-q8, Refiner switch at: ${RUN.refinerStart}, Version: sdxl-webgpu `;
+    assert.ok(recipe.startsWith(`${PROMPT}\n${settings}`), `A1111 parameters, got:\n${recipe}`);
+    assert.equal(await page.getAttribute('#gallery figure:first-child a', 'download'), `sdxl-${RUN.seed}.png`);
+    for (const id of ['tiny-sdxl-base-q8', 'tiny-sdxl-refiner-q8']) {
+      await page.waitForSelector(`#models tr[data-id="${id}"]`);
+      assert.equal(await page.locator(`#models tr[data-id="${id}"] td:nth-child(4)`).textContent(), 'ready', `${id} stored complete`);
+    }
+    await page.screenshot({ path: `${out}/page.png`, fullPage: true });
+    writeFileSync(`${out}/page-image.png`, first.png);
+
+    log('2. cancel a run mid-way, then generate again');
+    await setForm(page, 150);
+    await page.click('#generate');
+    await page.waitForFunction(() => Number(document.getElementById('status').dataset.step) >= 2, null, { timeout: 5 * MINUTE });
+    await page.click('#cancel');
+    await finished(page, 'cancelled');
+    const stoppedAt = Number(await page.locator('#status').getAttribute('data-step'));
+    assert.ok(stoppedAt < 150, `the run stopped at step ${stoppedAt} of 150`);
+    assert.equal(await page.locator('#gallery figure').count(), 1, 'a cancelled run adds no image');
+    await generateAndCompare(page, expected, 'after cancel');
+
+    log('3. the JS API: typed errors, a download cancelled by its AbortSignal and resumed');
+    const api = await context.newPage();
+    watch(api, 'api');
+    await api.goto(`${url}/?preset=tiny`);
+    const got = await api.evaluate(async () => {
+      const { Sdxl } = await import('/sdxl.js');
+      const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+      const sdxl = await Sdxl.create({ storeName: 'e2e-api' });
+      const tiny = { base: './models/tiny-sdxl-base', quant: 'q8' };
+      const r = { beforeLoad: await outcome(sdxl.generate({ prompt: 'x' })) };
+      r.badQuant = await outcome(sdxl.load({ ...tiny, quant: 'q3' }));
+      r.badLoadOption = await outcome(sdxl.load({ base: tiny.base, quantization: 'q8' }));
+      r.missing = await outcome(sdxl.load({ ...tiny, base: './models/none' }));
+      const controller = new AbortController();
+      const onProgress = (e) => e.type === 'download' && controller.abort();
+      r.aborted = await outcome(sdxl.load({ ...tiny, signal: controller.signal, onProgress }));
+      r.afterAbort = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`);
+      const types = new Set();
+      await sdxl.load({ ...tiny, onProgress: (e) => types.add(e.type) });
+      r.progress = [...types].sort();
+      r.afterLoad = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`);
+      r.badSize = await outcome(sdxl.generate({ prompt: 'x', width: 60, height: 64, steps: 1 }));
+      r.noRefiner = await outcome(sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, refinerStart: 0.5 }));
+      r.unknownOption = await outcome(sdxl.generate({ prompt: 'x', steps: 1, seeed: 3 }));
+      const one = await sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, seed: 3 });
+      [r.seed, r.timings] = [one.seed, one.timings];
+      r.freed = await sdxl.deleteModel('tiny-sdxl-base-q8');
+      r.afterDelete = (await sdxl.models()).length;
+      sdxl.terminate();
+      return r;
+    });
+    log('API:', JSON.stringify(got));
+    assert.match(got.beforeLoad, /^ModelIncomplete: .*load\(\)/);
+    assert.match(got.badQuant, /^InvalidParameter: quant must be/);
+    assert.match(got.badLoadOption, /^InvalidParameter: load: unknown option `quantization`/);
+    assert.match(got.missing, /^NetworkError: .*models\/none.*neither a model pack/);
+    assert.match(got.aborted, /^AbortError/);
+    assert.ok(got.afterAbort.every((m) => m.endsWith('false')), `nothing complete after the abort: ${got.afterAbort}`);
+    assert.deepEqual(got.afterLoad, ['tiny-sdxl-base-q8 true']);
+    assert.deepEqual(got.progress, ['download', 'upload']);
+    assert.match(got.badSize, /^InvalidParameter: .*width and height must be positive multiples of 8/);
+    assert.match(got.noRefiner, /^InvalidParameter: .*refinerStart is set but no refiner is loaded/);
+    assert.match(got.unknownOption, /^InvalidParameter: generate: unknown option `seeed`/);
+    assert.equal(got.seed, 3);
+    assert.ok(got.timings.base > 0 && got.timings.decode > 0 && got.timings.total >= got.timings.base + got.timings.decode, 'timings');
+    assert.ok(got.freed > 0 && got.afterDelete === 0, 'deleteModel frees the records');
+    await api.close();
+
+    log('4. reload with the server gone: the app shell from the service worker, the models from IndexedDB');
+    server.kill();
+    await new Promise((resolve) => server.once('exit', resolve));
+    await page.reload();
+    await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+    await generateAndCompare(page, expected, 'offline');
+    ({ server } = await startServer(new URL(url).port)); // same origin: same IndexedDB
+
+    log('5. the embedding example');
+    const source = readFileSync(`${root}/web/examples/embed.html`, 'utf8');
+    assert.ok(source.trimEnd().split('\n').length <= 20, 'embed.html is at most 20 lines');
+    const embed = await context.newPage();
+    watch(embed, 'embed');
+    await embed.goto(`${url}/examples/embed.html`);
+    await embed.waitForFunction(() => document.getElementById('image').src.startsWith('blob:'), null, { timeout: 10 * MINUTE });
+    const embedded = decodePng(await imageBytes(embed, '#image'));
+    const db = psnr(embedded.rgb, expected.rgb);
+    log(`embed: PSNR against the native CLI ${db.toFixed(1)} dB`);
+    assert.ok(db >= MIN_PSNR, `embed.html: PSNR ${db.toFixed(1)} dB`);
+    assert.ok(embedded.text.parameters?.startsWith(PROMPT), 'embed.html image carries its recipe');
+
+    log('6. without WebGPU');
+    const bare = await browser.newContext();
+    await bare.addInitScript(() => Object.defineProperty(Navigator.prototype, 'gpu', { get: () => undefined }));
+    const noGpu = await bare.newPage();
+    await noGpu.goto(`${url}/?preset=tiny`);
+    await noGpu.waitForSelector('#gpu-status[data-state="missing"]', { timeout: MINUTE });
+    assert.match(await noGpu.locator('#gpu-status').textContent(), /WebGPU/);
+    assert.ok(await noGpu.locator('#generate').isDisabled(), 'no generate button without WebGPU');
+    log('all end-to-end tests passed');
+  } finally {
+    await browser.close();
+    server.kill();
+  }
+}
+
+main().catch((e) => {
+  console.error(e);
+  process.exit(1);
+});

@@ -1,0 +1,213 @@
+// The page: presets, prompt form, progress, live preview, cancel, gallery, storage panel.
+import { Sdxl, SDXL_1_0, RESOLUTION_BUCKETS } from './sdxl.js';
+
+const $ = (id) => document.getElementById(id);
+
+const PRESETS = {
+  'sdxl-q4': {
+    label: 'SDXL 1.0 base + refiner, 4-bit (13 GB download, 4.7 GB stored)', ...SDXL_1_0, quant: 'q4', sizes: RESOLUTION_BUCKETS, steps: 30,
+    note: 'Downloads the official fp16 weights from the Hugging Face hub once, converting them to 4-bit as they stream in; later visits load from this browser, offline too.',
+  },
+  'sdxl-q8': {
+    label: 'SDXL 1.0 base + refiner, 8-bit (13 GB download, 7.3 GB stored)', ...SDXL_1_0, quant: 'q8', sizes: RESOLUTION_BUCKETS, steps: 30,
+    note: 'Closer to full precision than 4-bit; needs more storage and GPU memory.',
+  },
+  tiny: {
+    label: 'Tiny demo model (random weights, served by this site)', base: './models/tiny-sdxl-base', refiner: './models/tiny-sdxl-refiner', quant: 'q8',
+    sizes: [[64, 64], [96, 64], [64, 96], [128, 128]], steps: 4,
+    note: 'SDXL\'s exact structure at toy width with random weights: it makes noise-like images, fast, and works offline. Tests use it.',
+  },
+};
+
+let sdxl = null;
+let running = null; // the AbortController of the run in progress
+
+function setStatus(state, text, fraction) {
+  $('status').dataset.state = state;
+  $('status').textContent = text;
+  if (fraction !== undefined) $('progress').value = fraction;
+}
+
+const mb = (bytes) => `${(bytes / 1e6).toFixed(bytes < 1e7 ? 2 : 0)} MB`;
+const duration = (s) => s === null || !isFinite(s) ? '' : s < 90 ? ` · ${Math.ceil(s)} s left` : ` · ${Math.round(s / 60)} min left`;
+
+function showProgress(e) {
+  const verbs = { download: 'Downloading', verify: 'Checking', upload: 'Loading to GPU' };
+  if (e.type in verbs) setStatus('loading', `${verbs[e.type]} ${e.model}: ${mb(e.loaded)} of ${mb(e.total)}${duration(e.etaSeconds)}`, e.fraction);
+  else if (e.type === 'encode') setStatus('generating', `Encoding the prompt (${e.stage})…`);
+  else if (e.type === 'step') {
+    setStatus('generating', `${e.stage === 'base' ? 'Base' : 'Refiner'} step ${e.step} of ${e.steps}${duration(e.etaSeconds)}`, e.fraction);
+    $('status').dataset.step = e.step;
+  } else if (e.type === 'decode') setStatus('generating', 'Decoding the image…');
+}
+
+function showPreview(e) {
+  const canvas = $('preview');
+  canvas.hidden = false;
+  canvas.width = e.preview.width;
+  canvas.height = e.preview.height;
+  canvas.getContext('2d').putImageData(e.preview, 0, 0);
+}
+
+function fillPreset() {
+  const preset = PRESETS[$('preset').value];
+  $('preset-note').textContent = preset.note;
+  $('size').replaceChildren(...preset.sizes.map(([w, h]) => new Option(`${w} × ${h}`, `${w}x${h}`)));
+  $('steps').value = preset.steps;
+}
+
+/** Says whether this browser has WebGPU and how the engine will run; resolves to the adapter's name. */
+async function checkGpu() {
+  const status = $('gpu-status');
+  const adapter = navigator.gpu && (await navigator.gpu.requestAdapter().catch(() => null));
+  if (!adapter) {
+    status.dataset.state = 'missing';
+    status.textContent = navigator.gpu
+      ? 'WebGPU is enabled but no GPU adapter is available (blocklisted driver, or hardware acceleration is off).'
+      : 'This browser has no WebGPU: use a recent Chrome or Edge (113+), or Safari 26 / Firefox 141 where WebGPU is on.';
+    return null;
+  }
+  const f16 = adapter.features.has('shader-f16');
+  status.dataset.state = f16 ? 'ok' : 'f32';
+  status.textContent = f16 ? 'WebGPU ready (f16 kernels).' : 'WebGPU ready, without shader-f16: running in f32, which is slower and needs more GPU memory.';
+  const info = adapter.info ?? {};
+  return info.description || [info.vendor, info.architecture].filter(Boolean).join(' ') || 'unnamed adapter';
+}
+
+function wanted() {
+  const preset = PRESETS[$('preset').value];
+  return { base: preset.base, refiner: $('use-refiner').checked ? preset.refiner : null, quant: preset.quant };
+}
+
+function isLoaded({ base, refiner, quant }) {
+  const l = sdxl.loaded;
+  if (!l || l.quant !== quant || !sameModel(l.base, base)) return false;
+  return refiner ? Boolean(l.refiner && sameModel(l.refiner, refiner)) : true;
+}
+
+function sameModel(loaded, ref) {
+  return loaded.url === ref || loaded.url === new URL(ref, location.href).href;
+}
+
+async function ensureLoaded(signal) {
+  const models = wanted();
+  if (isLoaded(models)) return;
+  await sdxl.persist().catch(() => false); // ask once, with the user's click
+  await sdxl.load({ ...models, signal });
+  refreshStorage();
+}
+
+async function run(task) {
+  running = new AbortController();
+  delete $('status').dataset.step;
+  $('generate').disabled = $('load').disabled = true;
+  $('cancel').disabled = false;
+  try {
+    await task(running.signal);
+  } catch (e) {
+    if (e.name === 'AbortError') setStatus('cancelled', 'Cancelled.', 0);
+    else setStatus('error', `${e.message} (${e.name})`, 0);
+  } finally {
+    running = null;
+    $('generate').disabled = $('load').disabled = false;
+    $('cancel').disabled = true;
+  }
+}
+
+async function generate(signal) {
+  await ensureLoaded(signal);
+  if (!$('lock-seed').checked) randomSeed();
+  const [width, height] = $('size').value.split('x').map(Number);
+  const negative = $('negative').value.trim();
+  const result = await sdxl.generate({
+    prompt: $('prompt').value,
+    negativePrompt: negative === '' ? undefined : negative,
+    width, height,
+    steps: Number($('steps').value),
+    guidance: Number($('guidance').value),
+    seed: Number($('seed').value),
+    refinerStart: sdxl.loaded.refiner ? Number($('refiner-start').value) : null,
+    signal,
+    onStep: showPreview,
+  });
+  addToGallery(result);
+  setStatus('done', `Done in ${(result.timings.total / 1000).toFixed(1)} s (seed ${result.seed}).`, 1);
+}
+
+function addToGallery(result) {
+  const url = URL.createObjectURL(result.blob);
+  const figure = document.createElement('figure');
+  const img = Object.assign(document.createElement('img'), { src: url, alt: result.parameters.split('\n')[0], width: result.width, height: result.height });
+  const link = Object.assign(document.createElement('a'), { href: url, download: `sdxl-${result.seed}.png`, textContent: 'Download PNG' });
+  const caption = document.createElement('figcaption');
+  caption.append(`seed ${result.seed} · ${result.width}×${result.height} · ${(result.timings.total / 1000).toFixed(1)} s · `, link);
+  figure.dataset.seed = result.seed;
+  figure.append(img, caption);
+  $('gallery').prepend(figure);
+}
+
+function randomSeed() {
+  $('seed').value = crypto.getRandomValues(new Uint32Array(1))[0];
+}
+
+async function refreshStorage() {
+  const [models, storage] = await Promise.all([sdxl.models(), sdxl.storage()]);
+  $('storage-usage').textContent = `${mb(storage.usage)} used of ${mb(storage.quota)} available to this site` +
+    (storage.persisted ? ' · kept under storage pressure' : '');
+  $('persist').hidden = storage.persisted;
+  $('models').replaceChildren(...models.map((m) => {
+    const row = document.createElement('tr');
+    row.dataset.id = m.id;
+    const state = m.complete ? 'ready' : `incomplete (${m.totalBytes ? Math.floor(100 * m.storedBytes / m.totalBytes) : 0}%)`;
+    for (const text of [m.id, m.quant ?? '?', mb(m.storedBytes), state]) row.insertCell().textContent = text;
+    const remove = Object.assign(document.createElement('button'), { type: 'button', textContent: 'Delete' });
+    remove.onclick = async () => {
+      if (running) return;
+      await sdxl.deleteModel(m.id);
+      refreshStorage();
+    };
+    row.insertCell().append(remove);
+    return row;
+  }));
+}
+
+async function main() {
+  for (const [key, preset] of Object.entries(PRESETS)) $('preset').add(new Option(preset.label, key));
+  const params = new URLSearchParams(location.search);
+  $('preset').value = params.get('preset') in PRESETS ? params.get('preset') : 'sdxl-q4';
+  fillPreset();
+  randomSeed();
+  $('preset').onchange = fillPreset;
+  $('refiner-start').oninput = () => { $('refiner-start-value').value = Number($('refiner-start').value).toFixed(2); };
+  $('random-seed').onclick = randomSeed;
+  $('cancel').onclick = () => running?.abort();
+  $('persist').onclick = async () => { await sdxl.persist(); refreshStorage(); };
+  $('load').onclick = () => run(async (signal) => {
+    await ensureLoaded(signal);
+    setStatus('ready', 'Model loaded.', 1);
+  });
+  $('controls').onsubmit = (e) => {
+    e.preventDefault();
+    if (!running) run(generate);
+  };
+
+  if ('serviceWorker' in navigator) {
+    navigator.serviceWorker.register('sw.js').then(() => navigator.serviceWorker.ready).then(() => { document.body.dataset.offline = 'ready'; });
+  }
+  $('generate').disabled = $('load').disabled = true;
+  const adapterName = await checkGpu();
+  if (!adapterName) return;
+  try {
+    sdxl = await Sdxl.create({ onProgress: showProgress });
+  } catch (e) {
+    $('gpu-status').dataset.state = 'missing';
+    $('gpu-status').textContent = `The engine could not start: ${e.name}: ${e.message}`;
+    return;
+  }
+  $('gpu-status').textContent += ` Adapter: ${adapterName}.`;
+  $('generate').disabled = $('load').disabled = false;
+  document.body.dataset.ready = 'true';
+  refreshStorage();
+}
+
+main();

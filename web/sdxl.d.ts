@@ -1,0 +1,135 @@
+// Type declarations for sdxl.js, the JS API of Stable Diffusion XL on WebGPU.
+
+export type Quant = 'f16' | 'q8' | 'q4';
+
+/** A hub repository ("owner/name"), a URL, a path starting with ./, ../ or / (relative to the page), or {url, id} with an explicit store id (default: the last path segment + "-" + quant). */
+export type ModelRef = string | { url: string; id?: string };
+
+export type ErrorName =
+  | 'WebGpuUnavailable' | 'AdapterLimits' | 'DeviceLost' | 'GpuError'
+  | 'InvalidParameter' | 'NetworkError' | 'QuotaExceeded' | 'ModelIncomplete' | 'CorruptWeights'
+  | 'WrongModel' | 'BadConfig' | 'BadTokenizer' | 'IoError' | 'AbortError' | 'InternalError';
+
+export class SdxlError extends Error {
+  name: ErrorName;
+}
+
+export type Stage = 'base' | 'refiner';
+
+interface Timed {
+  /** Share done, 0..1. */
+  fraction: number;
+  /** Seconds left at the rate since this phase began; null until it can be estimated. */
+  etaSeconds: number | null;
+}
+
+/** Download into IndexedDB (a diffusers folder is converted as it streams), checksum checks of what is stored, upload to the GPU. */
+export interface TransferEvent extends Timed {
+  type: 'download' | 'verify' | 'upload';
+  /** The model's store id. */
+  model: string;
+  loaded: number;
+  total: number;
+  detail?: string;
+}
+
+export interface EncodeEvent { type: 'encode'; stage: Stage }
+
+export interface StepEvent extends Timed {
+  type: 'step';
+  stage: Stage;
+  /** 1-based step within the stage. */
+  step: number;
+  steps: number;
+  /** The current estimate of the image at latent resolution (only with onStep). */
+  preview?: ImageData;
+}
+
+export interface DecodeEvent { type: 'decode' }
+
+export type ProgressEvent = TransferEvent | EncodeEvent | StepEvent | DecodeEvent;
+
+export interface CreateOptions {
+  /** Every progress event of every call. */
+  onProgress?: (event: ProgressEvent) => void;
+  /** 'auto' uses f16 where the adapter has shader-f16 (default). */
+  precision?: 'auto' | 'f16' | 'f32';
+  /** The IndexedDB database for models (default 'sdxl-models'). */
+  storeName?: string;
+  /** Where worker.js is served (default: beside sdxl.js). */
+  workerUrl?: string | URL;
+}
+
+export interface AdapterInfo {
+  adapter: string;
+  precision: 'f16' | 'f32';
+  shaderF16: boolean;
+  maxBufferBytes: number;
+}
+
+export interface LoadOptions {
+  base: ModelRef;
+  refiner?: ModelRef | null;
+  /** Weight format on the GPU and in storage (default 'q4'). */
+  quant?: Quant;
+  signal?: AbortSignal;
+  onProgress?: (event: ProgressEvent) => void;
+}
+
+export interface GenerateOptions {
+  prompt: string;
+  negativePrompt?: string;
+  /** Multiples of 8 (default 1024). */
+  width?: number;
+  height?: number;
+  /** Default 30. */
+  steps?: number;
+  /** Classifier-free guidance scale (default 5; at most 1 skips the unconditional pass). */
+  guidance?: number;
+  /** Default: random (reported in the result). */
+  seed?: number;
+  /** Fraction of the schedule after which the refiner takes over (default 0.8 when one is loaded); null: base only. */
+  refinerStart?: number | null;
+  signal?: AbortSignal;
+  onStep?: (event: StepEvent) => void;
+  onProgress?: (event: ProgressEvent) => void;
+}
+
+export interface GenerateResult {
+  /** PNG with the recipe in its `parameters` text chunk (AUTOMATIC1111 format). */
+  blob: Blob;
+  bitmap: ImageBitmap;
+  seed: number;
+  width: number;
+  height: number;
+  parameters: string;
+  /** Milliseconds: base and refiner (each with its prompt encoding), decode, total. */
+  timings: { base: number; refiner?: number; decode: number; total: number };
+}
+
+export interface StoredModel {
+  id: string;
+  url: string | null;
+  quant: Quant | null;
+  model: 'sdxl-base' | 'sdxl-refiner' | null;
+  storedBytes: number;
+  totalBytes: number | null;
+  complete: boolean;
+}
+
+export declare const SDXL_1_0: { base: string; refiner: string };
+export declare const RESOLUTION_BUCKETS: ReadonlyArray<readonly [number, number]>;
+
+export declare class Sdxl {
+  static create(options?: CreateOptions): Promise<Sdxl>;
+  readonly info: AdapterInfo;
+  readonly loaded: { base: { url: string; id: string }; refiner: { url: string; id: string } | null; quant: Quant } | null;
+  load(options: LoadOptions): Promise<void>;
+  generate(options: GenerateOptions): Promise<GenerateResult>;
+  models(): Promise<StoredModel[]>;
+  deleteModel(id: string): Promise<number>;
+  verify(id: string): Promise<string[]>;
+  storage(): Promise<{ usage: number; quota: number; persisted: boolean }>;
+  persist(): Promise<boolean>;
+  terminate(): void;
+}

@@ -1,0 +1,206 @@
+// Stable Diffusion XL in the browser: the JS API. The engine (Rust → wasm, WebGPU) runs in a
+// dedicated worker, so the page never blocks; models stream into IndexedDB and load from there.
+//
+//   const sdxl = await Sdxl.create({ onProgress: (e) => console.log(e) });
+//   await sdxl.load({ base: SDXL_1_0.base, refiner: SDXL_1_0.refiner, quant: 'q4' });
+//   const { blob } = await sdxl.generate({ prompt: 'a red fox in the snow', seed: 7 });
+
+/** SDXL 1.0 on the Hugging Face hub (diffusers layout; converted to `quant` as it downloads). */
+export const SDXL_1_0 = {
+  base: 'stabilityai/stable-diffusion-xl-base-1.0',
+  refiner: 'stabilityai/stable-diffusion-xl-refiner-1.0',
+};
+
+/** SDXL's training resolutions (width, height): the sizes it draws best. */
+export const RESOLUTION_BUCKETS = [
+  [1024, 1024], [1152, 896], [896, 1152], [1216, 832], [832, 1216], [1344, 768], [768, 1344], [1536, 640], [640, 1536],
+];
+
+/** Every failure is an SdxlError; `name` says which kind (see sdxl.d.ts). */
+export class SdxlError extends Error {
+  constructor(name, message) {
+    super(message);
+    this.name = name;
+  }
+}
+
+const abortError = () => new SdxlError('AbortError', 'cancelled');
+
+/** Rejects option names the call does not know (a typo would otherwise silently use a default). */
+function checkOptions(what, options, known) {
+  const unknown = Object.keys(options ?? {}).filter((key) => !known.includes(key));
+  if (unknown.length) throw new SdxlError('InvalidParameter', `${what}: unknown option ${unknown.map((k) => `\`${k}\``).join(', ')} (known: ${known.join(', ')})`);
+}
+
+/**
+ * `ref` → {url, id}: a hub repository (`owner/name`), a URL, a path starting with `./`, `../` or `/`
+ * (relative to the page), or {url, id}. The store id defaults to the last path segment + `-quant`.
+ */
+function modelRef(ref, quant) {
+  const url = typeof ref === 'string' ? ref : ref?.url;
+  if (typeof url !== 'string' || url === '') throw new SdxlError('InvalidParameter', `a model is a hub repository, a URL or {url, id}; got ${JSON.stringify(ref)}`);
+  const absolute = /^[a-z]+:\/\//i.test(url) || /^[\w.-]+\/[\w.-]+$/.test(url) ? url : new URL(url, globalThis.location?.href).href;
+  const name = url.replace(/\/+$/, '').split('/').pop().replace(/[^A-Za-z0-9._-]/g, '-').replace(/^\.+/, '');
+  return { url: absolute, id: ref?.id ?? `${name}-${quant}` };
+}
+
+/** Adds `fraction` and `etaSeconds` (from the rate since the phase began) to progress events. */
+class Eta {
+  #phases = new Map();
+  add(e) {
+    const [key, done, total] = e.type === 'step' ? [`step ${e.stage}`, e.step, e.steps] : [`${e.type} ${e.model}`, e.loaded, e.total];
+    if (done === undefined) return e;
+    const now = performance.now();
+    if (!this.#phases.has(key) || done < this.#phases.get(key).done) this.#phases.set(key, { t: now, done });
+    const start = this.#phases.get(key);
+    const rate = (done - start.done) / ((now - start.t) / 1000);
+    const eta = rate > 0 ? (total - done) / rate : null;
+    return { ...e, fraction: total > 0 ? done / total : 1, etaSeconds: eta };
+  }
+}
+
+export class Sdxl {
+  #options;
+  #worker = null;
+  #next = 1;
+  #pending = new Map();
+  /** The GPU adapter: {adapter, precision ('f16' | 'f32'), shaderF16, maxBufferBytes}. */
+  info = null;
+  /** What load() made the loaded models: {base: {url, id}, refiner: {url, id} | null, quant}. */
+  loaded = null;
+
+  constructor(options) {
+    this.#options = options;
+  }
+
+  /** Starts the worker, opens the GPU and the model store. Fails with WebGpuUnavailable without WebGPU. */
+  static async create(options = {}) {
+    const sdxl = new Sdxl(options);
+    try {
+      await sdxl.#start();
+    } catch (e) {
+      sdxl.terminate();
+      throw e;
+    }
+    return sdxl;
+  }
+
+  async #start() {
+    const { precision = 'auto', storeName = 'sdxl-models', workerUrl = new URL('./worker.js', import.meta.url) } = this.#options;
+    this.#worker = new Worker(workerUrl, { type: 'module' });
+    this.#worker.onmessage = ({ data }) => this.#receive(data);
+    this.#worker.onerror = (e) => this.#fail(new SdxlError('InternalError', `the worker failed: ${e.message ?? 'it could not start'}`));
+    this.info = await this.#send('create', [{ precision, storeName }]);
+  }
+
+  /** Rejects every call in flight and drops the worker (the next call starts a fresh one). */
+  #fail(error) {
+    this.#worker?.terminate();
+    this.#worker = null;
+    this.loaded = null;
+    for (const { reject } of this.#pending.values()) reject(error);
+    this.#pending.clear();
+  }
+
+  #receive({ id, event, preview, result, error }) {
+    const call = this.#pending.get(id);
+    if (!call) return;
+    if (event) return call.onEvent?.(event, preview);
+    this.#pending.delete(id);
+    if (error) {
+      call.reject(new SdxlError(error.name, error.message));
+      // The engine cannot go on after these; the next call starts a fresh one (models load again from IndexedDB).
+      if (error.name === 'InternalError' || error.name === 'DeviceLost') this.#fail(new SdxlError(error.name, `the engine stopped: ${error.message}`));
+    } else call.resolve(result);
+  }
+
+  #send(method, args, onEvent) {
+    const id = this.#next++;
+    return new Promise((resolve, reject) => {
+      this.#pending.set(id, { resolve, reject, onEvent });
+      this.#worker.postMessage({ id, method, args });
+    }).finally(() => this.#pending.delete(id));
+  }
+
+  async #call(method, args, { onEvent, signal, cancel } = {}) {
+    if (signal?.aborted) throw abortError();
+    if (!this.#worker) await this.#start();
+    const id = this.#next;
+    const onAbort = () => cancel ? this.#worker?.postMessage({ cancel: id }) : this.#fail(abortError());
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      return await this.#send(method, args, onEvent);
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+    }
+  }
+
+  #progress(onProgress) {
+    const eta = new Eta();
+    return (event, preview) => {
+      const e = eta.add(event);
+      if (preview) e.preview = new ImageData(new Uint8ClampedArray(preview.buffer), e.previewWidth, e.previewHeight);
+      this.#options.onProgress?.(e);
+      onProgress?.(e);
+      return e;
+    };
+  }
+
+  /**
+   * Makes `base` (and `refiner`) the loaded models: downloads each into IndexedDB unless stored
+   * (resuming an interrupted download), then uploads it to the GPU. Aborting `signal` stops the
+   * download (what is stored stays) and restarts the worker.
+   */
+  async load(options = {}) {
+    checkOptions('load', options, ['base', 'refiner', 'quant', 'signal', 'onProgress']);
+    const { base, refiner = null, quant = 'q4', signal, onProgress } = options;
+    if (!['f16', 'q8', 'q4'].includes(quant)) throw new SdxlError('InvalidParameter', `quant must be 'f16', 'q8' or 'q4', not ${JSON.stringify(quant)}`);
+    const models = { base: modelRef(base, quant), refiner: refiner ? modelRef(refiner, quant) : null, quant };
+    await this.#call('load', [models], { onEvent: this.#progress(onProgress), signal });
+    this.loaded = models;
+  }
+
+  /**
+   * Text to image. Resolves to {blob (PNG with the recipe in its `parameters` text), bitmap, seed,
+   * width, height, parameters, timings}. `onStep` gets each step with a latent preview (ImageData);
+   * aborting `signal` cancels at the next step and frees the run's GPU memory.
+   */
+  async generate(options = {}) {
+    const known = ['prompt', 'negativePrompt', 'width', 'height', 'steps', 'guidance', 'seed', 'refinerStart', 'signal', 'onStep', 'onProgress'];
+    checkOptions('generate', options, known);
+    let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, signal, onStep, onProgress } = options;
+    if (typeof prompt !== 'string') throw new SdxlError('InvalidParameter', 'prompt must be a string');
+    if (refinerStart === undefined) refinerStart = this.loaded?.refiner ? 0.8 : null;
+    const progress = this.#progress(onProgress);
+    const onEvent = (event, preview) => {
+      const e = progress(event, preview);
+      if (e.type === 'step') onStep?.(e);
+    };
+    const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, preview: Boolean(onStep) };
+    const out = await this.#call('generate', [request], { onEvent, signal, cancel: true });
+    const blob = new Blob([out.png], { type: 'image/png' });
+    const bitmap = await createImageBitmap(blob);
+    return { blob, bitmap, seed: out.seed, width: out.width, height: out.height, parameters: out.parameters, timings: out.timings };
+  }
+
+  /** The stored models: [{id, url, quant, model, storedBytes, totalBytes, complete}]. */
+  models() { return this.#call('models', []); }
+
+  /** Deletes a stored model; resolves to the bytes freed. */
+  deleteModel(id) { return this.#call('deleteModel', [id]); }
+
+  /** Checks a stored model against its checksums; resolves to the bad records (load() repairs them). */
+  verify(id) { return this.#call('verify', [id]); }
+
+  /** {usage, quota, persisted} of this origin's storage. */
+  async storage() {
+    const estimate = await this.#call('storage', []);
+    return { ...estimate, persisted: (await navigator.storage?.persisted?.()) ?? false };
+  }
+
+  /** Asks the browser to keep the models under storage pressure (call it from a user gesture). */
+  async persist() { return (await navigator.storage?.persist?.()) ?? false; }
+
+  /** Stops the worker and frees the GPU. */
+  terminate() { this.#fail(new SdxlError('AbortError', 'terminated')); }
+}
