@@ -100,7 +100,7 @@ async function ensureLoaded(signal) {
 async function run(task) {
   running = new AbortController();
   delete $('status').dataset.step;
-  $('generate').disabled = $('load').disabled = true;
+  for (const button of document.querySelectorAll('#generate, #load, button.delete')) button.disabled = true;
   $('cancel').disabled = false;
   try {
     await task(running.signal);
@@ -109,7 +109,7 @@ async function run(task) {
     else setStatus('error', `${e.message} (${e.name})`, 0);
   } finally {
     running = null;
-    $('generate').disabled = $('load').disabled = false;
+    for (const button of document.querySelectorAll('#generate, #load, button.delete')) button.disabled = false;
     $('cancel').disabled = true;
   }
 }
@@ -150,7 +150,11 @@ function randomSeed() {
   $('seed').value = crypto.getRandomValues(new Uint32Array(1))[0];
 }
 
-async function refreshStorage() {
+function refreshStorage() {
+  showStorage().catch((e) => { $('storage-usage').textContent = `The model store could not be read: ${e.message} (${e.name})`; });
+}
+
+async function showStorage() {
   const [models, storage] = await Promise.all([sdxl.models(), sdxl.storage()]);
   $('storage-usage').textContent = `${mb(storage.usage)} used of ${mb(storage.quota)} available to this site` +
     (storage.persisted ? ' · kept under storage pressure' : '');
@@ -161,11 +165,9 @@ async function refreshStorage() {
     const state = m.complete ? 'ready' : `incomplete (${m.totalBytes ? Math.floor(100 * m.storedBytes / m.totalBytes) : 0}%)`;
     for (const text of [m.id, m.quant ?? '?', mb(m.storedBytes), state]) row.insertCell().textContent = text;
     const remove = Object.assign(document.createElement('button'), { type: 'button', textContent: 'Delete' });
-    remove.onclick = async () => {
-      if (running) return;
-      await sdxl.deleteModel(m.id);
-      refreshStorage();
-    };
+    remove.className = 'delete';
+    remove.disabled = Boolean(running);
+    remove.onclick = () => sdxl.deleteModel(m.id).catch((e) => setStatus('error', `${e.message} (${e.name})`)).finally(refreshStorage);
     row.insertCell().append(remove);
     return row;
   }));

@@ -186,8 +186,12 @@ export class Sdxl {
   /** The stored models: [{id, url, quant, model, storedBytes, totalBytes, complete}]. */
   models() { return this.#call('models', []); }
 
-  /** Deletes a stored model; resolves to the bytes freed. */
-  deleteModel(id) { return this.#call('deleteModel', [id]); }
+  /** Deletes a stored model (releasing it from the GPU if loaded); resolves to the bytes freed. */
+  async deleteModel(id) {
+    const freed = await this.#call('deleteModel', [id]);
+    if (this.loaded?.base.id === id || this.loaded?.refiner?.id === id) this.loaded = null; // load() again
+    return freed;
+  }
 
   /** Checks a stored model against its checksums; resolves to the bad records (load() repairs them). */
   verify(id) { return this.#call('verify', [id]); }

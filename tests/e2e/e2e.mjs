@@ -6,7 +6,7 @@
 //   2. a run cancelled mid-way stops at that step, and the next run gives the same image again;
 //   3. the JS API's typed errors, and a download cancelled by its AbortSignal, then resumed;
 //   4. with the server gone, a reload is served by the service worker and generates from the
-//      models stored in IndexedDB;
+//      models stored in IndexedDB; the storage panel deletes a model;
 //   5. web/examples/embed.html (at most 20 lines) generates the same image;
 //   6. without WebGPU the page says so and offers no generate button.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
@@ -253,6 +253,9 @@ async function main() {
     await page.reload();
     await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
     await generateAndCompare(page, expected, 'offline');
+    await page.click('#models tr[data-id="tiny-sdxl-refiner-q8"] button.delete');
+    await page.waitForSelector('#models tr[data-id="tiny-sdxl-refiner-q8"]', { state: 'detached', timeout: MINUTE });
+    assert.equal(await page.locator('#models tr').count(), 1, 'the storage panel deletes a model');
     ({ server } = await startServer(new URL(url).port)); // same origin: same IndexedDB
 
     log('5. the embedding example');
