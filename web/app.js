@@ -74,32 +74,18 @@ async function checkGpu() {
   return info.description || [info.vendor, info.architecture].filter(Boolean).join(' ') || 'unnamed adapter';
 }
 
-function wanted() {
-  const preset = PRESETS[$('preset').value];
-  return { base: preset.base, refiner: $('use-refiner').checked ? preset.refiner : null, quant: preset.quant };
-}
-
-function isLoaded({ base, refiner, quant }) {
-  const l = sdxl.loaded;
-  if (!l || l.quant !== quant || !sameModel(l.base, base)) return false;
-  return refiner ? Boolean(l.refiner && sameModel(l.refiner, refiner)) : true;
-}
-
-function sameModel(loaded, ref) {
-  return loaded.url === ref || loaded.url === new URL(ref, location.href).href;
-}
-
+/** Loads the chosen preset (a no-op in the engine for models already loaded). */
 async function ensureLoaded(signal) {
-  const models = wanted();
-  if (isLoaded(models)) return;
-  await sdxl.persist().catch(() => false); // ask once, with the user's click
-  await sdxl.load({ ...models, signal });
+  const preset = PRESETS[$('preset').value];
+  await sdxl.persist().catch(() => false); // asked with the user's click
+  await sdxl.load({ base: preset.base, refiner: $('use-refiner').checked ? preset.refiner : null, quant: preset.quant, signal });
   refreshStorage();
 }
 
 async function run(task) {
   running = new AbortController();
   delete $('status').dataset.step;
+  setStatus('loading', 'Starting…', 0);
   for (const button of document.querySelectorAll('#generate, #load, button.delete')) button.disabled = true;
   $('cancel').disabled = false;
   try {

@@ -114,8 +114,7 @@ export class Sdxl {
     } else call.resolve(result);
   }
 
-  #send(method, args, onEvent) {
-    const id = this.#next++;
+  #send(method, args, onEvent, id = this.#next++) {
     return new Promise((resolve, reject) => {
       this.#pending.set(id, { resolve, reject, onEvent });
       this.#worker.postMessage({ id, method, args });
@@ -125,11 +124,11 @@ export class Sdxl {
   async #call(method, args, { onEvent, signal, cancel } = {}) {
     if (signal?.aborted) throw abortError();
     if (!this.#worker) await this.#start();
-    const id = this.#next;
+    const id = this.#next++;
     const onAbort = () => cancel ? this.#worker?.postMessage({ cancel: id }) : this.#fail(abortError());
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      return await this.#send(method, args, onEvent);
+      return await this.#send(method, args, onEvent, id);
     } finally {
       signal?.removeEventListener('abort', onAbort);
     }

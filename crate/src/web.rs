@@ -42,7 +42,7 @@ fn stage_name(stage: Stage) -> &'static str {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct CreateOptions {
     /// "auto" (f16 where the adapter has shader-f16), "f16" or "f32".
@@ -305,13 +305,14 @@ impl Observer for &mut JsObserver<'_> {
                 self.marks.push((stage_name(stage), js_sys::Date::now()));
                 (json!({"type": "encode", "stage": stage_name(stage)}), JsValue::UNDEFINED)
             }
-            Event::Step { progress, denoised } => {
+            Event::Step { progress, estimate } => {
                 let mut json = json!({"type": "step", "stage": stage_name(progress.stage), "step": progress.step, "steps": progress.steps});
                 let preview = if self.preview {
+                    let denoised = estimate.denoised(gpu)?;
                     let &[_, c, h, w] = denoised.shape() else { unreachable!("latents are [1, C, h, w]") };
                     json["previewWidth"] = json!(w);
                     json["previewHeight"] = json!(h);
-                    Uint8Array::from(image::latent_preview(&gpu.read(denoised).await?, c, h, w).as_slice()).into()
+                    Uint8Array::from(image::latent_preview(&gpu.read(&denoised).await?, c, h, w).as_slice()).into()
                 } else {
                     JsValue::UNDEFINED
                 };

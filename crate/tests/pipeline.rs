@@ -25,8 +25,8 @@ impl Observer for &mut Recorder {
     async fn event(&mut self, gpu: &Gpu, event: Event<'_>) -> sdxl::Result<()> {
         self.events.push(match event {
             Event::Encode(stage) => format!("encode {stage:?}"),
-            Event::Step { progress: p, denoised } => {
-                self.last_denoised = gpu.read(denoised).await?;
+            Event::Step { progress: p, estimate } => {
+                self.last_denoised = gpu.read(&estimate.denoised(gpu)?).await?;
                 format!("{:?} step {}/{}", p.stage, p.step, p.steps)
             }
             Event::Decode => "decode".into(),

@@ -135,6 +135,20 @@ async fn stored_shards(store: &ModelStore<impl RecordStore>, id: &str) -> BTreeS
     records.into_iter().map(|(k, _)| k[prefix.len()..].to_string()).collect()
 }
 
+/// Downloads `path` as "tiny" with the connection dropped `from` bytes into the files under
+/// `cut`: a NetworkError, and an incomplete model that does not open. Returns the shards stored.
+async fn interrupted_download(store: &ModelStore<impl RecordStore>, path: &str, cut: &str, from: u64) -> BTreeSet<String> {
+    reset().await;
+    fail(cut, from, 1000).await;
+    assert_eq!(kind(&store.download("tiny", &url(path), &options(), |_| {}).await), "NetworkError");
+    let listed = store.list().await.unwrap();
+    assert!(listed.len() == 1 && !listed[0].complete, "{listed:?}");
+    assert_eq!(kind(&store.open("tiny").await), "ModelIncomplete");
+    let stored = stored_shards(store, "tiny").await;
+    reset().await;
+    stored
+}
+
 fn kind<T>(result: &Result<T, Error>) -> &'static str {
     match result {
         Ok(_) => panic!("expected an error, got success"),
@@ -195,16 +209,8 @@ async fn download_folder_converts_as_the_cli() {
 
 async fn interrupted_pack_download_resumes() {
     let store = ModelStore::new(store("resume").await);
-    reset().await;
-    fail("/pack/shards/00003.bin", 0, 1000).await;
-    assert_eq!(kind(&store.download("tiny", &url("pack"), &options(), |_| {}).await), "NetworkError");
-    let listed = store.list().await.unwrap();
-    assert!(listed.len() == 1 && !listed[0].complete, "{listed:?}");
-    assert_eq!(kind(&store.open("tiny").await), "ModelIncomplete");
-    let before = stored_shards(&store, "tiny").await;
+    let before = interrupted_download(&store, "pack", "/pack/shards/00003.bin", 0).await;
     assert!(!before.contains("shards/00003.bin"), "the cut shard must not be stored: {before:?}");
-
-    reset().await;
     let manifest = store.download("tiny", &url("pack"), &options(), |_| {}).await.unwrap();
     let fetched = shards_fetched().await;
     for shard in &manifest.shards {
@@ -218,14 +224,8 @@ async fn interrupted_pack_download_resumes() {
 
 async fn interrupted_conversion_resumes() {
     let store = ModelStore::new(store("resume-folder").await);
-    reset().await;
-    fail("/diffusers/unet/diffusion_pytorch_model.safetensors", 500_000, 1000).await;
-    assert_eq!(kind(&store.download("tiny", &url("diffusers"), &options(), |_| {}).await), "NetworkError");
-    assert!(!store.list().await.unwrap()[0].complete);
-    let before = stored_shards(&store, "tiny").await;
+    let before = interrupted_download(&store, "diffusers", "/diffusers/unet/diffusion_pytorch_model.safetensors", 500_000).await;
     assert!(before.len() >= 3, "the text encoders' records are stored before the UNet: {before:?}");
-
-    reset().await;
     let manifest = store.download("tiny", &url("diffusers"), &options(), |_| {}).await.unwrap();
     assert_eq!(manifest, served_manifest().await);
     // The tokenizers lie in records stored before the cut: not fetched again.

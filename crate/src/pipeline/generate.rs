@@ -124,11 +124,26 @@ pub struct StepProgress {
 pub enum Event<'a> {
     /// The stage's model starts by encoding the prompt.
     Encode(Stage),
-    /// A step finished (its GPU work done); `denoised` [1, C, h, w] is the model's current
-    /// estimate of the final latents, which previews show.
-    Step { progress: StepProgress, denoised: &'a Tensor },
+    /// A step finished (its GPU work done).
+    Step { progress: StepProgress, estimate: Estimate<'a> },
     /// The VAE decode starts.
     Decode,
+}
+
+/// What a step started from and what the model predicted there, from which the model's current
+/// estimate of the final latents (what previews show) is one GPU op away, computed only when asked.
+pub struct Estimate<'a> {
+    latents: &'a Tensor,
+    prediction: &'a Tensor,
+    coefficients: (f32, f32),
+}
+
+impl Estimate<'_> {
+    /// The clean-latent estimate [1, C, h, w] (diffusers' `pred_original_sample`).
+    pub fn denoised(&self, gpu: &Gpu) -> Result<Tensor> {
+        let (a, b) = self.coefficients;
+        gpu.axpby(a, self.latents, b, self.prediction)
+    }
 }
 
 /// Watches a generation; an error it returns (e.g. [`Error::Cancelled`]) stops the run there and
@@ -245,13 +260,13 @@ async fn denoise(
             let (uncond, text) = (gpu.narrow(&prediction, 0, 1)?, gpu.narrow(&prediction, 1, 1)?);
             prediction = gpu.axpby(1.0 - p.guidance, &uncond, p.guidance, &text)?;
         }
-        let (a, b) = schedule.denoised_coefficients(i);
-        let denoised = gpu.axpby(a, &latents, b, &prediction)?;
         let (a, b) = schedule.step_coefficients(i);
-        latents = gpu.axpby(a, &latents, b, &prediction)?;
+        let next = gpu.axpby(a, &latents, b, &prediction)?;
         gpu.sync().await?;
         let progress = StepProgress { stage, step: i + 1, steps: schedule.num_steps() };
-        observer.event(gpu, Event::Step { progress, denoised: &denoised }).await?;
+        let estimate = Estimate { latents: &latents, prediction: &prediction, coefficients: schedule.denoised_coefficients(i) };
+        observer.event(gpu, Event::Step { progress, estimate }).await?;
+        latents = next;
     }
     Ok(latents)
 }
