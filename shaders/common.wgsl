@@ -41,3 +41,18 @@ fn workgroup_max(v: f32, lid: u32) -> f32 {
     workgroupBarrier();
     return r;
 }
+
+// erf with |error| < 1.2e-7 (Numerical Recipes erfc, Chebyshev fit): WGSL has no erf.
+fn erf_(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
+        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
+        t * (-0.82215223 + t * 0.17087277)))))))));
+    return sign(x) * (1.0 - r);
+}
+
+// Exact (erf) GELU, as torch.nn.functional.gelu's default.
+fn gelu(v: f32) -> f32 {
+    return 0.5 * v * (1.0 + erf_(v * 0.7071067811865476));
+}

@@ -117,6 +117,32 @@ export interface StoredModel {
   complete: boolean;
 }
 
+export interface BenchOptions {
+  /** Square image sizes, multiples of 8 (default [512, 1024]); the kernels use the largest. */
+  sizes?: number[];
+  /** Weight formats of the UNet steps (default all). */
+  quants?: Quant[];
+  /** Which parts to run (default all). */
+  only?: Array<'kernels' | 'unet' | 'vae'>;
+  /** A diffusers folder URL whose unet/ and vae/ config.json give the shapes (default: SDXL 1.0 base). */
+  model?: string;
+  signal?: AbortSignal;
+  onProgress?: (event: { type: 'bench'; what: string }) => void;
+}
+
+export interface BenchReport {
+  adapter: string;
+  dtype: 'f16' | 'f32';
+  model: string;
+  /** f32 multiply-add GFLOP/s and copy GB/s of best-case kernels on this adapter. */
+  peak: { gflops: number; gbps: number };
+  kernels: Array<{ kernel: string; shape: string; weights: string; ms: number; rate: number; unit: 'GFLOP/s' | 'GB/s'; percentOfPeak: number }>;
+  unet: Array<{ size: number; quant: string; secondsPerStep: number; tflops: number; weightBytes: number; peakBytes: number }>;
+  vae: Array<{ size: number; tiled: boolean; seconds: number; peakBytes: number }>;
+  /** Measurements that could not run here (e.g. over the adapter's limits), with the error. */
+  skipped: Array<{ what: string; error: string }>;
+}
+
 export declare const SDXL_1_0: { base: string; refiner: string };
 export declare const RESOLUTION_BUCKETS: ReadonlyArray<readonly [number, number]>;
 
@@ -129,6 +155,7 @@ export declare class Sdxl {
   models(): Promise<StoredModel[]>;
   deleteModel(id: string): Promise<number>;
   verify(id: string): Promise<string[]>;
+  bench(options?: BenchOptions): Promise<{ report: BenchReport; table: string }>;
   storage(): Promise<{ usage: number; quota: number; persisted: boolean }>;
   persist(): Promise<boolean>;
   terminate(): void;

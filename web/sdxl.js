@@ -195,6 +195,28 @@ export class Sdxl {
   /** Checks a stored model against its checksums; resolves to the bad records (load() repairs them). */
   verify(id) { return this.#call('verify', [id]); }
 
+  /**
+   * Measures speed and memory with random weights generated on the GPU (no download): the
+   * adapter's peaks, the kernels on SDXL's shapes, one UNet step per weight format and size, the
+   * VAE decode whole and tiled. `model` is a diffusers folder URL whose unet/ and vae/ config.json
+   * give the shapes (default: SDXL 1.0 base). Resolves to {report, table} (`table`: text).
+   */
+  async bench(options = {}) {
+    checkOptions('bench', options, ['sizes', 'quants', 'only', 'model', 'signal', 'onProgress']);
+    const { sizes, quants, only, model, signal, onProgress } = options;
+    const request = { sizes, quants, only };
+    if (model) {
+      const base = new URL(model.replace(/\/?$/, '/'), location.href);
+      const config = async (path) => {
+        const response = await fetch(new URL(path, base), { signal });
+        if (!response.ok) throw new SdxlError('NetworkError', `${new URL(path, base)}: HTTP ${response.status}`);
+        return response.text();
+      };
+      Object.assign(request, { model: base.pathname.split('/').filter(Boolean).pop(), unetConfig: await config('unet/config.json'), vaeConfig: await config('vae/config.json') });
+    }
+    return this.#call('bench', [request], { onEvent: (event) => onProgress?.(event), signal });
+  }
+
   /** {usage, quota, persisted} of this origin's storage. */
   async storage() {
     const estimate = await this.#call('storage', []);

@@ -24,6 +24,7 @@ const methods = {
   async models() { return JSON.parse(await engine.models()); },
   async deleteModel(id, modelId) { return engine.deleteModel(modelId); },
   async verify(id, modelId) { return JSON.parse(await engine.verify(modelId)); },
+  async bench(id, options) { return JSON.parse(await engine.bench(JSON.stringify(options), (event) => post({ id, event: JSON.parse(event) }))); },
   async storage() {
     const { usage = 0, quota = 0 } = await navigator.storage.estimate();
     return { usage, quota };

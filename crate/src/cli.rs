@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::process::ExitCode;
 
+use crate::bench::{self, BenchModel, BenchOptions};
 use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage, StepProgress};
 use crate::pipeline::image;
 use crate::pipeline::prompt::PromptEncoder;
@@ -51,6 +52,14 @@ const USAGE: &str = "usage:
       without layer indices) is quantized, per role and format, and the per-role formats that fit
       --budget bytes for the UNet of SHAPES.json (e.g. tests/fixtures/reference/sdxl_unet_tensors.json,
       the real SDXL shapes): how the q4 preset's exceptions were chosen.
+  sdxl bench [--model DIR] [--sizes 512,1024] [--quants f16,q8,q4] [--only kernels,unet,vae]
+             [--precision auto|f32|f16] [--json FILE]
+      Measures speed and memory with random weights generated on the GPU (no checkpoint needed):
+      the adapter's peaks (f32 FMA GFLOP/s, copy GB/s), the kernels on the model's real shapes at
+      the largest size (GFLOP/s or GB/s and % of peak), one UNet step with classifier-free guidance
+      per weight format and size (s/step, weight and peak GPU memory), and the VAE decode whole and
+      tiled. --model takes the configs of a diffusers folder (default: the real SDXL 1.0 base).
+      Prints tables; --json writes the report.
   sdxl info
       Prints the GPU adapter and its features.";
 
@@ -291,6 +300,34 @@ async fn quality_command(args: &Args) -> Result<()> {
     write_json(args.get("json"), &report)
 }
 
+async fn bench_command(args: &Args) -> Result<()> {
+    let model = match args.get("model") {
+        None => BenchModel::sdxl_base(),
+        Some(dir) => {
+            let read = |file: &str| std::fs::read(format!("{dir}/{file}")).map_err(|e| Error::Io { path: format!("{dir}/{file}"), message: e.to_string() });
+            BenchModel { name: model_name(dir), unet_config: read("unet/config.json")?, vae_config: read("vae/config.json")? }
+        }
+    };
+    let list = |name: &str| args.get(name).map(|v| v.split(',').map(str::trim).collect::<Vec<_>>());
+    let mut options = BenchOptions::default();
+    if let Some(sizes) = list("sizes") {
+        options.sizes = sizes.iter().map(|s| s.parse().map_err(|_| Error::InvalidParameter(format!("--sizes: '{s}' is not a size")))).collect::<Result<_>>()?;
+    }
+    if let Some(quants) = list("quants") {
+        options.quants = quants.iter().map(|q| q.parse()).collect::<Result<_>>()?;
+    }
+    if let Some(only) = list("only") {
+        if let Some(bad) = only.iter().find(|o| !["kernels", "unet", "vae"].contains(o)) {
+            return Err(Error::InvalidParameter(format!("--only: '{bad}' is not kernels, unet or vae")));
+        }
+        (options.kernels, options.unet, options.vae) = (only.contains(&"kernels"), only.contains(&"unet"), only.contains(&"vae"));
+    }
+    let gpu = Gpu::new(args.parsed("precision", Precision::Auto)?).await?;
+    let report = bench::run(&gpu, &model, &options, |what| eprintln!("bench: {what}")).await?;
+    println!("{}", report.table());
+    write_json(args.get("json"), &report)
+}
+
 fn write_json(path: Option<&str>, value: &impl serde::Serialize) -> Result<()> {
     if let Some(path) = path {
         let json = serde_json::to_vec_pretty(value).expect("the report serialises");
@@ -356,6 +393,7 @@ async fn run(argv: &[String]) -> Result<()> {
             let known = ["model", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "precision", "json", "sensitivity", "budget"];
             quality_command(&Args::parse(&argv[1..], &known)?).await
         }
+        Some("bench") => bench_command(&Args::parse(&argv[1..], &["model", "sizes", "quants", "only", "precision", "json"])?).await,
         Some("info") => {
             let gpu = Gpu::new(Precision::Auto).await?;
             println!("adapter: {}\nshader-f16: {}\nsubgroups: {}\nmax binding: {} MiB", gpu.adapter_name, gpu.has_shader_f16, gpu.has_subgroups, gpu.max_binding_bytes() >> 20);

@@ -4,9 +4,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
-
-use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 
@@ -58,9 +57,82 @@ pub struct Shader {
 /// An n-dimensional array in one GPU storage buffer, row-major.
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    pub(crate) buffer: wgpu::Buffer,
+    buffer: Rc<Buffer>,
     shape: Vec<usize>,
     dtype: DType,
+}
+
+/// A storage buffer with its accounting: an activation buffer goes back to the pool when its last
+/// tensor drops (and is reused by the next allocation of its size class); a weight is freed.
+#[derive(Debug)]
+struct Buffer {
+    raw: wgpu::Buffer,
+    pooled: bool,
+    memory: Rc<RefCell<Memory>>,
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        self.memory.borrow_mut().release(&self.raw, self.pooled);
+    }
+}
+
+/// GPU memory held through tensors: a caching allocator for activations. Reusing freed buffers by
+/// size class bounds a step's memory by its peak of live activations rather than by the sum of
+/// everything it allocates, and spares the driver an allocation per op. Reuse is safe without
+/// waiting: the queue runs commands in order, so a later kernel writing a recycled buffer runs
+/// after every earlier reader.
+#[derive(Debug, Default)]
+struct Memory {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    /// Bytes of all buffers that exist (live tensors plus the pool).
+    allocated: u64,
+    /// Bytes in the pool.
+    cached: u64,
+    peak: u64,
+}
+
+impl Memory {
+    fn release(&mut self, raw: &wgpu::Buffer, pooled: bool) {
+        if pooled {
+            self.cached += raw.size();
+            self.free.entry(raw.size()).or_default().push(raw.clone());
+        } else {
+            self.allocated -= raw.size();
+        }
+    }
+
+    fn take(&mut self, size: u64) -> Option<wgpu::Buffer> {
+        let raw = self.free.get_mut(&size)?.pop()?;
+        self.cached -= size;
+        Some(raw)
+    }
+
+    fn grow(&mut self, size: u64) {
+        self.allocated += size;
+        self.peak = self.peak.max(self.allocated);
+    }
+}
+
+/// Pooled buffer sizes: multiples of 256 bytes up to 64 KiB, then eight classes per power of two
+/// (at most 12.5 % unused), so that activations of nearby sizes share buffers.
+fn size_class(bytes: u64) -> u64 {
+    if bytes <= 1 << 16 {
+        return bytes.next_multiple_of(256);
+    }
+    let step = 1u64 << (63 - bytes.leading_zeros() - 3);
+    bytes.next_multiple_of(step)
+}
+
+/// GPU memory figures, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryStats {
+    /// Every buffer that exists now: live tensors (weights, activations) and the pool.
+    pub allocated: u64,
+    /// Freed activation buffers kept for reuse (part of `allocated`).
+    pub cached: u64,
+    /// The most `allocated` has been since the device opened or `reset_peak`.
+    pub peak: u64,
 }
 
 impl Tensor {
@@ -76,6 +148,10 @@ impl Tensor {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Size of the buffer behind the tensor (its size class when pooled), in bytes.
+    pub fn buffer_bytes(&self) -> u64 {
+        self.buffer.raw.size()
+    }
     /// Same buffer, new shape with the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if shape.iter().product::<usize>() != self.len() {
@@ -85,9 +161,11 @@ impl Tensor {
     }
 }
 
-/// Dispatches recorded before the encoder is submitted; bounds the memory held by pending
-/// uniform buffers and bind groups.
+/// Dispatches recorded before the encoder is submitted; bounds the memory held by pending bind
+/// groups, and sizes the uniform arena (one slot per dispatch).
 const DISPATCHES_PER_SUBMIT: u32 = 64;
+/// Bytes per dispatch in the uniform arena: WebGPU's default minUniformBufferOffsetAlignment.
+const UNIFORM_SLOT: u64 = 256;
 /// Bytes of `write_buffer` uploads after which the queue is submitted and the GPU waited for: each
 /// write is staged until the next submit, so loading a model without submitting would hold a
 /// second copy of all its weights.
@@ -106,8 +184,18 @@ pub struct Gpu {
     pub has_subgroups: bool,
     pub adapter_name: String,
     limits: wgpu::Limits,
-    pipelines: RefCell<HashMap<(&'static str, &'static str), wgpu::ComputePipeline>>,
+    /// Compiled pipelines by (shader, entry), then by specialisation (looked up without copying).
+    pipelines: RefCell<HashMap<(&'static str, &'static str), HashMap<String, wgpu::ComputePipeline>>>,
+    /// The open compute pass: consecutive dispatches share one pass (WebGPU still orders each
+    /// dispatch's writes before the next's reads), ended before any copy and before submitting.
+    pass: RefCell<Option<wgpu::ComputePass<'static>>>,
     pending: RefCell<Option<wgpu::CommandEncoder>>,
+    /// The parameters of the dispatches recorded since the last submit, one slot each, written to
+    /// `uniforms` just before the submit (the queue orders that write after the previous submit's
+    /// reads, so one arena serves every batch).
+    uniform_data: RefCell<Vec<u8>>,
+    uniforms: wgpu::Buffer,
+    memory: Rc<RefCell<Memory>>,
     pending_dispatches: Cell<u32>,
     staged_bytes: Cell<u64>,
     failure: Arc<Mutex<Option<Error>>>,
@@ -188,15 +276,25 @@ impl Gpu {
         device.set_device_lost_callback(move |reason, message| {
             *on_lost.lock().unwrap() = Some(Error::DeviceLost(format!("{reason:?}: {message}")));
         });
+        let uniforms = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("uniform arena"),
+            size: DISPATCHES_PER_SUBMIT as u64 * UNIFORM_SLOT,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
         Ok(Gpu {
             device,
             queue,
+            uniform_data: RefCell::default(),
+            uniforms,
+            memory: Rc::default(),
             dtype,
             has_shader_f16,
             has_subgroups,
             adapter_name: format!("{} ({:?})", info.name, info.backend),
             limits,
             pipelines: RefCell::default(),
+            pass: RefCell::default(),
             pending: RefCell::default(),
             pending_dispatches: Cell::new(0),
             staged_bytes: Cell::new(0),
@@ -217,32 +315,76 @@ impl Gpu {
         }
     }
 
-    fn alloc(&self, shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
+    /// GPU memory held through tensors now, and its peak.
+    pub fn memory(&self) -> MemoryStats {
+        let m = self.memory.borrow();
+        MemoryStats { allocated: m.allocated, cached: m.cached, peak: m.peak }
+    }
+
+    /// Starts a new peak measurement from what is allocated now.
+    pub fn reset_peak(&self) {
+        let mut m = self.memory.borrow_mut();
+        m.peak = m.allocated;
+    }
+
+    /// Frees the pooled activation buffers (after a run, before loading another model).
+    pub fn trim(&self) {
+        let mut m = self.memory.borrow_mut();
+        m.allocated -= m.cached;
+        m.cached = 0;
+        m.free.clear();
+    }
+
+    /// A buffer for `shape`: weights (`pooled` false) get exactly their size and are freed on drop;
+    /// activations come from the pool by size class.
+    fn alloc(&self, shape: &[usize], dtype: DType, what: &str, pooled: bool) -> Result<Tensor> {
         let bytes = (shape.iter().product::<usize>() * dtype.size()).max(4).next_multiple_of(4) as u64;
-        if bytes > self.max_binding_bytes() {
+        let limit = self.max_binding_bytes();
+        if bytes > limit {
             return Err(Error::AdapterLimits(format!(
                 "{what} {shape:?} needs {:.1} MiB in one buffer; this adapter allows {:.1} MiB",
                 bytes as f64 / 1048576.0,
-                self.max_binding_bytes() as f64 / 1048576.0
+                limit as f64 / 1048576.0
             )));
         }
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: None,
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let size = if pooled { size_class(bytes).min(limit) } else { bytes };
+        let reused = if pooled { self.memory.borrow_mut().take(size) } else { None };
+        let raw = match reused {
+            Some(raw) => raw,
+            None => {
+                self.memory.borrow_mut().grow(size);
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }
+        };
+        let buffer = Rc::new(Buffer { raw, pooled, memory: self.memory.clone() });
         Ok(Tensor { buffer, shape: shape.to_vec(), dtype })
     }
 
-    /// An uninitialised tensor of the working float type (kernels overwrite every element).
+    /// An uninitialised activation of the working float type (kernels overwrite every element).
     pub fn empty(&self, shape: &[usize]) -> Result<Tensor> {
-        self.alloc(shape, self.dtype, "tensor")
+        self.alloc(shape, self.dtype, "tensor", true)
     }
 
-    /// A tensor of zeros (WebGPU zero-initialises new buffers).
+    /// An uninitialised pooled tensor of `dtype` (f32 statistics and the like).
+    pub(crate) fn empty_as(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.alloc(shape, dtype, "tensor", true)
+    }
+
+    /// A weight-like tensor that is not pooled (freed when dropped), left for a kernel to fill.
+    pub(crate) fn empty_weight(&self, shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
+        self.alloc(shape, dtype, what, false)
+    }
+
+    /// An activation of zeros (a pooled buffer may hold an earlier tensor's values: cleared).
     pub fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
-        self.empty(shape)
+        let t = self.empty(shape)?;
+        self.encoder().clear_buffer(&t.buffer.raw, 0, None);
+        Ok(t)
     }
 
     /// Uploads f32 data, converted to the working float type.
@@ -257,7 +399,7 @@ impl Gpu {
 
     pub fn upload_u32(&self, data: &[u32], shape: &[usize]) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
-        let t = self.alloc(shape, DType::U32, "index tensor")?;
+        let t = self.alloc(shape, DType::U32, "index tensor", false)?;
         self.write(&t, bytemuck::cast_slice(data));
         Ok(t)
     }
@@ -265,7 +407,7 @@ impl Gpu {
     /// Uploads f32 data as `dtype`; `what` names the tensor in errors.
     pub fn upload_as(&self, data: &[f32], shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
-        let t = self.alloc(shape, dtype, what)?;
+        let t = self.alloc(shape, dtype, what, false)?;
         match dtype {
             DType::F32 => self.write(&t, bytemuck::cast_slice(data)),
             DType::F16 => {
@@ -281,12 +423,12 @@ impl Gpu {
     pub fn upload_f16(&self, data: &[half::f16], shape: &[usize], what: &str) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
         if self.dtype == DType::F16 {
-            let t = self.alloc(shape, DType::F16, what)?;
+            let t = self.alloc(shape, DType::F16, what, false)?;
             self.write(&t, bytemuck::cast_slice(data));
             Ok(t)
         } else {
             // Widened a slice at a time: a whole f32 copy of a large table would double the heap peak.
-            let t = self.alloc(shape, DType::F32, what)?;
+            let t = self.alloc(shape, DType::F32, what, false)?;
             for (i, chunk) in data.chunks(WIDEN_CHUNK).enumerate() {
                 let f: Vec<f32> = chunk.iter().map(|x| x.to_f32()).collect();
                 self.write_at(&t, (i * WIDEN_CHUNK * 4) as u64, bytemuck::cast_slice(&f));
@@ -310,11 +452,11 @@ impl Gpu {
     fn write_at(&self, t: &Tensor, offset: u64, bytes: &[u8]) {
         // write_buffer needs a multiple of 4 bytes; odd-length f16 tensors get one padding element.
         if bytes.len() % 4 == 0 {
-            self.queue.write_buffer(&t.buffer, offset, bytes);
+            self.queue.write_buffer(&t.buffer.raw, offset, bytes);
         } else {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().next_multiple_of(4), 0);
-            self.queue.write_buffer(&t.buffer, offset, &padded);
+            self.queue.write_buffer(&t.buffer.raw, offset, &padded);
         }
         self.staged_bytes.set(self.staged_bytes.get() + bytes.len() as u64);
         if self.staged_bytes.get() >= STAGED_BYTES_PER_SUBMIT {
@@ -347,10 +489,8 @@ impl Gpu {
         }
         let mut shape = t.shape.clone();
         shape[0] = len;
-        let out = self.alloc(&shape, t.dtype, "narrowed tensor")?;
-        let mut pending = self.pending.borrow_mut();
-        let encoder = pending.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
-        encoder.copy_buffer_to_buffer(&t.buffer, offset, &out.buffer, 0, bytes);
+        let out = self.alloc(&shape, t.dtype, "narrowed tensor", true)?;
+        self.encoder().copy_buffer_to_buffer(&t.buffer.raw, offset, &out.buffer.raw, 0, bytes);
         Ok(out)
     }
 
@@ -374,7 +514,7 @@ impl Gpu {
     }
 
     async fn read_bytes(&self, t: &Tensor) -> Result<Vec<u8>> {
-        let size = t.buffer.size();
+        let size = (t.len() * t.dtype.size()).next_multiple_of(4) as u64;
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),
             size,
@@ -382,7 +522,7 @@ impl Gpu {
             mapped_at_creation: false,
         });
         let mut encoder = self.take_encoder();
-        encoder.copy_buffer_to_buffer(&t.buffer, 0, &staging, 0, size);
+        encoder.copy_buffer_to_buffer(&t.buffer.raw, 0, &staging, 0, size);
         self.queue.submit([encoder.finish()]);
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
@@ -421,30 +561,45 @@ impl Gpu {
 
     /// Submits all recorded work (so that it starts while the CPU prepares more).
     pub fn flush(&self) {
-        if let Some(encoder) = self.pending.borrow_mut().take() {
+        if self.pending.borrow().is_some() {
+            let encoder = self.take_encoder();
             self.queue.submit([encoder.finish()]);
         }
-        self.pending_dispatches.set(0);
     }
 
+    /// The pending encoder for a command outside compute passes (the open pass is ended first).
+    fn encoder(&self) -> std::cell::RefMut<'_, wgpu::CommandEncoder> {
+        self.pass.borrow_mut().take();
+        std::cell::RefMut::map(self.pending.borrow_mut(), |p| p.get_or_insert_with(|| self.device.create_command_encoder(&Default::default())))
+    }
+
+    /// The recorded work, its dispatches' parameters written to the uniform arena.
     fn take_encoder(&self) -> wgpu::CommandEncoder {
+        self.pass.borrow_mut().take();
         self.pending_dispatches.set(0);
+        let mut data = self.uniform_data.borrow_mut();
+        if !data.is_empty() {
+            self.queue.write_buffer(&self.uniforms, 0, &data);
+            data.clear();
+        }
         self.pending
             .borrow_mut()
             .take()
             .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()))
     }
 
-    fn pipeline(&self, shader: &Shader, entry: &'static str) -> wgpu::ComputePipeline {
+    /// The pipeline of `entry` in `shader`, compiled once per `defines` (WGSL declarations
+    /// prepended to the source, e.g. a head size or tile shape the kernel is specialised for).
+    fn pipeline(&self, shader: &Shader, entry: &'static str, defines: &str) -> wgpu::ComputePipeline {
         let key = (shader.name, entry);
-        if let Some(p) = self.pipelines.borrow().get(&key) {
+        if let Some(p) = self.pipelines.borrow().get(&key).and_then(|variants| variants.get(defines)) {
             return p.clone();
         }
         let prelude = match self.dtype {
             DType::F16 => "enable f16;\nalias T = f16;\n",
             _ => "alias T = f32;\n",
         };
-        let source = format!("{prelude}{}\n{}", include_str!("../../shaders/common.wgsl"), shader.source);
+        let source = format!("{prelude}{defines}\n{}\n{}", include_str!("../../shaders/common.wgsl"), shader.source);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -457,48 +612,71 @@ impl Gpu {
             compilation_options: Default::default(),
             cache: None,
         });
-        self.pipelines.borrow_mut().insert(key, pipeline.clone());
+        self.pipelines.borrow_mut().entry(key).or_default().insert(defines.to_string(), pipeline.clone());
         pipeline
     }
 
     /// Records one kernel launch. Binding 0 is a uniform block holding `params` (u32 words; floats
     /// via `f32::to_bits`); bindings 1.. are `tensors` in order.
     pub(crate) fn dispatch(&self, shader: &Shader, entry: &'static str, params: &[u32], tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
+        self.dispatch_with(shader, entry, "", params, tensors, groups)
+    }
+
+    /// `dispatch` of a kernel specialised by `defines` (see `pipeline`).
+    pub(crate) fn dispatch_with(
+        &self,
+        shader: &Shader,
+        entry: &'static str,
+        defines: &str,
+        params: &[u32],
+        tensors: &[&Tensor],
+        groups: [u32; 3],
+    ) -> Result<()> {
         if groups.iter().any(|&g| g > MAX_GROUPS_PER_DIM) {
             return Err(Error::InvalidParameter(format!("{}::{entry}: grid {groups:?} exceeds {MAX_GROUPS_PER_DIM} per dimension", shader.name)));
         }
         if groups.contains(&0) {
             return Ok(());
         }
-        let pipeline = self.pipeline(shader, entry);
-        let mut words = params.to_vec();
-        words.resize(params.len().next_multiple_of(4).max(4), 0);
-        let uniform = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(&words),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        if params.len() * 4 > UNIFORM_SLOT as usize {
+            return Err(Error::InvalidParameter(format!("{}::{entry}: {} parameter words", shader.name, params.len())));
+        }
+        let pipeline = self.pipeline(shader, entry, defines);
+        let offset = self.pending_dispatches.get() as u64 * UNIFORM_SLOT;
+        let words = params.len().next_multiple_of(4).max(4);
+        {
+            let mut data = self.uniform_data.borrow_mut();
+            data.resize(offset as usize, 0);
+            data.extend_from_slice(bytemuck::cast_slice(params));
+            data.resize(offset as usize + words * 4, 0);
+        }
+        let uniform = wgpu::BufferBinding { buffer: &self.uniforms, offset, size: std::num::NonZeroU64::new(words as u64 * 4) };
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(uniform) }];
         entries.extend(
             tensors
                 .iter()
                 .enumerate()
-                .map(|(i, t)| wgpu::BindGroupEntry { binding: i as u32 + 1, resource: t.buffer.as_entire_binding() }),
+                .map(|(i, t)| wgpu::BindGroupEntry { binding: i as u32 + 1, resource: t.buffer.raw.as_entire_binding() }),
         );
         let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pending = self.pending.borrow_mut();
-        let encoder = pending.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
         {
-            let mut pass = encoder.begin_compute_pass(&Default::default());
+            let mut open = self.pass.borrow_mut();
+            let pass = match &mut *open {
+                Some(pass) => pass,
+                None => {
+                    let mut pending = self.pending.borrow_mut();
+                    let encoder = pending.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+                    open.insert(encoder.begin_compute_pass(&Default::default()).forget_lifetime())
+                }
+            };
             pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
-        drop(pending);
         self.pending_dispatches.set(self.pending_dispatches.get() + 1);
         if self.pending_dispatches.get() >= DISPATCHES_PER_SUBMIT {
             self.flush();

@@ -4,13 +4,14 @@
 //! The store hands the models a `weights::Source` over what it stored; it converts downloads with
 //! `pack`'s converter.
 
+pub mod bench;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;
 pub mod error;
 pub mod gpu;
 pub mod models;
 pub mod ops;
-mod ops_quant;
+mod ops_gemm;
 pub mod pack;
 pub mod pipeline;
 pub mod quant;

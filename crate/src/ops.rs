@@ -1,8 +1,13 @@
 //! Tensor operations: shape checks and launch parameters for the WGSL kernels in `shaders/`.
 //! Each op allocates its output; layouts are row-major, images NCHW, sequences [batch, tokens, width].
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Shader, Tensor};
+use crate::quant::Weight;
 
 macro_rules! shader {
     ($name:literal) => {
@@ -10,15 +15,17 @@ macro_rules! shader {
     };
 }
 
-const MATMUL: Shader = shader!("matmul");
 const ATTENTION: Shader = shader!("attention");
+const SOFTMAX: Shader = shader!("softmax");
 const NORM: Shader = shader!("norm");
+const GROUP_NORM: Shader = shader!("group_norm");
 const ACTIVATION: Shader = shader!("activation");
 const ELEMENTWISE: Shader = shader!("elementwise");
 const RESAMPLE: Shader = shader!("resample");
 const EMBEDDING: Shader = shader!("embedding");
 const TIMESTEP: Shader = shader!("timestep");
-const CONV: Shader = shader!("conv");
+const FILL: Shader = shader!("fill");
+const TILE: Shader = shader!("tile");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -39,14 +46,43 @@ impl Activation {
     }
 }
 
-/// Operand layout of one side of a batched strided matmul.
-#[derive(Clone, Copy, Debug)]
-struct Operand {
-    /// Elements between consecutive rows.
-    ld: usize,
-    /// Elements between consecutive batch items, and between consecutive heads within one.
-    batch: usize,
-    head: usize,
+/// Workgroup memory the attention kernel's key and value tiles may use.
+const ATTENTION_TILE_BYTES: usize = 16384;
+/// Widest head the flash kernel takes: each invocation holds a query row and an output row of
+/// this many f32s in registers.
+const FLASH_MAX_HEAD_DIM: usize = 128;
+
+/// The prelude of shaders/attention.wgsl for head size d, bkv keys per tile and ch keys per
+/// rescale: its constants and the per-row code, unrolled over the row's vec4s (see the shader).
+fn flash_prelude(d: usize, bkv: usize, ch: usize) -> String {
+    let d4 = d.div_ceil(4);
+    let each = |f: &dyn Fn(usize) -> String| (0..d4).map(f).collect::<String>();
+    let mut s = format!("const D: u32 = {d}u;\nconst D4: u32 = {d4}u;\nconst BKV: u32 = {bkv}u;\nconst CH: u32 = {ch}u;\n");
+    s += &each(&|c| format!("var<private> q_{c}: vec4<f32>;\nvar<private> o_{c}: vec4<f32>;\n"));
+    s += &format!("fn load_query(base: u32) {{\n{}}}\n", each(&|c| format!("    q_{c} = q4(base, {c}u) * p.scale;\n")));
+    s += &format!(
+        "fn dot_query(row: u32) -> f32 {{\n    let t = row * D4;\n    var acc = vec4<f32>(0.0);\n{}    return acc.x + acc.y + acc.z + acc.w;\n}}\n",
+        each(&|c| format!("    acc = fma(q_{c}, ks[t + {c}u], acc);\n"))
+    );
+    s += &format!("fn rescale(f: f32) {{\n{}}}\n", each(&|c| format!("    o_{c} = o_{c} * f;\n")));
+    s += &format!(
+        "fn accumulate(pj: f32, row: u32) {{\n    let t = row * D4;\n{}}}\n",
+        each(&|c| format!("    o_{c} = fma(vec4<f32>(pj), vs[t + {c}u], o_{c});\n"))
+    );
+    s += &format!("fn store_output(base: u32, l: f32) {{\n{}}}\n", each(&|c| format!("    store4(base, {c}u, o_{c} / l);\n")));
+    let keys = |f: &dyn Fn(usize) -> String| (0..ch).map(f).collect::<String>();
+    s += "fn attend_chunk(row0: u32, key0: u32, qi: u32) {\n";
+    s += &keys(&|j| format!("    let s{j} = score(row0 + {j}u, key0 + {j}u, qi);\n"));
+    s += &format!("    let top = {};\n", (1..ch).fold("s0".to_string(), |e, j| format!("max({e}, s{j})")));
+    s += "    if (top == MASKED) {\n        return;\n    }\n";
+    s += "    let m_new = max(m_run, top);\n    let correction = exp(m_run - m_new);\n    l_run = l_run * correction;\n    rescale(correction);\n";
+    s += &keys(&|j| format!("    let p{j} = weight(s{j}, m_new);\n    l_run = l_run + p{j};\n    accumulate(p{j}, row0 + {j}u);\n"));
+    s + "    m_run = m_new;\n}\n"
+}
+
+/// Workgroups per normalised set of a group norm: about 16K elements each, at most 256.
+fn group_chunks(set_len: usize) -> usize {
+    set_len.div_ceil(1 << 14).clamp(1, 256)
 }
 
 fn bad(msg: String) -> Error {
@@ -65,79 +101,14 @@ impl Gpu {
         Ok(())
     }
 
-    /// Batched strided C = alpha * A·B (+ bias), batch z = (z / heads, z % heads).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_strided(
-        &self,
-        (m, n, k, batches, heads): (usize, usize, usize, usize, usize),
-        a: (&Tensor, Operand),
-        b: (&Tensor, Operand, bool),
-        c: (&Tensor, Operand),
-        alpha: f32,
-        bias: Option<&Tensor>,
-    ) -> Result<()> {
-        let params = [
-            u(m), u(n), u(k), u(heads),
-            u(a.1.ld), u(b.1.ld), u(c.1.ld), b.2 as u32,
-            u(a.1.batch), u(a.1.head), u(b.1.batch), u(b.1.head),
-            u(c.1.batch), u(c.1.head), alpha.to_bits(), 0,
-        ];
-        let groups = [u(n.div_ceil(16)), u(m.div_ceil(16)), u(batches * heads)];
-        match bias {
-            Some(bias) => self.dispatch(&MATMUL, "linear", &params, &[a.0, b.0, c.0, bias], groups),
-            None => self.dispatch(&MATMUL, "matmul", &params, &[a.0, b.0, c.0], groups),
-        }
-    }
-
-    /// nn.Linear: x [.., k] · weight [n, k]ᵀ + bias [n] -> [.., n].
-    pub fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        self.check_float(x, "linear input")?;
-        let (&k, lead) = x.shape().split_last().ok_or_else(|| bad("linear: scalar input".into()))?;
-        let &[n, wk] = weight.shape() else {
-            return Err(bad(format!("linear: weight must be 2-D, got {:?}", weight.shape())));
-        };
-        if wk != k {
-            return Err(bad(format!("linear: input {:?} does not match weight {:?}", x.shape(), weight.shape())));
-        }
-        if let Some(b) = bias {
-            if b.shape() != [n] {
-                return Err(bad(format!("linear: bias {:?} does not match weight {:?}", b.shape(), weight.shape())));
-            }
-        }
-        let m: usize = lead.iter().product();
-        let mut shape = lead.to_vec();
-        shape.push(n);
-        let y = self.empty(&shape)?;
-        let flat = |ld| Operand { ld, batch: 0, head: 0 };
-        self.matmul_strided((m, n, k, 1, 1), (x, flat(k)), (weight, flat(k), true), (&y, flat(n)), 1.0, bias)?;
-        Ok(y)
-    }
-
-    /// Plain matrix product a [.., m, k] · b [k, n] -> [.., m, n] (b shared across the batch).
-    pub fn matmul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let (&k, lead) = a.shape().split_last().ok_or_else(|| bad("matmul: scalar input".into()))?;
-        let &[bk, n] = b.shape() else {
-            return Err(bad(format!("matmul: b must be 2-D, got {:?}", b.shape())));
-        };
-        if bk != k {
-            return Err(bad(format!("matmul: {:?} · {:?}", a.shape(), b.shape())));
-        }
-        let m: usize = lead.iter().product();
-        let mut shape = lead.to_vec();
-        shape.push(n);
-        let y = self.empty(&shape)?;
-        let flat = |ld| Operand { ld, batch: 0, head: 0 };
-        self.matmul_strided((m, n, k, 1, 1), (a, flat(k)), (b, flat(n), false), (&y, flat(n)), 1.0, None)?;
-        Ok(y)
-    }
-
     /// Scaled dot-product attention over [batch, tokens, heads * head_dim] tensors (the layout of
-    /// diffusers' and transformers' projections, so no transposes are needed).
+    /// diffusers' and transformers' projections, so no transposes are needed), as flash attention:
+    /// memory stays linear in the token count.
     pub fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
         let (&[bq, lq, width], &[bk, lk, kw], vs) = (q.shape(), k.shape(), v.shape()) else {
             return Err(bad(format!("attention: expected [batch, tokens, width], got q {:?} k {:?}", q.shape(), k.shape())));
         };
-        if bq != bk || kw != width || vs != k.shape() || heads == 0 || width % heads != 0 {
+        if bq != bk || kw != width || vs != k.shape() || heads == 0 || width % heads != 0 || lk == 0 {
             return Err(bad(format!(
                 "attention: q {:?}, k {:?}, v {:?} with {heads} heads do not fit together",
                 q.shape(),
@@ -148,23 +119,53 @@ impl Gpu {
         if causal && lq != lk {
             return Err(bad(format!("attention: a causal mask needs as many queries as keys ({lq} vs {lk})")));
         }
+        for (t, what) in [(q, "query"), (k, "key"), (v, "value")] {
+            self.check_float(t, what)?;
+        }
         let d = width / heads;
-        let scores = self.empty(&[bq * heads, lq, lk])?;
-        let seq = |tokens: usize| Operand { ld: width, batch: tokens * width, head: d };
-        let grid = Operand { ld: lk, batch: heads * lq * lk, head: lq * lk };
-        let scale = 1.0 / (d as f32).sqrt();
-        self.matmul_strided((lq, lk, d, bq, heads), (q, seq(lq)), (k, seq(lk), true), (&scores, grid), scale, None)?;
-        self.softmax_rows(&scores, lq, causal)?;
+        if heads == 1 && d > FLASH_MAX_HEAD_DIM && !causal {
+            return self.attention_chunked(q, k, v);
+        }
+        let d4 = d.div_ceil(4);
+        // Keys per tile: K and V tiles (f32 vec4s) fill at most the 16 KiB every adapter offers.
+        let bkv = (ATTENTION_TILE_BYTES / (32 * d4)).clamp(1, 64);
+        let bkv = 1 << bkv.ilog2();
+        thread_local! {
+            static PRELUDES: RefCell<HashMap<(usize, usize), Rc<str>>> = RefCell::default();
+        }
+        let defines = PRELUDES.with(|p| p.borrow_mut().entry((d, bkv)).or_insert_with(|| flash_prelude(d, bkv, bkv.min(8)).into()).clone());
         let out = self.empty(&[bq, lq, width])?;
-        self.matmul_strided((lq, d, lk, bq, heads), (&scores, grid), (v, seq(lk), false), (&out, seq(lq)), 1.0, None)?;
+        let scale = 1.0 / (d as f32).sqrt();
+        let params = [u(lq), u(lk), u(heads), u(width), causal as u32, scale.to_bits(), 0, 0];
+        self.dispatch_with(&ATTENTION, "attention", &defines, &params, &[q, k, v, &out], [u(lq.div_ceil(64)), u(bq * heads), 1])?;
         Ok(out)
     }
 
-    /// In-place softmax over the last dimension; with `causal`, row r keeps keys j <= r % q_len.
-    pub fn softmax_rows(&self, x: &Tensor, q_len: usize, causal: bool) -> Result<()> {
-        let cols = *x.shape().last().ok_or_else(|| bad("softmax: scalar input".into()))?;
-        let rows = x.len() / cols.max(1);
-        self.dispatch(&ATTENTION, "softmax", &[u(rows), u(cols), causal as u32, u(q_len.max(1))], &[x], Gpu::grid(rows, 1)?)
+    /// Single-head attention in chunks of queries through the GEMM kernel: scores [chunk, keys]
+    /// (at most 256 MiB and one binding), row softmax, times V. For heads wider than
+    /// `FLASH_MAX_HEAD_DIM` (the VAE's 512), whose query and accumulator rows would not stay in
+    /// registers; memory stays bounded by one chunk of scores.
+    fn attention_chunked(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (&[batch, lq, d], lk) = (q.shape(), k.shape()[1]) else { unreachable!("checked by attention") };
+        let rows = ((self.max_binding_bytes().min(256 << 20) as usize / (lk * self.dtype.size())).max(1)).min(lq);
+        let mut items = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let (qb, kb) = (self.narrow(q, b, 1)?.reshape(&[lq, d])?, self.narrow(k, b, 1)?.reshape(&[lk, d])?);
+            let vt = Weight::Dense(self.transpose(&self.narrow(v, b, 1)?.reshape(&[lk, d])?)?);
+            let (keys, out) = (Weight::Dense(kb), self.empty(&[lq, d])?);
+            for r0 in (0..lq).step_by(rows) {
+                let n = rows.min(lq - r0);
+                let scores = self.linear(&self.crop(&qb, r0, 0, n, d)?, &keys, None)?;
+                let params = [u(n), u(lk), (1.0 / (d as f32).sqrt()).to_bits(), 0];
+                self.dispatch(&SOFTMAX, "softmax", &params, &[&scores], Gpu::grid(n, 1)?)?;
+                self.paste(&out, &self.linear(&scores, &vt, None)?, r0, 0, [(0, 0); 2])?;
+            }
+            items.push(out.reshape(&[1, lq, d])?);
+        }
+        items.into_iter().try_fold(None, |acc: Option<Tensor>, item| match acc {
+            None => Ok(Some(item)),
+            Some(acc) => self.concat(&acc, &item, 0).map(Some),
+        }).map(|t| t.expect("batch > 0"))
     }
 
     /// Layer norm over the last dimension.
@@ -175,18 +176,67 @@ impl Gpu {
         }
         let rows = x.len() / cols;
         let y = self.empty(x.shape())?;
-        let params = [u(rows), u(cols), eps.to_bits(), 0, 0, 1, 1, 0];
+        let params = [u(rows), u(cols), eps.to_bits(), 0];
         self.dispatch(&NORM, "layer_norm", &params, &[x, gamma, beta, &y], Gpu::grid(rows, 1)?)?;
         Ok(y)
     }
 
-    /// Group norm over x [batch, channels, ...spatial], optionally followed by SiLU.
+    /// Group norm over x [batch, channels, ...spatial] with its own statistics, optionally
+    /// followed by SiLU.
     pub fn group_norm(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool) -> Result<Tensor> {
+        let (batch, _, h, w) = self.group_dims(x, groups, gamma, beta)?;
+        let chunks = group_chunks(x.len() / (batch * groups));
+        let partials = self.empty_as(&[batch * groups, chunks, 4], DType::F32)?;
+        self.group_partials(x, groups, [0, h, 0, w], &partials, 0, chunks)?;
+        self.group_norm_with(x, groups, gamma, beta, eps, silu, &partials)
+    }
+
+    /// Records the statistics (count, mean, M2) of rows y0..y1, cols x0..x1 of x [batch,
+    /// channels, h, w] per (batch, group) into `chunks` slots from `slot0` of `partials`
+    /// [batch · groups, slots, 4] (f32).
+    pub(crate) fn group_partials(&self, x: &Tensor, groups: usize, [y0, y1, x0, x1]: [usize; 4], partials: &Tensor, slot0: usize, chunks: usize) -> Result<()> {
+        self.check_float(x, "group statistics input")?;
+        let (batch, channels, h, w) = match x.shape() {
+            [b, c, h, w] => (*b, *c, *h, *w),
+            [b, c, rest @ ..] => (*b, *c, 1, rest.iter().product()),
+            s => return Err(bad(format!("group statistics: expected [batch, channels, ...], got {s:?}"))),
+        };
+        if groups == 0 || channels % groups != 0 {
+            return Err(bad(format!("group statistics: {groups} groups over {:?}", x.shape())));
+        }
+        let slots = partials.shape().get(1).copied().unwrap_or(0);
+        if y0 >= y1 || y1 > h || x0 >= x1 || x1 > w || partials.shape() != [batch * groups, slots, 4] || slot0 + chunks > slots {
+            return Err(bad(format!("group statistics of rows {y0}..{y1}, cols {x0}..{x1} of {:?} into slots {slot0}.. of {:?}", x.shape(), partials.shape())));
+        }
+        let params = [u(groups), u(channels), u(h), u(w), u(y0), u(y1), u(x0), u(x1), u(chunks), u(slots), u(slot0), 0, 0, 0, 0, 0];
+        self.dispatch(&GROUP_NORM, "group_partials", &params, &[x, partials], [u(chunks), u(batch * groups), 1])
+    }
+
+    /// Group norm of x with the statistics merged from every slot of `partials` (see
+    /// `group_partials`), optionally followed by SiLU.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn group_norm_with(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, partials: &Tensor) -> Result<Tensor> {
+        let (batch, channels, h, w) = self.group_dims(x, groups, gamma, beta)?;
+        let slots = partials.shape().get(1).copied().unwrap_or(0);
+        if partials.shape() != [batch * groups, slots, 4] {
+            return Err(bad(format!("group norm of {:?} with statistics {:?}", x.shape(), partials.shape())));
+        }
+        let chunks = group_chunks(x.len() / (batch * groups));
+        let y = self.empty(x.shape())?;
+        let params = [u(groups), u(channels), u(h), u(w), 0, 0, 0, 0, u(chunks), u(slots), 0, silu as u32, eps.to_bits(), 0, 0, 0];
+        self.dispatch(&GROUP_NORM, "group_apply", &params, &[x, partials, gamma, beta, &y], [u(chunks), u(batch * groups), 1])?;
+        Ok(y)
+    }
+
+    /// (batch, channels, h, w) of a group norm's input, checked with its parameters (any spatial
+    /// rank: the trailing axes are taken as one row).
+    fn group_dims(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        self.check_float(x, "group_norm input")?;
         let (batch, channels) = match x.shape() {
-            [b, c, ..] => (*b, *c),
+            [b, c, _, ..] => (*b, *c),
             s => return Err(bad(format!("group_norm: expected [batch, channels, ...], got {s:?}"))),
         };
-        if groups == 0 || channels % groups != 0 || gamma.shape() != [channels] || beta.shape() != [channels] {
+        if groups == 0 || channels % groups != 0 || gamma.shape() != [channels] || beta.shape() != [channels] || x.is_empty() {
             return Err(bad(format!(
                 "group_norm: {groups} groups over {:?} with weight {:?}, bias {:?}",
                 x.shape(),
@@ -194,30 +244,16 @@ impl Gpu {
                 beta.shape()
             )));
         }
-        let hw = x.len() / (batch * channels);
-        let sets = batch * groups;
-        let y = self.empty(x.shape())?;
-        let params = [u(sets), u(channels / groups * hw), eps.to_bits(), silu as u32, u(channels), u(groups), u(hw), 0];
-        self.dispatch(&NORM, "group_norm", &params, &[x, gamma, beta, &y], Gpu::grid(sets, 1)?)?;
-        Ok(y)
+        let (h, w) = match x.shape() {
+            [_, _, h, w] => (*h, *w),
+            s => (1, s[2..].iter().product()),
+        };
+        Ok((batch, channels, h, w))
     }
 
     pub fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let y = self.empty(x.shape())?;
         self.dispatch(&ACTIVATION, "unary", &[u(x.len()), act as u32, 0, 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
-        Ok(y)
-    }
-
-    /// GEGLU gate: x [.., 2n] -> x[.., :n] * gelu(x[.., n:]).
-    pub fn geglu(&self, x: &Tensor) -> Result<Tensor> {
-        let w = *x.shape().last().ok_or_else(|| bad("geglu: scalar input".into()))?;
-        if w % 2 != 0 {
-            return Err(bad(format!("geglu: last dimension of {:?} is odd", x.shape())));
-        }
-        let mut shape = x.shape().to_vec();
-        *shape.last_mut().unwrap() = w / 2;
-        let y = self.empty(&shape)?;
-        self.dispatch(&ACTIVATION, "geglu", &[u(y.len()), 0, u(w / 2), 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 
@@ -315,35 +351,6 @@ impl Gpu {
         Ok(y)
     }
 
-    /// 2-D convolution, x [n, cin, h, w], weight [cout, cin, k, k], bias [cout].
-    pub fn conv2d(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-        self.conv2d_padded(x, weight, bias, stride, [padding; 4])
-    }
-
-    /// conv2d with zero padding [top, bottom, left, right] (torch's F.pad order is left, right,
-    /// top, bottom), e.g. diffusers' Downsample2D with padding 0: [0, 1, 0, 1].
-    pub fn conv2d_padded(&self, x: &Tensor, weight: &Tensor, bias: &Tensor, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
-        let (&[n, cin, h, w], &[cout, wcin, k, k2]) = (x.shape(), weight.shape()) else {
-            return Err(bad(format!("conv2d: input {:?}, weight {:?} must be 4-D", x.shape(), weight.shape())));
-        };
-        let [top, bottom, left, right] = pad;
-        let (ph, pw) = (h + top + bottom, w + left + right);
-        if wcin != cin || k != k2 || bias.shape() != [cout] || stride == 0 || ph < k || pw < k {
-            return Err(bad(format!(
-                "conv2d: input {:?}, weight {:?}, bias {:?}, stride {stride}, padding {pad:?}",
-                x.shape(),
-                weight.shape(),
-                bias.shape()
-            )));
-        }
-        let oh = (ph - k) / stride + 1;
-        let ow = (pw - k) / stride + 1;
-        let y = self.empty(&[n, cout, oh, ow])?;
-        let params = [u(n), u(cin), u(h), u(w), u(cout), u(oh), u(ow), u(k), u(stride), u(top), u(left), 0];
-        self.dispatch(&CONV, "conv2d", &params, &[x, weight, bias, &y], Gpu::grid(y.len(), 256)?)?;
-        Ok(y)
-    }
-
     /// Nearest-neighbour resize of [.., h, w] to [.., out_h, out_w] as torch's
     /// F.interpolate(mode="nearest"): ×2 in general, the skip's size in a UNet whose latent is not
     /// a multiple of 2^levels (diffusers' forward_upsample_size).
@@ -412,5 +419,59 @@ impl Gpu {
         let params = [u(x.len()), exp as u32, 0, 0, scale.to_bits(), shift.to_bits(), lo.to_bits(), hi.to_bits()];
         self.dispatch(&ACTIVATION, "affine", &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
+    }
+
+    /// Overwrites a float tensor with center + scale · uniform(-1, 1), drawn on the GPU from `seed`.
+    pub fn fill_uniform(&self, t: &Tensor, seed: u32, center: f32, scale: f32) -> Result<()> {
+        self.check_float(t, "fill_uniform")?;
+        let params = [u(t.len()), seed, center.to_bits(), scale.to_bits(), 0, 0, 0, 0];
+        self.dispatch(&FILL, "fill_uniform", &params, &[t], Gpu::grid(t.len(), 256)?)
+    }
+
+    /// Overwrites a u32 tensor with random words from `seed`, or with `constant` everywhere.
+    pub fn fill_words(&self, t: &Tensor, seed: u32, constant: Option<u32>) -> Result<()> {
+        if t.dtype() != DType::U32 {
+            return Err(bad(format!("fill_words: expected a u32 tensor, got {:?}", t.dtype())));
+        }
+        let params = [u(t.len()), seed, 0, 0, constant.unwrap_or(0), constant.is_some() as u32, 0, 0];
+        self.dispatch(&FILL, "fill_words", &params, &[t], Gpu::grid(t.len(), 256)?)
+    }
+
+    /// The window [.., rows y0..y0 + th, cols x0..x0 + tw] of x [.., h, w].
+    pub fn crop(&self, x: &Tensor, y0: usize, x0: usize, th: usize, tw: usize) -> Result<Tensor> {
+        let (planes, h, w) = self.planes(x, "crop")?;
+        if th == 0 || tw == 0 || y0 + th > h || x0 + tw > w {
+            return Err(bad(format!("crop: {th}x{tw} at ({y0}, {x0}) of {:?}", x.shape())));
+        }
+        let mut shape = x.shape().to_vec();
+        let r = shape.len();
+        (shape[r - 2], shape[r - 1]) = (th, tw);
+        let y = self.empty(&shape)?;
+        let params = [u(y.len()), u(h), u(w), u(th), u(tw), u(y0), u(x0), 0, 0, 0, 0, 0];
+        self.dispatch(&TILE, "crop", &params, &[x, &y], Gpu::grid(planes * th * tw, 256)?)?;
+        Ok(y)
+    }
+
+    /// Writes `tile` [.., th, tw] into `image` [.., h, w] at (y0, x0), blended with what `image`
+    /// holds near the tile's top and left edges: (skip, ramp) per axis, the tile's weight 0 over
+    /// the first `skip` rows (columns), then rising linearly to 1 over `ramp`.
+    pub fn paste(&self, image: &Tensor, tile: &Tensor, y0: usize, x0: usize, blend: [(usize, usize); 2]) -> Result<()> {
+        let (planes, h, w) = self.planes(image, "paste")?;
+        let (tile_planes, th, tw) = self.planes(tile, "paste")?;
+        let [(skip_y, ramp_y), (skip_x, ramp_x)] = blend;
+        if tile_planes != planes || y0 + th > h || x0 + tw > w || skip_y + ramp_y > th || skip_x + ramp_x > tw {
+            return Err(bad(format!("paste: {:?} at ({y0}, {x0}) into {:?}, blend {blend:?}", tile.shape(), image.shape())));
+        }
+        let params = [u(tile.len()), u(h), u(w), u(th), u(tw), u(y0), u(x0), u(skip_y), u(ramp_y), u(skip_x), u(ramp_x), 0];
+        self.dispatch(&TILE, "paste", &params, &[tile, image], Gpu::grid(tile.len(), 256)?)
+    }
+
+    /// (planes, h, w) of a float tensor [.., h, w].
+    fn planes(&self, x: &Tensor, what: &str) -> Result<(usize, usize, usize)> {
+        self.check_float(x, what)?;
+        match x.shape() {
+            [lead @ .., h, w] if *h > 0 && *w > 0 => Ok((lead.iter().product(), *h, *w)),
+            s => Err(bad(format!("{what}: expected [.., h, w], got {s:?}"))),
+        }
     }
 }

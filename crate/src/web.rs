@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 use wasm_bindgen::prelude::*;
 
+use crate::bench::{self, BenchModel, BenchOptions};
 use crate::error::{Error, Result};
 use crate::pack::{self, ModelKind, Pack};
 use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel, Stage};
@@ -49,6 +50,20 @@ struct CreateOptions {
     precision: Option<String>,
     /// The IndexedDB database holding the models.
     store_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BenchRequest {
+    sizes: Option<Vec<usize>>,
+    /// "f16", "q8", "q4".
+    quants: Option<Vec<String>>,
+    /// Any of "kernels", "unet", "vae".
+    only: Option<Vec<String>>,
+    /// The model's name and its unet/config.json and vae/config.json texts (default: SDXL 1.0 base).
+    model: Option<String>,
+    unet_config: Option<String>,
+    vae_config: Option<String>,
 }
 
 /// A model to load: its id in the store and where to download it from when it is not stored.
@@ -176,6 +191,36 @@ impl Engine {
             }
         }
         self.store.delete(&id).await.map(|n| n as f64).map_err(js_error)
+    }
+
+    /// `sdxl bench` in the browser (JSON options as `BenchRequest`): `on_event(json)` gets
+    /// `{type: "bench", what}` as each measurement starts. Returns `{report, table}` as JSON. Needs
+    /// no stored model: weights are random, generated on the GPU (beside any loaded models).
+    pub async fn bench(&self, options: String, on_event: Function) -> std::result::Result<String, JsValue> {
+        let request: BenchRequest = parse(&options, "bench options").map_err(js_error)?;
+        let model = match (request.unet_config, request.vae_config) {
+            (Some(unet), Some(vae)) => BenchModel { name: request.model.unwrap_or_else(|| "custom".into()), unet_config: unet.into(), vae_config: vae.into() },
+            (None, None) => BenchModel::sdxl_base(),
+            _ => return Err(js_error(Error::InvalidParameter("bench: give both unetConfig and vaeConfig, or neither".into()))),
+        };
+        let mut bench_options = BenchOptions::default();
+        if let Some(sizes) = request.sizes {
+            bench_options.sizes = sizes;
+        }
+        if let Some(quants) = request.quants {
+            bench_options.quants = quants.iter().map(|q| q.parse()).collect::<Result<_>>().map_err(js_error)?;
+        }
+        if let Some(only) = request.only {
+            if let Some(bad) = only.iter().find(|o| !["kernels", "unet", "vae"].contains(&o.as_str())) {
+                return Err(js_error(Error::InvalidParameter(format!("bench only: '{bad}' is not kernels, unet or vae"))));
+            }
+            let has = |part: &str| only.iter().any(|o| o == part);
+            (bench_options.kernels, bench_options.unet, bench_options.vae) = (has("kernels"), has("unet"), has("vae"));
+        }
+        let report = bench::run(&self.gpu, &model, &bench_options, |what| emit(&on_event, json!({"type": "bench", "what": what})))
+            .await
+            .map_err(js_error)?;
+        Ok(json!({"report": report, "table": report.table()}).to_string())
     }
 
     /// Checks a stored model's records against their sha256; JSON list of the bad ones.

@@ -5,18 +5,19 @@ mod common;
 
 use common::{assert_close, random, stored, tolerance};
 use sdxl::ops::Activation;
+use sdxl::quant::Weight;
 use sdxl::Gpu;
 
 gpu_tests!(
     linear_with_bias,
-    matmul_plain,
     attention_cross,
     attention_causal,
-    softmax_wide_rows,
+    attention_long_and_wide,
     layer_norm_rows,
     group_norm_with_and_without_silu,
     activations,
-    geglu_gate,
+    linear_geglu_fused,
+    linear_big_tiles,
     elementwise_and_broadcast,
     concat_axes,
     embedding_chunked,
@@ -44,23 +45,29 @@ async fn linear_with_bias(gpu: &Gpu) {
     let (m, k, n) = (2 * 37, 53, 29);
     let (x, w, b) = (stored(gpu, &random(m * k, 1)), stored(gpu, &random(n * k, 2)), stored(gpu, &random(n, 3)));
     let y = gpu
-        .linear(&gpu.upload(&x, &[2, 37, k]).unwrap(), &gpu.upload(&w, &[n, k]).unwrap(), Some(&gpu.upload(&b, &[n]).unwrap()))
+        .linear(&gpu.upload(&x, &[2, 37, k]).unwrap(), &dense(gpu, &w, &[n, k]), Some(&gpu.upload(&b, &[n]).unwrap()))
         .unwrap();
     assert_eq!(y.shape(), [2, 37, n]);
     let mut want = cpu_matmul_bt(&x, &w, m, n, k);
     want.iter_mut().enumerate().for_each(|(i, v)| *v += b[i % n]);
     assert_close("linear", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
-    let no_bias = gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &gpu.upload(&w, &[n, k]).unwrap(), None).unwrap();
+    let no_bias = gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &dense(gpu, &w, &[n, k]), None).unwrap();
     assert_close("linear without bias", &gpu.read(&no_bias).await.unwrap(), &cpu_matmul_bt(&x, &w, m, n, k), tolerance(gpu));
-    assert!(gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &gpu.upload(&w, &[k, n]).unwrap(), None).is_err(), "shape mismatch must be an error");
+    assert!(gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &dense(gpu, &w, &[k, n]), None).is_err(), "shape mismatch must be an error");
 }
 
-async fn matmul_plain(gpu: &Gpu) {
-    let (m, k, n) = (3 * 19, 23, 31);
-    let (a, b) = (stored(gpu, &random(m * k, 4)), stored(gpu, &random(k * n, 5)));
-    let y = gpu.matmul(&gpu.upload(&a, &[3, 19, k]).unwrap(), &gpu.upload(&b, &[k, n]).unwrap()).unwrap();
-    let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-    assert_close("matmul", &gpu.read(&y).await.unwrap(), &cpu_matmul_bt(&a, &bt, m, n, k), tolerance(gpu));
+fn dense(gpu: &Gpu, values: &[f32], shape: &[usize]) -> Weight {
+    Weight::Dense(gpu.upload(values, shape).unwrap())
+}
+
+/// A product big enough for the 128 × 128 tiles, with partial tiles on both edges.
+async fn linear_big_tiles(gpu: &Gpu) {
+    let (m, k, n) = (1030, 19, 3600);
+    let (x, w, b) = (stored(gpu, &random(m * k, 61)), stored(gpu, &random(n * k, 62)), stored(gpu, &random(n, 63)));
+    let y = gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &dense(gpu, &w, &[n, k]), Some(&gpu.upload(&b, &[n]).unwrap())).unwrap();
+    let mut want = cpu_matmul_bt(&x, &w, m, n, k);
+    want.iter_mut().enumerate().for_each(|(i, v)| *v += b[i % n]);
+    assert_close("linear, big tiles", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
 }
 
 /// softmax(q kᵀ / sqrt(d)) v per batch and head over [batch, tokens, heads * d].
@@ -107,18 +114,13 @@ async fn attention_causal(gpu: &Gpu) {
     check_attention(gpu, 2, 17, 17, 3, 7, true).await;
 }
 
-async fn softmax_wide_rows(gpu: &Gpu) {
-    let (rows, cols) = (7, 300);
-    let x: Vec<f32> = stored(gpu, &random(rows * cols, 9).iter().map(|v| v * 8.0).collect::<Vec<_>>());
-    let t = gpu.upload(&x, &[rows, cols]).unwrap();
-    gpu.softmax_rows(&t, rows, false).unwrap();
-    let mut want = x.clone();
-    for r in want.chunks_mut(cols) {
-        let m = r.iter().cloned().fold(f32::MIN, f32::max);
-        let z: f64 = r.iter().map(|v| ((v - m) as f64).exp()).sum();
-        r.iter_mut().for_each(|v| *v = (((*v - m) as f64).exp() / z) as f32);
-    }
-    assert_close("softmax", &gpu.read(&t).await.unwrap(), &want, tolerance(gpu));
+/// Several key tiles, a partial last tile, SDXL's head size, the widest head of the flash kernel
+/// (fewer keys per tile), and a wider single head (the VAE's case: chunked through the GEMM).
+async fn attention_long_and_wide(gpu: &Gpu) {
+    check_attention(gpu, 1, 70, 300, 2, 64, false).await;
+    check_attention(gpu, 1, 9, 40, 1, 128, false).await;
+    check_attention(gpu, 2, 21, 40, 1, 130, false).await;
+    check_attention(gpu, 1, 130, 130, 2, 64, true).await;
 }
 
 fn cpu_normalize(x: &[f32], eps: f32) -> Vec<f32> {
@@ -193,13 +195,19 @@ async fn activations(gpu: &Gpu) {
     }
 }
 
-async fn geglu_gate(gpu: &Gpu) {
-    let (rows, half) = (3, 37);
-    let x = stored(gpu, &random(rows * 2 * half, 17).iter().map(|v| v * 3.0).collect::<Vec<_>>());
-    let y = gpu.geglu(&gpu.upload(&x, &[1, rows, 2 * half]).unwrap()).unwrap();
-    assert_eq!(y.shape(), [1, rows, half]);
-    let want: Vec<f32> = x.chunks(2 * half).flat_map(|r| (0..half).map(move |j| r[j] * cpu_gelu(r[half + j]))).collect();
-    assert_close("geglu", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+/// The projection fused with diffusers' GEGLU (value · gelu(gate), halves of the projection), on
+/// both tile shapes.
+async fn linear_geglu_fused(gpu: &Gpu) {
+    for (rows, k, half) in [(3, 21, 37), (1030, 9, 1800)] {
+        let x = stored(gpu, &random(rows * k, 17));
+        let (w, b) = (stored(gpu, &random(2 * half * k, 18)), stored(gpu, &random(2 * half, 19)));
+        let y = gpu.linear_geglu(&gpu.upload(&x, &[1, rows, k]).unwrap(), &dense(gpu, &w, &[2 * half, k]), Some(&gpu.upload(&b, &[2 * half]).unwrap())).unwrap();
+        assert_eq!(y.shape(), [1, rows, half]);
+        let mut proj = cpu_matmul_bt(&x, &w, rows, 2 * half, k);
+        proj.iter_mut().enumerate().for_each(|(i, v)| *v += b[i % (2 * half)]);
+        let want: Vec<f32> = proj.chunks(2 * half).flat_map(|r| (0..half).map(move |j| r[j] * cpu_gelu(r[half + j]))).collect();
+        assert_close("linear_geglu", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    }
 }
 
 async fn elementwise_and_broadcast(gpu: &Gpu) {
@@ -288,7 +296,7 @@ async fn conv2d_variants(gpu: &Gpu) {
     for (k, stride, pad) in [(3, 1, 1), (3, 2, 1), (1, 1, 0)] {
         let wt = stored(gpu, &random(cout * cin * k * k, 29 + k as u64));
         let b = stored(gpu, &random(cout, 31));
-        let y = gpu.conv2d(&tx, &gpu.upload(&wt, &[cout, cin, k, k]).unwrap(), &gpu.upload(&b, &[cout]).unwrap(), stride, pad).unwrap();
+        let y = gpu.conv2d(&tx, &dense(gpu, &wt, &[cout, cin, k, k]), k, Some(&gpu.upload(&b, &[cout]).unwrap()), stride, [pad; 4]).unwrap();
         let (want, oh, ow) = cpu_conv(&x, &wt, &b, (n, cin, h, w), cout, k, stride, pad);
         assert_eq!(y.shape(), [n, cout, oh, ow], "conv {k}x{k} stride {stride}");
         assert_close(&format!("conv {k}x{k} stride {stride}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
@@ -346,7 +354,7 @@ async fn conv2d_asymmetric_padding(gpu: &Gpu) {
     let x = stored(gpu, &random(n * cin * h * w, 41));
     let wt = stored(gpu, &random(cout * cin * k * k, 42));
     let b = stored(gpu, &random(cout, 43));
-    let (tx, tw, tb) = (gpu.upload(&x, &[n, cin, h, w]).unwrap(), gpu.upload(&wt, &[cout, cin, k, k]).unwrap(), gpu.upload(&b, &[cout]).unwrap());
+    let (tx, tw, tb) = (gpu.upload(&x, &[n, cin, h, w]).unwrap(), dense(gpu, &wt, &[cout, cin, k, k]), gpu.upload(&b, &[cout]).unwrap());
     for (stride, [top, bottom, left, right]) in [(2, [0, 1, 0, 1]), (1, [2, 0, 1, 3])] {
         let (ph, pw) = (h + top + bottom, w + left + right);
         let mut padded = vec![0.0; n * cin * ph * pw];
@@ -358,7 +366,7 @@ async fn conv2d_asymmetric_padding(gpu: &Gpu) {
             }
         }
         let (want, oh, ow) = cpu_conv(&padded, &wt, &b, (n, cin, ph, pw), cout, k, stride, 0);
-        let y = gpu.conv2d_padded(&tx, &tw, &tb, stride, [top, bottom, left, right]).unwrap();
+        let y = gpu.conv2d(&tx, &tw, k, Some(&tb), stride, [top, bottom, left, right]).unwrap();
         assert_eq!(y.shape(), [n, cout, oh, ow], "conv pad {top} {bottom} {left} {right}");
         assert_close(&format!("conv pad {top} {bottom} {left} {right}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
     }

@@ -6,7 +6,7 @@ mod common;
 
 use common::{assert_close, random, stored, tolerance};
 use half::f16;
-use sdxl::quant::{dequantize, quantize, QuantFormat, QuantTensor, QuantizedTensor, BLOCK};
+use sdxl::quant::{dequantize, quantize, QuantFormat, QuantTensor, QuantizedTensor, Weight, BLOCK};
 use sdxl::Gpu;
 
 gpu_tests!(
@@ -306,7 +306,7 @@ async fn check_linear_q(gpu: &Gpu, format: QuantFormat) {
         let mut shape = lead.clone();
         shape.push(k);
         let tx = gpu.upload(&x, &shape).unwrap();
-        let y = gpu.linear_q(&tx, &qt, Some(&gpu.upload(&b, &[n]).unwrap())).unwrap();
+        let y = gpu.linear(&tx, &Weight::Quant(qt.clone()), Some(&gpu.upload(&b, &[n]).unwrap())).unwrap();
         let mut want_shape = lead.clone();
         want_shape.push(n);
         assert_eq!(y.shape(), want_shape.as_slice());
@@ -315,7 +315,7 @@ async fn check_linear_q(gpu: &Gpu, format: QuantFormat) {
         let what = format!("linear_q {format:?} {:?} m={m} k={k} n={n}", gpu.dtype);
         eprintln!("{what}: relative error {:.2e}", rel_error(&got, &want));
         assert_close(&what, &got, &want, tolerance(gpu));
-        let y = gpu.linear_q(&tx, &qt, None).unwrap();
+        let y = gpu.linear(&tx, &Weight::Quant(qt.clone()), None).unwrap();
         assert_close(&format!("{what} without bias"), &gpu.read(&y).await.unwrap(), &cpu_linear(&x, &w, None, m, n, k), tolerance(gpu));
     }
 }
@@ -339,7 +339,7 @@ async fn linear_q_subnormal_scales(gpu: &Gpu) {
     for format in FORMATS {
         let q = quantize(&random(n * k, 15).iter().map(|v| v * 1e-4).collect::<Vec<_>>(), n, k, format).unwrap();
         assert!(q.scales.iter().all(subnormal));
-        let y = gpu.linear_q(&gpu.upload(&x, &[m, k]).unwrap(), &QuantTensor::upload(gpu, &q, "tiny").unwrap(), None).unwrap();
+        let y = gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &Weight::Quant(QuantTensor::upload(gpu, &q, "tiny").unwrap()), None).unwrap();
         let scale = |v: Vec<f32>| v.into_iter().map(|e| e * 1e3).collect::<Vec<_>>();
         let want = scale(cpu_linear(&x, &dequantize(&q), None, m, n, k));
         assert!(want.iter().any(|v| v.abs() > 0.5), "outputs of order 1e-3");
@@ -397,12 +397,12 @@ async fn check_conv2d_q(gpu: &Gpu, format: QuantFormat) {
         let tx = gpu.upload(&x, &[n, cin, h, w]).unwrap();
         let what = format!("conv2d_q {format:?} {:?} {k}x{k} stride {stride} pad {pad:?} cin {cin} cout {cout}", gpu.dtype);
         let (want, oh, ow) = cpu_conv(&x, &wt, Some(&b), dims, cout, k, stride, pad);
-        let y = gpu.conv2d_q(&tx, &qt, k, Some(&gpu.upload(&b, &[cout]).unwrap()), stride, pad).unwrap();
+        let y = gpu.conv2d(&tx, &Weight::Quant(qt.clone()), k, Some(&gpu.upload(&b, &[cout]).unwrap()), stride, pad).unwrap();
         assert_eq!(y.shape(), [n, cout, oh, ow], "{what}");
         let got = gpu.read(&y).await.unwrap();
         eprintln!("{what}: relative error {:.2e}", rel_error(&got, &want));
         assert_close(&what, &got, &want, tolerance(gpu));
-        let y = gpu.conv2d_q(&tx, &qt, k, None, stride, pad).unwrap();
+        let y = gpu.conv2d(&tx, &Weight::Quant(qt.clone()), k, None, stride, pad).unwrap();
         let (want, _, _) = cpu_conv(&x, &wt, None, dims, cout, k, stride, pad);
         assert_close(&format!("{what} without bias"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
     }
@@ -425,18 +425,18 @@ async fn quant_ops_reject_mismatches(gpu: &Gpu) {
     let q = quantize(&weights(n, k, 50), n, k, QuantFormat::Q8_0).unwrap();
     let qt = QuantTensor::upload(gpu, &q, "w").unwrap();
     let x = gpu.upload(&random(2 * k, 51), &[2, k]).unwrap();
-    assert!(gpu.linear_q(&gpu.upload(&random(2 * 44, 52), &[2, 44]).unwrap(), &qt, None).is_err(), "k mismatch");
-    assert!(gpu.linear_q(&x, &qt, Some(&gpu.upload(&random(n + 1, 53), &[n + 1]).unwrap())).is_err(), "bias length");
-    assert!(gpu.linear_q(&gpu.upload_u32(&[0; 90], &[2, k]).unwrap(), &qt, None).is_err(), "u32 input");
-    assert!(gpu.linear_q(&x, &qt, None).is_ok());
+    assert!(gpu.linear(&gpu.upload(&random(2 * 44, 52), &[2, 44]).unwrap(), &Weight::Quant(qt.clone()), None).is_err(), "k mismatch");
+    assert!(gpu.linear(&x, &Weight::Quant(qt.clone()), Some(&gpu.upload(&random(n + 1, 53), &[n + 1]).unwrap())).is_err(), "bias length");
+    assert!(gpu.linear(&gpu.upload_u32(&[0; 90], &[2, k]).unwrap(), &Weight::Quant(qt.clone()), None).is_err(), "u32 input");
+    assert!(gpu.linear(&x, &Weight::Quant(qt.clone()), None).is_ok());
     // conv: weight cols must be cin·k·k (45 = 5·3·3).
     let img = gpu.upload(&random(5 * 4 * 4, 54), &[1, 5, 4, 4]).unwrap();
-    assert!(gpu.conv2d_q(&img, &qt, 3, None, 1, [1; 4]).is_ok());
-    assert!(gpu.conv2d_q(&img, &qt, 1, None, 1, [0; 4]).is_err(), "kernel size mismatch");
-    assert!(gpu.conv2d_q(&gpu.upload(&random(4 * 16, 55), &[1, 4, 4, 4]).unwrap(), &qt, 3, None, 1, [1; 4]).is_err(), "cin mismatch");
-    assert!(gpu.conv2d_q(&img, &qt, 3, None, 0, [1; 4]).is_err(), "stride 0");
-    assert!(gpu.conv2d_q(&gpu.upload(&random(5 * 2 * 2, 56), &[1, 5, 2, 2]).unwrap(), &qt, 3, None, 1, [0; 4]).is_err(), "input smaller than the kernel");
-    assert!(gpu.conv2d_q(&img.reshape(&[5, 4, 4]).unwrap(), &qt, 3, None, 1, [1; 4]).is_err(), "3-D input");
+    assert!(gpu.conv2d(&img, &Weight::Quant(qt.clone()), 3, None, 1, [1; 4]).is_ok());
+    assert!(gpu.conv2d(&img, &Weight::Quant(qt.clone()), 1, None, 1, [0; 4]).is_err(), "kernel size mismatch");
+    assert!(gpu.conv2d(&gpu.upload(&random(4 * 16, 55), &[1, 4, 4, 4]).unwrap(), &Weight::Quant(qt.clone()), 3, None, 1, [1; 4]).is_err(), "cin mismatch");
+    assert!(gpu.conv2d(&img, &Weight::Quant(qt.clone()), 3, None, 0, [1; 4]).is_err(), "stride 0");
+    assert!(gpu.conv2d(&gpu.upload(&random(5 * 2 * 2, 56), &[1, 5, 2, 2]).unwrap(), &Weight::Quant(qt.clone()), 3, None, 1, [0; 4]).is_err(), "input smaller than the kernel");
+    assert!(gpu.conv2d(&img.reshape(&[5, 4, 4]).unwrap(), &Weight::Quant(qt.clone()), 3, None, 1, [1; 4]).is_err(), "3-D input");
     // Inconsistent planes are refused at upload, naming the weight.
     let mut broken = q.clone();
     broken.data.pop();

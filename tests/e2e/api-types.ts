@@ -41,6 +41,9 @@ export async function example(canvas: HTMLCanvasElement): Promise<GenerateResult
     console.log(stored.filter((m) => m.complete).map((m) => `${m.id} ${m.quant} ${m.storedBytes}`));
     const { usage, quota, persisted } = await sdxl.storage();
     console.log(usage / quota, persisted, await sdxl.verify(stored[0].id), await sdxl.deleteModel(stored[0].id));
+    const { report, table } = await sdxl.bench({ sizes: [64], quants: ['q4'], only: ['unet', 'vae'], model: './models/tiny-sdxl-base', onProgress: (e) => console.log(e.what) });
+    const step: number = report.unet[0].secondsPerStep;
+    console.log(table, step, report.peak.gflops, report.kernels.map((k) => k.percentOfPeak), report.skipped.length);
     sdxl.terminate();
   }
 }

@@ -8,7 +8,8 @@
 //   4. with the server gone, a reload is served by the service worker and generates from the
 //      models stored in IndexedDB; the storage panel deletes a model;
 //   5. web/examples/embed.html (at most 20 lines) generates the same image;
-//   6. without WebGPU the page says so and offers no generate button.
+//   6. web/bench.html measures the tiny model's UNet step and VAE decode;
+//   7. without WebGPU the page says so and offers no generate button.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
@@ -271,7 +272,22 @@ async function main() {
     assert.ok(db >= MIN_PSNR, `embed.html: PSNR ${db.toFixed(1)} dB`);
     assert.ok(embedded.text.parameters?.startsWith(PROMPT), 'embed.html image carries its recipe');
 
-    log('6. without WebGPU');
+    log('6. the benchmark page on the tiny model');
+    const bench = await context.newPage();
+    watch(bench, 'bench');
+    await bench.goto(`${url}/bench.html?model=./models/tiny-sdxl-base&sizes=64&quants=q4&only=unet,vae&run`);
+    await bench.waitForSelector('#status:is([data-state="done"], [data-state="error"])', { timeout: 10 * MINUTE });
+    assert.equal(await bench.getAttribute('#status', 'data-state'), 'done', await bench.locator('#status').textContent());
+    const report = await bench.evaluate(() => window.benchReport);
+    assert.deepEqual(report.skipped, [], 'every measurement ran');
+    assert.ok(report.peak.gflops > 0 && report.peak.gbps > 0, 'peaks measured');
+    assert.equal(report.unet.length, 1);
+    assert.ok(report.unet[0].secondsPerStep > 0 && report.unet[0].peakBytes > report.unet[0].weightBytes, 'UNet step measured');
+    assert.deepEqual(report.vae.map((v) => v.tiled), [false, true]);
+    assert.match(await bench.locator('#table').textContent(), /s\/step/);
+    log(`bench page: tiny UNet step ${(report.unet[0].secondsPerStep * 1e3).toFixed(0)} ms at 64², VAE decode ${(report.vae[0].seconds * 1e3).toFixed(0)} ms`);
+
+    log('7. without WebGPU');
     const bare = await browser.newContext();
     await bare.addInitScript(() => Object.defineProperty(Navigator.prototype, 'gpu', { get: () => undefined }));
     const noGpu = await bare.newPage();

@@ -6,8 +6,10 @@ pub mod transformer;
 pub mod unet;
 pub mod vae;
 
-use crate::error::Result;
-use crate::gpu::{Gpu, Tensor};
+use std::cell::RefCell;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::quant::Weight;
 use crate::weights::{Source, Weights};
 
@@ -28,10 +30,12 @@ impl Linear {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(weight) => gpu.linear(x, weight, self.bias.as_ref()),
-            Weight::Quant(weight) => gpu.linear_q(x, weight, self.bias.as_ref()),
-        }
+        gpu.linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// The projection followed by diffusers' GEGLU gate, fused (see `Gpu::linear_geglu`).
+    pub fn forward_geglu(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        gpu.linear_geglu(x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -94,10 +98,7 @@ impl Conv2d {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        match &self.weight {
-            Weight::Dense(weight) => gpu.conv2d_padded(x, weight, &self.bias, self.stride, self.padding),
-            Weight::Quant(weight) => gpu.conv2d_q(x, weight, self.kernel, Some(&self.bias), self.stride, self.padding),
-        }
+        gpu.conv2d(x, &self.weight, self.kernel, Some(&self.bias), self.stride, self.padding)
     }
 }
 
@@ -107,7 +108,22 @@ pub struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f32,
+    statistics: RefCell<Statistics>,
 }
+
+/// Where a GroupNorm's statistics come from: its input (the module's definition), or the whole
+/// image when a decoder runs tile by tile (`AutoencoderKL::decode_tiles`): a first pass over the
+/// tiles records each tile's share, a second normalises every tile with the merged statistics.
+enum Statistics {
+    Own,
+    /// Own statistics, and those of the tile's share (rows, cols as fractions of the input's
+    /// height and width) recorded into the tile's slots of `slots` (allocated at first use).
+    Record { slots: Option<Tensor>, tiles: usize, tile: usize, share: [f32; 4] },
+    Merged(Tensor),
+}
+
+/// Statistics slots each tile records.
+const SLOTS_PER_TILE: usize = 16;
 
 impl GroupNorm {
     pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, groups: usize, eps: f64) -> Result<GroupNorm> {
@@ -116,10 +132,55 @@ impl GroupNorm {
             bias: w.tensor(gpu, &format!("{prefix}.bias"), &[channels]).await?,
             groups,
             eps: eps as f32,
+            statistics: RefCell::new(Statistics::Own),
         })
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, silu: bool) -> Result<Tensor> {
-        gpu.group_norm(x, self.groups, &self.weight, &self.bias, self.eps, silu)
+        let (groups, eps) = (self.groups, self.eps);
+        match &mut *self.statistics.borrow_mut() {
+            Statistics::Own => gpu.group_norm(x, groups, &self.weight, &self.bias, eps, silu),
+            Statistics::Merged(slots) => gpu.group_norm_with(x, groups, &self.weight, &self.bias, eps, silu, slots),
+            Statistics::Record { slots, tiles, tile, share } => {
+                let y = gpu.group_norm(x, groups, &self.weight, &self.bias, eps, silu)?;
+                let &[batch, _, h, w] = x.shape() else {
+                    return Err(Error::InvalidParameter(format!("tiled group norm: expected [batch, channels, h, w], got {:?}", x.shape())));
+                };
+                let slots = match slots {
+                    Some(t) => t,
+                    None => slots.insert(gpu.empty_as(&[batch * groups, *tiles * SLOTS_PER_TILE, 4], DType::F32)?),
+                };
+                let at = |f: f32, size: usize| (f * size as f32).round() as usize;
+                let region = [at(share[0], h), at(share[1], h), at(share[2], w), at(share[3], w)];
+                gpu.group_partials(x, groups, region, slots, *tile * SLOTS_PER_TILE, SLOTS_PER_TILE)?;
+                Ok(y)
+            }
+        }
+    }
+
+    /// Starts recording the statistics of `tiles` tiles (see [`Statistics`]).
+    pub(crate) fn record(&self, tiles: usize) {
+        *self.statistics.borrow_mut() = Statistics::Record { slots: None, tiles, tile: 0, share: [0.0, 1.0, 0.0, 1.0] };
+    }
+
+    /// The tile the next forward records, and its share (rows y0..y1, cols x0..x1 as fractions).
+    pub(crate) fn record_tile(&self, index: usize, region: [f32; 4]) {
+        if let Statistics::Record { tile, share, .. } = &mut *self.statistics.borrow_mut() {
+            (*tile, *share) = (index, region);
+        }
+    }
+
+    /// Normalises with the recorded statistics from now on.
+    pub(crate) fn use_recorded(&self) -> Result<()> {
+        let mut statistics = self.statistics.borrow_mut();
+        match std::mem::replace(&mut *statistics, Statistics::Own) {
+            Statistics::Record { slots: Some(slots), .. } => Ok(*statistics = Statistics::Merged(slots)),
+            _ => Err(Error::InvalidParameter("group norm: no statistics were recorded".into())),
+        }
+    }
+
+    /// Back to the input's own statistics.
+    pub(crate) fn use_own(&self) {
+        *self.statistics.borrow_mut() = Statistics::Own;
     }
 }

@@ -21,6 +21,11 @@ pub struct ResnetBlock2D {
 }
 
 impl ResnetBlock2D {
+    /// Its two group norms (tiled decoding sets where they take their statistics).
+    pub(crate) fn norms(&self) -> [&GroupNorm; 2] {
+        [&self.norm1, &self.norm2]
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub async fn load<S: Source>(
         gpu: &Gpu,

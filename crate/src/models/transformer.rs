@@ -100,7 +100,7 @@ impl BasicTransformerBlock {
         let h = self.norm2.forward(gpu, &x)?;
         let x = gpu.add(&x, &self.attn2.forward(gpu, &h, context)?)?;
         let h = self.norm3.forward(gpu, &x)?;
-        let h = gpu.geglu(&self.ff_in.forward(gpu, &h)?)?;
+        let h = self.ff_in.forward_geglu(gpu, &h)?;
         gpu.add(&x, &self.ff_out.forward(gpu, &h)?)
     }
 }

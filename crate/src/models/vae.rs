@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::{Conv2d, GroupNorm, Linear};
+use crate::quant::Weight;
 use crate::weights::{read_json, Source, Weights};
 
 /// Mirrors diffusers' AutoencoderKL config (defaults as diffusers).
@@ -140,16 +141,44 @@ struct Block<R> {
     resample: Option<R>,
 }
 
-/// A convolution kept as raw tensors (the encoder's last one is split into mean and logvar halves).
-struct RawConv {
-    weight: Tensor,
-    bias: Tensor,
-    padding: usize,
+/// Overlapping tiles along one axis of `size` latents: tiles of `len` starting every `len -
+/// overlap`, the last one flush with the end (overlapping its neighbour by more).
+struct Tiling {
+    starts: Vec<usize>,
+    len: usize,
 }
 
-impl RawConv {
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        gpu.conv2d(x, &self.weight, &self.bias, 1, self.padding)
+impl Tiling {
+    fn new(size: usize, tile: usize, overlap: usize) -> Tiling {
+        let len = tile.min(size);
+        let mut starts: Vec<usize> = (0..size - len).step_by(tile - overlap).collect();
+        starts.push(size - len);
+        Tiling { starts, len }
+    }
+
+    /// Latents tile i shares with the tile before it.
+    fn overlap_before(&self, i: usize) -> usize {
+        if i == 0 { 0 } else { self.starts[i - 1] + self.len - self.starts[i] }
+    }
+
+    /// How tile i blends into the one before it, in pixels (`f` per latent): (skip, ramp) for
+    /// `Gpu::paste`, the ramp over the middle half of the overlap, away from both tiles' edges
+    /// (which saw zero padding instead of their neighbours).
+    fn blend(&self, i: usize, f: usize) -> (usize, usize) {
+        let o = self.overlap_before(i) * f;
+        (o / 4, o / 2)
+    }
+
+    /// The part of tile i that counts towards whole-image statistics (each latent in exactly one
+    /// tile: overlaps split at their middle), as fractions of the tile.
+    fn share(&self, i: usize) -> (f32, f32) {
+        let start = self.starts[i] + self.overlap_before(i) / 2;
+        let end = match self.starts.get(i + 1) {
+            Some(_) => self.starts[i] + self.len - self.overlap_before(i + 1).div_ceil(2),
+            None => self.starts[i] + self.len,
+        };
+        let f = |v: usize| (v - self.starts[i]) as f32 / self.len as f32;
+        (f(start), f(end))
     }
 }
 
@@ -163,7 +192,7 @@ pub struct AutoencoderKL {
     /// Encoder conv_out, applied whole when a quant_conv follows, else split as `moments`.
     enc_conv_out: Option<Conv2d>,
     /// The last convolution producing [mean; logvar], split by output channel into two.
-    moments: [RawConv; 2],
+    moments: [Conv2d; 2],
     // Decoder
     post_quant_conv: Option<Conv2d>,
     dec_conv_in: Conv2d,
@@ -273,12 +302,21 @@ impl AutoencoderKL {
     /// [B, out_channels, H·f, W·f] (about -1..1, unclamped).
     pub fn decode_raw(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
         self.check_input(z, self.config.latent_channels, "decode input (latents)")?;
-        let mut x = match &self.post_quant_conv {
+        self.decode_up(gpu, &self.decode_mid(gpu, z)?)
+    }
+
+    /// The decoder up to its mid block, at latent resolution.
+    fn decode_mid(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
+        let x = match &self.post_quant_conv {
             Some(conv) => conv.forward(gpu, z)?,
             None => z.clone(),
         };
-        x = self.dec_conv_in.forward(gpu, &x)?;
-        x = self.dec_mid.forward(gpu, &x)?;
+        self.dec_mid.forward(gpu, &self.dec_conv_in.forward(gpu, &x)?)
+    }
+
+    /// The decoder's up blocks and output layers: mid-block activations -> raw image.
+    fn decode_up(&self, gpu: &Gpu, mid: &Tensor) -> Result<Tensor> {
+        let mut x = mid.clone();
         for block in &self.dec_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(gpu, &x, None)?;
@@ -299,6 +337,81 @@ impl AutoencoderKL {
         let z = gpu.scale(latents, (1.0 / self.config.scaling_factor) as f32)?;
         let x = self.decode_raw(gpu, &z)?;
         gpu.affine(&x, 0.5, 0.5, false, (0.0, 1.0))
+    }
+
+    /// `decode` when its largest activation fits in one GPU binding, else `decode_tiled`: the
+    /// same image within this adapter's limits (a browser's 128 MiB binding holds SDXL's
+    /// full-resolution activations up to about 512², so 1024² images are decoded in tiles).
+    pub fn decode_within_limits(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
+        self.check_input(latents, self.config.latent_channels, "decode input (latents)")?;
+        let (h, w) = (latents.shape()[2], latents.shape()[3]);
+        match self.largest_up_activation(h, w) * gpu.dtype.size() as u64 <= gpu.max_binding_bytes() {
+            true => self.decode(gpu, latents),
+            false => self.decode_tiled(gpu, latents),
+        }
+    }
+
+    /// Elements of the largest activation of the decoder's up path for an h × w latent: block i
+    /// works at 2^i times the latent size, and its upsampler's output, at twice that, still has
+    /// the block's channels (SDXL: 256 channels at full image size, 16384 per latent pixel).
+    fn largest_up_activation(&self, h: usize, w: usize) -> u64 {
+        let blocks = self.config.block_out_channels.iter().rev().enumerate();
+        let n = self.config.block_out_channels.len();
+        blocks.map(|(i, &c)| (c * h * w) as u64 * 4u64.pow(i as u32 + (i + 1 < n) as u32)).max().unwrap_or(0)
+    }
+
+    /// `decode` in overlapping latent tiles, each decoded alone and blended into the image over
+    /// the middle of the overlap: bounded memory at any size. Tiles are the largest whose
+    /// activations fit one binding, at most 64 latents (512 px) a side, overlapping by half.
+    pub fn decode_tiled(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
+        let mut tile = 64;
+        while tile > 8 && self.largest_up_activation(tile, tile) * gpu.dtype.size() as u64 > gpu.max_binding_bytes() {
+            tile -= 8;
+        }
+        self.decode_tiles(gpu, latents, tile, tile / 2)
+    }
+
+    /// `decode_tiled` with tiles of `tile` latents a side overlapping by `overlap`. The mid block
+    /// (latent resolution, where the attention sees every token) runs on the whole latent; only
+    /// the up blocks, whose activations grow 64-fold, run tile by tile. Their group norms use the
+    /// whole image's statistics, gathered in a first pass over the tiles, so tiles agree in
+    /// brightness and contrast rather than only being blended at the seams.
+    pub fn decode_tiles(&self, gpu: &Gpu, latents: &Tensor, tile: usize, overlap: usize) -> Result<Tensor> {
+        self.check_input(latents, self.config.latent_channels, "decode input (latents)")?;
+        if tile == 0 || overlap >= tile {
+            return Err(Error::InvalidParameter(format!("VAE tiles of {tile} latents overlapping by {overlap}")));
+        }
+        let &[b, _, h, w] = latents.shape() else { unreachable!("checked by check_input") };
+        let (rows, cols) = (Tiling::new(h, tile, overlap), Tiling::new(w, tile, overlap));
+        let tiles: Vec<(usize, usize)> = (0..rows.starts.len()).flat_map(|i| (0..cols.starts.len()).map(move |j| (i, j))).collect();
+        if tiles.len() == 1 {
+            return self.decode(gpu, latents);
+        }
+        let mid = self.decode_mid(gpu, &gpu.scale(latents, (1.0 / self.config.scaling_factor) as f32)?)?;
+        let crop = |(i, j): (usize, usize)| gpu.crop(&mid, rows.starts[i], cols.starts[j], rows.len, cols.len);
+        let norms: Vec<&GroupNorm> = self.dec_blocks.iter().flat_map(|b| &b.resnets).flat_map(|r| r.norms()).chain([&self.dec_norm_out]).collect();
+        let passes = || -> Result<Tensor> {
+            norms.iter().for_each(|n| n.record(tiles.len()));
+            for (k, &(i, j)) in tiles.iter().enumerate() {
+                let (y, x) = (rows.share(i), cols.share(j));
+                norms.iter().for_each(|n| n.record_tile(k, [y.0, y.1, x.0, x.1]));
+                self.decode_up(gpu, &crop((i, j))?)?;
+            }
+            for n in &norms {
+                n.use_recorded()?;
+            }
+            let f = self.downscale();
+            let image = gpu.zeros(&[b, self.config.out_channels, h * f, w * f])?;
+            for &(i, j) in &tiles {
+                let part = gpu.affine(&self.decode_up(gpu, &crop((i, j))?)?, 0.5, 0.5, false, (0.0, 1.0))?;
+                let blend = [rows.blend(i, f), cols.blend(j, f)];
+                gpu.paste(&image, &part, rows.starts[i] * f, cols.starts[j] * f, blend)?;
+            }
+            Ok(image)
+        };
+        let image = passes();
+        norms.iter().for_each(|n| n.use_own());
+        image
     }
 
     /// `vae.encode(image).latent_dist`: image [B, in_channels, H, W] in -1..1 -> (mean, logvar),
@@ -383,15 +496,17 @@ fn check_config(c: &VaeConfig) -> std::result::Result<(), String> {
 }
 
 /// Loads conv `name` [2·half, cin, k, k] as two convolutions of `half` output channels each.
-async fn split_conv<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, name: &str, cin: usize, half: usize, k: usize) -> Result<[RawConv; 2]> {
+async fn split_conv<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, name: &str, cin: usize, half: usize, k: usize) -> Result<[Conv2d; 2]> {
     let weight = w.host(&format!("{name}.weight"), &[2 * half, cin, k, k]).await?;
     let bias = w.host(&format!("{name}.bias"), &[2 * half]).await?;
     let per = half * cin * k * k;
-    let part = |i: usize| -> Result<RawConv> {
-        Ok(RawConv {
-            weight: gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], gpu.dtype, &format!("{name}.weight"))?,
+    let part = |i: usize| -> Result<Conv2d> {
+        Ok(Conv2d {
+            weight: Weight::Dense(gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], gpu.dtype, &format!("{name}.weight"))?),
+            kernel: k,
             bias: gpu.upload_as(&bias[i * half..(i + 1) * half], &[half], gpu.dtype, &format!("{name}.bias"))?,
-            padding: k / 2,
+            stride: 1,
+            padding: [k / 2; 4],
         })
     };
     Ok([part(0)?, part(1)?])

@@ -221,7 +221,7 @@ pub async fn generate(
         _ => base,
     };
     observer.event(gpu, Event::Decode).await?;
-    let image = last.vae.decode(gpu, &latents)?;
+    let image = last.vae.decode_within_limits(gpu, &latents)?;
     Ok(Generated { noise, latents, image })
 }
 

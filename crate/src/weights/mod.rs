@@ -1,6 +1,7 @@
 //! Model files: where bytes come from (`Source`), safetensors headers, config.json, and loading
 //! one component's tensors to the GPU one tensor at a time (never a whole file in memory).
 
+pub mod random;
 pub mod safetensors;
 
 use std::collections::HashMap;
@@ -28,6 +29,11 @@ pub trait Source {
     /// The model pack this source serves ([`crate::pack::PackSource`]), if any: then
     /// [`Weights::open`] reads the pack's entries instead of safetensors files.
     fn pack(&self) -> Option<&Pack> {
+        None
+    }
+    /// The seed when this source synthesises random weights ([`random::RandomSource`]): then
+    /// [`Weights::open`] answers every tensor with random values on the GPU.
+    fn random_weights(&self) -> Option<u32> {
         None
     }
 }
@@ -120,6 +126,8 @@ pub struct Weights<'a, S: Source> {
     /// Set when the source is a model pack: this component's entries, stored as the pack says
     /// (`quant` is then not used); `files` and `tensors` stay empty.
     pack: Option<PackComponent<'a>>,
+    /// Set when the source synthesises random weights: their seed (`files` and `tensors` empty).
+    random: Option<u32>,
 }
 
 impl<'a, S: Source> Weights<'a, S> {
@@ -128,7 +136,11 @@ impl<'a, S: Source> Weights<'a, S> {
     pub async fn open(source: &'a S, dir: &str, prefer_fp16: bool) -> Result<Weights<'a, S>> {
         if let Some(pack) = source.pack() {
             let pack = Some(pack.component(dir)?);
-            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack });
+            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack, random: None });
+        }
+        if let Some(seed) = source.random_weights() {
+            let random = Some(seed);
+            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack: None, random });
         }
         let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
         for stem in ["model", "diffusion_pytorch_model"] {
@@ -166,7 +178,7 @@ impl<'a, S: Source> Weights<'a, S> {
             tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
         }
         let dir = files.first().and_then(|f| f.rsplit_once('/')).map_or("", |(dir, _)| dir).to_string();
-        Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None })
+        Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None, random: None })
     }
 
     /// Quantize weight matrices loaded through [`Weights::matrix`] as `policy` says.
@@ -183,7 +195,11 @@ impl<'a, S: Source> Weights<'a, S> {
         }
         let rows = shape.first().copied().unwrap_or(0);
         let cols = shape.iter().skip(1).product::<usize>();
-        match self.quant.format_for(&format!("{}/{name}", self.dir), cols) {
+        let format = self.quant.format_for(&format!("{}/{name}", self.dir), cols);
+        if let Some(seed) = self.random {
+            return random::matrix(gpu, seed, name, shape, format);
+        }
+        match format {
             Some(format) => {
                 let values = self.host(name, shape).await?;
                 let file = self.info(name)?.0;
@@ -197,6 +213,9 @@ impl<'a, S: Source> Weights<'a, S> {
     pub fn contains(&self, name: &str) -> bool {
         if let Some(pack) = &self.pack {
             return pack.contains(name);
+        }
+        if self.random.is_some() {
+            return false;
         }
         self.tensors.contains_key(name)
     }
@@ -249,6 +268,9 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(pack) = &self.pack {
             return pack.host(self.source, name, shape).await;
         }
+        if let Some(seed) = self.random {
+            return Ok(random::host(seed, name, shape));
+        }
         let (file, info) = self.info(name)?;
         if info.shape != shape {
             return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
@@ -261,6 +283,9 @@ impl<'a, S: Source> Weights<'a, S> {
     pub async fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
         if let Some(pack) = &self.pack {
             return pack.tensor(self.source, gpu, name, shape).await;
+        }
+        if let Some(seed) = self.random {
+            return random::tensor(gpu, seed, name, shape);
         }
         let (file, info) = self.info(name)?;
         if info.shape != shape {
@@ -280,13 +305,17 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(pack) = &self.pack {
             return pack.tensor_rows(self.source, gpu, name, shape).await;
         }
+        let [rows, dim] = shape;
+        let row_bytes = (dim * gpu.dtype.size()) as u64;
+        let per_chunk = (gpu.max_binding_bytes() / row_bytes.max(1)).max(1) as usize;
+        if let Some(seed) = self.random {
+            let chunk = |r0: usize| random::tensor(gpu, seed, &format!("{name}.{r0}"), &[per_chunk.min(rows - r0), dim]);
+            return (0..rows).step_by(per_chunk).map(chunk).collect();
+        }
         let (file, info) = self.info(name)?;
         if info.shape != shape {
             return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
         }
-        let [rows, dim] = shape;
-        let row_bytes = (dim * gpu.dtype.size()) as u64;
-        let per_chunk = (gpu.max_binding_bytes() / row_bytes.max(1)).max(1) as usize;
         let src_row = (dim * info.dtype.size()) as u64;
         let mut chunks = Vec::new();
         for r0 in (0..rows).step_by(per_chunk) {

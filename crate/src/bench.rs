@@ -1,0 +1,455 @@
+//! `sdxl bench`: speed and memory of the kernels on SDXL's real shapes, of a whole UNet step and
+//! of the VAE decode, with random weights generated on the GPU ([`RandomSource`]), so no
+//! checkpoint is needed. Every figure is relative to a peak measured on the same adapter with a
+//! best-case kernel (shaders/bench.wgsl). Timings are wall-clock over whole submissions, waiting
+//! for the GPU, after a warm-up run that compiles the pipelines.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Shader, Tensor};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
+use crate::quant::{QuantFormat, QuantPreset, Weight};
+use crate::weights::random::{self, RandomSource};
+
+const BENCH: Shader = Shader { name: "bench", source: include_str!("../../shaders/bench.wgsl") };
+
+/// The real SDXL base configs, the default model of the bench.
+const SDXL_UNET: &str = include_str!("../../tests/fixtures/sdxl-configs/base/unet/config.json");
+const SDXL_VAE: &str = include_str!("../../tests/fixtures/sdxl-configs/base/vae/config.json");
+
+/// Seconds of repeated runs each timing aims for.
+const TIMED_SECONDS: f64 = 0.25;
+/// Token count of the text context (CLIP's 77).
+const CONTEXT_TOKENS: usize = 77;
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Image sizes (square) of the UNet steps and VAE decodes; the kernel suite uses the largest.
+    pub sizes: Vec<usize>,
+    /// Weight formats of the UNet steps.
+    pub quants: Vec<QuantPreset>,
+    pub kernels: bool,
+    pub unet: bool,
+    pub vae: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions { sizes: vec![512, 1024], quants: vec![QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4], kernels: true, unet: true, vae: true }
+    }
+}
+
+/// The model whose shapes are measured: its UNet and VAE config.json.
+pub struct BenchModel {
+    pub name: String,
+    pub unet_config: Vec<u8>,
+    pub vae_config: Vec<u8>,
+}
+
+impl BenchModel {
+    pub fn sdxl_base() -> BenchModel {
+        BenchModel { name: "sdxl-base-1.0".into(), unet_config: SDXL_UNET.into(), vae_config: SDXL_VAE.into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Peak {
+    /// f32 multiply-adds in registers, GFLOP/s.
+    pub gflops: f64,
+    /// Device-memory copy, GB/s (bytes read plus written).
+    pub gbps: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelResult {
+    pub kernel: String,
+    pub shape: String,
+    /// Weight format (linear and conv), else "-".
+    pub weights: String,
+    pub ms: f64,
+    /// Useful GFLOP/s (compute-bound kernels) or GB/s (memory-bound ones).
+    pub rate: f64,
+    pub unit: &'static str,
+    /// `rate` as a share of the measured peak, in percent.
+    pub percent_of_peak: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnetResult {
+    pub size: usize,
+    pub quant: String,
+    /// One UNet evaluation with classifier-free guidance (batch 2).
+    pub seconds_per_step: f64,
+    pub tflops: f64,
+    /// GPU memory of the weights, and the peak of everything during the steps.
+    pub weight_bytes: u64,
+    pub peak_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VaeResult {
+    pub size: usize,
+    pub tiled: bool,
+    pub seconds: f64,
+    pub peak_bytes: u64,
+}
+
+/// A measurement that could not run (e.g. a buffer over this adapter's limits).
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub what: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BenchReport {
+    pub adapter: String,
+    pub dtype: String,
+    pub model: String,
+    pub peak: Peak,
+    pub kernels: Vec<KernelResult>,
+    pub unet: Vec<UnetResult>,
+    pub vae: Vec<VaeResult>,
+    pub skipped: Vec<Skipped>,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn now() -> f64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_secs_f64()
+}
+
+#[cfg(target_arch = "wasm32")]
+fn now() -> f64 {
+    js_sys::Date::now() / 1000.0
+}
+
+/// Seconds per run of `f`: one warm-up, one run to size the loop, then enough runs to fill
+/// `TIMED_SECONDS`, all waited for.
+async fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    gpu.sync().await?;
+    let t0 = now();
+    f()?;
+    gpu.sync().await?;
+    let once = (now() - t0).max(1e-6);
+    let runs = ((TIMED_SECONDS / once).ceil() as usize).clamp(1, 50);
+    let t0 = now();
+    for _ in 0..runs {
+        f()?;
+    }
+    gpu.sync().await?;
+    Ok((now() - t0) / runs as f64)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Config { path: what.into(), message: e.to_string() })
+}
+
+/// Runs the measurements `options` asks for; a case that fails (over the adapter's limits, out
+/// of memory) is reported in `skipped` and the others go on.
+pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport> {
+    let unet: UNet2DConditionConfig = parse(&model.unet_config, "unet/config.json")?;
+    let vae: VaeConfig = parse(&model.vae_config, "vae/config.json")?;
+    if options.sizes.is_empty() || options.sizes.iter().any(|&s| s == 0 || s % 8 != 0) {
+        return Err(Error::InvalidParameter(format!("bench sizes {:?}: each must be a positive multiple of 8", options.sizes)));
+    }
+    log("measuring the adapter's peaks");
+    let peak = measure_peak(gpu).await?;
+    let mut report = BenchReport {
+        adapter: gpu.adapter_name.clone(),
+        dtype: format!("{:?}", gpu.dtype).to_lowercase(),
+        model: model.name.clone(),
+        peak,
+        kernels: Vec::new(),
+        unet: Vec::new(),
+        vae: Vec::new(),
+        skipped: Vec::new(),
+    };
+    if options.kernels {
+        let size = *options.sizes.iter().max().unwrap();
+        for case in kernel_cases(&unet, &vae, size)? {
+            log(&format!("kernel {} {}", case.kernel, case.shape));
+            match measure_kernel(gpu, &case, &report.peak).await {
+                Ok(r) => report.kernels.push(r),
+                Err(e) => report.skipped.push(Skipped { what: format!("{} {} {}", case.kernel, case.shape, case.weights()), error: e.to_string() }),
+            }
+            gpu.trim();
+        }
+    }
+    if options.unet {
+        for &quant in &options.quants {
+            measure_unet(gpu, model, &unet, quant, &options.sizes, &mut report, &mut log).await;
+            gpu.trim();
+        }
+    }
+    if options.vae {
+        for &size in &options.sizes {
+            for tiled in [false, true] {
+                log(&format!("vae decode {size}² {}", if tiled { "tiled" } else { "whole" }));
+                match measure_vae(gpu, model, &vae, size, tiled).await {
+                    Ok(r) => report.vae.push(r),
+                    Err(e) => report.skipped.push(Skipped { what: format!("vae decode {size}² tiled={tiled}"), error: e.to_string() }),
+                }
+                gpu.trim();
+            }
+        }
+    }
+    Ok(report)
+}
+
+async fn measure_peak(gpu: &Gpu) -> Result<Peak> {
+    let vec4s = (gpu.max_binding_bytes().min(256 << 20) / 16) as usize;
+    let src = gpu.empty_weight(&[vec4s, 4], DType::F32, "bench source")?;
+    let dst = gpu.empty_weight(&[vec4s, 4], DType::F32, "bench destination")?;
+    let threads = 1usize << 20;
+    let iterations = 1024u32;
+    let fma = time(gpu, || gpu.dispatch(&BENCH, "peak_fma", &[vec4s as u32, iterations, 0, 0], &[&src, &dst], Gpu::grid(threads, 256)?)).await?;
+    let copy = time(gpu, || gpu.dispatch(&BENCH, "copy", &[vec4s as u32, 0, 0, 0], &[&src, &dst], Gpu::grid(vec4s, 256)?)).await?;
+    Ok(Peak { gflops: threads as f64 * iterations as f64 * 64.0 / fma / 1e9, gbps: 2.0 * 16.0 * vec4s as f64 / copy / 1e9 })
+}
+
+/// One kernel measurement on one shape.
+enum Op {
+    /// x [m, k] · W[n, k]ᵀ, optionally fused with GEGLU (n is the projection's width).
+    Linear { m: usize, k: usize, n: usize, geglu: bool, format: Option<QuantFormat> },
+    /// 3×3 convolution, padding 1.
+    Conv { batch: usize, cin: usize, cout: usize, hw: usize, format: Option<QuantFormat> },
+    Attention { batch: usize, lq: usize, lk: usize, heads: usize, head_dim: usize },
+    GroupNormSilu { batch: usize, channels: usize, hw: usize, groups: usize },
+}
+
+struct KernelCase {
+    kernel: String,
+    shape: String,
+    op: Op,
+}
+
+impl KernelCase {
+    fn weights(&self) -> String {
+        match &self.op {
+            Op::Linear { format, .. } | Op::Conv { format, .. } => format.map_or("f16/f32".into(), |f| f.name().to_string()),
+            _ => "-".into(),
+        }
+    }
+}
+
+/// The kernels of one UNet step and one VAE decode at `size`², on their real shapes: for each
+/// level with attention, the GEGLU feed-forward projection and self- and cross-attention; the
+/// 3×3 convolutions of the first and last level; GroupNorm+SiLU; the VAE's full-resolution
+/// convolution and its mid-block attention. Batch 2 (classifier-free guidance) for the UNet.
+fn kernel_cases(unet: &UNet2DConditionConfig, vae: &VaeConfig, size: usize) -> Result<Vec<KernelCase>> {
+    let layout = unet.layout().map_err(|message| Error::Config { path: "unet/config.json".into(), message })?;
+    let latent = size / 8;
+    let mut cases = Vec::new();
+    let formats = [None, Some(QuantFormat::Q8_0), Some(QuantFormat::Q4_0)];
+    for (level, block) in layout.down.iter().enumerate() {
+        let Some(t) = block.attentions.first() else { continue };
+        let side = latent >> level;
+        let tokens = side * side;
+        let c = t.channels;
+        for format in formats {
+            let op = Op::Linear { m: 2 * tokens, k: c, n: 8 * c, geglu: true, format };
+            cases.push(KernelCase { kernel: "linear+geglu".into(), shape: format!("{}x{c}->{}", 2 * tokens, 8 * c), op });
+        }
+        let op = Op::Attention { batch: 2, lq: tokens, lk: tokens, heads: t.heads, head_dim: t.head_dim };
+        cases.push(KernelCase { kernel: "self-attention".into(), shape: format!("2x{tokens} tokens, {}x{}", t.heads, t.head_dim), op });
+        let op = Op::Attention { batch: 2, lq: tokens, lk: CONTEXT_TOKENS, heads: t.heads, head_dim: t.head_dim };
+        cases.push(KernelCase { kernel: "cross-attention".into(), shape: format!("2x{tokens} vs {CONTEXT_TOKENS}, {}x{}", t.heads, t.head_dim), op });
+    }
+    let last = layout.down.len() - 1;
+    for level in [0, last] {
+        let c = layout.down[level].out_channels;
+        let hw = latent >> level;
+        for format in formats {
+            let op = Op::Conv { batch: 2, cin: c, cout: c, hw, format };
+            cases.push(KernelCase { kernel: "conv3x3".into(), shape: format!("2x{c}x{hw}x{hw}"), op });
+        }
+    }
+    let c0 = layout.down[0].out_channels;
+    let groups = unet.norm_num_groups.unwrap_or(32);
+    let op = Op::GroupNormSilu { batch: 2, channels: c0, hw: latent, groups };
+    cases.push(KernelCase { kernel: "groupnorm+silu".into(), shape: format!("2x{c0}x{latent}x{latent}"), op });
+    let (vc, vmid) = (vae.block_out_channels[0], *vae.block_out_channels.last().unwrap());
+    let op = Op::Conv { batch: 1, cin: vc, cout: vc, hw: size, format: None };
+    cases.push(KernelCase { kernel: "vae conv3x3".into(), shape: format!("1x{vc}x{size}x{size}"), op });
+    let op = Op::Attention { batch: 1, lq: latent * latent, lk: latent * latent, heads: 1, head_dim: vmid };
+    cases.push(KernelCase { kernel: "vae attention".into(), shape: format!("{} tokens, 1x{vmid}", latent * latent), op });
+    Ok(cases)
+}
+
+fn input(gpu: &Gpu, shape: &[usize]) -> Result<Tensor> {
+    let t = gpu.empty(shape)?;
+    gpu.fill_uniform(&t, shape.iter().product::<usize>() as u32, 0.0, 1.0)?;
+    Ok(t)
+}
+
+fn weight(gpu: &Gpu, shape: &[usize], format: Option<QuantFormat>) -> Result<Weight> {
+    random::matrix(gpu, 7, "bench.weight", shape, format)
+}
+
+async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<KernelResult> {
+    let bytes = gpu.dtype.size() as f64;
+    let (seconds, work, unit) = match case.op {
+        Op::Linear { m, k, n, geglu, format } => {
+            let (x, w) = (input(gpu, &[m, k])?, weight(gpu, &[n, k], format)?);
+            let b = random::tensor(gpu, 7, "bench.bias", &[n])?;
+            let s = time(gpu, || match geglu {
+                true => gpu.linear_geglu(&x, &w, Some(&b)).map(drop),
+                false => gpu.linear(&x, &w, Some(&b)).map(drop),
+            })
+            .await?;
+            (s, 2.0 * (m * n * k) as f64, "GFLOP/s")
+        }
+        Op::Conv { batch, cin, cout, hw, format } => {
+            let (x, w) = (input(gpu, &[batch, cin, hw, hw])?, weight(gpu, &[cout, cin, 3, 3], format)?);
+            let b = random::tensor(gpu, 7, "bench.bias", &[cout])?;
+            let s = time(gpu, || gpu.conv2d(&x, &w, 3, Some(&b), 1, [1; 4]).map(drop)).await?;
+            (s, 2.0 * (batch * cout * hw * hw * cin * 9) as f64, "GFLOP/s")
+        }
+        Op::Attention { batch, lq, lk, heads, head_dim } => {
+            let width = heads * head_dim;
+            let (q, k, v) = (input(gpu, &[batch, lq, width])?, input(gpu, &[batch, lk, width])?, input(gpu, &[batch, lk, width])?);
+            let s = time(gpu, || gpu.attention(&q, &k, &v, heads, false).map(drop)).await?;
+            (s, 4.0 * (batch * heads * lq * lk * head_dim) as f64, "GFLOP/s")
+        }
+        Op::GroupNormSilu { batch, channels, hw, groups } => {
+            let x = input(gpu, &[batch, channels, hw, hw])?;
+            let (g, b) = (random::tensor(gpu, 7, "bench.norm.weight", &[channels])?, random::tensor(gpu, 7, "bench.bias", &[channels])?);
+            let s = time(gpu, || gpu.group_norm(&x, groups, &g, &b, 1e-5, true).map(drop)).await?;
+            // Read once and written once (the statistics pass reads again, from cache at best).
+            (s, 2.0 * bytes * (batch * channels * hw * hw) as f64, "GB/s")
+        }
+    };
+    let rate = work / seconds / 1e9;
+    let reference = if unit == "GB/s" { peak.gbps } else { peak.gflops };
+    Ok(KernelResult {
+        kernel: case.kernel.clone(),
+        shape: case.shape.clone(),
+        weights: case.weights(),
+        ms: seconds * 1e3,
+        rate,
+        unit,
+        percent_of_peak: 100.0 * rate / reference,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure_unet(
+    gpu: &Gpu,
+    model: &BenchModel,
+    config: &UNet2DConditionConfig,
+    quant: QuantPreset,
+    sizes: &[usize],
+    report: &mut BenchReport,
+    log: &mut impl FnMut(&str),
+) {
+    let name = format!("{quant:?}").to_lowercase();
+    log(&format!("unet {name}: generating random weights"));
+    let mut source = RandomSource::new(1);
+    source.insert("unet/config.json", model.unet_config.clone());
+    let before = gpu.memory().allocated;
+    let unet = match UNet2DConditionModel::load_quantized(gpu, &source, "unet", &quant.policy()).await {
+        Ok(u) => u,
+        Err(e) => return report.skipped.push(Skipped { what: format!("unet {name}"), error: e.to_string() }),
+    };
+    let weight_bytes = gpu.memory().allocated - before;
+    for &size in sizes {
+        log(&format!("unet {name} {size}²"));
+        match unet_step(gpu, &unet, config, size).await {
+            Ok((seconds, peak)) => report.unet.push(UnetResult {
+                size,
+                quant: name.clone(),
+                seconds_per_step: seconds,
+                tflops: unet_flops(config, size) / seconds / 1e12,
+                weight_bytes,
+                peak_bytes: peak,
+            }),
+            Err(e) => report.skipped.push(Skipped { what: format!("unet {name} {size}²"), error: e.to_string() }),
+        }
+        gpu.trim();
+    }
+}
+
+/// FLOPs of one batch-2 step, from torch's FlopCounterMode on the real base UNet (FIELD-NOTES:
+/// 1,589 GFLOP at 512² and 6,761 at 1024², batch 1), scaled by the token count for other sizes;
+/// 0 for other models (reported as 0 TFLOP/s).
+fn unet_flops(config: &UNet2DConditionConfig, size: usize) -> f64 {
+    let sdxl = config.layout().is_ok_and(|l| context_width(&l) == 2048);
+    if config.block_out_channels != [320, 640, 1280] || !sdxl {
+        return 0.0;
+    }
+    let per_item = if size <= 512 { 1589e9 * (size * size) as f64 / (512.0 * 512.0) } else { 6761e9 * (size * size) as f64 / (1024.0 * 1024.0) };
+    2.0 * per_item
+}
+
+/// Width of the text context the cross-attention layers read.
+fn context_width(layout: &UNetLayout) -> usize {
+    layout.down.iter().chain(&layout.mid).chain(&layout.up).find_map(|b| b.attentions.first()).map_or(1, |t| t.cross_attention_dim)
+}
+
+async fn unet_step(gpu: &Gpu, unet: &UNet2DConditionModel, c: &UNet2DConditionConfig, size: usize) -> Result<(f64, u64)> {
+    let latent = size / 8;
+    let sample = input(gpu, &[2, c.in_channels, latent, latent])?;
+    let context = input(gpu, &[2, CONTEXT_TOKENS, context_width(&unet.layout)])?;
+    // SDXL's six micro-conditioning ids; the text embedding fills the rest of the added input.
+    let (time_dim, inputs) = unet.layout.add_time.unwrap_or((1, 6));
+    let text_width = inputs.checked_sub(6 * time_dim).filter(|&w| w > 0).unwrap_or(1);
+    let text_embeds = input(gpu, &[2, text_width])?;
+    let time_ids: Vec<f32> = [size, size, 0, 0, size, size].repeat(2).into_iter().map(|v| v as f32).collect();
+    gpu.sync().await?;
+    gpu.reset_peak();
+    let seconds = time(gpu, || unet.forward(gpu, &sample, 500.0, &context, &text_embeds, &time_ids).map(drop)).await?;
+    Ok((seconds, gpu.memory().peak))
+}
+
+async fn measure_vae(gpu: &Gpu, model: &BenchModel, config: &VaeConfig, size: usize, tiled: bool) -> Result<VaeResult> {
+    let mut source = RandomSource::new(2);
+    source.insert("vae/config.json", model.vae_config.clone());
+    let vae = AutoencoderKL::load(gpu, &source, "vae").await?;
+    let latents = input(gpu, &[1, config.latent_channels, size / 8, size / 8])?;
+    gpu.sync().await?;
+    gpu.reset_peak();
+    let seconds = time(gpu, || (if tiled { vae.decode_tiled(gpu, &latents) } else { vae.decode(gpu, &latents) }).map(drop)).await?;
+    Ok(VaeResult { size, tiled, seconds, peak_bytes: gpu.memory().peak })
+}
+
+impl BenchReport {
+    /// The report as aligned text tables.
+    pub fn table(&self) -> String {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let mut s = format!(
+            "adapter: {} ({})  model: {}\npeak: {:.1} GFLOP/s f32 FMA, {:.1} GB/s copy\n\n",
+            self.adapter, self.dtype, self.model, self.peak.gflops, self.peak.gbps
+        );
+        s += &format!("{:<16} {:<30} {:<8} {:>10} {:>18} {:>7}\n", "kernel", "shape", "weights", "ms", "rate", "% peak");
+        for k in &self.kernels {
+            s += &format!("{:<16} {:<30} {:<8} {:>10.3} {:>10.1} {:<7} {:>6.1}\n", k.kernel, k.shape, k.weights, k.ms, k.rate, k.unit, k.percent_of_peak);
+        }
+        if !self.unet.is_empty() {
+            s += &format!("\n{:<6} {:<6} {:>10} {:>9} {:>13} {:>13}\n", "unet", "quant", "s/step", "TFLOP/s", "weights MiB", "peak MiB");
+            for u in &self.unet {
+                let tflops = if u.tflops > 0.0 { format!("{:.2}", u.tflops) } else { "-".into() };
+                s += &format!("{:<6} {:<6} {:>10.3} {:>9} {:>13.1} {:>13.1}\n", u.size, u.quant, u.seconds_per_step, tflops, mib(u.weight_bytes), mib(u.peak_bytes));
+            }
+        }
+        if !self.vae.is_empty() {
+            s += &format!("\n{:<6} {:<6} {:>10} {:>13}\n", "vae", "tiled", "s", "peak MiB");
+            for v in &self.vae {
+                s += &format!("{:<6} {:<6} {:>10.3} {:>13.1}\n", v.size, v.tiled, v.seconds, mib(v.peak_bytes));
+            }
+        }
+        for k in &self.skipped {
+            s += &format!("\nskipped {}: {}", k.what, k.error);
+        }
+        s
+    }
+}

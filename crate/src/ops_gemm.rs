@@ -1,0 +1,181 @@
+//! Ops over weight matrices (nn.Linear, nn.Conv2d), dense or block-quantized (`quant::Weight`),
+//! through one register-blocked GEMM kernel (shaders/gemm.wgsl) that dequantizes weights as it
+//! loads them; activations stay in the working float type and accumulation is f32.
+
+use std::sync::OnceLock;
+
+use crate::error::{Error, Result};
+use crate::gpu::{DType, Gpu, Shader, Tensor};
+use crate::quant::{Weight, BLOCK};
+
+const GEMM: Shader = Shader { name: "gemm", source: include_str!("../../shaders/gemm.wgsl") };
+
+/// Big tiles (128 × 128 outputs per workgroup, 8 × 8 per invocation) once a problem has at least
+/// this many of them; else 64 × 64 (4 × 4), which leave fewer GPU cores idle on small problems.
+const BIG_TILES_FROM: usize = 256;
+
+/// The prelude of shaders/gemm.wgsl for RM × RN outputs per invocation: the accumulators as
+/// private vec4s and the code that touches them, unrolled (see the shader's header).
+fn unrolled(rm: usize, rn: usize) -> String {
+    let (vm, vn) = (rm / 4, rn / 4);
+    let mut s = format!("const RM: u32 = {rm}u;\nconst RN: u32 = {rn}u;\n");
+    for r in 0..rm {
+        for j in 0..vn {
+            s += &format!("var<private> acc_{r}_{j}: vec4<f32>;\n");
+        }
+    }
+    s += "fn multiply_tiles(tx: u32, ty: u32) {\n    for (var kk = 0u; kk < BK; kk = kk + 1u) {\n";
+    s += &format!("        let ab = kk * (BM / 4u) + ty * {vm}u;\n        let bb = kk * (BN / 4u) + tx * {vn}u;\n");
+    for i in 0..vm {
+        s += &format!("        let a{i} = sa[ab + {i}u];\n");
+    }
+    for j in 0..vn {
+        s += &format!("        let b{j} = sb[bb + {j}u];\n");
+    }
+    for r in 0..rm {
+        let lane = ["x", "y", "z", "w"][r % 4];
+        for j in 0..vn {
+            s += &format!("        acc_{r}_{j} = fma(vec4<f32>(a{}.{lane}), b{j}, acc_{r}_{j});\n", r / 4);
+        }
+    }
+    // The vec4 is returned by value and indexed there: indexing the private variable itself with
+    // a dynamic index would force every accumulator into addressable (local) memory.
+    s += "    }\n}\nfn acc_vec(r: u32, c: u32) -> vec4<f32> {\n    switch (r * RN / 4u + c / 4u) {\n";
+    for r in 0..rm {
+        for j in 0..vn {
+            s += &format!("        case {}u: {{ return acc_{r}_{j}; }}\n", r * vn + j);
+        }
+    }
+    s + "        default: { return vec4<f32>(0.0); }\n    }\n}\nfn acc_at(r: u32, c: u32) -> f32 {\n    return acc_vec(r, c)[c % 4u];\n}\n"
+}
+
+fn bad(msg: String) -> Error {
+    Error::InvalidParameter(msg)
+}
+
+fn u(x: usize) -> u32 {
+    x as u32
+}
+
+/// A weight matrix [rows, cols] as the kernel reads it.
+struct Operand<'a> {
+    data: &'a Tensor,
+    scales: &'a Tensor,
+    format: u32,
+    rows: usize,
+    cols: usize,
+}
+
+impl Gpu {
+    fn operand<'a>(&self, w: &'a Weight, what: &str) -> Result<Operand<'a>> {
+        Ok(match w {
+            Weight::Dense(t) => {
+                let (&rows, rest) = t.shape().split_first().ok_or_else(|| bad(format!("{what}: scalar weight")))?;
+                let format = match t.dtype() {
+                    DType::F16 => 3,
+                    DType::F32 => 4,
+                    DType::U32 => return Err(bad(format!("{what}: integer weight"))),
+                };
+                Operand { data: t, scales: t, format, rows, cols: rest.iter().product() }
+            }
+            Weight::Quant(q) => Operand { data: &q.data, scales: &q.scales, format: q.format.kernel_id(), rows: q.rows, cols: q.cols },
+        })
+    }
+
+    fn check_input(&self, t: &Tensor, what: &str) -> Result<()> {
+        if t.dtype() != self.dtype {
+            return Err(bad(format!("{what}: expected a {:?} tensor, got {:?}", self.dtype, t.dtype())));
+        }
+        Ok(())
+    }
+
+    fn check_bias(&self, bias: Option<&Tensor>, rows: usize, what: &str) -> Result<()> {
+        if let Some(b) = bias {
+            self.check_input(b, what)?;
+            if b.shape() != [rows] {
+                return Err(bad(format!("{what}: bias {:?} does not match {rows} outputs", b.shape())));
+            }
+        }
+        Ok(())
+    }
+
+    /// Prelude and tile edge for an output of `rows` × `cols`.
+    fn tiles(rows: usize, cols: usize) -> (&'static str, usize) {
+        static BIG: OnceLock<String> = OnceLock::new();
+        static SMALL: OnceLock<String> = OnceLock::new();
+        match rows.div_ceil(128) * cols.div_ceil(128) >= BIG_TILES_FROM {
+            true => (BIG.get_or_init(|| unrolled(8, 8)), 128),
+            false => (SMALL.get_or_init(|| unrolled(4, 4)), 64),
+        }
+    }
+
+    /// nn.Linear: x [.., k] · W[n, k]ᵀ + bias [n] -> [.., n].
+    pub fn linear(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.gemm_linear(x, weight, bias, false)
+    }
+
+    /// diffusers' GEGLU in one kernel: the projection x · Wᵀ + bias [.., 2n] split into value and
+    /// gate halves, value · gelu(gate) -> [.., n]; the projection is never stored.
+    pub fn linear_geglu(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.gemm_linear(x, weight, bias, true)
+    }
+
+    fn gemm_linear(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>, geglu: bool) -> Result<Tensor> {
+        self.check_input(x, "linear input")?;
+        let w = self.operand(weight, "linear")?;
+        let (&k, lead) = x.shape().split_last().ok_or_else(|| bad("linear: scalar input".into()))?;
+        if w.cols != k || (geglu && w.rows % 2 != 0) {
+            return Err(bad(format!("linear: input {:?} does not match weight [{}, {}]", x.shape(), w.rows, w.cols)));
+        }
+        self.check_bias(bias, w.rows, "linear")?;
+        let (m, n) = (lead.iter().product::<usize>(), w.rows);
+        let width = if geglu { n / 2 } else { n };
+        let mut shape = lead.to_vec();
+        shape.push(width);
+        let y = self.empty(&shape)?;
+        let (defines, tile) = Gpu::tiles(m, n);
+        let params = [u(m), u(n), u(k), u(k.div_ceil(BLOCK)), w.format, bias.is_some() as u32, geglu as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let cols_per_group = if geglu { tile / 2 } else { tile };
+        let groups = [u(width.div_ceil(cols_per_group)), u(m.div_ceil(tile)), 1];
+        let bias = bias.unwrap_or(x);
+        self.dispatch_with(&GEMM, "linear", defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
+        Ok(y)
+    }
+
+    /// 2-D convolution with a square kernel, x [n, cin, h, w], weight [cout, cin, k, k] (dense) or
+    /// [rows = cout, cols = cin·k·k] (quantized, torch's layout flattened), bias [cout], zero
+    /// padding [top, bottom, left, right] (torch's F.pad order is left, right, top, bottom), e.g.
+    /// diffusers' Downsample2D with padding 0: [0, 1, 0, 1].
+    pub fn conv2d(&self, x: &Tensor, weight: &Weight, k: usize, bias: Option<&Tensor>, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
+        self.check_input(x, "conv2d input")?;
+        let w = self.operand(weight, "conv2d")?;
+        let &[n, cin, h, wd] = x.shape() else {
+            return Err(bad(format!("conv2d: input {:?} must be 4-D", x.shape())));
+        };
+        let [top, bottom, left, right] = pad;
+        let (ph, pw) = (h + top + bottom, wd + left + right);
+        if k == 0 || w.cols != cin * k * k || stride == 0 || ph < k || pw < k {
+            return Err(bad(format!(
+                "conv2d: input {:?}, weight [{}, {}] with kernel {k}, stride {stride}, padding {pad:?}",
+                x.shape(),
+                w.rows,
+                w.cols
+            )));
+        }
+        self.check_bias(bias, w.rows, "conv2d")?;
+        let cout = w.rows;
+        let (oh, ow) = ((ph - k) / stride + 1, (pw - k) / stride + 1);
+        let y = self.empty(&[n, cout, oh, ow])?;
+        let (defines, tile) = Gpu::tiles(cout, n * oh * ow);
+        let params = [
+            u(cout), u(oh * ow), u(w.cols), u(w.cols.div_ceil(BLOCK)),
+            w.format, bias.is_some() as u32, 0, 0,
+            u(cin), u(h), u(wd), u(ow),
+            u(k), u(stride), u(top), u(left),
+        ];
+        let groups = [u((oh * ow).div_ceil(tile)), u(cout.div_ceil(tile)), u(n)];
+        let bias = bias.unwrap_or(x);
+        self.dispatch_with(&GEMM, "conv2d", defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
+        Ok(y)
+    }
+}

@@ -1,0 +1,215 @@
+// Register-blocked GEMM behind nn.Linear and nn.Conv2d, for every weight format: dense T (f16 or
+// f32) and the block-quantized formats of crate/src/quant.rs, dequantized as tiles are loaded.
+//
+// out[row, col] = Σ_k A[row, k] · B[k, col]; a 16×16 workgroup computes a BM × BN tile, each
+// invocation an RM × RN block of it (rows ty·RM.., cols tx·RN..) in registers, stepping k by BK
+// through workgroup memory held as vec4s so that one load feeds four multiply-adds.
+//   linear: A = x [m, k], B = Wᵀ (W [n, k]), out [m, n]; optionally fused with GEGLU.
+//   conv2d (implicit GEMM, per image): A = W [cout, cin·ks·ks], B = im2col(x), out [cout, oh·ow].
+// The prelude (ops_gemm.rs) defines RM and RN (4 or 8; bigger blocks reuse each loaded value more,
+// smaller ones leave fewer idle invocations on small problems) and, unrolled, the accumulators
+// (private vec4s, never a dynamically indexed array, which GPU compilers may leave in slow local
+// memory), `multiply_tiles(tx, ty)`, the BK-slice product of the workgroup's tiles, and
+// `acc_at(r, c)`, the invocation's output (row r, col c) of its block. Accumulation is f32.
+
+struct Params {
+    m: u32, n: u32, k: u32, blocks: u32, // GEMM rows, cols, depth; weight blocks of 32 per row
+    format: u32, has_bias: u32, geglu: u32, _p0: u32, // format: FORMAT_*
+    cin: u32, h: u32, w: u32, ow: u32, // conv2d only
+    ksize: u32, stride: u32, pad_y: u32, pad_x: u32, // pad_y rows above, pad_x columns left
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<T>;
+@group(0) @binding(2) var<storage, read> wq: array<u32>; // weight codes, or dense values
+@group(0) @binding(3) var<storage, read> wscale: array<u32>; // block parameters (unused dense)
+@group(0) @binding(4) var<storage, read_write> out: array<T>;
+@group(0) @binding(5) var<storage, read> bias: array<T>;
+
+const FORMAT_Q8_0: u32 = 0u;
+const FORMAT_Q4_1: u32 = 1u;
+const FORMAT_Q4_0: u32 = 2u;
+const FORMAT_F16: u32 = 3u;
+const FORMAT_F32: u32 = 4u;
+
+const BM: u32 = 16u * RM;
+const BN: u32 = 16u * RN;
+const BK: u32 = 16u;
+
+var<workgroup> sa: array<vec4<f32>, BK * BM / 4u>; // [k][row / 4]
+var<workgroup> sb: array<vec4<f32>, BK * BN / 4u>; // [k][col / 4]
+
+// f16 bits to f32, subnormals included (no reliance on the device's f16 denormal handling).
+fn half_to_f32(h: u32) -> f32 {
+    let e = (h >> 10u) & 0x1fu;
+    let mant = h & 0x3ffu;
+    var v = f32(mant) * 5.9604645e-8; // 2^-24
+    if (e != 0u) {
+        v = bitcast<f32>(((e + 112u) << 23u) | (mant << 13u));
+    }
+    return select(v, -v, (h & 0x8000u) != 0u);
+}
+
+// Scale of block `blk` where two blocks share a word (Q8_0, Q4_0).
+fn paired_scale(blk: u32) -> f32 {
+    return half_to_f32((wscale[blk / 2u] >> (16u * (blk % 2u))) & 0xffffu);
+}
+
+fn dense_at(e: u32) -> f32 {
+    if (p.format == FORMAT_F32) {
+        return bitcast<f32>(wq[e]);
+    }
+    let pair = unpack2x16float(wq[e / 2u]);
+    return select(pair.x, pair.y, (e & 1u) == 1u);
+}
+
+// Weight values kk .. kk + 3 of row `row` (kk a multiple of 4; zero past the matrix).
+fn weight4(row: u32, kk: u32, rows: u32) -> vec4<f32> {
+    if (row >= rows || kk >= p.k) {
+        return vec4<f32>(0.0);
+    }
+    if (p.format >= FORMAT_F16) {
+        let e = row * p.k + kk;
+        let n = p.k - kk; // > 0
+        return vec4<f32>(dense_at(e), select(0.0, dense_at(e + 1u), n > 1u), select(0.0, dense_at(e + 2u), n > 2u),
+                         select(0.0, dense_at(e + 3u), n > 3u));
+    }
+    let blk = row * p.blocks + kk / 32u;
+    let part = (kk % 32u) / 4u;
+    if (p.format == FORMAT_Q8_0) {
+        let word = wq[blk * 8u + part];
+        let q = bitcast<vec4<i32>>(vec4<u32>(word) << vec4<u32>(24u, 16u, 8u, 0u)) >> vec4<u32>(24u);
+        return paired_scale(blk) * vec4<f32>(q);
+    }
+    let word = wq[blk * 4u + part / 2u] >> (16u * (part % 2u));
+    let q = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
+    if (p.format == FORMAT_Q4_0) {
+        return paired_scale(blk) * (q - 8.0);
+    }
+    let dm = wscale[blk];
+    return half_to_f32(dm & 0xffffu) * q + half_to_f32(dm >> 16u);
+}
+
+// Weight row of tile column `col` (tile origin n0): with GEGLU, even columns are value rows and
+// odd columns the matching gate rows of the second half, so each invocation holds both.
+fn linear_weight_row(n0: u32, col: u32) -> u32 {
+    if (p.geglu == 0u) {
+        return n0 + col;
+    }
+    let pair = n0 / 2u + col / 2u;
+    return select(pair, p.n / 2u + pair, (col % 2u) == 1u);
+}
+
+@compute @workgroup_size(16, 16)
+fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let m0 = wid.y * BM;
+    let n0 = wid.x * BN;
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
+        for (var e = li; e < BM * BK; e = e + 256u) {
+            let r = e / BK;
+            let c = e % BK;
+            var v = 0.0;
+            if (m0 + r < p.m && k0 + c < p.k) {
+                v = f32(x[(m0 + r) * p.k + k0 + c]);
+            }
+            sa[c * (BM / 4u) + r / 4u][r % 4u] = v;
+        }
+        for (var e = li; e < BN * BK / 4u; e = e + 256u) {
+            let col = e / (BK / 4u);
+            let part = e % (BK / 4u);
+            let v = weight4(linear_weight_row(n0, col), k0 + part * 4u, p.n);
+            let at = part * 4u * (BN / 4u) + col / 4u;
+            sb[at][col % 4u] = v.x;
+            sb[at + BN / 4u][col % 4u] = v.y;
+            sb[at + 2u * (BN / 4u)][col % 4u] = v.z;
+            sb[at + 3u * (BN / 4u)][col % 4u] = v.w;
+        }
+        workgroupBarrier();
+        multiply_tiles(lid.x, lid.y);
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < RM; r = r + 1u) {
+        let row = m0 + lid.y * RM + r;
+        if (row >= p.m) {
+            break;
+        }
+        for (var c = 0u; c < RN; c = c + 1u) {
+            let col = lid.x * RN + c;
+            var v = acc_at(r, c);
+            let wrow = linear_weight_row(n0, col);
+            if (wrow >= p.n) {
+                continue;
+            }
+            if (p.has_bias == 1u) {
+                v = v + f32(bias[wrow]);
+            }
+            if (p.geglu == 0u) {
+                out[row * p.n + wrow] = T(v);
+            } else if (c % 2u == 1u) {
+                // v is the gate, the previous column its value.
+                var value = acc_at(r, c - 1u);
+                if (p.has_bias == 1u) {
+                    value = value + f32(bias[wrow - p.n / 2u]);
+                }
+                out[row * (p.n / 2u) + (wrow - p.n / 2u)] = T(value * gelu(v));
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(16, 16)
+fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let c0 = wid.y * BM; // output channels
+    let p0 = wid.x * BN; // output pixels
+    let x0 = wid.z * p.cin * p.h * p.w;
+    let kk2 = p.ksize * p.ksize;
+    for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
+        for (var e = li; e < BM * BK / 4u; e = e + 256u) {
+            let row = e / (BK / 4u);
+            let part = e % (BK / 4u);
+            let v = weight4(c0 + row, k0 + part * 4u, p.m);
+            let at = part * 4u * (BM / 4u) + row / 4u;
+            sa[at][row % 4u] = v.x;
+            sa[at + BM / 4u][row % 4u] = v.y;
+            sa[at + 2u * (BM / 4u)][row % 4u] = v.z;
+            sa[at + 3u * (BM / 4u)][row % 4u] = v.w;
+        }
+        for (var e = li; e < BN * BK; e = e + 256u) {
+            let col = e % BN;
+            let kidx = k0 + e / BN;
+            let pix = p0 + col;
+            var v = 0.0;
+            if (pix < p.n && kidx < p.k) {
+                let ci = kidx / kk2;
+                let rem = kidx % kk2;
+                let iy = i32((pix / p.ow) * p.stride + rem / p.ksize) - i32(p.pad_y);
+                let ix = i32((pix % p.ow) * p.stride + rem % p.ksize) - i32(p.pad_x);
+                if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
+                    v = f32(x[x0 + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
+                }
+            }
+            sb[(e / BN) * (BN / 4u) + col / 4u][col % 4u] = v;
+        }
+        workgroupBarrier();
+        multiply_tiles(lid.x, lid.y);
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < RM; r = r + 1u) {
+        let co = c0 + lid.y * RM + r;
+        if (co >= p.m) {
+            break;
+        }
+        var b = 0.0;
+        if (p.has_bias == 1u) {
+            b = f32(bias[co]);
+        }
+        for (var c = 0u; c < RN; c = c + 1u) {
+            let pix = p0 + lid.x * RN + c;
+            if (pix < p.n) {
+                out[(wid.z * p.m + co) * p.n + pix] = T(acc_at(r, c) + b);
+            }
+        }
+    }
+}
