@@ -79,6 +79,7 @@ async fn pipelines_match_diffusers(gpu: &Gpu) {
         let with_refiner = case.refiner_start.map(|_| &refiner);
         let mut recorder = Recorder::default();
         let out = generate(gpu, &base, with_refiner, &params, &mut recorder).await.unwrap();
+        assert_eq!(gpu.memory().cached, 0, "{}: a run hands its pooled activations back", case.name);
         let stage_steps = |stage: &'static str, n: usize| (1..=n).map(move |i| format!("{stage} step {i}/{n}"));
         let mut expected: Vec<String> = vec!["encode Base".into()];
         match case.refiner_start {

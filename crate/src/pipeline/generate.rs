@@ -201,6 +201,9 @@ pub async fn generate(
     p: &GenerateParams,
     mut observer: impl Observer,
 ) -> Result<Generated> {
+    // Declared first, so dropped last: once the run's activations are back in the pool (also
+    // after an error or a cancel), their memory goes back to the device.
+    let _trim = TrimOnDrop(gpu);
     let multiple = refiner.map_or(1, |r| r.size_multiple()).max(base.size_multiple());
     check_params(p, multiple, refiner.is_some())?;
     let latent_shape = [1, base.unet.config.in_channels, p.height / base.vae.downscale(), p.width / base.vae.downscale()];
@@ -223,6 +226,15 @@ pub async fn generate(
     observer.event(gpu, Event::Decode).await?;
     let image = last.vae.decode_within_limits(gpu, &latents)?;
     Ok(Generated { noise, latents, image })
+}
+
+/// Frees the GPU's activation pool when dropped.
+struct TrimOnDrop<'a>(&'a Gpu);
+
+impl Drop for TrimOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.trim();
+    }
 }
 
 /// The denoising loop of one model over `schedule`, with classifier-free guidance as a batch of 2
