@@ -9,7 +9,8 @@
 // The prelude (ops_gemm.rs) defines RM and RN (4 or 8; bigger blocks reuse each loaded value more,
 // smaller ones leave fewer idle invocations on small problems) and, unrolled, the accumulators
 // (private vec4s, never a dynamically indexed array, which GPU compilers may leave in slow local
-// memory), `multiply_tiles(tx, ty)`, the BK-slice product of the workgroup's tiles, and
+// memory), `multiply_tiles(tx, ty)`, the BK-slice product of the workgroup's tiles (between barriers, so
+// the tiles are complete before and free to overwrite after), and
 // `acc_at(r, c)`, the invocation's output (row r, col c) of its block. Accumulation is f32.
 
 struct Params {
@@ -125,9 +126,7 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             sb[at + 2u * (BN / 4u)][col % 4u] = v.z;
             sb[at + 3u * (BN / 4u)][col % 4u] = v.w;
         }
-        workgroupBarrier();
         multiply_tiles(lid.x, lid.y);
-        workgroupBarrier();
     }
     for (var r = 0u; r < RM; r = r + 1u) {
         let row = m0 + lid.y * RM + r;
@@ -192,9 +191,7 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             }
             sb[(e / BN) * (BN / 4u) + col / 4u][col % 4u] = v;
         }
-        workgroupBarrier();
         multiply_tiles(lid.x, lid.y);
-        workgroupBarrier();
     }
     for (var r = 0u; r < RM; r = r + 1u) {
         let co = c0 + lid.y * RM + r;

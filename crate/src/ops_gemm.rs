@@ -24,7 +24,7 @@ fn unrolled(rm: usize, rn: usize) -> String {
             s += &format!("var<private> acc_{r}_{j}: vec4<f32>;\n");
         }
     }
-    s += "fn multiply_tiles(tx: u32, ty: u32) {\n    for (var kk = 0u; kk < BK; kk = kk + 1u) {\n";
+    s += "fn multiply_tiles(tx: u32, ty: u32) {\n    workgroupBarrier();\n    for (var kk = 0u; kk < BK; kk = kk + 1u) {\n";
     s += &format!("        let ab = kk * (BM / 4u) + ty * {vm}u;\n        let bb = kk * (BN / 4u) + tx * {vn}u;\n");
     for i in 0..vm {
         s += &format!("        let a{i} = sa[ab + {i}u];\n");
@@ -40,7 +40,7 @@ fn unrolled(rm: usize, rn: usize) -> String {
     }
     // The vec4 is returned by value and indexed there: indexing the private variable itself with
     // a dynamic index would force every accumulator into addressable (local) memory.
-    s += "    }\n}\nfn acc_vec(r: u32, c: u32) -> vec4<f32> {\n    switch (r * RN / 4u + c / 4u) {\n";
+    s += "    }\n    workgroupBarrier();\n}\nfn acc_vec(r: u32, c: u32) -> vec4<f32> {\n    switch (r * RN / 4u + c / 4u) {\n";
     for r in 0..rm {
         for j in 0..vn {
             s += &format!("        case {}u: {{ return acc_{r}_{j}; }}\n", r * vn + j);
