@@ -90,6 +90,10 @@ export interface GenerateOptions {
   seed?: number;
   /** Fraction of the schedule after which the refiner takes over (default 0.8 when one is loaded); null: base only. */
   refinerStart?: number | null;
+  /** The sampler (default: the model's scheduler_config.json; few-step Turbo/Lightning models name theirs). */
+  scheduler?: 'euler' | 'euler_a' | 'dpmpp_2m' | 'dpmpp_2m_karras' | 'ddim' | null;
+  /** How the steps spread over the noise levels (default: the model's config; few-step models use 'trailing'). */
+  timestepSpacing?: 'leading' | 'trailing' | 'linspace' | null;
   signal?: AbortSignal;
   onStep?: (event: StepEvent) => void;
   onProgress?: (event: ProgressEvent) => void;

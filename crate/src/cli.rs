@@ -22,10 +22,16 @@ const USAGE: &str = "usage:
       Without --negative, a model with force_zeros_for_empty_prompt gets zero negative embeddings.
   sdxl generate --model DIR [--refiner DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
+                [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]
+                [--init-image IMAGE.png [--strength 0.3]]
                 [--tensors-out FILE.safetensors] [--precision auto|f32|f16] [--quant f16|q8|q4]
-      Text to image as diffusers' StableDiffusionXLPipeline (Euler, classifier-free guidance); with
+      Text to image as diffusers' StableDiffusionXLPipeline (classifier-free guidance when --guidance
+      is above 1; 0 or 1 runs the UNet once per step, as few-step Turbo/Lightning models want); with
       --refiner, the refiner takes over after --refiner-start of the schedule. The same --seed gives
-      diffusers' image. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
+      diffusers' image. --scheduler and --timestep-spacing default to the model folder's
+      scheduler_config.json. --init-image: img2img as StableDiffusionXLImg2ImgPipeline at the image's
+      size, noised to --strength of the schedule; with --refiner and no --model, the refiner alone
+      refines the image (SDEdit). --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
       --model / --refiner may also be model packs (folders with manifest.json, from `sdxl convert`):
       they load as stored; --quant must then be left out or match the pack's preset.
@@ -103,35 +109,57 @@ fn write_safetensors(path: &str, host: &[(&str, Vec<usize>, Vec<f32>)]) -> Resul
 
 async fn generate_command(args: &Args) -> Result<()> {
     let defaults = GenerateParams::default();
+    let init_image = match args.get("init-image") {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
+            Some(image::decode_png(&bytes).map_err(|e| Error::InvalidParameter(format!("--init-image {path}: {e}")))?)
+        }
+        None => None,
+    };
+    // img2img runs at the image's size.
+    let (width, height) = init_image.as_ref().map_or((defaults.width, defaults.height), |i| (i.width, i.height));
     let params = GenerateParams {
         prompt: args.required("prompt")?.to_string(),
         negative: args.get("negative").map(str::to_string),
-        width: args.parsed("width", defaults.width)?,
-        height: args.parsed("height", defaults.height)?,
+        width: args.parsed("width", width)?,
+        height: args.parsed("height", height)?,
         steps: args.parsed("steps", defaults.steps)?,
         guidance: args.parsed("guidance", defaults.guidance)?,
         seed: args.parsed("seed", defaults.seed)?,
         refiner_start: args.parsed("refiner-start", defaults.refiner_start)?,
+        scheduler: args.get("scheduler").map(str::parse).transpose()?,
+        timestep_spacing: args.get("timestep-spacing").map(str::parse).transpose()?,
+        strength: args.parsed("strength", defaults.strength)?,
+        init_image,
         ..defaults
     };
+    if args.get("strength").is_some() && params.init_image.is_none() {
+        return Err(Error::InvalidParameter("--strength needs --init-image".into()));
+    }
     let out = args.required("out")?;
-    let model = args.required("model")?;
+    // A refiner on its own refines an image (SDEdit); with --model it takes over the last steps.
+    let (model, refiner) = match (args.get("model"), args.get("refiner")) {
+        (Some(model), refiner) => (model, refiner),
+        (None, Some(refiner)) if params.init_image.is_some() => (refiner, None),
+        (None, Some(_)) => return Err(Error::InvalidParameter("--refiner without --model needs --init-image (SDEdit refinement)".into())),
+        (None, None) => return Err(Error::InvalidParameter("--model is required".into())),
+    };
     let precision: Precision = args.parsed("precision", Precision::Auto)?;
     let gpu = Gpu::new(precision).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
     let quant = args.get("quant").map(|_| args.parsed("quant", QuantPreset::F16)).transpose()?;
     let base = load_model(&gpu, model, quant).await?;
-    let refiner = match args.get("refiner") {
+    let refiner_model = match refiner {
         Some(dir) => Some(load_model(&gpu, dir, quant).await?),
         None => None,
     };
-    let result = generate(&gpu, &base, refiner.as_ref(), &params, |p: StepProgress| {
+    let result = generate(&gpu, &base, refiner_model.as_ref(), &params, |p: StepProgress| {
         let stage = if p.stage == Stage::Base { "base" } else { "refiner" };
         eprintln!("{stage} step {}/{}", p.step, p.steps);
     })
     .await?;
     let image = gpu.read(&result.image).await?;
-    let recipe = image::parameters(&params, &model_name(model), args.get("refiner").map(model_name).as_deref());
+    let recipe = image::parameters(&params, base.scheduler(&params)?.name(), &model_name(model), refiner.map(model_name).as_deref());
     let png = image::encode_png(&image::rgb8(&image, params.height, params.width), params.width, params.height, &recipe)?;
     std::fs::write(out, png).map_err(|e| Error::Io { path: out.to_string(), message: e.to_string() })?;
     eprintln!("wrote {out}");
@@ -378,7 +406,7 @@ async fn run(argv: &[String]) -> Result<()> {
         Some("generate") => {
             let known = [
                 "model", "refiner", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "refiner-start", "out",
-                "tensors-out", "precision", "quant",
+                "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await
         }

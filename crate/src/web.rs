@@ -94,6 +94,10 @@ struct GenerateOptions {
     seed: Option<u64>,
     /// Fraction of the schedule after which the refiner takes over; `null` runs the base alone.
     refiner_start: Option<f64>,
+    /// The sampler (`euler`, `euler_a`, `dpmpp_2m`, `dpmpp_2m_karras`, `ddim`); null: the model's.
+    scheduler: Option<String>,
+    /// `leading`, `trailing` or `linspace`; null: the model's.
+    timestep_spacing: Option<String>,
     /// Whether to send a latent preview with every step.
     #[serde(default)]
     preview: bool,
@@ -295,6 +299,8 @@ impl Engine {
             // A random seed fits a JS number exactly (53 bits), so the result can report it.
             seed: options.seed.unwrap_or_else(|| (js_sys::Math::random() * 2f64.powi(53)) as u64),
             refiner_start: options.refiner_start.unwrap_or(defaults.refiner_start),
+            scheduler: options.scheduler.as_deref().map(str::parse).transpose()?,
+            timestep_spacing: options.timestep_spacing.as_deref().map(str::parse).transpose()?,
             ..defaults
         };
         let mut watcher = JsObserver { on_event, cancelled, preview: options.preview, marks: vec![("start", js_sys::Date::now())] };
@@ -302,7 +308,7 @@ impl Engine {
         let pixels = self.gpu.read(&out.image).await?;
         watcher.marks.push(("end", js_sys::Date::now()));
 
-        let recipe = image::parameters(&params, &base.id, refiner.map(|r| r.id.as_str()));
+        let recipe = image::parameters(&params, base.model.scheduler(&params)?.name(), &base.id, refiner.map(|r| r.id.as_str()));
         let png = image::encode_png(&image::rgb8(&pixels, params.height, params.width), params.width, params.height, &recipe)?;
         let timings = watcher.timings();
         let result = Object::new();

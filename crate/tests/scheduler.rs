@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use sdxl::random::TorchGenerator;
-use sdxl::scheduler::{EulerDiscreteScheduler, Schedule, SchedulerConfig};
+use sdxl::scheduler::{Schedule, Scheduler, SchedulerConfig};
 use sdxl::weights::safetensors::{header_len, parse_header};
 use sdxl::weights::{DirSource, MemorySource, Weights};
 use sdxl::Error;
@@ -49,10 +49,10 @@ fn tiny_config() -> SchedulerConfig {
     serde_json::from_slice(&std::fs::read(format!("{BASE}/{CONFIG}")).unwrap()).unwrap()
 }
 
-fn tiny_scheduler(edit: impl FnOnce(&mut SchedulerConfig)) -> EulerDiscreteScheduler {
+fn tiny_scheduler(edit: impl FnOnce(&mut SchedulerConfig)) -> Scheduler {
     let mut config = tiny_config();
     edit(&mut config);
-    EulerDiscreteScheduler::from_config(&config).unwrap()
+    Scheduler::from_config(&config, None, None).unwrap()
 }
 
 /// Asserts |got - want| <= tol * |want| elementwise.
@@ -69,7 +69,7 @@ fn assert_schedule_matches_run(schedule: &Schedule, reference: &BTreeMap<String,
     assert_eq!(schedule.timesteps, get(reference, &format!("{key}.timesteps")), "{key}: timesteps");
     assert_relative(&format!("{key}.sigmas"), &schedule.sigmas[..n], get(reference, &format!("{key}.sigmas")), 1e-6);
     assert_relative(&format!("{key}.sigmas_next"), &schedule.sigmas[1..], get(reference, &format!("{key}.sigmas_next")), 1e-6);
-    let scales: Vec<f32> = (0..n).map(|i| schedule.input_scale(i)).collect();
+    let scales: Vec<f32> = (0..n).map(|i| schedule.step(i).input_scale).collect();
     assert_relative(&format!("{key}.scales"), &scales, get(reference, &format!("{key}.scales")), 1e-6);
     assert_relative(
         &format!("{key}.init_noise_sigma"),
@@ -105,7 +105,7 @@ fn randn_matches_torch() {
 fn schedules_match_diffusers() {
     let reference = reference();
     for spacing in SPACINGS {
-        let scheduler = tiny_scheduler(|c| c.timestep_spacing = spacing.into());
+        let scheduler = tiny_scheduler(|c| c.timestep_spacing = Some(spacing.into()));
         for steps in SCHEDULE_STEPS {
             let key = format!("sched.{spacing}.{steps}");
             let schedule = scheduler.timesteps(steps).unwrap();
@@ -117,7 +117,7 @@ fn schedules_match_diffusers() {
                 get(&reference, &format!("{key}.init_noise_sigma")),
                 1e-6,
             );
-            let scales: Vec<f32> = (0..schedule.num_steps()).map(|i| schedule.input_scale(i)).collect();
+            let scales: Vec<f32> = (0..schedule.num_steps()).map(|i| schedule.step(i).input_scale).collect();
             assert_relative(&format!("{key}.scales"), &scales, get(&reference, &format!("{key}.scales")), 1e-6);
             assert_eq!(schedule.begin_index, 0);
         }
@@ -126,7 +126,7 @@ fn schedules_match_diffusers() {
 
 #[test]
 fn trailing_spacing_keeps_diffusers_extra_step() {
-    let schedule = tiny_scheduler(|c| c.timestep_spacing = "trailing".into()).timesteps(61).unwrap();
+    let schedule = tiny_scheduler(|c| c.timestep_spacing = Some("trailing".into())).timesteps(61).unwrap();
     assert_eq!(schedule.num_steps(), 62);
     assert_eq!(schedule.timesteps.last(), Some(&-1.0));
 }
@@ -134,7 +134,7 @@ fn trailing_spacing_keeps_diffusers_extra_step() {
 #[test]
 fn load_reads_the_model_folder() {
     let reference = reference();
-    let scheduler = pollster::block_on(EulerDiscreteScheduler::load(&DirSource::new(BASE), CONFIG)).unwrap();
+    let scheduler = pollster::block_on(Scheduler::load(&DirSource::new(BASE), CONFIG, None, None)).unwrap();
     let schedule = scheduler.timesteps(7).unwrap();
     assert_eq!(schedule.timesteps, get(&reference, "sched.leading.7.timesteps"));
     assert_relative("sigmas", &schedule.sigmas, get(&reference, "sched.leading.7.sigmas"), 1e-6);
@@ -152,7 +152,7 @@ fn ensemble_split_matches_pipelines() {
     let reference = reference();
     let scheduler = tiny_scheduler(|_| {});
     for steps in PIPE_STEPS {
-        let base = scheduler.denoising_end(steps, SPLIT).unwrap();
+        let base = scheduler.denoising_end(scheduler.timesteps(steps).unwrap(), SPLIT).unwrap();
         let refiner = scheduler.denoising_start(steps, SPLIT).unwrap();
         assert_schedule_matches_run(&base, &reference, &format!("pipe.base.{steps}"));
         assert_schedule_matches_run(&refiner, &reference, &format!("pipe.refiner.{steps}"));
@@ -173,7 +173,7 @@ fn img2img_strength_matches_pipeline() {
         let schedule = scheduler.img2img(steps, STRENGTH).unwrap();
         assert_schedule_matches_run(&schedule, &reference, &key);
         assert_eq!(schedule.begin_index as f32, get(&reference, &format!("{key}.begin_index"))[0]);
-        assert_relative(&format!("{key}.noise_sigma"), &[schedule.start_sigma()], get(&reference, &format!("{key}.noise_sigma")), 1e-6);
+        assert_relative(&format!("{key}.noise_sigma"), &[schedule.add_noise.1], get(&reference, &format!("{key}.noise_sigma")), 1e-6);
     }
 }
 
@@ -187,7 +187,8 @@ fn step_coefficients_match_diffusers_step() {
             let x = get(&reference, &format!("{key}.sample"));
             let model_output = get(&reference, &format!("{key}.model_output"));
             let want = get(&reference, &format!("{key}.prev_sample"));
-            let (a, b) = schedule.step_coefficients(i);
+            let u = schedule.step(i).update;
+            let (a, b) = (u.latents, u.prediction);
             let scale = want.iter().fold(1f32, |m, w| m.max(w.abs()));
             for (j, ((x, m), w)) in x.iter().zip(model_output).zip(want).enumerate() {
                 let got = a * x + b * m;
@@ -209,15 +210,15 @@ fn bad_parameters_are_rejected() {
     let scheduler = tiny_scheduler(|_| {});
     assert_invalid_parameter(scheduler.timesteps(0), "steps");
     for fraction in [0.0, 1.0, -0.5, 1.5, f64::NAN] {
-        assert_invalid_parameter(scheduler.denoising_end(10, fraction), "denoising_end");
+        assert_invalid_parameter(scheduler.denoising_end(scheduler.timesteps(10).unwrap(), fraction), "denoising_end");
         assert_invalid_parameter(scheduler.denoising_start(10, fraction), "denoising_start");
     }
     for strength in [0.0, -0.1, 1.5, f64::NAN] {
         assert_invalid_parameter(scheduler.img2img(10, strength), "strength");
     }
-    assert_invalid_parameter(scheduler.denoising_end(0, SPLIT), "steps");
+    assert_invalid_parameter(scheduler.timesteps(0), "steps");
     // Fractions that leave one side without a step.
-    assert_invalid_parameter(scheduler.denoising_end(10, 0.05), "no step");
+    assert_invalid_parameter(scheduler.denoising_end(scheduler.timesteps(10).unwrap(), 0.05), "no step");
     assert_invalid_parameter(scheduler.denoising_start(10, 0.9995), "no step");
     assert_invalid_parameter(scheduler.img2img(10, 0.05), "no denoising step");
     assert_eq!(scheduler.img2img(10, 1.0).unwrap(), scheduler.timesteps(10).unwrap());
@@ -227,7 +228,7 @@ fn bad_parameters_are_rejected() {
 fn config_error(config: &str) -> String {
     let mut source = MemorySource::default();
     source.insert(CONFIG, config.as_bytes().to_vec());
-    match pollster::block_on(EulerDiscreteScheduler::load(&source, CONFIG)) {
+    match pollster::block_on(Scheduler::load(&source, CONFIG, None, None)) {
         Err(Error::Config { path, message }) => {
             assert!(path.contains(CONFIG), "{path:?} does not name the config file");
             message
@@ -252,7 +253,10 @@ fn unsupported_configs_are_rejected() {
         (r#"{"rescale_betas_zero_snr": true}"#, "rescale_betas_zero_snr"),
         (r#"{"trained_betas": [0.1, 0.2]}"#, "trained_betas"),
         (r#"{"num_train_timesteps": 1}"#, "num_train_timesteps"),
-        (r#"{"_class_name": "DDIMScheduler"}"#, "DDIMScheduler"),
+        (r#"{"_class_name": "LCMScheduler"}"#, "LCMScheduler"),
+        (r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#, "sde-dpmsolver++"),
+        (r#"{"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}"#, "solver_order 3"),
+        (r#"{"_class_name": "EulerAncestralDiscreteScheduler", "prediction_type": "sample"}"#, "Euler a"),
         (r#"{"steps_offset": "one"}"#, "invalid JSON"),
     ] {
         let message = config_error(config);
@@ -265,8 +269,8 @@ fn defaults_and_nulls_follow_diffusers() {
     // Every field missing or null (diffusers' `bool | None` flags) gives diffusers' defaults.
     let mut source = MemorySource::default();
     source.insert(CONFIG, br#"{"_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": null, "trained_betas": null}"#.to_vec());
-    let loaded = pollster::block_on(EulerDiscreteScheduler::load(&source, CONFIG)).unwrap();
-    let default = EulerDiscreteScheduler::from_config(&SchedulerConfig::default()).unwrap();
+    let loaded = pollster::block_on(Scheduler::load(&source, CONFIG, None, None)).unwrap();
+    let default = Scheduler::from_config(&SchedulerConfig::default(), None, None).unwrap();
     assert_eq!(loaded.timesteps(5).unwrap(), default.timesteps(5).unwrap());
     // Defaults: linspace spacing over 1000 training steps, so the first timestep is 999.
     assert_eq!(default.timesteps(5).unwrap().timesteps[0], 999.0);

@@ -10,8 +10,10 @@ use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder};
 use crate::pipeline::ModelIndex;
 use crate::quant::QuantPreset;
 use crate::random::TorchGenerator;
-use crate::scheduler::{EulerDiscreteScheduler, Schedule};
-use crate::weights::Source;
+use crate::scheduler::{SamplerChoice, Schedule, Scheduler, SchedulerConfig, Step, TimestepSpacing};
+use crate::weights::{read_json, Source};
+
+const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 
 /// One SDXL model folder (base or refiner) loaded on the GPU.
 pub struct SdxlModel {
@@ -19,7 +21,10 @@ pub struct SdxlModel {
     pub prompt_encoder: PromptEncoder,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKL,
-    pub scheduler: EulerDiscreteScheduler,
+    /// `scheduler/scheduler_config.json`: the sampler a run uses unless it picks another.
+    pub scheduler_config: SchedulerConfig,
+    /// Where the scheduler config came from, for errors.
+    scheduler_path: String,
 }
 
 impl SdxlModel {
@@ -36,8 +41,18 @@ impl SdxlModel {
             prompt_encoder: PromptEncoder::load_quantized(gpu, source, &index, &quant.policy()).await?,
             unet: UNet2DConditionModel::load_quantized(gpu, source, "unet", &quant.policy()).await?,
             vae: AutoencoderKL::load(gpu, source, "vae").await?,
-            scheduler: EulerDiscreteScheduler::load(source, "scheduler/scheduler_config.json").await?,
+            scheduler_config: read_json(source, SCHEDULER_CONFIG).await?,
+            scheduler_path: source.describe(SCHEDULER_CONFIG),
             index,
+        })
+    }
+
+    /// The scheduler a run with these parameters uses: the model's own, or the sampler and
+    /// spacing the parameters pick, built from the model's config.
+    pub fn scheduler(&self, p: &GenerateParams) -> Result<Scheduler> {
+        Scheduler::from_config(&self.scheduler_config, p.scheduler, p.timestep_spacing).map_err(|e| match e {
+            Error::Config { message, .. } => Error::Config { path: self.scheduler_path.clone(), message },
+            e => e,
         })
     }
 
@@ -82,6 +97,14 @@ pub struct GenerateParams {
     pub target_size: Option<(usize, usize)>,
     pub aesthetic_score: f32,
     pub negative_aesthetic_score: f32,
+    /// The sampler; None: the one the model's scheduler config names.
+    pub scheduler: Option<SamplerChoice>,
+    /// None: the model's scheduler config's spacing.
+    pub timestep_spacing: Option<TimestepSpacing>,
+    /// img2img / SDEdit: start from this image (width × height) noised to `strength`.
+    pub init_image: Option<InitImage>,
+    /// How much of the schedule img2img runs, in (0, 1] (diffusers' `strength`).
+    pub strength: f64,
 }
 
 impl Default for GenerateParams {
@@ -100,8 +123,20 @@ impl Default for GenerateParams {
             target_size: None,
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
+            scheduler: None,
+            timestep_spacing: None,
+            init_image: None,
+            strength: 0.3,
         }
     }
+}
+
+/// An RGB image for img2img: planes [3, height, width] in 0..1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImage {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,7 +155,8 @@ pub struct StepProgress {
 }
 
 /// What a generation is doing, in order: `Encode(Base)`, the base's steps, then (with a refiner)
-/// `Encode(Refiner)` and its steps, then `Decode`.
+/// `Encode(Refiner)` and its steps, then `Decode`. The first model is the `Base` stage even when
+/// it is a refiner refining an image on its own.
 pub enum Event<'a> {
     /// The stage's model starts by encoding the prompt.
     Encode(Stage),
@@ -135,14 +171,19 @@ pub enum Event<'a> {
 pub struct Estimate<'a> {
     latents: &'a Tensor,
     prediction: &'a Tensor,
-    coefficients: (f32, f32),
+    step: &'a Step,
+    next: &'a Tensor,
 }
 
 impl Estimate<'_> {
     /// The clean-latent estimate [1, C, h, w] (diffusers' `pred_original_sample`).
     pub fn denoised(&self, gpu: &Gpu) -> Result<Tensor> {
-        let (a, b) = self.coefficients;
-        gpu.axpby(a, self.latents, b, self.prediction)
+        denoised(gpu, self.step, self.latents, self.prediction)
+    }
+
+    /// The latents the step produced (what diffusers' `callback_on_step_end` sees).
+    pub fn next_latents(&self) -> &Tensor {
+        self.next
     }
 }
 
@@ -164,7 +205,8 @@ impl<F: FnMut(StepProgress)> Observer for F {
 }
 
 pub struct Generated {
-    /// The seed's unit Gaussian noise [1, C, h, w], before scaling by init_noise_sigma.
+    /// The seed's unit Gaussian noise [1, C, h, w]: the initial latents before scaling by
+    /// init_noise_sigma, or (img2img) the noise added to the image latents.
     pub noise: Tensor,
     /// Final latents [1, C, h, w] before the VAE.
     pub latents: Tensor,
@@ -190,10 +232,22 @@ fn check_params(p: &GenerateParams, multiple: usize, with_refiner: bool) -> Resu
     if with_refiner && !(p.refiner_start > 0.0 && p.refiner_start < 1.0) {
         return bad(format!("refiner start {} must be in (0, 1)", p.refiner_start));
     }
+    if let Some(image) = &p.init_image {
+        if (image.width, image.height) != (p.width, p.height) {
+            return bad(format!("the init image is {}x{} but the run is {}x{}", image.width, image.height, p.width, p.height));
+        }
+        if image.rgb.len() != 3 * image.width * image.height {
+            return bad(format!("the init image has {} values, not 3 x {} x {}", image.rgb.len(), image.width, image.height));
+        }
+        if !(p.strength > 0.0 && p.strength <= 1.0) {
+            return bad(format!("strength {} must be in (0, 1]", p.strength));
+        }
+    }
     Ok(())
 }
 
-/// Runs the base model (and the refiner for the last part of the schedule), then decodes.
+/// Runs the first model (the base, or a refiner on its own for SDEdit), the refiner for the last
+/// part of the schedule when given, then decodes. Text to image, or img2img from `p.init_image`.
 pub async fn generate(
     gpu: &Gpu,
     base: &SdxlModel,
@@ -207,18 +261,46 @@ pub async fn generate(
     let multiple = refiner.map_or(1, |r| r.size_multiple()).max(base.size_multiple());
     check_params(p, multiple, refiner.is_some())?;
     let latent_shape = [1, base.unet.config.in_channels, p.height / base.vae.downscale(), p.width / base.vae.downscale()];
-    let noise_host = TorchGenerator::new(p.seed).randn(latent_shape.iter().product());
-    let noise = gpu.upload(&noise_host, &latent_shape)?;
+    let numel = latent_shape.iter().product();
 
-    let (base_schedule, refiner_schedule) = match refiner {
-        Some(r) => (base.scheduler.denoising_end(p.steps, p.refiner_start)?, Some(r.scheduler.denoising_start(p.steps, p.refiner_start)?)),
-        None => (base.scheduler.timesteps(p.steps)?, None),
+    let scheduler = base.scheduler(p)?;
+    let mut base_schedule = match p.init_image {
+        Some(_) => scheduler.img2img(p.steps, p.strength)?,
+        None => scheduler.timesteps(p.steps)?,
     };
-    let mut latents = gpu.scale(&noise, base_schedule.init_noise_sigma)?;
-    latents = denoise(gpu, base, p, &base_schedule, latents, Stage::Base, &mut observer).await?;
+    let refiner_schedule = match refiner {
+        Some(r) => {
+            base_schedule = scheduler.denoising_end(base_schedule, p.refiner_start)?;
+            Some(r.scheduler(p)?.denoising_start(p.steps, p.refiner_start)?)
+        }
+        None => None,
+    };
+
+    // One generator per pipeline call, as diffusers' examples seed each: the posterior sample and
+    // the initial noise come first, then the draws of an ancestral sampler's steps.
+    let mut generator = TorchGenerator::new(p.seed);
+    let (noise, mut latents) = match &p.init_image {
+        Some(image) => {
+            let pixels = gpu.upload(&image.rgb, &[1, 3, image.height, image.width])?;
+            let (mean, logvar) = base.vae.encode(gpu, &gpu.affine(&pixels, 2.0, -1.0, false, (f32::NEG_INFINITY, f32::INFINITY))?)?;
+            let sample = gpu.upload(&generator.randn(numel), &latent_shape)?;
+            let image_latents = base.vae.encode_latents(gpu, &mean, &logvar, &sample)?;
+            let noise = gpu.upload(&generator.randn(numel), &latent_shape)?;
+            let (a, b) = base_schedule.add_noise;
+            let latents = gpu.axpby(a, &image_latents, b, &noise)?;
+            (noise, latents)
+        }
+        None => {
+            let noise = gpu.upload(&generator.randn(numel), &latent_shape)?;
+            let latents = gpu.scale(&noise, base_schedule.init_noise_sigma)?;
+            (noise, latents)
+        }
+    };
+    latents = denoise(gpu, base, p, &base_schedule, latents, Stage::Base, &mut generator, &mut observer).await?;
     let last = match (refiner, refiner_schedule) {
         (Some(r), Some(schedule)) => {
-            latents = denoise(gpu, r, p, &schedule, latents, Stage::Refiner, &mut observer).await?;
+            let mut generator = TorchGenerator::new(p.seed);
+            latents = denoise(gpu, r, p, &schedule, latents, Stage::Refiner, &mut generator, &mut observer).await?;
             r
         }
         _ => base,
@@ -237,8 +319,33 @@ impl Drop for TrimOnDrop<'_> {
     }
 }
 
+/// A step's clean-latent estimate x0 from the latents it started from and the model's prediction.
+fn denoised(gpu: &Gpu, step: &Step, latents: &Tensor, prediction: &Tensor) -> Result<Tensor> {
+    let (a, b) = step.denoised;
+    let x0 = gpu.axpby(a, latents, b, prediction)?;
+    match step.clip {
+        Some(clip) => gpu.affine(&x0, 1.0, 0.0, false, (-clip, clip)),
+        None => Ok(x0),
+    }
+}
+
+/// Σ cᵢ·tᵢ over the terms with a non-zero coefficient (at least one).
+fn combine(gpu: &Gpu, terms: &[(f32, Option<&Tensor>)]) -> Result<Tensor> {
+    let mut terms = terms.iter().filter_map(|&(c, t)| t.filter(|_| c != 0.0).map(|t| (c, t)));
+    let (c0, t0) = terms.next().ok_or_else(|| Error::InvalidParameter("a sampler step with no terms".into()))?;
+    let mut sum = match terms.next() {
+        Some((c1, t1)) => gpu.axpby(c0, t0, c1, t1)?,
+        None => gpu.scale(t0, c0)?,
+    };
+    for (c, t) in terms {
+        sum = gpu.axpby(1.0, &sum, c, t)?;
+    }
+    Ok(sum)
+}
+
 /// The denoising loop of one model over `schedule`, with classifier-free guidance as a batch of 2
-/// (negative first, as diffusers concatenates them).
+/// (negative first, as diffusers concatenates them); ancestral noise comes from `generator`.
+#[allow(clippy::too_many_arguments)]
 async fn denoise(
     gpu: &Gpu,
     model: &SdxlModel,
@@ -246,6 +353,7 @@ async fn denoise(
     schedule: &Schedule,
     mut latents: Tensor,
     stage: Stage,
+    generator: &mut TorchGenerator,
     observer: &mut impl Observer,
 ) -> Result<Tensor> {
     observer.event(gpu, Event::Encode(stage)).await?;
@@ -264,20 +372,38 @@ async fn denoise(
     } else {
         (prompt_embeds, pooled_prompt_embeds, time_ids)
     };
+    // The previous step's x0, for multistep samplers.
+    let mut previous: Option<Tensor> = None;
     for i in 0..schedule.num_steps() {
+        let step = schedule.step(i);
         let input = if guided { gpu.concat(&latents, &latents, 0)? } else { latents.clone() };
-        let input = gpu.scale(&input, schedule.input_scale(i))?;
+        let input = if step.input_scale != 1.0 { gpu.scale(&input, step.input_scale)? } else { input };
         let mut prediction = model.unet.forward(gpu, &input, schedule.timesteps[i], &context, &pooled, &time_ids)?;
         if guided {
             let (uncond, text) = (gpu.narrow(&prediction, 0, 1)?, gpu.narrow(&prediction, 1, 1)?);
             prediction = gpu.axpby(1.0 - p.guidance, &uncond, p.guidance, &text)?;
         }
-        let (a, b) = schedule.step_coefficients(i);
-        let next = gpu.axpby(a, &latents, b, &prediction)?;
+        let u = step.update;
+        let x0 = if u.uses_denoised() { Some(denoised(gpu, step, &latents, &prediction)?) } else { None };
+        let noise = match u.noise {
+            Some(_) => Some(gpu.upload(&generator.randn(latents.len()), latents.shape())?),
+            None => None,
+        };
+        let next = combine(
+            gpu,
+            &[
+                (u.latents, Some(&latents)),
+                (u.prediction, Some(&prediction)),
+                (u.denoised, x0.as_ref()),
+                (u.previous_denoised, previous.as_ref()),
+                (u.noise.unwrap_or(0.0), noise.as_ref()),
+            ],
+        )?;
         gpu.sync().await?;
         let progress = StepProgress { stage, step: i + 1, steps: schedule.num_steps() };
-        let estimate = Estimate { latents: &latents, prediction: &prediction, coefficients: schedule.denoised_coefficients(i) };
+        let estimate = Estimate { latents: &latents, prediction: &prediction, step, next: &next };
         observer.event(gpu, Event::Step { progress, estimate }).await?;
+        previous = x0;
         latents = next;
     }
     Ok(latents)

@@ -3,7 +3,7 @@
 //! latent → RGB previews shown while a run goes.
 
 use crate::error::{Error, Result};
-use crate::pipeline::generate::GenerateParams;
+use crate::pipeline::generate::{GenerateParams, InitImage};
 
 /// RGB [1, 3, H, W] in 0..1 to interleaved 8-bit RGB, rounding as diffusers' numpy_to_pil
 /// ((x * 255).round(), half to even).
@@ -13,17 +13,23 @@ pub fn rgb8(image: &[f32], height: usize, width: usize) -> Vec<u8> {
 }
 
 /// The recipe in AUTOMATIC1111's `parameters` format: the prompt, `Negative prompt: ...`, then
-/// `Key: value` pairs. `model` and `refiner` name the models as the user chose them.
-pub fn parameters(p: &GenerateParams, model: &str, refiner: Option<&str>) -> String {
+/// `Key: value` pairs. `sampler` is the sampler's A1111 name ([`crate::scheduler::Scheduler::name`]);
+/// `model` and `refiner` name the models as the user chose them.
+pub fn parameters(p: &GenerateParams, sampler: &str, model: &str, refiner: Option<&str>) -> String {
     let mut text = p.prompt.clone();
     if let Some(negative) = p.negative.as_deref().filter(|n| !n.is_empty()) {
         text += &format!("\nNegative prompt: {negative}");
     }
-    // diffusers' EulerDiscreteScheduler is A1111's "Euler" sampler.
     text += &format!(
-        "\nSteps: {}, Sampler: Euler, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
+        "\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
         p.steps, p.guidance, p.seed, p.width, p.height
     );
+    if let Some(spacing) = p.timestep_spacing {
+        text += &format!(", Timestep spacing: {}", spacing.name());
+    }
+    if p.init_image.is_some() {
+        text += &format!(", Denoising strength: {}", p.strength);
+    }
     if let Some(refiner) = refiner {
         text += &format!(", Refiner: {refiner}, Refiner switch at: {}", p.refiner_start);
     }
@@ -48,6 +54,35 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize, parameters: &str) -> 
     writer.write_image_data(rgb).map_err(error)?;
     writer.finish().map_err(error)?;
     Ok(out)
+}
+
+/// Decodes a PNG (any bit depth and colour type) to an img2img [`InitImage`]: grey is replicated
+/// to RGB, alpha is dropped, 16-bit samples keep their top 8 bits (what PIL's `convert("RGB")`
+/// gives diffusers), values v / 255.
+pub fn decode_png(bytes: &[u8]) -> Result<InitImage> {
+    let error = |e: png::DecodingError| Error::InvalidParameter(format!("not a readable PNG: {e}"));
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().map_err(error)?;
+    let mut buffer = vec![0; reader.output_buffer_size().ok_or_else(|| Error::InvalidParameter("PNG too large".into()))?];
+    let frame = reader.next_frame(&mut buffer).map_err(error)?;
+    let (width, height) = (frame.width as usize, frame.height as usize);
+    let channels = match frame.color_type {
+        png::ColorType::Grayscale => 1,
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgb => 3,
+        png::ColorType::Rgba => 4,
+        png::ColorType::Indexed => return Err(Error::InvalidParameter("PNG palette was not expanded".into())),
+    };
+    let pixels = &buffer[..frame.buffer_size()];
+    let plane = width * height;
+    let mut rgb = vec![0f32; 3 * plane];
+    for (i, pixel) in pixels.chunks_exact(channels).enumerate() {
+        for c in 0..3 {
+            rgb[c * plane + i] = pixel[if channels < 3 { 0 } else { c }] as f32 / 255.0;
+        }
+    }
+    Ok(InitImage { width, height, rgb })
 }
 
 /// SDXL's latent channels → RGB: the linear fit ComfyUI uses for its SDXL previews (rows are the
@@ -76,6 +111,7 @@ pub fn latent_preview(latents: &[f32], channels: usize, height: usize, width: us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::TimestepSpacing;
 
     fn decode(png_bytes: &[u8]) -> (Vec<u8>, png::Info<'static>) {
         let mut reader = png::Decoder::new(std::io::Cursor::new(png_bytes.to_vec())).read_info().unwrap();
@@ -90,11 +126,16 @@ mod tests {
         let p = GenerateParams { prompt: "a fox".into(), negative: Some("blurry".into()), width: 1152, height: 896, steps: 30, guidance: 7.5, seed: 42, ..Default::default() };
         let version = env!("CARGO_PKG_VERSION");
         assert_eq!(
-            parameters(&p, "base-q4", Some("refiner-q4")),
+            parameters(&p, "Euler", "base-q4", Some("refiner-q4")),
             format!("a fox\nNegative prompt: blurry\nSteps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 1152x896, Model: base-q4, Refiner: refiner-q4, Refiner switch at: 0.8, Version: sdxl-webgpu {version}")
         );
         let p = GenerateParams { prompt: "x".into(), negative: Some(String::new()), guidance: 5.0, ..Default::default() };
-        assert_eq!(parameters(&p, "m", None), format!("x\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, Version: sdxl-webgpu {version}"));
+        assert_eq!(parameters(&p, "Euler", "m", None), format!("x\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, Version: sdxl-webgpu {version}"));
+        let p = GenerateParams { prompt: "x".into(), timestep_spacing: Some(TimestepSpacing::Trailing), guidance: 0.0, steps: 4, ..Default::default() };
+        assert_eq!(
+            parameters(&p, "Euler a", "turbo", None),
+            format!("x\nSteps: 4, Sampler: Euler a, CFG scale: 0, Seed: 0, Size: 1024x1024, Model: turbo, Timestep spacing: trailing, Version: sdxl-webgpu {version}")
+        );
     }
 
     #[test]
