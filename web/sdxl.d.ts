@@ -90,6 +90,10 @@ export interface GenerateOptions {
   seed?: number;
   /** Fraction of the schedule after which the refiner takes over (default 0.8 when one is loaded); null: base only. */
   refinerStart?: number | null;
+  /** Encode prompts past 75 tokens in windows of 75 (lpw_stable_diffusion_xl); default false: truncated as diffusers. */
+  longPrompt?: boolean;
+  /** Read A1111 weights `(word:1.2)`, `(word)`, `[word]` (lpw_stable_diffusion_xl); default false: brackets are text. */
+  promptWeighting?: boolean;
   signal?: AbortSignal;
   onStep?: (event: StepEvent) => void;
   onProgress?: (event: ProgressEvent) => void;

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::pack::{self, ModelKind, Pack};
 use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel, Stage};
 use crate::pipeline::image;
+use crate::pipeline::prompt::PromptOptions;
 use crate::quant::QuantPreset;
 use crate::store::{DownloadOptions, IdbStore, ModelStore};
 use crate::weights::Source;
@@ -97,6 +98,11 @@ struct GenerateOptions {
     /// Whether to send a latent preview with every step.
     #[serde(default)]
     preview: bool,
+    /// Prompts past 75 tokens encoded in windows, and A1111 weights (lpw_stable_diffusion_xl).
+    #[serde(default)]
+    long_prompt: bool,
+    #[serde(default)]
+    prompt_weighting: bool,
 }
 
 struct Loaded {
@@ -295,6 +301,7 @@ impl Engine {
             // A random seed fits a JS number exactly (53 bits), so the result can report it.
             seed: options.seed.unwrap_or_else(|| (js_sys::Math::random() * 2f64.powi(53)) as u64),
             refiner_start: options.refiner_start.unwrap_or(defaults.refiner_start),
+            prompt_options: PromptOptions { long_prompt: options.long_prompt, weighting: options.prompt_weighting },
             ..defaults
         };
         let mut watcher = JsObserver { on_event, cancelled, preview: options.preview, marks: vec![("start", js_sys::Date::now())] };
