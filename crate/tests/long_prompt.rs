@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::max_abs;
+use common::{max_abs, sdxl, TempDir};
 
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use sdxl::pipeline::prompt::{PromptEmbeds, PromptEncoder, PromptOptions};
@@ -195,4 +195,35 @@ async fn inputs_lpw_fails_on_are_errors(gpu: &Gpu) {
     assert!(refiner.encode_with(gpu, "wow!!!", None, long_only).is_ok());
     // Brackets without weighting are text, so the weight is never read.
     assert!(base.encode_with(gpu, "a (cat:1.2.3)", None, long_only).is_ok());
+}
+
+/// `sdxl encode` with both flags gives the reference encoding; a bad flag value is refused.
+#[test]
+fn cli_encode_flags() {
+    let cases = pollster::block_on(cases()).cases;
+    let case = cases.iter().find(|c| c.long_prompt && c.weighting && c.windows == 3).unwrap();
+    let dir = TempDir::new("long-prompt-encode");
+    let out = dir.file("e.safetensors");
+    let model = format!("{}/../tests/fixtures/tiny-sdxl-base", env!("CARGO_MANIFEST_DIR"));
+    let mut args = vec!["encode", "--model", &model, "--prompt", &case.prompt, "--out", &out, "--precision", "f32"];
+    args.extend(["--long-prompt", "chunked", "--prompt-weighting", "on"]);
+    args.extend(case.negative.iter().flat_map(|n| ["--negative", n.as_str()]));
+    let run = sdxl(&args);
+    assert!(run.status.success(), "sdxl encode failed: {}", String::from_utf8_lossy(&run.stderr));
+    let written = DirSource::new(&dir.0);
+    let got = pollster::block_on(Weights::from_files(&written, vec!["e.safetensors".into()])).unwrap();
+    let reference = fixture("reference");
+    let refs = pollster::block_on(Weights::from_files(&reference, vec!["long_prompt.safetensors".into()])).unwrap();
+    for key in ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"] {
+        let want_key = format!("{}.base.{key}", case.name);
+        let shape = refs.shape(&want_key).unwrap().to_vec();
+        assert_eq!(got.shape(key).unwrap(), shape.as_slice(), "{key}: shape");
+        let err = max_abs(&pollster::block_on(got.host(key, &shape)).unwrap(), &pollster::block_on(refs.host(&want_key, &shape)).unwrap());
+        assert!(err <= 1e-4, "sdxl encode {key}: max |Δ| {err}");
+    }
+    let chunked = args.iter().position(|&a| a == "chunked").unwrap();
+    args[chunked] = "yes";
+    let run = sdxl(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("--long-prompt 'yes' must be truncate or chunked"), "{stderr}");
 }
