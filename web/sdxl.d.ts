@@ -94,6 +94,10 @@ export interface GenerateOptions {
   scheduler?: 'euler' | 'euler_a' | 'dpmpp_2m' | 'dpmpp_2m_karras' | 'ddim' | null;
   /** How the steps spread over the noise levels (default: the model's config; few-step models use 'trailing'). */
   timestepSpacing?: 'leading' | 'trailing' | 'linspace' | null;
+  /** Encode prompts past 75 tokens in windows of 75 (lpw_stable_diffusion_xl); default false: truncated as diffusers. */
+  longPrompt?: boolean;
+  /** Read A1111 weights `(word:1.2)`, `(word)`, `[word]` (lpw_stable_diffusion_xl); default false: brackets are text. */
+  promptWeighting?: boolean;
   signal?: AbortSignal;
   onStep?: (event: StepEvent) => void;
   onProgress?: (event: ProgressEvent) => void;

@@ -165,9 +165,11 @@ export class Sdxl {
    * aborting `signal` cancels at the next step and frees the run's GPU memory.
    */
   async generate(options = {}) {
-    const known = ['prompt', 'negativePrompt', 'width', 'height', 'steps', 'guidance', 'seed', 'refinerStart', 'scheduler', 'timestepSpacing', 'signal', 'onStep', 'onProgress'];
+    const known = ['prompt', 'negativePrompt', 'width', 'height', 'steps', 'guidance', 'seed', 'refinerStart', 'scheduler', 'timestepSpacing',
+      'longPrompt', 'promptWeighting', 'signal', 'onStep', 'onProgress'];
     checkOptions('generate', options, known);
-    let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, signal, onStep, onProgress } = options;
+    let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt, promptWeighting,
+      signal, onStep, onProgress } = options;
     if (typeof prompt !== 'string') throw new SdxlError('InvalidParameter', 'prompt must be a string');
     if (refinerStart === undefined) refinerStart = this.loaded?.refiner ? 0.8 : null;
     const progress = this.#progress(onProgress);
@@ -175,7 +177,8 @@ export class Sdxl {
       const e = progress(event, preview);
       if (e.type === 'step') onStep?.(e);
     };
-    const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, preview: Boolean(onStep) };
+    const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt,
+      promptWeighting, preview: Boolean(onStep) };
     const out = await this.#call('generate', [request], { onEvent, signal, cancel: true });
     const blob = new Blob([out.png], { type: 'image/png' });
     const bitmap = await createImageBitmap(blob);

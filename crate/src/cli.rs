@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use crate::bench::{self, BenchModel, BenchOptions};
 use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage, StepProgress};
 use crate::pipeline::image;
-use crate::pipeline::prompt::PromptEncoder;
+use crate::pipeline::prompt::{PromptEncoder, PromptOptions};
 use crate::pipeline::quality::{allocate, quality, sensitivity, FormatErrors};
 use crate::pipeline::ModelIndex;
 use crate::pack::{self, ConvertOptions, PackSource};
@@ -17,14 +17,18 @@ use crate::{Error, Gpu, Precision, Result};
 
 const USAGE: &str = "usage:
   sdxl encode --model DIR --prompt TEXT [--negative TEXT] --out FILE.safetensors [--precision auto|f32|f16]
+              [--long-prompt truncate|chunked] [--prompt-weighting off|on]
       Encodes a prompt with the model's text encoders (diffusers-layout folder) and writes
       prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds (f32).
       Without --negative, a model with force_zeros_for_empty_prompt gets zero negative embeddings.
+      --long-prompt chunked encodes prompts past 75 tokens in windows of 75; --prompt-weighting on reads
+      (word:1.2) weights; either switches to lpw_stable_diffusion_xl's encoding (README: Long prompts).
   sdxl generate --model DIR [--refiner DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
                 [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]
                 [--init-image IMAGE.png [--strength 0.3]]
                 [--tensors-out FILE.safetensors] [--precision auto|f32|f16] [--quant f16|q8|q4]
+                [--long-prompt truncate|chunked] [--prompt-weighting off|on]
       Text to image as diffusers' StableDiffusionXLPipeline (classifier-free guidance when --guidance
       is above 1; 0 or 1 runs the UNet once per step, as few-step Turbo/Lightning models want); with
       --refiner, the refiner takes over after --refiner-start of the schedule. The same --seed gives
@@ -102,6 +106,16 @@ impl Args {
     }
 }
 
+/// `--long-prompt truncate|chunked` and `--prompt-weighting off|on` (the first of each is the default).
+fn prompt_options(args: &Args) -> Result<PromptOptions> {
+    let choice = |name: &str, off: &str, on: &str| match args.get(name) {
+        None => Ok(false),
+        Some(v) if v == off || v == on => Ok(v == on),
+        Some(v) => Err(Error::InvalidParameter(format!("--{name} '{v}' must be {off} or {on}"))),
+    };
+    Ok(PromptOptions { long_prompt: choice("long-prompt", "truncate", "chunked")?, weighting: choice("prompt-weighting", "off", "on")? })
+}
+
 fn write_safetensors(path: &str, host: &[(&str, Vec<usize>, Vec<f32>)]) -> Result<()> {
     let views: Vec<_> = host.iter().map(|(n, s, d)| (*n, s.clone(), d.as_slice())).collect();
     std::fs::write(path, safetensors::serialize_f32(&views)).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })
@@ -131,6 +145,7 @@ async fn generate_command(args: &Args) -> Result<()> {
         timestep_spacing: args.get("timestep-spacing").map(str::parse).transpose()?,
         strength: args.parsed("strength", defaults.strength)?,
         init_image,
+        prompt_options: prompt_options(args)?,
         ..defaults
     };
     if args.get("strength").is_some() && params.init_image.is_none() {
@@ -270,7 +285,7 @@ async fn encode(args: &Args) -> Result<()> {
     let source = DirSource::new(model);
     let index = ModelIndex::load(&source).await?;
     let encoder = PromptEncoder::load(&gpu, &source, &index).await?;
-    let embeds = encoder.encode(&gpu, prompt, args.get("negative"))?;
+    let embeds = encoder.encode_with(&gpu, prompt, args.get("negative"), prompt_options(args)?)?;
     let named = [
         ("prompt_embeds", &embeds.prompt_embeds),
         ("pooled_prompt_embeds", &embeds.pooled_prompt_embeds),
@@ -402,11 +417,12 @@ async fn sensitivity_command(gpu: &Gpu, source: &DirSource, params: &GeneratePar
 
 async fn run(argv: &[String]) -> Result<()> {
     match argv.first().map(String::as_str) {
-        Some("encode") => encode(&Args::parse(&argv[1..], &["model", "prompt", "negative", "out", "precision"])?).await,
+        Some("encode") => encode(&Args::parse(&argv[1..], &["model", "prompt", "negative", "out", "precision", "long-prompt", "prompt-weighting"])?).await,
         Some("generate") => {
             let known = [
                 "model", "refiner", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "refiner-start", "out",
-                "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength",
+                "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength", "long-prompt",
+                "prompt-weighting",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await
         }

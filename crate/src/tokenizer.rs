@@ -88,6 +88,17 @@ impl ClipTokenizer {
 
     /// Token ids of `text`: bos, at most max_length - 2 tokens, eos, then padding to max_length.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let body = self.tokens(text)?;
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos_id);
+        ids.extend(body.iter().take(self.max_length - 2));
+        ids.push(self.eos_id);
+        ids.resize(self.max_length, self.pad_id);
+        Ok(ids)
+    }
+
+    /// Token ids of `text` without bos/eos, truncation or padding (`tokenizer(text).input_ids[1:-1]`).
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
         let mut body = Vec::new();
         let mut rest = text;
         // As transformers: special tokens are matched in the raw text (so a full-width "！" that
@@ -112,12 +123,7 @@ impl ClipTokenizer {
             }
             body.extend(special);
         }
-        let mut ids = Vec::with_capacity(self.max_length);
-        ids.push(self.bos_id);
-        ids.extend(body.iter().take(self.max_length - 2));
-        ids.push(self.eos_id);
-        ids.resize(self.max_length, self.pad_id);
-        Ok(ids)
+        Ok(body)
     }
 }
 

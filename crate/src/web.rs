@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::pack::{self, ModelKind, Pack};
 use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel, Stage};
 use crate::pipeline::image;
+use crate::pipeline::prompt::PromptOptions;
 use crate::quant::QuantPreset;
 use crate::store::{DownloadOptions, IdbStore, ModelStore};
 use crate::weights::Source;
@@ -101,6 +102,11 @@ struct GenerateOptions {
     /// Whether to send a latent preview with every step.
     #[serde(default)]
     preview: bool,
+    /// Prompts past 75 tokens encoded in windows, and A1111 weights (lpw_stable_diffusion_xl).
+    #[serde(default)]
+    long_prompt: bool,
+    #[serde(default)]
+    prompt_weighting: bool,
 }
 
 struct Loaded {
@@ -301,6 +307,7 @@ impl Engine {
             refiner_start: options.refiner_start.unwrap_or(defaults.refiner_start),
             scheduler: options.scheduler.as_deref().map(str::parse).transpose()?,
             timestep_spacing: options.timestep_spacing.as_deref().map(str::parse).transpose()?,
+            prompt_options: PromptOptions { long_prompt: options.long_prompt, weighting: options.prompt_weighting },
             ..defaults
         };
         let mut watcher = JsObserver { on_event, cancelled, preview: options.preview, marks: vec![("start", js_sys::Date::now())] };

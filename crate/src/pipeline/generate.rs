@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
-use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder};
+use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder, PromptOptions};
 use crate::pipeline::ModelIndex;
 use crate::quant::QuantPreset;
 use crate::random::TorchGenerator;
@@ -105,6 +105,8 @@ pub struct GenerateParams {
     pub init_image: Option<InitImage>,
     /// How much of the schedule img2img runs, in (0, 1] (diffusers' `strength`).
     pub strength: f64,
+    /// Long prompts and A1111 weights as lpw_stable_diffusion_xl; off by default (diffusers' truncation).
+    pub prompt_options: PromptOptions,
 }
 
 impl Default for GenerateParams {
@@ -127,6 +129,7 @@ impl Default for GenerateParams {
             timestep_spacing: None,
             init_image: None,
             strength: 0.3,
+            prompt_options: PromptOptions::default(),
         }
     }
 }
@@ -360,7 +363,7 @@ async fn denoise(
     let guided = p.guidance > 1.0;
     let negative = if guided { p.negative.as_deref() } else { None };
     let PromptEmbeds { prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds } =
-        model.prompt_encoder.encode(gpu, &p.prompt, negative)?;
+        model.prompt_encoder.encode_with(gpu, &p.prompt, negative, p.prompt_options)?;
     let time_ids = model.time_ids(p, p.aesthetic_score);
     let (context, pooled, time_ids) = if guided {
         let negative_time_ids = model.time_ids(p, p.negative_aesthetic_score);
