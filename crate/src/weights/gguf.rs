@@ -365,7 +365,7 @@ impl Reader<'_> {
         let n = self.u64(what)?;
         let left = self.file_len - self.pos;
         if n.checked_mul(min_bytes).is_none_or(|b| b > left) {
-            return Err(self.corrupt(format!("{what} {n} cannot fit in the {left} bytes left in the file (corrupt header?)")));
+            return Err(self.corrupt(format!("{what} {n} cannot fit in the {left} bytes left in the {}-byte file (truncated or corrupt)", self.file_len)));
         }
         Ok(n)
     }
