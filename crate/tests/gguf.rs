@@ -46,41 +46,26 @@ fn ggml_reference_dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 y.extend(b[2..].iter().map(|&q| q as i8 as i32 as f32 * h(b, 0)));
             }
         }
-        GgmlType::Q4_0 | GgmlType::Q4_1 => {
+        _ => {
+            // Q4_0, Q4_1, Q5_0, Q5_1: [d][m for *_1][qh for Q5_*][qs].
+            let affine = matches!(ggml_type, GgmlType::Q4_1 | GgmlType::Q5_1);
+            let five_bit = matches!(ggml_type, GgmlType::Q5_0 | GgmlType::Q5_1);
+            let offset = if affine { 0 } else if five_bit { 16 } else { 8 };
             for b in bytes.chunks(ggml_type.block_bytes()) {
-                let (d, m, qs) = if ggml_type == GgmlType::Q4_0 { (h(b, 0), 0.0, &b[2..]) } else { (h(b, 0), h(b, 2), &b[4..]) };
-                let mut block = [0f32; 32];
-                for j in 0..16 {
-                    let (x0, x1) = ((qs[j] & 0x0F) as i32, (qs[j] >> 4) as i32);
-                    if ggml_type == GgmlType::Q4_0 {
-                        block[j] = (x0 - 8) as f32 * d;
-                        block[j + 16] = (x1 - 8) as f32 * d;
-                    } else {
-                        block[j] = x0 as f32 * d + m;
-                        block[j + 16] = x1 as f32 * d + m;
-                    }
-                }
-                y.extend(block);
-            }
-        }
-        GgmlType::Q5_0 | GgmlType::Q5_1 => {
-            for b in bytes.chunks(ggml_type.block_bytes()) {
-                let (d, m, rest) = if ggml_type == GgmlType::Q5_0 { (h(b, 0), 0.0, &b[2..]) } else { (h(b, 0), h(b, 2), &b[4..]) };
-                let qh = u32::from_le_bytes(rest[..4].try_into().unwrap());
-                let qs = &rest[4..];
+                let (d, m) = (h(b, 0), if affine { h(b, 2) } else { 0.0 });
+                let mut at = if affine { 4 } else { 2 };
+                let qh = if five_bit { u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) } else { 0 };
+                at += if five_bit { 4 } else { 0 };
+                let qs = &b[at..];
                 let mut block = [0f32; 32];
                 for j in 0..16 {
                     let xh_0 = (((qh >> j) << 4) & 0x10) as i32;
                     let xh_1 = ((qh >> (j + 12)) & 0x10) as i32;
-                    let x0 = (qs[j] & 0x0F) as i32 | xh_0;
-                    let x1 = (qs[j] >> 4) as i32 | xh_1;
-                    if ggml_type == GgmlType::Q5_0 {
-                        block[j] = (x0 - 16) as f32 * d;
-                        block[j + 16] = (x1 - 16) as f32 * d;
-                    } else {
-                        block[j] = x0 as f32 * d + m;
-                        block[j + 16] = x1 as f32 * d + m;
-                    }
+                    let x0 = ((qs[j] & 0x0F) as i32 | xh_0) - offset;
+                    let x1 = ((qs[j] >> 4) as i32 | xh_1) - offset;
+                    // No `+ m` for the symmetric types: it would turn ggml's −0.0 into +0.0.
+                    let value = |x: i32| if affine { x as f32 * d + m } else { x as f32 * d };
+                    (block[j], block[j + 16]) = (value(x0), value(x1));
                 }
                 y.extend(block);
             }
