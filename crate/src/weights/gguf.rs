@@ -463,21 +463,22 @@ impl Reader<'_> {
             return Err(Stop::Fail(Error::Tensor { path: self.path.to_string(), tensor: name, message }));
         };
         let torch_order: Vec<u64> = ne.iter().rev().copied().collect();
-        let elements = ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| usize::try_from(n).is_ok());
+        let fits = |n: u64| usize::try_from(n).is_ok();
+        let elements = ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d).filter(|_| fits(d))).filter(|&n| fits(n));
         let bytes = elements.and_then(|n| (n / ggml_type.block_values() as u64).checked_mul(ggml_type.block_bytes() as u64));
         let start = data_start.checked_add(offset);
         let end = start.zip(bytes).and_then(|(s, b)| s.checked_add(b));
         let (Some(start), Some(end)) = (start, end) else {
             return Err(self.corrupt(format!("tensor '{name}': {} {torch_order:?} at offset {offset} is too large", ggml_type.name())));
         };
-        // Every dim fits usize now: their product does.
+        // Every dim and their product fit usize.
         let shape: Vec<usize> = torch_order.iter().map(|&d| d as usize).collect();
         let inner = ne.first().copied().unwrap_or(1);
-        if inner % ggml_type.block_values() as u64 != 0 {
+        if !inner.is_multiple_of(ggml_type.block_values() as u64) {
             let block = ggml_type.block_values();
             return Err(self.corrupt(format!("tensor '{name}': {} {shape:?} has rows of {inner} values, not whole {block}-value blocks", ggml_type.name())));
         }
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(self.corrupt(format!("tensor '{name}': offset {offset} is not a multiple of the alignment {alignment}")));
         }
         if end > self.file_len {
@@ -606,7 +607,7 @@ impl Block {
 /// types are converted (round to nearest even). Errors when the values are not whole blocks.
 pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     let block = ggml_type.block_values();
-    if values.len() % block != 0 {
+    if !values.len().is_multiple_of(block) {
         return Err(Error::InvalidParameter(format!("{} values are not whole {}-value {} blocks", values.len(), block, ggml_type.name())));
     }
     let mut out = Vec::with_capacity(values.len() / block * ggml_type.block_bytes());
@@ -629,7 +630,7 @@ fn quantize_block(ggml_type: GgmlType, x: &[f32], out: &mut Vec<u8>) {
     let (min, max) = x.iter().fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (if v < lo { v } else { lo }, if v > hi { v } else { hi }));
     let (d, m, codes): (f32, Option<f32>, [u8; BLOCK]) = match ggml_type {
         GgmlType::Q8_0 => {
-            let d = x.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+            let d = extreme.abs() / 127.0;
             let id = inverse(d);
             (d, None, std::array::from_fn(|j| (x[j] * id).round() as i8 as u8))
         }
@@ -687,7 +688,7 @@ impl GgufWriter {
     pub fn tensor(&mut self, name: &str, shape: &[usize], ggml_type: GgmlType, values: &[f32]) -> Result<()> {
         let elements: usize = shape.iter().product();
         let row = shape.last().copied().unwrap_or(1);
-        if values.len() != elements || row % ggml_type.block_values() != 0 {
+        if values.len() != elements || !row.is_multiple_of(ggml_type.block_values()) {
             return Err(Error::InvalidParameter(format!(
                 "GGUF tensor '{name}': {} values for {} {shape:?} (rows must be whole {}-value blocks)",
                 values.len(),
