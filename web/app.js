@@ -112,6 +112,7 @@ async function generate(signal) {
     steps: Number($('steps').value),
     guidance: Number($('guidance').value),
     seed: Number($('seed').value),
+    scheduler: $('scheduler').value || null,
     refinerStart: sdxl.loaded.refiner ? Number($('refiner-start').value) : null,
     signal,
     onStep: showPreview,

@@ -281,3 +281,89 @@ fn missing_prompt() {
     let run = sdxl(&["generate", "--model", BASE, "--width", "64", "--height", "64", "--steps", "2", "--out", &out]);
     assert_fails_with(&dir, &run, &["--prompt is required"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Samplers and img2img on the command line (the tiny pipeline of tests/fixtures/ref_samplers.py).
+// ---------------------------------------------------------------------------------------------
+
+const TINY_REFINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-refiner");
+const INIT_IMAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/init_96x64.png");
+
+/// The refiner alone refines an image (SDEdit) with DPM++ 2M: the image diffusers' img2img pipeline
+/// gives for the same seed, and a recipe naming the sampler and the strength.
+#[test]
+fn refiner_sdedit_from_png_matches_diffusers() {
+    let dir = TempDir::new("sdedit");
+    let (png, tensors) = (dir.file("x.png"), dir.file("x.safetensors"));
+    let run = sdxl(&[
+        "generate", "--refiner", TINY_REFINER, "--init-image", INIT_IMAGE, "--strength", "0.5", "--scheduler", "dpmpp_2m",
+        "--steps", "4", "--seed", "10", "--guidance", "5", "--prompt", "a lighthouse on a cliff at dawn", "--negative", "blurry",
+        "--precision", "f32", "--out", &png, "--tensors-out", &tensors,
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.contains(" step ")).count(), 2, "int(4 * 0.5) steps:\n{stderr}");
+    let refs = pollster::block_on(async {
+        let source = DirSource::new(format!("{FIXTURES}/reference"));
+        let weights = Weights::from_files(&source, vec!["samplers.safetensors".into()]).await.unwrap();
+        weights.host("sdedit.dpmpp_2m.image", &[1, 3, 64, 96]).await.unwrap()
+    });
+    let (_, image) = &read_all(&dir.0, "x.safetensors")["image"];
+    let db = psnr(image, &refs);
+    assert!(db >= 45.0, "SDEdit image PSNR {db:.1} dB");
+    let (w, h, _, recipe) = read_png(&png);
+    assert_eq!((w, h), (96, 64), "img2img runs at the image's size");
+    let recipe = recipe.unwrap();
+    assert!(recipe.contains("Sampler: DPM++ 2M,") && recipe.contains("Denoising strength: 0.5"), "{recipe}");
+    eprintln!("SDEdit (refiner alone, DPM++ 2M, strength 0.5): image PSNR {db:.1} dB");
+}
+
+#[test]
+fn unknown_scheduler() {
+    let dir = TempDir::new("scheduler");
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--scheduler", "euler_b"]), &["scheduler", "euler_b", "dpmpp_2m_karras"]);
+}
+
+#[test]
+fn unknown_timestep_spacing() {
+    let dir = TempDir::new("spacing");
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--timestep-spacing", "uniform"]), &["spacing", "uniform", "trailing"]);
+}
+
+#[test]
+fn strength_outside_0_1() {
+    for strength in ["1.5", "0", "-0.2"] {
+        let dir = TempDir::new(&format!("strength{strength}"));
+        let run = generate_with(&dir, None, &["--init-image", INIT_IMAGE, "--width", "96", "--strength", strength]);
+        assert_fails_with(&dir, &run, &["strength", strength, "(0, 1]"]);
+    }
+}
+
+#[test]
+fn strength_without_init_image() {
+    let dir = TempDir::new("strength-alone");
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--strength", "0.5"]), &["--strength needs --init-image"]);
+}
+
+#[test]
+fn init_image_of_the_wrong_size() {
+    let dir = TempDir::new("init-size");
+    // generate_with asks for 64x64; the image is 96x64.
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--init-image", INIT_IMAGE]), &["init image is 96x64", "64x64"]);
+}
+
+#[test]
+fn init_image_not_a_png() {
+    let dir = TempDir::new("init-not-png");
+    let fake = dir.file("fake.png");
+    std::fs::write(&fake, b"not a png at all").unwrap();
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--init-image", &fake]), &["--init-image", "fake.png", "PNG"]);
+}
+
+#[test]
+fn refiner_alone_without_init_image() {
+    let dir = TempDir::new("refiner-alone");
+    let out = dir.file("x.png");
+    let run = sdxl(&["generate", "--refiner", REFINER, "--prompt", "a cat", "--out", &out]);
+    assert_fails_with(&dir, &run, &["--refiner without --model needs --init-image"]);
+}
