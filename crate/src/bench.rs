@@ -212,8 +212,8 @@ async fn measure_peak(gpu: &Gpu) -> Result<Peak> {
     let dst = gpu.empty_weight(&[vec4s, 4], DType::F32, "bench destination")?;
     let threads = 1usize << 20;
     let iterations = 1024u32;
-    let fma = time(gpu, || gpu.dispatch(&BENCH, "peak_fma", &[vec4s as u32, iterations, 0, 0], &[&src, &dst], Gpu::grid(threads, 256)?)).await?;
-    let copy = time(gpu, || gpu.dispatch(&BENCH, "copy", &[vec4s as u32, 0, 0, 0], &[&src, &dst], Gpu::grid(vec4s, 256)?)).await?;
+    let fma = time(gpu, || gpu.dispatch(&BENCH, "peak_fma", DType::F32, &[vec4s as u32, iterations, 0, 0], &[&src, &dst], Gpu::grid(threads, 256)?)).await?;
+    let copy = time(gpu, || gpu.dispatch(&BENCH, "copy", DType::F32, &[vec4s as u32, 0, 0, 0], &[&src, &dst], Gpu::grid(vec4s, 256)?)).await?;
     Ok(Peak { gflops: threads as f64 * iterations as f64 * 64.0 / fma / 1e9, gbps: 2.0 * 16.0 * vec4s as f64 / copy / 1e9 })
 }
 
@@ -293,7 +293,7 @@ fn input(gpu: &Gpu, shape: &[usize]) -> Result<Tensor> {
 }
 
 fn weight(gpu: &Gpu, shape: &[usize], format: Option<QuantFormat>) -> Result<Weight> {
-    random::matrix(gpu, 7, "bench.weight", shape, format)
+    random::matrix(gpu, 7, "bench.weight", shape, format, gpu.dtype)
 }
 
 async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<KernelResult> {
@@ -301,7 +301,7 @@ async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<Ker
     let (seconds, work, unit) = match case.op {
         Op::Linear { m, k, n, geglu, format } => {
             let (x, w) = (input(gpu, &[m, k])?, weight(gpu, &[n, k], format)?);
-            let b = random::tensor(gpu, 7, "bench.bias", &[n])?;
+            let b = random::tensor(gpu, 7, "bench.bias", &[n], gpu.dtype)?;
             let s = time(gpu, || match geglu {
                 true => gpu.linear_geglu(&x, &w, Some(&b)).map(drop),
                 false => gpu.linear(&x, &w, Some(&b)).map(drop),
@@ -311,7 +311,7 @@ async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<Ker
         }
         Op::Conv { batch, cin, cout, hw, format } => {
             let (x, w) = (input(gpu, &[batch, cin, hw, hw])?, weight(gpu, &[cout, cin, 3, 3], format)?);
-            let b = random::tensor(gpu, 7, "bench.bias", &[cout])?;
+            let b = random::tensor(gpu, 7, "bench.bias", &[cout], gpu.dtype)?;
             let s = time(gpu, || gpu.conv2d(&x, &w, 3, Some(&b), 1, [1; 4]).map(drop)).await?;
             (s, 2.0 * (batch * cout * hw * hw * cin * 9) as f64, "GFLOP/s")
         }
@@ -323,7 +323,7 @@ async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<Ker
         }
         Op::GroupNormSilu { batch, channels, hw, groups } => {
             let x = input(gpu, &[batch, channels, hw, hw])?;
-            let (g, b) = (random::tensor(gpu, 7, "bench.norm.weight", &[channels])?, random::tensor(gpu, 7, "bench.bias", &[channels])?);
+            let (g, b) = (random::tensor(gpu, 7, "bench.norm.weight", &[channels], gpu.dtype)?, random::tensor(gpu, 7, "bench.bias", &[channels], gpu.dtype)?);
             let s = time(gpu, || gpu.group_norm(&x, groups, &g, &b, 1e-5, true).map(drop)).await?;
             // Read once and written once (the statistics pass reads again, from cache at best).
             (s, 2.0 * bytes * (batch * channels * hw * hw) as f64, "GB/s")

@@ -178,14 +178,16 @@ const MAX_GROUPS_PER_DIM: u32 = 65535;
 pub struct Gpu {
     device: wgpu::Device,
     queue: wgpu::Queue,
-    /// Float type of activations and weights.
+    /// Float type of activations and weights unless a model chooses otherwise (the VAE may
+    /// compute in f32 on an f16 device: ops follow their inputs' dtype).
     pub dtype: DType,
     pub has_shader_f16: bool,
     pub has_subgroups: bool,
     pub adapter_name: String,
     limits: wgpu::Limits,
-    /// Compiled pipelines by (shader, entry), then by specialisation (looked up without copying).
-    pipelines: RefCell<HashMap<(&'static str, &'static str), HashMap<String, wgpu::ComputePipeline>>>,
+    /// Compiled pipelines by (shader, entry, float type), then by specialisation (looked up
+    /// without copying).
+    pipelines: RefCell<HashMap<(&'static str, &'static str, DType), HashMap<String, wgpu::ComputePipeline>>>,
     /// The open compute pass: consecutive dispatches share one pass (WebGPU still orders each
     /// dispatch's writes before the next's reads), ended before any copy and before submitting.
     pass: RefCell<Option<wgpu::ComputePass<'static>>>,
@@ -382,7 +384,12 @@ impl Gpu {
 
     /// An activation of zeros (a pooled buffer may hold an earlier tensor's values: cleared).
     pub fn zeros(&self, shape: &[usize]) -> Result<Tensor> {
-        let t = self.empty(shape)?;
+        self.zeros_as(shape, self.dtype)
+    }
+
+    /// `zeros` of `dtype`.
+    pub fn zeros_as(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let t = self.empty_as(shape, dtype)?;
         self.encoder().clear_buffer(&t.buffer.raw, 0, None);
         Ok(t)
     }
@@ -419,10 +426,10 @@ impl Gpu {
         Ok(t)
     }
 
-    /// Uploads f16 data as the working float type without a detour through f32 when possible.
-    pub fn upload_f16(&self, data: &[half::f16], shape: &[usize], what: &str) -> Result<Tensor> {
+    /// Uploads f16 data as float type `dtype` without a detour through f32 when possible.
+    pub fn upload_f16(&self, data: &[half::f16], shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
-        if self.dtype == DType::F16 {
+        if dtype == DType::F16 {
             let t = self.alloc(shape, DType::F16, what, false)?;
             self.write(&t, bytemuck::cast_slice(data));
             Ok(t)
@@ -588,14 +595,15 @@ impl Gpu {
             .unwrap_or_else(|| self.device.create_command_encoder(&Default::default()))
     }
 
-    /// The pipeline of `entry` in `shader`, compiled once per `defines` (WGSL declarations
-    /// prepended to the source, e.g. a head size or tile shape the kernel is specialised for).
-    fn pipeline(&self, shader: &Shader, entry: &'static str, defines: &str) -> wgpu::ComputePipeline {
-        let key = (shader.name, entry);
+    /// The pipeline of `entry` in `shader` with storage float type `T` = `dtype`, compiled once
+    /// per `defines` (WGSL declarations prepended to the source, e.g. a head size or tile shape
+    /// the kernel is specialised for).
+    fn pipeline(&self, shader: &Shader, entry: &'static str, dtype: DType, defines: &str) -> wgpu::ComputePipeline {
+        let key = (shader.name, entry, dtype);
         if let Some(p) = self.pipelines.borrow().get(&key).and_then(|variants| variants.get(defines)) {
             return p.clone();
         }
-        let prelude = match self.dtype {
+        let prelude = match dtype {
             DType::F16 => "enable f16;\nalias T = f16;\n",
             _ => "alias T = f32;\n",
         };
@@ -616,17 +624,20 @@ impl Gpu {
         pipeline
     }
 
-    /// Records one kernel launch. Binding 0 is a uniform block holding `params` (u32 words; floats
-    /// via `f32::to_bits`); bindings 1.. are `tensors` in order.
-    pub(crate) fn dispatch(&self, shader: &Shader, entry: &'static str, params: &[u32], tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
-        self.dispatch_with(shader, entry, "", params, tensors, groups)
+    /// Records one kernel launch with storage float type `T` = `dtype`. Binding 0 is a uniform
+    /// block holding `params` (u32 words; floats via `f32::to_bits`); bindings 1.. are `tensors`
+    /// in order.
+    pub(crate) fn dispatch(&self, shader: &Shader, entry: &'static str, dtype: DType, params: &[u32], tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
+        self.dispatch_with(shader, entry, dtype, "", params, tensors, groups)
     }
 
     /// `dispatch` of a kernel specialised by `defines` (see `pipeline`).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn dispatch_with(
         &self,
         shader: &Shader,
         entry: &'static str,
+        dtype: DType,
         defines: &str,
         params: &[u32],
         tensors: &[&Tensor],
@@ -641,7 +652,7 @@ impl Gpu {
         if params.len() * 4 > UNIFORM_SLOT as usize {
             return Err(Error::InvalidParameter(format!("{}::{entry}: {} parameter words", shader.name, params.len())));
         }
-        let pipeline = self.pipeline(shader, entry, defines);
+        let pipeline = self.pipeline(shader, entry, dtype, defines);
         let offset = self.pending_dispatches.get() as u64 * UNIFORM_SLOT;
         let words = params.len().next_multiple_of(4).max(4);
         {

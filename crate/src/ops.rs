@@ -26,6 +26,7 @@ const EMBEDDING: Shader = shader!("embedding");
 const TIMESTEP: Shader = shader!("timestep");
 const FILL: Shader = shader!("fill");
 const TILE: Shader = shader!("tile");
+const CAST: Shader = shader!("cast");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -94,11 +95,38 @@ fn u(x: usize) -> u32 {
 }
 
 impl Gpu {
-    fn check_float(&self, t: &Tensor, what: &str) -> Result<()> {
-        if t.dtype() != self.dtype {
-            return Err(bad(format!("{what}: expected a {:?} tensor, got {:?}", self.dtype, t.dtype())));
+    /// The float type an op computes in and stores its output as: that of its inputs, which must
+    /// all have it (f16 only where the adapter has shader-f16). Each input comes with its name
+    /// for errors.
+    pub(crate) fn float_dtype(&self, op: &str, inputs: &[(&Tensor, &str)]) -> Result<DType> {
+        let &(first, first_name) = inputs.first().expect("an op has inputs");
+        let dtype = first.dtype();
+        if dtype == DType::U32 || (dtype == DType::F16 && !self.has_shader_f16) {
+            let allowed = if self.has_shader_f16 { "f32 or f16" } else { "f32 (this adapter has no shader-f16)" };
+            return Err(bad(format!("{op}: {first_name} is {dtype:?}; expected {allowed}")));
         }
-        Ok(())
+        if let Some((t, name)) = inputs.iter().find(|(t, _)| t.dtype() != dtype) {
+            return Err(bad(format!("{op}: {name} is {:?} but {first_name} is {dtype:?}; an op's inputs share one float type (cast first)", t.dtype())));
+        }
+        Ok(dtype)
+    }
+
+    /// x converted to float type `dtype` (the same tensor when it has it already): f16 <-> f32.
+    /// f16 -> f32 is exact; f32 -> f16 rounds as the device converts (values beyond ±65504 do
+    /// not survive it).
+    pub fn cast(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let from = self.float_dtype("cast", &[(x, "input")])?;
+        if from == dtype {
+            return Ok(x.clone());
+        }
+        if dtype == DType::U32 || !self.has_shader_f16 {
+            return Err(bad(format!("cast of a {from:?} tensor to {dtype:?}: only f16 <-> f32, on an adapter with shader-f16")));
+        }
+        let y = self.empty_as(x.shape(), dtype)?;
+        // The kernel is specialised for the f16 side (T = f16); `defines` orient it.
+        let defines = if from == DType::F16 { "alias SRC = T;\nalias DST = f32;\n" } else { "alias SRC = f32;\nalias DST = T;\n" };
+        self.dispatch_with(&CAST, "convert", DType::F16, defines, &[u(x.len()), 0, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
+        Ok(y)
     }
 
     /// Scaled dot-product attention over [batch, tokens, heads * head_dim] tensors (the layout of
@@ -119,9 +147,7 @@ impl Gpu {
         if causal && lq != lk {
             return Err(bad(format!("attention: a causal mask needs as many queries as keys ({lq} vs {lk})")));
         }
-        for (t, what) in [(q, "query"), (k, "key"), (v, "value")] {
-            self.check_float(t, what)?;
-        }
+        let dtype = self.float_dtype("attention", &[(q, "query"), (k, "key"), (v, "value")])?;
         let d = width / heads;
         if heads == 1 && d > FLASH_MAX_HEAD_DIM && !causal {
             return self.attention_chunked(q, k, v);
@@ -134,10 +160,10 @@ impl Gpu {
             static PRELUDES: RefCell<HashMap<(usize, usize), Rc<str>>> = RefCell::default();
         }
         let defines = PRELUDES.with(|p| p.borrow_mut().entry((d, bkv)).or_insert_with(|| flash_prelude(d, bkv, bkv.min(8)).into()).clone());
-        let out = self.empty(&[bq, lq, width])?;
+        let out = self.empty_as(&[bq, lq, width], dtype)?;
         let scale = 1.0 / (d as f32).sqrt();
         let params = [u(lq), u(lk), u(heads), u(width), causal as u32, scale.to_bits(), 0, 0];
-        self.dispatch_with(&ATTENTION, "attention", &defines, &params, &[q, k, v, &out], [u(lq.div_ceil(64)), u(bq * heads), 1])?;
+        self.dispatch_with(&ATTENTION, "attention", dtype, &defines, &params, &[q, k, v, &out], [u(lq.div_ceil(64)), u(bq * heads), 1])?;
         Ok(out)
     }
 
@@ -147,17 +173,18 @@ impl Gpu {
     /// registers; memory stays bounded by one chunk of scores.
     fn attention_chunked(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (&[batch, lq, d], lk) = (q.shape(), k.shape()[1]) else { unreachable!("checked by attention") };
-        let rows = ((self.max_binding_bytes().min(256 << 20) as usize / (lk * self.dtype.size())).max(1)).min(lq);
+        let dtype = q.dtype();
+        let rows = ((self.max_binding_bytes().min(256 << 20) as usize / (lk * dtype.size())).max(1)).min(lq);
         let mut items = Vec::with_capacity(batch);
         for b in 0..batch {
             let (qb, kb) = (self.narrow(q, b, 1)?.reshape(&[lq, d])?, self.narrow(k, b, 1)?.reshape(&[lk, d])?);
             let vt = Weight::Dense(self.transpose(&self.narrow(v, b, 1)?.reshape(&[lk, d])?)?);
-            let (keys, out) = (Weight::Dense(kb), self.empty(&[lq, d])?);
+            let (keys, out) = (Weight::Dense(kb), self.empty_as(&[lq, d], dtype)?);
             for r0 in (0..lq).step_by(rows) {
                 let n = rows.min(lq - r0);
                 let scores = self.linear(&self.crop(&qb, r0, 0, n, d)?, &keys, None)?;
                 let params = [u(n), u(lk), (1.0 / (d as f32).sqrt()).to_bits(), 0];
-                self.dispatch(&SOFTMAX, "softmax", &params, &[&scores], Gpu::grid(n, 1)?)?;
+                self.dispatch(&SOFTMAX, "softmax", dtype, &params, &[&scores], Gpu::grid(n, 1)?)?;
                 self.paste(&out, &self.linear(&scores, &vt, None)?, r0, 0, [(0, 0); 2])?;
             }
             items.push(out.reshape(&[1, lq, d])?);
@@ -174,10 +201,11 @@ impl Gpu {
         if gamma.shape() != [cols] || beta.shape() != [cols] {
             return Err(bad(format!("layer_norm: input {:?}, weight {:?}, bias {:?}", x.shape(), gamma.shape(), beta.shape())));
         }
+        let dtype = self.float_dtype("layer_norm", &[(x, "input"), (gamma, "weight"), (beta, "bias")])?;
         let rows = x.len() / cols;
-        let y = self.empty(x.shape())?;
+        let y = self.empty_as(x.shape(), dtype)?;
         let params = [u(rows), u(cols), eps.to_bits(), 0];
-        self.dispatch(&NORM, "layer_norm", &params, &[x, gamma, beta, &y], Gpu::grid(rows, 1)?)?;
+        self.dispatch(&NORM, "layer_norm", dtype, &params, &[x, gamma, beta, &y], Gpu::grid(rows, 1)?)?;
         Ok(y)
     }
 
@@ -195,7 +223,7 @@ impl Gpu {
     /// channels, h, w] per (batch, group) into `chunks` slots from `slot0` of `partials`
     /// [batch · groups, slots, 4] (f32).
     pub(crate) fn group_partials(&self, x: &Tensor, groups: usize, [y0, y1, x0, x1]: [usize; 4], partials: &Tensor, slot0: usize, chunks: usize) -> Result<()> {
-        self.check_float(x, "group statistics input")?;
+        let dtype = self.float_dtype("group statistics", &[(x, "input")])?;
         let (batch, channels, h, w) = match x.shape() {
             [b, c, h, w] => (*b, *c, *h, *w),
             [b, c, rest @ ..] => (*b, *c, 1, rest.iter().product()),
@@ -209,7 +237,7 @@ impl Gpu {
             return Err(bad(format!("group statistics of rows {y0}..{y1}, cols {x0}..{x1} of {:?} into slots {slot0}.. of {:?}", x.shape(), partials.shape())));
         }
         let params = [u(groups), u(channels), u(h), u(w), u(y0), u(y1), u(x0), u(x1), u(chunks), u(slots), u(slot0), 0, 0, 0, 0, 0];
-        self.dispatch(&GROUP_NORM, "group_partials", &params, &[x, partials], [u(chunks), u(batch * groups), 1])
+        self.dispatch(&GROUP_NORM, "group_partials", dtype, &params, &[x, partials], [u(chunks), u(batch * groups), 1])
     }
 
     /// Group norm of x with the statistics merged from every slot of `partials` (see
@@ -217,21 +245,22 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn group_norm_with(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f32, silu: bool, partials: &Tensor) -> Result<Tensor> {
         let (batch, channels, h, w) = self.group_dims(x, groups, gamma, beta)?;
+        let dtype = x.dtype();
         let slots = partials.shape().get(1).copied().unwrap_or(0);
         if partials.shape() != [batch * groups, slots, 4] {
             return Err(bad(format!("group norm of {:?} with statistics {:?}", x.shape(), partials.shape())));
         }
         let chunks = group_chunks(x.len() / (batch * groups));
-        let y = self.empty(x.shape())?;
+        let y = self.empty_as(x.shape(), dtype)?;
         let params = [u(groups), u(channels), u(h), u(w), 0, 0, 0, 0, u(chunks), u(slots), 0, silu as u32, eps.to_bits(), 0, 0, 0];
-        self.dispatch(&GROUP_NORM, "group_apply", &params, &[x, partials, gamma, beta, &y], [u(chunks), u(batch * groups), 1])?;
+        self.dispatch(&GROUP_NORM, "group_apply", dtype, &params, &[x, partials, gamma, beta, &y], [u(chunks), u(batch * groups), 1])?;
         Ok(y)
     }
 
     /// (batch, channels, h, w) of a group norm's input, checked with its parameters (any spatial
     /// rank: the trailing axes are taken as one row).
     fn group_dims(&self, x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor) -> Result<(usize, usize, usize, usize)> {
-        self.check_float(x, "group_norm input")?;
+        self.float_dtype("group_norm", &[(x, "input"), (gamma, "weight"), (beta, "bias")])?;
         let (batch, channels) = match x.shape() {
             [b, c, _, ..] => (*b, *c),
             s => return Err(bad(format!("group_norm: expected [batch, channels, ...], got {s:?}"))),
@@ -252,8 +281,9 @@ impl Gpu {
     }
 
     pub fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let y = self.empty(x.shape())?;
-        self.dispatch(&ACTIVATION, "unary", &[u(x.len()), act as u32, 0, 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
+        let dtype = self.float_dtype("activation", &[(x, "input")])?;
+        let y = self.empty_as(x.shape(), dtype)?;
+        self.dispatch(&ACTIVATION, "unary", dtype, &[u(x.len()), act as u32, 0, 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 
@@ -262,9 +292,10 @@ impl Gpu {
         if b.is_empty() || b_inner == 0 || a.len() % (b_inner * b.len()) != 0 {
             return Err(bad(format!("cannot broadcast {:?} over {:?}", b.shape(), a.shape())));
         }
-        let y = self.empty(a.shape())?;
+        let dtype = self.float_dtype(if op == 0 { "add" } else { "mul" }, &[(a, "a"), (b, "b")])?;
+        let y = self.empty_as(a.shape(), dtype)?;
         let params = [u(a.len()), op, u(b_inner), u(b.len()), 0, 0, 0, 0];
-        self.dispatch(&ELEMENTWISE, "binary", &params, &[a, b, &y], Gpu::grid(a.len(), 256)?)?;
+        self.dispatch(&ELEMENTWISE, "binary", dtype, &params, &[a, b, &y], Gpu::grid(a.len(), 256)?)?;
         Ok(y)
     }
 
@@ -303,9 +334,10 @@ impl Gpu {
         if a.shape() != b.shape() {
             return Err(bad(format!("axpby: {:?} vs {:?}", a.shape(), b.shape())));
         }
-        let y = self.empty(a.shape())?;
+        let dtype = self.float_dtype("axpby", &[(a, "a"), (b, "b")])?;
+        let y = self.empty_as(a.shape(), dtype)?;
         let params = [u(a.len()), 0, 1, 1, alpha.to_bits(), beta.to_bits(), 0, 0];
-        self.dispatch(&ELEMENTWISE, "axpby", &params, &[a, b, &y], Gpu::grid(a.len(), 256)?)?;
+        self.dispatch(&ELEMENTWISE, "axpby", dtype, &params, &[a, b, &y], Gpu::grid(a.len(), 256)?)?;
         Ok(y)
     }
 
@@ -319,12 +351,13 @@ impl Gpu {
         if sa.len() != sb.len() || axis >= sa.len() || (0..sa.len()).any(|i| i != axis && sa[i] != sb[i]) {
             return Err(bad(format!("concat on axis {axis}: {sa:?} and {sb:?}")));
         }
+        let dtype = self.float_dtype("concat", &[(a, "a"), (b, "b")])?;
         let inner: usize = sa[axis + 1..].iter().product();
         let mut shape = sa.to_vec();
         shape[axis] += sb[axis];
-        let y = self.empty(&shape)?;
+        let y = self.empty_as(&shape, dtype)?;
         let params = [u(y.len()), 0, 1, 1, 0, 0, u(sa[axis] * inner), u(sb[axis] * inner)];
-        self.dispatch(&ELEMENTWISE, "concat", &params, &[a, b, &y], Gpu::grid(y.len(), 256)?)?;
+        self.dispatch(&ELEMENTWISE, "concat", dtype, &params, &[a, b, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 
@@ -337,7 +370,8 @@ impl Gpu {
         if ids.dtype() != DType::U32 {
             return Err(bad("embedding: ids must be u32".into()));
         }
-        let y = self.zeros(&[ids.len(), dim])?;
+        let dtype = self.float_dtype("embedding", &chunks.iter().map(|c| (c, "table chunk")).collect::<Vec<_>>())?;
+        let y = self.zeros_as(&[ids.len(), dim], dtype)?;
         let mut row0 = 0;
         for chunk in chunks {
             let rows = chunk.shape()[0];
@@ -345,7 +379,7 @@ impl Gpu {
                 return Err(bad(format!("embedding: chunk {:?} does not have width {dim}", chunk.shape())));
             }
             let params = [u(ids.len()), u(dim), u(row0), u(rows)];
-            self.dispatch(&EMBEDDING, "gather", &params, &[ids, chunk, &y], Gpu::grid(y.len(), 256)?)?;
+            self.dispatch(&EMBEDDING, "gather", dtype, &params, &[ids, chunk, &y], Gpu::grid(y.len(), 256)?)?;
             row0 += rows;
         }
         Ok(y)
@@ -359,14 +393,15 @@ impl Gpu {
         if s.len() < 2 || out_h == 0 || out_w == 0 || s.iter().any(|&d| d == 0) {
             return Err(bad(format!("upsample: [.., h, w] {s:?} to {out_h}x{out_w}")));
         }
+        let dtype = self.float_dtype("upsample", &[(x, "input")])?;
         let (h, w) = (s[s.len() - 2], s[s.len() - 1]);
         let mut shape = s.to_vec();
         let r = shape.len();
         (shape[r - 2], shape[r - 1]) = (out_h, out_w);
-        let y = self.empty(&shape)?;
+        let y = self.empty_as(&shape, dtype)?;
         let (scale_y, scale_x) = (h as f32 / out_h as f32, w as f32 / out_w as f32);
         let params = [u(y.len()), u(h), u(w), u(out_h), u(out_w), scale_y.to_bits(), scale_x.to_bits(), 0];
-        self.dispatch(&RESAMPLE, "upsample_nearest", &params, &[x, &y], Gpu::grid(y.len(), 256)?)?;
+        self.dispatch(&RESAMPLE, "upsample_nearest", dtype, &params, &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 
@@ -378,7 +413,7 @@ impl Gpu {
         self.upsample_nearest(x, 2 * s[s.len() - 2], 2 * s[s.len() - 1])
     }
 
-    /// diffusers' get_timestep_embedding: timesteps [n] (f32) -> [n, dim].
+    /// diffusers' get_timestep_embedding: timesteps [n] (f32) -> [n, dim] in the working float type.
     pub fn timestep_embedding(&self, t: &Tensor, dim: usize, flip_sin_to_cos: bool, shift: f32, scale: f32, max_period: f32) -> Result<Tensor> {
         if t.dtype() != DType::F32 || t.shape().len() != 1 || dim < 2 {
             return Err(bad(format!("timestep_embedding: timesteps must be f32 [n], got {:?} {:?}, dim {dim}", t.dtype(), t.shape())));
@@ -386,14 +421,14 @@ impl Gpu {
         let n = t.len();
         let y = self.empty(&[n, dim])?;
         let params = [u(n), u(dim), flip_sin_to_cos as u32, shift.to_bits(), max_period.ln().to_bits(), scale.to_bits(), 0, 0];
-        self.dispatch(&TIMESTEP, "timestep", &params, &[t, &y], Gpu::grid(y.len(), 256)?)?;
+        self.dispatch(&TIMESTEP, "timestep", self.dtype, &params, &[t, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 
     /// Swaps the last two axes: [.., rows, cols] -> [.., cols, rows]. Moves images between NCHW
     /// ([B, C, H*W]) and the token layout [B, H*W, C] of attention and linear projections.
     pub fn transpose(&self, x: &Tensor) -> Result<Tensor> {
-        self.check_float(x, "transpose input")?;
+        let dtype = self.float_dtype("transpose", &[(x, "input")])?;
         let s = x.shape();
         if s.len() < 2 {
             return Err(bad(format!("transpose: expected [.., rows, cols], got {s:?}")));
@@ -402,8 +437,8 @@ impl Gpu {
         let mut shape = s.to_vec();
         let r = shape.len();
         shape.swap(r - 2, r - 1);
-        let y = self.empty(&shape)?;
-        self.dispatch(&RESAMPLE, "transpose", &[u(y.len()), u(rows), u(cols), 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
+        let y = self.empty_as(&shape, dtype)?;
+        self.dispatch(&RESAMPLE, "transpose", dtype, &[u(y.len()), u(rows), u(cols), 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 
@@ -411,21 +446,21 @@ impl Gpu {
     /// in f32: e.g. diffusers' image post-processing (x / 2 + 0.5).clamp(0, 1) and a VAE
     /// posterior's clamped logvar and std = exp(logvar / 2). Use ±infinity for an open bound.
     pub fn affine(&self, x: &Tensor, scale: f32, shift: f32, exp: bool, (lo, hi): (f32, f32)) -> Result<Tensor> {
-        self.check_float(x, "affine input")?;
+        let dtype = self.float_dtype("affine", &[(x, "input")])?;
         if lo.is_nan() || hi.is_nan() || lo > hi {
             return Err(bad(format!("affine: clamp bounds {lo}..{hi}")));
         }
-        let y = self.empty(x.shape())?;
+        let y = self.empty_as(x.shape(), dtype)?;
         let params = [u(x.len()), exp as u32, 0, 0, scale.to_bits(), shift.to_bits(), lo.to_bits(), hi.to_bits()];
-        self.dispatch(&ACTIVATION, "affine", &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
+        self.dispatch(&ACTIVATION, "affine", dtype, &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 
     /// Overwrites a float tensor with center + scale · uniform(-1, 1), drawn on the GPU from `seed`.
     pub fn fill_uniform(&self, t: &Tensor, seed: u32, center: f32, scale: f32) -> Result<()> {
-        self.check_float(t, "fill_uniform")?;
+        let dtype = self.float_dtype("fill_uniform", &[(t, "tensor")])?;
         let params = [u(t.len()), seed, center.to_bits(), scale.to_bits(), 0, 0, 0, 0];
-        self.dispatch(&FILL, "fill_uniform", &params, &[t], Gpu::grid(t.len(), 256)?)
+        self.dispatch(&FILL, "fill_uniform", dtype, &params, &[t], Gpu::grid(t.len(), 256)?)
     }
 
     /// Overwrites a u32 tensor with random words from `seed`, or with `constant` everywhere.
@@ -434,21 +469,22 @@ impl Gpu {
             return Err(bad(format!("fill_words: expected a u32 tensor, got {:?}", t.dtype())));
         }
         let params = [u(t.len()), seed, 0, 0, constant.unwrap_or(0), constant.is_some() as u32, 0, 0];
-        self.dispatch(&FILL, "fill_words", &params, &[t], Gpu::grid(t.len(), 256)?)
+        self.dispatch(&FILL, "fill_words", DType::F32, &params, &[t], Gpu::grid(t.len(), 256)?)
     }
 
     /// The window [.., rows y0..y0 + th, cols x0..x0 + tw] of x [.., h, w].
     pub fn crop(&self, x: &Tensor, y0: usize, x0: usize, th: usize, tw: usize) -> Result<Tensor> {
         let (planes, h, w) = self.planes(x, "crop")?;
+        let dtype = x.dtype();
         if th == 0 || tw == 0 || y0 + th > h || x0 + tw > w {
             return Err(bad(format!("crop: {th}x{tw} at ({y0}, {x0}) of {:?}", x.shape())));
         }
         let mut shape = x.shape().to_vec();
         let r = shape.len();
         (shape[r - 2], shape[r - 1]) = (th, tw);
-        let y = self.empty(&shape)?;
+        let y = self.empty_as(&shape, dtype)?;
         let params = [u(y.len()), u(h), u(w), u(th), u(tw), u(y0), u(x0), 0, 0, 0, 0, 0];
-        self.dispatch(&TILE, "crop", &params, &[x, &y], Gpu::grid(planes * th * tw, 256)?)?;
+        self.dispatch(&TILE, "crop", dtype, &params, &[x, &y], Gpu::grid(planes * th * tw, 256)?)?;
         Ok(y)
     }
 
@@ -458,17 +494,18 @@ impl Gpu {
     pub fn paste(&self, image: &Tensor, tile: &Tensor, y0: usize, x0: usize, blend: [(usize, usize); 2]) -> Result<()> {
         let (planes, h, w) = self.planes(image, "paste")?;
         let (tile_planes, th, tw) = self.planes(tile, "paste")?;
+        let dtype = self.float_dtype("paste", &[(image, "image"), (tile, "tile")])?;
         let [(skip_y, ramp_y), (skip_x, ramp_x)] = blend;
         if tile_planes != planes || y0 + th > h || x0 + tw > w || skip_y + ramp_y > th || skip_x + ramp_x > tw {
             return Err(bad(format!("paste: {:?} at ({y0}, {x0}) into {:?}, blend {blend:?}", tile.shape(), image.shape())));
         }
         let params = [u(tile.len()), u(h), u(w), u(th), u(tw), u(y0), u(x0), u(skip_y), u(ramp_y), u(skip_x), u(ramp_x), 0];
-        self.dispatch(&TILE, "paste", &params, &[tile, image], Gpu::grid(tile.len(), 256)?)
+        self.dispatch(&TILE, "paste", dtype, &params, &[tile, image], Gpu::grid(tile.len(), 256)?)
     }
 
     /// (planes, h, w) of a float tensor [.., h, w].
     fn planes(&self, x: &Tensor, what: &str) -> Result<(usize, usize, usize)> {
-        self.check_float(x, what)?;
+        self.float_dtype(what, &[(x, "input")])?;
         match x.shape() {
             [lead @ .., h, w] if *h > 0 && *w > 0 => Ok((lead.iter().product(), *h, *w)),
             s => Err(bad(format!("{what}: expected [.., h, w], got {s:?}"))),

@@ -82,21 +82,16 @@ impl Gpu {
         })
     }
 
-    fn check_input(&self, t: &Tensor, what: &str) -> Result<()> {
-        if t.dtype() != self.dtype {
-            return Err(bad(format!("{what}: expected a {:?} tensor, got {:?}", self.dtype, t.dtype())));
+    /// The float type of input x and its bias (the GEMM's compute and output type; the weight
+    /// may be stored in any format), checking the bias's shape.
+    fn input_dtype(&self, x: &Tensor, bias: Option<&Tensor>, rows: usize, what: &str) -> Result<DType> {
+        let Some(b) = bias else {
+            return self.float_dtype(what, &[(x, "input")]);
+        };
+        if b.shape() != [rows] {
+            return Err(bad(format!("{what}: bias {:?} does not match {rows} outputs", b.shape())));
         }
-        Ok(())
-    }
-
-    fn check_bias(&self, bias: Option<&Tensor>, rows: usize, what: &str) -> Result<()> {
-        if let Some(b) = bias {
-            self.check_input(b, what)?;
-            if b.shape() != [rows] {
-                return Err(bad(format!("{what}: bias {:?} does not match {rows} outputs", b.shape())));
-            }
-        }
-        Ok(())
+        self.float_dtype(what, &[(x, "input"), (b, "bias")])
     }
 
     /// Prelude and tile edge for an output of `rows` × `cols`.
@@ -121,24 +116,23 @@ impl Gpu {
     }
 
     fn gemm_linear(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>, geglu: bool) -> Result<Tensor> {
-        self.check_input(x, "linear input")?;
         let w = self.operand(weight, "linear")?;
         let (&k, lead) = x.shape().split_last().ok_or_else(|| bad("linear: scalar input".into()))?;
         if w.cols != k || (geglu && w.rows % 2 != 0) {
             return Err(bad(format!("linear: input {:?} does not match weight [{}, {}]", x.shape(), w.rows, w.cols)));
         }
-        self.check_bias(bias, w.rows, "linear")?;
+        let dtype = self.input_dtype(x, bias, w.rows, "linear")?;
         let (m, n) = (lead.iter().product::<usize>(), w.rows);
         let width = if geglu { n / 2 } else { n };
         let mut shape = lead.to_vec();
         shape.push(width);
-        let y = self.empty(&shape)?;
+        let y = self.empty_as(&shape, dtype)?;
         let (defines, tile) = Gpu::tiles(m, n);
         let params = [u(m), u(n), u(k), u(k.div_ceil(BLOCK)), w.format, bias.is_some() as u32, geglu as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let cols_per_group = if geglu { tile / 2 } else { tile };
         let groups = [u(width.div_ceil(cols_per_group)), u(m.div_ceil(tile)), 1];
         let bias = bias.unwrap_or(x);
-        self.dispatch_with(&GEMM, "linear", defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
+        self.dispatch_with(&GEMM, "linear", dtype, defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
         Ok(y)
     }
 
@@ -147,7 +141,6 @@ impl Gpu {
     /// padding [top, bottom, left, right] (torch's F.pad order is left, right, top, bottom), e.g.
     /// diffusers' Downsample2D with padding 0: [0, 1, 0, 1].
     pub fn conv2d(&self, x: &Tensor, weight: &Weight, k: usize, bias: Option<&Tensor>, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
-        self.check_input(x, "conv2d input")?;
         let w = self.operand(weight, "conv2d")?;
         let &[n, cin, h, wd] = x.shape() else {
             return Err(bad(format!("conv2d: input {:?} must be 4-D", x.shape())));
@@ -162,10 +155,10 @@ impl Gpu {
                 w.cols
             )));
         }
-        self.check_bias(bias, w.rows, "conv2d")?;
+        let dtype = self.input_dtype(x, bias, w.rows, "conv2d")?;
         let cout = w.rows;
         let (oh, ow) = ((ph - k) / stride + 1, (pw - k) / stride + 1);
-        let y = self.empty(&[n, cout, oh, ow])?;
+        let y = self.empty_as(&[n, cout, oh, ow], dtype)?;
         let (defines, tile) = Gpu::tiles(cout, n * oh * ow);
         let params = [
             u(cout), u(oh * ow), u(w.cols), u(w.cols.div_ceil(BLOCK)),
@@ -175,7 +168,7 @@ impl Gpu {
         ];
         let groups = [u((oh * ow).div_ceil(tile)), u(cout.div_ceil(tile)), u(n)];
         let bias = bias.unwrap_or(x);
-        self.dispatch_with(&GEMM, "conv2d", defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
+        self.dispatch_with(&GEMM, "conv2d", dtype, defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
         Ok(y)
     }
 }

@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::quant::{dequantize, quantize, QuantFormat, QuantPolicy, QuantPreset, QuantTensor, QuantizedTensor, Weight, BLOCK};
 use crate::weights::safetensors::{self, Dtype};
 use crate::weights::{MemorySource, Source, Weights};
@@ -590,22 +590,23 @@ impl<'a> PackComponent<'a> {
         Ok(safetensors::to_f32(dtype, &bytes))
     }
 
-    pub async fn tensor(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// A dense entry uploaded as float type `to`.
+    pub async fn tensor(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: &[usize], to: DType) -> Result<Tensor> {
         let t = self.checked(name, shape)?;
         let (dtype, bytes) = self.dense(source, t).await?;
-        upload_dense(gpu, dtype, &bytes, shape, name).map_err(|e| self.error(name, e.to_string()))
+        upload_dense(gpu, dtype, &bytes, shape, to, name).map_err(|e| self.error(name, e.to_string()))
     }
 
-    pub async fn tensor_rows(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: [usize; 2]) -> Result<Vec<Tensor>> {
+    pub async fn tensor_rows(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: [usize; 2], to: DType) -> Result<Vec<Tensor>> {
         let t = self.checked(name, &shape)?;
         let [rows, dim] = shape;
-        let per_chunk = (gpu.max_binding_bytes() / ((dim * gpu.dtype.size()) as u64).max(1)).max(1) as usize;
+        let per_chunk = (gpu.max_binding_bytes() / ((dim * to.size()) as u64).max(1)).max(1) as usize;
         let mut chunks = Vec::new();
         if t.storage.quant_format().is_some() {
             let values = self.host(source, name, &shape).await?;
             for r0 in (0..rows).step_by(per_chunk) {
                 let n = per_chunk.min(rows - r0);
-                let chunk = gpu.upload_as(&values[r0 * dim..(r0 + n) * dim], &[n, dim], gpu.dtype, name).map_err(|e| self.error(name, e.to_string()))?;
+                let chunk = gpu.upload_as(&values[r0 * dim..(r0 + n) * dim], &[n, dim], to, name).map_err(|e| self.error(name, e.to_string()))?;
                 chunks.push(chunk);
             }
             return Ok(chunks);
@@ -616,16 +617,17 @@ impl<'a> PackComponent<'a> {
             let n = per_chunk.min(rows - r0);
             let start = r0 as u64 * src_row;
             let bytes = self.pack.read_plane(source, &t.data, start, start + n as u64 * src_row).await?;
-            chunks.push(upload_dense(gpu, dtype, &bytes, &[n, dim], name).map_err(|e| self.error(name, e.to_string()))?);
+            chunks.push(upload_dense(gpu, dtype, &bytes, &[n, dim], to, name).map_err(|e| self.error(name, e.to_string()))?);
         }
         Ok(chunks)
     }
 
-    /// Quantized entries upload as stored ([`Weight::Quant`]); dense ones as [`Weight::Dense`].
-    pub async fn matrix(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Weight> {
+    /// Quantized entries upload as stored ([`Weight::Quant`]); dense ones as [`Weight::Dense`] in
+    /// float type `to`.
+    pub async fn matrix(&self, source: &impl Source, gpu: &Gpu, name: &str, shape: &[usize], to: DType) -> Result<Weight> {
         let t = self.checked(name, shape)?;
         match t.storage.quant_format() {
-            None => Ok(Weight::Dense(self.tensor(source, gpu, name, shape).await?)),
+            None => Ok(Weight::Dense(self.tensor(source, gpu, name, shape, to).await?)),
             Some(format) => {
                 let q = self.quantized(source, t, format).await?;
                 let uploaded = QuantTensor::upload(gpu, &q, &format!("{}/{name}", self.dir)).map_err(|e| self.error(name, e.to_string()))?;
@@ -635,17 +637,17 @@ impl<'a> PackComponent<'a> {
     }
 }
 
-/// Uploads dense little-endian f16 / f32 bytes in the GPU's working dtype.
-fn upload_dense(gpu: &Gpu, dtype: Dtype, bytes: &[u8], shape: &[usize], name: &str) -> Result<Tensor> {
+/// Uploads dense little-endian f16 / f32 bytes as float type `to`.
+fn upload_dense(gpu: &Gpu, dtype: Dtype, bytes: &[u8], shape: &[usize], to: DType, name: &str) -> Result<Tensor> {
     match dtype {
         Dtype::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
-            Ok(halves) => gpu.upload_f16(halves, shape, name),
+            Ok(halves) => gpu.upload_f16(halves, shape, to, name),
             Err(_) => {
                 let halves: Vec<f16> = bytes.chunks_exact(2).map(|h| f16::from_le_bytes([h[0], h[1]])).collect();
-                gpu.upload_f16(&halves, shape, name)
+                gpu.upload_f16(&halves, shape, to, name)
             }
         },
-        _ => gpu.upload_as(&safetensors::to_f32(dtype, bytes), shape, gpu.dtype, name),
+        _ => gpu.upload_as(&safetensors::to_f32(dtype, bytes), shape, to, name),
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use common::{assert_close, random, stored, tolerance};
 use sdxl::ops::Activation;
 use sdxl::quant::Weight;
-use sdxl::Gpu;
+use sdxl::{DType, Error, Gpu};
 
 gpu_tests!(
     linear_with_bias,
@@ -29,6 +29,8 @@ gpu_tests!(
     resize_nearest_like_torch,
     conv2d_asymmetric_padding,
     affine_clamp_exp,
+    cast_between_float_types,
+    mixed_float_types_are_refused,
 );
 
 fn cpu_matmul_bt(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -410,4 +412,54 @@ async fn resize_nearest_like_torch(gpu: &Gpu) {
         let want: Vec<f32> = (0..2 * oh * ow).map(|k| x[(k / (oh * ow)) * h * w + src((k % (oh * ow)) / ow, h, oh) * w + src(k % ow, w, ow)]).collect();
         assert_close(&format!("resize {h}x{w} -> {oh}x{ow}"), &gpu.read(&y).await.unwrap(), &want, 0.0);
     }
+}
+
+/// f16 -> f32 is exact, and f32 -> f16 gives f16 values back bit for bit (subnormals, ±65504 and
+/// an odd length included); a cast to a tensor's own type is that tensor. Without shader-f16
+/// (SwiftShader) no op takes an f16 tensor, a cast included.
+async fn cast_between_float_types(gpu: &Gpu) {
+    let mut values: Vec<f32> = random(1001, 43).iter().map(|v| half::f16::from_f32(300.0 * v).to_f32()).collect();
+    values[..6].copy_from_slice(&[0.0, -0.0, 5.960_464_5e-8, -6.097_555e-5, 65504.0, -65504.0]);
+    let wide = gpu.upload_f32(&values, &[7, 11, 13]).unwrap();
+    let narrow = gpu.upload_as(&values, &[7, 11, 13], DType::F16, "f16 values").unwrap();
+    assert_eq!(gpu.read(&gpu.cast(&wide, DType::F32).unwrap()).await.unwrap(), values, "f32 -> f32");
+    if !gpu.has_shader_f16 {
+        for (x, to) in [(&wide, DType::F16), (&narrow, DType::F32)] {
+            match gpu.cast(x, to) {
+                Err(Error::InvalidParameter(m)) => assert!(m.contains("shader-f16"), "unclear message: {m}"),
+                other => panic!("a cast to {to:?} without shader-f16 gave {other:?}"),
+            }
+        }
+        return;
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (x, to) in [(&narrow, DType::F32), (&wide, DType::F16)] {
+        let y = gpu.cast(x, to).unwrap();
+        assert_eq!((y.dtype(), y.shape()), (to, &[7, 11, 13][..]));
+        assert_eq!(bits(&gpu.read(&y).await.unwrap()), bits(&values), "cast to {to:?}");
+    }
+    assert!(matches!(gpu.cast(&wide, DType::U32), Err(Error::InvalidParameter(_))), "a cast to u32 was accepted");
+}
+
+/// An op's inputs share one float type: an f32 activation with an f16 one (or an f16 bias) is an
+/// error naming both, not a kernel reading half of the bytes.
+async fn mixed_float_types_are_refused(gpu: &Gpu) {
+    if !gpu.has_shader_f16 {
+        return;
+    }
+    let values = stored(gpu, &random(24, 44));
+    let (wide, narrow) = (gpu.upload_f32(&values, &[2, 3, 4]).unwrap(), gpu.upload_as(&values, &[2, 3, 4], DType::F16, "x").unwrap());
+    let message = |r: sdxl::Result<sdxl::Tensor>| match r {
+        Err(Error::InvalidParameter(m)) => m,
+        other => panic!("mixed float types gave {other:?}"),
+    };
+    let m = message(gpu.add(&wide, &narrow));
+    assert!(m.contains("add") && m.contains("F16") && m.contains("F32") && m.contains("cast"), "unclear message: {m}");
+    let weight = Weight::Dense(gpu.upload_f32(&values[..12], &[3, 4]).unwrap());
+    let bias = gpu.upload_as(&values[..3], &[3], DType::F16, "bias").unwrap();
+    let m = message(gpu.linear(&wide, &weight, Some(&bias)));
+    assert!(m.contains("linear") && m.contains("bias is F16"), "unclear message: {m}");
+    // The weight's storage is free: f16 weights with f32 activations compute in f32.
+    let y = gpu.linear(&wide, &Weight::Dense(gpu.upload_as(&values[..12], &[3, 4], DType::F16, "w").unwrap()), None).unwrap();
+    assert_eq!(y.dtype(), DType::F32);
 }

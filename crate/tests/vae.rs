@@ -1,6 +1,10 @@
 //! AutoencoderKL against diffusers on the tiny random-weight VAE (tests/fixtures/tiny-sdxl-base/vae;
 //! references written by tests/fixtures/ref_vae.py): decode of a non-square latent as the SDXL
 //! pipeline post-processes it, encode to the posterior's mean / logvar / std, and input errors.
+//! Each in f32 and, on an f16 device, both as an f16 VAE (config `force_upcast: false`, as the
+//! fp16-fix VAE) and as an upcast one (`force_upcast: true`, as the official SDXL VAE, which
+//! computes in f32); and a decode whose activations overflow f16, which only the upcast VAE
+//! survives.
 
 mod common;
 
@@ -8,7 +12,14 @@ use sdxl::models::vae::AutoencoderKL;
 use sdxl::weights::{Source, Weights};
 use sdxl::{DType, Error, Gpu, Tensor};
 
-gpu_tests!(decode_matches_diffusers, tiled_decode_matches_whole, encode_matches_diffusers, wrong_channel_counts_are_refused, unsupported_config_is_refused);
+gpu_tests!(
+    decode_matches_diffusers,
+    tiled_decode_matches_whole,
+    encode_matches_diffusers,
+    upcast_vae_survives_f16_overflow,
+    wrong_channel_counts_are_refused,
+    unsupported_config_is_refused
+);
 
 fixtures! {
     "tiny-sdxl-base" => ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"],
@@ -17,12 +28,61 @@ fixtures! {
 
 /// Max |Δ| allowed against diffusers (f32 reference): 1e-4 in f32 (the requirement).
 /// f16 storage rounds every activation and weight to 11 bits through ~40 layers: measured ≤ 4e-3 on
-/// lavapipe for outputs of magnitude ~1 (f32: ~3e-6), so 1e-2 absolute is asserted there.
-fn tolerance(gpu: &Gpu) -> f32 {
-    match gpu.dtype {
-        DType::F32 => 1e-4,
+/// lavapipe for outputs of magnitude ~1 (f32: ~3e-6), so 1e-2 absolute is asserted there. An
+/// upcast VAE on an f16 device computes in f32 but gets f16 inputs and returns f16 outputs: half
+/// an f16 step of values up to 2 (4.9e-4) plus the inputs' rounding carried through: 2e-3.
+fn tolerance(gpu: &Gpu, vae: &AutoencoderKL) -> f32 {
+    match (vae.dtype(), gpu.dtype) {
+        (DType::F32, DType::F32) => 1e-4,
+        (DType::F32, _) => 2e-3,
         _ => 1e-2,
     }
+}
+
+/// The VAE config's `force_upcast` values to test on this device: both where they differ (f16).
+fn upcasts(gpu: &Gpu) -> &'static [bool] {
+    match gpu.dtype {
+        DType::F16 => &[false, true],
+        _ => &[true],
+    }
+}
+
+const WEIGHTS: &str = "vae/diffusion_pytorch_model.safetensors";
+/// ref_vae.py's overflow case: this conv's weight and bias times 2^18 (exact in f16) make its
+/// output peak near 3.9e5, beyond f16's 65504.
+const OVERFLOW_CONV: &str = "decoder.up_blocks.0.resnets.0.conv2.";
+const OVERFLOW_SCALE: f32 = 262144.0;
+
+/// The fixture VAE with `force_upcast` set in its config, and with ref_vae.py's overflow change
+/// when `overflow`.
+async fn load_with(gpu: &Gpu, force_upcast: bool, overflow: bool) -> AutoencoderKL {
+    let base = fixture("tiny-sdxl-base");
+    let mut config: serde_json::Value = serde_json::from_slice(&base.read("vae/config.json").await.unwrap()).unwrap();
+    config["force_upcast"] = force_upcast.into();
+    let mut source = sdxl::weights::MemorySource::default();
+    source.insert("vae/config.json", serde_json::to_vec(&config).unwrap());
+    let weights = match overflow {
+        false => base.read(WEIGHTS).await.unwrap(),
+        true => {
+            let w = Weights::from_files(&base, vec![WEIGHTS.into()]).await.unwrap();
+            let mut tensors = Vec::new();
+            for name in w.names() {
+                let shape = w.shape(name).unwrap().to_vec();
+                let mut values = w.host(name, &shape).await.unwrap();
+                if name.starts_with(OVERFLOW_CONV) {
+                    values.iter_mut().for_each(|v| *v *= OVERFLOW_SCALE);
+                }
+                tensors.push((name, shape, values));
+            }
+            let views: Vec<_> = tensors.iter().map(|(name, shape, values)| (*name, shape.clone(), values.as_slice())).collect();
+            sdxl::weights::safetensors::serialize_f32(&views)
+        }
+    };
+    source.insert(WEIGHTS, weights);
+    let vae = AutoencoderKL::load(gpu, &source, "vae").await.unwrap();
+    let want = if force_upcast { DType::F32 } else { gpu.dtype };
+    assert_eq!(vae.dtype(), want, "force_upcast {force_upcast} on a {:?} device", gpu.dtype);
+    vae
 }
 
 async fn load(gpu: &Gpu) -> AutoencoderKL {
@@ -34,29 +94,63 @@ async fn reference<S: Source>(refs: &Weights<'_, S>, key: &str) -> (Vec<f32>, Ve
     (refs.host(key, &shape).await.unwrap(), shape)
 }
 
-/// Returns max |Δ| after asserting shape and tolerance.
-async fn check<S: Source>(gpu: &Gpu, refs: &Weights<'_, S>, key: &str, got: &Tensor) -> f32 {
+/// Returns max |Δ| after asserting shape, dtype (the device's: the VAE converts at its boundary)
+/// and tolerance.
+async fn check<S: Source>(gpu: &Gpu, vae: &AutoencoderKL, refs: &Weights<'_, S>, key: &str, got: &Tensor) -> f32 {
     let (want, shape) = reference(refs, key).await;
     assert_eq!(got.shape(), shape.as_slice(), "{key}: shape");
+    assert_eq!(got.dtype(), gpu.dtype, "{key}: dtype");
     let got = gpu.read(got).await.unwrap();
-    let err = got.iter().zip(&want).fold(0f32, |m, (g, w)| if g.is_nan() { f32::INFINITY } else { m.max((g - w).abs()) });
-    println!("{key} ({:?}): max |Δ| {err:.3e}", gpu.dtype);
-    assert!(err <= tolerance(gpu), "{key}: max |Δ| {err} > {} ({:?})", tolerance(gpu), gpu.dtype);
+    let err = common::max_abs(&got, &want);
+    let tol = tolerance(gpu, vae);
+    println!("{key} ({:?} VAE on a {:?} device): max |Δ| {err:.3e}", vae.dtype(), gpu.dtype);
+    assert!(err <= tol, "{key}: max |Δ| {err} > {tol} ({:?} VAE on a {:?} device)", vae.dtype(), gpu.dtype);
     err
 }
 
 async fn decode_matches_diffusers(gpu: &Gpu) {
-    let vae = load(gpu).await;
     let source = fixture("reference");
     let refs = Weights::from_files(&source, vec!["vae.safetensors".into()]).await.unwrap();
     let (latents, shape) = reference(&refs, "decode.latents").await;
     let latents = gpu.upload(&latents, &shape).unwrap();
-    let image = vae.decode(gpu, &latents).unwrap();
-    check(gpu, &refs, "decode.image", &image).await;
-    let raw = vae.decode_raw(gpu, &gpu.scale(&latents, 1.0 / vae.config.scaling_factor as f32).unwrap()).unwrap();
-    check(gpu, &refs, "decode.raw", &raw).await;
-    let pixels = gpu.read(&image).await.unwrap();
-    assert!(pixels.iter().all(|v| (0.0..=1.0).contains(v)), "the post-processed image must lie in 0..1");
+    for &upcast in upcasts(gpu) {
+        let vae = load_with(gpu, upcast, false).await;
+        let image = vae.decode(gpu, &latents).unwrap();
+        check(gpu, &vae, &refs, "decode.image", &image).await;
+        let raw = vae.decode_raw(gpu, &gpu.scale(&latents, 1.0 / vae.config.scaling_factor as f32).unwrap()).unwrap();
+        check(gpu, &vae, &refs, "decode.raw", &raw).await;
+        let pixels = gpu.read(&image).await.unwrap();
+        assert!(pixels.iter().all(|v| (0.0..=1.0).contains(v)), "the post-processed image must lie in 0..1");
+    }
+}
+
+/// ref_vae.py's overflow case: one decoder conv's output reaches 3.9e5. The upcast VAE matches
+/// diffusers' f32 decode, also tiled (whole-image group-norm statistics of such values); the f16
+/// VAE demonstrably does not (infinities, then NaN through the next group norm). Latents go in as
+/// f32 (the VAE takes any float type) so that only the output's f16 rounding separates the upcast
+/// VAE on an f16 device from the reference.
+async fn upcast_vae_survives_f16_overflow(gpu: &Gpu) {
+    let source = fixture("reference");
+    let refs = Weights::from_files(&source, vec!["vae.safetensors".into()]).await.unwrap();
+    let (latents, shape) = reference(&refs, "decode.latents").await;
+    let latents = gpu.upload_f32(&latents, &shape).unwrap();
+    let vae = load_with(gpu, true, true).await;
+    check(gpu, &vae, &refs, "overflow.image", &vae.decode(gpu, &latents).unwrap()).await;
+    let z = gpu.scale(&latents, 1.0 / vae.config.scaling_factor as f32).unwrap();
+    check(gpu, &vae, &refs, "overflow.raw", &vae.decode_raw(gpu, &z).unwrap()).await;
+    // As tiled_decode_matches_whole, with whole-image group-norm statistics of such values.
+    let large = gpu.upload_f32(&common::random(4 * 28 * 20, 11).iter().map(|v| 2.0 * v).collect::<Vec<_>>(), &[1, 4, 28, 20]).unwrap();
+    let (whole, tiled) = (vae.decode(gpu, &large).unwrap(), vae.decode_tiles(gpu, &large, 20, 10).unwrap());
+    let db = common::psnr(&gpu.read(&whole).await.unwrap(), &gpu.read(&tiled).await.unwrap());
+    println!("overflow case, tiled vs whole decode: {db:.1} dB");
+    assert!(db >= 40.0, "tiled decode of the overflow case {db:.1} dB from the whole decode");
+    if gpu.dtype == DType::F16 {
+        let plain = load_with(gpu, false, true).await;
+        let raw = gpu.read(&plain.decode_raw(gpu, &z).unwrap()).await.unwrap();
+        let bad = raw.iter().filter(|v| !v.is_finite()).count();
+        println!("overflow case, f16 VAE: {bad} of {} raw outputs non-finite", raw.len());
+        assert!(bad > 0, "the f16 VAE gave finite outputs: the overflow case does not overflow f16");
+    }
 }
 
 /// Tiles decoded alone (with whole-image group-norm statistics) and blended over their overlap
@@ -67,7 +161,12 @@ async fn decode_matches_diffusers(gpu: &Gpu) {
 /// its neighbour by more than the overlap. Measured 43.5 dB; with per-tile statistics and ramps
 /// across the whole overlap 31-36 dB.
 async fn tiled_decode_matches_whole(gpu: &Gpu) {
-    let vae = load(gpu).await;
+    for &upcast in upcasts(gpu) {
+        tiled_decode_matches_whole_with(gpu, &load_with(gpu, upcast, false).await).await;
+    }
+}
+
+async fn tiled_decode_matches_whole_with(gpu: &Gpu, vae: &AutoencoderKL) {
     let latents = common::stored(gpu, &common::random(4 * 28 * 20, 11).iter().map(|v| 2.0 * v).collect::<Vec<_>>());
     let latents = gpu.upload(&latents, &[1, 4, 28, 20]).unwrap();
     let whole = gpu.read(&vae.decode(gpu, &latents).unwrap()).await.unwrap();
@@ -87,14 +186,19 @@ async fn tiled_decode_matches_whole(gpu: &Gpu) {
 }
 
 async fn encode_matches_diffusers(gpu: &Gpu) {
-    let vae = load(gpu).await;
+    for &upcast in upcasts(gpu) {
+        encode_matches_diffusers_with(gpu, &load_with(gpu, upcast, false).await).await;
+    }
+}
+
+async fn encode_matches_diffusers_with(gpu: &Gpu, vae: &AutoencoderKL) {
     let source = fixture("reference");
     let refs = Weights::from_files(&source, vec!["vae.safetensors".into()]).await.unwrap();
     let (image, shape) = reference(&refs, "encode.image").await;
     let (mean, logvar) = vae.encode(gpu, &gpu.upload(&image, &shape).unwrap()).unwrap();
-    check(gpu, &refs, "encode.mean", &mean).await;
-    check(gpu, &refs, "encode.logvar", &logvar).await;
-    check(gpu, &refs, "encode.std", &vae.std(gpu, &logvar).unwrap()).await;
+    check(gpu, vae, &refs, "encode.mean", &mean).await;
+    check(gpu, vae, &refs, "encode.logvar", &logvar).await;
+    check(gpu, vae, &refs, "encode.std", &vae.std(gpu, &logvar).unwrap()).await;
 
     // A posterior sample for the UNet: (mean + std * noise) * scaling_factor.
     let noise = common::stored(gpu, &common::random(mean.len(), 7));

@@ -5,7 +5,7 @@
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Tensor};
+use crate::gpu::{DType, Gpu, Tensor};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::{Conv2d, GroupNorm, Linear};
 use crate::quant::Weight;
@@ -184,6 +184,8 @@ impl Tiling {
 
 pub struct AutoencoderKL {
     pub config: VaeConfig,
+    /// The float type of its weights and activations (see `load`).
+    dtype: DType,
     // Encoder
     enc_conv_in: Conv2d,
     enc_blocks: Vec<Block<Downsample2D>>,
@@ -204,12 +206,24 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     /// Loads `{dir}/config.json` and the weights in `dir` (a diffusers `vae` folder).
+    ///
+    /// A VAE whose config says `force_upcast` (the official SDXL VAE) computes in f32 even on an
+    /// f16 device, as diffusers' pipelines upcast it: its up blocks produce activations beyond
+    /// f16's 65504, which become infinities and then NaN through the next group norm (black
+    /// images). Upcasting up front rather than decoding in f16, checking for non-finite values and
+    /// decoding again: for that VAE the f16 decode fails on most images, so a fallback would cost
+    /// a second decode (and f32 weights held besides the f16 ones) nearly every time. A VAE with
+    /// `force_upcast: false` (madebyollin/sdxl-vae-fp16-fix, fine-tuned to stay in range) keeps
+    /// the device's type: half the memory and bandwidth. Inputs and outputs are converted at the
+    /// boundary: every method takes and returns tensors of the device's working type.
     pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<AutoencoderKL> {
         let config_path = format!("{dir}/config.json");
         let config: VaeConfig = read_json(source, &config_path).await?;
         let bad = |message: String| Error::Config { path: source.describe(&config_path), message };
         check_config(&config).map_err(bad)?;
-        let w = Weights::open(source, dir, gpu.dtype == crate::DType::F16).await?;
+        let dtype = if config.force_upcast { DType::F32 } else { gpu.dtype };
+        // The fp16 file on an f16 device even when upcasting: diffusers' fp16 pipelines load it too.
+        let w = Weights::open(source, dir, gpu.dtype == DType::F16).await?.with_dtype(dtype);
         let c = &config;
         let (groups, boc, lpb, latent) = (c.norm_num_groups, &c.block_out_channels, c.layers_per_block, c.latent_channels);
         let last = *boc.last().expect("checked");
@@ -242,7 +256,7 @@ impl AutoencoderKL {
             true => (Some(conv("encoder.conv_out".into(), last, 2 * latent, 3).await?), "quant_conv", 2 * latent, 1),
             false => (None, "encoder.conv_out", last, 3),
         };
-        let moments = split_conv(gpu, &w, split_name, split_in, latent, split_k).await?;
+        let moments = split_conv(gpu, &w, split_name, split_in, latent, split_k, dtype).await?;
 
         // Decoder.
         let post_quant_conv = match c.use_post_quant_conv {
@@ -271,6 +285,7 @@ impl AutoencoderKL {
         let dec_conv_out = conv("decoder.conv_out".into(), boc[0], c.out_channels, 3).await?;
         Ok(AutoencoderKL {
             config,
+            dtype,
             enc_conv_in,
             enc_blocks,
             enc_mid,
@@ -284,6 +299,11 @@ impl AutoencoderKL {
             dec_norm_out,
             dec_conv_out,
         })
+    }
+
+    /// The float type it computes in: f32 when the config says `force_upcast`, else the device's.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Total down-sampling factor between pixels and latents (8 for SDXL).
@@ -302,7 +322,19 @@ impl AutoencoderKL {
     /// [B, out_channels, H·f, W·f] (about -1..1, unclamped).
     pub fn decode_raw(&self, gpu: &Gpu, z: &Tensor) -> Result<Tensor> {
         self.check_input(z, self.config.latent_channels, "decode input (latents)")?;
-        self.decode_up(gpu, &self.decode_mid(gpu, z)?)
+        let z = gpu.cast(z, self.dtype)?;
+        gpu.cast(&self.decode_up(gpu, &self.decode_mid(gpu, &z)?)?, gpu.dtype)
+    }
+
+    /// Latents of any float type, divided by the scaling factor in the VAE's type (SDXL's 1 /
+    /// 0.13025 could take large f16 latents out of f16's range).
+    fn unscaled(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
+        gpu.scale(&gpu.cast(latents, self.dtype)?, (1.0 / self.config.scaling_factor) as f32)
+    }
+
+    /// diffusers' image post-processing, (x / 2 + 0.5).clamp(0, 1), in the device's working type.
+    fn postprocess(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        gpu.cast(&gpu.affine(x, 0.5, 0.5, false, (0.0, 1.0))?, gpu.dtype)
     }
 
     /// The decoder up to its mid block, at latent resolution.
@@ -334,9 +366,8 @@ impl AutoencoderKL {
     /// -> image [B, out_channels, h·f, w·f] in 0..1 (f = 8 for SDXL).
     pub fn decode(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
         self.check_input(latents, self.config.latent_channels, "decode input (latents)")?;
-        let z = gpu.scale(latents, (1.0 / self.config.scaling_factor) as f32)?;
-        let x = self.decode_raw(gpu, &z)?;
-        gpu.affine(&x, 0.5, 0.5, false, (0.0, 1.0))
+        let z = self.unscaled(gpu, latents)?;
+        self.postprocess(gpu, &self.decode_up(gpu, &self.decode_mid(gpu, &z)?)?)
     }
 
     /// `decode` when its largest activation fits in one GPU binding, else `decode_tiled`: the
@@ -345,7 +376,7 @@ impl AutoencoderKL {
     pub fn decode_within_limits(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
         self.check_input(latents, self.config.latent_channels, "decode input (latents)")?;
         let (h, w) = (latents.shape()[2], latents.shape()[3]);
-        match self.largest_up_activation(h, w) * gpu.dtype.size() as u64 <= gpu.max_binding_bytes() {
+        match self.largest_up_activation(h, w) * self.dtype.size() as u64 <= gpu.max_binding_bytes() {
             true => self.decode(gpu, latents),
             false => self.decode_tiled(gpu, latents),
         }
@@ -365,7 +396,7 @@ impl AutoencoderKL {
     /// activations fit one binding, at most 64 latents (512 px) a side, overlapping by half.
     pub fn decode_tiled(&self, gpu: &Gpu, latents: &Tensor) -> Result<Tensor> {
         let mut tile = 64;
-        while tile > 8 && self.largest_up_activation(tile, tile) * gpu.dtype.size() as u64 > gpu.max_binding_bytes() {
+        while tile > 8 && self.largest_up_activation(tile, tile) * self.dtype.size() as u64 > gpu.max_binding_bytes() {
             tile -= 8;
         }
         self.decode_tiles(gpu, latents, tile, tile / 2)
@@ -387,7 +418,7 @@ impl AutoencoderKL {
         if tiles.len() == 1 {
             return self.decode(gpu, latents);
         }
-        let mid = self.decode_mid(gpu, &gpu.scale(latents, (1.0 / self.config.scaling_factor) as f32)?)?;
+        let mid = self.decode_mid(gpu, &self.unscaled(gpu, latents)?)?;
         let crop = |(i, j): (usize, usize)| gpu.crop(&mid, rows.starts[i], cols.starts[j], rows.len, cols.len);
         let norms: Vec<&GroupNorm> = self.dec_blocks.iter().flat_map(|b| &b.resnets).flat_map(|r| r.norms()).chain([&self.dec_norm_out]).collect();
         let passes = || -> Result<Tensor> {
@@ -401,13 +432,13 @@ impl AutoencoderKL {
                 n.use_recorded()?;
             }
             let f = self.downscale();
-            let image = gpu.zeros(&[b, self.config.out_channels, h * f, w * f])?;
+            let image = gpu.zeros_as(&[b, self.config.out_channels, h * f, w * f], self.dtype)?;
             for &(i, j) in &tiles {
                 let part = gpu.affine(&self.decode_up(gpu, &crop((i, j))?)?, 0.5, 0.5, false, (0.0, 1.0))?;
                 let blend = [rows.blend(i, f), cols.blend(j, f)];
                 gpu.paste(&image, &part, rows.starts[i] * f, cols.starts[j] * f, blend)?;
             }
-            Ok(image)
+            gpu.cast(&image, gpu.dtype)
         };
         let image = passes();
         norms.iter().for_each(|n| n.use_own());
@@ -419,7 +450,7 @@ impl AutoencoderKL {
     /// DiagonalGaussianDistribution does.
     pub fn encode(&self, gpu: &Gpu, image: &Tensor) -> Result<(Tensor, Tensor)> {
         self.check_input(image, self.config.in_channels, "encode input (image)")?;
-        let mut x = self.enc_conv_in.forward(gpu, image)?;
+        let mut x = self.enc_conv_in.forward(gpu, &gpu.cast(image, self.dtype)?)?;
         for block in &self.enc_blocks {
             for resnet in &block.resnets {
                 x = resnet.forward(gpu, &x, None)?;
@@ -433,9 +464,9 @@ impl AutoencoderKL {
         if let Some(conv) = &self.enc_conv_out {
             x = conv.forward(gpu, &x)?;
         }
-        let mean = self.moments[0].forward(gpu, &x)?;
+        let mean = gpu.cast(&self.moments[0].forward(gpu, &x)?, gpu.dtype)?;
         let logvar = gpu.affine(&self.moments[1].forward(gpu, &x)?, 1.0, 0.0, false, (-30.0, 20.0))?;
-        Ok((mean, logvar))
+        Ok((mean, gpu.cast(&logvar, gpu.dtype)?))
     }
 
     /// The posterior's standard deviation, exp(logvar / 2).
@@ -495,16 +526,17 @@ fn check_config(c: &VaeConfig) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Loads conv `name` [2·half, cin, k, k] as two convolutions of `half` output channels each.
-async fn split_conv<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, name: &str, cin: usize, half: usize, k: usize) -> Result<[Conv2d; 2]> {
+/// Loads conv `name` [2·half, cin, k, k] as two convolutions of `half` output channels each, in
+/// float type `dtype`.
+async fn split_conv<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, name: &str, cin: usize, half: usize, k: usize, dtype: DType) -> Result<[Conv2d; 2]> {
     let weight = w.host(&format!("{name}.weight"), &[2 * half, cin, k, k]).await?;
     let bias = w.host(&format!("{name}.bias"), &[2 * half]).await?;
     let per = half * cin * k * k;
     let part = |i: usize| -> Result<Conv2d> {
         Ok(Conv2d {
-            weight: Weight::Dense(gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], gpu.dtype, &format!("{name}.weight"))?),
+            weight: Weight::Dense(gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], dtype, &format!("{name}.weight"))?),
             kernel: k,
-            bias: gpu.upload_as(&bias[i * half..(i + 1) * half], &[half], gpu.dtype, &format!("{name}.bias"))?,
+            bias: gpu.upload_as(&bias[i * half..(i + 1) * half], &[half], dtype, &format!("{name}.bias"))?,
             stride: 1,
             padding: [k / 2; 4],
         })

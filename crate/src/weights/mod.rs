@@ -129,6 +129,8 @@ pub struct Weights<'a, S: Source> {
     pack: Option<PackComponent<'a>>,
     /// Set when the source synthesises random weights: their seed (`files` and `tensors` empty).
     random: Option<u32>,
+    /// The float type dense tensors upload as; None: the GPU's working type.
+    upload_dtype: Option<DType>,
 }
 
 impl<'a, S: Source> Weights<'a, S> {
@@ -137,11 +139,11 @@ impl<'a, S: Source> Weights<'a, S> {
     pub async fn open(source: &'a S, dir: &str, prefer_fp16: bool) -> Result<Weights<'a, S>> {
         if let Some(pack) = source.pack() {
             let pack = Some(pack.component(dir)?);
-            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack, random: None });
+            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack, random: None, upload_dtype: None });
         }
         if let Some(seed) = source.random_weights() {
             let random = Some(seed);
-            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack: None, random });
+            return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack: None, random, upload_dtype: None });
         }
         let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
         for stem in ["model", "diffusion_pytorch_model"] {
@@ -179,7 +181,7 @@ impl<'a, S: Source> Weights<'a, S> {
             tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
         }
         let dir = files.first().and_then(|f| f.rsplit_once('/')).map_or("", |(dir, _)| dir).to_string();
-        Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None, random: None })
+        Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None, random: None, upload_dtype: None })
     }
 
     /// Quantize weight matrices loaded through [`Weights::matrix`] as `policy` says.
@@ -188,17 +190,28 @@ impl<'a, S: Source> Weights<'a, S> {
         self
     }
 
+    /// Upload dense tensors as `dtype` (a component computing in another float type than the
+    /// GPU's working one: an upcast VAE).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.upload_dtype = Some(dtype);
+        self
+    }
+
+    fn upload_dtype(&self, gpu: &Gpu) -> DType {
+        self.upload_dtype.unwrap_or(gpu.dtype)
+    }
+
     /// A Linear or Conv2d weight ([out, in, ...]): quantized on the CPU as it streams in when the
     /// preset says so (one tensor in memory at a time), else dense.
     pub async fn matrix(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Weight> {
         if let Some(pack) = &self.pack {
-            return pack.matrix(self.source, gpu, name, shape).await;
+            return pack.matrix(self.source, gpu, name, shape, self.upload_dtype(gpu)).await;
         }
         let rows = shape.first().copied().unwrap_or(0);
         let cols = shape.iter().skip(1).product::<usize>();
         let format = self.quant.format_for(&format!("{}/{name}", self.dir), cols);
         if let Some(seed) = self.random {
-            return random::matrix(gpu, seed, name, shape, format);
+            return random::matrix(gpu, seed, name, shape, format, self.upload_dtype(gpu));
         }
         match format {
             Some(format) => {
@@ -280,13 +293,15 @@ impl<'a, S: Source> Weights<'a, S> {
         Ok(safetensors::to_f32(info.dtype, &bytes))
     }
 
-    /// Uploads a float tensor in the GPU's working dtype, checking its shape against the config.
+    /// Uploads a float tensor in the component's float type (the GPU's working one unless
+    /// [`Weights::with_dtype`] says otherwise), checking its shape against the config.
     pub async fn tensor(&self, gpu: &Gpu, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let dtype = self.upload_dtype(gpu);
         if let Some(pack) = &self.pack {
-            return pack.tensor(self.source, gpu, name, shape).await;
+            return pack.tensor(self.source, gpu, name, shape, dtype).await;
         }
         if let Some(seed) = self.random {
-            return random::tensor(gpu, seed, name, shape);
+            return random::tensor(gpu, seed, name, shape, dtype);
         }
         let (file, info) = self.info(name)?;
         if info.shape != shape {
@@ -294,8 +309,8 @@ impl<'a, S: Source> Weights<'a, S> {
         }
         let bytes = self.source.read_range(&self.files[*file], info.start, info.end).await?;
         let uploaded = match info.dtype {
-            Dtype::F16 if gpu.dtype == DType::F16 => gpu.upload_f16(bytemuck::cast_slice(&aligned(bytes)), shape, name),
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 => gpu.upload_as(&safetensors::to_f32(info.dtype, &bytes), shape, gpu.dtype, name),
+            Dtype::F16 if dtype == DType::F16 => gpu.upload_f16(bytemuck::cast_slice(&aligned(bytes)), shape, dtype, name),
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 => gpu.upload_as(&safetensors::to_f32(info.dtype, &bytes), shape, dtype, name),
             _ => return Err(self.shape_error(*file, name, format!("{:?} is not a float dtype", info.dtype))),
         };
         uploaded.map_err(|e| self.shape_error(*file, name, e.to_string()))
@@ -303,14 +318,15 @@ impl<'a, S: Source> Weights<'a, S> {
 
     /// Uploads a 2-D table [rows, dim] as row chunks that each fit one GPU binding.
     pub async fn tensor_rows(&self, gpu: &Gpu, name: &str, shape: [usize; 2]) -> Result<Vec<Tensor>> {
+        let dtype = self.upload_dtype(gpu);
         if let Some(pack) = &self.pack {
-            return pack.tensor_rows(self.source, gpu, name, shape).await;
+            return pack.tensor_rows(self.source, gpu, name, shape, dtype).await;
         }
         let [rows, dim] = shape;
-        let row_bytes = (dim * gpu.dtype.size()) as u64;
+        let row_bytes = (dim * dtype.size()) as u64;
         let per_chunk = (gpu.max_binding_bytes() / row_bytes.max(1)).max(1) as usize;
         if let Some(seed) = self.random {
-            let chunk = |r0: usize| random::tensor(gpu, seed, &format!("{name}.{r0}"), &[per_chunk.min(rows - r0), dim]);
+            let chunk = |r0: usize| random::tensor(gpu, seed, &format!("{name}.{r0}"), &[per_chunk.min(rows - r0), dim], dtype);
             return (0..rows).step_by(per_chunk).map(chunk).collect();
         }
         let (file, info) = self.info(name)?;
@@ -324,7 +340,7 @@ impl<'a, S: Source> Weights<'a, S> {
             let start = info.start + r0 as u64 * src_row;
             let bytes = self.source.read_range(&self.files[*file], start, start + n as u64 * src_row).await?;
             let chunk = gpu
-                .upload_as(&safetensors::to_f32(info.dtype, &bytes), &[n, dim], gpu.dtype, name)
+                .upload_as(&safetensors::to_f32(info.dtype, &bytes), &[n, dim], dtype, name)
                 .map_err(|e| self.shape_error(*file, name, e.to_string()))?;
             chunks.push(chunk);
         }

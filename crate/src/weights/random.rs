@@ -63,8 +63,8 @@ fn tensor_seed(seed: u32, name: &str) -> u32 {
     name.bytes().fold(0x811c_9dc5 ^ seed, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193))
 }
 
-pub fn tensor(gpu: &Gpu, seed: u32, name: &str, shape: &[usize]) -> Result<Tensor> {
-    let t = gpu.empty_weight(shape, gpu.dtype, name)?;
+pub fn tensor(gpu: &Gpu, seed: u32, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let t = gpu.empty_weight(shape, dtype, name)?;
     let (center, scale) = distribution(name, shape);
     gpu.fill_uniform(&t, tensor_seed(seed, name), center, scale)?;
     Ok(t)
@@ -87,10 +87,10 @@ pub fn host(seed: u32, name: &str, shape: &[usize]) -> Vec<f32> {
         .collect()
 }
 
-/// A weight matrix [rows, cols...], dense or in `format` with random codes.
-pub fn matrix(gpu: &Gpu, seed: u32, name: &str, shape: &[usize], format: Option<QuantFormat>) -> Result<Weight> {
+/// A weight matrix [rows, cols...], dense in `dtype` or in `format` with random codes.
+pub fn matrix(gpu: &Gpu, seed: u32, name: &str, shape: &[usize], format: Option<QuantFormat>, dtype: DType) -> Result<Weight> {
     let Some(format) = format else {
-        return Ok(Weight::Dense(tensor(gpu, seed, name, shape)?));
+        return Ok(Weight::Dense(tensor(gpu, seed, name, shape, dtype)?));
     };
     let rows = shape.first().copied().unwrap_or(1);
     let cols: usize = shape.iter().skip(1).product();
