@@ -30,6 +30,12 @@ pub fn parameters(p: &GenerateParams, sampler: &str, model: &str, refiner: Optio
     if p.init_image.is_some() {
         text += &format!(", Denoising strength: {}", p.strength);
     }
+    if p.prompt_options.long_prompt {
+        text += ", Long prompt: chunked";
+    }
+    if p.prompt_options.weighting {
+        text += ", Prompt weighting: on";
+    }
     if let Some(refiner) = refiner {
         text += &format!(", Refiner: {refiner}, Refiner switch at: {}", p.refiner_start);
     }
@@ -111,6 +117,7 @@ pub fn latent_preview(latents: &[f32], channels: usize, height: usize, width: us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::prompt::PromptOptions;
     use crate::scheduler::TimestepSpacing;
 
     fn decode(png_bytes: &[u8]) -> (Vec<u8>, png::Info<'static>) {
@@ -131,10 +138,20 @@ mod tests {
         );
         let p = GenerateParams { prompt: "x".into(), negative: Some(String::new()), guidance: 5.0, ..Default::default() };
         assert_eq!(parameters(&p, "Euler", "m", None), format!("x\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, Version: sdxl-webgpu {version}"));
-        let p = GenerateParams { prompt: "x".into(), timestep_spacing: Some(TimestepSpacing::Trailing), guidance: 0.0, steps: 4, ..Default::default() };
+        let p = GenerateParams {
+            prompt: "x".into(),
+            timestep_spacing: Some(TimestepSpacing::Trailing),
+            guidance: 0.0,
+            steps: 4,
+            prompt_options: PromptOptions { long_prompt: true, weighting: true },
+            ..Default::default()
+        };
         assert_eq!(
             parameters(&p, "Euler a", "turbo", None),
-            format!("x\nSteps: 4, Sampler: Euler a, CFG scale: 0, Seed: 0, Size: 1024x1024, Model: turbo, Timestep spacing: trailing, Version: sdxl-webgpu {version}")
+            format!(
+                "x\nSteps: 4, Sampler: Euler a, CFG scale: 0, Seed: 0, Size: 1024x1024, Model: turbo, Timestep spacing: trailing, \
+                 Long prompt: chunked, Prompt weighting: on, Version: sdxl-webgpu {version}"
+            )
         );
     }
 
