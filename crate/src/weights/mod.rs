@@ -1,6 +1,7 @@
 //! Model files: where bytes come from (`Source`), safetensors headers, config.json, and loading
 //! one component's tensors to the GPU one tensor at a time (never a whole file in memory).
 
+pub mod checkpoint;
 pub mod random;
 pub mod safetensors;
 
@@ -12,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::pack::{Pack, PackComponent};
 use crate::quant::{quantize, QuantPolicy, QuantTensor, Weight};
+use checkpoint::Checkpoint;
 use safetensors::{Dtype, Header, TensorInfo};
 
 /// Read access to a model folder (diffusers layout) by relative path.
@@ -34,6 +36,11 @@ pub trait Source {
     /// The seed when this source synthesises random weights ([`random::RandomSource`]): then
     /// [`Weights::open`] answers every tensor with random values on the GPU.
     fn random_weights(&self) -> Option<u32> {
+        None
+    }
+    /// The single-file checkpoint this source serves ([`checkpoint::CheckpointSource`]), if any:
+    /// then [`Weights::open`] reads the component's tensors from that one file.
+    fn checkpoint(&self) -> Option<&Checkpoint> {
         None
     }
 }
@@ -114,13 +121,23 @@ pub async fn read_json<T: DeserializeOwned>(source: &impl Source, path: &str) ->
     serde_json::from_slice(&bytes).map_err(|e| Error::Config { path: source.describe(path), message: format!("invalid JSON: {e}") })
 }
 
+/// Where one tensor's bytes lie: a file of [`Weights`], and the dtype, diffusers' shape and byte
+/// range.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub file: usize,
+    pub info: TensorInfo,
+    /// The bytes hold the transpose of the 2-D `info.shape` (OpenCLIP's text projection).
+    pub transposed: bool,
+}
+
 /// The tensors of one model component (`text_encoder/`, `unet/`, ...), possibly sharded.
 pub struct Weights<'a, S: Source> {
     source: &'a S,
     /// The component's folder (`unet`), which qualifies tensor names for the quantization policy.
     dir: String,
     files: Vec<String>,
-    tensors: HashMap<String, (usize, TensorInfo)>,
+    tensors: HashMap<String, Entry>,
     /// Which weight matrices `matrix` quantizes as they load.
     quant: QuantPolicy,
     /// Set when the source is a model pack: this component's entries, stored as the pack says
@@ -141,6 +158,11 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = source.random_weights() {
             let random = Some(seed);
             return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack: None, random });
+        }
+        if let Some(checkpoint) = source.checkpoint() {
+            let tensors = checkpoint.component(&source.describe(&checkpoint.path), dir)?.clone();
+            let files = vec![checkpoint.path.clone()];
+            return Ok(Weights { source, dir: dir.to_string(), files, tensors, quant: QuantPolicy::default(), pack: None, random: None });
         }
         let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
         for stem in ["model", "diffusion_pytorch_model"] {
@@ -175,7 +197,7 @@ impl<'a, S: Source> Weights<'a, S> {
         let mut tensors = HashMap::new();
         for (i, file) in files.iter().enumerate() {
             let header = read_header(source, file).await?;
-            tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
+            tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, Entry { file: i, info, transposed: false })));
         }
         let dir = files.first().and_then(|f| f.rsplit_once('/')).map_or("", |(dir, _)| dir).to_string();
         Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None, random: None })
@@ -202,7 +224,7 @@ impl<'a, S: Source> Weights<'a, S> {
         match format {
             Some(format) => {
                 let values = self.host(name, shape).await?;
-                let file = self.info(name)?.0;
+                let file = self.info(name)?.file;
                 let q = quantize(&values, rows, cols, format).map_err(|e| self.shape_error(file, name, e.to_string()))?;
                 Ok(Weight::Quant(QuantTensor::upload(gpu, &q, name)?))
             }
@@ -240,7 +262,7 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(pack) = &self.pack {
             return pack.shape(name);
         }
-        Ok(&self.info(name)?.1.shape)
+        Ok(&self.info(name)?.info.shape)
     }
 
     /// Stored dtype of a tensor (a quantized pack entry has none: an error).
@@ -248,10 +270,10 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(pack) = &self.pack {
             return pack.dtype(name);
         }
-        Ok(self.info(name)?.1.dtype)
+        Ok(self.info(name)?.info.dtype)
     }
 
-    fn info(&self, name: &str) -> Result<&(usize, TensorInfo)> {
+    fn info(&self, name: &str) -> Result<&Entry> {
         self.tensors.get(name).ok_or_else(|| Error::Tensor {
             path: self.files.iter().map(|f| self.source.describe(f)).collect::<Vec<_>>().join(", "),
             tensor: name.to_string(),
@@ -271,12 +293,42 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = self.random {
             return Ok(random::host(seed, name, shape));
         }
-        let (file, info) = self.info(name)?;
-        if info.shape != shape {
-            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
+        let (entry, bytes) = self.read(name, shape).await?;
+        Ok(safetensors::to_f32(entry.info.dtype, &bytes))
+    }
+
+    /// A tensor's entry, checked against the shape the config implies.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
+        let entry = self.info(name)?;
+        if entry.info.shape != shape {
+            return Err(self.shape_error(entry.file, name, format!("shape {:?}, the config implies {shape:?}", entry.info.shape)));
         }
-        let bytes = self.source.read_range(&self.files[*file], info.start, info.end).await?;
-        Ok(safetensors::to_f32(info.dtype, &bytes))
+        Ok(entry)
+    }
+
+    /// A tensor's bytes in diffusers' layout, checking its shape.
+    async fn read(&self, name: &str, shape: &[usize]) -> Result<(&Entry, Vec<u8>)> {
+        let entry = self.checked(name, shape)?;
+        let rows = shape.first().copied().unwrap_or(1);
+        Ok((entry, self.read_rows(entry, 0, rows).await?))
+    }
+
+    /// Rows `r0..r1` (along the first dimension) of an entry in diffusers' layout; a transposed
+    /// entry is read whole.
+    async fn read_rows(&self, entry: &Entry, r0: usize, r1: usize) -> Result<Vec<u8>> {
+        let (info, file) = (&entry.info, &self.files[entry.file]);
+        let row_bytes = info.shape.iter().skip(1).product::<usize>() * info.dtype.size();
+        if !entry.transposed {
+            return self.source.read_range(file, info.start + (r0 * row_bytes) as u64, info.start + (r1 * row_bytes) as u64).await;
+        }
+        let stored = self.source.read_range(file, info.start, info.end).await?;
+        let &[rows, cols] = &info.shape[..] else { unreachable!("only 2-D entries are transposed") };
+        let size = info.dtype.size();
+        let mut out = vec![0; stored.len()];
+        for (r, c) in (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))) {
+            out[(r * cols + c) * size..][..size].copy_from_slice(&stored[(c * rows + r) * size..][..size]);
+        }
+        Ok(out[r0 * row_bytes..r1 * row_bytes].to_vec())
     }
 
     /// Uploads a float tensor in the GPU's working dtype, checking its shape against the config.
@@ -287,11 +339,8 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = self.random {
             return random::tensor(gpu, seed, name, shape);
         }
-        let (file, info) = self.info(name)?;
-        if info.shape != shape {
-            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
-        }
-        let bytes = self.source.read_range(&self.files[*file], info.start, info.end).await?;
+        let (entry, bytes) = self.read(name, shape).await?;
+        let (file, info) = (&entry.file, &entry.info);
         let uploaded = match info.dtype {
             Dtype::F16 if gpu.dtype == DType::F16 => gpu.upload_f16(bytemuck::cast_slice(&aligned(bytes)), shape, name),
             Dtype::F16 | Dtype::BF16 | Dtype::F32 => gpu.upload_as(&safetensors::to_f32(info.dtype, &bytes), shape, gpu.dtype, name),
@@ -312,19 +361,14 @@ impl<'a, S: Source> Weights<'a, S> {
             let chunk = |r0: usize| random::tensor(gpu, seed, &format!("{name}.{r0}"), &[per_chunk.min(rows - r0), dim]);
             return (0..rows).step_by(per_chunk).map(chunk).collect();
         }
-        let (file, info) = self.info(name)?;
-        if info.shape != shape {
-            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
-        }
-        let src_row = (dim * info.dtype.size()) as u64;
+        let entry = self.checked(name, &shape)?;
         let mut chunks = Vec::new();
         for r0 in (0..rows).step_by(per_chunk) {
             let n = per_chunk.min(rows - r0);
-            let start = info.start + r0 as u64 * src_row;
-            let bytes = self.source.read_range(&self.files[*file], start, start + n as u64 * src_row).await?;
+            let bytes = self.read_rows(entry, r0, r0 + n).await?;
             let chunk = gpu
-                .upload_as(&safetensors::to_f32(info.dtype, &bytes), &[n, dim], gpu.dtype, name)
-                .map_err(|e| self.shape_error(*file, name, e.to_string()))?;
+                .upload_as(&safetensors::to_f32(entry.info.dtype, &bytes), &[n, dim], gpu.dtype, name)
+                .map_err(|e| self.shape_error(entry.file, name, e.to_string()))?;
             chunks.push(chunk);
         }
         Ok(chunks)
@@ -336,7 +380,7 @@ fn aligned(bytes: Vec<u8>) -> Vec<u16> {
     bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
 }
 
-async fn read_header(source: &impl Source, path: &str) -> Result<Header> {
+pub(crate) async fn read_header(source: &impl Source, path: &str) -> Result<Header> {
     let file_len = source.len(path).await?;
     let prefix = source.read_range(path, 0, safetensors::PREFIX.min(file_len)).await?;
     let n = safetensors::header_len(&source.describe(path), &prefix, file_len)?;
