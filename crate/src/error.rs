@@ -17,6 +17,8 @@ pub enum Error {
     Io { path: String, message: String },
     /// A safetensors file is malformed.
     Safetensors { path: String, message: String },
+    /// A GGUF file is malformed.
+    Gguf { path: String, message: String },
     /// A tensor is missing, or its dtype/shape does not match the config.
     Tensor { path: String, tensor: String, message: String },
     /// A config.json is missing a field or holds an unsupported value.
@@ -48,6 +50,7 @@ impl fmt::Display for Error {
             Error::Gpu(m) => write!(f, "GPU error: {m}"),
             Error::Io { path, message } => write!(f, "{path}: {message}"),
             Error::Safetensors { path, message } => write!(f, "{path}: invalid safetensors: {message}"),
+            Error::Gguf { path, message } => write!(f, "{path}: invalid GGUF: {message}"),
             Error::Tensor { path, tensor, message } => write!(f, "{path}: tensor '{tensor}': {message}"),
             Error::Config { path, message } => write!(f, "{path}: {message}"),
             Error::Tokenizer { path, message } => write!(f, "{path}: tokenizer: {message}"),
@@ -73,7 +76,7 @@ impl Error {
             Error::DeviceLost(_) => "DeviceLost",
             Error::Gpu(_) => "GpuError",
             Error::Io { .. } => "IoError",
-            Error::Safetensors { .. } => "CorruptWeights",
+            Error::Safetensors { .. } | Error::Gguf { .. } => "CorruptWeights",
             Error::Tensor { .. } => "WrongModel",
             Error::Config { .. } => "BadConfig",
             Error::Tokenizer { .. } => "BadTokenizer",

@@ -289,7 +289,8 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -
     Ok(q)
 }
 
-fn push_codes(data: &mut Vec<u32>, format: QuantFormat, codes: &[u8; BLOCK]) {
+/// Appends one block's codes (in value order; Q8_0's as two's complement) in the layout above.
+pub(crate) fn push_codes(data: &mut Vec<u32>, format: QuantFormat, codes: &[u8; BLOCK]) {
     match format {
         QuantFormat::Q8_0 => data.extend(codes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         QuantFormat::Q4_0 | QuantFormat::Q4_1 => data.extend(codes.chunks(8).map(|c| c.iter().rev().fold(0u32, |w, &n| (w << 4) | n as u32))),

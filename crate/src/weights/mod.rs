@@ -1,7 +1,8 @@
-//! Model files: where bytes come from (`Source`), safetensors headers, config.json, and loading
+//! Model files: where bytes come from (`Source`), safetensors and GGUF headers, config.json, and loading
 //! one component's tensors to the GPU one tensor at a time (never a whole file in memory).
 
 pub mod checkpoint;
+pub mod gguf;
 pub mod random;
 pub mod safetensors;
 
