@@ -31,9 +31,11 @@ const USAGE: &str = "usage:
       --model / --refiner may also be model packs (folders with manifest.json, from `sdxl convert`):
       they load as stored; --quant must then be left out or match the pack's preset.
       They may also be original single-file checkpoints (sd_xl_base_1.0.safetensors,
-      sd_xl_refiner_1.0.safetensors layout): --config DIR (--refiner-config DIR for the refiner)
-      then names a diffusers-layout folder holding the model's model_index.json, */config.json,
-      scheduler/ and tokenizer files (the hub repository without its weights).
+      sd_xl_refiner_1.0.safetensors layout) or GGUF files of them (stable-diffusion.cpp's; F32, F16,
+      BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; quantized weights stay as stored): --config DIR
+      (--refiner-config DIR for the refiner) then names a diffusers-layout folder holding the
+      model's model_index.json, */config.json, scheduler/ and tokenizer files (the hub repository
+      without its weights).
   sdxl convert --from DIR --quant f16|q8|q4 --out PACK_DIR [--force] [--shard-bytes 67108864]
       Converts a diffusers-layout SDXL folder (base or refiner) into a model pack: manifest.json and
       shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and every tensor, with the

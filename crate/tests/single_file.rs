@@ -1,7 +1,8 @@
 //! Original single-file SDXL checkpoints (SGM layout) of the tiny fixtures
 //! (tests/fixtures/single-file/, written by make_single_file.py and checked there against
 //! diffusers' own single-file loader): every tensor equals its diffusers folder's, whole pipelines
-//! give the folders' images, and bad files get typed errors naming the file and the tensor.
+//! give the folders' images, and bad files get typed errors naming the file and the tensor. The
+//! same for GGUF files of them in stable-diffusion.cpp's naming, quantized as it quantizes.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
@@ -12,8 +13,9 @@ use common::{psnr, sdxl, Case, TempDir};
 use sdxl::pipeline::generate::{generate, SdxlModel};
 use sdxl::quant::QuantPreset;
 use sdxl::weights::checkpoint::{CheckpointSource, Kind};
+use sdxl::weights::gguf::{GgmlType, GgufWriter};
 use sdxl::weights::{DirSource, Source, Weights};
-use sdxl::{DType, Error, Gpu};
+use sdxl::{DType, Error, Gpu, Precision};
 
 gpu_tests!(pipelines_match_the_folders);
 
@@ -235,4 +237,135 @@ fn cli_generates_from_single_files_as_from_folders() {
     let run = sdxl(&["generate", "--model", &base_file, "--prompt", "x", "--out", &dir.file("x.png")]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success() && stderr.contains("--config") && stderr.contains("tiny-sdxl-base.safetensors"), "{stderr}");
+}
+
+/// stable-diffusion.cpp's name of an SGM tensor (what `sd -M convert` writes; None: a tensor it
+/// drops), and the shape it stores: transformers' names under `cond_stage_model.` for the text
+/// encoders with OpenCLIP's fused in_proj kept, the UNet's Linear proj_in/out as 1x1 convolutions.
+fn sd_cpp_name(sgm: &str, shape: &[usize]) -> Option<(String, Vec<usize>)> {
+    const OPEN_CLIP: [(&str, &str); 10] = [
+        ("transformer.resblocks.", "text_model.encoder.layers."),
+        ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+        ("token_embedding.", "text_model.embeddings.token_embedding."),
+        ("ln_final.", "text_model.final_layer_norm."),
+        ("text_projection", "text_model.text_projection"),
+        ("attn.in_proj_", "self_attn.in_proj."),
+        ("attn.out_proj.", "self_attn.out_proj."),
+        ("ln_1.", "layer_norm1."),
+        ("ln_2.", "layer_norm2."),
+        ("mlp.c_fc.", "mlp.fc1."),
+    ];
+    let open_clip = |prefix: &str, rest: &str| {
+        let renamed = OPEN_CLIP.iter().fold(rest.replace("mlp.c_proj.", "mlp.fc2."), |name, (sgm, sd)| name.replacen(sgm, sd, 1));
+        (rest != "logit_scale").then(|| format!("{prefix}{renamed}"))
+    };
+    let name = if let Some(rest) = sgm.strip_prefix("conditioner.embedders.0.transformer.") {
+        (!rest.ends_with("position_ids")).then(|| format!("cond_stage_model.transformer.{rest}"))?
+    } else if let Some(rest) = sgm.strip_prefix("conditioner.embedders.1.model.") {
+        open_clip("cond_stage_model.1.transformer.", rest)?
+    } else if let Some(rest) = sgm.strip_prefix("conditioner.embedders.0.model.") {
+        open_clip("cond_stage_model.transformer.", rest)?
+    } else {
+        sgm.to_string()
+    };
+    let conv = name.starts_with("model.diffusion_model.") && (name.ends_with("proj_in.weight") || name.ends_with("proj_out.weight"));
+    Some((name, if conv { [shape, &[1, 1]].concat() } else { shape.to_vec() }))
+}
+
+/// Writes fixture `model`'s single file as a GGUF file in stable-diffusion.cpp's naming, with the
+/// weight matrices of Linear, attention and feed-forward layers stored as `quant` (as sd.cpp
+/// quantizes: not convolutions, norms, biases, embeddings or the time/label embedding MLPs; only
+/// rows of whole 32-value blocks) and everything else F16. Returns the number of quantized tensors.
+fn write_gguf(model: &str, quant: GgmlType, path: &Path) -> usize {
+    let dir = Path::new(FIXTURES).join("single-file");
+    let source = DirSource::new(&dir);
+    let file = format!("{model}.safetensors");
+    let weights = pollster::block_on(Weights::from_files(&source, vec![file])).unwrap();
+    let mut writer = GgufWriter::new();
+    let mut quantized = 0;
+    for sgm in weights.names() {
+        let shape = weights.shape(sgm).unwrap().to_vec();
+        let Some((name, stored_shape)) = sd_cpp_name(sgm, &shape) else { continue };
+        let matrix = shape.len() == 2 && name.ends_with(".weight") && !name.contains("embedding") && !name.contains("time_embed.") && !name.contains("label_emb.");
+        let ggml_type = if (matrix || name.ends_with("text_projection")) && shape[1] % 32 == 0 { quant } else { GgmlType::F16 };
+        quantized += usize::from(ggml_type != GgmlType::F16);
+        let values = pollster::block_on(weights.host(sgm, &shape)).unwrap();
+        writer.tensor(&name, &stored_shape, ggml_type, &values).unwrap();
+    }
+    std::fs::write(path, writer.to_bytes()).unwrap();
+    quantized
+}
+
+#[test]
+fn gguf_files_generate_the_folders_image() {
+    // The split case (base then refiner) on an f32 device, from GGUF files of every type.
+    let case = Case::load("pipeline_cases.json").into_iter().find(|c| c.name == "split").unwrap();
+    pollster::block_on(async {
+        let gpu = Gpu::new(Precision::F32).await.unwrap();
+        let dir = TempDir::new("gguf");
+        let configs = TempDir::new("gguf-configs");
+        let folders = (
+            SdxlModel::load(&gpu, &folder(BASE.0), QuantPreset::F16).await.unwrap(),
+            SdxlModel::load(&gpu, &folder(REFINER.0), QuantPreset::F16).await.unwrap(),
+        );
+        let want = run(&gpu, &folders, &case).await;
+        // Floors well under what was measured (f16 identical; q8_0 70 dB; q4/q5 45-50 dB), yet far
+        // above what a wrong block layout or name gives.
+        let floors = [(GgmlType::F16, 45.0), (GgmlType::Q8_0, 50.0), (GgmlType::Q5_0, 30.0), (GgmlType::Q5_1, 30.0), (GgmlType::Q4_1, 30.0), (GgmlType::Q4_0, 30.0)];
+        for (ggml_type, floor) in floors {
+            let mut models = Vec::new();
+            for model in [BASE.0, REFINER.0] {
+                let file = format!("{model}-{}.gguf", ggml_type.name());
+                let quantized = write_gguf(model, ggml_type, &dir.path(&file));
+                let source = open_in(&configs, model, &dir.0, &file).await.unwrap();
+                models.push(SdxlModel::load(&gpu, &source, QuantPreset::F16).await.unwrap());
+                eprintln!("{file}: {quantized} weight matrices stored as {}, the rest F16", ggml_type.name());
+            }
+            let models: (SdxlModel, SdxlModel) = (models.remove(0), models.remove(0));
+            let db = psnr(&run(&gpu, &models, &case).await, &want);
+            eprintln!("GGUF {}: image PSNR {db:.1} dB vs the folders", ggml_type.name());
+            assert!(db >= floor, "GGUF {}: PSNR {db:.1} dB < {floor}", ggml_type.name());
+        }
+    });
+}
+
+#[test]
+fn gguf_tensors_equal_the_folders_and_bad_types_are_named() {
+    pollster::block_on(async {
+        let dir = TempDir::new("gguf-tensors");
+        let configs = TempDir::new("gguf-tensors-configs");
+        // F16 GGUF in sd.cpp's naming: every tensor the folder has, bit for bit.
+        for (model, components) in [BASE, REFINER] {
+            let file = format!("{model}.gguf");
+            write_gguf(model, GgmlType::F16, &dir.path(&file));
+            let (source, folder) = (open_in(&configs, model, &dir.0, &file).await.unwrap(), folder(model));
+            for &component in components {
+                let want = Weights::open(&folder, component, true).await.unwrap();
+                let got = Weights::open(&source, component, true).await.unwrap();
+                for name in want.names() {
+                    let shape = want.shape(name).unwrap();
+                    let (a, b) = (got.host(name, shape).await.unwrap(), want.host(name, shape).await.unwrap());
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{model}.gguf {component}: {name} differs");
+                }
+            }
+        }
+        // Q8_0: a quantized transposed text_projection is dequantized and transposed on load.
+        write_gguf(REFINER.0, GgmlType::Q8_0, &dir.path("q8.gguf"));
+        let source = open_in(&configs, REFINER.0, &dir.0, "q8.gguf").await.unwrap();
+        let got = Weights::open(&source, "text_encoder_2", true).await.unwrap();
+        let refiner = folder(REFINER.0);
+        let want = Weights::open(&refiner, "text_encoder_2", true).await.unwrap();
+        let (a, b) = (got.host("text_projection.weight", &[32, 24]).await.unwrap(), want.host("text_projection.weight", &[32, 24]).await.unwrap());
+        let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let scale = b.iter().fold(0f32, |m, y| m.max(y.abs()));
+        assert!(err <= scale / 100.0, "q8_0 text_projection max |Δ| {err} (values up to {scale})");
+        assert!(matches!(got.dtype("text_projection.weight"), Err(Error::Tensor { .. })), "a block-quantized entry has no float dtype");
+
+        // A tensor in a ggml type the engine does not load (Q4_K): the error names tensor and type.
+        let mut writer = GgufWriter::new();
+        writer.raw_tensor("model.diffusion_model.out.2.weight", &[4, 256], 12, vec![0; 144 * 4]);
+        std::fs::write(dir.path("q4k.gguf"), writer.to_bytes()).unwrap();
+        let (path, tensor, message) = tensor_error(open_in(&configs, BASE.0, &dir.0, "q4k.gguf").await);
+        assert!(path.ends_with("q4k.gguf") && tensor == "model.diffusion_model.out.2.weight" && message.contains("Q4_K"), "{path}: {tensor}: {message}");
+    });
 }

@@ -8,22 +8,64 @@
 //! bytes differ from diffusers' the entry says how: OpenCLIP's fused `in_proj` rows are narrower
 //! byte ranges, the VAE's 1x1-conv attention weights are the same bytes as a Linear's, and
 //! OpenCLIP's `text_projection` is the transpose of diffusers' `text_projection.weight`.
+//!
+//! GGUF files as stable-diffusion.cpp writes them (`sd -M convert`) keep the UNet's and VAE's SGM
+//! names but rename the text encoders to transformers' names under `cond_stage_model.` (CLIP-L at
+//! `cond_stage_model.transformer.`, the base's bigG at `cond_stage_model.1.transformer.`, the
+//! refiner's at `cond_stage_model.transformer.`), keeping OpenCLIP's fused `self_attn.in_proj` and
+//! its `text_model.text_projection` orientation; both namings are read.
 
 use std::collections::HashMap;
 
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::weights::safetensors::TensorInfo;
-use crate::weights::{read_header, read_json, Entry, Source};
+use crate::weights::{gguf, read_header, read_json, Entry, Source};
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
-/// The base's CLIP ViT-L (transformers names below this prefix).
-const CLIP_L: &str = "conditioner.embedders.0.transformer.";
-/// OpenCLIP ViT-bigG: the base's second embedder, the refiner's only one.
-const OPEN_CLIP_BASE: &str = "conditioner.embedders.1.model.";
-const OPEN_CLIP_REFINER: &str = "conditioner.embedders.0.model.";
+
+/// How a text encoder's tensors are named below its prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Naming {
+    /// transformers' CLIPTextModel names: diffusers' own.
+    Transformers,
+    /// OpenCLIP's text tower (SGM's FrozenOpenCLIPEmbedder2).
+    OpenClip,
+    /// transformers' names with OpenCLIP's fused `self_attn.in_proj` and `text_model.text_projection`
+    /// (stable-diffusion.cpp).
+    SdCpp,
+}
+
+/// Where one text encoder lies in a checkpoint.
+struct TextEncoder {
+    prefix: &'static str,
+    dir: &'static str,
+    naming: Naming,
+}
+
+/// The text-encoder layouts a checkpoint may have: which kind it is, its encoders, and a prefix
+/// that must be absent (a refiner's only encoder sits where the base's first one does).
+const TEXT_LAYOUTS: [(Kind, &[TextEncoder], Option<&str>); 4] = [
+    (
+        Kind::Base,
+        &[
+            TextEncoder { prefix: "conditioner.embedders.0.transformer.", dir: "text_encoder", naming: Naming::Transformers },
+            TextEncoder { prefix: "conditioner.embedders.1.model.", dir: "text_encoder_2", naming: Naming::OpenClip },
+        ],
+        None,
+    ),
+    (Kind::Refiner, &[TextEncoder { prefix: "conditioner.embedders.0.model.", dir: "text_encoder_2", naming: Naming::OpenClip }], Some("conditioner.embedders.1.")),
+    (
+        Kind::Base,
+        &[
+            TextEncoder { prefix: "cond_stage_model.transformer.", dir: "text_encoder", naming: Naming::Transformers },
+            TextEncoder { prefix: "cond_stage_model.1.transformer.", dir: "text_encoder_2", naming: Naming::SdCpp },
+        ],
+        None,
+    ),
+    (Kind::Refiner, &[TextEncoder { prefix: "cond_stage_model.transformer.", dir: "text_encoder_2", naming: Naming::SdCpp }], Some("cond_stage_model.1.")),
+];
 
 /// Which SDXL model a checkpoint holds, told apart by its text encoders.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,11 +86,13 @@ impl Kind {
 }
 
 /// What the mapping needs from the diffusers configs: the UNet's resnets per level (its
-/// `layers_per_block`, which places SGM's flat input/output block indices) and the VAE's number of
-/// levels (SGM numbers the decoder's levels in reverse).
+/// `layers_per_block`, which places SGM's flat input/output block indices), whether its
+/// transformers project with Linear layers, and the VAE's number of levels (SGM numbers the
+/// decoder's levels in reverse).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub unet_layers: Vec<usize>,
+    pub linear_projection: bool,
     pub vae_levels: usize,
 }
 
@@ -63,6 +107,8 @@ enum LayersPerBlock {
 struct UnetLevels {
     block_out_channels: Vec<usize>,
     layers_per_block: LayersPerBlock,
+    #[serde(default)]
+    use_linear_projection: bool,
 }
 
 #[derive(Deserialize)]
@@ -84,7 +130,7 @@ impl Layout {
                 return Err(Error::Config { path: config.describe("unet/config.json"), message });
             }
         };
-        Ok(Layout { unet_layers, vae_levels: vae.block_out_channels.len() })
+        Ok(Layout { unet_layers, linear_projection: unet.use_linear_projection, vae_levels: vae.block_out_channels.len() })
     }
 
     /// diffusers' (down level, resnet) of SGM's `input_blocks.{i}` (i >= 1); resnet ==
@@ -125,30 +171,34 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Reads the safetensors header of `path` in `source` and maps every SDXL tensor to its
-    /// diffusers component and name.
+    /// Reads the header of `path` in `source` (safetensors, or GGUF by its magic) and maps every
+    /// SDXL tensor to its diffusers component and name.
     pub async fn open(source: &impl Source, path: &str, layout: &Layout) -> Result<Checkpoint> {
-        let header = read_header(source, path).await?;
-        Checkpoint::index(source.describe(path), path, header.tensors.into_iter(), layout)
+        let magic = source.read_range(path, 0, source.len(path).await?.min(4)).await?;
+        let tensors: Vec<(String, Entry)> = if gguf::is_gguf(&magic) {
+            gguf::read_header(source, path).await?.tensors.into_iter().map(|t| (t.name.clone(), Entry::gguf(0, t))).collect()
+        } else {
+            read_header(source, path).await?.tensors.into_iter().map(|(name, info)| (name, Entry::safetensors(0, info))).collect()
+        };
+        Checkpoint::index(source.describe(path), path, tensors, layout)
     }
 
-    /// Builds the index from a file's tensors (SGM names); `location` names the file in errors.
-    pub fn index(location: String, path: &str, tensors: impl Iterator<Item = (String, TensorInfo)>, layout: &Layout) -> Result<Checkpoint> {
-        let tensors: Vec<(String, TensorInfo)> = tensors.collect();
+    /// Builds the index from a file's tensors (SGM or stable-diffusion.cpp names); `location`
+    /// names the file in errors.
+    pub fn index(location: String, path: &str, tensors: Vec<(String, Entry)>, layout: &Layout) -> Result<Checkpoint> {
         let has = |prefix: &str| tensors.iter().any(|(name, _)| name.starts_with(prefix));
-        let (kind, open_clip) = match (has(CLIP_L), has(OPEN_CLIP_BASE), has(OPEN_CLIP_REFINER)) {
-            (true, true, false) => (Kind::Base, OPEN_CLIP_BASE),
-            (false, false, true) => (Kind::Refiner, OPEN_CLIP_REFINER),
-            _ => {
-                let mut sample: Vec<&str> = tensors.iter().take(3).map(|(n, _)| n.as_str()).collect();
-                sample.sort_unstable();
-                let message = format!(
-                    "not an SDXL base (CLIP ViT-L at {CLIP_L}*, OpenCLIP bigG at {OPEN_CLIP_BASE}*) or refiner (OpenCLIP bigG at \
-                     {OPEN_CLIP_REFINER}*) single-file checkpoint; its {} tensors are named like {sample:?}",
-                    tensors.len()
-                );
-                return Err(Error::Tensor { path: location, tensor: "conditioner.embedders.*".into(), message });
-            }
+        let layout_found = TEXT_LAYOUTS
+            .iter()
+            .find(|(_, encoders, absent)| encoders.iter().all(|e| has(e.prefix)) && !absent.is_some_and(has));
+        let Some(&(kind, encoders, _)) = layout_found else {
+            let sample: Vec<&str> = tensors.iter().take(3).map(|(n, _)| n.as_str()).collect();
+            let message = format!(
+                "not an SDXL base (CLIP ViT-L at conditioner.embedders.0.transformer.*, OpenCLIP bigG at conditioner.embedders.1.model.*) \
+                 or refiner (OpenCLIP bigG at conditioner.embedders.0.model.*) checkpoint, nor stable-diffusion.cpp's naming of one \
+                 (cond_stage_model.*); its {} tensors are named like {sample:?}",
+                tensors.len()
+            );
+            return Err(Error::Tensor { path: location, tensor: "conditioner.embedders.*".into(), message });
         };
         for prefix in [UNET, VAE] {
             if !has(prefix) {
@@ -157,18 +207,24 @@ impl Checkpoint {
             }
         }
         let mut components: HashMap<&'static str, HashMap<String, Entry>> = HashMap::new();
-        for (name, info) in tensors {
+        for (name, entry) in tensors {
             let bad = |message: String| Error::Tensor { path: location.clone(), tensor: name.clone(), message };
+            let encoder = encoders.iter().find_map(|e| name.strip_prefix(e.prefix).map(|rest| (e, rest)));
             let mapped = if let Some(rest) = name.strip_prefix(UNET) {
-                unet_name(rest, layout).map_err(bad)?.map(|n| vec![("unet", n, whole(&info))])
+                let projection = layout.linear_projection && (rest.ends_with(".proj_in.weight") || rest.ends_with(".proj_out.weight"));
+                let entry = if projection { linear(entry) } else { entry };
+                unet_name(rest, layout).map_err(bad)?.map(|n| vec![("unet", n, entry)])
             } else if let Some(rest) = name.strip_prefix(VAE) {
-                vae_entry(rest, &info, layout).map_err(bad)?.map(|(n, e)| vec![("vae", n, e)])
-            } else if let Some(rest) = name.strip_prefix(CLIP_L).filter(|_| kind == Kind::Base) {
-                Some(vec![("text_encoder", rest.to_string(), whole(&info))])
-            } else if let Some(rest) = name.strip_prefix(open_clip) {
-                open_clip_entries(rest, &info).map_err(bad)?.map(|v| v.into_iter().map(|(n, e)| ("text_encoder_2", n, e)).collect())
+                vae_entry(rest, entry, layout).map_err(bad)?.map(|(n, e)| vec![("vae", n, e)])
+            } else if let Some((encoder, rest)) = encoder {
+                let entries = match encoder.naming {
+                    Naming::Transformers => Some(vec![(rest.to_string(), entry)]),
+                    Naming::OpenClip => open_clip_entries(rest, entry).map_err(bad)?,
+                    Naming::SdCpp => sd_cpp_clip_entries(rest, entry).map_err(bad)?,
+                };
+                entries.map(|v| v.into_iter().map(|(n, e)| (encoder.dir, n, e)).collect())
             } else {
-                None // SGM state that diffusers drops too (EMA copies, denoiser sigmas, ...)
+                None // state that diffusers drops too (EMA copies, denoiser sigmas, ...)
             };
             for (component, name, entry) in mapped.into_iter().flatten() {
                 components.entry(component).or_default().insert(name, entry);
@@ -250,10 +306,6 @@ impl<C: Source, F: Source> Source for CheckpointSource<C, F> {
     }
 }
 
-fn whole(info: &TensorInfo) -> Entry {
-    Entry { file: 0, info: info.clone(), transposed: false }
-}
-
 /// ResnetBlock2D's submodules: SGM name, diffusers name.
 const RESNET: [(&str, &str); 6] = [
     ("in_layers.0.", "norm1."),
@@ -330,11 +382,11 @@ fn unet_name(rest: &str, layout: &Layout) -> std::result::Result<Option<String>,
 }
 
 /// diffusers' AutoencoderKL entry of `first_stage_model.{rest}` (None: not a VAE weight).
-fn vae_entry(rest: &str, info: &TensorInfo, layout: &Layout) -> std::result::Result<Option<(String, Entry)>, String> {
+fn vae_entry(rest: &str, entry: Entry, layout: &Layout) -> std::result::Result<Option<(String, Entry)>, String> {
     const ATTENTION: [(&str, &str); 5] = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")];
     let resnet = |rest: &str| rest.replace("nin_shortcut.", "conv_shortcut.");
     let Some((side @ ("encoder" | "decoder"), rest)) = rest.split_once('.') else {
-        return Ok(Some((rest.to_string(), whole(info)))); // quant_conv, post_quant_conv
+        return Ok(Some((rest.to_string(), entry))); // quant_conv, post_quant_conv
     };
     let name = if let Some(param) = rest.strip_prefix("norm_out.") {
         format!("conv_norm_out.{param}")
@@ -357,72 +409,92 @@ fn vae_entry(rest: &str, info: &TensorInfo, layout: &Layout) -> std::result::Res
                 let Some(name) = ATTENTION.iter().find_map(|(sgm, diffusers)| rest.strip_prefix(sgm).map(|p| format!("{diffusers}{p}"))) else {
                     return Ok(None);
                 };
-                // q/k/v/proj_out are 1x1 convolutions [c, c, 1, 1]: the bytes of diffusers' Linear [c, c].
-                let mut entry = whole(info);
-                if let [rows, cols, 1, 1] = entry.info.shape[..] {
-                    entry.info.shape = vec![rows, cols];
-                }
-                return Ok(Some((format!("{side}.mid_block.attentions.0.{name}"), entry)));
+                return Ok(Some((format!("{side}.mid_block.attentions.0.{name}"), linear(entry))));
             }
             None => return Ok(None),
         }
     } else {
         rest.to_string() // conv_in, conv_out
     };
-    Ok(Some((format!("{side}.{name}"), whole(info))))
+    Ok(Some((format!("{side}.{name}"), entry)))
 }
 
-/// diffusers' CLIPTextModelWithProjection entries of OpenCLIP's `{prefix}{rest}`: the fused
-/// `in_proj_weight` / `in_proj_bias` hold q, k and v as consecutive row blocks.
-fn open_clip_entries(rest: &str, info: &TensorInfo) -> std::result::Result<Option<Vec<(String, Entry)>>, String> {
+/// A 1x1 convolution's weight [c_out, c_in, 1, 1] is the bytes of diffusers' Linear [c_out, c_in]
+/// (the VAE's mid attention in SGM; stable-diffusion.cpp also stores the UNet's proj_in/out so).
+fn linear(mut entry: Entry) -> Entry {
+    if let [rows, cols, 1, 1] = entry.shape[..] {
+        entry.shape = vec![rows, cols];
+    }
+    entry
+}
+
+/// OpenCLIP's `text_projection` [hidden, projection] as diffusers' `text_projection.weight`
+/// [projection, hidden]: the transpose.
+fn text_projection(mut entry: Entry) -> std::result::Result<Option<Vec<(String, Entry)>>, String> {
+    let &[hidden, projection] = &entry.shape[..] else {
+        return Err(format!("shape {:?} is not a [hidden, projection] matrix", entry.shape));
+    };
+    entry.shape = vec![projection, hidden];
+    entry.transposed = true;
+    Ok(Some(vec![("text_projection.weight".into(), entry)]))
+}
+
+/// The q, k and v entries of a fused in_proj weight or bias `{prefix}.{q,k,v}_proj.{param}`: three
+/// consecutive row blocks.
+fn split_qkv(prefix: &str, param: &str, entry: Entry) -> std::result::Result<Option<Vec<(String, Entry)>>, String> {
+    let rows = entry.shape.first().copied().unwrap_or(0);
+    if rows == 0 || rows % 3 != 0 {
+        return Err(format!("shape {:?}: the fused q/k/v rows do not split in three", entry.shape));
+    }
+    let part = (entry.end - entry.start) / 3;
+    let entries = ["q", "k", "v"].iter().enumerate().map(|(i, p)| {
+        let mut e = entry.clone();
+        e.shape[0] = rows / 3;
+        e.start = entry.start + i as u64 * part;
+        e.end = e.start + part;
+        (format!("{prefix}.{p}_proj.{param}"), e)
+    });
+    Ok(Some(entries.collect()))
+}
+
+/// diffusers' CLIPTextModelWithProjection entries of OpenCLIP's `{prefix}{rest}`.
+fn open_clip_entries(rest: &str, entry: Entry) -> std::result::Result<Option<Vec<(String, Entry)>>, String> {
     const LAYER: [(&str, &str); 5] =
         [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")];
-    let one = |name: &str| Ok(Some(vec![(name.to_string(), whole(info))]));
+    let one = |name: &str, entry| Ok(Some(vec![(name.to_string(), entry)]));
     match rest {
-        "positional_embedding" => return one("text_model.embeddings.position_embedding.weight"),
-        "token_embedding.weight" => return one("text_model.embeddings.token_embedding.weight"),
-        "ln_final.weight" => return one("text_model.final_layer_norm.weight"),
-        "ln_final.bias" => return one("text_model.final_layer_norm.bias"),
-        "text_projection" => {
-            // OpenCLIP computes x @ text_projection ([hidden, projection]); diffusers' Linear
-            // stores the transpose.
-            let &[hidden, projection] = &info.shape[..] else {
-                return Err(format!("shape {:?} is not a [hidden, projection] matrix", info.shape));
-            };
-            let mut entry = whole(info);
-            entry.info.shape = vec![projection, hidden];
-            entry.transposed = true;
-            return Ok(Some(vec![("text_projection.weight".into(), entry)]));
-        }
+        "positional_embedding" => return one("text_model.embeddings.position_embedding.weight", entry),
+        "token_embedding.weight" => return one("text_model.embeddings.token_embedding.weight", entry),
+        "ln_final.weight" => return one("text_model.final_layer_norm.weight", entry),
+        "ln_final.bias" => return one("text_model.final_layer_norm.bias", entry),
+        "text_projection" => return text_projection(entry),
         _ => {}
     }
     let Some((layer, rest)) = rest.strip_prefix("transformer.resblocks.").and_then(|r| r.split_once('.')) else {
         return Ok(None); // logit_scale, attn_mask
     };
-    let prefix = format!("text_model.encoder.layers.{}.self_attn", index(layer)?);
-    let param = match rest {
-        "attn.in_proj_weight" => "weight",
-        "attn.in_proj_bias" => "bias",
-        _ => {
-            let Some(name) = LAYER.iter().find_map(|(sgm, diffusers)| rest.strip_prefix(sgm).map(|p| format!("{diffusers}{p}"))) else {
-                return Ok(None);
-            };
-            return one(&format!("text_model.encoder.layers.{layer}.{name}"));
-        }
-    };
-    let rows = info.shape.first().copied().unwrap_or(0);
-    if rows == 0 || rows % 3 != 0 {
-        return Err(format!("shape {:?}: the fused q/k/v rows do not split in three", info.shape));
+    let prefix = format!("text_model.encoder.layers.{}", index(layer)?);
+    match rest {
+        "attn.in_proj_weight" => split_qkv(&format!("{prefix}.self_attn"), "weight", entry),
+        "attn.in_proj_bias" => split_qkv(&format!("{prefix}.self_attn"), "bias", entry),
+        _ => match LAYER.iter().find_map(|(sgm, diffusers)| rest.strip_prefix(sgm).map(|p| format!("{diffusers}{p}"))) {
+            Some(name) => one(&format!("{prefix}.{name}"), entry),
+            None => Ok(None),
+        },
     }
-    let part = (info.end - info.start) / 3;
-    let entries = ["q", "k", "v"].iter().enumerate().map(|(i, p)| {
-        let mut entry = whole(info);
-        entry.info.shape[0] = rows / 3;
-        entry.info.start = info.start + i as u64 * part;
-        entry.info.end = entry.info.start + part;
-        (format!("{prefix}.{p}_proj.{param}"), entry)
-    });
-    Ok(Some(entries.collect()))
+}
+
+/// diffusers' entries of stable-diffusion.cpp's `cond_stage_model.*transformer.{rest}`.
+fn sd_cpp_clip_entries(rest: &str, entry: Entry) -> std::result::Result<Option<Vec<(String, Entry)>>, String> {
+    if rest == "text_model.text_projection" {
+        return text_projection(entry);
+    }
+    for param in ["weight", "bias"] {
+        if let Some(prefix) = rest.strip_suffix(&format!(".in_proj.{param}")) {
+            return split_qkv(prefix, param, entry);
+        }
+    }
+    Ok(Some(vec![(rest.to_string(), entry)]))
 }
 
 #[cfg(test)]
@@ -432,7 +504,7 @@ mod tests {
     #[test]
     fn block_indices_follow_layers_per_block() {
         // SDXL: three levels of two resnets; the last level has no downsampler.
-        let sdxl = Layout { unet_layers: vec![2, 2, 2], vae_levels: 4 };
+        let sdxl = Layout { unet_layers: vec![2, 2, 2], linear_projection: true, vae_levels: 4 };
         let inputs: Vec<_> = (1..9).map(|i| sdxl.input_block(i)).collect();
         let want = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1)].map(Some);
         assert_eq!(inputs, want);
@@ -441,14 +513,14 @@ mod tests {
         let want = [Some((0, 0)), Some((0, 1)), Some((0, 2)), Some((1, 0)), Some((1, 1)), Some((1, 2)), Some((2, 0)), Some((2, 1)), Some((2, 2)), None];
         assert_eq!(outputs, want);
         // Per-level counts: up level 0 mirrors the last down level.
-        let uneven = Layout { unet_layers: vec![1, 3], vae_levels: 4 };
+        let uneven = Layout { unet_layers: vec![1, 3], linear_projection: true, vae_levels: 4 };
         assert_eq!((1..6).map(|i| uneven.input_block(i)).collect::<Vec<_>>(), [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)].map(Some));
         assert_eq!((0..6).map(|i| uneven.output_block(i)).collect::<Vec<_>>(), [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)].map(Some));
     }
 
     #[test]
     fn unet_names_match_diffusers() {
-        let sdxl = Layout { unet_layers: vec![2, 2, 2], vae_levels: 4 };
+        let sdxl = Layout { unet_layers: vec![2, 2, 2], linear_projection: true, vae_levels: 4 };
         let cases = [
             ("input_blocks.0.0.weight", "conv_in.weight"),
             ("input_blocks.3.0.op.bias", "down_blocks.0.downsamplers.0.conv.bias"),

@@ -15,6 +15,7 @@ use crate::gpu::{DType, Gpu, Tensor};
 use crate::pack::{Pack, PackComponent};
 use crate::quant::{quantize, QuantPolicy, QuantTensor, Weight};
 use checkpoint::Checkpoint;
+use gguf::{GgmlType, GgufTensor, Repacked};
 use safetensors::{Dtype, Header, TensorInfo};
 
 /// Read access to a model folder (diffusers layout) by relative path.
@@ -122,14 +123,62 @@ pub async fn read_json<T: DeserializeOwned>(source: &impl Source, path: &str) ->
     serde_json::from_slice(&bytes).map_err(|e| Error::Config { path: source.describe(path), message: format!("invalid JSON: {e}") })
 }
 
-/// Where one tensor's bytes lie: a file of [`Weights`], and the dtype, diffusers' shape and byte
-/// range.
+/// How a tensor's bytes encode its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// One value per element (safetensors, and GGUF's F32/F16/BF16).
+    Float(Dtype),
+    /// GGUF's 32-value blocks; every row is whole blocks.
+    Blocks(GgmlType),
+}
+
+/// Where one tensor's bytes lie: a file of [`Weights`], how they are stored, diffusers' shape and
+/// the byte range.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub file: usize,
-    pub info: TensorInfo,
-    /// The bytes hold the transpose of the 2-D `info.shape` (OpenCLIP's text projection).
+    pub stored: Stored,
+    pub shape: Vec<usize>,
+    pub start: u64,
+    pub end: u64,
+    /// The bytes hold the transpose of the 2-D `shape` (OpenCLIP's text projection).
     pub transposed: bool,
+}
+
+impl Entry {
+    pub fn safetensors(file: usize, info: TensorInfo) -> Entry {
+        Entry { file, stored: Stored::Float(info.dtype), shape: info.shape, start: info.start, end: info.end, transposed: false }
+    }
+
+    pub fn gguf(file: usize, tensor: GgufTensor) -> Entry {
+        let stored = match tensor.ggml_type {
+            GgmlType::F32 => Stored::Float(Dtype::F32),
+            GgmlType::F16 => Stored::Float(Dtype::F16),
+            GgmlType::BF16 => Stored::Float(Dtype::BF16),
+            blocks => Stored::Blocks(blocks),
+        };
+        Entry { file, stored, shape: tensor.shape, start: tensor.start, end: tensor.end, transposed: false }
+    }
+
+    /// The dtype [`Weights`] reads the values in: blocks are dequantized to F32.
+    fn dtype(&self) -> Dtype {
+        match self.stored {
+            Stored::Float(dtype) => dtype,
+            Stored::Blocks(_) => Dtype::F32,
+        }
+    }
+
+    /// Bytes of one row of the stored (for a transposed entry: the transposed) matrix.
+    fn stored_row_bytes(&self) -> usize {
+        let values = match self.transposed {
+            true => self.shape[0],
+            false => self.shape.iter().skip(1).product(),
+        };
+        match self.stored {
+            Stored::Float(dtype) => values * dtype.size(),
+            Stored::Blocks(t) => values / t.block_values() * t.block_bytes(),
+        }
+    }
 }
 
 /// The tensors of one model component (`text_encoder/`, `unet/`, ...), possibly sharded.
@@ -198,7 +247,7 @@ impl<'a, S: Source> Weights<'a, S> {
         let mut tensors = HashMap::new();
         for (i, file) in files.iter().enumerate() {
             let header = read_header(source, file).await?;
-            tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, Entry { file: i, info, transposed: false })));
+            tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, Entry::safetensors(i, info))));
         }
         let dir = files.first().and_then(|f| f.rsplit_once('/')).map_or("", |(dir, _)| dir).to_string();
         Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None, random: None })
@@ -222,11 +271,21 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = self.random {
             return random::matrix(gpu, seed, name, shape, format);
         }
+        let entry = self.checked(name, shape)?;
+        if let (Stored::Blocks(ggml_type), false) = (entry.stored, entry.transposed) {
+            // GGUF blocks are served as stored, whatever the policy says.
+            let bytes = self.source.read_range(&self.files[entry.file], entry.start, entry.end).await?;
+            let tensor = GgufTensor { name: name.to_string(), ggml_type, shape: shape.to_vec(), start: entry.start, end: entry.end };
+            let bad = |e: Error| self.shape_error(entry.file, name, e.to_string());
+            return match gguf::repack(&tensor, &bytes).map_err(bad)? {
+                Repacked::Quantized(q) => Ok(Weight::Quant(QuantTensor::upload(gpu, &q, name)?)),
+                Repacked::Dense(values) => Ok(Weight::Dense(gpu.upload_as(&values, shape, gpu.dtype, name).map_err(bad)?)),
+            };
+        }
         match format {
             Some(format) => {
                 let values = self.host(name, shape).await?;
-                let file = self.info(name)?.file;
-                let q = quantize(&values, rows, cols, format).map_err(|e| self.shape_error(file, name, e.to_string()))?;
+                let q = quantize(&values, rows, cols, format).map_err(|e| self.shape_error(entry.file, name, e.to_string()))?;
                 Ok(Weight::Quant(QuantTensor::upload(gpu, &q, name)?))
             }
             None => Ok(Weight::Dense(self.tensor(gpu, name, shape).await?)),
@@ -263,15 +322,19 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(pack) = &self.pack {
             return pack.shape(name);
         }
-        Ok(&self.info(name)?.info.shape)
+        Ok(&self.info(name)?.shape)
     }
 
-    /// Stored dtype of a tensor (a quantized pack entry has none: an error).
+    /// Stored dtype of a tensor (a quantized pack or GGUF entry has none: an error).
     pub fn dtype(&self, name: &str) -> Result<Dtype> {
         if let Some(pack) = &self.pack {
             return pack.dtype(name);
         }
-        Ok(self.info(name)?.info.dtype)
+        let entry = self.info(name)?;
+        match entry.stored {
+            Stored::Float(dtype) => Ok(dtype),
+            Stored::Blocks(t) => Err(self.shape_error(entry.file, name, format!("stored as ggml {} blocks, not a float dtype", t.name()))),
+        }
     }
 
     fn info(&self, name: &str) -> Result<&Entry> {
@@ -295,14 +358,14 @@ impl<'a, S: Source> Weights<'a, S> {
             return Ok(random::host(seed, name, shape));
         }
         let (entry, bytes) = self.read(name, shape).await?;
-        Ok(safetensors::to_f32(entry.info.dtype, &bytes))
+        Ok(safetensors::to_f32(entry.dtype(), &bytes))
     }
 
     /// A tensor's entry, checked against the shape the config implies.
     fn checked(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
         let entry = self.info(name)?;
-        if entry.info.shape != shape {
-            return Err(self.shape_error(entry.file, name, format!("shape {:?}, the config implies {shape:?}", entry.info.shape)));
+        if entry.shape != shape {
+            return Err(self.shape_error(entry.file, name, format!("shape {:?}, the config implies {shape:?}", entry.shape)));
         }
         Ok(entry)
     }
@@ -314,22 +377,26 @@ impl<'a, S: Source> Weights<'a, S> {
         Ok((entry, self.read_rows(entry, 0, rows).await?))
     }
 
-    /// Rows `r0..r1` (along the first dimension) of an entry in diffusers' layout; a transposed
-    /// entry is read whole.
+    /// Rows `r0..r1` (along the first dimension) of an entry in diffusers' layout, as values of
+    /// `entry.dtype()`; a transposed entry is read whole.
     async fn read_rows(&self, entry: &Entry, r0: usize, r1: usize) -> Result<Vec<u8>> {
-        let (info, file) = (&entry.info, &self.files[entry.file]);
-        let row_bytes = info.shape.iter().skip(1).product::<usize>() * info.dtype.size();
+        let stored_rows = if entry.transposed { 0..entry.shape[1] } else { r0..r1 };
+        let row_bytes = entry.stored_row_bytes() as u64;
+        let (start, end) = (entry.start + stored_rows.start as u64 * row_bytes, entry.start + stored_rows.end as u64 * row_bytes);
+        let mut bytes = self.source.read_range(&self.files[entry.file], start, end).await?;
+        if let Stored::Blocks(ggml_type) = entry.stored {
+            bytes = gguf::dequantize(ggml_type, &bytes).into_iter().flat_map(f32::to_le_bytes).collect();
+        }
         if !entry.transposed {
-            return self.source.read_range(file, info.start + (r0 * row_bytes) as u64, info.start + (r1 * row_bytes) as u64).await;
+            return Ok(bytes);
         }
-        let stored = self.source.read_range(file, info.start, info.end).await?;
-        let &[rows, cols] = &info.shape[..] else { unreachable!("only 2-D entries are transposed") };
-        let size = info.dtype.size();
-        let mut out = vec![0; stored.len()];
+        let &[rows, cols] = &entry.shape[..] else { unreachable!("only 2-D entries are transposed") };
+        let size = entry.dtype().size();
+        let mut out = vec![0; bytes.len()];
         for (r, c) in (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))) {
-            out[(r * cols + c) * size..][..size].copy_from_slice(&stored[(c * rows + r) * size..][..size]);
+            out[(r * cols + c) * size..][..size].copy_from_slice(&bytes[(c * rows + r) * size..][..size]);
         }
-        Ok(out[r0 * row_bytes..r1 * row_bytes].to_vec())
+        Ok(out[r0 * cols * size..r1 * cols * size].to_vec())
     }
 
     /// Uploads a float tensor in the GPU's working dtype, checking its shape against the config.
@@ -341,13 +408,12 @@ impl<'a, S: Source> Weights<'a, S> {
             return random::tensor(gpu, seed, name, shape);
         }
         let (entry, bytes) = self.read(name, shape).await?;
-        let (file, info) = (&entry.file, &entry.info);
-        let uploaded = match info.dtype {
+        let uploaded = match entry.dtype() {
             Dtype::F16 if gpu.dtype == DType::F16 => gpu.upload_f16(bytemuck::cast_slice(&aligned(bytes)), shape, name),
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 => gpu.upload_as(&safetensors::to_f32(info.dtype, &bytes), shape, gpu.dtype, name),
-            _ => return Err(self.shape_error(*file, name, format!("{:?} is not a float dtype", info.dtype))),
+            dtype @ (Dtype::F16 | Dtype::BF16 | Dtype::F32) => gpu.upload_as(&safetensors::to_f32(dtype, &bytes), shape, gpu.dtype, name),
+            dtype => return Err(self.shape_error(entry.file, name, format!("{dtype:?} is not a float dtype"))),
         };
-        uploaded.map_err(|e| self.shape_error(*file, name, e.to_string()))
+        uploaded.map_err(|e| self.shape_error(entry.file, name, e.to_string()))
     }
 
     /// Uploads a 2-D table [rows, dim] as row chunks that each fit one GPU binding.
@@ -368,7 +434,7 @@ impl<'a, S: Source> Weights<'a, S> {
             let n = per_chunk.min(rows - r0);
             let bytes = self.read_rows(entry, r0, r0 + n).await?;
             let chunk = gpu
-                .upload_as(&safetensors::to_f32(entry.info.dtype, &bytes), &[n, dim], gpu.dtype, name)
+                .upload_as(&safetensors::to_f32(entry.dtype(), &bytes), &[n, dim], gpu.dtype, name)
                 .map_err(|e| self.shape_error(entry.file, name, e.to_string()))?;
             chunks.push(chunk);
         }
