@@ -12,6 +12,7 @@ use crate::pipeline::ModelIndex;
 use crate::pack::{self, ConvertOptions, PackSource};
 use crate::quant::{QuantFormat, QuantPreset};
 use crate::store::{DirStore, DownloadOptions, ModelStore};
+use crate::weights::checkpoint::CheckpointSource;
 use crate::weights::{safetensors, DirSource};
 use crate::{Error, Gpu, Precision, Result};
 
@@ -23,7 +24,7 @@ const USAGE: &str = "usage:
       Without --negative, a model with force_zeros_for_empty_prompt gets zero negative embeddings.
       --long-prompt chunked encodes prompts past 75 tokens in windows of 75; --prompt-weighting on reads
       (word:1.2) weights; either switches to lpw_stable_diffusion_xl's encoding (README: Long prompts).
-  sdxl generate --model DIR [--refiner DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
+  sdxl generate --model DIR|FILE [--config DIR] [--refiner DIR|FILE] [--refiner-config DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
                 [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]
                 [--init-image IMAGE.png [--strength 0.3]]
@@ -39,6 +40,12 @@ const USAGE: &str = "usage:
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
       --model / --refiner may also be model packs (folders with manifest.json, from `sdxl convert`):
       they load as stored; --quant must then be left out or match the pack's preset.
+      They may also be original single-file checkpoints (sd_xl_base_1.0.safetensors,
+      sd_xl_refiner_1.0.safetensors layout) or GGUF files of them (stable-diffusion.cpp's; F32, F16,
+      BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; quantized weights stay as stored): --config DIR
+      (--refiner-config DIR for the refiner) then names a diffusers-layout folder holding the
+      model's model_index.json, */config.json, scheduler/ and tokenizer files (the hub repository
+      without its weights).
   sdxl convert --from DIR --quant f16|q8|q4 --out PACK_DIR [--force] [--shard-bytes 67108864]
       Converts a diffusers-layout SDXL folder (base or refiner) into a model pack: manifest.json and
       shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and every tensor, with the
@@ -163,9 +170,11 @@ async fn generate_command(args: &Args) -> Result<()> {
     let gpu = Gpu::new(precision).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
     let quant = args.get("quant").map(|_| args.parsed("quant", QuantPreset::F16)).transpose()?;
-    let base = load_model(&gpu, model, quant).await?;
+    // Single files take their configs from --config / --refiner-config (the refiner's when it runs alone).
+    let config = if args.get("model").is_some() { args.get("config") } else { args.get("refiner-config") };
+    let base = load_model(&gpu, model, config, quant).await?;
     let refiner_model = match refiner {
-        Some(dir) => Some(load_model(&gpu, dir, quant).await?),
+        Some(dir) => Some(load_model(&gpu, dir, args.get("refiner-config"), quant).await?),
         None => None,
     };
     let result = generate(&gpu, &base, refiner_model.as_ref(), &params, |p: StepProgress| {
@@ -196,10 +205,27 @@ fn model_name(dir: &str) -> String {
     path.file_name().unwrap_or(path.as_os_str()).to_string_lossy().into_owned()
 }
 
-/// Loads a diffusers folder (quantized on load as `quant` says, dense without it) or a model pack
-/// (a folder with manifest.json: loaded as stored; `quant` must be absent or the pack's preset).
-async fn load_model(gpu: &Gpu, dir: &str, quant: Option<QuantPreset>) -> Result<SdxlModel> {
-    if !std::path::Path::new(dir).join(pack::MANIFEST).is_file() {
+/// Loads a diffusers folder or a single-file checkpoint with the folder `config` (quantized on load
+/// as `quant` says, dense without it) or a model pack (a folder with manifest.json: loaded as
+/// stored; `quant` must be absent or the pack's preset).
+async fn load_model(gpu: &Gpu, dir: &str, config: Option<&str>, quant: Option<QuantPreset>) -> Result<SdxlModel> {
+    let path = std::path::Path::new(dir);
+    if path.is_file() {
+        let config = config.ok_or_else(|| {
+            Error::InvalidParameter(format!(
+                "{dir} is a single-file checkpoint: --config (--refiner-config for the refiner) must name a diffusers-layout folder \
+                 with its model_index.json, */config.json, scheduler/ and tokenizer files (e.g. stabilityai/stable-diffusion-xl-base-1.0 without weights)"
+            ))
+        })?;
+        let (folder, file) = (path.parent().unwrap_or(std::path::Path::new("")), path.file_name().unwrap_or_default().to_string_lossy());
+        let source = CheckpointSource::open(DirSource::new(config), DirSource::new(folder), &file).await?;
+        eprintln!("{dir}: single-file checkpoint ({:?}), configs from {config}", source.kind());
+        return SdxlModel::load(gpu, &source, quant.unwrap_or(QuantPreset::F16)).await;
+    }
+    if config.is_some() {
+        return Err(Error::InvalidParameter(format!("--config / --refiner-config apply to single-file checkpoints, and {dir} is a folder")));
+    }
+    if !path.join(pack::MANIFEST).is_file() {
         return SdxlModel::load(gpu, &DirSource::new(dir), quant.unwrap_or(QuantPreset::F16)).await;
     }
     let source = PackSource::open(DirSource::new(dir)).await?;
@@ -420,9 +446,9 @@ async fn run(argv: &[String]) -> Result<()> {
         Some("encode") => encode(&Args::parse(&argv[1..], &["model", "prompt", "negative", "out", "precision", "long-prompt", "prompt-weighting"])?).await,
         Some("generate") => {
             let known = [
-                "model", "refiner", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "refiner-start", "out",
-                "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength", "long-prompt",
-                "prompt-weighting",
+                "model", "config", "refiner", "refiner-config", "prompt", "negative", "width", "height", "steps", "guidance", "seed",
+                "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength",
+                "long-prompt", "prompt-weighting",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await
         }

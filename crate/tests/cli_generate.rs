@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{copy_tree, max_abs, psnr, sdxl, TempDir};
+use common::{copy_tree, max_abs, psnr, sdxl, Case, TempDir};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
@@ -14,35 +14,13 @@ use std::time::Instant;
 
 use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
 use sdxl::weights::{DirSource, Weights};
-use serde::Deserialize;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-alt-base");
 const REFINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-alt-refiner");
 
-#[derive(Deserialize, Debug)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative: Option<String>,
-    width: usize,
-    height: usize,
-    steps: usize,
-    guidance: f32,
-    seed: u64,
-    refiner_start: Option<f64>,
-}
-
-
-
-
-fn cases() -> Vec<Case> {
-    let bytes = std::fs::read(format!("{FIXTURES}/reference/alt_pipeline_cases.json")).unwrap();
-    serde_json::from_slice(&bytes).unwrap()
-}
-
 fn case(name: &str) -> Case {
-    cases().into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name} in alt_pipeline_cases.json"))
+    Case::load("alt_pipeline_cases.json").into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name} in alt_pipeline_cases.json"))
 }
 
 /// Every tensor of `dir/file` as (shape, values); each must be stored as F32.
@@ -185,7 +163,7 @@ fn alt_size_the_unets_do_not_divide_matches_diffusers() {
 
 #[test]
 fn alt_cases_are_the_expected_ones() {
-    let cases = cases();
+    let cases = Case::load("alt_pipeline_cases.json");
     let names: Vec<&str> = cases.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["alt_base_only", "alt_split", "alt_odd_size"]);
     for c in &cases {

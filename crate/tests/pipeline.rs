@@ -4,13 +4,12 @@
 
 mod common;
 
-use common::psnr;
+use common::{psnr, Case};
 
-use sdxl::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel};
+use sdxl::pipeline::generate::{generate, Event, Observer, SdxlModel};
 use sdxl::quant::QuantPreset;
-use sdxl::weights::{DirSource, Source, Weights};
+use sdxl::weights::{DirSource, Weights};
 use sdxl::{DType, Gpu};
-use serde::Deserialize;
 
 gpu_tests!(pipelines_match_diffusers);
 
@@ -39,19 +38,6 @@ fn fixture(dir: &str) -> DirSource {
     DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
 }
 
-#[derive(Deserialize)]
-struct Case {
-    name: String,
-    prompt: String,
-    negative: Option<String>,
-    width: usize,
-    height: usize,
-    steps: usize,
-    guidance: f32,
-    seed: u64,
-    refiner_start: Option<f64>,
-}
-
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
 }
@@ -59,23 +45,13 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 async fn pipelines_match_diffusers(gpu: &Gpu) {
     let reference = fixture("reference");
     let refs = Weights::from_files(&reference, vec!["pipeline.safetensors".into()]).await.unwrap();
-    let cases: Vec<Case> = serde_json::from_slice(&reference.read("pipeline_cases.json").await.unwrap()).unwrap();
+    let cases = Case::load("pipeline_cases.json");
     let base = SdxlModel::load(gpu, &fixture("tiny-sdxl-base"), QuantPreset::F16).await.unwrap();
     let refiner = SdxlModel::load(gpu, &fixture("tiny-sdxl-refiner"), QuantPreset::F16).await.unwrap();
     // f32 as the issue states; f16 storage rounds every activation, so only the image is held to a bar.
     let (latent_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (f32::INFINITY, 30.0) };
     for case in &cases {
-        let params = GenerateParams {
-            prompt: case.prompt.clone(),
-            negative: case.negative.clone(),
-            width: case.width,
-            height: case.height,
-            steps: case.steps,
-            guidance: case.guidance,
-            seed: case.seed,
-            refiner_start: case.refiner_start.unwrap_or(0.8),
-            ..Default::default()
-        };
+        let params = case.params();
         let with_refiner = case.refiner_start.map(|_| &refiner);
         let mut recorder = Recorder::default();
         let out = generate(gpu, &base, with_refiner, &params, &mut recorder).await.unwrap();

@@ -1,6 +1,7 @@
 //! Model files: where bytes come from (`Source`), safetensors and GGUF headers, config.json, and loading
 //! one component's tensors to the GPU one tensor at a time (never a whole file in memory).
 
+pub mod checkpoint;
 pub mod gguf;
 pub mod random;
 pub mod safetensors;
@@ -13,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::pack::{Pack, PackComponent};
 use crate::quant::{quantize, QuantPolicy, QuantTensor, Weight};
+use checkpoint::Checkpoint;
+use gguf::{GgmlType, GgufTensor, Repacked};
 use safetensors::{Dtype, Header, TensorInfo};
 
 /// Read access to a model folder (diffusers layout) by relative path.
@@ -35,6 +38,11 @@ pub trait Source {
     /// The seed when this source synthesises random weights ([`random::RandomSource`]): then
     /// [`Weights::open`] answers every tensor with random values on the GPU.
     fn random_weights(&self) -> Option<u32> {
+        None
+    }
+    /// The single-file checkpoint this source serves ([`checkpoint::CheckpointSource`]), if any:
+    /// then [`Weights::open`] reads the component's tensors from that one file.
+    fn checkpoint(&self) -> Option<&Checkpoint> {
         None
     }
 }
@@ -115,13 +123,71 @@ pub async fn read_json<T: DeserializeOwned>(source: &impl Source, path: &str) ->
     serde_json::from_slice(&bytes).map_err(|e| Error::Config { path: source.describe(path), message: format!("invalid JSON: {e}") })
 }
 
+/// How a tensor's bytes encode its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// One value per element (safetensors, and GGUF's F32/F16/BF16).
+    Float(Dtype),
+    /// GGUF's 32-value blocks; every row is whole blocks.
+    Blocks(GgmlType),
+}
+
+/// Where one tensor's bytes lie: a file of [`Weights`], how they are stored, diffusers' shape and
+/// the byte range.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub file: usize,
+    pub stored: Stored,
+    pub shape: Vec<usize>,
+    pub start: u64,
+    pub end: u64,
+    /// The bytes hold the transpose of the 2-D `shape` (OpenCLIP's text projection).
+    pub transposed: bool,
+}
+
+impl Entry {
+    pub fn safetensors(file: usize, info: TensorInfo) -> Entry {
+        Entry { file, stored: Stored::Float(info.dtype), shape: info.shape, start: info.start, end: info.end, transposed: false }
+    }
+
+    pub fn gguf(file: usize, tensor: GgufTensor) -> Entry {
+        let stored = match tensor.ggml_type {
+            GgmlType::F32 => Stored::Float(Dtype::F32),
+            GgmlType::F16 => Stored::Float(Dtype::F16),
+            GgmlType::BF16 => Stored::Float(Dtype::BF16),
+            blocks => Stored::Blocks(blocks),
+        };
+        Entry { file, stored, shape: tensor.shape, start: tensor.start, end: tensor.end, transposed: false }
+    }
+
+    /// The dtype [`Weights`] reads the values in: blocks are dequantized to F32.
+    fn dtype(&self) -> Dtype {
+        match self.stored {
+            Stored::Float(dtype) => dtype,
+            Stored::Blocks(_) => Dtype::F32,
+        }
+    }
+
+    /// Bytes of one row of the stored (for a transposed entry: the transposed) matrix.
+    fn stored_row_bytes(&self) -> usize {
+        let values = match self.transposed {
+            true => self.shape[0],
+            false => self.shape.iter().skip(1).product(),
+        };
+        match self.stored {
+            Stored::Float(dtype) => values * dtype.size(),
+            Stored::Blocks(t) => values / t.block_values() * t.block_bytes(),
+        }
+    }
+}
+
 /// The tensors of one model component (`text_encoder/`, `unet/`, ...), possibly sharded.
 pub struct Weights<'a, S: Source> {
     source: &'a S,
     /// The component's folder (`unet`), which qualifies tensor names for the quantization policy.
     dir: String,
     files: Vec<String>,
-    tensors: HashMap<String, (usize, TensorInfo)>,
+    tensors: HashMap<String, Entry>,
     /// Which weight matrices `matrix` quantizes as they load.
     quant: QuantPolicy,
     /// Set when the source is a model pack: this component's entries, stored as the pack says
@@ -144,6 +210,11 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = source.random_weights() {
             let random = Some(seed);
             return Ok(Weights { source, dir: dir.to_string(), files: Vec::new(), tensors: HashMap::new(), quant: QuantPolicy::default(), pack: None, random, upload_dtype: None });
+        }
+        if let Some(checkpoint) = source.checkpoint() {
+            let tensors = checkpoint.component(&source.describe(&checkpoint.path), dir)?.clone();
+            let files = vec![checkpoint.path.clone()];
+            return Ok(Weights { source, dir: dir.to_string(), files, tensors, quant: QuantPolicy::default(), pack: None, random: None, upload_dtype: None });
         }
         let variants: &[&str] = if prefer_fp16 { &[".fp16", ""] } else { &["", ".fp16"] };
         for stem in ["model", "diffusion_pytorch_model"] {
@@ -178,7 +249,7 @@ impl<'a, S: Source> Weights<'a, S> {
         let mut tensors = HashMap::new();
         for (i, file) in files.iter().enumerate() {
             let header = read_header(source, file).await?;
-            tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, (i, info))));
+            tensors.extend(header.tensors.into_iter().map(|(name, info)| (name, Entry::safetensors(i, info))));
         }
         let dir = files.first().and_then(|f| f.rsplit_once('/')).map_or("", |(dir, _)| dir).to_string();
         Ok(Weights { source, dir, files, tensors, quant: QuantPolicy::default(), pack: None, random: None, upload_dtype: None })
@@ -213,11 +284,21 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = self.random {
             return random::matrix(gpu, seed, name, shape, format, self.upload_dtype(gpu));
         }
+        let entry = self.checked(name, shape)?;
+        if let (Stored::Blocks(ggml_type), false) = (entry.stored, entry.transposed) {
+            // GGUF blocks are served as stored, whatever the policy says.
+            let bytes = self.source.read_range(&self.files[entry.file], entry.start, entry.end).await?;
+            let tensor = GgufTensor { name: name.to_string(), ggml_type, shape: shape.to_vec(), start: entry.start, end: entry.end };
+            let bad = |e: Error| self.shape_error(entry.file, name, e.to_string());
+            return match gguf::repack(&tensor, &bytes).map_err(bad)? {
+                Repacked::Quantized(q) => Ok(Weight::Quant(QuantTensor::upload(gpu, &q, name)?)),
+                Repacked::Dense(values) => Ok(Weight::Dense(gpu.upload_as(&values, shape, self.upload_dtype(gpu), name).map_err(bad)?)),
+            };
+        }
         match format {
             Some(format) => {
                 let values = self.host(name, shape).await?;
-                let file = self.info(name)?.0;
-                let q = quantize(&values, rows, cols, format).map_err(|e| self.shape_error(file, name, e.to_string()))?;
+                let q = quantize(&values, rows, cols, format).map_err(|e| self.shape_error(entry.file, name, e.to_string()))?;
                 Ok(Weight::Quant(QuantTensor::upload(gpu, &q, name)?))
             }
             None => Ok(Weight::Dense(self.tensor(gpu, name, shape).await?)),
@@ -254,18 +335,22 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(pack) = &self.pack {
             return pack.shape(name);
         }
-        Ok(&self.info(name)?.1.shape)
+        Ok(&self.info(name)?.shape)
     }
 
-    /// Stored dtype of a tensor (a quantized pack entry has none: an error).
+    /// Stored dtype of a tensor (a quantized pack or GGUF entry has none: an error).
     pub fn dtype(&self, name: &str) -> Result<Dtype> {
         if let Some(pack) = &self.pack {
             return pack.dtype(name);
         }
-        Ok(self.info(name)?.1.dtype)
+        let entry = self.info(name)?;
+        match entry.stored {
+            Stored::Float(dtype) => Ok(dtype),
+            Stored::Blocks(t) => Err(self.shape_error(entry.file, name, format!("stored as ggml {} blocks, not a float dtype", t.name()))),
+        }
     }
 
-    fn info(&self, name: &str) -> Result<&(usize, TensorInfo)> {
+    fn info(&self, name: &str) -> Result<&Entry> {
         self.tensors.get(name).ok_or_else(|| Error::Tensor {
             path: self.files.iter().map(|f| self.source.describe(f)).collect::<Vec<_>>().join(", "),
             tensor: name.to_string(),
@@ -285,12 +370,46 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = self.random {
             return Ok(random::host(seed, name, shape));
         }
-        let (file, info) = self.info(name)?;
-        if info.shape != shape {
-            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
+        let (entry, bytes) = self.read(name, shape).await?;
+        Ok(safetensors::to_f32(entry.dtype(), &bytes))
+    }
+
+    /// A tensor's entry, checked against the shape the config implies.
+    fn checked(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
+        let entry = self.info(name)?;
+        if entry.shape != shape {
+            return Err(self.shape_error(entry.file, name, format!("shape {:?}, the config implies {shape:?}", entry.shape)));
         }
-        let bytes = self.source.read_range(&self.files[*file], info.start, info.end).await?;
-        Ok(safetensors::to_f32(info.dtype, &bytes))
+        Ok(entry)
+    }
+
+    /// A tensor's bytes in diffusers' layout, checking its shape.
+    async fn read(&self, name: &str, shape: &[usize]) -> Result<(&Entry, Vec<u8>)> {
+        let entry = self.checked(name, shape)?;
+        let rows = shape.first().copied().unwrap_or(1);
+        Ok((entry, self.read_rows(entry, 0, rows).await?))
+    }
+
+    /// Rows `r0..r1` (along the first dimension) of an entry in diffusers' layout, as values of
+    /// `entry.dtype()`; a transposed entry is read whole.
+    async fn read_rows(&self, entry: &Entry, r0: usize, r1: usize) -> Result<Vec<u8>> {
+        let stored_rows = if entry.transposed { 0..entry.shape[1] } else { r0..r1 };
+        let row_bytes = entry.stored_row_bytes() as u64;
+        let (start, end) = (entry.start + stored_rows.start as u64 * row_bytes, entry.start + stored_rows.end as u64 * row_bytes);
+        let mut bytes = self.source.read_range(&self.files[entry.file], start, end).await?;
+        if let Stored::Blocks(ggml_type) = entry.stored {
+            bytes = gguf::dequantize(ggml_type, &bytes).into_iter().flat_map(f32::to_le_bytes).collect();
+        }
+        if !entry.transposed {
+            return Ok(bytes);
+        }
+        let &[rows, cols] = &entry.shape[..] else { unreachable!("only 2-D entries are transposed") };
+        let size = entry.dtype().size();
+        let mut out = vec![0; bytes.len()];
+        for (r, c) in (0..rows).flat_map(|r| (0..cols).map(move |c| (r, c))) {
+            out[(r * cols + c) * size..][..size].copy_from_slice(&bytes[(c * rows + r) * size..][..size]);
+        }
+        Ok(out[r0 * cols * size..r1 * cols * size].to_vec())
     }
 
     /// Uploads a float tensor in the component's float type (the GPU's working one unless
@@ -303,17 +422,13 @@ impl<'a, S: Source> Weights<'a, S> {
         if let Some(seed) = self.random {
             return random::tensor(gpu, seed, name, shape, dtype);
         }
-        let (file, info) = self.info(name)?;
-        if info.shape != shape {
-            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
-        }
-        let bytes = self.source.read_range(&self.files[*file], info.start, info.end).await?;
-        let uploaded = match info.dtype {
+        let (entry, bytes) = self.read(name, shape).await?;
+        let uploaded = match entry.dtype() {
             Dtype::F16 if dtype == DType::F16 => gpu.upload_f16(bytemuck::cast_slice(&aligned(bytes)), shape, dtype, name),
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 => gpu.upload_as(&safetensors::to_f32(info.dtype, &bytes), shape, dtype, name),
-            _ => return Err(self.shape_error(*file, name, format!("{:?} is not a float dtype", info.dtype))),
+            stored @ (Dtype::F16 | Dtype::BF16 | Dtype::F32) => gpu.upload_as(&safetensors::to_f32(stored, &bytes), shape, dtype, name),
+            stored => return Err(self.shape_error(entry.file, name, format!("{stored:?} is not a float dtype"))),
         };
-        uploaded.map_err(|e| self.shape_error(*file, name, e.to_string()))
+        uploaded.map_err(|e| self.shape_error(entry.file, name, e.to_string()))
     }
 
     /// Uploads a 2-D table [rows, dim] as row chunks that each fit one GPU binding.
@@ -329,19 +444,14 @@ impl<'a, S: Source> Weights<'a, S> {
             let chunk = |r0: usize| random::tensor(gpu, seed, &format!("{name}.{r0}"), &[per_chunk.min(rows - r0), dim], dtype);
             return (0..rows).step_by(per_chunk).map(chunk).collect();
         }
-        let (file, info) = self.info(name)?;
-        if info.shape != shape {
-            return Err(self.shape_error(*file, name, format!("shape {:?}, the config implies {shape:?}", info.shape)));
-        }
-        let src_row = (dim * info.dtype.size()) as u64;
+        let entry = self.checked(name, &shape)?;
         let mut chunks = Vec::new();
         for r0 in (0..rows).step_by(per_chunk) {
             let n = per_chunk.min(rows - r0);
-            let start = info.start + r0 as u64 * src_row;
-            let bytes = self.source.read_range(&self.files[*file], start, start + n as u64 * src_row).await?;
+            let bytes = self.read_rows(entry, r0, r0 + n).await?;
             let chunk = gpu
-                .upload_as(&safetensors::to_f32(info.dtype, &bytes), &[n, dim], dtype, name)
-                .map_err(|e| self.shape_error(*file, name, e.to_string()))?;
+                .upload_as(&safetensors::to_f32(entry.dtype(), &bytes), &[n, dim], dtype, name)
+                .map_err(|e| self.shape_error(entry.file, name, e.to_string()))?;
             chunks.push(chunk);
         }
         Ok(chunks)
@@ -353,7 +463,7 @@ fn aligned(bytes: Vec<u8>) -> Vec<u16> {
     bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
 }
 
-async fn read_header(source: &impl Source, path: &str) -> Result<Header> {
+pub(crate) async fn read_header(source: &impl Source, path: &str) -> Result<Header> {
     let file_len = source.len(path).await?;
     let prefix = source.read_range(path, 0, safetensors::PREFIX.min(file_len)).await?;
     let n = safetensors::header_len(&source.describe(path), &prefix, file_len)?;

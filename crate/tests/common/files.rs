@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use sdxl::pipeline::generate::GenerateParams;
+use serde::Deserialize;
+
 /// Runs the `sdxl` binary built with the tests.
 pub fn sdxl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sdxl")).args(args).output().expect("the sdxl binary runs")
@@ -46,6 +49,42 @@ pub fn copy_tree(from: &Path, to: &Path, skip: &str) {
             copy_tree(&entry.path(), &target, "");
         } else {
             std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// One whole-pipeline case of tests/fixtures/reference/*pipeline_cases.json (ref_pipeline.py).
+#[derive(Deserialize, Debug)]
+pub struct Case {
+    pub name: String,
+    pub prompt: String,
+    pub negative: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub seed: u64,
+    pub refiner_start: Option<f64>,
+}
+
+impl Case {
+    /// The cases of a JSON file under tests/fixtures/reference.
+    pub fn load(file: &str) -> Vec<Case> {
+        let path = format!("{}/../tests/fixtures/reference/{file}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_slice(&std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))).unwrap()
+    }
+
+    pub fn params(&self) -> GenerateParams {
+        GenerateParams {
+            prompt: self.prompt.clone(),
+            negative: self.negative.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            refiner_start: self.refiner_start.unwrap_or(0.8),
+            ..Default::default()
         }
     }
 }

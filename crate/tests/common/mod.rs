@@ -9,7 +9,7 @@ use sdxl::{DType, Gpu, Precision};
 mod files;
 #[cfg(not(target_arch = "wasm32"))]
 #[allow(unused_imports)] // each test binary uses some
-pub use files::{copy_tree, sdxl, TempDir};
+pub use files::{copy_tree, sdxl, Case, TempDir};
 
 /// An f32 device, plus an f16 one where the adapter has shader-f16.
 pub async fn gpus() -> Vec<Gpu> {
