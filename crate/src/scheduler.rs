@@ -135,7 +135,7 @@ pub enum SamplerChoice {
 }
 
 impl SamplerChoice {
-    pub const NAMES: [(&'static str, SamplerChoice); 5] = [
+    const NAMES: [(&'static str, SamplerChoice); 5] = [
         ("euler", SamplerChoice::Euler),
         ("euler_a", SamplerChoice::EulerAncestral),
         ("dpmpp_2m", SamplerChoice::DpmPP2M),
@@ -354,10 +354,6 @@ impl Scheduler {
             Sampler::DpmSolver { .. } => "DPM++ 2M",
             Sampler::Ddim { .. } => "DDIM",
         }
-    }
-
-    pub fn spacing(&self) -> TimestepSpacing {
-        self.spacing
     }
 
     /// The full schedule of a `steps`-step run from pure noise (diffusers' `set_timesteps(steps)`).
@@ -689,12 +685,6 @@ impl Schedule {
     /// Step `i`'s coefficients. Panics if `i >= num_steps()`.
     pub fn step(&self, i: usize) -> &Step {
         &self.steps[i]
-    }
-
-    /// Whether the run draws noise at its steps (then from the stage's generator, after any
-    /// initial draws).
-    pub fn is_stochastic(&self) -> bool {
-        self.steps.iter().any(|s| s.update.noise.is_some())
     }
 }
 
