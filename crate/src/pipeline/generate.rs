@@ -242,9 +242,6 @@ fn check_params(p: &GenerateParams, multiple: usize, with_refiner: bool) -> Resu
         if image.rgb.len() != 3 * image.width * image.height {
             return bad(format!("the init image has {} values, not 3 x {} x {}", image.rgb.len(), image.width, image.height));
         }
-        if !(p.strength > 0.0 && p.strength <= 1.0) {
-            return bad(format!("strength {} must be in (0, 1]", p.strength));
-        }
     }
     Ok(())
 }
