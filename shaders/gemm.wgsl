@@ -32,6 +32,11 @@ const FORMAT_Q4_1: u32 = 1u;
 const FORMAT_Q4_0: u32 = 2u;
 const FORMAT_F16: u32 = 3u;
 const FORMAT_F32: u32 = 4u;
+const FORMAT_Q2_K: u32 = 5u;
+const FORMAT_Q3_K: u32 = 6u;
+const FORMAT_Q4_K: u32 = 7u;
+const FORMAT_Q5_K: u32 = 8u;
+const FORMAT_Q6_K: u32 = 9u;
 
 const BM: u32 = 16u * RM;
 const BN: u32 = 16u * RN;
@@ -64,10 +69,103 @@ fn dense_at(e: u32) -> f32 {
     return select(pair.x, pair.y, (e & 1u) == 1u);
 }
 
+// Byte `b` of the K-quant block starting at word `w0`.
+fn kbyte(w0: u32, b: u32) -> u32 {
+    return (wq[w0 + b / 4u] >> (8u * (b % 4u))) & 0xffu;
+}
+
+// The f16 at byte `b` (even) of the block at word `w0`.
+fn khalf(w0: u32, b: u32) -> f32 {
+    return half_to_f32((wq[w0 + b / 4u] >> (8u * (b % 4u))) & 0xffffu);
+}
+
+// The four bytes of word `b / 4` (b a multiple of 4) of the block at `w0`, one per lane.
+fn kbytes4(w0: u32, b: u32) -> vec4<u32> {
+    return (vec4<u32>(wq[w0 + b / 4u]) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu);
+}
+
+// Values i .. i + 3 (i a multiple of 4) of a K-quant block (crate/src/quant/kquants.rs, ggml's
+// dequantize_row_*_K; the four share a sub-block and a code byte).
+fn kquant4(w0: u32, i: u32) -> vec4<f32> {
+    if (p.format == FORMAT_Q4_K || p.format == FORMAT_Q5_K) {
+        let chunk = i / 64u;
+        let l = i % 64u;
+        let sub = 2u * chunk + l / 32u;
+        var sc: u32;
+        var m: u32;
+        if (sub < 4u) {
+            sc = kbyte(w0, 4u + sub) & 63u;
+            m = kbyte(w0, 8u + sub) & 63u;
+        } else {
+            sc = (kbyte(w0, 8u + sub) & 15u) | ((kbyte(w0, sub) >> 6u) << 4u);
+            m = (kbyte(w0, 8u + sub) >> 4u) | ((kbyte(w0, 4u + sub) >> 6u) << 4u);
+        }
+        var qs = 16u;
+        if (p.format == FORMAT_Q5_K) {
+            qs = 48u;
+        }
+        var q = (kbytes4(w0, qs + 32u * chunk + l % 32u) >> vec4<u32>(select(0u, 4u, l >= 32u))) & vec4<u32>(15u);
+        if (p.format == FORMAT_Q5_K) {
+            q = q | (((kbytes4(w0, 16u + l % 32u) >> vec4<u32>(sub)) & vec4<u32>(1u)) << vec4<u32>(4u));
+        }
+        let d1 = khalf(w0, 0u) * f32(sc);
+        let m1 = khalf(w0, 2u) * f32(m);
+        return d1 * vec4<f32>(q) - m1;
+    }
+    if (p.format == FORMAT_Q6_K) {
+        let n = i / 128u;
+        let part = (i % 128u) / 32u;
+        let l = i % 32u;
+        let low = (kbytes4(w0, 64u * n + l + 32u * (part % 2u)) >> vec4<u32>(4u * (part / 2u))) & vec4<u32>(15u);
+        let high = (kbytes4(w0, 128u + 32u * n + l) >> vec4<u32>(2u * part)) & vec4<u32>(3u);
+        let q = vec4<i32>(low | (high << vec4<u32>(4u))) - vec4<i32>(32);
+        let sc = f32(bitcast<i32>(kbyte(w0, 192u + 8u * n + l / 16u + 2u * part) << 24u) >> 24u);
+        return (khalf(w0, 208u) * sc) * vec4<f32>(q);
+    }
+    // Q2_K, Q3_K: sub-blocks of 16, codes in 2-bit planes.
+    let n = i / 128u;
+    let j = (i % 128u) / 32u;
+    let half = (i % 32u) / 16u;
+    let l = i % 16u + 16u * half;
+    let s = 8u * n + 2u * j + half;
+    if (p.format == FORMAT_Q2_K) {
+        let sc = kbyte(w0, s);
+        let q = (kbytes4(w0, 16u + 32u * n + l) >> vec4<u32>(2u * j)) & vec4<u32>(3u);
+        let dl = khalf(w0, 80u) * f32(sc & 15u);
+        let ml = khalf(w0, 82u) * f32(sc >> 4u);
+        return dl * vec4<f32>(q) - ml;
+    }
+    var low: u32;
+    if (s < 8u) {
+        low = kbyte(w0, 96u + s) & 15u;
+    } else {
+        low = kbyte(w0, 96u + s - 8u) >> 4u;
+    }
+    let high = (kbyte(w0, 104u + s % 4u) >> (2u * (s / 4u))) & 3u;
+    let dl = khalf(w0, 108u) * f32(i32(low | (high << 4u)) - 32);
+    let q = vec4<i32>((kbytes4(w0, 32u + 32u * n + l) >> vec4<u32>(2u * j)) & vec4<u32>(3u));
+    let h = (kbytes4(w0, l) >> vec4<u32>(4u * n + j)) & vec4<u32>(1u);
+    return dl * vec4<f32>(q - select(vec4<i32>(4), vec4<i32>(0), h == vec4<u32>(1u)));
+}
+
+// u32 words of one K-quant block (crate/src/quant/kquants.rs: Q3_K and Q6_K padded).
+fn kwords() -> u32 {
+    switch (p.format) {
+        case 5u: { return 21u; }
+        case 6u: { return 28u; }
+        case 7u: { return 36u; }
+        case 8u: { return 44u; }
+        default: { return 53u; }
+    }
+}
+
 // Weight values kk .. kk + 3 of row `row` (kk a multiple of 4; zero past the matrix).
 fn weight4(row: u32, kk: u32, rows: u32) -> vec4<f32> {
     if (row >= rows || kk >= p.k) {
         return vec4<f32>(0.0);
+    }
+    if (p.format >= FORMAT_Q2_K) {
+        return kquant4((row * (p.k / 256u) + kk / 256u) * kwords(), kk % 256u);
     }
     if (p.format >= FORMAT_F16) {
         let e = row * p.k + kk;

@@ -10,14 +10,15 @@ use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Shader, Tensor};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
-use crate::quant::{QuantFormat, QuantPreset, Weight};
-use crate::weights::random::{self, RandomSource};
+use crate::quant::{QuantFormat, QuantPolicy, QuantPreset, Weight};
+use crate::weights::random::{self, RandomTensors};
+use crate::weights::Vars;
 
 const BENCH: Shader = Shader { name: "bench", source: include_str!("../../shaders/bench.wgsl") };
 
 /// The real SDXL base configs, the default model of the bench.
-const SDXL_UNET: &str = include_str!("../../tests/fixtures/sdxl-configs/base/unet/config.json");
-const SDXL_VAE: &str = include_str!("../../tests/fixtures/sdxl-configs/base/vae/config.json");
+const SDXL_UNET: &str = include_str!("../configs/sdxl-base/unet/config.json");
+const SDXL_VAE: &str = include_str!("../configs/sdxl-base/vae/config.json");
 
 /// Seconds of repeated runs each timing aims for.
 const TIMED_SECONDS: f64 = 0.25;
@@ -187,7 +188,7 @@ pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log:
     }
     if options.unet {
         for &quant in &options.quants {
-            measure_unet(gpu, model, &unet, quant, &options.sizes, &mut report, &mut log).await;
+            measure_unet(gpu, &unet, quant, &options.sizes, &mut report, &mut log).await;
             gpu.trim();
         }
     }
@@ -195,7 +196,7 @@ pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log:
         for &size in &options.sizes {
             for tiled in [false, true] {
                 log(&format!("vae decode {size}² {}", if tiled { "tiled" } else { "whole" }));
-                match measure_vae(gpu, model, &vae, size, tiled).await {
+                match measure_vae(gpu, &vae, size, tiled).await {
                     Ok(r) => report.vae.push(r),
                     Err(e) => report.skipped.push(Skipped { what: format!("vae decode {size}² tiled={tiled}"), error: e.to_string() }),
                 }
@@ -342,22 +343,12 @@ async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<Ker
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn measure_unet(
-    gpu: &Gpu,
-    model: &BenchModel,
-    config: &UNet2DConditionConfig,
-    quant: QuantPreset,
-    sizes: &[usize],
-    report: &mut BenchReport,
-    log: &mut impl FnMut(&str),
-) {
+async fn measure_unet(gpu: &Gpu, config: &UNet2DConditionConfig, quant: QuantPreset, sizes: &[usize], report: &mut BenchReport, log: &mut impl FnMut(&str)) {
     let name = format!("{quant:?}").to_lowercase();
     log(&format!("unet {name}: generating random weights"));
-    let mut source = RandomSource::new(1);
-    source.insert("unet/config.json", model.unet_config.clone());
+    let (tensors, policy) = (RandomTensors { seed: 1, component: "unet".into() }, quant.policy());
     let before = gpu.memory().allocated;
-    let unet = match UNet2DConditionModel::load_quantized(gpu, &source, "unet", &quant.policy()).await {
+    let unet = match UNet2DConditionModel::load(&Vars::new(gpu, &tensors, "unet", &policy), config.clone()).await {
         Ok(u) => u,
         Err(e) => return report.skipped.push(Skipped { what: format!("unet {name}"), error: e.to_string() }),
     };
@@ -411,10 +402,9 @@ async fn unet_step(gpu: &Gpu, unet: &UNet2DConditionModel, c: &UNet2DConditionCo
     Ok((seconds, gpu.memory().peak))
 }
 
-async fn measure_vae(gpu: &Gpu, model: &BenchModel, config: &VaeConfig, size: usize, tiled: bool) -> Result<VaeResult> {
-    let mut source = RandomSource::new(2);
-    source.insert("vae/config.json", model.vae_config.clone());
-    let vae = AutoencoderKL::load(gpu, &source, "vae").await?;
+async fn measure_vae(gpu: &Gpu, config: &VaeConfig, size: usize, tiled: bool) -> Result<VaeResult> {
+    let (tensors, policy) = (RandomTensors { seed: 2, component: "vae".into() }, QuantPolicy::default());
+    let vae = AutoencoderKL::load(&Vars::new(gpu, &tensors, "vae", &policy), config.clone()).await?;
     let latents = input(gpu, &[1, config.latent_channels, size / 8, size / 8])?;
     gpu.sync().await?;
     gpu.reset_peak();

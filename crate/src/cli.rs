@@ -9,17 +9,16 @@ use crate::pipeline::image;
 use crate::pipeline::prompt::{PromptEncoder, PromptOptions};
 use crate::pipeline::quality::{allocate, quality, sensitivity, FormatErrors};
 use crate::pipeline::ModelIndex;
-use crate::pack::{self, ConvertOptions, PackSource};
-use crate::quant::{QuantFormat, QuantPreset};
+use crate::pack::{self, ConvertOptions};
+use crate::quant::{QuantFormat, QuantPolicy, QuantPreset};
 use crate::store::{DirStore, DownloadOptions, ModelStore};
-use crate::weights::checkpoint::CheckpointSource;
-use crate::weights::{safetensors, DirSource};
+use crate::weights::{safetensors, DirSource, ModelSource, SharedSource};
 use crate::{Error, Gpu, Precision, Result};
 
 const USAGE: &str = "usage:
-  sdxl encode --model DIR --prompt TEXT [--negative TEXT] --out FILE.safetensors [--precision auto|f32|f16]
+  sdxl encode --model DIR|FILE [--config DIR] --prompt TEXT [--negative TEXT] --out FILE.safetensors [--precision auto|f32|f16]
               [--long-prompt truncate|chunked] [--prompt-weighting off|on]
-      Encodes a prompt with the model's text encoders (diffusers-layout folder) and writes
+      Encodes a prompt with the model's text encoders (any model --model takes, see generate) and writes
       prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds (f32).
       Without --negative, a model with force_zeros_for_empty_prompt gets zero negative embeddings.
       --long-prompt chunked encodes prompts past 75 tokens in windows of 75; --prompt-weighting on reads
@@ -38,25 +37,29 @@ const USAGE: &str = "usage:
       size, noised to --strength of the schedule; with --refiner and no --model, the refiner alone
       refines the image (SDEdit). --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
-      --model / --refiner may also be model packs (folders with manifest.json, from `sdxl convert`):
-      they load as stored; --quant must then be left out or match the pack's preset.
-      They may also be original single-file checkpoints (sd_xl_base_1.0.safetensors,
-      sd_xl_refiner_1.0.safetensors layout) or GGUF files of them (stable-diffusion.cpp's; F32, F16,
-      BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1; quantized weights stay as stored): --config DIR
-      (--refiner-config DIR for the refiner) then names a diffusers-layout folder holding the
-      model's model_index.json, */config.json, scheduler/ and tokenizer files (the hub repository
-      without its weights).
-  sdxl convert --from DIR --quant f16|q8|q4 --out PACK_DIR [--force] [--shard-bytes 67108864]
-      Converts a diffusers-layout SDXL folder (base or refiner) into a model pack: manifest.json and
-      shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and every tensor, with the
-      text encoders' and UNet's weight matrices stored block-quantized as --quant says (the VAE and
-      embedding tables stay dense f16). --out must be missing or empty; --force replaces a pack there.
-      --shard-bytes sets a smaller record size (tests).
+      --model / --refiner take a diffusers-layout folder (text encoders with or without
+      transformers 5's missing `text_model.` prefix, sharded or not), a model pack (a folder with
+      manifest.json, from `sdxl convert`: loaded as stored, so --quant must be left out or match its
+      preset), or a single-file checkpoint: an original SGM .safetensors (sd_xl_base_1.0.safetensors
+      layout, or a fine-tune saved so; F32, F16, BF16, F8_E4M3, F8_E5M2) or a GGUF of one
+      (stable-diffusion.cpp's naming; F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K,
+      Q5_K, Q6_K; quantized weights stay as stored). A single file's configs are inferred from its
+      tensors (SDXL 1.0's files otherwise, shipped in the binary); --config DIR (--refiner-config DIR
+      for the refiner) overrides them with a diffusers-layout folder's (its weights are not read).
+      Pickle checkpoints (.ckpt, .bin) are refused: use safetensors.
+  sdxl convert --from DIR|FILE [--config DIR] --quant f16|q8|q4 --out PACK_DIR [--force] [--shard-bytes 67108864]
+      Converts an SDXL model (base or refiner; any --model of generate but a pack) into a model
+      pack: manifest.json and shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and
+      every tensor, with the text encoders' and UNet's float weight matrices stored block-quantized
+      as --quant says (GGUF blocks kept as stored; the VAE and embedding tables stay dense f16).
+      --out must be missing or empty; --force replaces a pack there. --shard-bytes sets a smaller
+      record size (tests).
   sdxl download --url URL --id ID --quant f16|q8|q4 [--store DIR] [--shard-bytes N]
-      Downloads the model pack or diffusers-layout SDXL folder at URL (plain http:// natively) into
-      the store folder (default: sdxl-models) as STORE/ID, a model pack --model reads. A folder is
-      converted with --quant as it streams in. Run it again to resume an interrupted download or to
-      re-fetch records that fail their sha256.
+      Downloads the model pack, diffusers-layout SDXL folder or single .safetensors / .gguf file at
+      URL (plain http:// natively; owner/name is a hub repository, owner/name/FILE a file in one) into
+      the store folder (default: sdxl-models) as STORE/ID, a model pack --model reads. A folder or
+      file is converted with --quant as it streams in. Run it again to resume an interrupted download
+      or to re-fetch records that fail their sha256.
   sdxl store list|verify|delete [--id ID] [--store DIR]
       Lists the stored models (sizes, complete or not), checks one model's records against their
       sha256 (verify --id), or deletes one (delete --id) or all (delete).
@@ -205,41 +208,43 @@ fn model_name(dir: &str) -> String {
     path.file_name().unwrap_or(path.as_os_str()).to_string_lossy().into_owned()
 }
 
-/// Loads a diffusers folder or a single-file checkpoint with the folder `config` (quantized on load
-/// as `quant` says, dense without it) or a model pack (a folder with manifest.json: loaded as
-/// stored; `quant` must be absent or the pack's preset).
-async fn load_model(gpu: &Gpu, dir: &str, config: Option<&str>, quant: Option<QuantPreset>) -> Result<SdxlModel> {
-    let path = std::path::Path::new(dir);
-    if path.is_file() {
-        let config = config.ok_or_else(|| {
-            Error::InvalidParameter(format!(
-                "{dir} is a single-file checkpoint: --config (--refiner-config for the refiner) must name a diffusers-layout folder \
-                 with its model_index.json, */config.json, scheduler/ and tokenizer files (e.g. stabilityai/stable-diffusion-xl-base-1.0 without weights)"
-            ))
-        })?;
-        let (folder, file) = (path.parent().unwrap_or(std::path::Path::new("")), path.file_name().unwrap_or_default().to_string_lossy());
-        let source = CheckpointSource::open(DirSource::new(config), DirSource::new(folder), &file).await?;
-        eprintln!("{dir}: single-file checkpoint ({:?}), configs from {config}", source.kind());
-        return SdxlModel::load(gpu, &source, quant.unwrap_or(QuantPreset::F16)).await;
+/// A model as the CLI names it: a diffusers folder, a model pack (a folder with manifest.json,
+/// returned with its preset) or a single-file checkpoint (configs inferred from its tensors, or
+/// from the diffusers folder `config`). The `.fp16` weights of a folder are preferred with `prefer_fp16`.
+async fn open_model(path: &str, config: Option<&str>, prefer_fp16: bool) -> Result<(ModelSource<'static>, Option<QuantPreset>)> {
+    let at = std::path::Path::new(path);
+    if at.is_file() {
+        let (folder, file) = (at.parent().unwrap_or(std::path::Path::new("")), at.file_name().unwrap_or_default().to_string_lossy());
+        let config = config.map(|c| SharedSource::new(DirSource::new(c)));
+        return Ok((ModelSource::single_file(DirSource::new(folder), &file, config).await?, None));
+    }
+    if !at.is_dir() {
+        return Err(Error::Io { path: path.to_string(), message: "no such file or folder".into() });
     }
     if config.is_some() {
-        return Err(Error::InvalidParameter(format!("--config / --refiner-config apply to single-file checkpoints, and {dir} is a folder")));
+        return Err(Error::InvalidParameter(format!("--config / --refiner-config apply to single-file checkpoints, and {path} is a folder")));
     }
-    if !path.join(pack::MANIFEST).is_file() {
-        return SdxlModel::load(gpu, &DirSource::new(dir), quant.unwrap_or(QuantPreset::F16)).await;
+    if !at.join(pack::MANIFEST).is_file() {
+        return Ok((ModelSource::folder(DirSource::new(path), prefer_fp16), None));
     }
-    let source = PackSource::open(DirSource::new(dir)).await?;
-    let m = source.manifest();
-    let stored = pack::preset_name(m.quant);
-    if let Some(q) = quant.filter(|&q| q != m.quant) {
+    let (model, pack) = pack::open(DirSource::new(path)).await?;
+    Ok((model, Some(pack.manifest().quant)))
+}
+
+/// Loads a model (see [`open_model`]) quantized on load as `quant` says (dense without it); a
+/// pack loads as stored, so `quant` must then be absent or the pack's preset.
+async fn load_model(gpu: &Gpu, path: &str, config: Option<&str>, quant: Option<QuantPreset>) -> Result<SdxlModel> {
+    let (model, stored) = open_model(path, config, gpu.dtype == crate::DType::F16).await?;
+    if let (Some(stored), Some(q)) = (stored, quant.filter(|&q| Some(q) != stored)) {
         return Err(Error::InvalidParameter(format!(
-            "--quant {} does not apply to the model pack {dir}: it is stored as {stored} (convert again with --quant {} instead)",
-            pack::preset_name(q),
-            pack::preset_name(q)
+            "--quant {} does not apply to the model pack {path}: it is stored as {} (convert again with --quant {} instead)",
+            q.name(),
+            stored.name(),
+            q.name()
         )));
     }
-    eprintln!("{dir}: model pack ({:?}, {stored}, {} shards, {:.1} MiB)", m.model, m.shards.len(), m.bytes() as f64 / 1048576.0);
-    SdxlModel::load(gpu, &source, m.quant).await
+    eprintln!("{path}: {}", model.format);
+    SdxlModel::load(gpu, &model, stored.or(quant).unwrap_or(QuantPreset::F16)).await
 }
 
 async fn convert_command(args: &Args, force: bool) -> Result<()> {
@@ -247,11 +252,12 @@ async fn convert_command(args: &Args, force: bool) -> Result<()> {
     let out = args.required("out")?;
     let quant: QuantPreset = args.required("quant")?.parse()?;
     let options = ConvertOptions { force, shard_bytes: args.parsed("shard-bytes", pack::SHARD_BYTES)?, ..ConvertOptions::new(quant) };
-    let manifest = pack::convert_dir(std::path::Path::new(from), std::path::Path::new(out), &options, |line| eprintln!("{line}")).await?;
+    let config = args.get("config").map(std::path::Path::new);
+    let manifest = pack::convert_path(std::path::Path::new(from), config, std::path::Path::new(out), &options, |line| eprintln!("{line}")).await?;
     eprintln!(
         "wrote {out}: {:?} pack, {}, {} shards, {:.1} MiB",
         manifest.model,
-        pack::preset_name(manifest.quant),
+        manifest.quant.name(),
         manifest.shards.len(),
         manifest.bytes() as f64 / 1048576.0
     );
@@ -276,7 +282,7 @@ async fn download_command(args: &Args) -> Result<()> {
         })
         .await?;
     let dir = store.records().root().join(id);
-    eprintln!("stored {}: {:?}, {}, {} shards, {:.1} MiB", dir.display(), manifest.model, pack::preset_name(manifest.quant), manifest.shards.len(), manifest.bytes() as f64 / 1048576.0);
+    eprintln!("stored {}: {:?}, {}, {} shards, {:.1} MiB", dir.display(), manifest.model, manifest.quant.name(), manifest.shards.len(), manifest.bytes() as f64 / 1048576.0);
     Ok(())
 }
 
@@ -308,9 +314,9 @@ async fn encode(args: &Args) -> Result<()> {
     let precision: Precision = args.parsed("precision", Precision::Auto)?;
     let gpu = Gpu::new(precision).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
-    let source = DirSource::new(model);
-    let index = ModelIndex::load(&source).await?;
-    let encoder = PromptEncoder::load(&gpu, &source, &index).await?;
+    let (source, _) = open_model(model, args.get("config"), gpu.dtype == crate::DType::F16).await?;
+    let index = ModelIndex::load(&source.files).await?;
+    let encoder = PromptEncoder::load(&gpu, &source, &index, &QuantPolicy::default()).await?;
     let embeds = encoder.encode_with(&gpu, prompt, args.get("negative"), prompt_options(args)?)?;
     let named = [
         ("prompt_embeds", &embeds.prompt_embeds),
@@ -341,7 +347,7 @@ async fn quality_command(args: &Args) -> Result<()> {
     };
     let gpu = Gpu::new(args.parsed("precision", Precision::F32)?).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
-    let source = DirSource::new(args.required("model")?);
+    let (source, _) = open_model(args.required("model")?, None, gpu.dtype == crate::DType::F16).await?;
     if let Some(shapes) = args.get("sensitivity") {
         return sensitivity_command(&gpu, &source, &params, shapes, args.parsed("budget", 0f64)?, args.get("json")).await;
     }
@@ -408,8 +414,8 @@ fn write_json(path: Option<&str>, value: &impl serde::Serialize) -> Result<()> {
 /// `quality --sensitivity SHAPES.json --budget BYTES`: every role's sensitivity on this model,
 /// then the per-role formats that fit the budget for the UNet listed in SHAPES.json under this
 /// model's kind ("base" or "refiner"), printed as the `Q4_EXCEPTIONS` table.
-async fn sensitivity_command(gpu: &Gpu, source: &DirSource, params: &GenerateParams, shapes: &str, budget: f64, json: Option<&str>) -> Result<()> {
-    let kind = if ModelIndex::load(source).await?.requires_aesthetics_score { "refiner" } else { "base" };
+async fn sensitivity_command(gpu: &Gpu, source: &ModelSource<'_>, params: &GenerateParams, shapes: &str, budget: f64, json: Option<&str>) -> Result<()> {
+    let kind = if ModelIndex::load(&source.files).await?.requires_aesthetics_score { "refiner" } else { "base" };
     let text = std::fs::read_to_string(shapes).map_err(|e| Error::Io { path: shapes.to_string(), message: e.to_string() })?;
     let all: HashMap<String, Vec<(String, Vec<usize>)>> =
         serde_json::from_str(&text).map_err(|e| Error::Config { path: shapes.to_string(), message: e.to_string() })?;
@@ -443,7 +449,7 @@ async fn sensitivity_command(gpu: &Gpu, source: &DirSource, params: &GeneratePar
 
 async fn run(argv: &[String]) -> Result<()> {
     match argv.first().map(String::as_str) {
-        Some("encode") => encode(&Args::parse(&argv[1..], &["model", "prompt", "negative", "out", "precision", "long-prompt", "prompt-weighting"])?).await,
+        Some("encode") => encode(&Args::parse(&argv[1..], &["model", "config", "prompt", "negative", "out", "precision", "long-prompt", "prompt-weighting"])?).await,
         Some("generate") => {
             let known = [
                 "model", "config", "refiner", "refiner-config", "prompt", "negative", "width", "height", "steps", "guidance", "seed",
@@ -455,7 +461,7 @@ async fn run(argv: &[String]) -> Result<()> {
         Some("convert") => {
             let rest: Vec<String> = argv[1..].iter().filter(|a| *a != "--force").cloned().collect();
             let force = rest.len() + 1 != argv.len();
-            convert_command(&Args::parse(&rest, &["from", "quant", "out", "shard-bytes"])?, force).await
+            convert_command(&Args::parse(&rest, &["from", "config", "quant", "out", "shard-bytes"])?, force).await
         }
         Some("download") => download_command(&Args::parse(&argv[1..], &["url", "id", "quant", "store", "shard-bytes"])?).await,
         Some("store") => store_command(argv.get(1).map(String::as_str), &Args::parse(argv.get(2..).unwrap_or_default(), &["id", "store"])?).await,

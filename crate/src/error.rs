@@ -19,6 +19,8 @@ pub enum Error {
     Safetensors { path: String, message: String },
     /// A GGUF file is malformed.
     Gguf { path: String, message: String },
+    /// A file in a format this engine refuses to read (pickle checkpoints).
+    Unsupported { path: String, message: String },
     /// A tensor is missing, or its dtype/shape does not match the config.
     Tensor { path: String, tensor: String, message: String },
     /// A config.json is missing a field or holds an unsupported value.
@@ -51,6 +53,7 @@ impl fmt::Display for Error {
             Error::Io { path, message } => write!(f, "{path}: {message}"),
             Error::Safetensors { path, message } => write!(f, "{path}: invalid safetensors: {message}"),
             Error::Gguf { path, message } => write!(f, "{path}: invalid GGUF: {message}"),
+            Error::Unsupported { path, message } => write!(f, "{path}: {message}"),
             Error::Tensor { path, tensor, message } => write!(f, "{path}: tensor '{tensor}': {message}"),
             Error::Config { path, message } => write!(f, "{path}: {message}"),
             Error::Tokenizer { path, message } => write!(f, "{path}: tokenizer: {message}"),
@@ -77,6 +80,7 @@ impl Error {
             Error::Gpu(_) => "GpuError",
             Error::Io { .. } => "IoError",
             Error::Safetensors { .. } | Error::Gguf { .. } => "CorruptWeights",
+            Error::Unsupported { .. } => "UnsupportedFormat",
             Error::Tensor { .. } => "WrongModel",
             Error::Config { .. } => "BadConfig",
             Error::Tokenizer { .. } => "BadTokenizer",

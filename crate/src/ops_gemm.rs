@@ -78,7 +78,7 @@ impl Gpu {
                 };
                 Operand { data: t, scales: t, format, rows, cols: rest.iter().product() }
             }
-            Weight::Quant(q) => Operand { data: &q.data, scales: &q.scales, format: q.format.kernel_id(), rows: q.rows, cols: q.cols },
+            Weight::Quant(q) => Operand { data: &q.data, scales: q.scales.as_ref().unwrap_or(&q.data), format: q.format.kernel_id(), rows: q.rows, cols: q.cols },
         })
     }
 

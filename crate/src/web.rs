@@ -13,13 +13,12 @@ use wasm_bindgen::prelude::*;
 
 use crate::bench::{self, BenchModel, BenchOptions};
 use crate::error::{Error, Result};
-use crate::pack::{self, ModelKind, Pack};
+use crate::pack::ModelKind;
 use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel, Stage};
 use crate::pipeline::image;
 use crate::pipeline::prompt::PromptOptions;
 use crate::quant::QuantPreset;
 use crate::store::{DownloadOptions, IdbStore, ModelStore};
-use crate::weights::Source;
 use crate::{Gpu, Precision};
 
 fn js_error(e: Error) -> JsValue {
@@ -252,15 +251,26 @@ impl Engine {
                 })
                 .await?;
         }
-        let source = self.store.open(&wanted.id).await?;
-        let manifest = source.manifest();
+        let (total, done, reported) = (Cell::new(0), Cell::new(0), Cell::new(0));
+        // Thousands of tensors: an event per 0.5 % is enough for a progress bar.
+        let report = |read: u64| {
+            done.set(done.get() + read);
+            let (done, total) = (done.get(), total.get());
+            if done - reported.get() >= total / 200 || done >= total {
+                reported.set(done);
+                emit(on_event, json!({"type": "upload", "model": wanted.id, "loaded": done.min(total), "total": total}));
+            }
+        };
+        let (source, pack) = self.store.open(&wanted.id, &report).await?;
+        let manifest = pack.manifest();
+        total.set(manifest.bytes());
         if manifest.quant != quant {
             return Err(Error::InvalidParameter(format!(
                 "the stored model '{}' is {}, not {}: delete it or load it as {}",
                 wanted.id,
-                pack::preset_name(manifest.quant),
-                pack::preset_name(quant),
-                pack::preset_name(manifest.quant)
+                manifest.quant.name(),
+                quant.name(),
+                manifest.quant.name()
             )));
         }
         if manifest.model != kind {
@@ -270,18 +280,8 @@ impl Engine {
             };
             return Err(Error::InvalidParameter(format!("'{}' is {is}: load it as `{slot}`", wanted.id)));
         }
-        let total = manifest.bytes();
-        let reported = Cell::new(0);
-        // Thousands of tensors: an event per 0.5 % is enough for a progress bar.
-        let report = |done: u64| {
-            if done - reported.get() >= total / 200 || done >= total {
-                reported.set(done);
-                emit(on_event, json!({"type": "upload", "model": wanted.id, "loaded": done.min(total), "total": total}));
-            }
-        };
-        let counted = Counted { inner: &source, done: Cell::new(0), report: &report };
-        let model = SdxlModel::load(&self.gpu, &counted, quant).await?;
-        report(total);
+        let model = SdxlModel::load(&self.gpu, &source, quant).await?;
+        report(total.get().saturating_sub(done.get()));
         Ok(Loaded { id: wanted.id.clone(), quant, model })
     }
 
@@ -383,33 +383,5 @@ impl Observer for &mut JsObserver<'_> {
         };
         let _ = self.on_event.call2(&JsValue::NULL, &JsValue::from_str(&json.to_string()), &preview);
         Ok(())
-    }
-}
-
-/// A source that reports the bytes read through it (the upload to the GPU).
-struct Counted<'a, S: Source> {
-    inner: &'a S,
-    done: Cell<u64>,
-    report: &'a dyn Fn(u64),
-}
-
-impl<S: Source> Source for Counted<'_, S> {
-    fn describe(&self, path: &str) -> String {
-        self.inner.describe(path)
-    }
-    async fn exists(&self, path: &str) -> bool {
-        self.inner.exists(path).await
-    }
-    async fn len(&self, path: &str) -> Result<u64> {
-        self.inner.len(path).await
-    }
-    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>> {
-        let bytes = self.inner.read_range(path, start, end).await?;
-        self.done.set(self.done.get() + bytes.len() as u64);
-        (self.report)(self.done.get());
-        Ok(bytes)
-    }
-    fn pack(&self) -> Option<&Pack> {
-        self.inner.pack()
     }
 }

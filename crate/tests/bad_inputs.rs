@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use sdxl::pipeline::prompt::PromptEncoder;
 use sdxl::pipeline::ModelIndex;
 use sdxl::weights::safetensors::{header_len, parse_header, Dtype, Header};
-use sdxl::weights::DirSource;
+use sdxl::quant::QuantPolicy;
+use sdxl::weights::{DirSource, ModelSource};
 use sdxl::{Error, Gpu, Precision, Result};
 use serde_json::{json, Map, Value};
 
@@ -76,9 +77,9 @@ impl Model {
     fn load(&self) -> Result<()> {
         pollster::block_on(async {
             let gpu = Gpu::new(Precision::F32).await.expect("a GPU adapter (lavapipe natively)");
-            let source = DirSource::new(&self.root);
-            let index = ModelIndex::load(&source).await?;
-            PromptEncoder::load(&gpu, &source, &index).await.map(drop)
+            let model = ModelSource::folder(DirSource::new(&self.root), false);
+            let index = ModelIndex::load(&model.files).await?;
+            PromptEncoder::load(&gpu, &model, &index, &QuantPolicy::default()).await.map(drop)
         })
     }
 }
@@ -179,8 +180,8 @@ fn shape_disagrees_with_byte_count() {
 
 #[test]
 fn unsupported_dtype() {
-    let model = Model::with(TE2_WEIGHTS, tensor_edit(NORM, |t| t["dtype"] = json!("F8_E4M3")));
-    assert_error!(model.load(), Error::Safetensors { .. }, [model.path(TE2_WEIGHTS), NORM, "unsupported dtype F8_E4M3"]);
+    let model = Model::with(TE2_WEIGHTS, tensor_edit(NORM, |t| t["dtype"] = json!("C64")));
+    assert_error!(model.load(), Error::Safetensors { .. }, [model.path(TE2_WEIGHTS), NORM, "unsupported dtype C64"]);
 }
 
 // Weights that do not match the config.
@@ -244,7 +245,7 @@ fn parse_header_locates_tensors() {
 fn parse_header_rejects_malformed_tensors() {
     let cases = [
         (json!({ "shape": [1], "data_offsets": [0, 4] }), "no dtype"),
-        (json!({ "dtype": "F64", "shape": [1], "data_offsets": [0, 8] }), "unsupported dtype F64"),
+        (json!({ "dtype": "C64", "shape": [1], "data_offsets": [0, 8] }), "unsupported dtype C64"),
         (json!({ "dtype": "F32", "shape": [-1], "data_offsets": [0, 4] }), "shape is not a list of sizes"),
         (json!({ "dtype": "F32", "shape": 4, "data_offsets": [0, 4] }), "shape is not a list of sizes"),
         (json!({ "dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8] }), "data_offsets is not a pair"),

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Output;
 
 use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
-use sdxl::weights::{DirSource, Weights};
+use sdxl::weights::{DirSource, FileTensors};
 
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference");
@@ -44,7 +44,7 @@ fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> 
     let n = header_len(file, &bytes, bytes.len() as u64).unwrap() as usize;
     let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
     let source = DirSource::new(dir);
-    let weights = pollster::block_on(Weights::from_files(&source, vec![file.to_string()])).unwrap();
+    let weights = pollster::block_on(FileTensors::open(&source, vec![file.to_string()])).unwrap();
     let read = |name: &str, shape: &[usize]| pollster::block_on(weights.host(name, shape)).unwrap();
     header
         .tensors
@@ -61,7 +61,7 @@ fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> 
 fn reference(key: &str, shape: &[usize]) -> Vec<f32> {
     let source = DirSource::new(REFERENCE);
     pollster::block_on(async {
-        let weights = Weights::from_files(&source, vec!["text.safetensors".into()]).await.unwrap();
+        let weights = FileTensors::open(&source, vec!["text.safetensors".into()]).await.unwrap();
         weights.host(key, shape).await.unwrap()
     })
 }

@@ -13,7 +13,7 @@ use std::process::Output;
 use std::time::Instant;
 
 use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
-use sdxl::weights::{DirSource, Weights};
+use sdxl::weights::{DirSource, FileTensors};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-alt-base");
@@ -29,7 +29,7 @@ fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> 
     let n = header_len(file, &bytes, bytes.len() as u64).unwrap() as usize;
     let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
     let source = DirSource::new(dir);
-    let weights = pollster::block_on(Weights::from_files(&source, vec![file.to_string()])).unwrap();
+    let weights = pollster::block_on(FileTensors::open(&source, vec![file.to_string()])).unwrap();
     header
         .tensors
         .into_iter()
@@ -45,7 +45,7 @@ fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> 
 fn reference(key: &str, shape: &[usize]) -> Vec<f32> {
     let source = DirSource::new(format!("{FIXTURES}/reference"));
     pollster::block_on(async {
-        let weights = Weights::from_files(&source, vec!["alt_pipeline.safetensors".into()]).await.unwrap();
+        let weights = FileTensors::open(&source, vec!["alt_pipeline.safetensors".into()]).await.unwrap();
         weights.host(key, shape).await.unwrap_or_else(|e| panic!("reference {key} with shape {shape:?}: {e}"))
     })
 }
@@ -283,7 +283,7 @@ fn refiner_sdedit_from_png_matches_diffusers() {
     assert_eq!(stderr.lines().filter(|l| l.contains(" step ")).count(), 2, "int(4 * 0.5) steps:\n{stderr}");
     let refs = pollster::block_on(async {
         let source = DirSource::new(format!("{FIXTURES}/reference"));
-        let weights = Weights::from_files(&source, vec!["samplers.safetensors".into()]).await.unwrap();
+        let weights = FileTensors::open(&source, vec!["samplers.safetensors".into()]).await.unwrap();
         weights.host("sdedit.dpmpp_2m.image", &[1, 3, 64, 96]).await.unwrap()
     });
     let (_, image) = &read_all(&dir.0, "x.safetensors")["image"];

@@ -25,13 +25,15 @@
 //! resident at a time.
 #![cfg(not(target_arch = "wasm32"))]
 
+mod common;
+
 use std::cell::RefCell;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use sdxl::models::unet::UNet2DConditionModel;
+use sdxl::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdxl::quant::QuantPreset;
-use sdxl::weights::Source;
+use sdxl::weights::{ModelSource, Source, Vars};
 use sdxl::{DType, Error, Gpu, Precision};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -99,7 +101,7 @@ struct VirtualModel {
 
 impl VirtualModel {
     fn new(which: &str) -> VirtualModel {
-        let config = std::fs::read(format!("{ROOT}/sdxl-configs/{which}/{CONFIG}")).expect("the real SDXL config");
+        let config = std::fs::read(format!("{}/configs/sdxl-{which}/{CONFIG}", env!("CARGO_MANIFEST_DIR"))).expect("the real SDXL config");
         let list = std::fs::read(format!("{ROOT}/reference/sdxl_unet_tensors.json")).expect("sdxl_unet_tensors.json (tests/fixtures/ref_full_size.py)");
         let list: serde_json::Value = serde_json::from_slice(&list).unwrap();
         let entries: Vec<(String, Vec<usize>)> = serde_json::from_value(list[which].clone()).unwrap();
@@ -226,7 +228,7 @@ fn smoke(which: &str, context_width: usize, time_ids: [&[f32]; 2]) {
         );
 
         let t0 = Instant::now();
-        let unet = UNet2DConditionModel::load(&gpu, &source, "unet").await.unwrap_or_else(|e| panic!("{which}: load failed: {e}"));
+        let unet = common::unet(&gpu, &ModelSource::folder(&source, false)).await.unwrap_or_else(|e| panic!("{which}: load failed: {e}"));
         println!("{which}: load recorded (nothing submitted yet): {}", memory());
         // Every tensor diffusers has must have been read by the loader (none silently unused).
         let reads = source.reads.borrow();
@@ -304,7 +306,9 @@ fn full_size_base_unet_quantization() {
         let mut reference = Vec::new();
         for preset in [QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4] {
             let t0 = Instant::now();
-            let unet = UNet2DConditionModel::load_quantized(&gpu, &source, "unet", &preset.policy()).await.unwrap();
+            let model = ModelSource::folder(&source, false);
+            let (config, tensors) = model.component::<UNet2DConditionConfig>("unet").await.unwrap();
+            let unet = UNet2DConditionModel::load(&Vars::new(&gpu, &*tensors, "unet", &preset.policy()), config).await.unwrap();
             let sample = gpu.upload(&input(batch * 4 * latent * latent, 1, 1.0), &[batch, 4, latent, latent]).unwrap();
             let context = gpu.upload(&input(batch * tokens * 2048, 2, 1.0), &[batch, tokens, 2048]).unwrap();
             let text_embeds = gpu.upload(&input(batch * 1280, 3, 1.0), &[batch, 1280]).unwrap();
@@ -328,7 +332,7 @@ fn full_size_base_unet_quantization() {
 fn virtual_sdxl_unet_files_parse() {
     for which in ["base", "refiner"] {
         let source = VirtualModel::new(which);
-        let weights = pollster::block_on(sdxl::weights::Weights::from_files(&source, vec![WEIGHTS.into()])).unwrap();
+        let weights = pollster::block_on(sdxl::weights::FileTensors::open(&source, vec![WEIGHTS.into()])).unwrap();
         for t in &source.tensors {
             assert_eq!(weights.shape(&t.name).unwrap(), t.shape.as_slice(), "{which}: {}", t.name);
         }

@@ -5,11 +5,13 @@
 //! the fp16 weights only, and the pack sizes per preset must be what the converter stores.
 #![cfg(not(target_arch = "wasm32"))]
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 
-use sdxl::pack::{self, planned_bytes};
+use sdxl::pack::{self, convert::planned_bytes};
 use sdxl::quant::QuantPreset;
-use sdxl::weights::Source;
+use sdxl::weights::safetensors::Dtype;
+use sdxl::weights::{Encoding, ModelSource, Source};
 use sdxl::Error;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -78,6 +80,8 @@ enum File {
 
 struct HubRepo {
     files: HashMap<String, File>,
+    /// The weight files whose headers were read.
+    opened: RefCell<BTreeSet<String>>,
 }
 
 fn header(tensors: &Tensors, dtype: &str, size: u64) -> (Vec<u8>, u64) {
@@ -98,7 +102,7 @@ impl HubRepo {
     fn new(which: &str, fp16: &[(&str, &str, u64)]) -> HubRepo {
         let lists = tensor_lists();
         let mut files = HashMap::new();
-        let configs = format!("{ROOT}/sdxl-configs/{which}");
+        let configs = format!("{}/configs/sdxl-{which}", env!("CARGO_MANIFEST_DIR"));
         for entry in walk(std::path::Path::new(&configs)) {
             let rel = entry.strip_prefix(&configs).unwrap().to_string_lossy().trim_start_matches('/').to_string();
             files.insert(rel, File::Bytes(std::fs::read(&entry).unwrap()));
@@ -121,7 +125,7 @@ impl HubRepo {
         for path in UNUSED {
             files.insert(path.to_string(), File::Opaque(1 << 30));
         }
-        HubRepo { files }
+        HubRepo { files, opened: RefCell::default() }
     }
 }
 
@@ -157,7 +161,10 @@ impl Source for HubRepo {
         let out_of_range = || Error::Io { path: path.into(), message: format!("bytes {start}..{end}: only headers are read when planning") };
         match self.files.get(path) {
             Some(File::Bytes(b)) => b.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(out_of_range),
-            Some(File::Weights { head, .. }) => head.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(out_of_range),
+            Some(File::Weights { head, .. }) => {
+                self.opened.borrow_mut().insert(path.to_string());
+                head.get(start as usize..end as usize).map(<[u8]>::to_vec).ok_or_else(out_of_range)
+            }
             _ => panic!("{path} must never be read"),
         }
     }
@@ -168,8 +175,9 @@ fn check(which: &str, fp16: &[(&str, &str, u64)], components: &[&str]) {
     let lists = tensor_lists();
     let mut sizes = Vec::new();
     for preset in [QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4] {
-        let plan = pollster::block_on(pack::plan(&repo, preset, |_| {})).unwrap();
-        let files = pollster::block_on(plan.files()).unwrap();
+        repo.opened.borrow_mut().clear();
+        let model = ModelSource::folder(&repo, true);
+        let plan = pollster::block_on(pack::plan(&model, preset)).unwrap();
 
         // The configs and tokenizers, then exactly the fp16 weights.
         let mut want: Vec<String> = vec!["model_index.json".into(), "scheduler/scheduler_config.json".into()];
@@ -180,14 +188,18 @@ fn check(which: &str, fp16: &[(&str, &str, u64)], components: &[&str]) {
                 want.push(format!("{c}/config.json"));
             }
         }
-        want.extend(fp16.iter().map(|(_, path, _)| path.to_string()));
-        let mut got: Vec<String> = files.iter().map(|(p, _)| p.clone()).collect();
+        let mut got = plan.small.clone();
         got.sort();
         want.sort();
-        assert_eq!(got, want, "{which}: files to download");
+        assert_eq!(got, want, "{which}: small files");
+        let opened: Vec<String> = repo.opened.borrow().iter().cloned().collect();
+        let mut fp16_paths: Vec<String> = fp16.iter().map(|(_, path, _)| path.to_string()).collect();
+        fp16_paths.sort();
+        assert_eq!(opened, fp16_paths, "{which}: the weight files read are the fp16 ones");
+        let small: u64 = got.iter().map(|p| pollster::block_on(repo.len(p)).unwrap()).sum();
+        let data: u64 = fp16.iter().map(|(list, _, _)| lists[*list].iter().map(|(_, s)| 2 * s.iter().product::<usize>() as u64).sum::<u64>()).sum();
+        assert_eq!(pollster::block_on(plan.read_bytes()).unwrap(), small + data, "{which}: bytes the conversion reads");
         let weights: u64 = fp16.iter().map(|(_, _, n)| n).sum();
-        let small: u64 = files.iter().filter(|(p, _)| !p.ends_with(".safetensors")).map(|(_, n)| n).sum();
-        assert_eq!(files.iter().map(|(_, n)| n).sum::<u64>(), weights + small, "{which}: download bytes");
 
         // The pack: the small files plus every tensor as the converter stores it.
         let policy = preset.policy();
@@ -195,7 +207,7 @@ fn check(which: &str, fp16: &[(&str, &str, u64)], components: &[&str]) {
             .iter()
             .map(|(list, path, _)| {
                 let component = path.split('/').next().unwrap();
-                planned_bytes(&policy, component, lists[*list].iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+                planned_bytes(&policy, component, lists[*list].iter().map(|(n, s)| (n.as_str(), s.as_slice(), Encoding::Float(Dtype::F16))))
             })
             .sum();
         let pack_bytes = pollster::block_on(plan.pack_bytes()).unwrap();
@@ -225,9 +237,9 @@ fn refiner_repository_plan() {
 #[test]
 fn planned_pack_size_is_what_convert_writes() {
     use sdxl::weights::{DirSource, MemorySource};
-    let source = DirSource::new(format!("{ROOT}/tiny-sdxl-base"));
+    let model = ModelSource::folder(DirSource::new(format!("{ROOT}/tiny-sdxl-base")), true);
     for preset in [QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4] {
-        let plan = pollster::block_on(pack::plan(&source, preset, |_| {})).unwrap();
+        let plan = pollster::block_on(pack::plan(&model, preset)).unwrap();
         let planned = pollster::block_on(plan.pack_bytes()).unwrap();
         let mut sink = MemorySource::default();
         let manifest = pollster::block_on(pack::convert(plan, 1 << 20, None, &mut sink, |_| {})).unwrap();

@@ -11,8 +11,8 @@ use common::{max_abs, sdxl, TempDir};
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use sdxl::pipeline::prompt::{PromptEmbeds, PromptEncoder, PromptOptions};
 use sdxl::pipeline::ModelIndex;
-use sdxl::quant::QuantPreset;
-use sdxl::weights::{DirSource, Source, Weights};
+use sdxl::quant::{QuantPolicy, QuantPreset};
+use sdxl::weights::{DirSource, Source, FileTensors};
 use sdxl::{DType, Error, Gpu, Tensor};
 use serde::Deserialize;
 
@@ -61,8 +61,8 @@ async fn cases() -> Cases {
 }
 
 async fn encoder(gpu: &Gpu, dir: &str) -> PromptEncoder {
-    let source = fixture(dir);
-    PromptEncoder::load(gpu, &source, &ModelIndex::load(&source).await.unwrap()).await.unwrap()
+    let model = common::folder(gpu, fixture(dir));
+    PromptEncoder::load(gpu, &model, &ModelIndex::load(&model.files).await.unwrap(), &QuantPolicy::default()).await.unwrap()
 }
 
 fn named(e: &PromptEmbeds) -> [(&'static str, &Tensor); 4] {
@@ -75,7 +75,7 @@ fn named(e: &PromptEmbeds) -> [(&'static str, &Tensor); 4] {
 }
 
 /// As text_parity.rs: within 1e-4 of the reference in f32; relative to the embedding scale in f16.
-async fn check(gpu: &Gpu, refs: &Weights<'_, DirSource>, key: &str, got: &Tensor) -> f32 {
+async fn check(gpu: &Gpu, refs: &FileTensors<'_>, key: &str, got: &Tensor) -> f32 {
     let shape = refs.shape(key).unwrap().to_vec();
     assert_eq!(got.shape(), shape.as_slice(), "{key}: shape");
     let want = refs.host(key, &shape).await.unwrap();
@@ -90,7 +90,7 @@ async fn check(gpu: &Gpu, refs: &Weights<'_, DirSource>, key: &str, got: &Tensor
 
 async fn encodings_match_lpw(gpu: &Gpu) {
     let reference = fixture("reference");
-    let refs = Weights::from_files(&reference, vec!["long_prompt.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&reference, vec!["long_prompt.safetensors".into()]).await.unwrap();
     let cases = cases().await.cases;
     assert!(cases.iter().any(|c| c.windows == 3 && c.weighting) && cases.iter().any(|c| c.windows == 3 && !c.weighting));
     for (dir, role) in [("tiny-sdxl-base", "base"), ("tiny-sdxl-refiner", "refiner")] {
@@ -110,12 +110,12 @@ async fn encodings_match_lpw(gpu: &Gpu) {
 
 async fn long_context_run_matches_diffusers(gpu: &Gpu) {
     let reference = fixture("reference");
-    let refs = Weights::from_files(&reference, vec!["long_prompt.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&reference, vec!["long_prompt.safetensors".into()]).await.unwrap();
     let Cases { cases, run } = cases().await;
     let case = cases.iter().find(|c| c.name == run.case).unwrap();
     assert_eq!(case.windows, 3, "the run conditions on a 3-window context");
-    let base = SdxlModel::load(gpu, &fixture("tiny-sdxl-base"), QuantPreset::F16).await.unwrap();
-    let refiner = SdxlModel::load(gpu, &fixture("tiny-sdxl-refiner"), QuantPreset::F16).await.unwrap();
+    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), QuantPreset::F16).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), QuantPreset::F16).await.unwrap();
     let params = GenerateParams {
         prompt: case.prompt.clone(),
         negative: case.negative.clone(),
@@ -211,9 +211,9 @@ fn cli_encode_flags() {
     let run = sdxl(&args);
     assert!(run.status.success(), "sdxl encode failed: {}", String::from_utf8_lossy(&run.stderr));
     let written = DirSource::new(&dir.0);
-    let got = pollster::block_on(Weights::from_files(&written, vec!["e.safetensors".into()])).unwrap();
+    let got = pollster::block_on(FileTensors::open(&written, vec!["e.safetensors".into()])).unwrap();
     let reference = fixture("reference");
-    let refs = pollster::block_on(Weights::from_files(&reference, vec!["long_prompt.safetensors".into()])).unwrap();
+    let refs = pollster::block_on(FileTensors::open(&reference, vec!["long_prompt.safetensors".into()])).unwrap();
     for key in ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"] {
         let want_key = format!("{}.base.{key}", case.name);
         let shape = refs.shape(&want_key).unwrap().to_vec();

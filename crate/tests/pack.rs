@@ -10,10 +10,10 @@ use common::{copy_tree, max_abs, sdxl, TempDir};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use sdxl::pack::{self, ConvertOptions, Manifest, PackSource, Storage, SHARD_BYTES};
+use sdxl::pack::{self, ConvertOptions, Manifest, Storage, SHARD_BYTES};
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
-use sdxl::quant::{dequantize, quantize, QuantPreset, Weight};
-use sdxl::weights::{safetensors, DirSource, MemorySource, Source, Weights};
+use sdxl::quant::{dequantize, quantize, QuantPolicy, QuantPreset, Weight};
+use sdxl::weights::{host_f32, safetensors, DirSource, FileTensors, MemorySource, ModelSource, Source, TensorSource, Vars};
 use sdxl::{Gpu, Precision};
 
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
@@ -26,7 +26,7 @@ const TEST_SHARD: u64 = 20_000;
 /// Converts `from` into `out` with the test shard size.
 fn convert(from: &str, out: &Path, quant: QuantPreset) -> Manifest {
     let options = ConvertOptions { shard_bytes: TEST_SHARD, ..ConvertOptions::new(quant) };
-    pollster::block_on(pack::convert_dir(Path::new(from), out, &options, |_| {})).unwrap_or_else(|e| panic!("convert {from} ({quant:?}): {e}"))
+    pollster::block_on(pack::convert_path(Path::new(from), None, out, &options, |_| {})).unwrap_or_else(|e| panic!("convert {from} ({quant:?}): {e}"))
 }
 
 fn gpu() -> Gpu {
@@ -75,22 +75,22 @@ fn pack_vs_folder(gpu: &Gpu, preset: QuantPreset, memory: bool) -> (f32, f32) {
     convert(REFINER, &dir.path("refiner"), preset);
     pollster::block_on(async {
         let folder = {
-            let base = SdxlModel::load(gpu, &DirSource::new(BASE), preset).await.unwrap();
-            let refiner = SdxlModel::load(gpu, &DirSource::new(REFINER), preset).await.unwrap();
+            let base = SdxlModel::load(gpu, &common::folder(gpu, DirSource::new(BASE)), preset).await.unwrap();
+            let refiner = SdxlModel::load(gpu, &common::folder(gpu, DirSource::new(REFINER)), preset).await.unwrap();
             run(gpu, &base, &refiner).await
         };
         let packed = if memory {
-            let base = PackSource::open(in_memory(&dir.path("base"))).await.unwrap();
-            let refiner = PackSource::open(in_memory(&dir.path("refiner"))).await.unwrap();
+            let (base, _) = pack::open(in_memory(&dir.path("base"))).await.unwrap();
+            let (refiner, _) = pack::open(in_memory(&dir.path("refiner"))).await.unwrap();
             // The preset passed to load does not matter for a pack: entries load as stored.
             let base = SdxlModel::load(gpu, &base, QuantPreset::F16).await.unwrap();
             let refiner = SdxlModel::load(gpu, &refiner, QuantPreset::F16).await.unwrap();
             run(gpu, &base, &refiner).await
         } else {
-            let base = PackSource::open(DirSource::new(dir.path("base"))).await.unwrap();
-            let refiner = PackSource::open(DirSource::new(dir.path("refiner"))).await.unwrap();
-            assert_eq!(base.manifest().model, pack::ModelKind::Base);
-            assert_eq!(refiner.manifest().model, pack::ModelKind::Refiner);
+            let (base, base_pack) = pack::open(DirSource::new(dir.path("base"))).await.unwrap();
+            let (refiner, refiner_pack) = pack::open(DirSource::new(dir.path("refiner"))).await.unwrap();
+            assert_eq!(base_pack.manifest().model, pack::ModelKind::Base);
+            assert_eq!(refiner_pack.manifest().model, pack::ModelKind::Refiner);
             let base = SdxlModel::load(gpu, &base, preset).await.unwrap();
             let refiner = SdxlModel::load(gpu, &refiner, preset).await.unwrap();
             run(gpu, &base, &refiner).await
@@ -143,29 +143,29 @@ fn weights_read_from_a_pack_match_the_folder() {
     convert(BASE, &dir.path("q4"), QuantPreset::Q4);
     let gpu = &gpu();
     pollster::block_on(async {
-        let packed = PackSource::open(DirSource::new(dir.path("q4"))).await.unwrap();
-        let folder = DirSource::new(BASE);
+        let (packed, _) = pack::open(DirSource::new(dir.path("q4"))).await.unwrap();
+        let folder = ModelSource::folder(DirSource::new(BASE), false);
         // Small files come back verbatim under their own paths.
         for path in ["model_index.json", "unet/config.json", "tokenizer_2/vocab.json", "scheduler/scheduler_config.json"] {
-            assert_eq!(packed.read(path).await.unwrap(), folder.read(path).await.unwrap(), "{path}");
-            assert!(packed.exists(path).await, "{path}");
+            assert_eq!(packed.files.read(path).await.unwrap(), folder.files.read(path).await.unwrap(), "{path}");
+            assert!(packed.files.exists(path).await, "{path}");
         }
-        assert!(!packed.exists("unet/diffusion_pytorch_model.safetensors").await);
-        assert_eq!(packed.read_range("unet/config.json", 3, 10).await.unwrap(), folder.read_range("unet/config.json", 3, 10).await.unwrap());
+        assert!(!packed.files.exists("unet/diffusion_pytorch_model.safetensors").await);
+        assert_eq!(packed.files.read_range("unet/config.json", 3, 10).await.unwrap(), folder.files.read_range("unet/config.json", 3, 10).await.unwrap());
 
+        let dense_policy = QuantPolicy::default();
         let (mut quantized, mut dense) = (0, 0);
         for component in ["text_encoder", "text_encoder_2", "unet", "vae"] {
-            let p = Weights::open(&packed, component, false).await.unwrap();
-            let f = Weights::open(&folder, component, false).await.unwrap();
+            let (p, f) = (packed.tensors(component).await.unwrap(), folder.tensors(component).await.unwrap());
+            let vars = Vars::new(gpu, &*p, component, &dense_policy);
             assert_eq!(p.names(), f.names(), "{component}: names");
             for name in f.names() {
-                let shape = f.shape(name).unwrap().to_vec();
-                assert_eq!(p.shape(name).unwrap(), shape.as_slice(), "{component}/{name}");
-                assert!(p.contains(name));
-                let want = f.host(name, &shape).await.unwrap();
-                let got = p.host(name, &shape).await.unwrap();
-                let format = pack::storage_format(&QuantPreset::Q4.policy(), component, name, &shape);
-                match format {
+                let shape = f.info(name).unwrap().shape.clone();
+                assert_eq!(p.info(name).unwrap().shape, shape, "{component}/{name}");
+                assert!(vars.contains(name));
+                let want = host_f32(&*f, name, &shape).await.unwrap();
+                let got = host_f32(&*p, name, &shape).await.unwrap();
+                match QuantPreset::Q4.policy().format_for(component, name, &shape) {
                     None => {
                         dense += 1;
                         assert_eq!(got, want, "{component}/{name}: dense values");
@@ -175,33 +175,33 @@ fn weights_read_from_a_pack_match_the_folder() {
                         let q = quantize(&want, shape[0], shape[1..].iter().product(), format).unwrap();
                         assert_eq!(got, dequantize(&q), "{component}/{name}: dequantized values");
                         // matrix(): the stored planes, not a re-quantization; tensor(): dequantized.
-                        let Weight::Quant(w) = p.matrix(gpu, name, &shape).await.unwrap() else { panic!("{name}: dense") };
+                        let Weight::Quant(w) = vars.matrix(name, &shape).await.unwrap() else { panic!("{name}: dense") };
                         assert_eq!(w.format, format);
                         assert_eq!(gpu.read_u32(&w.data).await.unwrap(), q.data, "{name}: codes");
-                        assert_eq!(gpu.read_u32(&w.scales).await.unwrap(), q.gpu_scales(), "{name}: scales");
-                        let t = p.tensor(gpu, name, &shape).await.unwrap();
+                        assert_eq!(gpu.read_u32(w.scales.as_ref().unwrap()).await.unwrap(), q.gpu_scales(), "{name}: scales");
+                        let t = vars.tensor(name, &shape).await.unwrap();
                         assert_eq!(gpu.read(&t).await.unwrap(), dequantize(&q), "{name}: tensor() of a quantized entry");
                     }
                 }
             }
-            assert!(p.host("nope.weight", &[1]).await.is_err());
-            let wrong = p.host(f.names()[0], &[7, 7, 7]).await.unwrap_err().to_string();
+            assert!(host_f32(&*p, "nope.weight", &[1]).await.is_err());
+            let wrong = host_f32(&*p, f.names()[0], &[7, 7, 7]).await.unwrap_err().to_string();
             assert!(wrong.contains("shape"), "{wrong}");
         }
         assert!(quantized > 100 && dense > 100, "{quantized} quantized, {dense} dense");
 
         // Dense entries: matrix() gives Weight::Dense; embedding tables by rows (cross shards).
-        let p = Weights::open(&packed, "text_encoder_2", false).await.unwrap();
-        let f = Weights::open(&folder, "text_encoder_2", false).await.unwrap();
+        let (p, f) = (packed.tensors("text_encoder_2").await.unwrap(), folder.tensors("text_encoder_2").await.unwrap());
+        let (pv, fv) = (Vars::new(gpu, &*p, "text_encoder_2", &dense_policy), Vars::new(gpu, &*f, "text_encoder_2", &dense_policy));
         let name = "text_model.embeddings.token_embedding.weight";
-        let shape = f.shape(name).unwrap().to_vec();
-        assert!(matches!(p.matrix(gpu, name, &shape).await.unwrap(), Weight::Dense(_)));
-        let (p_rows, f_rows) = (p.tensor_rows(gpu, name, [shape[0], shape[1]]).await.unwrap(), f.tensor_rows(gpu, name, [shape[0], shape[1]]).await.unwrap());
+        let shape = f.info(name).unwrap().shape.clone();
+        assert!(matches!(pv.matrix(name, &shape).await.unwrap(), Weight::Dense(_)));
+        let (p_rows, f_rows) = (pv.tensor_rows(name, [shape[0], shape[1]]).await.unwrap(), fv.tensor_rows(name, [shape[0], shape[1]]).await.unwrap());
         assert_eq!(p_rows.len(), f_rows.len());
         for (a, b) in p_rows.iter().zip(&f_rows) {
             assert_eq!(gpu.read(a).await.unwrap(), gpu.read(b).await.unwrap());
         }
-        let missing = Weights::open(&packed, "image_encoder", false).await.err().unwrap().to_string();
+        let missing = packed.tensors("image_encoder").await.err().unwrap().to_string();
         assert!(missing.contains("image_encoder"), "{missing}");
     });
 }
@@ -247,7 +247,7 @@ fn manifests_are_consistent_and_verify() {
             assert_eq!(manifest, m);
             pollster::block_on(pack::verify(&DirSource::new(&out))).unwrap();
             let tensor_bytes: u64 = m.tensors.iter().map(|t| t.bytes()).sum();
-            sizes.push(format!("{model} {}: {} shards, {} bytes ({} in tensors)", pack::preset_name(preset), m.shards.len(), m.bytes(), tensor_bytes));
+            sizes.push(format!("{model} {}: {} shards, {} bytes ({} in tensors)", preset.name(), m.shards.len(), m.bytes(), tensor_bytes));
         }
     }
     eprintln!("pack sizes ({TEST_SHARD}-byte shards):\n  {}", sizes.join("\n  "));
@@ -278,7 +278,7 @@ fn corrupted_and_truncated_shards_are_named() {
     std::fs::write(&path, &bytes).unwrap();
     let err = pollster::block_on(pack::verify(&DirSource::new(&out))).unwrap_err().to_string();
     assert!(err.contains(victim.as_str()) && err.contains("sha256"), "{err}");
-    assert!(pollster::block_on(PackSource::open(DirSource::new(&out))).is_ok());
+    assert!(pollster::block_on(pack::open(DirSource::new(&out))).is_ok());
     bytes[1234] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
     pollster::block_on(pack::verify(&DirSource::new(&out))).unwrap();
@@ -290,8 +290,8 @@ fn corrupted_and_truncated_shards_are_named() {
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[seg.offset as usize] ^= 1;
     std::fs::write(&shard, &bytes).unwrap();
-    let source = pollster::block_on(PackSource::open(DirSource::new(&out))).unwrap();
-    let err = pollster::block_on(source.read("unet/config.json")).unwrap_err().to_string();
+    let (source, _) = pollster::block_on(pack::open(DirSource::new(&out))).unwrap();
+    let err = pollster::block_on(source.files.read("unet/config.json")).unwrap_err().to_string();
     assert!(err.contains("unet/config.json") && err.contains("sha256"), "{err}");
     bytes[seg.offset as usize] ^= 1;
     std::fs::write(&shard, &bytes).unwrap();
@@ -301,13 +301,13 @@ fn corrupted_and_truncated_shards_are_named() {
     let path = out.join(victim);
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
-    let err = pollster::block_on(PackSource::open(DirSource::new(&out))).err().unwrap().to_string();
+    let err = pollster::block_on(pack::open(DirSource::new(&out))).err().unwrap().to_string();
     assert!(err.contains(victim.as_str()) && err.contains("truncated"), "{err}");
     let err = pollster::block_on(pack::verify(&DirSource::new(&out))).unwrap_err().to_string();
     assert!(err.contains(victim.as_str()), "{err}");
     // A missing shard too.
     std::fs::remove_file(&path).unwrap();
-    let err = pollster::block_on(PackSource::open(DirSource::new(&out))).err().unwrap().to_string();
+    let err = pollster::block_on(pack::open(DirSource::new(&out))).err().unwrap().to_string();
     assert!(err.contains(victim.as_str()), "{err}");
 }
 
@@ -320,7 +320,7 @@ fn bad_manifests_are_refused() {
         let mut v = json.clone();
         edit(&mut v);
         std::fs::write(out.join("manifest.json"), serde_json::to_vec(&v).unwrap()).unwrap();
-        pollster::block_on(PackSource::open(DirSource::new(&out))).err().map(|e| e.to_string()).unwrap_or_default()
+        pollster::block_on(pack::open(DirSource::new(&out))).err().map(|e| e.to_string()).unwrap_or_default()
     };
     let err = open_with(&|v| v["version"] = 2.into());
     assert!(err.contains("version 2") && err.contains("version 1"), "{err}");
@@ -344,9 +344,9 @@ fn bad_manifests_are_refused() {
     let err = open_with(&|_| {});
     assert!(err.is_empty(), "the unchanged manifest is refused: {err}");
     std::fs::write(out.join("manifest.json"), b"{ not json").unwrap();
-    let err = pollster::block_on(PackSource::open(DirSource::new(&out))).err().unwrap().to_string();
+    let err = pollster::block_on(pack::open(DirSource::new(&out))).err().unwrap().to_string();
     assert!(err.contains("manifest.json") && err.contains("JSON"), "{err}");
-    let err = pollster::block_on(PackSource::open(DirSource::new(BASE))).err().unwrap().to_string();
+    let err = pollster::block_on(pack::open(DirSource::new(BASE))).err().unwrap().to_string();
     assert!(err.contains("not a model pack"), "{err}");
 }
 
@@ -435,7 +435,7 @@ fn cli_convert_refuses_bad_inputs() {
 
     assert_fails_with(&convert(&format!("{BASE}/unet"), &["--quant", "q8"]), &["model_index.json", "not a diffusers model folder"]);
     no_output();
-    assert_fails_with(&convert(&dir.file("nowhere"), &["--quant", "q8"]), &["nowhere", "not a folder"]);
+    assert_fails_with(&convert(&dir.file("nowhere"), &["--quant", "q8"]), &["nowhere", "no such file or folder"]);
     assert_fails_with(&convert(BASE, &[]), &["--quant is required"]);
     assert_fails_with(&convert(BASE, &["--quant", "q3"]), &["q3", "f16, q8 or q4"]);
     assert_fails_with(&sdxl(&["convert", "--from", BASE, "--quant", "q8"]), &["--out is required"]);
@@ -463,8 +463,8 @@ fn cli_convert_refuses_bad_inputs() {
     std::fs::write(ints.join("vae/diffusion_pytorch_model.safetensors"), safetensors_with("decoder.conv_in.weight", "I32", &[0; 16])).unwrap();
     assert_fails_with(&convert(&ints.display().to_string(), &["--quant", "q8"]), &["decoder.conv_in.weight", "I32", "not supported"]);
     no_output();
-    std::fs::write(ints.join("vae/diffusion_pytorch_model.safetensors"), safetensors_with("decoder.conv_in.weight", "F64", &[0; 16])).unwrap();
-    assert_fails_with(&convert(&ints.display().to_string(), &["--quant", "q8"]), &["unsupported dtype F64"]);
+    std::fs::write(ints.join("vae/diffusion_pytorch_model.safetensors"), safetensors_with("decoder.conv_in.weight", "C64", &[0; 16])).unwrap();
+    assert_fails_with(&convert(&ints.display().to_string(), &["--quant", "q8"]), &["unsupported dtype C64"]);
     no_output();
 
     // A pack is not a diffusers folder.
@@ -489,7 +489,7 @@ fn safetensors_f32_sources_round_to_f16_unless_out_of_range() {
     let path = "vae/diffusion_pytorch_model.safetensors";
     let source = DirSource::new(&src);
     let values: Vec<(String, Vec<usize>, Vec<f32>)> = pollster::block_on(async {
-        let w = Weights::open(&source, "vae", false).await.unwrap();
+        let w = FileTensors::open(&source, vec![path.into()]).await.unwrap();
         let mut all = Vec::new();
         for name in w.names() {
             let shape = w.shape(name).unwrap().to_vec();
@@ -509,9 +509,9 @@ fn safetensors_f32_sources_round_to_f16_unless_out_of_range() {
         assert_eq!(t.storage, want, "{}", t.name);
     }
     pollster::block_on(async {
-        let packed = PackSource::open(DirSource::new(dir.path("pack"))).await.unwrap();
-        let w = Weights::open(&packed, "vae", false).await.unwrap();
-        let bias = w.host("decoder.conv_out.bias", &[values.iter().find(|v| v.0 == "decoder.conv_out.bias").unwrap().1[0]]).await.unwrap();
+        let (packed, _) = pack::open(DirSource::new(dir.path("pack"))).await.unwrap();
+        let w = packed.tensors("vae").await.unwrap();
+        let bias = host_f32(&*w, "decoder.conv_out.bias", &[values.iter().find(|v| v.0 == "decoder.conv_out.bias").unwrap().1[0]]).await.unwrap();
         assert_eq!(bias[0], 1e6);
     });
 }

@@ -8,7 +8,7 @@ use common::{psnr, Case};
 
 use sdxl::pipeline::generate::{generate, Event, Observer, SdxlModel};
 use sdxl::quant::QuantPreset;
-use sdxl::weights::{DirSource, Weights};
+use sdxl::weights::{DirSource, FileTensors};
 use sdxl::{DType, Gpu};
 
 gpu_tests!(pipelines_match_diffusers);
@@ -44,10 +44,10 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 
 async fn pipelines_match_diffusers(gpu: &Gpu) {
     let reference = fixture("reference");
-    let refs = Weights::from_files(&reference, vec!["pipeline.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&reference, vec!["pipeline.safetensors".into()]).await.unwrap();
     let cases = Case::load("pipeline_cases.json");
-    let base = SdxlModel::load(gpu, &fixture("tiny-sdxl-base"), QuantPreset::F16).await.unwrap();
-    let refiner = SdxlModel::load(gpu, &fixture("tiny-sdxl-refiner"), QuantPreset::F16).await.unwrap();
+    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), QuantPreset::F16).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), QuantPreset::F16).await.unwrap();
     // f32 as the issue states; f16 storage rounds every activation, so only the image is held to a bar.
     let (latent_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (f32::INFINITY, 30.0) };
     for case in &cases {

@@ -5,7 +5,7 @@
 use sdxl::pipeline::generate::GenerateParams;
 use sdxl::pipeline::quality::{allocate, quality, sensitivity, FormatErrors, RoleSensitivity};
 use sdxl::quant::{role, QuantFormat, QuantPolicy, Q4_EXCEPTIONS};
-use sdxl::weights::DirSource;
+use sdxl::weights::{DirSource, ModelSource};
 use sdxl::{Gpu, Precision};
 
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
@@ -26,7 +26,7 @@ fn params() -> GenerateParams {
 fn q8_and_q4_quality_against_dense_f32() {
     pollster::block_on(async {
         let gpu = Gpu::new(Precision::F32).await.unwrap();
-        let report = quality(&gpu, &DirSource::new(BASE), &params()).await.unwrap();
+        let report = quality(&gpu, &ModelSource::folder(DirSource::new(BASE), false), &params()).await.unwrap();
         assert!(report.layers.len() > 50, "every quantizable UNet matrix is measured (127 in the fixture)");
         for l in &report.layers {
             // Q8_0's error per element is at most half a step of max|x| / 127; Q4_1's of
@@ -52,13 +52,13 @@ fn roles_group_layers_across_indices() {
         default: Some(QuantFormat::Q4_0),
         exceptions: vec![("unet/mid_block.resnets.conv1".into(), Some(QuantFormat::Q8_0)), ("unet/up_blocks.upsamplers.conv".into(), None)],
     };
-    assert_eq!(policy.format_for("unet/mid_block.resnets.1.conv1.weight", 1280 * 9), Some(QuantFormat::Q8_0));
-    assert_eq!(policy.format_for("unet/mid_block.resnets.1.conv2.weight", 1280 * 9), Some(QuantFormat::Q4_0));
-    assert_eq!(policy.format_for("unet/up_blocks.1.upsamplers.0.conv.weight", 1280 * 9), None);
-    assert_eq!(policy.format_for("unet/conv_in.weight", 36), None, "always dense");
-    assert_eq!(policy.format_for("unet/down_blocks.0.resnets.0.time_emb_proj.weight", 1280), None, "always dense");
-    assert_eq!(policy.format_for("text_encoder_2/text_projection.weight", 1280), None, "always dense");
-    assert_eq!(policy.format_for("unet/down_blocks.0.resnets.0.conv1.weight", 16), None, "narrower than a block");
+    assert_eq!(policy.format_for("unet", "mid_block.resnets.1.conv1.weight", &[2, 1280 * 9]), Some(QuantFormat::Q8_0));
+    assert_eq!(policy.format_for("unet", "mid_block.resnets.1.conv2.weight", &[2, 1280 * 9]), Some(QuantFormat::Q4_0));
+    assert_eq!(policy.format_for("unet", "up_blocks.1.upsamplers.0.conv.weight", &[2, 1280 * 9]), None);
+    assert_eq!(policy.format_for("unet", "conv_in.weight", &[2, 36]), None, "always dense");
+    assert_eq!(policy.format_for("unet", "down_blocks.0.resnets.0.time_emb_proj.weight", &[2, 1280]), None, "always dense");
+    assert_eq!(policy.format_for("text_encoder_2", "text_projection.weight", &[2, 1280]), None, "always dense");
+    assert_eq!(policy.format_for("unet", "down_blocks.0.resnets.0.conv1.weight", &[2, 16]), None, "narrower than a block");
     // The q4 preset's exceptions name roles that exist in the real SDXL base UNet.
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/sdxl_unet_tensors.json")).unwrap();
     let real: std::collections::HashMap<String, Vec<(String, Vec<usize>)>> = serde_json::from_str(&text).unwrap();
@@ -104,7 +104,7 @@ fn sensitivity_measures_each_role_in_each_format() {
     pollster::block_on(async {
         let gpu = Gpu::new(Precision::F32).await.unwrap();
         let mut seen = Vec::new();
-        let measured = sensitivity(&gpu, &DirSource::new(BASE), &params(), |r| seen.push(r.role.clone())).await.unwrap();
+        let measured = sensitivity(&gpu, &ModelSource::folder(DirSource::new(BASE), false), &params(), |r| seen.push(r.role.clone())).await.unwrap();
         assert_eq!(seen.len(), measured.len());
         assert!(measured.len() >= 10, "{seen:?}");
         for r in &measured {

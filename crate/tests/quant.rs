@@ -56,7 +56,8 @@ fn check_round_trip(values: &[f32], rows: usize, cols: usize, format: QuantForma
                     assert!(d == 0.0 || (d < 0.0) == (extreme > 0.0), "Q4_0 block {blk}: d {d} must map the extreme {extreme} to code 0");
                     extreme.abs() / 8.0
                 }
-                QuantFormat::Q4_1 => {
+                k => {
+                    assert_eq!(k, QuantFormat::Q4_1, "32-value formats only");
                     let m = q.mins[blk].to_f32();
                     assert!(m <= lo && m >= lo - lo.abs() / 1024.0 - smallest, "Q4 min {m} vs block minimum {lo}");
                     (hi - lo + lo.abs() / 1024.0) / 15.0

@@ -13,7 +13,7 @@ use sdxl::pipeline::image::decode_png;
 use sdxl::quant::QuantPreset;
 use sdxl::random::TorchGenerator;
 use sdxl::scheduler::{SamplerChoice, Schedule, Scheduler, SchedulerConfig, TimestepSpacing};
-use sdxl::weights::{DirSource, Source, Weights};
+use sdxl::weights::{DirSource, Source, FileTensors};
 use sdxl::{DType, Gpu};
 use serde::Deserialize;
 
@@ -29,12 +29,12 @@ fn fixture(dir: &str) -> DirSource {
     DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
 }
 
-async fn reference() -> Weights<'static, DirSource> {
+async fn reference() -> FileTensors<'static> {
     let source: &'static DirSource = Box::leak(Box::new(fixture("reference")));
-    Weights::from_files(source, vec!["samplers.safetensors".into()]).await.unwrap()
+    FileTensors::open(source, vec!["samplers.safetensors".into()]).await.unwrap()
 }
 
-async fn get(refs: &Weights<'_, DirSource>, key: &str) -> Vec<f32> {
+async fn get(refs: &FileTensors<'_>, key: &str) -> Vec<f32> {
     let shape = refs.shape(key).unwrap_or_else(|_| panic!("{key} missing (rerun ref_samplers.py)")).to_vec();
     refs.host(key, &shape).await.unwrap()
 }
@@ -177,8 +177,8 @@ async fn pipelines_match_diffusers_step_by_step(gpu: &Gpu) {
     let files = fixture("reference");
     let cases: Vec<Case> = serde_json::from_slice(&files.read("samplers_cases.json").await.unwrap()).unwrap();
     let image = decode_png(&files.read("init_96x64.png").await.unwrap()).unwrap();
-    let base = SdxlModel::load(gpu, &fixture("tiny-sdxl-base"), QuantPreset::F16).await.unwrap();
-    let refiner = SdxlModel::load(gpu, &fixture("tiny-sdxl-refiner"), QuantPreset::F16).await.unwrap();
+    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), QuantPreset::F16).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), QuantPreset::F16).await.unwrap();
     // f32 as the issue states; f16 storage rounds every activation (measured: final latents within
     // 2.8e-3, images above 62 dB).
     let (step_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (1e-2, 50.0) };

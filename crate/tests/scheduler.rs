@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use sdxl::random::TorchGenerator;
 use sdxl::scheduler::{Schedule, Scheduler, SchedulerConfig};
 use sdxl::weights::safetensors::{header_len, parse_header};
-use sdxl::weights::{DirSource, MemorySource, Weights};
+use sdxl::weights::{DirSource, MemorySource, FileTensors};
 use sdxl::Error;
 
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
@@ -30,7 +30,7 @@ fn reference() -> BTreeMap<String, Vec<f32>> {
     let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
     let source = DirSource::new(REFERENCE);
     pollster::block_on(async {
-        let weights = Weights::from_files(&source, vec![file.to_string()]).await.unwrap();
+        let weights = FileTensors::open(&source, vec![file.to_string()]).await.unwrap();
         let mut all = BTreeMap::new();
         for (name, info) in header.tensors {
             let values = weights.host(&name, &info.shape).await.unwrap();

@@ -12,9 +12,9 @@ use std::path::Path;
 use common::{psnr, sdxl, Case, TempDir};
 use sdxl::pipeline::generate::{generate, SdxlModel};
 use sdxl::quant::QuantPreset;
-use sdxl::weights::checkpoint::{CheckpointSource, Kind};
 use sdxl::weights::gguf::{GgmlType, GgufWriter};
-use sdxl::weights::{DirSource, Source, Weights};
+use sdxl::weights::safetensors::Dtype;
+use sdxl::weights::{host_f32, DirSource, Encoding, FileTensors, ModelSource, SharedSource, TensorSource};
 use sdxl::{DType, Error, Gpu, Precision};
 
 gpu_tests!(pipelines_match_the_folders);
@@ -38,21 +38,31 @@ fn configs_only(model: &str, to: &Path) {
 }
 
 /// `file` in `dir` as a model, with the configs of fixture `model` (weights left out).
-async fn open_in(configs: &TempDir, model: &str, dir: &Path, file: &str) -> sdxl::Result<CheckpointSource<DirSource, DirSource>> {
+async fn open_in(configs: &TempDir, model: &str, dir: &Path, file: &str) -> sdxl::Result<ModelSource<'static>> {
     let config_dir = configs.path(model);
     if !config_dir.exists() {
         configs_only(model, &config_dir);
     }
-    CheckpointSource::open(DirSource::new(config_dir), DirSource::new(dir), file).await
+    ModelSource::single_file(DirSource::new(dir), file, Some(SharedSource::new(DirSource::new(config_dir)))).await
 }
 
 /// The committed single file of fixture `model`.
-async fn single_file(configs: &TempDir, model: &str) -> CheckpointSource<DirSource, DirSource> {
+async fn single_file(configs: &TempDir, model: &str) -> ModelSource<'static> {
     open_in(configs, model, &Path::new(FIXTURES).join("single-file"), &format!("{model}.safetensors")).await.unwrap()
 }
 
-fn folder(model: &str) -> DirSource {
-    DirSource::new(Path::new(FIXTURES).join(model))
+fn folder(model: &str) -> ModelSource<'static> {
+    ModelSource::folder(DirSource::new(Path::new(FIXTURES).join(model)), true)
+}
+
+/// Every tensor of `want` is in `got` with the same shape and the same f32 bits.
+async fn same_tensors(what: &str, got: &dyn TensorSource, want: &dyn TensorSource) {
+    for name in want.names() {
+        let shape = want.info(name).unwrap().shape.clone();
+        assert_eq!(got.info(name).map(|i| &i.shape), Some(&shape), "{what}: {name} shape");
+        let (a, b) = (host_f32(got, name, &shape).await.unwrap(), host_f32(want, name, &shape).await.unwrap());
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: {name} differs");
+    }
 }
 
 const BASE: (&str, &[&str]) = ("tiny-sdxl-base", &["text_encoder", "text_encoder_2", "unet", "vae"]);
@@ -64,21 +74,17 @@ fn every_tensor_equals_the_folders() {
         let configs = TempDir::new("configs");
         for (model, components) in [BASE, REFINER] {
             let checkpoint = single_file(&configs, model).await;
-            let kind = if model == BASE.0 { Kind::Base } else { Kind::Refiner };
-            assert_eq!(checkpoint.checkpoint().unwrap().kind, kind, "{model}: detected kind");
+            let kind = if model == BASE.0 { "Base" } else { "Refiner" };
+            assert!(checkpoint.format.contains(kind), "{model}: detected as {}", checkpoint.format);
             let folder = folder(model);
             for &dir in components {
-                let want = Weights::open(&folder, dir, true).await.unwrap();
-                let got = Weights::open(&checkpoint, dir, true).await.unwrap();
+                let (want, got) = (folder.tensors(dir).await.unwrap(), checkpoint.tensors(dir).await.unwrap());
+                same_tensors(&format!("{model}/{dir}"), &*got, &*want).await;
                 for name in want.names() {
-                    let shape = want.shape(name).unwrap();
-                    assert_eq!(got.shape(name).unwrap(), shape, "{model}/{dir}: {name} shape");
-                    assert_eq!(got.dtype(name).unwrap(), want.dtype(name).unwrap(), "{model}/{dir}: {name} dtype");
-                    let (a, b) = (got.host(name, shape).await.unwrap(), want.host(name, shape).await.unwrap());
-                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{model}/{dir}: {name} differs");
+                    assert_eq!(got.info(name).unwrap().encoding, want.info(name).unwrap().encoding, "{model}/{dir}: {name} dtype");
                 }
                 // SGM's CLIP-L also stores position_ids, which diffusers' folders leave out.
-                let extra: Vec<&str> = got.names().into_iter().filter(|n| !want.contains(n)).collect();
+                let extra: Vec<&str> = got.names().into_iter().filter(|n| want.info(n).is_none()).collect();
                 let allowed: &[&str] = if dir == "text_encoder" { &["text_model.embeddings.position_ids"] } else { &[] };
                 assert_eq!(extra, allowed, "{model}/{dir}: tensors the folder does not have");
                 eprintln!("{model}/{dir}: {} tensors equal the folder's", want.names().len());
@@ -98,7 +104,7 @@ async fn pipelines_match_the_folders(gpu: &Gpu) {
         SdxlModel::load(gpu, &folder(REFINER.0), QuantPreset::F16).await.unwrap(),
     );
     let references = DirSource::new(Path::new(FIXTURES).join("reference"));
-    let reference = Weights::from_files(&references, vec!["pipeline.safetensors".into()]).await.unwrap();
+    let reference = FileTensors::open(&references, vec!["pipeline.safetensors".into()]).await.unwrap();
     let min_reference_psnr = if gpu.dtype == DType::F32 { 45.0 } else { 30.0 };
     for case in Case::load("pipeline_cases.json") {
         let image = run(gpu, &from_file, &case).await;
@@ -163,15 +169,15 @@ fn bad_files_get_errors_naming_the_problem() {
             h.extend(tensors.into_iter().map(|(k, v)| (k.replace("conditioner.embedders.", "cond_stage_model.encoders."), v)));
         });
         let (path, _, message) = tensor_error(open_in(&configs, base, &dir.0, &unrelated).await);
-        assert!(path.ends_with("unrelated.safetensors") && message.contains("not an SDXL base"), "{path}: {message}");
+        assert!(path.ends_with("unrelated.safetensors") && message.contains("neither an SDXL base"), "{path}: {message}");
 
         // A missing tensor surfaces when the model asks for it, under diffusers' name.
         let missing = edited(&dir, base, "missing.safetensors", |h| {
             h.remove("model.diffusion_model.out.2.weight");
         });
         let source = open_in(&configs, base, &dir.0, &missing).await.unwrap();
-        let unet = Weights::open(&source, "unet", true).await.unwrap();
-        let (path, tensor, message) = tensor_error(unet.host("conv_out.weight", &[4, 8, 3, 3]).await);
+        let unet = source.tensors("unet").await.unwrap();
+        let (path, tensor, message) = tensor_error(host_f32(&*unet, "conv_out.weight", &[4, 8, 3, 3]).await);
         assert!(path.ends_with("missing.safetensors") && tensor == "conv_out.weight" && message.contains("missing"), "{path}: {tensor}: {message}");
 
         // A wrong shape: text_projection stored [projection, hidden] instead of OpenCLIP's [hidden, projection].
@@ -179,8 +185,8 @@ fn bad_files_get_errors_naming_the_problem() {
             h["conditioner.embedders.1.model.text_projection"]["shape"] = serde_json::json!([32, 24]);
         });
         let source = open_in(&configs, base, &dir.0, &wrong).await.unwrap();
-        let text = Weights::open(&source, "text_encoder_2", true).await.unwrap();
-        let (_, tensor, message) = tensor_error(text.host("text_projection.weight", &[32, 24]).await);
+        let text = source.tensors("text_encoder_2").await.unwrap();
+        let (_, tensor, message) = tensor_error(host_f32(&*text, "text_projection.weight", &[32, 24]).await);
         assert!(tensor == "text_projection.weight" && message.contains("[24, 32]"), "{tensor}: {message}");
 
         // Fused q/k/v rows that do not split in three are reported when the file is indexed.
@@ -197,7 +203,7 @@ fn bad_files_get_errors_naming_the_problem() {
             other => panic!("base file with refiner configs: {other:?}"),
         }
         let refiner = single_file(&configs, "tiny-sdxl-refiner").await;
-        let (_, tensor, message) = tensor_error(Weights::open(&refiner, "text_encoder", true).await);
+        let (_, tensor, message) = tensor_error(refiner.tensors("text_encoder").await);
         assert!(tensor == "text_encoder/*" && message.contains("no text_encoder"), "{tensor}: {message}");
     });
 }
@@ -226,17 +232,18 @@ fn cli_generates_from_single_files_as_from_folders() {
         let run = sdxl(&args);
         assert!(run.status.success(), "sdxl {args:?}:\n{}", String::from_utf8_lossy(&run.stderr));
         let source = DirSource::new(&dir.0);
-        let w = pollster::block_on(Weights::from_files(&source, vec![format!("{name}.safetensors")])).unwrap();
+        let w = pollster::block_on(FileTensors::open(&source, vec![format!("{name}.safetensors")])).unwrap();
         images.push(pollster::block_on(w.host("image", &[1, 3, case.height, case.width])).unwrap());
     }
     let db = psnr(&images[0], &images[1]);
     assert!(db >= 45.0, "q8 from single files vs folders: PSNR {db:.1} dB");
     eprintln!("CLI, q8: single files vs folders PSNR {db:.1} dB");
 
-    // A single file without --config says what is missing.
+    // Without --config, the configs are inferred: the tiny model's 8-channel levels are not SDXL's
+    // 64-wide heads, which the error says, pointing to --config.
     let run = sdxl(&["generate", "--model", &base_file, "--prompt", "x", "--out", &dir.file("x.png")]);
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(!run.status.success() && stderr.contains("--config") && stderr.contains("tiny-sdxl-base.safetensors"), "{stderr}");
+    assert!(!run.status.success() && stderr.contains("--config") && stderr.contains("tiny-sdxl-base.safetensors") && stderr.contains("64-wide"), "{stderr}");
 }
 
 /// stable-diffusion.cpp's name of an SGM tensor (what `sd -M convert` writes; None: a tensor it
@@ -280,7 +287,7 @@ fn write_gguf(model: &str, quant: GgmlType, path: &Path) -> usize {
     let dir = Path::new(FIXTURES).join("single-file");
     let source = DirSource::new(&dir);
     let file = format!("{model}.safetensors");
-    let weights = pollster::block_on(Weights::from_files(&source, vec![file])).unwrap();
+    let weights = pollster::block_on(FileTensors::open(&source, vec![file])).unwrap();
     let mut writer = GgufWriter::new();
     let mut quantized = 0;
     for sgm in weights.names() {
@@ -340,32 +347,26 @@ fn gguf_tensors_equal_the_folders_and_bad_types_are_named() {
             write_gguf(model, GgmlType::F16, &dir.path(&file));
             let (source, folder) = (open_in(&configs, model, &dir.0, &file).await.unwrap(), folder(model));
             for &component in components {
-                let want = Weights::open(&folder, component, true).await.unwrap();
-                let got = Weights::open(&source, component, true).await.unwrap();
-                for name in want.names() {
-                    let shape = want.shape(name).unwrap();
-                    let (a, b) = (got.host(name, shape).await.unwrap(), want.host(name, shape).await.unwrap());
-                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{model}.gguf {component}: {name} differs");
-                }
+                let (want, got) = (folder.tensors(component).await.unwrap(), source.tensors(component).await.unwrap());
+                same_tensors(&format!("{model}.gguf {component}"), &*got, &*want).await;
             }
         }
         // Q8_0: a quantized transposed text_projection is dequantized and transposed on load.
         write_gguf(REFINER.0, GgmlType::Q8_0, &dir.path("q8.gguf"));
         let source = open_in(&configs, REFINER.0, &dir.0, "q8.gguf").await.unwrap();
-        let got = Weights::open(&source, "text_encoder_2", true).await.unwrap();
-        let refiner = folder(REFINER.0);
-        let want = Weights::open(&refiner, "text_encoder_2", true).await.unwrap();
-        let (a, b) = (got.host("text_projection.weight", &[32, 24]).await.unwrap(), want.host("text_projection.weight", &[32, 24]).await.unwrap());
+        let got = source.tensors("text_encoder_2").await.unwrap();
+        let want = folder(REFINER.0).tensors("text_encoder_2").await.unwrap();
+        let (a, b) = (host_f32(&*got, "text_projection.weight", &[32, 24]).await.unwrap(), host_f32(&*want, "text_projection.weight", &[32, 24]).await.unwrap());
         let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         let scale = b.iter().fold(0f32, |m, y| m.max(y.abs()));
         assert!(err <= scale / 100.0, "q8_0 text_projection max |Δ| {err} (values up to {scale})");
-        assert!(matches!(got.dtype("text_projection.weight"), Err(Error::Tensor { .. })), "a block-quantized entry has no float dtype");
+        assert_eq!(got.info("text_projection.weight").unwrap().encoding, Encoding::Float(Dtype::F32), "a transposed block-quantized entry is served dense");
 
-        // A tensor in a ggml type the engine does not load (Q4_K): the error names tensor and type.
+        // A tensor in a ggml type the engine does not load (IQ4_NL): the error names tensor and type.
         let mut writer = GgufWriter::new();
-        writer.raw_tensor("model.diffusion_model.out.2.weight", &[4, 256], 12, vec![0; 144 * 4]);
-        std::fs::write(dir.path("q4k.gguf"), writer.to_bytes()).unwrap();
-        let (path, tensor, message) = tensor_error(open_in(&configs, BASE.0, &dir.0, "q4k.gguf").await);
-        assert!(path.ends_with("q4k.gguf") && tensor == "model.diffusion_model.out.2.weight" && message.contains("Q4_K"), "{path}: {tensor}: {message}");
+        writer.raw_tensor("model.diffusion_model.out.2.weight", &[4, 32], 20, vec![0; 18 * 4]);
+        std::fs::write(dir.path("iq4.gguf"), writer.to_bytes()).unwrap();
+        let (path, tensor, message) = tensor_error(open_in(&configs, BASE.0, &dir.0, "iq4.gguf").await);
+        assert!(path.ends_with("iq4.gguf") && tensor == "model.diffusion_model.out.2.weight" && message.contains("IQ4_NL"), "{path}: {tensor}: {message}");
     });
 }

@@ -6,8 +6,10 @@
 
 use std::collections::HashMap;
 
-use sdxl::pack::planned_bytes;
+use sdxl::pack::convert::planned_bytes;
 use sdxl::quant::QuantPreset;
+use sdxl::weights::safetensors::Dtype;
+use sdxl::weights::Encoding;
 
 const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference");
 
@@ -19,7 +21,7 @@ fn load(file: &str) -> HashMap<String, Tensors> {
 }
 
 fn bytes(preset: QuantPreset, component: &str, tensors: &Tensors) -> u64 {
-    planned_bytes(&preset.policy(), component, tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+    planned_bytes(&preset.policy(), component, tensors.iter().map(|(n, s)| (n.as_str(), s.as_slice(), Encoding::Float(Dtype::F16))))
 }
 
 #[test]

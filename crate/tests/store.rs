@@ -13,7 +13,7 @@ use sdxl::pack::Manifest;
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use sdxl::quant::QuantPreset;
 use sdxl::store::{Bytes, DownloadOptions, HttpSource, ModelStore, RecordStore};
-use sdxl::weights::{MemorySource, Source, Weights};
+use sdxl::weights::{FileTensors, MemorySource, Source};
 use sdxl::{Error, Gpu, Precision};
 use serde::Deserialize;
 
@@ -143,7 +143,7 @@ async fn interrupted_download(store: &ModelStore<impl RecordStore>, path: &str, 
     assert_eq!(kind(&store.download("tiny", &url(path), &options(), |_| {}).await), "NetworkError");
     let listed = store.list().await.unwrap();
     assert!(listed.len() == 1 && !listed[0].complete, "{listed:?}");
-    assert_eq!(kind(&store.open("tiny").await), "ModelIncomplete");
+    assert_eq!(kind(&store.open("tiny", &|_| {}).await.map(drop)), "ModelIncomplete");
     let stored = stored_shards(store, "tiny").await;
     reset().await;
     stored
@@ -185,12 +185,13 @@ async fn download_pack_load_and_generate() {
 
     // Load record by record and generate: the native CLI's image of the same pack.
     let gpu = Gpu::new(Precision::F32).await.unwrap();
-    let model = SdxlModel::load(&gpu, &store.open("tiny").await.unwrap(), QuantPreset::Q8).await.unwrap();
+    let (stored, _) = store.open("tiny", &|_| {}).await.unwrap();
+    let model = SdxlModel::load(&gpu, &stored, QuantPreset::Q8).await.unwrap();
     let params = GenerateParams { prompt: PROMPT.into(), width: 64, height: 64, steps: 4, guidance: 5.0, seed: 7, ..GenerateParams::default() };
     let image = gpu.read(&generate(&gpu, &model, None, &params, |_| {}).await.unwrap().image).await.unwrap();
     let mut expected = MemorySource::default();
     expected.insert("image.safetensors", get("expected/image.safetensors").await);
-    let tensors = Weights::from_files(&expected, vec!["image.safetensors".into()]).await.unwrap();
+    let tensors = FileTensors::open(&expected, vec!["image.safetensors".into()]).await.unwrap();
     let want = tensors.host("image", &[1, 3, 64, 64]).await.unwrap();
     let db = psnr(&image, &want);
     assert!(db >= 40.0, "image from the store vs the native CLI: {db:.1} dB < 40 dB");
@@ -251,7 +252,7 @@ async fn damaged_records_are_fetched_again() {
     damage(&store, "folder/shards/00004.bin").await;
     store.records().delete("folder/shards/00006.bin").await.unwrap();
     assert_eq!(store.verify("folder").await.unwrap(), vec!["shards/00004.bin".to_string(), "shards/00006.bin".to_string()]);
-    assert_eq!(kind(&store.open("folder").await), "ModelIncomplete");
+    assert_eq!(kind(&store.open("folder", &|_| {}).await.map(drop)), "ModelIncomplete");
     store.download("folder", &url("diffusers"), &options(), |_| {}).await.unwrap();
     assert!(store.verify("folder").await.unwrap().is_empty());
     store.delete_all().await.unwrap();
@@ -306,7 +307,7 @@ async fn running_out_of_space_leaves_no_model_complete() {
     assert_eq!(kind(&store.download("tiny", &url("pack"), &options(), |_| {}).await), "QuotaExceeded");
     let listed = store.list().await.unwrap();
     assert!(listed.len() == 1 && !listed[0].complete && listed[0].stored_bytes > 0, "{listed:?}");
-    assert_eq!(kind(&store.open("tiny").await), "ModelIncomplete");
+    assert_eq!(kind(&store.open("tiny", &|_| {}).await.map(drop)), "ModelIncomplete");
     assert!(store.records().get("tiny/manifest.json").await.unwrap().is_none());
     assert_eq!(store.delete("tiny").await.unwrap(), listed[0].stored_bytes);
     assert!(store.list().await.unwrap().is_empty());
@@ -321,7 +322,7 @@ async fn delete_frees_the_space() {
     assert_eq!(store.delete("a").await.unwrap(), listed[0].stored_bytes);
     assert!(store.records().list("a/").await.unwrap().is_empty());
     assert_eq!(store.list().await.unwrap().len(), 1);
-    assert_eq!(kind(&store.open("a").await), "ModelIncomplete");
+    assert_eq!(kind(&store.open("a", &|_| {}).await.map(drop)), "ModelIncomplete");
     assert_eq!(store.delete_all().await.unwrap(), listed[1].stored_bytes);
     assert!(store.records().list("").await.unwrap().is_empty());
 }
@@ -336,7 +337,7 @@ async fn bad_requests_get_clear_errors() {
     store.download("x", &url("pack"), &options(), |_| {}).await.unwrap();
     let other = store.download("x", &url("diffusers"), &options(), |_| {}).await;
     assert!(other.as_ref().is_err_and(|e| e.to_string().contains("already holds")), "{:?}", other.err());
-    assert_eq!(kind(&store.open("missing").await), "ModelIncomplete");
+    assert_eq!(kind(&store.open("missing", &|_| {}).await.map(drop)), "ModelIncomplete");
     store.delete_all().await.unwrap();
 }
 

@@ -5,7 +5,8 @@
 
 use sdxl::quant::QuantPreset;
 use sdxl::store::{DownloadOptions, IdbStore, ModelStore};
-use sdxl::weights::Weights;
+use sdxl::quant::QuantPolicy;
+use sdxl::weights::Vars;
 use sdxl::{Gpu, Precision};
 
 wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_dedicated_worker);
@@ -31,12 +32,14 @@ async fn store_bench() {
     let heap_after_download = heap_bytes();
 
     let gpu = Gpu::new(Precision::Auto).await.unwrap();
-    let source = store.open("bench").await.unwrap();
-    let weights = Weights::open(&source, "bench", false).await.unwrap();
+    let (model, _) = store.open("bench", &|_| {}).await.unwrap();
+    let tensors = model.tensors("bench").await.unwrap();
+    let policy = QuantPolicy::default();
+    let vars = Vars::new(&gpu, &*tensors, "bench", &policy);
     let t2 = js_sys::Date::now();
-    for name in weights.names() {
-        let shape = weights.shape(name).unwrap().to_vec();
-        drop(weights.tensor(&gpu, name, &shape).await.unwrap());
+    for name in tensors.names() {
+        let shape = tensors.info(name).unwrap().shape.clone();
+        drop(vars.tensor(name, &shape).await.unwrap());
     }
     gpu.sync().await.unwrap();
     let t3 = js_sys::Date::now();

@@ -5,7 +5,8 @@ mod common;
 
 use sdxl::pipeline::prompt::PromptEncoder;
 use sdxl::pipeline::ModelIndex;
-use sdxl::weights::{Source, Weights};
+use sdxl::quant::QuantPolicy;
+use sdxl::weights::{FileTensors, Source};
 use sdxl::{DType, Gpu};
 use serde::Deserialize;
 
@@ -43,7 +44,7 @@ fn tolerance(gpu: &Gpu) -> f32 {
     }
 }
 
-async fn check_tensor<S: Source>(gpu: &Gpu, refs: &Weights<'_, S>, key: &str, got: &sdxl::Tensor) {
+async fn check_tensor(gpu: &Gpu, refs: &FileTensors<'_>, key: &str, got: &sdxl::Tensor) {
     let shape = refs.shape(key).unwrap().to_vec();
     assert_eq!(got.shape(), shape.as_slice(), "{key}: shape");
     let want = refs.host(key, &shape).await.unwrap();
@@ -53,7 +54,7 @@ async fn check_tensor<S: Source>(gpu: &Gpu, refs: &Weights<'_, S>, key: &str, go
     assert!(err <= tolerance(gpu) * scale, "{key}: max |Δ| {err} > {} ({:?})", tolerance(gpu) * scale, gpu.dtype);
 }
 
-async fn check_ids<S: Source>(refs: &Weights<'_, S>, key: &str, got: &[u32]) {
+async fn check_ids(refs: &FileTensors<'_>, key: &str, got: &[u32]) {
     let want: Vec<u32> = refs.host(key, &[1, got.len()]).await.unwrap().iter().map(|&v| v as u32).collect();
     assert_eq!(got, want.as_slice(), "{key}: token ids differ from diffusers' tokenizer");
 }
@@ -61,11 +62,12 @@ async fn check_ids<S: Source>(refs: &Weights<'_, S>, key: &str, got: &[u32]) {
 async fn check_pipeline(gpu: &Gpu, dir: &str, role: &str) {
     let source = fixture(dir);
     let reference = fixture("reference");
-    let refs = Weights::from_files(&reference, vec!["text.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&reference, vec!["text.safetensors".into()]).await.unwrap();
     let cases: Vec<Case> = serde_json::from_slice(&reference.read("text_cases.json").await.unwrap()).unwrap();
     assert!(cases.len() >= 5, "the fixture should hold several prompt cases");
-    let index = ModelIndex::load(&source).await.unwrap();
-    let encoder = PromptEncoder::load(gpu, &source, &index).await.unwrap();
+    let model = common::folder(gpu, source);
+    let index = ModelIndex::load(&model.files).await.unwrap();
+    let encoder = PromptEncoder::load(gpu, &model, &index, &QuantPolicy::default()).await.unwrap();
     for case in &cases {
         let n = &case.name;
         let ids = encoder.tokenize(&case.prompt).unwrap();

@@ -5,8 +5,9 @@
 mod common;
 
 use sdxl::models::transformer::{Transformer2DConfig, Transformer2DModel};
-use sdxl::models::unet::{BlockLayout, UNet2DConditionConfig, UNet2DConditionModel};
-use sdxl::weights::{Source, Weights};
+use sdxl::models::unet::{BlockLayout, UNet2DConditionConfig};
+use sdxl::quant::QuantPolicy;
+use sdxl::weights::{FileTensors, Vars};
 use sdxl::{DType, Error, Gpu, Tensor};
 
 gpu_tests!(
@@ -31,7 +32,7 @@ fn tolerance(gpu: &Gpu) -> f32 {
     }
 }
 
-async fn reference<S: Source>(gpu: &Gpu, refs: &Weights<'_, S>, key: &str) -> (Tensor, Vec<f32>) {
+async fn reference(gpu: &Gpu, refs: &FileTensors<'_>, key: &str) -> (Tensor, Vec<f32>) {
     let shape = refs.shape(key).unwrap().to_vec();
     let data = refs.host(key, &shape).await.unwrap();
     (gpu.upload(&data, &shape).unwrap(), data)
@@ -49,10 +50,9 @@ async fn check(gpu: &Gpu, what: &str, got: &Tensor, want: &[f32], shape: &[usize
 }
 
 async fn check_unet(gpu: &Gpu, dir: &str, name: &str) {
-    let source = fixture(dir);
-    let unet = UNet2DConditionModel::load(gpu, &source, "unet").await.unwrap();
+    let unet = common::unet(gpu, &common::folder(gpu, fixture(dir))).await.unwrap();
     let reference_files = fixture("reference");
-    let refs = Weights::from_files(&reference_files, vec!["unet.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&reference_files, vec!["unet.safetensors".into()]).await.unwrap();
     let (sample, _) = reference(gpu, &refs, &format!("{name}.sample")).await;
     let (context, _) = reference(gpu, &refs, &format!("{name}.encoder_hidden_states")).await;
     let (text_embeds, _) = reference(gpu, &refs, &format!("{name}.text_embeds")).await;
@@ -76,7 +76,7 @@ async fn refiner_unet_matches_diffusers(gpu: &Gpu) {
 /// UNets do not exercise.
 async fn conv_projection_transformer_matches_diffusers(gpu: &Gpu) {
     let reference_files = fixture("reference");
-    let refs = Weights::from_files(&reference_files, vec!["unet.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&reference_files, vec!["unet.safetensors".into()]).await.unwrap();
     let config = Transformer2DConfig {
         channels: 16,
         heads: 2,
@@ -86,7 +86,7 @@ async fn conv_projection_transformer_matches_diffusers(gpu: &Gpu) {
         groups: 4,
         use_linear_projection: false,
     };
-    let model = Transformer2DModel::load(gpu, &refs, "conv_transformer.model", &config).await.unwrap();
+    let model = Transformer2DModel::load(&Vars::new(gpu, &refs, "unet", &QuantPolicy::default()).pp("conv_transformer.model"), &config).await.unwrap();
     let (x, _) = reference(gpu, &refs, "conv_transformer.input").await;
     let (context, _) = reference(gpu, &refs, "conv_transformer.encoder_hidden_states").await;
     let (_, want) = reference(gpu, &refs, "conv_transformer.output").await;
@@ -107,8 +107,7 @@ fn refused(result: sdxl::Result<Tensor>, needles: &[&str]) {
 }
 
 async fn bad_unet_inputs_are_refused(gpu: &Gpu) {
-    let source = fixture("tiny-sdxl-base");
-    let unet = UNet2DConditionModel::load(gpu, &source, "unet").await.unwrap();
+    let unet = common::unet(gpu, &common::folder(gpu, fixture("tiny-sdxl-base"))).await.unwrap();
     let zeros = |shape: &[usize]| gpu.zeros(shape).unwrap();
     let (sample, context, text) = (zeros(&[2, 4, 8, 12]), zeros(&[2, 77, 40]), zeros(&[2, 32]));
     let ids = [64.0, 48.0, 0.0, 0.0, 64.0, 48.0].repeat(2);
@@ -128,8 +127,8 @@ async fn bad_unet_inputs_are_refused(gpu: &Gpu) {
 
 fn real_config(which: &str) -> UNet2DConditionConfig {
     let json = match which {
-        "base" => include_str!("../../tests/fixtures/sdxl-configs/base/unet/config.json"),
-        _ => include_str!("../../tests/fixtures/sdxl-configs/refiner/unet/config.json"),
+        "base" => include_str!("../configs/sdxl-base/unet/config.json"),
+        _ => include_str!("../configs/sdxl-refiner/unet/config.json"),
     };
     serde_json::from_str(json).unwrap()
 }
@@ -187,7 +186,7 @@ fn real_sdxl_configs_give_diffusers_layout() {
 #[cfg_attr(not(target_arch = "wasm32"), test)]
 #[cfg_attr(target_arch = "wasm32", wasm_bindgen_test::wasm_bindgen_test)]
 fn unsupported_unet_configs_are_refused() {
-    let base = include_str!("../../tests/fixtures/sdxl-configs/base/unet/config.json");
+    let base = include_str!("../configs/sdxl-base/unet/config.json");
     for (field, value, needle) in [
         ("class_embed_type", r#""timestep""#, "class_embed_type"),
         ("addition_embed_type", r#""text""#, "addition_embed_type 'text'"),

@@ -9,7 +9,7 @@
 mod common;
 
 use sdxl::models::vae::AutoencoderKL;
-use sdxl::weights::{Source, Weights};
+use sdxl::weights::{FileTensors, Source, TensorSource};
 use sdxl::{DType, Error, Gpu, Tensor};
 
 gpu_tests!(
@@ -64,7 +64,7 @@ async fn load_with(gpu: &Gpu, force_upcast: bool, overflow: bool) -> Autoencoder
     let weights = match overflow {
         false => base.read(WEIGHTS).await.unwrap(),
         true => {
-            let w = Weights::from_files(&base, vec![WEIGHTS.into()]).await.unwrap();
+            let w = FileTensors::open(&base, vec![WEIGHTS.into()]).await.unwrap();
             let mut tensors = Vec::new();
             for name in w.names() {
                 let shape = w.shape(name).unwrap().to_vec();
@@ -79,24 +79,24 @@ async fn load_with(gpu: &Gpu, force_upcast: bool, overflow: bool) -> Autoencoder
         }
     };
     source.insert(WEIGHTS, weights);
-    let vae = AutoencoderKL::load(gpu, &source, "vae").await.unwrap();
+    let vae = common::vae(gpu, &common::folder(gpu, source)).await.unwrap();
     let want = if force_upcast { DType::F32 } else { gpu.dtype };
     assert_eq!(vae.dtype(), want, "force_upcast {force_upcast} on a {:?} device", gpu.dtype);
     vae
 }
 
 async fn load(gpu: &Gpu) -> AutoencoderKL {
-    AutoencoderKL::load(gpu, &fixture("tiny-sdxl-base"), "vae").await.unwrap()
+    common::vae(gpu, &common::folder(gpu, fixture("tiny-sdxl-base"))).await.unwrap()
 }
 
-async fn reference<S: Source>(refs: &Weights<'_, S>, key: &str) -> (Vec<f32>, Vec<usize>) {
+async fn reference(refs: &FileTensors<'_>, key: &str) -> (Vec<f32>, Vec<usize>) {
     let shape = refs.shape(key).unwrap().to_vec();
     (refs.host(key, &shape).await.unwrap(), shape)
 }
 
 /// Returns max |Δ| after asserting shape, dtype (the device's: the VAE converts at its boundary)
 /// and tolerance.
-async fn check<S: Source>(gpu: &Gpu, vae: &AutoencoderKL, refs: &Weights<'_, S>, key: &str, got: &Tensor) -> f32 {
+async fn check(gpu: &Gpu, vae: &AutoencoderKL, refs: &FileTensors<'_>, key: &str, got: &Tensor) -> f32 {
     let (want, shape) = reference(refs, key).await;
     assert_eq!(got.shape(), shape.as_slice(), "{key}: shape");
     assert_eq!(got.dtype(), gpu.dtype, "{key}: dtype");
@@ -110,7 +110,7 @@ async fn check<S: Source>(gpu: &Gpu, vae: &AutoencoderKL, refs: &Weights<'_, S>,
 
 async fn decode_matches_diffusers(gpu: &Gpu) {
     let source = fixture("reference");
-    let refs = Weights::from_files(&source, vec!["vae.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&source, vec!["vae.safetensors".into()]).await.unwrap();
     let (latents, shape) = reference(&refs, "decode.latents").await;
     let latents = gpu.upload(&latents, &shape).unwrap();
     for &upcast in upcasts(gpu) {
@@ -131,7 +131,7 @@ async fn decode_matches_diffusers(gpu: &Gpu) {
 /// VAE on an f16 device from the reference.
 async fn upcast_vae_survives_f16_overflow(gpu: &Gpu) {
     let source = fixture("reference");
-    let refs = Weights::from_files(&source, vec!["vae.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&source, vec!["vae.safetensors".into()]).await.unwrap();
     let (latents, shape) = reference(&refs, "decode.latents").await;
     let latents = gpu.upload_f32(&latents, &shape).unwrap();
     let vae = load_with(gpu, true, true).await;
@@ -193,7 +193,7 @@ async fn encode_matches_diffusers(gpu: &Gpu) {
 
 async fn encode_matches_diffusers_with(gpu: &Gpu, vae: &AutoencoderKL) {
     let source = fixture("reference");
-    let refs = Weights::from_files(&source, vec!["vae.safetensors".into()]).await.unwrap();
+    let refs = FileTensors::open(&source, vec!["vae.safetensors".into()]).await.unwrap();
     let (image, shape) = reference(&refs, "encode.image").await;
     let (mean, logvar) = vae.encode(gpu, &gpu.upload(&image, &shape).unwrap()).unwrap();
     check(gpu, vae, &refs, "encode.mean", &mean).await;
@@ -237,7 +237,8 @@ async fn unsupported_config_is_refused(gpu: &Gpu) {
         c[field] = value;
         let mut source = sdxl::weights::MemorySource::default();
         source.insert("vae/config.json", serde_json::to_vec(&c).unwrap());
-        match AutoencoderKL::load(gpu, &source, "vae").await {
+        source.insert(WEIGHTS, base.read(WEIGHTS).await.unwrap());
+        match common::vae(gpu, &common::folder(gpu, source)).await {
             Err(Error::Config { message, .. }) => assert!(message.contains(expect), "{field}: unclear message: {message}"),
             Err(e) => panic!("{field}: wrong error {e}"),
             Ok(_) => panic!("{field}: unsupported config accepted"),

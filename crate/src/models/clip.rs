@@ -7,8 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::{LayerNorm, Linear};
 use crate::ops::Activation;
-use crate::quant::QuantPolicy;
-use crate::weights::{read_json, Source, Weights};
+use crate::weights::Vars;
 
 /// Mirrors transformers' CLIPTextConfig (defaults as transformers).
 #[derive(Debug, Clone, Deserialize)]
@@ -79,15 +78,11 @@ pub struct ClipOutput {
 }
 
 impl ClipTextModel {
-    pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<ClipTextModel> {
-        Self::load_quantized(gpu, source, dir, &QuantPolicy::default()).await
-    }
-
-    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPolicy`]).
-    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: &QuantPolicy) -> Result<ClipTextModel> {
-        let config_path = format!("{dir}/config.json");
-        let config: ClipTextConfig = read_json(source, &config_path).await?;
-        let bad = |message: String| Error::Config { path: source.describe(&config_path), message };
+    /// Builds the encoder `config` describes from the weights of `vb` (transformers' names,
+    /// `text_model.*` and `text_projection.weight`). A config this engine does not implement is
+    /// [`Error::Config`].
+    pub async fn load(vb: &Vars<'_>, config: ClipTextConfig) -> Result<ClipTextModel> {
+        let bad = |message: String| Error::Config { path: "config.json".into(), message };
         let activation = Activation::from_name(&config.hidden_act)
             .filter(|a| *a != Activation::Silu)
             .ok_or_else(|| bad(format!("unsupported hidden_act '{}'", config.hidden_act)))?;
@@ -95,31 +90,27 @@ impl ClipTextModel {
         if heads == 0 || h % heads != 0 || config.num_hidden_layers < 2 {
             return Err(bad(format!("hidden_size {h} with {heads} heads and {} layers", config.num_hidden_layers)));
         }
-        let w = Weights::open(source, dir, gpu.dtype == crate::DType::F16).await?.with_quant(quant);
-        let p = "text_model";
-        let token_embedding = w.tensor_rows(gpu, &format!("{p}.embeddings.token_embedding.weight"), [config.vocab_size, h]).await?;
-        let position_embedding = w
-            .tensor_rows(gpu, &format!("{p}.embeddings.position_embedding.weight"), [config.max_position_embeddings, h])
-            .await?;
+        let p = vb.pp("text_model");
+        let token_embedding = p.tensor_rows("embeddings.token_embedding.weight", [config.vocab_size, h]).await?;
+        let position_embedding = p.tensor_rows("embeddings.position_embedding.weight", [config.max_position_embeddings, h]).await?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
-            let l = format!("{p}.encoder.layers.{i}");
+            let l = p.pp(format!("encoder.layers.{i}"));
             layers.push(ClipLayer {
-                norm1: LayerNorm::load(gpu, &w, &format!("{l}.layer_norm1"), h, config.layer_norm_eps).await?,
-                q: Linear::load(gpu, &w, &format!("{l}.self_attn.q_proj"), h, h, true).await?,
-                k: Linear::load(gpu, &w, &format!("{l}.self_attn.k_proj"), h, h, true).await?,
-                v: Linear::load(gpu, &w, &format!("{l}.self_attn.v_proj"), h, h, true).await?,
-                out: Linear::load(gpu, &w, &format!("{l}.self_attn.out_proj"), h, h, true).await?,
-                norm2: LayerNorm::load(gpu, &w, &format!("{l}.layer_norm2"), h, config.layer_norm_eps).await?,
-                fc1: Linear::load(gpu, &w, &format!("{l}.mlp.fc1"), h, config.intermediate_size, true).await?,
-                fc2: Linear::load(gpu, &w, &format!("{l}.mlp.fc2"), config.intermediate_size, h, true).await?,
+                norm1: LayerNorm::load(&l.pp("layer_norm1"), h, config.layer_norm_eps).await?,
+                q: Linear::load(&l.pp("self_attn.q_proj"), h, h, true).await?,
+                k: Linear::load(&l.pp("self_attn.k_proj"), h, h, true).await?,
+                v: Linear::load(&l.pp("self_attn.v_proj"), h, h, true).await?,
+                out: Linear::load(&l.pp("self_attn.out_proj"), h, h, true).await?,
+                norm2: LayerNorm::load(&l.pp("layer_norm2"), h, config.layer_norm_eps).await?,
+                fc1: Linear::load(&l.pp("mlp.fc1"), h, config.intermediate_size, true).await?,
+                fc2: Linear::load(&l.pp("mlp.fc2"), config.intermediate_size, h, true).await?,
             });
         }
-        let final_norm = LayerNorm::load(gpu, &w, &format!("{p}.final_layer_norm"), h, config.layer_norm_eps).await?;
-        let projection = if w.contains("text_projection.weight") {
-            Some(Linear::load(gpu, &w, "text_projection", h, config.projection_dim, false).await?)
-        } else {
-            None
+        let final_norm = LayerNorm::load(&p.pp("final_layer_norm"), h, config.layer_norm_eps).await?;
+        let projection = match vb.contains("text_projection.weight") {
+            true => Some(Linear::load(&vb.pp("text_projection"), h, config.projection_dim, false).await?),
+            false => None,
         };
         Ok(ClipTextModel { config, activation, token_embedding, position_embedding, layers, final_norm, projection })
     }

@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::quant::Weight;
-use crate::weights::{Source, Weights};
+use crate::weights::Vars;
 
 /// nn.Linear: weight [out, in] (dense or quantized), optional bias [out].
 pub struct Linear {
@@ -20,10 +20,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, inputs: usize, outputs: usize, bias: bool) -> Result<Linear> {
-        let weight = w.matrix(gpu, &format!("{prefix}.weight"), &[outputs, inputs]).await?;
+    pub async fn load(vb: &Vars<'_>, inputs: usize, outputs: usize, bias: bool) -> Result<Linear> {
+        let weight = vb.matrix("weight", &[outputs, inputs]).await?;
         let bias = match bias {
-            true => Some(w.tensor(gpu, &format!("{prefix}.bias"), &[outputs]).await?),
+            true => Some(vb.tensor("bias", &[outputs]).await?),
             false => None,
         };
         Ok(Linear { weight, bias })
@@ -47,12 +47,8 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, dim: usize, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: w.tensor(gpu, &format!("{prefix}.weight"), &[dim]).await?,
-            bias: w.tensor(gpu, &format!("{prefix}.bias"), &[dim]).await?,
-            eps: eps as f32,
-        })
+    pub async fn load(vb: &Vars<'_>, dim: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm { weight: vb.tensor("weight", &[dim]).await?, bias: vb.tensor("bias", &[dim]).await?, eps: eps as f32 })
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
@@ -71,21 +67,11 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    #[allow(clippy::too_many_arguments)]
-    pub async fn load<S: Source>(
-        gpu: &Gpu,
-        w: &Weights<'_, S>,
-        prefix: &str,
-        inputs: usize,
-        outputs: usize,
-        kernel: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Conv2d> {
+    pub async fn load(vb: &Vars<'_>, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
         Ok(Conv2d {
-            weight: w.matrix(gpu, &format!("{prefix}.weight"), &[outputs, inputs, kernel, kernel]).await?,
+            weight: vb.matrix("weight", &[outputs, inputs, kernel, kernel]).await?,
             kernel,
-            bias: w.tensor(gpu, &format!("{prefix}.bias"), &[outputs]).await?,
+            bias: vb.tensor("bias", &[outputs]).await?,
             stride,
             padding: [padding; 4],
         })
@@ -126,10 +112,10 @@ enum Statistics {
 const SLOTS_PER_TILE: usize = 16;
 
 impl GroupNorm {
-    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, groups: usize, eps: f64) -> Result<GroupNorm> {
+    pub async fn load(vb: &Vars<'_>, channels: usize, groups: usize, eps: f64) -> Result<GroupNorm> {
         Ok(GroupNorm {
-            weight: w.tensor(gpu, &format!("{prefix}.weight"), &[channels]).await?,
-            bias: w.tensor(gpu, &format!("{prefix}.bias"), &[channels]).await?,
+            weight: vb.tensor("weight", &[channels]).await?,
+            bias: vb.tensor("bias", &[channels]).await?,
             groups,
             eps: eps as f32,
             statistics: RefCell::new(Statistics::Own),

@@ -4,7 +4,7 @@
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
 use crate::models::{Conv2d, GroupNorm, Linear};
-use crate::weights::{Source, Weights};
+use crate::weights::Vars;
 
 /// ResnetBlock2D with the "default" time-embedding norm, output_scale_factor 1 and a 1x1
 /// `conv_shortcut` when the channel count changes (dropout is inference-time identity):
@@ -26,27 +26,17 @@ impl ResnetBlock2D {
         [&self.norm1, &self.norm2]
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub async fn load<S: Source>(
-        gpu: &Gpu,
-        w: &Weights<'_, S>,
-        prefix: &str,
-        in_channels: usize,
-        out_channels: usize,
-        temb_channels: Option<usize>,
-        groups: usize,
-        eps: f64,
-    ) -> Result<Self> {
-        let norm1 = GroupNorm::load(gpu, w, &format!("{prefix}.norm1"), in_channels, groups, eps).await?;
-        let conv1 = Conv2d::load(gpu, w, &format!("{prefix}.conv1"), in_channels, out_channels, 3, 1, 1).await?;
+    pub async fn load(vb: &Vars<'_>, in_channels: usize, out_channels: usize, temb_channels: Option<usize>, groups: usize, eps: f64) -> Result<Self> {
+        let norm1 = GroupNorm::load(&vb.pp("norm1"), in_channels, groups, eps).await?;
+        let conv1 = Conv2d::load(&vb.pp("conv1"), in_channels, out_channels, 3, 1, 1).await?;
         let time_emb_proj = match temb_channels {
-            Some(t) => Some(Linear::load(gpu, w, &format!("{prefix}.time_emb_proj"), t, out_channels, true).await?),
+            Some(t) => Some(Linear::load(&vb.pp("time_emb_proj"), t, out_channels, true).await?),
             None => None,
         };
-        let norm2 = GroupNorm::load(gpu, w, &format!("{prefix}.norm2"), out_channels, groups, eps).await?;
-        let conv2 = Conv2d::load(gpu, w, &format!("{prefix}.conv2"), out_channels, out_channels, 3, 1, 1).await?;
+        let norm2 = GroupNorm::load(&vb.pp("norm2"), out_channels, groups, eps).await?;
+        let conv2 = Conv2d::load(&vb.pp("conv2"), out_channels, out_channels, 3, 1, 1).await?;
         let conv_shortcut = match in_channels != out_channels {
-            true => Some(Conv2d::load(gpu, w, &format!("{prefix}.conv_shortcut"), in_channels, out_channels, 1, 1, 0).await?),
+            true => Some(Conv2d::load(&vb.pp("conv_shortcut"), in_channels, out_channels, 1, 1, 0).await?),
             false => None,
         };
         Ok(ResnetBlock2D { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, in_channels })
@@ -85,8 +75,8 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
-    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize) -> Result<Self> {
-        Ok(Upsample2D { conv: Conv2d::load(gpu, w, &format!("{prefix}.conv"), channels, channels, 3, 1, 1).await? })
+    pub async fn load(vb: &Vars<'_>, channels: usize) -> Result<Self> {
+        Ok(Upsample2D { conv: Conv2d::load(&vb.pp("conv"), channels, channels, 3, 1, 1).await? })
     }
 
     /// `size` is diffusers' `output_size`: the UNet passes the next skip's [h, w] so that latents
@@ -107,8 +97,8 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, padding: usize) -> Result<Self> {
-        let conv = Conv2d::load(gpu, w, &format!("{prefix}.conv"), channels, channels, 3, 2, padding).await?;
+    pub async fn load(vb: &Vars<'_>, channels: usize, padding: usize) -> Result<Self> {
+        let conv = Conv2d::load(&vb.pp("conv"), channels, channels, 3, 2, padding).await?;
         Ok(Downsample2D { conv: if padding == 0 { conv.with_padding([0, 1, 0, 1]) } else { conv } })
     }
 

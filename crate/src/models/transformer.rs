@@ -6,7 +6,7 @@ use crate::quant::Weight;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::{GroupNorm, LayerNorm, Linear};
-use crate::weights::{Source, Weights};
+use crate::weights::Vars;
 
 /// diffusers' fixed epsilons: Transformer2DModel's GroupNorm uses 1e-6 whatever the UNet's
 /// norm_eps; the blocks' LayerNorms keep Transformer2DModel's default norm_eps (the UNet blocks do
@@ -48,12 +48,12 @@ struct Attention {
 
 impl Attention {
     /// `dim` is both the query width and heads * head_dim (as in every Transformer2DModel block).
-    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
+    async fn load(vb: &Vars<'_>, dim: usize, context_dim: usize, heads: usize) -> Result<Attention> {
         Ok(Attention {
-            to_q: Linear::load(gpu, w, &format!("{prefix}.to_q"), dim, dim, false).await?,
-            to_k: Linear::load(gpu, w, &format!("{prefix}.to_k"), context_dim, dim, false).await?,
-            to_v: Linear::load(gpu, w, &format!("{prefix}.to_v"), context_dim, dim, false).await?,
-            to_out: Linear::load(gpu, w, &format!("{prefix}.to_out.0"), dim, dim, true).await?,
+            to_q: Linear::load(&vb.pp("to_q"), dim, dim, false).await?,
+            to_k: Linear::load(&vb.pp("to_k"), context_dim, dim, false).await?,
+            to_v: Linear::load(&vb.pp("to_v"), context_dim, dim, false).await?,
+            to_out: Linear::load(&vb.pp("to_out.0"), dim, dim, true).await?,
             heads,
         })
     }
@@ -79,18 +79,18 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, c: &Transformer2DConfig) -> Result<BasicTransformerBlock> {
+    async fn load(vb: &Vars<'_>, c: &Transformer2DConfig) -> Result<BasicTransformerBlock> {
         let dim = c.inner_dim();
         let ff_inner = 4 * dim;
         Ok(BasicTransformerBlock {
-            norm1: LayerNorm::load(gpu, w, &format!("{prefix}.norm1"), dim, LAYER_NORM_EPS).await?,
-            attn1: Attention::load(gpu, w, &format!("{prefix}.attn1"), dim, dim, c.heads).await?,
-            norm2: LayerNorm::load(gpu, w, &format!("{prefix}.norm2"), dim, LAYER_NORM_EPS).await?,
-            attn2: Attention::load(gpu, w, &format!("{prefix}.attn2"), dim, c.cross_attention_dim, c.heads).await?,
-            norm3: LayerNorm::load(gpu, w, &format!("{prefix}.norm3"), dim, LAYER_NORM_EPS).await?,
+            norm1: LayerNorm::load(&vb.pp("norm1"), dim, LAYER_NORM_EPS).await?,
+            attn1: Attention::load(&vb.pp("attn1"), dim, dim, c.heads).await?,
+            norm2: LayerNorm::load(&vb.pp("norm2"), dim, LAYER_NORM_EPS).await?,
+            attn2: Attention::load(&vb.pp("attn2"), dim, c.cross_attention_dim, c.heads).await?,
+            norm3: LayerNorm::load(&vb.pp("norm3"), dim, LAYER_NORM_EPS).await?,
             // GEGLU projects to twice the inner width: the value half, then the gate half.
-            ff_in: Linear::load(gpu, w, &format!("{prefix}.ff.net.0.proj"), dim, 2 * ff_inner, true).await?,
-            ff_out: Linear::load(gpu, w, &format!("{prefix}.ff.net.2"), ff_inner, dim, true).await?,
+            ff_in: Linear::load(&vb.pp("ff.net.0.proj"), dim, 2 * ff_inner, true).await?,
+            ff_out: Linear::load(&vb.pp("ff.net.2"), ff_inner, dim, true).await?,
         })
     }
 
@@ -116,25 +116,25 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
-    pub async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, config: &Transformer2DConfig) -> Result<Transformer2DModel> {
+    pub async fn load(vb: &Vars<'_>, config: &Transformer2DConfig) -> Result<Transformer2DModel> {
         let c = config;
         // diffusers reshapes the projected tokens back with the input's channel count, so a model
         // whose heads * head_dim differs from its channels cannot run there either.
         if c.heads == 0 || c.inner_dim() != c.channels || c.layers == 0 {
             return Err(Error::InvalidParameter(format!(
-                "{prefix}: {} heads of width {} for {} channels and {} layers (heads * head_dim must equal the channels)",
+                "{} heads of width {} for {} channels and {} layers (heads * head_dim must equal the channels)",
                 c.heads, c.head_dim, c.channels, c.layers
             )));
         }
         let mut blocks = Vec::with_capacity(c.layers);
         for i in 0..c.layers {
-            blocks.push(BasicTransformerBlock::load(gpu, w, &format!("{prefix}.transformer_blocks.{i}"), c).await?);
+            blocks.push(BasicTransformerBlock::load(&vb.pp(format!("transformer_blocks.{i}")), c).await?);
         }
         Ok(Transformer2DModel {
-            norm: GroupNorm::load(gpu, w, &format!("{prefix}.norm"), c.channels, c.groups, GROUP_NORM_EPS).await?,
-            proj_in: projection(gpu, w, &format!("{prefix}.proj_in"), c.channels, c.inner_dim(), c.use_linear_projection).await?,
+            norm: GroupNorm::load(&vb.pp("norm"), c.channels, c.groups, GROUP_NORM_EPS).await?,
+            proj_in: projection(&vb.pp("proj_in"), c.channels, c.inner_dim(), c.use_linear_projection).await?,
             blocks,
-            proj_out: projection(gpu, w, &format!("{prefix}.proj_out"), c.inner_dim(), c.channels, c.use_linear_projection).await?,
+            proj_out: projection(&vb.pp("proj_out"), c.inner_dim(), c.channels, c.use_linear_projection).await?,
             config: config.clone(),
         })
     }
@@ -172,13 +172,13 @@ impl Transformer2DModel {
 
 /// proj_in / proj_out. A 1x1 convolution on [B, C, H, W] applies the same matrix to every pixel as
 /// a Linear on the [B, HW, C] tokens, so both variants run as a Linear on the tokens.
-async fn projection<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, inputs: usize, outputs: usize, linear: bool) -> Result<Linear> {
+async fn projection(vb: &Vars<'_>, inputs: usize, outputs: usize, linear: bool) -> Result<Linear> {
     if linear {
-        return Linear::load(gpu, w, prefix, inputs, outputs, true).await;
+        return Linear::load(vb, inputs, outputs, true).await;
     }
-    let weight = match w.matrix(gpu, &format!("{prefix}.weight"), &[outputs, inputs, 1, 1]).await? {
+    let weight = match vb.matrix("weight", &[outputs, inputs, 1, 1]).await? {
         Weight::Dense(t) => Weight::Dense(t.reshape(&[outputs, inputs])?),
         quantized => quantized,
     };
-    Ok(Linear { weight, bias: Some(w.tensor(gpu, &format!("{prefix}.bias"), &[outputs]).await?) })
+    Ok(Linear { weight, bias: Some(vb.tensor("bias", &[outputs]).await?) })
 }

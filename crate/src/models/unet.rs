@@ -6,13 +6,12 @@
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Tensor};
-use crate::quant::QuantPolicy;
+use crate::gpu::{Gpu, Tensor};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::transformer::{Transformer2DConfig, Transformer2DModel};
 use crate::models::{Conv2d, GroupNorm, Linear};
 use crate::ops::Activation;
-use crate::weights::{read_json, Source, Weights};
+use crate::weights::Vars;
 
 /// A config value given once for every level or as a list with one entry per level (or, nested,
 /// per layer). `Each` is tried first so that a list of numbers is read as per-level values.
@@ -385,11 +384,8 @@ struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, inputs: usize, dim: usize) -> Result<TimestepEmbedding> {
-        Ok(TimestepEmbedding {
-            linear_1: Linear::load(gpu, w, &format!("{prefix}.linear_1"), inputs, dim, true).await?,
-            linear_2: Linear::load(gpu, w, &format!("{prefix}.linear_2"), dim, dim, true).await?,
-        })
+    async fn load(vb: &Vars<'_>, inputs: usize, dim: usize) -> Result<TimestepEmbedding> {
+        Ok(TimestepEmbedding { linear_1: Linear::load(&vb.pp("linear_1"), inputs, dim, true).await?, linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, true).await? })
     }
 
     fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
@@ -404,15 +400,14 @@ struct Block {
 }
 
 impl Block {
-    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, layout: &BlockLayout, temb: usize, groups: usize, eps: f64) -> Result<Block> {
+    async fn load(vb: &Vars<'_>, layout: &BlockLayout, temb: usize, groups: usize, eps: f64) -> Result<Block> {
         let mut resnets = Vec::with_capacity(layout.resnet_in.len());
         for (j, &input) in layout.resnet_in.iter().enumerate() {
-            let p = format!("{prefix}.resnets.{j}");
-            resnets.push(ResnetBlock2D::load(gpu, w, &p, input, layout.out_channels, Some(temb), groups, eps).await?);
+            resnets.push(ResnetBlock2D::load(&vb.pp(format!("resnets.{j}")), input, layout.out_channels, Some(temb), groups, eps).await?);
         }
         let mut attentions = Vec::with_capacity(layout.attentions.len());
         for (j, config) in layout.attentions.iter().enumerate() {
-            attentions.push(Transformer2DModel::load(gpu, w, &format!("{prefix}.attentions.{j}"), config).await?);
+            attentions.push(Transformer2DModel::load(&vb.pp(format!("attentions.{j}")), config).await?);
         }
         Ok(Block { resnets, attentions })
     }
@@ -501,54 +496,47 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
-    /// Loads `dir/config.json` and the weights next to it (the fp16 variant on f16 devices).
-    pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<UNet2DConditionModel> {
-        Self::load_quantized(gpu, source, dir, &QuantPolicy::default()).await
-    }
-
-    /// Loads with the weight matrices quantized as `quant` says (see [`QuantPolicy`]).
-    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, dir: &str, quant: &QuantPolicy) -> Result<UNet2DConditionModel> {
-        let config_path = format!("{dir}/config.json");
-        let config: UNet2DConditionConfig = read_json(source, &config_path).await?;
-        let layout = config.layout().map_err(|message| Error::Config { path: source.describe(&config_path), message })?;
-        let w = Weights::open(source, dir, gpu.dtype == DType::F16).await?.with_quant(quant);
+    /// Builds the model `config` describes from the weights of `vb`. A config this engine does not
+    /// implement is [`Error::Config`] naming the field.
+    pub async fn load(vb: &Vars<'_>, config: UNet2DConditionConfig) -> Result<UNet2DConditionModel> {
+        let layout = config.layout().map_err(|message| Error::Config { path: "unet/config.json".into(), message })?;
         let c = &config;
         let (groups, eps) = (c.norm_num_groups.expect("checked by layout()"), c.norm_eps);
         let first = c.block_out_channels[0];
         let temb = layout.time_embed_dim;
 
-        let time_embedding = TimestepEmbedding::load(gpu, &w, "time_embedding", first, temb).await?;
+        let time_embedding = TimestepEmbedding::load(&vb.pp("time_embedding"), first, temb).await?;
         let add_embedding = match layout.add_time {
-            Some((_, inputs)) => Some(TimestepEmbedding::load(gpu, &w, "add_embedding", inputs, temb).await?),
+            Some((_, inputs)) => Some(TimestepEmbedding::load(&vb.pp("add_embedding"), inputs, temb).await?),
             None => None,
         };
         let k = c.conv_in_kernel;
-        let conv_in = Conv2d::load(gpu, &w, "conv_in", c.in_channels, first, k, 1, (k - 1) / 2).await?;
+        let conv_in = Conv2d::load(&vb.pp("conv_in"), c.in_channels, first, k, 1, (k - 1) / 2).await?;
         let mut down = Vec::with_capacity(layout.down.len());
         for (i, l) in layout.down.iter().enumerate() {
-            let prefix = format!("down_blocks.{i}");
+            let vb = vb.pp(format!("down_blocks.{i}"));
             let downsampler = match l.resample {
-                true => Some(Downsample2D::load(gpu, &w, &format!("{prefix}.downsamplers.0"), l.out_channels, c.downsample_padding).await?),
+                true => Some(Downsample2D::load(&vb.pp("downsamplers.0"), l.out_channels, c.downsample_padding).await?),
                 false => None,
             };
-            down.push(DownBlock { block: Block::load(gpu, &w, &prefix, l, temb, groups, eps).await?, downsampler });
+            down.push(DownBlock { block: Block::load(&vb, l, temb, groups, eps).await?, downsampler });
         }
         let mid = match &layout.mid {
-            Some(l) => Some(MidBlock { block: Block::load(gpu, &w, "mid_block", l, temb, groups, eps).await? }),
+            Some(l) => Some(MidBlock { block: Block::load(&vb.pp("mid_block"), l, temb, groups, eps).await? }),
             None => None,
         };
         let mut up = Vec::with_capacity(layout.up.len());
         for (i, l) in layout.up.iter().enumerate() {
-            let prefix = format!("up_blocks.{i}");
+            let vb = vb.pp(format!("up_blocks.{i}"));
             let upsampler = match l.resample {
-                true => Some(Upsample2D::load(gpu, &w, &format!("{prefix}.upsamplers.0"), l.out_channels).await?),
+                true => Some(Upsample2D::load(&vb.pp("upsamplers.0"), l.out_channels).await?),
                 false => None,
             };
-            up.push(UpBlock { block: Block::load(gpu, &w, &prefix, l, temb, groups, eps).await?, upsampler });
+            up.push(UpBlock { block: Block::load(&vb, l, temb, groups, eps).await?, upsampler });
         }
-        let conv_norm_out = GroupNorm::load(gpu, &w, "conv_norm_out", first, groups, eps).await?;
+        let conv_norm_out = GroupNorm::load(&vb.pp("conv_norm_out"), first, groups, eps).await?;
         let k = c.conv_out_kernel;
-        let conv_out = Conv2d::load(gpu, &w, "conv_out", first, c.out_channels, k, 1, (k - 1) / 2).await?;
+        let conv_out = Conv2d::load(&vb.pp("conv_out"), first, c.out_channels, k, 1, (k - 1) / 2).await?;
         Ok(UNet2DConditionModel { config, layout, time_embedding, add_embedding, conv_in, down, mid, up, conv_norm_out, conv_out })
     }
 

@@ -9,7 +9,7 @@ use crate::gpu::{DType, Gpu, Tensor};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::{Conv2d, GroupNorm, Linear};
 use crate::quant::Weight;
-use crate::weights::{read_json, Source, Weights};
+use crate::weights::Vars;
 
 /// Mirrors diffusers' AutoencoderKL config (defaults as diffusers).
 #[derive(Debug, Clone, Deserialize)]
@@ -81,20 +81,16 @@ struct MidAttention {
 }
 
 impl MidAttention {
-    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, groups: usize) -> Result<Self> {
+    async fn load(vb: &Vars<'_>, channels: usize, groups: usize) -> Result<Self> {
         // Checkpoints from before diffusers 0.14 name the projections query/key/value/proj_attn
         // (diffusers converts them on load).
-        let names = if w.contains(&format!("{prefix}.query.weight")) {
-            ["query", "key", "value", "proj_attn"]
-        } else {
-            ["to_q", "to_k", "to_v", "to_out.0"]
-        };
+        let names = if vb.contains("query.weight") { ["query", "key", "value", "proj_attn"] } else { ["to_q", "to_k", "to_v", "to_out.0"] };
         let mut linears = Vec::with_capacity(4);
         for name in names {
-            linears.push(Linear::load(gpu, w, &format!("{prefix}.{name}"), channels, channels, true).await?);
+            linears.push(Linear::load(&vb.pp(name), channels, channels, true).await?);
         }
         let [q, k, v, out] = <[Linear; 4]>::try_from(linears).ok().expect("four projections");
-        let group_norm = GroupNorm::load(gpu, w, &format!("{prefix}.group_norm"), channels, groups, EPS).await?;
+        let group_norm = GroupNorm::load(&vb.pp("group_norm"), channels, groups, EPS).await?;
         Ok(MidAttention { group_norm, q, k, v, out })
     }
 
@@ -116,13 +112,13 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    async fn load<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, prefix: &str, channels: usize, groups: usize, attention: bool) -> Result<Self> {
-        let first = ResnetBlock2D::load(gpu, w, &format!("{prefix}.resnets.0"), channels, channels, None, groups, EPS).await?;
+    async fn load(vb: &Vars<'_>, channels: usize, groups: usize, attention: bool) -> Result<Self> {
+        let first = ResnetBlock2D::load(&vb.pp("resnets.0"), channels, channels, None, groups, EPS).await?;
         let attention = match attention {
-            true => Some(MidAttention::load(gpu, w, &format!("{prefix}.attentions.0"), channels, groups).await?),
+            true => Some(MidAttention::load(&vb.pp("attentions.0"), channels, groups).await?),
             false => None,
         };
-        let second = ResnetBlock2D::load(gpu, w, &format!("{prefix}.resnets.1"), channels, channels, None, groups, EPS).await?;
+        let second = ResnetBlock2D::load(&vb.pp("resnets.1"), channels, channels, None, groups, EPS).await?;
         Ok(MidBlock { first, attention, second })
     }
 
@@ -205,7 +201,8 @@ pub struct AutoencoderKL {
 }
 
 impl AutoencoderKL {
-    /// Loads `{dir}/config.json` and the weights in `dir` (a diffusers `vae` folder).
+    /// Builds the VAE `config` describes from the weights of `vb` (a config this engine does not
+    /// implement is [`Error::Config`]).
     ///
     /// A VAE whose config says `force_upcast` (the official SDXL VAE) computes in f32 even on an
     /// f16 device, as diffusers' pipelines upcast it: its up blocks produce activations beyond
@@ -216,73 +213,69 @@ impl AutoencoderKL {
     /// `force_upcast: false` (madebyollin/sdxl-vae-fp16-fix, fine-tuned to stay in range) keeps
     /// the device's type: half the memory and bandwidth. Inputs and outputs are converted at the
     /// boundary: every method takes and returns tensors of the device's working type.
-    pub async fn load(gpu: &Gpu, source: &impl Source, dir: &str) -> Result<AutoencoderKL> {
-        let config_path = format!("{dir}/config.json");
-        let config: VaeConfig = read_json(source, &config_path).await?;
-        let bad = |message: String| Error::Config { path: source.describe(&config_path), message };
-        check_config(&config).map_err(bad)?;
-        let dtype = if config.force_upcast { DType::F32 } else { gpu.dtype };
-        // The fp16 file on an f16 device even when upcasting: diffusers' fp16 pipelines load it too.
-        let w = Weights::open(source, dir, gpu.dtype == DType::F16).await?.with_dtype(dtype);
+    pub async fn load(vb: &Vars<'_>, config: VaeConfig) -> Result<AutoencoderKL> {
+        check_config(&config).map_err(|message| Error::Config { path: "vae/config.json".into(), message })?;
+        let dtype = if config.force_upcast { DType::F32 } else { vb.gpu().dtype };
+        let w = vb.clone().with_dtype(dtype);
         let c = &config;
         let (groups, boc, lpb, latent) = (c.norm_num_groups, &c.block_out_channels, c.layers_per_block, c.latent_channels);
         let last = *boc.last().expect("checked");
-        let conv = |name: String, cin: usize, cout: usize, k: usize| {
-            let w = &w;
-            async move { Conv2d::load(gpu, w, &name, cin, cout, k, 1, k / 2).await }
+        let conv = |name: &'static str, cin: usize, cout: usize, k: usize| {
+            let w = w.pp(name);
+            async move { Conv2d::load(&w, cin, cout, k, 1, k / 2).await }
         };
 
         // Encoder.
-        let enc_conv_in = conv("encoder.conv_in".into(), c.in_channels, boc[0], 3).await?;
+        let enc_conv_in = conv("encoder.conv_in", c.in_channels, boc[0], 3).await?;
         let mut enc_blocks = Vec::with_capacity(boc.len());
         let mut channels = boc[0];
         for (i, &out) in boc.iter().enumerate() {
-            let p = format!("encoder.down_blocks.{i}");
+            let p = w.pp(format!("encoder.down_blocks.{i}"));
             let mut resnets = Vec::with_capacity(lpb);
             for j in 0..lpb {
                 let cin = if j == 0 { channels } else { out };
-                resnets.push(ResnetBlock2D::load(gpu, &w, &format!("{p}.resnets.{j}"), cin, out, None, groups, EPS).await?);
+                resnets.push(ResnetBlock2D::load(&p.pp(format!("resnets.{j}")), cin, out, None, groups, EPS).await?);
             }
             let resample = match i + 1 < boc.len() {
-                true => Some(Downsample2D::load(gpu, &w, &format!("{p}.downsamplers.0"), out, 0).await?),
+                true => Some(Downsample2D::load(&p.pp("downsamplers.0"), out, 0).await?),
                 false => None,
             };
             enc_blocks.push(Block { resnets, resample });
             channels = out;
         }
-        let enc_mid = MidBlock::load(gpu, &w, "encoder.mid_block", last, groups, c.mid_block_add_attention).await?;
-        let enc_norm_out = GroupNorm::load(gpu, &w, "encoder.conv_norm_out", last, groups, EPS).await?;
+        let enc_mid = MidBlock::load(&w.pp("encoder.mid_block"), last, groups, c.mid_block_add_attention).await?;
+        let enc_norm_out = GroupNorm::load(&w.pp("encoder.conv_norm_out"), last, groups, EPS).await?;
         let (enc_conv_out, split_name, split_in, split_k) = match c.use_quant_conv {
-            true => (Some(conv("encoder.conv_out".into(), last, 2 * latent, 3).await?), "quant_conv", 2 * latent, 1),
+            true => (Some(conv("encoder.conv_out", last, 2 * latent, 3).await?), "quant_conv", 2 * latent, 1),
             false => (None, "encoder.conv_out", last, 3),
         };
-        let moments = split_conv(gpu, &w, split_name, split_in, latent, split_k, dtype).await?;
+        let moments = split_conv(&w.pp(split_name), split_in, latent, split_k).await?;
 
         // Decoder.
         let post_quant_conv = match c.use_post_quant_conv {
-            true => Some(conv("post_quant_conv".into(), latent, latent, 1).await?),
+            true => Some(conv("post_quant_conv", latent, latent, 1).await?),
             false => None,
         };
-        let dec_conv_in = conv("decoder.conv_in".into(), latent, last, 3).await?;
-        let dec_mid = MidBlock::load(gpu, &w, "decoder.mid_block", last, groups, c.mid_block_add_attention).await?;
+        let dec_conv_in = conv("decoder.conv_in", latent, last, 3).await?;
+        let dec_mid = MidBlock::load(&w.pp("decoder.mid_block"), last, groups, c.mid_block_add_attention).await?;
         let mut dec_blocks = Vec::with_capacity(boc.len());
         let mut channels = last;
         for (i, &out) in boc.iter().rev().enumerate() {
-            let p = format!("decoder.up_blocks.{i}");
+            let p = w.pp(format!("decoder.up_blocks.{i}"));
             let mut resnets = Vec::with_capacity(lpb + 1);
             for j in 0..=lpb {
                 let cin = if j == 0 { channels } else { out };
-                resnets.push(ResnetBlock2D::load(gpu, &w, &format!("{p}.resnets.{j}"), cin, out, None, groups, EPS).await?);
+                resnets.push(ResnetBlock2D::load(&p.pp(format!("resnets.{j}")), cin, out, None, groups, EPS).await?);
             }
             let resample = match i + 1 < boc.len() {
-                true => Some(Upsample2D::load(gpu, &w, &format!("{p}.upsamplers.0"), out).await?),
+                true => Some(Upsample2D::load(&p.pp("upsamplers.0"), out).await?),
                 false => None,
             };
             dec_blocks.push(Block { resnets, resample });
             channels = out;
         }
-        let dec_norm_out = GroupNorm::load(gpu, &w, "decoder.conv_norm_out", boc[0], groups, EPS).await?;
-        let dec_conv_out = conv("decoder.conv_out".into(), boc[0], c.out_channels, 3).await?;
+        let dec_norm_out = GroupNorm::load(&w.pp("decoder.conv_norm_out"), boc[0], groups, EPS).await?;
+        let dec_conv_out = conv("decoder.conv_out", boc[0], c.out_channels, 3).await?;
         Ok(AutoencoderKL {
             config,
             dtype,
@@ -526,17 +519,18 @@ fn check_config(c: &VaeConfig) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Loads conv `name` [2·half, cin, k, k] as two convolutions of `half` output channels each, in
-/// float type `dtype`.
-async fn split_conv<S: Source>(gpu: &Gpu, w: &Weights<'_, S>, name: &str, cin: usize, half: usize, k: usize, dtype: DType) -> Result<[Conv2d; 2]> {
-    let weight = w.host(&format!("{name}.weight"), &[2 * half, cin, k, k]).await?;
-    let bias = w.host(&format!("{name}.bias"), &[2 * half]).await?;
+/// Loads the conv of `vb` [2·half, cin, k, k] as two convolutions of `half` output channels each,
+/// in the float type of `vb`.
+async fn split_conv(vb: &Vars<'_>, cin: usize, half: usize, k: usize) -> Result<[Conv2d; 2]> {
+    let weight = vb.host("weight", &[2 * half, cin, k, k]).await?;
+    let bias = vb.host("bias", &[2 * half]).await?;
+    let (gpu, dtype) = (vb.gpu(), vb.dtype());
     let per = half * cin * k * k;
     let part = |i: usize| -> Result<Conv2d> {
         Ok(Conv2d {
-            weight: Weight::Dense(gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], dtype, &format!("{name}.weight"))?),
+            weight: Weight::Dense(gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], dtype, "vae moments conv weight")?),
             kernel: k,
-            bias: gpu.upload_as(&bias[i * half..(i + 1) * half], &[half], dtype, &format!("{name}.bias"))?,
+            bias: gpu.upload_as(&bias[i * half..(i + 1) * half], &[half], dtype, "vae moments conv bias")?,
             stride: 1,
             padding: [k / 2; 4],
         })

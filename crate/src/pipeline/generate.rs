@@ -4,14 +4,14 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
-use crate::models::unet::UNet2DConditionModel;
-use crate::models::vae::AutoencoderKL;
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder, PromptOptions};
 use crate::pipeline::ModelIndex;
 use crate::quant::QuantPreset;
 use crate::random::TorchGenerator;
 use crate::scheduler::{SamplerChoice, Schedule, Scheduler, SchedulerConfig, Step, TimestepSpacing};
-use crate::weights::{read_json, Source};
+use crate::weights::{read_json, ModelSource, Source, Vars};
 
 const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
 
@@ -28,21 +28,27 @@ pub struct SdxlModel {
 }
 
 impl SdxlModel {
-    /// Loads a model folder; `quant` selects which weight matrices stay quantized on the GPU
-    /// (the VAE always stays dense).
-    pub async fn load(gpu: &Gpu, source: &impl Source, quant: QuantPreset) -> Result<SdxlModel> {
-        let index = ModelIndex::load(source).await?;
+    /// Loads a model; `quant` selects which float weight matrices are quantized as they load
+    /// (the VAE always stays dense; weights stored quantized stay as stored).
+    pub async fn load(gpu: &Gpu, model: &ModelSource<'_>, quant: QuantPreset) -> Result<SdxlModel> {
+        let files = &model.files;
+        let index = ModelIndex::load(files).await?;
         for part in ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"] {
             if !index.has(part) {
-                return Err(Error::Config { path: source.describe("model_index.json"), message: format!("the model has no {part}") });
+                return Err(Error::Config { path: files.describe("model_index.json"), message: format!("the model has no {part}") });
             }
         }
+        let policy = quant.policy();
+        let (unet_config, unet_tensors) = model.component::<UNet2DConditionConfig>("unet").await?;
+        let unet = UNet2DConditionModel::load(&Vars::new(gpu, &*unet_tensors, "unet", &policy), unet_config).await.map_err(model.config_error("unet"))?;
+        let (vae_config, vae_tensors) = model.component::<VaeConfig>("vae").await?;
+        let vae = AutoencoderKL::load(&Vars::new(gpu, &*vae_tensors, "vae", &policy), vae_config).await.map_err(model.config_error("vae"))?;
         Ok(SdxlModel {
-            prompt_encoder: PromptEncoder::load_quantized(gpu, source, &index, &quant.policy()).await?,
-            unet: UNet2DConditionModel::load_quantized(gpu, source, "unet", &quant.policy()).await?,
-            vae: AutoencoderKL::load(gpu, source, "vae").await?,
-            scheduler_config: read_json(source, SCHEDULER_CONFIG).await?,
-            scheduler_path: source.describe(SCHEDULER_CONFIG),
+            prompt_encoder: PromptEncoder::load(gpu, model, &index, &policy).await?,
+            unet,
+            vae,
+            scheduler_config: read_json(files, SCHEDULER_CONFIG).await?,
+            scheduler_path: files.describe(SCHEDULER_CONFIG),
             index,
         })
     }

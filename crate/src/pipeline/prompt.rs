@@ -6,12 +6,12 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
-use crate::models::clip::ClipTextModel;
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::pipeline::lpw::{WeightedTokens, WINDOW};
 use crate::pipeline::ModelIndex;
 use crate::quant::QuantPolicy;
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::Source;
+use crate::weights::{ModelSource, Source, Vars};
 
 pub struct PromptEncoder {
     /// (tokenizer, encoder) pairs in diffusers' order: text_encoder then text_encoder_2.
@@ -47,27 +47,26 @@ struct Encoded {
 }
 
 impl PromptEncoder {
-    /// Loads the text encoders and tokenizers that `model_index.json` declares.
-    pub async fn load(gpu: &Gpu, source: &impl Source, index: &ModelIndex) -> Result<PromptEncoder> {
-        Self::load_quantized(gpu, source, index, &QuantPolicy::default()).await
-    }
-
-    /// Loads with the encoders' weight matrices quantized as `quant` says.
-    pub async fn load_quantized(gpu: &Gpu, source: &impl Source, index: &ModelIndex, quant: &QuantPolicy) -> Result<PromptEncoder> {
+    /// Loads the text encoders and tokenizers that `model_index.json` declares, the encoders'
+    /// weight matrices quantized as `policy` says.
+    pub async fn load(gpu: &Gpu, model: &ModelSource<'_>, index: &ModelIndex, policy: &QuantPolicy) -> Result<PromptEncoder> {
+        let files = &model.files;
         let mut encoders = Vec::new();
         for (tok, enc) in [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")] {
             if index.has(enc) {
                 if !index.has(tok) {
-                    return Err(Error::Config { path: source.describe("model_index.json"), message: format!("{enc} without {tok}") });
+                    return Err(Error::Config { path: files.describe("model_index.json"), message: format!("{enc} without {tok}") });
                 }
-                encoders.push((ClipTokenizer::load(source, tok).await?, ClipTextModel::load_quantized(gpu, source, enc, quant).await?));
+                let (config, tensors) = model.component::<ClipTextConfig>(enc).await?;
+                let encoder = ClipTextModel::load(&Vars::new(gpu, &*tensors, enc, policy), config).await.map_err(model.config_error(enc))?;
+                encoders.push((ClipTokenizer::load(files, tok).await?, encoder));
             }
         }
         match encoders.last() {
             Some((_, last)) if last.has_projection() => {}
             _ => {
                 return Err(Error::Config {
-                    path: source.describe("model_index.json"),
+                    path: files.describe("model_index.json"),
                     message: "SDXL needs text_encoder_2 with a text_projection (CLIPTextModelWithProjection)".into(),
                 })
             }

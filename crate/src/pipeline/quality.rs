@@ -9,13 +9,13 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::gpu::Gpu;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use crate::gpu::Tensor;
-use crate::pack::planned_bytes;
+use crate::pack::convert::planned_bytes;
 use crate::quant::{dequantize, quantize, role, QuantFormat, QuantPolicy, QuantPreset};
 use crate::random::TorchGenerator;
-use crate::weights::{Source, Weights};
+use crate::weights::{host_f32, Encoding, ModelSource, TensorSource, Vars};
 
 /// The formats, cheapest first.
 pub const FORMATS: [QuantFormat; 3] = [QuantFormat::Q4_0, QuantFormat::Q4_1, QuantFormat::Q8_0];
@@ -29,11 +29,13 @@ pub struct FormatErrors {
 }
 
 impl FormatErrors {
+    /// The error of one of [`FORMATS`] (NaN for the others, which are not measured).
     pub fn get(&self, format: QuantFormat) -> f64 {
         match format {
             QuantFormat::Q4_0 => self.q4_0,
             QuantFormat::Q4_1 => self.q4_1,
             QuantFormat::Q8_0 => self.q8_0,
+            _ => f64::NAN,
         }
     }
 
@@ -89,25 +91,19 @@ pub fn psnr(reference: &[f32], other: &[f32]) -> f64 {
 }
 
 /// The UNet's quantizable matrices: (name, shape) of every weight the q8 preset quantizes.
-fn unet_matrices(w: &Weights<'_, impl Source>) -> Result<Vec<(String, Vec<usize>)>> {
+fn unet_matrices(w: &dyn TensorSource) -> Vec<(String, Vec<usize>)> {
     let q8 = QuantPreset::Q8.policy();
-    let mut matrices = Vec::new();
-    for name in w.names() {
-        let shape = w.shape(name)?.to_vec();
-        if crate::pack::storage_format(&q8, "unet", name, &shape).is_some() {
-            matrices.push((name.to_string(), shape));
-        }
-    }
-    Ok(matrices)
+    let matrices = w.names().into_iter().filter_map(|name| Some((name, &w.info(name)?.shape)));
+    matrices.filter(|(name, shape)| q8.format_for("unet", name, shape).is_some()).map(|(n, s)| (n.to_string(), s.clone())).collect()
 }
 
 /// Per-layer errors of every UNet matrix the presets quantize, in each format.
-async fn layer_errors(source: &impl Source) -> Result<Vec<LayerError>> {
-    let w = Weights::open(source, "unet", false).await?;
+async fn layer_errors(model: &ModelSource<'_>) -> Result<Vec<LayerError>> {
+    let w = model.tensors("unet").await?;
     let mut layers = Vec::new();
-    for (name, shape) in unet_matrices(&w)? {
+    for (name, shape) in unet_matrices(&*w) {
         let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
-        let values = w.host(&name, &shape).await?;
+        let values = host_f32(&*w, &name, &shape).await?;
         let values = &values;
         let errors = FormatErrors::measure(|format| async move { Ok(relative_rms(values, &dequantize(&quantize(values, rows, cols, format)?))) }).await?;
         layers.push(LayerError { name, params: values.len(), errors });
@@ -116,10 +112,10 @@ async fn layer_errors(source: &impl Source) -> Result<Vec<LayerError>> {
 }
 
 /// Bytes of the UNet's tensors under `preset` as a pack stores them.
-async fn unet_bytes(source: &impl Source, preset: QuantPreset) -> Result<u64> {
-    let w = Weights::open(source, "unet", false).await?;
-    let shapes: Vec<(&str, &[usize])> = w.names().into_iter().map(|n| Ok((n, w.shape(n)?))).collect::<Result<_>>()?;
-    Ok(planned_bytes(&preset.policy(), "unet", shapes))
+async fn unet_bytes(model: &ModelSource<'_>, preset: QuantPreset) -> Result<u64> {
+    let w = model.tensors("unet").await?;
+    let tensors = w.names().into_iter().filter_map(|n| Some((n, w.info(n)?))).map(|(n, i)| (n, i.shape.as_slice(), i.encoding));
+    Ok(planned_bytes(&preset.policy(), "unet", tensors))
 }
 
 /// The UNet's inputs for one guided step of `p` (dense text encoders, so that only the UNet's
@@ -154,21 +150,21 @@ impl UnetInputs {
 }
 
 /// Measures the q8 and q4 presets against dense weights for the model in `source`.
-pub async fn quality(gpu: &Gpu, source: &impl Source, p: &GenerateParams) -> Result<QualityReport> {
-    let layers = layer_errors(source).await?;
-    let dense = SdxlModel::load(gpu, source, QuantPreset::F16).await?;
+pub async fn quality(gpu: &Gpu, model: &ModelSource<'_>, p: &GenerateParams) -> Result<QualityReport> {
+    let layers = layer_errors(model).await?;
+    let dense = SdxlModel::load(gpu, model, QuantPreset::F16).await?;
     let inputs = UnetInputs::new(gpu, &dense, p).await?;
     let reference_unet = inputs.run(gpu, &dense.unet).await?;
     let reference_image = gpu.read(&generate(gpu, &dense, None, p, |_| {}).await?.image).await?;
     drop(dense);
     let mut presets = Vec::new();
     for (preset, label) in [(QuantPreset::Q8, "q8"), (QuantPreset::Q4, "q4")] {
-        let model = SdxlModel::load(gpu, source, preset).await?;
-        let unet = inputs.run(gpu, &model.unet).await?;
-        let image = gpu.read(&generate(gpu, &model, None, p, |_| {}).await?.image).await?;
+        let quantized = SdxlModel::load(gpu, model, preset).await?;
+        let unet = inputs.run(gpu, &quantized.unet).await?;
+        let image = gpu.read(&generate(gpu, &quantized, None, p, |_| {}).await?.image).await?;
         presets.push(PresetQuality {
             preset: label.into(),
-            unet_bytes: unet_bytes(source, preset).await?,
+            unet_bytes: unet_bytes(model, preset).await?,
             unet_relative_error: max_relative(&reference_unet, &unet),
             image_psnr: psnr(&reference_image, &image),
         });
@@ -186,24 +182,25 @@ pub struct RoleSensitivity {
     pub output_error: FormatErrors,
 }
 
-/// Measures every role of the UNet in `source` (dense f32 elsewhere), reporting each as it is done.
-pub async fn sensitivity(gpu: &Gpu, source: &impl Source, p: &GenerateParams, mut on_role: impl FnMut(&RoleSensitivity)) -> Result<Vec<RoleSensitivity>> {
-    let dense = SdxlModel::load(gpu, source, QuantPreset::F16).await?;
+/// Measures every role of the UNet in `model` (dense f32 elsewhere), reporting each as it is done.
+pub async fn sensitivity(gpu: &Gpu, model: &ModelSource<'_>, p: &GenerateParams, mut on_role: impl FnMut(&RoleSensitivity)) -> Result<Vec<RoleSensitivity>> {
+    let dense = SdxlModel::load(gpu, model, QuantPreset::F16).await?;
     let inputs = UnetInputs::new(gpu, &dense, p).await?;
     let reference = inputs.run(gpu, &dense.unet).await?;
     drop(dense);
+    let (config, tensors) = model.component::<UNet2DConditionConfig>("unet").await?;
     let mut roles: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for (name, shape) in unet_matrices(&Weights::open(source, "unet", false).await?)? {
+    for (name, shape) in unet_matrices(&*tensors) {
         let entry = roles.entry(role(&format!("unet/{name}"))).or_default();
         entry.0 += 1;
         entry.1 += shape.iter().product::<usize>();
     }
     let mut out = Vec::new();
     for (role, (matrices, params)) in roles {
-        let (inputs, reference, role_ref) = (&inputs, &reference, &role);
+        let (inputs, reference, role_ref, config, tensors) = (&inputs, &reference, &role, &config, &tensors);
         let output_error = FormatErrors::measure(|format| async move {
             let policy = QuantPolicy { default: None, exceptions: vec![(role_ref.clone(), Some(format))] };
-            let unet = UNet2DConditionModel::load_quantized(gpu, source, "unet", &policy).await?;
+            let unet = UNet2DConditionModel::load(&Vars::new(gpu, &**tensors, "unet", &policy), config.clone()).await?;
             Ok(relative_rms(reference, &inputs.run(gpu, &unet).await?))
         })
         .await?;
@@ -235,12 +232,12 @@ pub struct Allocation {
 /// and still fits is taken. Squared errors of different roles add (their noise is independent).
 pub fn allocate(measured: &[RoleSensitivity], shapes: &[(String, Vec<usize>)], budget: u64) -> Allocation {
     let base = QuantPolicy { default: Some(QuantFormat::Q4_0), exceptions: Vec::new() };
-    let tensors = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+    let tensors = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice(), Encoding::Float(crate::weights::safetensors::Dtype::F16)));
     let q4_0_bytes = planned_bytes(&base, "unet", tensors());
     // Bytes of each role's matrices per format, in the sized model.
     let mut role_bytes: BTreeMap<String, [u64; 3]> = BTreeMap::new();
     for (name, shape) in shapes {
-        if crate::pack::storage_format(&base, "unet", name, shape).is_some() {
+        if base.format_for("unet", name, shape).is_some() {
             let bytes = role_bytes.entry(role(&format!("unet/{name}"))).or_default();
             for (b, f) in bytes.iter_mut().zip(FORMATS) {
                 *b += f.matrix_bytes(shape[0], shape[1..].iter().product());

@@ -16,18 +16,32 @@ const READ_AHEAD: (u64, u64) = (64 << 10, 16 << 20);
 const RETRIES: u32 = 4;
 const FIRST_BACKOFF_MS: u64 = 500;
 
-/// `owner/name` (a Hugging Face hub repository) as the URL its files resolve under; `http(s)://`
-/// URLs as given.
+/// `owner/name` (a Hugging Face hub repository) as the URL its files resolve under, and
+/// `owner/name/path/file` as that file's URL; `http(s)://` URLs as given, except that the hub's
+/// `/blob/` pages become their `/resolve/` files.
 pub fn hub_url(repo_or_url: &str) -> Result<String> {
     let s = repo_or_url.trim().trim_end_matches('/');
     if s.starts_with("http://") || s.starts_with("https://") {
-        return Ok(s.to_string());
+        return Ok(match s.split_once("huggingface.co/") {
+            Some((scheme, rest)) => format!("{scheme}huggingface.co/{}", rest.replacen("/blob/", "/resolve/", 1)),
+            None => s.to_string(),
+        });
     }
-    let part = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    match s.split_once('/') {
-        Some((owner, name)) if part(owner) && part(name) => Ok(format!("https://huggingface.co/{owner}/{name}/resolve/main")),
-        _ => Err(Error::InvalidParameter(format!("'{repo_or_url}' is neither an http(s) URL nor a hub repository (owner/name)"))),
+    let part = |p: &str| !p.is_empty() && p != "." && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let parts: Vec<&str> = s.split('/').collect();
+    match parts.as_slice() {
+        [owner, name, file @ ..] if parts.iter().all(|p| part(p)) => {
+            let file: String = file.iter().map(|f| format!("/{f}")).collect();
+            Ok(format!("https://huggingface.co/{owner}/{name}/resolve/main{file}"))
+        }
+        _ => Err(Error::InvalidParameter(format!("'{repo_or_url}' is neither an http(s) URL nor a hub repository (owner/name[/file])"))),
     }
+}
+
+/// Whether a URL or path names a single-file checkpoint (rather than a folder or pack).
+pub fn is_single_file(url: &str) -> bool {
+    let name = url.rsplit('/').next().unwrap_or(url).split(['?', '#']).next().unwrap_or("").to_ascii_lowercase();
+    [".safetensors", ".gguf", ".ckpt", ".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e))
 }
 
 pub struct HttpSource {
@@ -45,6 +59,17 @@ impl HttpSource {
     pub fn new(url: &str) -> Result<HttpSource> {
         let base = hub_url(url)?;
         Ok(HttpSource { base, retries: RETRIES, lengths: RefCell::default(), window: RefCell::default(), fetched: RefCell::new(0) })
+    }
+
+    /// The folder or pack at `url`, or, for a single file's URL (see [`is_single_file`]), its
+    /// folder and the file's name in it.
+    pub fn for_url(url: &str) -> Result<(HttpSource, Option<String>)> {
+        let full = hub_url(url)?;
+        if !is_single_file(&full) {
+            return Ok((HttpSource::new(&full)?, None));
+        }
+        let (base, file) = full.rsplit_once('/').expect("an http(s) URL has slashes");
+        Ok((HttpSource::new(base)?, Some(file.to_string())))
     }
 
     /// Retries after a failure (tests use 0 to see failures at once).

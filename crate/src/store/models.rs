@@ -2,16 +2,18 @@
 //!
 //! A model `id` is stored as the records of a model pack under `id/` (`id/shards/00000.bin`, ...),
 //! plus `id/download.json` (where it comes from) and, while a diffusers folder is being converted,
-//! `id/checkpoint.json`. `id/manifest.json` is written last: a model without it is incomplete,
+//! `id/conversion.json`. `id/manifest.json` is written last: a model without it is incomplete,
 //! and nothing loads it.
 //!
 //! Downloading a pack fetches the shards the store lacks (a few at a time), checks each against
 //! the manifest's sha256 before storing it, and re-checks the records already stored, so calling
 //! [`ModelStore::download`] again after an interruption, a network failure or damage fetches only
-//! what is missing or bad. Downloading a diffusers folder (a Hugging Face repository) converts it
-//! as it streams in ([`crate::pack::convert`]: safetensors headers first, then tensor by tensor,
-//! quantized on the fly); it resumes from the last checkpoint, and a damaged record of a finished
-//! conversion is rebuilt from the tensors it holds.
+//! what is missing or bad. Downloading a diffusers folder (a Hugging Face repository) or a
+//! single-file checkpoint (safetensors or GGUF) converts it as it streams in
+//! ([`crate::pack::convert`]: headers first, then tensor by tensor, float weights quantized on the
+//! fly, GGUF blocks kept as stored); it resumes from the last saved state, and a damaged record of
+//! a finished conversion is rebuilt from the tensors it holds. [`ModelStore::import`] does the
+//! same for any model source (a file the user picked in the browser).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -23,12 +25,14 @@ use serde::{Deserialize, Serialize};
 
 use super::{Bytes, HttpSource, RecordStore, StoreSource};
 use crate::error::{Error, Result};
-use crate::pack::{self, encode, Checkpoint, Manifest, ModelKind, Pack, PackSink, PackSource, Segment, MANIFEST, SHARD_BYTES};
+use crate::pack::convert::encode;
+use crate::pack::{self, ConvertState, Manifest, ModelKind, Pack, PackSink, Segment, MANIFEST, SHARD_BYTES};
 use crate::quant::QuantPreset;
-use crate::weights::Source;
+use crate::weights::{all_rows, ModelSource, Source};
 
 const DOWNLOAD: &str = "download.json";
-const CHECKPOINT: &str = "checkpoint.json";
+/// A conversion's [`ConvertState`] while it is unfinished.
+const CONVERSION: &str = "conversion.json";
 
 #[derive(Debug, Clone, Copy)]
 pub struct DownloadOptions {
@@ -127,7 +131,7 @@ impl<R: RecordStore> ModelStore<R> {
             let complete = manifest.as_ref().is_some_and(|m| m.shards.iter().all(|s| records.get(&s.path) == Some(&s.bytes)));
             models.push(StoredModel {
                 url: origin.as_ref().map(|o| o.url.clone()),
-                quant: manifest.as_ref().map(|m| pack::preset_name(m.quant).to_string()).or_else(|| origin.as_ref().map(|o| o.quant.clone())),
+                quant: manifest.as_ref().map(|m| m.quant.name().to_string()).or_else(|| origin.as_ref().map(|o| o.quant.clone())),
                 model: manifest.as_ref().map(|m| m.model),
                 stored_bytes: records.values().sum(),
                 total_bytes: manifest.as_ref().map(|m| m.bytes()).or_else(|| origin.as_ref().map(|o| o.bytes)),
@@ -187,11 +191,12 @@ impl<R: RecordStore> ModelStore<R> {
         Error::ModelIncomplete(format!("the download of '{id}' is incomplete ({}{total} stored); download it again to resume", mib(stored)))
     }
 
-    /// A complete model, ready for [`crate::pipeline::generate::SdxlModel::load`]: records are
-    /// read one at a time, a sample of them checked against their sha256.
-    pub async fn open(&self, id: &str) -> Result<PackSource<StoreSource<'_, R>>> {
+    /// A complete model, ready for [`crate::pipeline::generate::SdxlModel::load`], with its pack:
+    /// records are read one at a time, a sample of them checked against their sha256; `on_read`
+    /// gets the bytes of every read (upload progress).
+    pub async fn open<'s>(&'s self, id: &str, on_read: &'s dyn Fn(u64)) -> Result<(ModelSource<'s>, std::rc::Rc<Pack>)> {
         self.manifest(id).await?;
-        PackSource::open(StoreSource::open(&self.records, id).await?).await
+        pack::open(StoreSource::open(&self.records, id, on_read).await?).await
     }
 
     /// Indices of `shards` whose record is missing, of the wrong size or fails its sha256.
@@ -245,25 +250,41 @@ impl<R: RecordStore> ModelStore<R> {
         Ok(())
     }
 
-    /// Downloads the model pack or diffusers folder at `url` (a hub repository `owner/name` is
-    /// its `resolve/main` URL) as `id`, or completes and repairs an earlier download of it.
+    /// Downloads the model pack, diffusers folder or single-file checkpoint (`.safetensors`,
+    /// `.gguf`) at `url` (a hub repository `owner/name` is its `resolve/main` URL) as `id`, or
+    /// completes and repairs an earlier download of it.
     pub async fn download(&self, id: &str, url: &str, options: &DownloadOptions, mut progress: impl FnMut(&Progress)) -> Result<Manifest> {
         check_id(id)?;
         if options.parallel == 0 {
             return Err(Error::InvalidParameter("parallel downloads must be at least 1".into()));
         }
-        let http = HttpSource::new(url)?.with_retries(options.retries);
+        let (http, file) = HttpSource::for_url(url)?;
+        let http = http.with_retries(options.retries);
+        let fetched = || http.bytes_fetched();
+        if let Some(file) = file {
+            let model = ModelSource::single_file(&http, &file, None).await?;
+            return self.convert(id, &http.url(&file), &model, options, &fetched, &mut progress).await;
+        }
         if http.length(MANIFEST).await?.is_some() {
             self.download_pack(id, &http, options, &mut progress).await
         } else if http.length("model_index.json").await?.is_some() {
-            self.download_folder(id, &http, options, &mut progress).await
+            let model = ModelSource::folder(&http, true);
+            self.convert(id, http.base(), &model, options, &fetched, &mut progress).await
         } else {
             Err(Error::Network {
                 url: http.base().to_string(),
                 status: Some(404),
-                message: "neither a model pack (manifest.json) nor a diffusers model folder (model_index.json) is there".into(),
+                message: "neither a model pack (manifest.json), a diffusers model folder (model_index.json) nor a .safetensors / .gguf file is there".into(),
             })
         }
+    }
+
+    /// Stores `model` (any source: a file the user picked) as `id`, converted with the options'
+    /// preset, or completes and repairs an earlier import of the same `origin`. `read` tells the
+    /// bytes read from the model so far (progress).
+    pub async fn import(&self, id: &str, origin: &str, model: &ModelSource<'_>, options: &DownloadOptions, read: &dyn Fn() -> u64, mut progress: impl FnMut(&Progress)) -> Result<Manifest> {
+        check_id(id)?;
+        self.convert(id, origin, model, options, read, &mut progress).await
     }
 
     async fn download_pack(&self, id: &str, http: &HttpSource, options: &DownloadOptions, progress: &mut dyn FnMut(&Progress)) -> Result<Manifest> {
@@ -273,11 +294,11 @@ impl<R: RecordStore> ModelStore<R> {
             return Err(Error::InvalidParameter(format!(
                 "{} holds a {} pack, not {}",
                 http.base(),
-                pack::preset_name(manifest.quant),
-                pack::preset_name(options.quant)
+                manifest.quant.name(),
+                options.quant.name()
             )));
         }
-        let origin = Origin { url: http.base().into(), quant: pack::preset_name(options.quant).into(), bytes: manifest.bytes() };
+        let origin = Origin { url: http.base().into(), quant: options.quant.name().into(), bytes: manifest.bytes() };
         self.begin(id, &origin).await?;
         let todo = self.missing_or_bad(id, &manifest.shards, progress).await?;
         let needed = todo.iter().map(|&i| manifest.shards[i].bytes).sum();
@@ -310,17 +331,16 @@ impl<R: RecordStore> ModelStore<R> {
         Ok(manifest)
     }
 
-    async fn download_folder(&self, id: &str, http: &HttpSource, options: &DownloadOptions, progress: &mut dyn FnMut(&Progress)) -> Result<Manifest> {
-        let plan = pack::plan(http, options.quant, |_| {}).await?;
-        let origin = Origin {
-            url: http.base().into(),
-            quant: pack::preset_name(options.quant).into(),
-            bytes: plan.pack_bytes().await?,
-        };
+    /// Converts `model` (from `url`) into the records of `id`, resuming a conversion cut before,
+    /// or rebuilding the damaged records of a finished one.
+    async fn convert(&self, id: &str, url: &str, model: &ModelSource<'_>, options: &DownloadOptions, read: &dyn Fn() -> u64, progress: &mut dyn FnMut(&Progress)) -> Result<Manifest> {
+        let plan = pack::plan(model, options.quant).await?;
+        let origin = Origin { url: url.into(), quant: options.quant.name().into(), bytes: plan.pack_bytes().await? };
         self.begin(id, &origin).await?;
 
         if let Some(manifest) = self.json::<Manifest>(id, MANIFEST).await? {
             // Finished before: rebuild what is missing or damaged from the tensors it held.
+            Pack::new(manifest.clone(), self.records.describe(&Self::key(id, MANIFEST)))?;
             let todo = self.missing_or_bad(id, &manifest.shards, progress).await?;
             self.check_space(todo.iter().map(|&i| manifest.shards[i].bytes).sum()).await?;
             for (n, &i) in todo.iter().enumerate() {
@@ -331,24 +351,24 @@ impl<R: RecordStore> ModelStore<R> {
             return Ok(manifest);
         }
 
-        let mut resume = self.json::<Checkpoint>(id, CHECKPOINT).await?;
-        if let Some(checkpoint) = &resume {
-            if !self.missing_or_bad(id, &checkpoint.shards, progress).await?.is_empty() {
+        let mut resume = self.json::<ConvertState>(id, CONVERSION).await?;
+        if let Some(state) = &resume {
+            if !self.missing_or_bad(id, &state.shards, progress).await?.is_empty() {
                 resume = None; // a damaged record of an unfinished conversion: convert again
             }
         }
         let stored: u64 = resume.as_ref().map_or(0, |c| c.shards.iter().map(|s| s.bytes).sum());
         self.check_space(origin.bytes.saturating_sub(stored)).await?;
-        let download_bytes: u64 = plan.files().await?.iter().map(|(_, n)| n).sum();
+        let read_bytes = plan.read_bytes().await?;
 
         let mut sink = StoreSink { store: self, id };
-        let fetched_before = http.bytes_fetched();
+        let read_before = read();
         let manifest = pack::convert(plan, options.shard_bytes, resume, &mut sink, |line| {
-            let done = http.bytes_fetched() - fetched_before;
-            progress(&Progress { stage: "convert", bytes_done: done, bytes_total: download_bytes, detail: line.trim().to_string() });
+            let done = read() - read_before;
+            progress(&Progress { stage: "convert", bytes_done: done, bytes_total: read_bytes, detail: line.trim().to_string() });
         })
         .await?;
-        self.records.delete(&Self::key(id, CHECKPOINT)).await?;
+        self.records.delete(&Self::key(id, CONVERSION)).await?;
         Ok(manifest)
     }
 }
@@ -363,13 +383,13 @@ impl<R: RecordStore> PackSink for StoreSink<'_, R> {
     async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()> {
         self.store.records.put(&ModelStore::<R>::key(self.id, path), &Bytes::from(bytes)).await
     }
-    async fn checkpoint(&mut self, state: &Checkpoint) -> Result<()> {
-        self.store.put_json(self.id, CHECKPOINT, state).await
+    async fn save_state(&mut self, state: &ConvertState) -> Result<()> {
+        self.store.put_json(self.id, CONVERSION, state).await
     }
 }
 
 /// Shard `index` of a converted model, re-encoded from the entries that lie in it.
-async fn rebuild<S: Source>(plan: &pack::Plan<'_, S>, manifest: &Manifest, index: usize) -> Result<Bytes> {
+async fn rebuild(plan: &pack::Plan<'_, '_>, manifest: &Manifest, index: usize) -> Result<Bytes> {
     let shard = &manifest.shards[index];
     let mut out = vec![0u8; shard.bytes as usize];
     let mut place = |segments: &[Segment], plane: &[u8]| {
@@ -384,7 +404,7 @@ async fn rebuild<S: Source>(plan: &pack::Plan<'_, S>, manifest: &Manifest, index
     };
     let touches = |segments: &[Segment]| segments.iter().any(|s| s.shard as usize == index);
     for file in manifest.files.iter().filter(|f| touches(&f.segments)) {
-        place(&file.segments, &plan.source.read(&file.path).await?);
+        place(&file.segments, &plan.model.files.read(&file.path).await?);
     }
     for t in &manifest.tensors {
         let planes = [Some(&t.data), t.scales.as_ref(), t.mins.as_ref()];
@@ -393,13 +413,13 @@ async fn rebuild<S: Source>(plan: &pack::Plan<'_, S>, manifest: &Manifest, index
         }
         let (component, name) = t.name.split_once('/').unwrap_or(("", &t.name));
         let weights = plan.weights.iter().find(|(c, _)| *c == component).map(|(_, w)| w).ok_or_else(|| Error::Corrupt {
-            path: plan.source.describe(""),
+            path: plan.model.files.describe(""),
             message: format!("the model no longer has the component of '{}'", t.name),
         })?;
-        let values = weights.host(name, &t.shape).await?;
-        let (storage, encoded) = encode(&values, &t.shape, t.storage.quant_format())?;
+        let host = weights.read(name, &t.shape, all_rows(&t.shape)).await?;
+        let (storage, encoded) = encode(host, &t.shape, t.storage.quant_format())?;
         if storage != t.storage {
-            return Err(Error::Corrupt { path: plan.source.describe(component), message: format!("'{}' changed since the download", t.name) });
+            return Err(Error::Corrupt { path: weights.location(), message: format!("'{}' changed since the download", t.name) });
         }
         for (segments, plane) in planes.iter().flatten().zip(&encoded) {
             place(segments, plane);
@@ -409,7 +429,7 @@ async fn rebuild<S: Source>(plan: &pack::Plan<'_, S>, manifest: &Manifest, index
     let sum = bytes.sha256().await;
     if sum != shard.sha256 {
         return Err(Error::Corrupt {
-            path: plan.source.describe(""),
+            path: plan.model.files.describe(""),
             message: format!("{} rebuilt from the source has sha256 {sum}, not {}: the source changed; delete the model and download it again", shard.path, shard.sha256),
         });
     }

@@ -15,6 +15,8 @@ const CHECK_ONE_IN: u64 = 8;
 
 pub struct StoreSource<'a, R: RecordStore> {
     records: &'a R,
+    /// Told the bytes of every read.
+    on_read: &'a dyn Fn(u64),
     id: String,
     /// Record sizes by path within the model.
     sizes: HashMap<String, u64>,
@@ -24,11 +26,11 @@ pub struct StoreSource<'a, R: RecordStore> {
 }
 
 impl<'a, R: RecordStore> StoreSource<'a, R> {
-    pub(crate) async fn open(records: &'a R, id: &str) -> Result<StoreSource<'a, R>> {
+    pub(crate) async fn open(records: &'a R, id: &str, on_read: &'a dyn Fn(u64)) -> Result<StoreSource<'a, R>> {
         let prefix = format!("{id}/");
         let sizes: HashMap<String, u64> =
             records.list(&prefix).await?.into_iter().map(|(k, n)| (k[prefix.len()..].to_string(), n)).collect();
-        let mut source = StoreSource { records, id: id.to_string(), sizes, sampled: HashMap::new(), cache: RefCell::default() };
+        let mut source = StoreSource { records, on_read, id: id.to_string(), sizes, sampled: HashMap::new(), cache: RefCell::default() };
         let manifest: Manifest = serde_json::from_slice(&source.read(MANIFEST).await?)
             .map_err(|e| Error::Config { path: source.describe(MANIFEST), message: format!("invalid manifest: {e}") })?;
         let offset = now_ms() % CHECK_ONE_IN;
@@ -79,6 +81,7 @@ impl<R: RecordStore> Source for StoreSource<'_, R> {
         if start > end || end > bytes.len() {
             return Err(Error::Io { path: self.describe(path), message: format!("bytes {start}..{end} out of range of {}", bytes.len()) });
         }
+        (self.on_read)(end - start);
         Ok(bytes.slice(start, end))
     }
 }

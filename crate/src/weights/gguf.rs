@@ -12,8 +12,9 @@
 //! file that grows until the tensor table fits ([`read_header`]), so a tensor's bytes are read
 //! only when it is loaded.
 //!
-//! Supported tensor types ([`GgmlType`]): F32, F16, BF16 and the 32-value block formats Q8_0, Q4_0,
-//! Q4_1, Q5_0, Q5_1 (ggml-common.h; a block covers 32 consecutive values of a row):
+//! Supported tensor types ([`GgmlType`]): F32, F16, BF16, the 32-value block formats Q8_0, Q4_0,
+//! Q4_1, Q5_0, Q5_1 (ggml-common.h; a block covers 32 consecutive values of a row), and the
+//! K-quants Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-value blocks, see [`crate::quant::kquants`]):
 //!
 //! | type | block bytes                                 | value j                         |
 //! |------|---------------------------------------------|---------------------------------|
@@ -24,24 +25,26 @@
 //! | Q5_1 | f16 d, f16 m, u32 qh, u8 qs[16]             | d·q + m                         |
 //!
 //! where the 4-bit code of value j < 16 is the low nibble of qs[j] and of value j ≥ 16 the high
-//! nibble of qs[j − 16]; Q5's fifth bit of value j is bit j of qh. Other types (K-quants, IQ*,
+//! nibble of qs[j − 16]; Q5's fifth bit of value j is bit j of qh. Other types (IQ*, TQ*, MXFP4,
 //! integers, ...) are refused when the header is read, naming the tensor and the type.
 //!
 //! [`repack`] turns a tensor into what the kernels read without requantizing (crate::quant):
 //! Q8_0, Q4_0 and Q4_1 are our formats of the same names (only the code order differs); Q5_0's
 //! d·(q − 16) is our Q8_0 with codes q − 16 ∈ [−16, 15] and the same d, exactly. Q5_1's
 //! d·q + m has no exact quantized equivalent (32 levels with an offset: Q8_0 is symmetric, Q4_1 has
-//! 16 levels), so it is dequantized to f32 and served dense, like F32/F16/BF16.
+//! 16 levels), so it is dequantized to f32 and served dense, like F32/F16/BF16. The K-quants are
+//! read by the kernels as stored (Q3_K's and Q6_K's blocks padded by two bytes to whole words).
 //!
-//! [`GgufWriter`] writes files with ggml's reference quantizers (`quantize_row_*_ref`), for tests.
+//! [`GgufWriter`] writes files with ggml's reference quantizers (`quantize_row_*_ref`) for the
+//! 32-value formats and [`crate::quant::kquants::quantize_block`] for the K-quants, for tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use half::{bf16, f16};
 
 use super::Source;
 use crate::error::{Error, Result};
-use crate::quant::{push_codes, QuantFormat, QuantizedTensor, BLOCK};
+use crate::quant::{kquants, push_codes, QuantFormat, QuantizedTensor, BLOCK};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 /// Tensor data alignment when the file has no `general.alignment`.
@@ -66,6 +69,11 @@ pub enum GgmlType {
     Q4_1,
     Q5_0,
     Q5_1,
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 /// ggml's type names by id (ggml.h `enum ggml_type`), for errors about the types we do not load.
@@ -82,8 +90,21 @@ pub fn ggml_type_name(id: u32) -> String {
 }
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 8] =
-        [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1];
+    pub const ALL: [GgmlType; 13] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ];
 
     /// ggml's number for the type (`enum ggml_type`).
     pub fn id(self) -> u32 {
@@ -95,8 +116,25 @@ impl GgmlType {
             GgmlType::Q5_0 => 6,
             GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
+            GgmlType::Q2_K => 10,
+            GgmlType::Q3_K => 11,
+            GgmlType::Q4_K => 12,
+            GgmlType::Q5_K => 13,
+            GgmlType::Q6_K => 14,
             GgmlType::BF16 => 30,
         }
+    }
+
+    /// The kernels' format of a K-quant (read as stored).
+    fn k_format(self) -> Option<QuantFormat> {
+        Some(match self {
+            GgmlType::Q2_K => QuantFormat::Q2_K,
+            GgmlType::Q3_K => QuantFormat::Q3_K,
+            GgmlType::Q4_K => QuantFormat::Q4_K,
+            GgmlType::Q5_K => QuantFormat::Q5_K,
+            GgmlType::Q6_K => QuantFormat::Q6_K,
+            _ => return None,
+        })
     }
 
     pub fn from_id(id: u32) -> Option<GgmlType> {
@@ -108,10 +146,11 @@ impl GgmlType {
         GGML_TYPE_NAMES[self.id() as usize]
     }
 
-    /// Values per block: 32 for the quantized types, 1 for the float ones.
+    /// Values per block: 1 for the float types, 32 for the quantized ones, 256 for the K-quants.
     pub fn block_values(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
+            t if t.k_format().is_some() => kquants::SUPER,
             _ => BLOCK,
         }
     }
@@ -126,6 +165,7 @@ impl GgmlType {
             GgmlType::Q4_1 => 20,
             GgmlType::Q5_0 => 22,
             GgmlType::Q5_1 => 24,
+            k => kquants::ggml_bytes(k.k_format().expect("the rest are K-quants")),
         }
     }
 }
@@ -447,8 +487,9 @@ impl Reader<'_> {
         }
         let data_start = self.pos.next_multiple_of(alignment);
         let mut tensors: Vec<GgufTensor> = Vec::with_capacity(infos.len());
+        let mut names = HashSet::with_capacity(infos.len());
         for (name, ne, type_id, offset) in infos {
-            if tensors.iter().any(|t| t.name == name) {
+            if !names.insert(name.clone()) {
                 return Err(self.corrupt(format!("tensor '{name}' appears twice")));
             }
             tensors.push(self.tensor(name, ne, type_id, offset, data_start, alignment)?);
@@ -491,7 +532,8 @@ impl Reader<'_> {
 /// A tensor as the engine serves it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Repacked {
-    /// Q8_0, Q4_0, Q4_1 and Q5_0 (as Q8_0): blocks in the kernels' layout, values unchanged.
+    /// Q8_0, Q4_0, Q4_1, Q5_0 (as Q8_0) and the K-quants: blocks in the kernels' layout, values
+    /// unchanged.
     Quantized(QuantizedTensor),
     /// F32, F16, BF16 and Q5_1: the values, row-major in torch order.
     Dense(Vec<f32>),
@@ -511,17 +553,34 @@ fn check_len(tensor: &GgufTensor, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The kernels' format a type repacks into exactly (None: served dense).
+pub fn repack_format(ggml_type: GgmlType) -> Option<QuantFormat> {
+    match ggml_type {
+        GgmlType::Q8_0 | GgmlType::Q5_0 => Some(QuantFormat::Q8_0),
+        GgmlType::Q4_0 => Some(QuantFormat::Q4_0),
+        GgmlType::Q4_1 => Some(QuantFormat::Q4_1),
+        t => t.k_format(),
+    }
+}
+
 /// Turns a tensor's bytes (`tensor.start..tensor.end` of its file) into what the kernels read,
 /// without requantizing (see the module docs).
 pub fn repack(tensor: &GgufTensor, bytes: &[u8]) -> Result<Repacked> {
     check_len(tensor, bytes)?;
-    let format = match tensor.ggml_type {
-        GgmlType::Q8_0 | GgmlType::Q5_0 => QuantFormat::Q8_0,
-        GgmlType::Q4_0 => QuantFormat::Q4_0,
-        GgmlType::Q4_1 => QuantFormat::Q4_1,
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q5_1 => return Ok(Repacked::Dense(dequantize(tensor.ggml_type, bytes))),
-    };
     let (rows, cols) = tensor.matrix_dims();
+    if let Some(format) = tensor.ggml_type.k_format() {
+        // As stored, each block padded to whole words.
+        let mut padded = Vec::with_capacity(bytes.len() / tensor.ggml_type.block_bytes() * format.words_per_block() * 4);
+        for block in bytes.chunks_exact(tensor.ggml_type.block_bytes()) {
+            padded.extend_from_slice(block);
+            padded.resize(padded.len().next_multiple_of(4), 0);
+        }
+        let q = QuantizedTensor { format, rows, cols, data: bytemuck::pod_collect_to_vec(&padded), scales: Vec::new(), mins: Vec::new() };
+        return Ok(Repacked::Quantized(q));
+    }
+    let Some(format) = repack_format(tensor.ggml_type) else {
+        return Ok(Repacked::Dense(dequantize(tensor.ggml_type, bytes))); // F32, F16, BF16, Q5_1
+    };
     let blocks = rows * cols / BLOCK;
     let mut q = QuantizedTensor {
         format,
@@ -552,6 +611,10 @@ pub fn repack(tensor: &GgufTensor, bytes: &[u8]) -> Result<Repacked> {
 pub fn dequantize(ggml_type: GgmlType, bytes: &[u8]) -> Vec<f32> {
     let mut out = Vec::with_capacity(bytes.len() / ggml_type.block_bytes() * ggml_type.block_values());
     for block in bytes.chunks_exact(ggml_type.block_bytes()) {
+        if let Some(format) = ggml_type.k_format() {
+            out.extend(kquants::dequantize_block(format, block));
+            continue;
+        }
         match ggml_type {
             GgmlType::F32 => out.push(f32::from_le_bytes(block.try_into().expect("4-byte block"))),
             GgmlType::F16 => out.push(f16::from_le_bytes([block[0], block[1]]).to_f32()),
@@ -589,7 +652,7 @@ impl Block {
             GgmlType::Q4_1 => (half_at(2), 0, &b[4..]),
             GgmlType::Q5_0 => (f16::ZERO, u32::from_le_bytes([b[2], b[3], b[4], b[5]]), &b[6..]),
             GgmlType::Q5_1 => (half_at(2), u32::from_le_bytes([b[4], b[5], b[6], b[7]]), &b[8..]),
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("float types have no blocks"),
+            _ => unreachable!("{ggml_type:?} has no 32-value blocks"),
         };
         let q = if ggml_type == GgmlType::Q8_0 {
             qs.try_into().expect("32 codes")
@@ -616,7 +679,10 @@ pub fn quantize(ggml_type: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
             GgmlType::F32 => out.extend(x[0].to_le_bytes()),
             GgmlType::F16 => out.extend(f16::from_f32(x[0]).to_le_bytes()),
             GgmlType::BF16 => out.extend(bf16::from_f32(x[0]).to_le_bytes()),
-            _ => quantize_block(ggml_type, x, &mut out),
+            t => match t.k_format() {
+                Some(format) => kquants::quantize_block(format, x, &mut out),
+                None => quantize_block(ggml_type, x, &mut out),
+            },
         }
     }
     Ok(out)
@@ -648,7 +714,7 @@ fn quantize_block(ggml_type: GgmlType, x: &[f32], out: &mut Vec<u8>) {
             // (x − min)·id ≤ levels − 1 up to rounding; ggml clamps Q4_1's codes (Q5_1's cannot exceed 31).
             (d, Some(min), std::array::from_fn(|j| (((x[j] - min) * id + 0.5) as u8).min(levels as u8 - 1)))
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("float types have no blocks"),
+        _ => unreachable!("{ggml_type:?} has no 32-value blocks"),
     };
     out.extend(f16::from_f32(d).to_le_bytes());
     if let Some(m) = m {

@@ -1,48 +1,36 @@
 //! Random weights generated on the GPU, for benchmarks of full-size models without a checkpoint:
-//! a [`RandomSource`] serves a model's config files, and [`super::Weights`] opened on it answers
-//! every tensor the model asks for, at the shape the config implies, by filling a GPU buffer from a
-//! hash of the seed and the tensor's name (nothing is uploaded, so a 2.6 B-parameter UNet loads in
-//! seconds). Values follow PyTorch's default init (uniform in ±1/√fan_in; norms near 1, biases
-//! near 0), so activations stay finite through a whole network. Quantized matrices get random
-//! codes with one block scale per matrix spanning the same range. Optional tensors are absent.
+//! [`RandomTensors`] answers every tensor a model asks for, at the shape the config implies, with
+//! [`HostTensor::Random`], and [`super::Vars`] fills a GPU buffer from a hash of the seed and the
+//! tensor's name (nothing is uploaded, so a 2.6 B-parameter UNet loads in seconds). Values follow
+//! PyTorch's default init (uniform in ±1/√fan_in; norms near 1, biases near 0), so activations
+//! stay finite through a whole network. Quantized matrices get random codes with one block scale
+//! per matrix spanning the same range. Optional tensors are absent.
 
-use super::{MemorySource, Source};
-use crate::error::Result;
+use std::ops::Range;
+
+use super::{Fetch, HostTensor, TensorInfo, TensorSource};
+use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::quant::{QuantFormat, QuantTensor, Weight, BLOCK};
 
-/// Config files in memory plus the seed of the random weights.
-pub struct RandomSource {
-    configs: MemorySource,
-    seed: u32,
+/// Every tensor of one component, random.
+pub struct RandomTensors {
+    pub seed: u32,
+    pub component: String,
 }
 
-impl RandomSource {
-    pub fn new(seed: u32) -> RandomSource {
-        RandomSource { configs: MemorySource::default(), seed }
+impl TensorSource for RandomTensors {
+    fn location(&self) -> String {
+        format!("random weights (seed {}) of {}", self.seed, self.component)
     }
-
-    /// Adds a config file, e.g. `unet/config.json`.
-    pub fn insert(&mut self, path: &str, bytes: Vec<u8>) {
-        self.configs.insert(path, bytes);
+    fn names(&self) -> Vec<&str> {
+        Vec::new()
     }
-}
-
-impl Source for RandomSource {
-    fn describe(&self, path: &str) -> String {
-        format!("random:{path}")
+    fn info(&self, _: &str) -> Option<&TensorInfo> {
+        None
     }
-    async fn exists(&self, path: &str) -> bool {
-        self.configs.exists(path).await
-    }
-    async fn len(&self, path: &str) -> Result<u64> {
-        self.configs.len(path).await
-    }
-    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>> {
-        self.configs.read_range(path, start, end).await
-    }
-    fn random_weights(&self) -> Option<u32> {
-        Some(self.seed)
+    fn read<'a>(&'a self, _: &'a str, _: &'a [usize], _: Range<usize>) -> Fetch<'a, HostTensor> {
+        Box::pin(async move { Ok(HostTensor::Random(self.seed)) })
     }
 }
 
@@ -92,6 +80,9 @@ pub fn matrix(gpu: &Gpu, seed: u32, name: &str, shape: &[usize], format: Option<
     let Some(format) = format else {
         return Ok(Weight::Dense(tensor(gpu, seed, name, shape, dtype)?));
     };
+    if format.is_k() {
+        return Err(Error::InvalidParameter(format!("{name}: random weights come as q8_0, q4_0 or q4_1, not {}", format.name())));
+    }
     let rows = shape.first().copied().unwrap_or(1);
     let cols: usize = shape.iter().skip(1).product();
     let blocks = rows * cols.div_ceil(BLOCK);
@@ -101,11 +92,11 @@ pub fn matrix(gpu: &Gpu, seed: u32, name: &str, shape: &[usize], format: Option<
     let (scale_words, scale) = match format {
         QuantFormat::Q8_0 => (blocks.div_ceil(2), half(bound / 127.0) * 0x1_0001),
         QuantFormat::Q4_0 => (blocks.div_ceil(2), half(bound / 8.0) * 0x1_0001),
-        QuantFormat::Q4_1 => (blocks, half(2.0 * bound / 15.0) | half(-bound) << 16),
+        _ => (blocks, half(2.0 * bound / 15.0) | half(-bound) << 16), // Q4_1
     };
     let data = gpu.empty_weight(&[rows, cols.div_ceil(BLOCK) * format.words_per_block()], DType::U32, name)?;
     gpu.fill_words(&data, tensor_seed(seed, name), None)?;
     let scales = gpu.empty_weight(&[scale_words], DType::U32, name)?;
     gpu.fill_words(&scales, 0, Some(scale))?;
-    Ok(Weight::Quant(QuantTensor { format, rows, cols, data, scales }))
+    Ok(Weight::Quant(QuantTensor { format, rows, cols, data, scales: Some(scales) }))
 }

@@ -5,45 +5,69 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
+use super::Source;
 use crate::error::{Error, Result};
 
 /// Headers larger than this are refused as corrupt (the real SDXL UNet header is ~200 KB).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// safetensors' dtypes. The float ones are model weights; integers are buffers (position ids).
+#[allow(non_camel_case_types)] // safetensors' names
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dtype {
+    F64,
     F32,
     F16,
     BF16,
+    /// float8 e4m3 "fn" (torch.float8_e4m3fn): no infinities, max 448.
+    F8_E4M3,
+    /// float8 e5m2 (torch.float8_e5m2): the high byte of an f16.
+    F8_E5M2,
     I64,
     I32,
+    I16,
+    I8,
+    U8,
+    BOOL,
 }
 
 impl Dtype {
+    const ALL: [Dtype; 12] =
+        [Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F8_E4M3, Dtype::F8_E5M2, Dtype::I64, Dtype::I32, Dtype::I16, Dtype::I8, Dtype::U8, Dtype::BOOL];
+
     pub fn size(self) -> usize {
         match self {
-            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::I8 | Dtype::U8 | Dtype::BOOL => 1,
+            Dtype::F16 | Dtype::BF16 | Dtype::I16 => 2,
             Dtype::F32 | Dtype::I32 => 4,
-            Dtype::I64 => 8,
+            Dtype::F64 | Dtype::I64 => 8,
         }
     }
-    fn parse(s: &str) -> Option<Dtype> {
-        Some(match s {
-            "F32" => Dtype::F32,
-            "F16" => Dtype::F16,
-            "BF16" => Dtype::BF16,
-            "I64" => Dtype::I64,
-            "I32" => Dtype::I32,
-            _ => return None,
-        })
+
+    /// Whether the values are floating point (what model weights are).
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F8_E4M3 | Dtype::F8_E5M2)
     }
-    fn name(self) -> &'static str {
+
+    fn parse(s: &str) -> Option<Dtype> {
+        Dtype::ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    /// The name safetensors headers use.
+    pub fn name(self) -> &'static str {
         match self {
+            Dtype::F64 => "F64",
             Dtype::F32 => "F32",
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
+            Dtype::F8_E4M3 => "F8_E4M3",
+            Dtype::F8_E5M2 => "F8_E5M2",
             Dtype::I64 => "I64",
             Dtype::I32 => "I32",
+            Dtype::I16 => "I16",
+            Dtype::I8 => "I8",
+            Dtype::U8 => "U8",
+            Dtype::BOOL => "BOOL",
         }
     }
 }
@@ -128,15 +152,44 @@ pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
     Ok(Header { tensors })
 }
 
-/// Decodes raw little-endian tensor bytes to f32.
+/// Reads and validates the header of the safetensors file `path`.
+pub async fn read_header(source: &impl Source, path: &str) -> Result<Header> {
+    let file_len = source.len(path).await?;
+    let prefix = source.read_range(path, 0, PREFIX.min(file_len)).await?;
+    let n = header_len(&source.describe(path), &prefix, file_len)?;
+    let json = source.read_range(path, PREFIX, PREFIX + n).await?;
+    parse_header(&source.describe(path), &json, file_len)
+}
+
+/// Decodes raw little-endian tensor bytes to f32 (F64 rounds; integers convert).
 pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    let n = |b: &[u8]| -> [u8; 8] { std::array::from_fn(|i| b.get(i).copied().unwrap_or(0)) };
+    let chunks = bytes.chunks_exact(dtype.size());
     match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-        Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::F64 => chunks.map(|b| f64::from_le_bytes(n(b)) as f32).collect(),
+        Dtype::F32 => chunks.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => chunks.map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => chunks.map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F8_E4M3 => chunks.map(|b| f8_e4m3(b[0])).collect(),
+        Dtype::F8_E5M2 => chunks.map(|b| half::f16::from_bits((b[0] as u16) << 8).to_f32()).collect(),
+        Dtype::I64 => chunks.map(|b| i64::from_le_bytes(n(b)) as f32).collect(),
+        Dtype::I32 => chunks.map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
+        Dtype::I16 => chunks.map(|b| i16::from_le_bytes([b[0], b[1]]) as f32).collect(),
+        Dtype::I8 => chunks.map(|b| b[0] as i8 as f32).collect(),
+        Dtype::U8 | Dtype::BOOL => chunks.map(|b| b[0] as f32).collect(),
     }
+}
+
+/// torch.float8_e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; S.1111.111 is NaN and
+/// there are no infinities.
+fn f8_e4m3(b: u8) -> f32 {
+    let (exponent, mantissa) = ((b >> 3) & 15, (b & 7) as f32);
+    let magnitude = match exponent {
+        15 if b & 7 == 7 => f32::NAN,
+        0 => mantissa / 8.0 * 2f32.powi(-6),
+        e => (1.0 + mantissa / 8.0) * 2f32.powi(e as i32 - 7),
+    };
+    if b & 0x80 != 0 { -magnitude } else { magnitude }
 }
 
 /// Serialises f32 tensors (name, shape, data) into a safetensors file image.

@@ -3,6 +3,10 @@
 //! the browser (wasm-bindgen-test).
 #![allow(dead_code)]
 
+use sdxl::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use sdxl::models::vae::{AutoencoderKL, VaeConfig};
+use sdxl::quant::QuantPolicy;
+use sdxl::weights::{ModelSource, Source, Vars};
 use sdxl::{DType, Gpu, Precision};
 
 #[cfg(not(target_arch = "wasm32"))]
@@ -20,6 +24,23 @@ pub async fn gpus() -> Vec<Gpu> {
         all.push(Gpu::new(Precision::F16).await.expect("an f16 device"));
     }
     all
+}
+
+/// A diffusers folder as a model, its `.fp16` weights preferred on f16 devices.
+pub fn folder<'a>(gpu: &Gpu, source: impl Source + 'a) -> ModelSource<'a> {
+    ModelSource::folder(source, gpu.dtype == DType::F16)
+}
+
+/// The UNet of `model`, dense.
+pub async fn unet(gpu: &Gpu, model: &ModelSource<'_>) -> sdxl::Result<UNet2DConditionModel> {
+    let (config, tensors) = model.component::<UNet2DConditionConfig>("unet").await?;
+    UNet2DConditionModel::load(&Vars::new(gpu, &*tensors, "unet", &QuantPolicy::default()), config).await.map_err(model.config_error("unet"))
+}
+
+/// The VAE of `model`.
+pub async fn vae(gpu: &Gpu, model: &ModelSource<'_>) -> sdxl::Result<AutoencoderKL> {
+    let (config, tensors) = model.component::<VaeConfig>("vae").await?;
+    AutoencoderKL::load(&Vars::new(gpu, &*tensors, "vae", &QuantPolicy::default()), config).await.map_err(model.config_error("vae"))
 }
 
 /// Largest |a − b| (infinite where either side is NaN).

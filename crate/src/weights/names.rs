@@ -1,29 +1,72 @@
-//! Original single-file SDXL checkpoints (Stability's SGM layout, as `sd_xl_base_1.0.safetensors` and
-//! `sd_xl_refiner_1.0.safetensors`): `model.diffusion_model.*` (the UNet), `first_stage_model.*`
-//! (the VAE) and `conditioner.embedders.*` (the text encoders), seen as diffusers' components.
+//! Names: from the names a file gives its tensors to the names the models ask for (diffusers').
 //!
-//! The name mapping is diffusers' (loaders/single_file_utils.py: convert_ldm_unet_checkpoint,
-//! convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint), run once
-//! over the header into an index, so tensors stream from the one file as from a folder. Where SGM's
-//! bytes differ from diffusers' the entry says how: OpenCLIP's fused `in_proj` rows are narrower
-//! byte ranges, the VAE's 1x1-conv attention weights are the same bytes as a Linear's, and
-//! OpenCLIP's `text_projection` is the transpose of diffusers' `text_projection.weight`.
+//! - **diffusers folders** use the models' names, except that text encoders saved by
+//!   transformers 5.x `CLIPTextModel.save_pretrained` drop the `text_model.` prefix
+//!   (`embeddings.token_embedding.weight`); both are read ([`diffusers`]).
+//! - **single-file checkpoints** (Stability's SGM layout, as `sd_xl_base_1.0.safetensors` and
+//!   `sd_xl_refiner_1.0.safetensors`): `model.diffusion_model.*` (the UNet),
+//!   `first_stage_model.*` (the VAE) and `conditioner.embedders.*` (the text encoders). The mapping
+//!   is diffusers' (loaders/single_file_utils.py: convert_ldm_unet_checkpoint,
+//!   convert_ldm_vae_checkpoint, convert_ldm_clip_checkpoint, convert_open_clip_checkpoint), run
+//!   once over the header into an index ([`SingleFile`]). Where SGM's bytes differ from diffusers'
+//!   the entry says how: OpenCLIP's fused `in_proj` rows are narrower byte ranges, the VAE's 1x1-conv
+//!   attention weights are the same bytes as a Linear's, and OpenCLIP's `text_projection` is the
+//!   transpose of diffusers' `text_projection.weight`.
+//! - **GGUF files as stable-diffusion.cpp writes them** (`sd -M convert`) keep the UNet's and VAE's
+//!   SGM names but rename the text encoders to transformers' names under `cond_stage_model.`
+//!   (CLIP-L at `cond_stage_model.transformer.`, the base's bigG at `cond_stage_model.1.transformer.`,
+//!   the refiner's at `cond_stage_model.transformer.`), keeping OpenCLIP's fused `self_attn.in_proj`
+//!   and its `text_model.text_projection` orientation; both namings are read.
 //!
-//! GGUF files as stable-diffusion.cpp writes them (`sd -M convert`) keep the UNet's and VAE's SGM
-//! names but rename the text encoders to transformers' names under `cond_stage_model.` (CLIP-L at
-//! `cond_stage_model.transformer.`, the base's bigG at `cond_stage_model.1.transformer.`, the
-//! refiner's at `cond_stage_model.transformer.`), keeping OpenCLIP's fused `self_attn.in_proj` and
-//! its `text_model.text_projection` orientation; both namings are read.
+//! Files of other architectures are told apart by their names and shapes and refused, naming
+//! what they look like ([`identify`]).
 
 use std::collections::HashMap;
 
 use serde::Deserialize;
 
+use super::gguf::GgmlType;
+use super::safetensors::Dtype;
 use crate::error::{Error, Result};
-use crate::weights::{gguf, read_header, read_json, Entry, Source};
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
+
+/// How a file stores one tensor's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// One value per element (safetensors, and GGUF's F32/F16/BF16).
+    Float(Dtype),
+    /// GGUF blocks; every row is whole blocks.
+    Blocks(GgmlType),
+}
+
+/// Where one tensor's bytes lie: which file of its source, how they are stored, diffusers'
+/// shape and the byte range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub file: usize,
+    pub stored: Stored,
+    pub shape: Vec<usize>,
+    pub start: u64,
+    pub end: u64,
+    /// The bytes hold the transpose of the 2-D `shape` (OpenCLIP's text projection).
+    pub transposed: bool,
+}
+
+/// The names of a diffusers folder component's tensors as the models ask for them: text
+/// encoders without the `text_model.` prefix (transformers 5.x) get it.
+pub fn diffusers(component: &str, tensors: Vec<(String, Entry)>) -> HashMap<String, Entry> {
+    const TEXT_MODEL: [&str; 3] = ["embeddings.", "encoder.", "final_layer_norm."];
+    let text = component.starts_with("text_encoder");
+    tensors
+        .into_iter()
+        .map(|(name, entry)| match text && TEXT_MODEL.iter().any(|p| name.starts_with(p)) {
+            true => (format!("text_model.{name}"), entry),
+            false => (name, entry),
+        })
+        .collect()
+}
 
 /// How a text encoder's tensors are named below its prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +120,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Kind::Base => "an SDXL base (CLIP ViT-L and OpenCLIP bigG text encoders)",
             Kind::Refiner => "an SDXL refiner (OpenCLIP bigG text encoder only)",
@@ -117,18 +160,16 @@ struct VaeLevels {
 }
 
 impl Layout {
-    /// Reads `unet/config.json` and `vae/config.json` of a diffusers-layout folder.
-    pub async fn load(config: &impl Source) -> Result<Layout> {
-        let unet: UnetLevels = read_json(config, "unet/config.json").await?;
-        let vae: VaeLevels = read_json(config, "vae/config.json").await?;
+    /// From the texts of `unet/config.json` and `vae/config.json`; `location` names them in errors.
+    pub fn from_configs(unet: &[u8], vae: &[u8], location: &str) -> Result<Layout> {
+        let bad = |message: String| Error::Config { path: location.to_string(), message };
+        let unet: UnetLevels = serde_json::from_slice(unet).map_err(|e| bad(format!("unet/config.json: {e}")))?;
+        let vae: VaeLevels = serde_json::from_slice(vae).map_err(|e| bad(format!("vae/config.json: {e}")))?;
         let n = unet.block_out_channels.len();
         let unet_layers = match unet.layers_per_block {
             LayersPerBlock::All(l) => vec![l; n],
             LayersPerBlock::Each(l) if l.len() == n => l,
-            LayersPerBlock::Each(l) => {
-                let message = format!("layers_per_block has {} entries for {n} levels", l.len());
-                return Err(Error::Config { path: config.describe("unet/config.json"), message });
-            }
+            LayersPerBlock::Each(l) => return Err(bad(format!("unet/config.json: layers_per_block has {} entries for {n} levels", l.len()))),
         };
         Ok(Layout { unet_layers, linear_projection: unet.use_linear_projection, vae_levels: vae.block_out_channels.len() })
     }
@@ -136,13 +177,14 @@ impl Layout {
     /// diffusers' (down level, resnet) of SGM's `input_blocks.{i}` (i >= 1); resnet ==
     /// layers_per_block is the level's downsampler.
     fn input_block(&self, i: usize) -> Option<(usize, usize)> {
-        let mut first = 1;
+        let mut first = 1usize;
         for (level, &layers) in self.unet_layers.iter().enumerate() {
             let downsampler = usize::from(level + 1 < self.unet_layers.len());
-            if i < first + layers + downsampler {
+            let next = first.checked_add(layers)?.checked_add(downsampler)?;
+            if i < next {
                 return i.checked_sub(first).map(|layer| (level, layer));
             }
-            first += layers + downsampler;
+            first = next;
         }
         None
     }
@@ -150,65 +192,81 @@ impl Layout {
     /// diffusers' (up level, resnet) of SGM's `output_blocks.{i}`: up level l has one resnet more
     /// than down level n-1-l.
     fn output_block(&self, i: usize) -> Option<(usize, usize)> {
-        let mut first = 0;
+        let mut first = 0usize;
         for (level, &layers) in self.unet_layers.iter().rev().enumerate() {
-            if i < first + layers + 1 {
+            let next = first.checked_add(layers)?.checked_add(1)?;
+            if i < next {
                 return Some((level, i - first));
             }
-            first += layers + 1;
+            first = next;
         }
         None
     }
 }
 
-/// A single-file checkpoint indexed by diffusers' component folders and tensor names.
-#[derive(Debug, Clone)]
-pub struct Checkpoint {
-    /// The file, as its source names it.
-    pub path: String,
-    pub kind: Kind,
-    components: HashMap<&'static str, HashMap<String, Entry>>,
+/// The SDXL model a single file holds, or a typed error naming what it looks like instead.
+/// `tensors` are the file's (name, shape) pairs; `location` names the file.
+pub fn identify<'n>(location: &str, tensors: impl Iterator<Item = (&'n str, &'n [usize])> + Clone) -> Result<Kind> {
+    let has = |prefix: &str| tensors.clone().any(|(name, _)| name.starts_with(prefix));
+    let wrong = |looks: String| Error::Tensor { path: location.to_string(), tensor: "(the whole file)".into(), message: format!("not an SDXL model: {looks}") };
+    // SDXL's UNet has the micro-conditioning embedding (label_emb); that also tells an SD 1.x
+    // file apart from a refiner in stable-diffusion.cpp's naming (both at cond_stage_model.transformer).
+    if let Some(&(kind, _, _)) = TEXT_LAYOUTS.iter().find(|(_, encoders, absent)| encoders.iter().all(|e| has(e.prefix)) && !absent.is_some_and(has)) {
+        if has(&format!("{UNET}label_emb.")) {
+            return Ok(kind);
+        }
+    }
+    if has("double_blocks.") || has(&format!("{UNET}double_blocks.")) {
+        return Err(wrong("it looks like FLUX (double_blocks / single_blocks transformer)".into()));
+    }
+    if has(&format!("{UNET}joint_blocks.")) || has("text_encoders.") {
+        return Err(wrong("it looks like Stable Diffusion 3 (MMDiT joint_blocks)".into()));
+    }
+    if has("cond_stage_model.model.transformer.") {
+        return Err(wrong("it looks like Stable Diffusion 2.x (one OpenCLIP ViT-H text encoder at cond_stage_model.model)".into()));
+    }
+    if has("cond_stage_model.transformer.") && has(UNET) && !has(&format!("{UNET}label_emb.")) {
+        return Err(wrong("it looks like Stable Diffusion 1.x (one CLIP ViT-L text encoder at cond_stage_model.transformer, no SDXL micro-conditioning)".into()));
+    }
+    let unet_only = has("input_blocks.") || has("down_blocks.") || (has(UNET) && !has(VAE));
+    if unet_only && !has("conditioner.") && !has("cond_stage_model.") {
+        return Err(wrong("it holds a UNet alone; a single-file SDXL model also holds its text encoders and VAE (conditioner.*, first_stage_model.*)".into()));
+    }
+    let count = tensors.clone().count();
+    let sample: Vec<&str> = tensors.take(3).map(|(n, _)| n).collect();
+    Err(wrong(format!(
+        "neither an SDXL base (CLIP ViT-L at conditioner.embedders.0.transformer.*, OpenCLIP bigG at conditioner.embedders.1.model.*) \
+         nor a refiner (OpenCLIP bigG at conditioner.embedders.0.model.*), nor stable-diffusion.cpp's naming of one \
+         (cond_stage_model.*); its {count} tensors are named like {sample:?}"
+    )))
 }
 
-impl Checkpoint {
-    /// Reads the header of `path` in `source` (safetensors, or GGUF by its magic) and maps every
-    /// SDXL tensor to its diffusers component and name.
-    pub async fn open(source: &impl Source, path: &str, layout: &Layout) -> Result<Checkpoint> {
-        let magic = source.read_range(path, 0, source.len(path).await?.min(4)).await?;
-        let tensors: Vec<(String, Entry)> = if gguf::is_gguf(&magic) {
-            gguf::read_header(source, path).await?.tensors.into_iter().map(|t| (t.name.clone(), Entry::gguf(0, t))).collect()
-        } else {
-            read_header(source, path).await?.tensors.into_iter().map(|(name, info)| (name, Entry::safetensors(0, info))).collect()
-        };
-        Checkpoint::index(source.describe(path), path, tensors, layout)
-    }
+/// A single-file checkpoint's tensors by diffusers' component folder and name.
+#[derive(Debug, Clone)]
+pub struct SingleFile {
+    pub kind: Kind,
+    pub components: HashMap<&'static str, HashMap<String, Entry>>,
+}
 
-    /// Builds the index from a file's tensors (SGM or stable-diffusion.cpp names); `location`
-    /// names the file in errors.
-    pub fn index(location: String, path: &str, tensors: Vec<(String, Entry)>, layout: &Layout) -> Result<Checkpoint> {
-        let has = |prefix: &str| tensors.iter().any(|(name, _)| name.starts_with(prefix));
-        let layout_found = TEXT_LAYOUTS
-            .iter()
-            .find(|(_, encoders, absent)| encoders.iter().all(|e| has(e.prefix)) && !absent.is_some_and(has));
-        let Some(&(kind, encoders, _)) = layout_found else {
-            let sample: Vec<&str> = tensors.iter().take(3).map(|(n, _)| n.as_str()).collect();
-            let message = format!(
-                "not an SDXL base (CLIP ViT-L at conditioner.embedders.0.transformer.*, OpenCLIP bigG at conditioner.embedders.1.model.*) \
-                 or refiner (OpenCLIP bigG at conditioner.embedders.0.model.*) checkpoint, nor stable-diffusion.cpp's naming of one \
-                 (cond_stage_model.*); its {} tensors are named like {sample:?}",
-                tensors.len()
-            );
-            return Err(Error::Tensor { path: location, tensor: "conditioner.embedders.*".into(), message });
-        };
+impl SingleFile {
+    /// Maps every SDXL tensor of a file (SGM or stable-diffusion.cpp names) to its diffusers
+    /// component and name; `location` names the file in errors. State diffusers drops too (EMA
+    /// copies, denoiser sigmas, logit_scale) is left out.
+    pub fn index(location: &str, tensors: Vec<(String, Entry)>, layout: &Layout) -> Result<SingleFile> {
+        let kind = identify(location, tensors.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice())))?;
+        let encoders = TEXT_LAYOUTS.iter().find(|(k, encoders, absent)| {
+            *k == kind && encoders.iter().all(|e| tensors.iter().any(|(n, _)| n.starts_with(e.prefix))) && !absent.is_some_and(|a| tensors.iter().any(|(n, _)| n.starts_with(a)))
+        });
+        let encoders = encoders.map_or(&[][..], |(_, encoders, _)| *encoders);
         for prefix in [UNET, VAE] {
-            if !has(prefix) {
+            if !tensors.iter().any(|(name, _)| name.starts_with(prefix)) {
                 let message = format!("missing: the file looks like {} but has no {prefix}* tensors", kind.describe());
-                return Err(Error::Tensor { path: location, tensor: format!("{prefix}*"), message });
+                return Err(Error::Tensor { path: location.to_string(), tensor: format!("{prefix}*"), message });
             }
         }
         let mut components: HashMap<&'static str, HashMap<String, Entry>> = HashMap::new();
         for (name, entry) in tensors {
-            let bad = |message: String| Error::Tensor { path: location.clone(), tensor: name.clone(), message };
+            let bad = |message: String| Error::Tensor { path: location.to_string(), tensor: name.clone(), message };
             let encoder = encoders.iter().find_map(|e| name.strip_prefix(e.prefix).map(|rest| (e, rest)));
             let mapped = if let Some(rest) = name.strip_prefix(UNET) {
                 let projection = layout.linear_projection && (rest.ends_with(".proj_in.weight") || rest.ends_with(".proj_out.weight"));
@@ -224,85 +282,13 @@ impl Checkpoint {
                 };
                 entries.map(|v| v.into_iter().map(|(n, e)| (encoder.dir, n, e)).collect())
             } else {
-                None // state that diffusers drops too (EMA copies, denoiser sigmas, ...)
+                None
             };
             for (component, name, entry) in mapped.into_iter().flatten() {
                 components.entry(component).or_default().insert(name, entry);
             }
         }
-        Ok(Checkpoint { path: path.to_string(), kind, components })
-    }
-
-    /// The tensors of diffusers' component folder `dir` ("unet", "vae", "text_encoder", "text_encoder_2").
-    pub fn component(&self, location: &str, dir: &str) -> Result<&HashMap<String, Entry>> {
-        self.components.get(dir).ok_or_else(|| Error::Tensor {
-            path: location.to_string(),
-            tensor: format!("{dir}/*"),
-            message: format!("missing: the checkpoint is {}, which has no {dir}", self.kind.describe()),
-        })
-    }
-}
-
-/// A model seen as a diffusers folder: model_index.json, configs, tokenizers and the scheduler from
-/// `config` (a diffusers-layout folder whose weights, if any, are not read), every tensor from the
-/// one checkpoint file `path` in `file`.
-pub struct CheckpointSource<C: Source, F: Source> {
-    config: C,
-    file: F,
-    checkpoint: Checkpoint,
-}
-
-impl<C: Source, F: Source> CheckpointSource<C, F> {
-    /// Indexes the checkpoint with `config`'s UNet and VAE configs and checks that both describe
-    /// the same model (base or refiner).
-    pub async fn open(config: C, file: F, path: &str) -> Result<CheckpointSource<C, F>> {
-        let layout = Layout::load(&config).await?;
-        let checkpoint = Checkpoint::open(&file, path, &layout).await?;
-        let config_kind = if config.exists("text_encoder/config.json").await { Kind::Base } else { Kind::Refiner };
-        if config_kind != checkpoint.kind {
-            let message = format!(
-                "the checkpoint {} is {}, but this config folder is for {}",
-                file.describe(path),
-                checkpoint.kind.describe(),
-                config_kind.describe()
-            );
-            return Err(Error::Config { path: config.describe("model_index.json"), message });
-        }
-        Ok(CheckpointSource { config, file, checkpoint })
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.checkpoint.kind
-    }
-}
-
-impl<C: Source, F: Source> Source for CheckpointSource<C, F> {
-    fn describe(&self, path: &str) -> String {
-        match path == self.checkpoint.path {
-            true => self.file.describe(path),
-            false => self.config.describe(path),
-        }
-    }
-    async fn exists(&self, path: &str) -> bool {
-        match path == self.checkpoint.path {
-            true => self.file.exists(path).await,
-            false => self.config.exists(path).await,
-        }
-    }
-    async fn len(&self, path: &str) -> Result<u64> {
-        match path == self.checkpoint.path {
-            true => self.file.len(path).await,
-            false => self.config.len(path).await,
-        }
-    }
-    async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<Vec<u8>> {
-        match path == self.checkpoint.path {
-            true => self.file.read_range(path, start, end).await,
-            false => self.config.read_range(path, start, end).await,
-        }
-    }
-    fn checkpoint(&self) -> Option<&Checkpoint> {
-        Some(&self.checkpoint)
+        Ok(SingleFile { kind, components })
     }
 }
 
@@ -404,7 +390,10 @@ fn vae_entry(rest: &str, entry: Entry, layout: &Layout) -> std::result::Result<O
         }
     } else if let Some((block, rest)) = rest.strip_prefix("mid.").and_then(|r| r.split_once('.')) {
         match block.strip_prefix("block_").map(index) {
-            Some(k) => format!("mid_block.resnets.{}.{}", k? - 1, resnet(rest)),
+            Some(k) => {
+                let k = k?.checked_sub(1).ok_or_else(|| format!("mid.{block}: SGM numbers the mid resnets from 1"))?;
+                format!("mid_block.resnets.{k}.{}", resnet(rest))
+            }
             None if block == "attn_1" => {
                 let Some(name) = ATTENTION.iter().find_map(|(sgm, diffusers)| rest.strip_prefix(sgm).map(|p| format!("{diffusers}{p}"))) else {
                     return Ok(None);

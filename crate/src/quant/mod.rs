@@ -35,6 +35,14 @@
 //! cols = cin·k², so only the few small-cin convs such as conv_in pay for padding, see
 //! [`QuantizedTensor::bits_per_weight`]), plus at most 2 bytes to round a scale plane to whole
 //! words on the GPU. A file storing the planes verbatim costs the same.
+//!
+//! ## K-quants
+//!
+//! ggml's Q2_K … Q6_K ([`kquants`]) are read by the kernels as GGUF stores them: `data` holds
+//! each row's 256-value blocks (scales inside, Q3_K and Q6_K padded to whole words), `scales` and
+//! `mins` are empty. Rows must be whole blocks (cols a multiple of 256), as in ggml.
+
+pub mod kquants;
 
 use half::f16;
 
@@ -53,51 +61,106 @@ pub enum QuantFormat {
     Q4_1,
     /// f16 scale + 32 × i8 per block (symmetric): 8.5 bits per weight.
     Q8_0,
+    /// ggml's K-quants, blocks of 256 as GGUF stores them (see [`kquants`]).
+    Q2_K,
+    Q3_K,
+    Q4_K,
+    Q5_K,
+    Q6_K,
 }
 
 impl QuantFormat {
-    /// u32 words of codes per block.
+    pub const ALL: [QuantFormat; 8] = [
+        QuantFormat::Q8_0,
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q2_K,
+        QuantFormat::Q3_K,
+        QuantFormat::Q4_K,
+        QuantFormat::Q5_K,
+        QuantFormat::Q6_K,
+    ];
+
+    /// ggml's K-quants: self-contained blocks of 256 values, no separate scale planes.
+    pub fn is_k(self) -> bool {
+        !matches!(self, QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1)
+    }
+
+    /// Values per block along a row: 32, or 256 for the K-quants (whose rows must be whole blocks).
+    pub fn block_values(self) -> usize {
+        if self.is_k() {
+            kquants::SUPER
+        } else {
+            BLOCK
+        }
+    }
+
+    /// u32 words of codes per block (a K-quant block, scales included, padded to whole words).
     pub fn words_per_block(self) -> usize {
         match self {
             QuantFormat::Q8_0 => 8,
             QuantFormat::Q4_0 | QuantFormat::Q4_1 => 4,
+            k => kquants::ggml_bytes(k).div_ceil(4),
         }
     }
 
-    /// f16 parameters per block (scale, and min for Q4_1).
+    /// f16 parameters per block kept beside the codes (scale, and min for Q4_1; none for K-quants).
     pub fn params_per_block(self) -> usize {
         match self {
             QuantFormat::Q4_1 => 2,
             QuantFormat::Q8_0 | QuantFormat::Q4_0 => 1,
+            _ => 0,
         }
     }
 
-    /// Bits per weight of a full block, codes and parameters together (8.5, 4.5, 5.0).
+    /// Bytes of one block as stored: codes and parameters.
+    pub fn block_bytes(self) -> usize {
+        self.words_per_block() * 4 + self.params_per_block() * 2
+    }
+
+    /// Bits per weight of a full block, codes and parameters together (8.5, 4.5, 5.0; K-quants
+    /// 2.625, 3.5, 4.5, 5.5, 6.625).
     pub fn bits_per_weight(self) -> f64 {
-        (self.words_per_block() * 32 + self.params_per_block() * 16) as f64 / BLOCK as f64
+        (self.block_bytes() * 8) as f64 / self.block_values() as f64
     }
 
     /// Bytes of a [rows, cols] matrix in this format (codes and block parameters; the last block
     /// of each row padded).
     pub fn matrix_bytes(self, rows: usize, cols: usize) -> u64 {
-        (rows * cols.div_ceil(BLOCK) * (self.words_per_block() * 4 + self.params_per_block() * 2)) as u64
+        (rows * cols.div_ceil(self.block_values()) * self.block_bytes()) as u64
     }
 
-    /// The number the kernels switch on.
+    /// Whether a matrix with rows of `cols` values can be stored in this format: the K-quants
+    /// need whole 256-value blocks, as ggml does.
+    pub fn fits(self, cols: usize) -> bool {
+        cols >= BLOCK && (!self.is_k() || cols.is_multiple_of(kquants::SUPER))
+    }
+
+    /// The number the kernels switch on (shaders/gemm.wgsl's FORMAT_*).
     pub(crate) fn kernel_id(self) -> u32 {
         match self {
             QuantFormat::Q8_0 => 0,
             QuantFormat::Q4_1 => 1,
             QuantFormat::Q4_0 => 2,
+            QuantFormat::Q2_K => 5,
+            QuantFormat::Q3_K => 6,
+            QuantFormat::Q4_K => 7,
+            QuantFormat::Q5_K => 8,
+            QuantFormat::Q6_K => 9,
         }
     }
 
-    /// The name files and the CLI use (ggml's).
+    /// The name files and the CLI use (ggml's, lower case).
     pub fn name(self) -> &'static str {
         match self {
             QuantFormat::Q8_0 => "q8_0",
             QuantFormat::Q4_0 => "q4_0",
             QuantFormat::Q4_1 => "q4_1",
+            QuantFormat::Q2_K => "q2_k",
+            QuantFormat::Q3_K => "q3_k",
+            QuantFormat::Q4_K => "q4_k",
+            QuantFormat::Q5_K => "q5_k",
+            QuantFormat::Q6_K => "q6_k",
         }
     }
 }
@@ -105,10 +168,10 @@ impl QuantFormat {
 impl std::str::FromStr for QuantFormat {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1]
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| Error::InvalidParameter(format!("quantization format '{s}': expected q8_0, q4_0 or q4_1")))
+        QuantFormat::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = QuantFormat::ALL.iter().map(|f| f.name()).collect();
+            Error::InvalidParameter(format!("quantization format '{s}': expected one of {}", names.join(", ")))
+        })
     }
 }
 
@@ -153,7 +216,7 @@ fn f16_down(v: f32) -> f16 {
 
 impl QuantizedTensor {
     pub fn blocks_per_row(&self) -> usize {
-        self.cols.div_ceil(BLOCK)
+        self.cols.div_ceil(self.format.block_values())
     }
 
     /// Bytes of codes and block parameters (the file size of the planes; the GPU adds at most 2).
@@ -168,6 +231,9 @@ impl QuantizedTensor {
 
     /// Checks that the planes have the sizes the format and shape call for.
     pub fn validate(&self) -> Result<()> {
+        if self.format.is_k() {
+            return self.validate_k();
+        }
         let blocks = self.rows * self.blocks_per_row();
         let mins = if self.format == QuantFormat::Q4_1 { blocks } else { 0 };
         if self.data.len() != blocks * self.format.words_per_block() || self.scales.len() != blocks || self.mins.len() != mins {
@@ -188,8 +254,26 @@ impl QuantizedTensor {
         Ok(())
     }
 
+    fn validate_k(&self) -> Result<()> {
+        let (format, rows, cols) = (self.format, self.rows, self.cols);
+        if !format.fits(cols) || self.data.len() != rows * self.blocks_per_row() * format.words_per_block() || !self.scales.is_empty() || !self.mins.is_empty() {
+            return Err(bad(format!(
+                "{format:?} [{rows}, {cols}]: {} code words for rows of whole {}-value blocks",
+                self.data.len(),
+                kquants::SUPER
+            )));
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(&self.data);
+        let bad_scale = bytes.chunks(format.words_per_block() * 4).any(|b| kquants::scales(format, b).iter().any(|d| !d.is_finite()));
+        if bad_scale {
+            return Err(bad(format!("{format:?} [{rows}, {cols}]: non-finite block scale")));
+        }
+        Ok(())
+    }
+
     /// The block parameters as the kernels read them: Q8_0 and Q4_0 two f16 scales per u32 (even
-    /// flat block index in the low half), Q4_1 one u32 per block (d low, m high).
+    /// flat block index in the low half), Q4_1 one u32 per block (d low, m high); none for the
+    /// K-quants, whose blocks hold their scales.
     pub fn gpu_scales(&self) -> Vec<u32> {
         match self.format {
             QuantFormat::Q8_0 | QuantFormat::Q4_0 => self
@@ -198,10 +282,19 @@ impl QuantizedTensor {
                 .map(|p| p[0].to_bits() as u32 | (p.get(1).map_or(0, |s| s.to_bits()) as u32) << 16)
                 .collect(),
             QuantFormat::Q4_1 => self.scales.iter().zip(&self.mins).map(|(d, m)| d.to_bits() as u32 | (m.to_bits() as u32) << 16).collect(),
+            _ => Vec::new(),
         }
     }
 
-    /// The integer code of element (row, col) (col may index the padding).
+    /// Rows `r0..r1` alone (blocks never straddle rows).
+    pub fn rows(&self, r0: usize, r1: usize) -> QuantizedTensor {
+        let (blocks, words) = (self.blocks_per_row(), self.format.words_per_block());
+        let mins = if self.mins.is_empty() { Vec::new() } else { self.mins[r0 * blocks..r1 * blocks].to_vec() };
+        let scales = if self.scales.is_empty() { Vec::new() } else { self.scales[r0 * blocks..r1 * blocks].to_vec() };
+        QuantizedTensor { rows: r1 - r0, data: self.data[r0 * blocks * words..r1 * blocks * words].to_vec(), scales, mins, ..*self }
+    }
+
+    /// The integer code of element (row, col) of a 32-value-block format (col may index the padding).
     pub fn code(&self, row: usize, col: usize) -> i32 {
         let words = self.format.words_per_block();
         let base = (row * self.blocks_per_row() + col / BLOCK) * words;
@@ -209,6 +302,7 @@ impl QuantizedTensor {
         match self.format {
             QuantFormat::Q8_0 => (self.data[base + i / 4] >> (8 * (i % 4))) as u8 as i8 as i32,
             QuantFormat::Q4_0 | QuantFormat::Q4_1 => ((self.data[base + i / 8] >> (4 * (i % 8))) & 15) as i32,
+            k => unreachable!("{k:?} codes are read through kquants::dequantize_block"),
         }
     }
 }
@@ -219,6 +313,22 @@ impl QuantizedTensor {
 pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -> Result<QuantizedTensor> {
     if values.len() != rows * cols {
         return Err(bad(format!("quantize: {} values do not fill [{rows}, {cols}]", values.len())));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!("quantize: non-finite value {} at [{}, {}]", values[i], i / cols.max(1), i % cols.max(1))));
+    }
+    if format.is_k() {
+        if !format.fits(cols) {
+            return Err(bad(format!("quantize: {format:?} needs rows of whole {}-value blocks, not {cols}", kquants::SUPER)));
+        }
+        let mut bytes = Vec::with_capacity(rows * cols / kquants::SUPER * format.words_per_block() * 4);
+        for block in values.chunks(kquants::SUPER) {
+            kquants::quantize_block(format, block, &mut bytes);
+            bytes.resize(bytes.len().next_multiple_of(4), 0);
+        }
+        let q = QuantizedTensor { format, rows, cols, data: bytemuck::pod_collect_to_vec(&bytes), scales: Vec::new(), mins: Vec::new() };
+        q.validate()?;
+        return Ok(q);
     }
     let nb = cols.div_ceil(BLOCK);
     let mut q = QuantizedTensor {
@@ -232,9 +342,6 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -
     let mut codes = [0u8; BLOCK];
     for (r, row) in values.chunks(cols.max(1)).take(rows).enumerate() {
         for (b, block) in row.chunks(BLOCK).enumerate() {
-            if let Some(i) = block.iter().position(|v| !v.is_finite()) {
-                return Err(bad(format!("quantize: non-finite value {} at [{r}, {}]", block[i], b * BLOCK + i)));
-            }
             codes.fill(0);
             let too_large = || bad(format!("quantize: block [{r}, {}..] exceeds f16's range for a {format:?} scale", b * BLOCK));
             match format {
@@ -282,6 +389,7 @@ pub fn quantize(values: &[f32], rows: usize, cols: usize, format: QuantFormat) -
                     q.scales.push(d);
                     q.mins.push(m);
                 }
+                k => unreachable!("{k:?} is quantized above"),
             }
             push_codes(&mut q.data, format, &codes);
         }
@@ -294,12 +402,18 @@ pub(crate) fn push_codes(data: &mut Vec<u32>, format: QuantFormat, codes: &[u8; 
     match format {
         QuantFormat::Q8_0 => data.extend(codes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         QuantFormat::Q4_0 | QuantFormat::Q4_1 => data.extend(codes.chunks(8).map(|c| c.iter().rev().fold(0u32, |w, &n| (w << 4) | n as u32))),
+        k => unreachable!("{k:?} blocks are not 32 codes"),
     }
 }
 
 /// The values a quantized matrix stands for, [rows, cols] row-major (padding dropped), computed
-/// as the kernels do: d·q (Q8_0), d·(q − 8) (Q4_0) or d·q + m (Q4_1) in f32.
+/// as the kernels do: d·q (Q8_0), d·(q − 8) (Q4_0) or d·q + m (Q4_1) in f32; the K-quants as
+/// ggml does ([`kquants::dequantize_block`]).
 pub fn dequantize(q: &QuantizedTensor) -> Vec<f32> {
+    if q.format.is_k() {
+        let bytes: &[u8] = bytemuck::cast_slice(&q.data);
+        return bytes.chunks(q.format.words_per_block() * 4).flat_map(|b| kquants::dequantize_block(q.format, b)).collect();
+    }
     let nb = q.blocks_per_row();
     let mut out = Vec::with_capacity(q.rows * q.cols);
     for r in 0..q.rows {
@@ -310,7 +424,7 @@ pub fn dequantize(q: &QuantizedTensor) -> Vec<f32> {
             out.push(match q.format {
                 QuantFormat::Q8_0 => d * code,
                 QuantFormat::Q4_0 => d * (code - 8.0),
-                QuantFormat::Q4_1 => d * code + q.mins[blk].to_f32(),
+                _ => d * code + q.mins[blk].to_f32(), // Q4_1
             });
         }
     }
@@ -325,8 +439,8 @@ pub struct QuantTensor {
     pub cols: usize,
     /// Codes, U32 [rows, blocks · words_per_block].
     pub data: Tensor,
-    /// Block parameters, U32 (see [`QuantizedTensor::gpu_scales`]).
-    pub scales: Tensor,
+    /// Block parameters, U32 (see [`QuantizedTensor::gpu_scales`]); None for the K-quants.
+    pub scales: Option<Tensor>,
 }
 
 impl QuantTensor {
@@ -355,17 +469,17 @@ impl QuantTensor {
             rows: q.rows,
             cols: q.cols,
             data: gpu.upload_u32(&q.data, &[q.rows, row_words])?,
-            scales: gpu.upload_u32(&scales, &[scales.len()])?,
+            scales: if scales.is_empty() { None } else { Some(gpu.upload_u32(&scales, &[scales.len()])?) },
         })
     }
 
     pub fn blocks_per_row(&self) -> usize {
-        self.cols.div_ceil(BLOCK)
+        self.cols.div_ceil(self.format.block_values())
     }
 
     /// Bytes held on the GPU (both planes).
     pub fn gpu_bytes(&self) -> usize {
-        (self.data.len() + self.scales.len()) * DType::U32.size()
+        (self.data.len() + self.scales.as_ref().map_or(0, Tensor::len)) * DType::U32.size()
     }
 }
 
@@ -428,6 +542,15 @@ pub const Q4_EXCEPTIONS: &[(&str, QuantFormat)] = &[
 ];
 
 impl QuantPreset {
+    /// The name the CLI, the JS API and pack manifests use.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantPreset::F16 => "f16",
+            QuantPreset::Q8 => "q8",
+            QuantPreset::Q4 => "q4",
+        }
+    }
+
     pub fn policy(self) -> QuantPolicy {
         match self {
             QuantPreset::F16 => QuantPolicy::default(),
@@ -440,13 +563,17 @@ impl QuantPreset {
     }
 }
 
-/// Which weight matrices a model keeps quantized on the GPU, and how.
+/// Which weight matrices a model keeps quantized on the GPU, and how: the one place where that is
+/// decided, for weights quantized as they load ([`crate::weights::Vars`]) and for model packs
+/// ([`crate::pack`]).
 ///
-/// Only the large matrices of nn.Linear and nn.Conv2d are candidates (norms, biases and embedding
-/// tables never go through here). Always dense: the first and last convolutions (`conv_in`,
-/// `conv_out`), the time and added-condition embeddings (`time_embedding`, `add_embedding`, each
-/// resnet's `time_emb_proj`), the text encoders' `text_projection`, and matrices narrower than one
-/// block. Every other candidate gets its role's exception if there is one, else `default`.
+/// Candidates are the `.weight` matrices (2-D or more) of nn.Linear and nn.Conv2d in the text
+/// encoders and the UNet. Always dense: the VAE, embedding tables (`embeddings.*`, read by row),
+/// the first and last convolutions (`conv_in`, `conv_out`), the time and added-condition
+/// embeddings (`time_embedding`, `add_embedding`, each resnet's `time_emb_proj`), the text
+/// encoders' `text_projection`, and matrices whose rows the format cannot cut into whole blocks.
+/// Every other candidate gets its role's exception if there is one, else `default`. Weights
+/// stored quantized (GGUF blocks, packs) are used as stored, whatever the policy says.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QuantPolicy {
     /// Format of the candidates no exception names (None: dense).
@@ -456,16 +583,17 @@ pub struct QuantPolicy {
 }
 
 impl QuantPolicy {
-    /// The format for weight `name` (component-qualified: `unet/conv_in.weight`) of `cols` inputs
-    /// per output (None: keep it dense).
-    pub fn format_for(&self, name: &str, cols: usize) -> Option<QuantFormat> {
-        const DENSE: [&str; 6] = ["conv_in.", "conv_out.", "time_embedding.", "add_embedding.", "time_emb_proj.", "text_projection."];
-        let local = name.rsplit('/').next().unwrap_or(name);
-        if cols < BLOCK || DENSE.iter().any(|d| local.starts_with(d) || local.contains(&format!(".{d}"))) {
+    /// The format for tensor `name` of `component` (`unet`, `conv_in.weight`) of `shape` (None:
+    /// keep it dense).
+    pub fn format_for(&self, component: &str, name: &str, shape: &[usize]) -> Option<QuantFormat> {
+        const DENSE: [&str; 7] = ["conv_in.", "conv_out.", "time_embedding.", "add_embedding.", "time_emb_proj.", "text_projection.", "embeddings."];
+        if component == "vae" || shape.len() < 2 || !name.ends_with(".weight") || DENSE.iter().any(|d| name.starts_with(d) || name.contains(&format!(".{d}"))) {
             return None;
         }
-        let role = role(name);
-        self.exceptions.iter().find(|(r, _)| *r == role).map_or(self.default, |&(_, format)| format)
+        let cols = shape[1..].iter().product();
+        let role = role(&format!("{component}/{name}"));
+        let format = self.exceptions.iter().find(|(r, _)| *r == role).map_or(self.default, |&(_, format)| format);
+        format.filter(|f| f.fits(cols))
     }
 }
 

@@ -1,0 +1,489 @@
+//! Writing packs: [`plan`] reads what a model (any [`ModelSource`]: a diffusers folder, a single
+//! file, another format) holds and refuses what cannot be converted before anything is written;
+//! [`convert`] streams it tensor by tensor into shards of a [`PackSink`], resumable from a
+//! [`ConvertState`]; natively, [`convert_path`] is `sdxl convert`.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use super::manifest::{sha256_hex, shard_path, Manifest, ModelKind, Pack, PackFile, PackTensor, Segment, Shard, Storage, ALIGN, FORMAT, MANIFEST, SHARD_BYTES, VERSION};
+use crate::error::{Error, Result};
+use crate::quant::{quantize, QuantFormat, QuantPolicy, QuantPreset};
+use crate::weights::safetensors;
+use crate::weights::{all_rows, Encoding, HostTensor, MemorySource, ModelSource, Source, TensorSource};
+
+/// Components whose tensors a pack holds, in pack order.
+const WEIGHT_COMPONENTS: [&str; 4] = ["text_encoder", "text_encoder_2", "unet", "vae"];
+/// Components of model_index.json the engine reads (the others are refused or skipped, see [`plan`]).
+const KNOWN_COMPONENTS: [&str; 7] = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "scheduler"];
+/// Components every SDXL model (base or refiner) has.
+const REQUIRED_COMPONENTS: [&str; 5] = ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"];
+
+/// What converting a model reads and writes: the small files it copies and each weight
+/// component's tensors. Everything [`convert`] can refuse is refused by [`plan`], before anything
+/// is read past the headers.
+pub struct Plan<'m, 'a> {
+    pub model: &'m ModelSource<'a>,
+    pub kind: ModelKind,
+    pub preset: QuantPreset,
+    /// Configs and tokenizer files, in pack order.
+    pub small: Vec<String>,
+    pub weights: Vec<(&'static str, Rc<dyn TensorSource + 'a>)>,
+}
+
+impl Plan<'_, '_> {
+    /// Bytes the conversion reads: the small files and every tensor as its source stores it.
+    pub async fn read_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for path in &self.small {
+            total += self.model.files.len(path).await?;
+        }
+        Ok(total + self.weights.iter().flat_map(|(_, w)| w.names().into_iter().filter_map(|n| w.info(n))).map(|i| i.bytes).sum::<u64>())
+    }
+
+    /// Bytes of the pack: the small files plus every tensor as [`planned_bytes`] stores it (f32
+    /// fallbacks for values beyond f16's range, which only the data shows, not counted).
+    pub async fn pack_bytes(&self) -> Result<u64> {
+        let policy = self.preset.policy();
+        let mut total = 0;
+        for path in &self.small {
+            total += self.model.files.len(path).await?;
+        }
+        for (c, w) in &self.weights {
+            let tensors = w.names().into_iter().filter_map(|n| Some((n, w.info(n)?))).filter(|(_, i)| is_stored(i.encoding));
+            total += planned_bytes(&policy, c, tensors.map(|(n, i)| (n, i.shape.as_slice(), i.encoding)));
+        }
+        Ok(total)
+    }
+}
+
+/// Plans the conversion of `model` (see [`Plan`]).
+///
+/// Refuses: a model without model_index.json, a pipeline class other than StableDiffusionXL*, a
+/// declared component whose files (config / tokenizer files / weights) are missing, a missing
+/// SDXL component, and integer tensors (other than the unused `position_ids` buffers, which are
+/// skipped).
+pub async fn plan<'m, 'a>(model: &'m ModelSource<'a>, preset: QuantPreset) -> Result<Plan<'m, 'a>> {
+    let files = &model.files;
+    let index_path = "model_index.json";
+    if !files.exists(index_path).await {
+        return Err(Error::Config {
+            path: files.describe(index_path),
+            message: "missing: not a diffusers model folder (expected model_index.json, unet/, vae/, ...)".into(),
+        });
+    }
+    let index: serde_json::Value = crate::weights::read_json(files, index_path).await?;
+    let bad = |message: String| Error::Config { path: files.describe(index_path), message };
+    let map = index.as_object().ok_or_else(|| bad("not a JSON object".into()))?;
+    let class = map.get("_class_name").and_then(|v| v.as_str()).unwrap_or("");
+    if !class.starts_with("StableDiffusionXL") {
+        return Err(bad(format!("pipeline class '{class}' is not a Stable Diffusion XL pipeline (StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline)")));
+    }
+    let declared = |c: &str| matches!(map.get(c), Some(serde_json::Value::Array(a)) if !a.is_empty() && a.iter().all(|v| !v.is_null()));
+    for c in REQUIRED_COMPONENTS {
+        if !declared(c) {
+            return Err(bad(format!("the model has no {c} (every SDXL base and refiner has {})", REQUIRED_COMPONENTS.join(", "))));
+        }
+    }
+    let kind = if map.get("requires_aesthetics_score").and_then(|v| v.as_bool()).unwrap_or(false) { ModelKind::Refiner } else { ModelKind::Base };
+    let components: Vec<&str> = KNOWN_COMPONENTS.iter().copied().filter(|c| declared(c)).collect();
+
+    let mut wanted = vec![(index_path.to_string(), true)];
+    for c in &components {
+        wanted.extend(component_files(c));
+    }
+    let mut small = Vec::new();
+    for (path, required) in wanted {
+        if files.exists(&path).await {
+            small.push(path);
+        } else if required {
+            let component = path.split('/').next().unwrap_or_default();
+            return Err(Error::Io { path: files.describe(&path), message: format!("missing: model_index.json declares '{component}' but its folder lacks this file") });
+        }
+    }
+    let mut weights = Vec::new();
+    for c in WEIGHT_COMPONENTS.iter().copied().filter(|c| components.contains(c)) {
+        let w = model.tensors(c).await?;
+        for name in w.names() {
+            let info = w.info(name).expect("listed");
+            if !is_stored(info.encoding) && !name.ends_with("position_ids") {
+                let dtype = match info.encoding {
+                    Encoding::Float(dtype) => dtype.name(),
+                    Encoding::Quant(format) => format.name(),
+                };
+                return Err(Error::Tensor { path: w.location(), tensor: name.to_string(), message: format!("dtype {dtype} is not supported (weights are float or quantized)") });
+            }
+        }
+        weights.push((c, w));
+    }
+    Ok(Plan { model, kind, preset, small, weights })
+}
+
+/// Whether a pack stores tensors of this encoding (integer buffers are skipped).
+fn is_stored(encoding: Encoding) -> bool {
+    match encoding {
+        Encoding::Float(dtype) => dtype.is_float(),
+        Encoding::Quant(_) => true,
+    }
+}
+
+/// Where a converter writes a pack: shards in order, then `manifest.json` last (a pack without a
+/// manifest is incomplete). After each shard, [`PackSink::save_state`] gets what a later
+/// [`convert`] needs to resume without reading again what those shards hold.
+#[allow(async_fn_in_trait)]
+pub trait PackSink {
+    async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()>;
+    async fn save_state(&mut self, _state: &ConvertState) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl PackSink for MemorySource {
+    async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()> {
+        self.insert(path, bytes.to_vec());
+        Ok(())
+    }
+}
+
+/// A conversion's progress after a shard was written: the shards so far and the entries that lie
+/// wholly in them (always a prefix of the pack's files, then tensors, in order).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvertState {
+    pub shards: Vec<Shard>,
+    pub files: Vec<PackFile>,
+    pub tensors: Vec<PackTensor>,
+    /// Stream position where the first entry not listed begins (it may start in a written shard).
+    pub next_offset: u64,
+}
+
+/// Cuts a byte stream into shards of exactly `shard_bytes` (the last one shorter), aligning every
+/// entry to 4 bytes. A segment's shard and offset follow from its stream position alone, so a
+/// resumed conversion replays the entry it was in the middle of and keeps only the bytes past
+/// `keep_from` (the end of the shards already written).
+struct ShardWriter<'k, K: PackSink> {
+    sink: &'k mut K,
+    shard_bytes: u64,
+    /// Stream position of the next byte.
+    pos: u64,
+    keep_from: u64,
+    /// Bytes of the shard being filled, from `keep_from` or its start on.
+    current: Vec<u8>,
+    done: ConvertState,
+    /// Where the entry being written began.
+    entry_start: u64,
+    on_shard: &'k mut dyn FnMut(&str),
+}
+
+impl<K: PackSink> ShardWriter<'_, K> {
+    async fn flush(&mut self) -> Result<()> {
+        if self.current.is_empty() {
+            return Ok(());
+        }
+        let path = shard_path(self.done.shards.len());
+        self.sink.write(&path, &self.current).await?;
+        self.done.shards.push(Shard { path: path.clone(), bytes: self.current.len() as u64, sha256: sha256_hex(&self.current) });
+        self.current.clear();
+        self.done.next_offset = self.entry_start;
+        self.sink.save_state(&self.done).await?;
+        let total: u64 = self.done.shards.iter().map(|s| s.bytes).sum();
+        (self.on_shard)(&format!("  {path} ({:.1} MiB written)", total as f64 / 1048576.0));
+        Ok(())
+    }
+
+    /// Appends `bytes` at `pos`; returns their segments.
+    async fn append(&mut self, bytes: &[u8]) -> Result<Vec<Segment>> {
+        let mut segments = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let offset = self.pos % self.shard_bytes;
+            let n = ((self.shard_bytes - offset) as usize).min(rest.len());
+            segments.push(Segment { shard: (self.pos / self.shard_bytes) as u32, offset, length: n as u64 });
+            let end = self.pos + n as u64;
+            if end > self.keep_from {
+                let skip = self.keep_from.saturating_sub(self.pos) as usize;
+                self.current.extend_from_slice(&rest[skip..n]);
+            }
+            self.pos = end;
+            rest = &rest[n..];
+            if self.pos.is_multiple_of(self.shard_bytes) {
+                self.flush().await?;
+            }
+        }
+        Ok(segments)
+    }
+
+    /// Writes one plane of an entry at the next aligned position.
+    async fn write(&mut self, bytes: &[u8]) -> Result<Vec<Segment>> {
+        let padding = self.pos.next_multiple_of(ALIGN as u64) - self.pos;
+        self.append(&[0; ALIGN][..padding as usize]).await?;
+        self.append(bytes).await
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / 1048576.0)
+}
+
+/// Converts the model that `plan` reads into a pack written to `sink`: weights the source stores
+/// quantized (GGUF blocks) as stored, the text encoders' and UNet's float weight matrices as the
+/// preset's policy says (the VAE stays dense), every other tensor dense f16 (f32 if a value
+/// exceeds f16's range). One tensor is held in memory at a time, plus the shard being filled.
+/// With `resume` (the sink's last [`ConvertState`]), the entries it lists are not read again and
+/// the shards it lists are not written again: the entry that was cut is read and re-encoded, and
+/// only its rest is kept. `progress` gets one line per component and per shard written.
+///
+/// Refuses `shard_bytes` that is not a positive multiple of 4 up to [`SHARD_BYTES`].
+pub async fn convert<K: PackSink>(plan: Plan<'_, '_>, shard_bytes: u64, resume: Option<ConvertState>, sink: &mut K, mut progress: impl FnMut(&str)) -> Result<Manifest> {
+    if shard_bytes == 0 || !shard_bytes.is_multiple_of(ALIGN as u64) || shard_bytes > SHARD_BYTES {
+        return Err(Error::InvalidParameter(format!("shard size {shard_bytes} must be a positive multiple of {ALIGN} up to {SHARD_BYTES}")));
+    }
+    let Plan { model, kind, preset, small, weights } = plan;
+    let policy = preset.policy();
+    let resume = resume.unwrap_or_default();
+    let mut on_shard = |line: &str| progress(line);
+    let keep_from = resume.shards.iter().map(|s| s.bytes).sum();
+    if resume.shards.iter().any(|s| s.bytes != shard_bytes) {
+        return Err(Error::InvalidParameter(format!("the saved conversion's shards are not {shard_bytes} bytes each; start the conversion again")));
+    }
+    let (pos, files_done, tensors_done) = (resume.next_offset, resume.files.len(), resume.tensors.len());
+    let mut out = ShardWriter { sink, shard_bytes, pos, keep_from, current: Vec::new(), done: resume, entry_start: pos, on_shard: &mut on_shard };
+    let mut small_bytes = 0;
+    for (i, path) in small.iter().enumerate() {
+        if i < files_done {
+            check_resumed(&out.done.files[i].path, path)?;
+            continue;
+        }
+        out.entry_start = out.pos;
+        let bytes = model.files.read(path).await?;
+        small_bytes += bytes.len() as u64;
+        let segments = out.write(&bytes).await?;
+        out.done.files.push(PackFile { path: path.clone(), bytes: bytes.len() as u64, sha256: sha256_hex(&bytes), segments });
+    }
+    (out.on_shard)(&format!("files: {} small files, {} read", small.len(), mib(small_bytes)));
+
+    let mut index = 0;
+    for (c, w) in &weights {
+        let (mut read, mut written, mut counts) = (0u64, 0u64, HashMap::<Storage, usize>::new());
+        let mut skipped = Vec::new();
+        for name in w.names() {
+            let info = w.info(name).expect("listed");
+            if !is_stored(info.encoding) {
+                skipped.push(name);
+                continue;
+            }
+            let full = format!("{c}/{name}");
+            index += 1;
+            if index <= tensors_done {
+                check_resumed(&out.done.tensors[index - 1].name, &full)?;
+                continue;
+            }
+            out.entry_start = out.pos;
+            let shape = info.shape.clone();
+            let host = w.read(name, &shape, all_rows(&shape)).await?;
+            read += info.bytes;
+            let format = policy.format_for(c, name, &shape);
+            let (storage, planes) = encode(host, &shape, format).map_err(|e| Error::Tensor { path: w.location(), tensor: name.to_string(), message: e.to_string() })?;
+            let mut segments = Vec::new();
+            for plane in &planes {
+                segments.push(out.write(plane).await?);
+            }
+            let mut segments = segments.into_iter();
+            let (rows, cols) = match storage.quant_format() {
+                Some(_) => (Some(shape[0]), Some(shape[1..].iter().product())),
+                None => (None, None),
+            };
+            let data = segments.next().unwrap_or_default();
+            let entry = PackTensor { name: full, storage, shape, rows, cols, data, scales: segments.next(), mins: segments.next() };
+            written += entry.bytes();
+            *counts.entry(entry.storage).or_default() += 1;
+            out.done.tensors.push(entry);
+        }
+        let mut kinds: Vec<_> = counts.iter().collect();
+        kinds.sort();
+        let kinds: Vec<String> = kinds.iter().map(|(s, n)| format!("{n} {}", format!("{s:?}").to_lowercase())).collect();
+        let mut line = format!("{c}: {} tensors ({}), {} read, {} written", counts.values().sum::<usize>(), kinds.join(", "), mib(read), mib(written));
+        if !skipped.is_empty() {
+            line += &format!("; skipped unused integer buffers {}", skipped.join(", "));
+        }
+        (out.on_shard)(&line);
+    }
+    out.entry_start = out.pos;
+    out.flush().await?;
+    let done = std::mem::take(&mut out.done);
+    let manifest = Manifest { format: FORMAT.into(), version: VERSION, model: kind, quant: preset, shard_bytes, shards: done.shards, files: done.files, tensors: done.tensors };
+    // The manifest this build writes must be one it reads.
+    Pack::new(manifest.clone(), MANIFEST.into())?;
+    let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
+    out.sink.write(MANIFEST, &json).await?;
+    Ok(manifest)
+}
+
+/// The small files a component needs: (path, required).
+fn component_files(component: &str) -> Vec<(String, bool)> {
+    match component {
+        "scheduler" => vec![("scheduler/scheduler_config.json".into(), true)],
+        "tokenizer" | "tokenizer_2" => [("vocab.json", true), ("merges.txt", true), ("tokenizer_config.json", false), ("special_tokens_map.json", false)]
+            .iter()
+            .map(|(f, r)| (format!("{component}/{f}"), *r))
+            .collect(),
+        _ => vec![(format!("{component}/config.json"), true)],
+    }
+}
+
+/// Bytes a pack of `component` would hold for these (name, shape, encoding) tensors under
+/// `policy`: quantized sources as stored, float ones as the policy says or f16 (configs and
+/// tokenizer files not counted).
+pub fn planned_bytes<'t>(policy: &QuantPolicy, component: &str, tensors: impl IntoIterator<Item = (&'t str, &'t [usize], Encoding)>) -> u64 {
+    tensors
+        .into_iter()
+        .map(|(name, shape, encoding)| match (encoding, policy.format_for(component, name, shape)) {
+            (Encoding::Quant(format), _) | (_, Some(format)) => format.matrix_bytes(shape[0], shape[1..].iter().product()),
+            _ => shape.iter().product::<usize>() as u64 * 2,
+        })
+        .sum()
+}
+
+/// A tensor's planes as a pack stores them: blocks as read; float values quantized (`data`,
+/// `scales`, and `mins` for q4_1) when `format` says so, else dense f16, or f32 where a value
+/// exceeds f16's range.
+pub(crate) fn encode(host: HostTensor, shape: &[usize], format: Option<QuantFormat>) -> Result<(Storage, Vec<Vec<u8>>)> {
+    let q = match (host, format) {
+        (HostTensor::Quant(q), _) => q,
+        (HostTensor::Random(_), _) => return Err(Error::InvalidParameter("random weights cannot be converted".into())),
+        (HostTensor::Float { dtype, bytes }, Some(format)) => quantize(&safetensors::to_f32(dtype, &bytes), shape[0], shape[1..].iter().product(), format)?,
+        (HostTensor::Float { dtype, bytes }, None) => {
+            let values = safetensors::to_f32(dtype, &bytes);
+            if values.iter().all(|&v| !v.is_finite() || f16::from_f32(v).is_finite()) {
+                return Ok((Storage::F16, vec![values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect()]));
+            }
+            return Ok((Storage::F32, vec![bytemuck::cast_slice(&values).to_vec()]));
+        }
+    };
+    let mut planes = vec![bytemuck::cast_slice(&q.data).to_vec()];
+    if !q.format.is_k() {
+        planes.push(bytemuck::cast_slice(&q.scales).to_vec());
+    }
+    if q.format == QuantFormat::Q4_1 {
+        planes.push(bytemuck::cast_slice(&q.mins).to_vec());
+    }
+    Ok((Storage::quantized(q.format), planes))
+}
+
+/// A resumed conversion must meet the same entries in the same order.
+fn check_resumed(stored: &str, now: &str) -> Result<()> {
+    if stored == now {
+        return Ok(());
+    }
+    Err(Error::InvalidParameter(format!("the model changed since the conversion began ('{stored}' became '{now}'); start it again")))
+}
+
+/// Options of [`convert_path`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConvertOptions {
+    pub quant: QuantPreset,
+    /// Shard size limit: [`SHARD_BYTES`]; tests use small ones so that planes cross shards.
+    pub shard_bytes: u64,
+    /// Replace a pack already in the output folder.
+    pub force: bool,
+}
+
+impl ConvertOptions {
+    pub fn new(quant: QuantPreset) -> ConvertOptions {
+        ConvertOptions { quant, shard_bytes: SHARD_BYTES, force: false }
+    }
+}
+
+/// Writes a pack into a folder.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct DirSink {
+    root: std::path::PathBuf,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl DirSink {
+    pub fn new(root: impl Into<std::path::PathBuf>) -> DirSink {
+        DirSink { root: root.into() }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl PackSink for DirSink {
+    async fn write(&mut self, path: &str, bytes: &[u8]) -> Result<()> {
+        let target = self.root.join(path);
+        let io = |e: std::io::Error| Error::Io { path: target.display().to_string(), message: e.to_string() };
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&target, bytes).map_err(io)
+    }
+}
+
+/// `sdxl convert`: the diffusers folder or single-file checkpoint `from` (configs inferred, or
+/// from the folder `config`) to a pack in the folder `out`.
+///
+/// `out` must be missing or empty; with `force`, a folder holding only a pack (manifest.json,
+/// shards/) is replaced. On failure, what was written is removed again.
+#[cfg(not(target_arch = "wasm32"))]
+pub async fn convert_path(from: &std::path::Path, config: Option<&std::path::Path>, out: &std::path::Path, options: &ConvertOptions, mut progress: impl FnMut(&str)) -> Result<Manifest> {
+    use crate::weights::{DirSource, SharedSource};
+    let io = |path: &std::path::Path, e: std::io::Error| Error::Io { path: path.display().to_string(), message: e.to_string() };
+    let model = if from.is_file() {
+        let (folder, file) = (from.parent().unwrap_or(std::path::Path::new("")), from.file_name().unwrap_or_default().to_string_lossy());
+        ModelSource::single_file(DirSource::new(folder), &file, config.map(|c| SharedSource::new(DirSource::new(c)))).await?
+    } else if !from.is_dir() {
+        return Err(Error::Io { path: from.display().to_string(), message: "no such file or folder (--from is a diffusers model folder or a single-file checkpoint)".into() });
+    } else if from.join(MANIFEST).is_file() && !from.join("model_index.json").is_file() {
+        return Err(Error::InvalidParameter(format!("{} is already a model pack; convert reads a diffusers folder or a single file", from.display())));
+    } else if config.is_some() {
+        return Err(Error::InvalidParameter(format!("--config applies to single-file checkpoints, and {} is a folder", from.display())));
+    } else {
+        ModelSource::folder(DirSource::new(from), true)
+    };
+    let existed = out.exists();
+    if existed {
+        if !out.is_dir() {
+            return Err(Error::Io { path: out.display().to_string(), message: "exists and is not a folder".into() });
+        }
+        let entries: Vec<String> = std::fs::read_dir(out)
+            .map_err(|e| io(out, e))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| io(out, e))?;
+        if !entries.is_empty() {
+            let only_pack = entries.iter().all(|e| e == MANIFEST || e == "shards");
+            if !options.force {
+                let hint = if only_pack { " (it holds a pack: --force replaces it)" } else { "" };
+                return Err(Error::Io { path: out.display().to_string(), message: format!("output folder exists and is not empty{hint}") });
+            }
+            if !only_pack {
+                return Err(Error::Io {
+                    path: out.display().to_string(),
+                    message: format!("output folder holds files other than a pack ({}); not replacing it, even with --force", entries.join(", ")),
+                });
+            }
+        }
+    }
+    let clean = || {
+        let _ = std::fs::remove_file(out.join(MANIFEST));
+        let _ = std::fs::remove_dir_all(out.join("shards"));
+    };
+    clean();
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
+    let mut sink = DirSink::new(out);
+    let result = async {
+        progress(&format!("{}: {}", from.display(), model.format));
+        let plan = plan(&model, options.quant).await?;
+        convert(plan, options.shard_bytes, None, &mut sink, progress).await
+    }
+    .await;
+    if result.is_err() {
+        clean();
+        if !existed {
+            let _ = std::fs::remove_dir(out);
+        }
+    }
+    result
+}
