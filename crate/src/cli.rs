@@ -244,7 +244,7 @@ async fn load_model(gpu: &Gpu, path: &str, config: Option<&str>, quant: Option<Q
         )));
     }
     eprintln!("{path}: {}", model.format);
-    SdxlModel::load(gpu, &model, stored.or(quant).unwrap_or(QuantPreset::F16)).await
+    SdxlModel::load(gpu, &model, &(stored.or(quant).unwrap_or(QuantPreset::F16)).policy()).await
 }
 
 async fn convert_command(args: &Args, force: bool) -> Result<()> {

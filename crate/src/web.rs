@@ -280,7 +280,7 @@ impl Engine {
             };
             return Err(Error::InvalidParameter(format!("'{}' is {is}: load it as `{slot}`", wanted.id)));
         }
-        let model = SdxlModel::load(&self.gpu, &source, quant).await?;
+        let model = SdxlModel::load(&self.gpu, &source, &quant.policy()).await?;
         report(total.get().saturating_sub(done.get()));
         Ok(Loaded { id: wanted.id.clone(), quant, model })
     }

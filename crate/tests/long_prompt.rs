@@ -114,8 +114,8 @@ async fn long_context_run_matches_diffusers(gpu: &Gpu) {
     let Cases { cases, run } = cases().await;
     let case = cases.iter().find(|c| c.name == run.case).unwrap();
     assert_eq!(case.windows, 3, "the run conditions on a 3-window context");
-    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), QuantPreset::F16).await.unwrap();
-    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), QuantPreset::F16).await.unwrap();
+    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), &QuantPreset::F16.policy()).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), &QuantPreset::F16.policy()).await.unwrap();
     let params = GenerateParams {
         prompt: case.prompt.clone(),
         negative: case.negative.clone(),

@@ -75,24 +75,24 @@ fn pack_vs_folder(gpu: &Gpu, preset: QuantPreset, memory: bool) -> (f32, f32) {
     convert(REFINER, &dir.path("refiner"), preset);
     pollster::block_on(async {
         let folder = {
-            let base = SdxlModel::load(gpu, &common::folder(gpu, DirSource::new(BASE)), preset).await.unwrap();
-            let refiner = SdxlModel::load(gpu, &common::folder(gpu, DirSource::new(REFINER)), preset).await.unwrap();
+            let base = SdxlModel::load(gpu, &common::folder(gpu, DirSource::new(BASE)), &preset.policy()).await.unwrap();
+            let refiner = SdxlModel::load(gpu, &common::folder(gpu, DirSource::new(REFINER)), &preset.policy()).await.unwrap();
             run(gpu, &base, &refiner).await
         };
         let packed = if memory {
             let (base, _) = pack::open(in_memory(&dir.path("base"))).await.unwrap();
             let (refiner, _) = pack::open(in_memory(&dir.path("refiner"))).await.unwrap();
             // The preset passed to load does not matter for a pack: entries load as stored.
-            let base = SdxlModel::load(gpu, &base, QuantPreset::F16).await.unwrap();
-            let refiner = SdxlModel::load(gpu, &refiner, QuantPreset::F16).await.unwrap();
+            let base = SdxlModel::load(gpu, &base, &QuantPreset::F16.policy()).await.unwrap();
+            let refiner = SdxlModel::load(gpu, &refiner, &QuantPreset::F16.policy()).await.unwrap();
             run(gpu, &base, &refiner).await
         } else {
             let (base, base_pack) = pack::open(DirSource::new(dir.path("base"))).await.unwrap();
             let (refiner, refiner_pack) = pack::open(DirSource::new(dir.path("refiner"))).await.unwrap();
             assert_eq!(base_pack.manifest().model, pack::ModelKind::Base);
             assert_eq!(refiner_pack.manifest().model, pack::ModelKind::Refiner);
-            let base = SdxlModel::load(gpu, &base, preset).await.unwrap();
-            let refiner = SdxlModel::load(gpu, &refiner, preset).await.unwrap();
+            let base = SdxlModel::load(gpu, &base, &preset.policy()).await.unwrap();
+            let refiner = SdxlModel::load(gpu, &refiner, &preset.policy()).await.unwrap();
             run(gpu, &base, &refiner).await
         };
         assert!(folder.1.iter().all(|v| v.is_finite()));

@@ -46,8 +46,8 @@ async fn pipelines_match_diffusers(gpu: &Gpu) {
     let reference = fixture("reference");
     let refs = FileTensors::open(&reference, vec!["pipeline.safetensors".into()]).await.unwrap();
     let cases = Case::load("pipeline_cases.json");
-    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), QuantPreset::F16).await.unwrap();
-    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), QuantPreset::F16).await.unwrap();
+    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), &QuantPreset::F16.policy()).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), &QuantPreset::F16.policy()).await.unwrap();
     // f32 as the issue states; f16 storage rounds every activation, so only the image is held to a bar.
     let (latent_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (f32::INFINITY, 30.0) };
     for case in &cases {

@@ -17,6 +17,7 @@ gpu_tests!(
     conv2d_q8_0_variants,
     conv2d_q4_0_variants,
     conv2d_q4_1_variants,
+    k_quant_kernels_decode_as_ggml,
     quant_ops_reject_mismatches,
 );
 
@@ -113,7 +114,26 @@ cpu_tests!(
     round_trip_tiny_values_subnormal_scales,
     quantize_rejects_bad_input,
     bits_per_weight,
+    k_quants_round_trip,
 );
+
+/// Our K-quant quantizer (for test files) keeps rows to their format's usual error, and K-quants
+/// refuse rows that are not whole 256-value blocks.
+fn k_quants_round_trip() {
+    let (rows, cols) = (4, 512);
+    let w = weights(rows, cols, 9);
+    let rms = |v: &[f32]| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+    for (format, bound) in [(QuantFormat::Q2_K, 0.5), (QuantFormat::Q3_K, 0.25), (QuantFormat::Q4_K, 0.12), (QuantFormat::Q5_K, 0.06), (QuantFormat::Q6_K, 0.03)] {
+        let q = quantize(&w, rows, cols, format).unwrap();
+        assert_eq!(q.bytes() as u64, format.matrix_bytes(rows, cols), "{format:?} bytes");
+        let deq = dequantize(&q);
+        let err: Vec<f32> = w.iter().zip(&deq).map(|(a, b)| a - b).collect();
+        let rel = rms(&err) / rms(&w);
+        eprintln!("{format:?}: rms error / rms weight {rel:.2e} ({} bits per weight)", format.bits_per_weight());
+        assert!(rel < bound, "{format:?}: relative rms error {rel}");
+        assert!(quantize(&w[..rows * 320], rows, 320, format).is_err(), "{format:?}: rows of 320");
+    }
+}
 
 fn round_trip_random() {
     let (rows, cols) = (10, 320);
@@ -419,6 +439,75 @@ async fn conv2d_q4_0_variants(gpu: &Gpu) {
 
 async fn conv2d_q4_1_variants(gpu: &Gpu) {
     check_conv2d_q(gpu, QuantFormat::Q4_1).await;
+}
+
+const K_FORMATS: [QuantFormat; 5] = [QuantFormat::Q2_K, QuantFormat::Q3_K, QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K];
+
+/// K-quant blocks with random codes and scales (every bit pattern the kernels must decode), and
+/// f16 super-scales of both signs around `scale`.
+fn random_k_blocks(format: QuantFormat, rows: usize, cols: usize, seed: u64, scale: f32) -> QuantizedTensor {
+    let words = rows * cols / 256 * format.words_per_block();
+    let bits = random(words * 2, seed);
+    let mut data: Vec<u32> = bits.chunks(2).map(|p| ((p[0] + 1.0) * 32767.5) as u32 | (((p[1] + 1.0) * 32767.5) as u32) << 16).collect();
+    let supers: &[usize] = match format {
+        QuantFormat::Q2_K => &[80, 82],
+        QuantFormat::Q3_K => &[108],
+        QuantFormat::Q6_K => &[208],
+        _ => &[0, 2],
+    };
+    let block = format.words_per_block() * 4;
+    let d = random(data.len(), seed + 1);
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
+    for (b, chunk) in bytes.chunks_mut(block).enumerate() {
+        for (i, &at) in supers.iter().enumerate() {
+            chunk[at..at + 2].copy_from_slice(&f16::from_f32(d[2 * b + i] * scale).to_le_bytes());
+        }
+        chunk[kquants_bytes(format)..].fill(0); // padding
+    }
+    let q = QuantizedTensor { format, rows, cols, data, scales: Vec::new(), mins: Vec::new() };
+    q.validate().unwrap();
+    q
+}
+
+/// Bytes of a K-quant block as GGUF stores it (before the padding to whole words).
+fn kquants_bytes(format: QuantFormat) -> usize {
+    match format {
+        QuantFormat::Q2_K => 84,
+        QuantFormat::Q3_K => 110,
+        QuantFormat::Q4_K => 144,
+        QuantFormat::Q5_K => 176,
+        _ => 210,
+    }
+}
+
+/// The GEMM kernel reads K-quant blocks as stored: linear and convolution outputs equal CPU
+/// products with `dequantize` (ggml's formulas, checked bit-exact against gguf-py in tests/gguf.rs),
+/// for random blocks and for our quantizer's.
+async fn k_quant_kernels_decode_as_ggml(gpu: &Gpu) {
+    for (f, format) in K_FORMATS.into_iter().enumerate() {
+        for (m, k, n) in [(7, 256, 5), (33, 512, 70), (2, 768, 3)] {
+            let seed = 60 + f as u64;
+            let x = stored(gpu, &random(m * k, seed));
+            for (label, q) in [("random blocks", random_k_blocks(format, n, k, seed + 1, 0.05)), ("quantized", quantize(&weights(n, k, seed + 2), n, k, format).unwrap())] {
+                let w = dequantize(&q);
+                let y = gpu.linear(&gpu.upload(&x, &[m, k]).unwrap(), &Weight::Quant(QuantTensor::upload(gpu, &q, "k.weight").unwrap()), None).unwrap();
+                let what = format!("linear {format:?} {label} {:?} m={m} k={k} n={n}", gpu.dtype);
+                let (got, want) = (gpu.read(&y).await.unwrap(), cpu_linear(&x, &w, None, m, n, k));
+                eprintln!("{what}: relative error {:.2e}", rel_error(&got, &want));
+                assert_close(&what, &got, &want, tolerance(gpu));
+            }
+        }
+        // Convolutions whose cin·k·k is whole blocks: 1×1 over 256 channels, 3×3 over 256.
+        for (i, (cin, cout, kernel)) in [(256, 6, 1), (256, 5, 3)].into_iter().enumerate() {
+            let dims = (1, cin, 5, 4);
+            let x = stored(gpu, &random(cin * 20, 70 + i as u64));
+            let q = random_k_blocks(format, cout, cin * kernel * kernel, 80 + i as u64, 0.02);
+            let pad = [kernel / 2; 4];
+            let y = gpu.conv2d(&gpu.upload(&x, &[1, cin, 5, 4]).unwrap(), &Weight::Quant(QuantTensor::upload(gpu, &q, "k.conv").unwrap()), kernel, None, 1, pad).unwrap();
+            let (want, _, _) = cpu_conv(&x, &dequantize(&q), None, dims, cout, kernel, 1, pad);
+            assert_close(&format!("conv2d {format:?} {kernel}x{kernel} {:?}", gpu.dtype), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+        }
+    }
 }
 
 async fn quant_ops_reject_mismatches(gpu: &Gpu) {

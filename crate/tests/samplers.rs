@@ -177,8 +177,8 @@ async fn pipelines_match_diffusers_step_by_step(gpu: &Gpu) {
     let files = fixture("reference");
     let cases: Vec<Case> = serde_json::from_slice(&files.read("samplers_cases.json").await.unwrap()).unwrap();
     let image = decode_png(&files.read("init_96x64.png").await.unwrap()).unwrap();
-    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), QuantPreset::F16).await.unwrap();
-    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), QuantPreset::F16).await.unwrap();
+    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), &QuantPreset::F16.policy()).await.unwrap();
+    let refiner = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-refiner")), &QuantPreset::F16.policy()).await.unwrap();
     // f32 as the issue states; f16 storage rounds every activation (measured: final latents within
     // 2.8e-3, images above 62 dB).
     let (step_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (1e-2, 50.0) };

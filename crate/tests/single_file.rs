@@ -96,12 +96,12 @@ fn every_tensor_equals_the_folders() {
 async fn pipelines_match_the_folders(gpu: &Gpu) {
     let configs = TempDir::new(&format!("pipeline-{:?}", gpu.dtype));
     let from_file = (
-        SdxlModel::load(gpu, &single_file(&configs, BASE.0).await, QuantPreset::F16).await.unwrap(),
-        SdxlModel::load(gpu, &single_file(&configs, REFINER.0).await, QuantPreset::F16).await.unwrap(),
+        SdxlModel::load(gpu, &single_file(&configs, BASE.0).await, &QuantPreset::F16.policy()).await.unwrap(),
+        SdxlModel::load(gpu, &single_file(&configs, REFINER.0).await, &QuantPreset::F16.policy()).await.unwrap(),
     );
     let from_dir = (
-        SdxlModel::load(gpu, &folder(BASE.0), QuantPreset::F16).await.unwrap(),
-        SdxlModel::load(gpu, &folder(REFINER.0), QuantPreset::F16).await.unwrap(),
+        SdxlModel::load(gpu, &folder(BASE.0), &QuantPreset::F16.policy()).await.unwrap(),
+        SdxlModel::load(gpu, &folder(REFINER.0), &QuantPreset::F16.policy()).await.unwrap(),
     );
     let references = DirSource::new(Path::new(FIXTURES).join("reference"));
     let reference = FileTensors::open(&references, vec!["pipeline.safetensors".into()]).await.unwrap();
@@ -312,8 +312,8 @@ fn gguf_files_generate_the_folders_image() {
         let dir = TempDir::new("gguf");
         let configs = TempDir::new("gguf-configs");
         let folders = (
-            SdxlModel::load(&gpu, &folder(BASE.0), QuantPreset::F16).await.unwrap(),
-            SdxlModel::load(&gpu, &folder(REFINER.0), QuantPreset::F16).await.unwrap(),
+            SdxlModel::load(&gpu, &folder(BASE.0), &QuantPreset::F16.policy()).await.unwrap(),
+            SdxlModel::load(&gpu, &folder(REFINER.0), &QuantPreset::F16.policy()).await.unwrap(),
         );
         let want = run(&gpu, &folders, &case).await;
         // Floors well under what was measured (f16 identical; q8_0 70 dB; q4/q5 45-50 dB), yet far
@@ -325,7 +325,7 @@ fn gguf_files_generate_the_folders_image() {
                 let file = format!("{model}-{}.gguf", ggml_type.name());
                 let quantized = write_gguf(model, ggml_type, &dir.path(&file));
                 let source = open_in(&configs, model, &dir.0, &file).await.unwrap();
-                models.push(SdxlModel::load(&gpu, &source, QuantPreset::F16).await.unwrap());
+                models.push(SdxlModel::load(&gpu, &source, &QuantPreset::F16.policy()).await.unwrap());
                 eprintln!("{file}: {quantized} weight matrices stored as {}, the rest F16", ggml_type.name());
             }
             let models: (SdxlModel, SdxlModel) = (models.remove(0), models.remove(0));

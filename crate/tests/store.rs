@@ -186,7 +186,7 @@ async fn download_pack_load_and_generate() {
     // Load record by record and generate: the native CLI's image of the same pack.
     let gpu = Gpu::new(Precision::F32).await.unwrap();
     let (stored, _) = store.open("tiny", &|_| {}).await.unwrap();
-    let model = SdxlModel::load(&gpu, &stored, QuantPreset::Q8).await.unwrap();
+    let model = SdxlModel::load(&gpu, &stored, &QuantPreset::Q8.policy()).await.unwrap();
     let params = GenerateParams { prompt: PROMPT.into(), width: 64, height: 64, steps: 4, guidance: 5.0, seed: 7, ..GenerateParams::default() };
     let image = gpu.read(&generate(&gpu, &model, None, &params, |_| {}).await.unwrap().image).await.unwrap();
     let mut expected = MemorySource::default();

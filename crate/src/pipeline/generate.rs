@@ -8,7 +8,7 @@ use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder, PromptOptions};
 use crate::pipeline::ModelIndex;
-use crate::quant::QuantPreset;
+use crate::quant::QuantPolicy;
 use crate::random::TorchGenerator;
 use crate::scheduler::{SamplerChoice, Schedule, Scheduler, SchedulerConfig, Step, TimestepSpacing};
 use crate::weights::{read_json, ModelSource, Source, Vars};
@@ -28,9 +28,10 @@ pub struct SdxlModel {
 }
 
 impl SdxlModel {
-    /// Loads a model; `quant` selects which float weight matrices are quantized as they load
-    /// (the VAE always stays dense; weights stored quantized stay as stored).
-    pub async fn load(gpu: &Gpu, model: &ModelSource<'_>, quant: QuantPreset) -> Result<SdxlModel> {
+    /// Loads a model; `policy` (a preset's, [`crate::quant::QuantPreset::policy`]) selects which float weight
+    /// matrices are quantized as they load (the VAE always stays dense; weights stored quantized
+    /// stay as stored).
+    pub async fn load(gpu: &Gpu, model: &ModelSource<'_>, policy: &QuantPolicy) -> Result<SdxlModel> {
         let files = &model.files;
         let index = ModelIndex::load(files).await?;
         for part in ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"] {
@@ -38,13 +39,12 @@ impl SdxlModel {
                 return Err(Error::Config { path: files.describe("model_index.json"), message: format!("the model has no {part}") });
             }
         }
-        let policy = quant.policy();
         let (unet_config, unet_tensors) = model.component::<UNet2DConditionConfig>("unet").await?;
-        let unet = UNet2DConditionModel::load(&Vars::new(gpu, &*unet_tensors, "unet", &policy), unet_config).await.map_err(model.config_error("unet"))?;
+        let unet = UNet2DConditionModel::load(&Vars::new(gpu, &*unet_tensors, "unet", policy), unet_config).await.map_err(model.config_error("unet"))?;
         let (vae_config, vae_tensors) = model.component::<VaeConfig>("vae").await?;
-        let vae = AutoencoderKL::load(&Vars::new(gpu, &*vae_tensors, "vae", &policy), vae_config).await.map_err(model.config_error("vae"))?;
+        let vae = AutoencoderKL::load(&Vars::new(gpu, &*vae_tensors, "vae", policy), vae_config).await.map_err(model.config_error("vae"))?;
         Ok(SdxlModel {
-            prompt_encoder: PromptEncoder::load(gpu, model, &index, &policy).await?,
+            prompt_encoder: PromptEncoder::load(gpu, model, &index, policy).await?,
             unet,
             vae,
             scheduler_config: read_json(files, SCHEDULER_CONFIG).await?,

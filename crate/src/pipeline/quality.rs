@@ -152,14 +152,14 @@ impl UnetInputs {
 /// Measures the q8 and q4 presets against dense weights for the model in `source`.
 pub async fn quality(gpu: &Gpu, model: &ModelSource<'_>, p: &GenerateParams) -> Result<QualityReport> {
     let layers = layer_errors(model).await?;
-    let dense = SdxlModel::load(gpu, model, QuantPreset::F16).await?;
+    let dense = SdxlModel::load(gpu, model, &QuantPreset::F16.policy()).await?;
     let inputs = UnetInputs::new(gpu, &dense, p).await?;
     let reference_unet = inputs.run(gpu, &dense.unet).await?;
     let reference_image = gpu.read(&generate(gpu, &dense, None, p, |_| {}).await?.image).await?;
     drop(dense);
     let mut presets = Vec::new();
     for (preset, label) in [(QuantPreset::Q8, "q8"), (QuantPreset::Q4, "q4")] {
-        let quantized = SdxlModel::load(gpu, model, preset).await?;
+        let quantized = SdxlModel::load(gpu, model, &preset.policy()).await?;
         let unet = inputs.run(gpu, &quantized.unet).await?;
         let image = gpu.read(&generate(gpu, &quantized, None, p, |_| {}).await?.image).await?;
         presets.push(PresetQuality {
@@ -184,7 +184,7 @@ pub struct RoleSensitivity {
 
 /// Measures every role of the UNet in `model` (dense f32 elsewhere), reporting each as it is done.
 pub async fn sensitivity(gpu: &Gpu, model: &ModelSource<'_>, p: &GenerateParams, mut on_role: impl FnMut(&RoleSensitivity)) -> Result<Vec<RoleSensitivity>> {
-    let dense = SdxlModel::load(gpu, model, QuantPreset::F16).await?;
+    let dense = SdxlModel::load(gpu, model, &QuantPreset::F16.policy()).await?;
     let inputs = UnetInputs::new(gpu, &dense, p).await?;
     let reference = inputs.run(gpu, &dense.unet).await?;
     drop(dense);

@@ -1,0 +1,200 @@
+//! Configs inferred from a single file's tensors (crate/src/weights/infer.rs), on the real SDXL
+//! 1.0 base and refiner: their tensor lists (tests/fixtures/reference/sdxl_*_tensors.json, read
+//! off diffusers and transformers) renamed to Stability's SGM names as their single files hold
+//! them, inferred back, and compared with the real config.json files; the name mapping is checked
+//! to give back every diffusers name. Then the tiny fixtures: what their tensors determine equals
+//! their configs, and what only SDXL's widths allow is refused with a pointer to --config.
+#![cfg(not(target_arch = "wasm32"))]
+
+use std::collections::HashMap;
+
+use sdxl::models::clip::ClipTextConfig;
+use sdxl::models::unet::UNet2DConditionConfig;
+use sdxl::weights::infer::{self, clip_vocab, Shapes};
+use sdxl::weights::names::{self, Entry, Kind, Layout, SingleFile, Stored};
+use sdxl::weights::safetensors::Dtype;
+use sdxl::weights::{FileTensors, TensorSource};
+use serde_json::Value;
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
+const CONFIGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/configs");
+
+type Tensors = Vec<(String, Vec<usize>)>;
+
+fn lists() -> HashMap<String, Tensors> {
+    let mut all = HashMap::new();
+    for file in ["sdxl_unet_tensors.json", "sdxl_other_tensors.json"] {
+        let json = std::fs::read(format!("{ROOT}/reference/{file}")).unwrap();
+        all.extend(serde_json::from_slice::<HashMap<String, Tensors>>(&json).unwrap());
+    }
+    all
+}
+
+fn config(which: &str, path: &str) -> Value {
+    serde_json::from_slice(&std::fs::read(format!("{CONFIGS}/sdxl-{which}/{path}")).unwrap()).unwrap()
+}
+
+/// SGM's name of a diffusers UNet tensor (the inverse of diffusers' convert_ldm_unet_checkpoint),
+/// for levels of `layers` resnets, `attention` marking the up levels with transformers.
+fn sgm_unet(name: &str, layers: &[usize], up_attention: &[bool]) -> String {
+    const RESNET: [(&str, &str); 6] =
+        [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")];
+    let resnet = |rest: &str| RESNET.iter().find_map(|(d, s)| rest.strip_prefix(d).map(|p| format!("{s}{p}"))).unwrap();
+    const FIXED: [(&str, &str); 7] = [
+        ("time_embedding.linear_1.", "time_embed.0."),
+        ("time_embedding.linear_2.", "time_embed.2."),
+        ("add_embedding.linear_1.", "label_emb.0.0."),
+        ("add_embedding.linear_2.", "label_emb.0.2."),
+        ("conv_in.", "input_blocks.0.0."),
+        ("conv_norm_out.", "out.0."),
+        ("conv_out.", "out.2."),
+    ];
+    if let Some(n) = FIXED.iter().find_map(|(d, s)| name.strip_prefix(d).map(|p| format!("{s}{p}"))) {
+        return format!("model.diffusion_model.{n}");
+    }
+    let parts: Vec<&str> = name.splitn(5, '.').collect();
+    let sgm = match parts.as_slice() {
+        ["mid_block", "resnets", k, rest @ ..] => format!("middle_block.{}.{}", 2 * k.parse::<usize>().unwrap(), resnet(&rest.join("."))),
+        ["mid_block", "attentions", "0", rest @ ..] => format!("middle_block.1.{}", rest.join(".")),
+        [side @ ("down_blocks" | "up_blocks"), level, kind, j, rest] => {
+            let (l, j): (usize, usize) = (level.parse().unwrap(), j.parse().unwrap());
+            let n = layers.len();
+            if *side == "down_blocks" {
+                let first = 1 + (0..l).map(|i| layers[i] + 1).sum::<usize>();
+                match *kind {
+                    "resnets" => format!("input_blocks.{}.0.{}", first + j, resnet(rest)),
+                    "attentions" => format!("input_blocks.{}.1.{rest}", first + j),
+                    _ => format!("input_blocks.{}.0.op.{}", first + layers[l], rest.strip_prefix("conv.").unwrap()),
+                }
+            } else {
+                let first = (0..l).map(|i| layers[n - 1 - i] + 1).sum::<usize>();
+                let last = first + layers[n - 1 - l];
+                match *kind {
+                    "resnets" => format!("output_blocks.{}.0.{}", first + j, resnet(rest)),
+                    "attentions" => format!("output_blocks.{}.1.{rest}", first + j),
+                    _ => format!("output_blocks.{last}.{}.{rest}", if up_attention[l] { 2 } else { 1 }),
+                }
+            }
+        }
+        _ => panic!("unexpected UNet tensor {name}"),
+    };
+    format!("model.diffusion_model.{sgm}")
+}
+
+/// SGM's name and shape of a diffusers AutoencoderKL tensor (1x1-conv attention projections).
+fn sgm_vae(name: &str, shape: &[usize], levels: usize) -> (String, Vec<usize>) {
+    const ATTENTION: [(&str, &str); 5] = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")];
+    let resnet = |rest: &str| rest.replace("conv_shortcut.", "nin_shortcut.");
+    let parts: Vec<&str> = name.splitn(5, '.').collect();
+    let (sgm, shape) = match parts.as_slice() {
+        [side, "down_blocks", i, "resnets", rest] => (format!("{side}.down.{i}.block.{}", resnet(rest)), shape.to_vec()),
+        [side, "down_blocks", i, "downsamplers", rest] => (format!("{side}.down.{i}.downsample.{}", rest.strip_prefix("0.").unwrap()), shape.to_vec()),
+        [side, "up_blocks", i, "resnets", rest] => (format!("{side}.up.{}.block.{}", levels - 1 - i.parse::<usize>().unwrap(), resnet(rest)), shape.to_vec()),
+        [side, "up_blocks", i, "upsamplers", rest] => (format!("{side}.up.{}.upsample.{}", levels - 1 - i.parse::<usize>().unwrap(), rest.strip_prefix("0.").unwrap()), shape.to_vec()),
+        [side, "mid_block", "resnets", k, rest] => (format!("{side}.mid.block_{}.{}", k.parse::<usize>().unwrap() + 1, resnet(rest)), shape.to_vec()),
+        [side, "mid_block", "attentions", "0", rest] => {
+            let renamed = ATTENTION.iter().find_map(|(d, s)| rest.strip_prefix(d).map(|p| format!("{s}{p}"))).unwrap();
+            (format!("{side}.mid.attn_1.{renamed}"), if shape.len() == 2 { [shape, &[1, 1]].concat() } else { shape.to_vec() })
+        }
+        _ => (name.replace("conv_norm_out.", "norm_out."), shape.to_vec()),
+    };
+    (format!("first_stage_model.{sgm}"), shape)
+}
+
+/// The real model `which` as its single file names its tensors (text encoders left out but for
+/// bigG's text_projection, which sets the pooled width).
+fn sgm_file(which: &str, lists: &HashMap<String, Tensors>) -> Tensors {
+    let unet_config: UNet2DConditionConfig = serde_json::from_value(config(which, "unet/config.json")).unwrap();
+    let layout = unet_config.layout().unwrap();
+    let layers: Vec<usize> = layout.down.iter().map(|b| b.resnet_in.len()).collect();
+    let up_attention: Vec<bool> = layout.up.iter().map(|b| !b.attentions.is_empty()).collect();
+    let mut file: Tensors = lists[which].iter().map(|(n, s)| (sgm_unet(n, &layers, &up_attention), s.clone())).collect();
+    file.extend(lists["vae"].iter().map(|(n, s)| sgm_vae(n, s, 4)));
+    let bigg = if which == "base" { "conditioner.embedders.1.model" } else { "conditioner.embedders.0.model" };
+    file.push((format!("{bigg}.text_projection"), vec![1280, 1280]));
+    if which == "base" {
+        file.push(("conditioner.embedders.0.transformer.text_model.final_layer_norm.weight".into(), vec![768]));
+    }
+    file
+}
+
+fn entries(file: &Tensors) -> Vec<(String, Entry)> {
+    file.iter().map(|(n, s)| (n.clone(), Entry { file: 0, stored: Stored::Float(Dtype::F16), shape: s.clone(), start: 0, end: 0, transposed: false })).collect()
+}
+
+#[test]
+fn inferred_configs_equal_the_real_sdxl_configs() {
+    let lists = lists();
+    for (which, kind) in [("base", Kind::Base), ("refiner", Kind::Refiner)] {
+        let file = sgm_file(which, &lists);
+        let shapes: Shapes = file.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect();
+        assert_eq!(infer::pooled_width(&shapes), Some(1280));
+        let unet = infer::unet_config(which, kind, &shapes, 1280).unwrap();
+        let (got, want): (UNet2DConditionConfig, UNet2DConditionConfig) =
+            (serde_json::from_value(unet.clone()).unwrap(), serde_json::from_value(config(which, "unet/config.json")).unwrap());
+        assert_eq!(got.layout().unwrap(), want.layout().unwrap(), "{which}: the UNet's blocks, heads, widths and embeddings");
+        for field in ["in_channels", "out_channels", "conv_in_kernel", "conv_out_kernel", "block_out_channels", "attention_head_dim", "cross_attention_dim", "use_linear_projection", "addition_time_embed_dim", "projection_class_embeddings_input_dim", "down_block_types", "up_block_types", "layers_per_block", "norm_num_groups", "sample_size"] {
+            assert_eq!(unet[field], config(which, "unet/config.json")[field], "{which}: unet {field}");
+        }
+        let vae = infer::vae_config(which, kind, &shapes).unwrap();
+        let real = config(which, "vae/config.json");
+        for (field, value) in real.as_object().unwrap() {
+            assert_eq!(&vae[field], value, "{which}: vae {field}");
+        }
+        // The mapping those configs drive gives back every diffusers name and shape.
+        let layout = Layout::from_configs(&serde_json::to_vec(&unet).unwrap(), &serde_json::to_vec(&vae).unwrap(), which).unwrap();
+        let index = SingleFile::index(which, entries(&file), &layout).unwrap();
+        assert_eq!(index.kind, kind);
+        for (component, list) in [("unet", &lists[which]), ("vae", &lists["vae"])] {
+            let mapped = &index.components[component];
+            assert_eq!(mapped.len(), list.len(), "{which} {component}: tensor count");
+            for (name, shape) in list {
+                assert_eq!(mapped.get(name).map(|e| &e.shape), Some(shape), "{which} {component}: {name}");
+            }
+        }
+        println!("{which}: the inferred unet and vae configs equal SDXL 1.0's; {} tensors map back", lists[which].len() + lists["vae"].len());
+    }
+}
+
+#[test]
+fn inferred_text_configs_equal_the_real_ones() {
+    let lists = lists();
+    for (which, component) in [("base", "text_encoder"), ("base", "text_encoder_2"), ("refiner", "text_encoder_2")] {
+        let kind = if which == "base" { Kind::Base } else { Kind::Refiner };
+        // transformers 5 lists CLIP-L without its `text_model.` prefix: the folder mapping adds it.
+        let tensors = names::diffusers(component, entries(&lists[component]));
+        let got: ClipTextConfig = serde_json::from_value(infer::text_config(which, kind, component, &tensors).unwrap()).unwrap();
+        let want: ClipTextConfig = serde_json::from_value(config(which, &format!("{component}/config.json"))).unwrap();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "{which} {component}");
+    }
+}
+
+#[test]
+fn shipped_tokenizer_vocabulary_is_clips() {
+    // vocab.json follows from merges.txt: the shipped merges give the fixtures' (openai) vocabulary.
+    let merges = std::fs::read_to_string(format!("{CONFIGS}/clip/merges.txt")).unwrap();
+    let built: HashMap<String, u32> = serde_json::from_slice(&clip_vocab(&merges)).unwrap();
+    let want: HashMap<String, u32> = serde_json::from_slice(&std::fs::read(format!("{ROOT}/tiny-sdxl-base/tokenizer/vocab.json")).unwrap()).unwrap();
+    assert_eq!(built.len(), 49408);
+    assert_eq!(built, want);
+    let files = infer::sdxl_files(Kind::Base);
+    let tokenizer = pollster::block_on(sdxl::tokenizer::ClipTokenizer::load(&files, "tokenizer_2")).unwrap();
+    let ids = tokenizer.encode("a photo of an astronaut riding a horse on mars!").unwrap();
+    assert_eq!(&ids[..13], &[49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 0, 49407], "tokenizer_2 maps '!' to its pad id 0");
+    assert_eq!(ids[13..].iter().copied().collect::<std::collections::BTreeSet<_>>(), [0].into(), "padded with '!'");
+}
+
+#[test]
+fn tiny_fixtures_structure_and_widths() {
+    for (model, kind, pooled) in [("tiny-sdxl-base", Kind::Base, 32), ("tiny-sdxl-refiner", Kind::Refiner, 32)] {
+        let source = sdxl::weights::DirSource::new(format!("{ROOT}/single-file"));
+        let file = pollster::block_on(FileTensors::open(&source, vec![format!("{model}.safetensors")])).unwrap();
+        let shapes: Shapes = file.names().into_iter().map(|n| (n, file.info(n).unwrap().shape.as_slice())).collect();
+        assert_eq!(infer::pooled_width(&shapes), Some(pooled));
+        // 8-channel levels are not whole 64-wide heads: refused, with the way out.
+        let err = infer::unet_config(model, kind, &shapes, pooled).unwrap_err().to_string();
+        assert!(err.contains("8 channels") && err.contains("--config"), "{err}");
+        let err = infer::vae_config(model, kind, &shapes).unwrap_err().to_string();
+        assert!(err.contains("8 channels") && err.contains("--config"), "{err}");
+    }
+}
