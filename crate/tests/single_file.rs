@@ -370,3 +370,37 @@ fn gguf_tensors_equal_the_folders_and_bad_types_are_named() {
         assert!(path.ends_with("iq4.gguf") && tensor == "model.diffusion_model.out.2.weight" && message.contains("IQ4_NL"), "{path}: {tensor}: {message}");
     });
 }
+
+/// A GGUF single file at SDXL's hyperparameters (tests/fixtures/make_inferable.py) needs no config:
+/// the CLI infers it and generates diffusers' image of the same weights; `sdxl convert --quant f16`
+/// packs it (its Q4_0 blocks as stored, its F16 tensors as they are) and the pack gives the same image.
+#[test]
+fn single_files_without_configs_generate_diffusers_image() {
+    let case = Case::load("inferable_cases.json").remove(0);
+    let dir = TempDir::new("inferable");
+    let file = format!("{FIXTURES}/single-file/tiny-sdxl-std.gguf");
+    let pack = dir.file("pack");
+    assert!(sdxl(&["convert", "--from", &file, "--quant", "f16", "--out", &pack]).status.success());
+    let (steps, seed, width, height, guidance) = (case.steps.to_string(), case.seed.to_string(), case.width.to_string(), case.height.to_string(), case.guidance.to_string());
+    let source = DirSource::new(&dir.0);
+    let reference = DirSource::new(format!("{FIXTURES}/reference"));
+    let want = pollster::block_on(async { FileTensors::open(&reference, vec!["inferable.safetensors".into()]).await.unwrap().host("std.image", &[1, 3, case.height, case.width]).await.unwrap() });
+    let mut images = Vec::new();
+    for (name, model) in [("file", file.as_str()), ("pack", pack.as_str())] {
+        let (png, tensors) = (dir.file(&format!("{name}.png")), dir.file(&format!("{name}.safetensors")));
+        let args = ["generate", "--model", model, "--prompt", &case.prompt, "--steps", &steps, "--seed", &seed, "--width", &width, "--height", &height,
+            "--guidance", &guidance, "--precision", "f32", "--out", &png, "--tensors-out", &tensors];
+        let run = sdxl(&args);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "sdxl {args:?}:\n{stderr}");
+        if name == "file" {
+            assert!(stderr.contains("configs inferred from the tensors"), "{stderr}");
+        }
+        let image = pollster::block_on(async { FileTensors::open(&source, vec![format!("{name}.safetensors")]).await.unwrap().host("image", &[1, 3, case.height, case.width]).await.unwrap() });
+        let db = psnr(&image, &want);
+        eprintln!("tiny-sdxl-std.gguf ({name}), configs inferred: image PSNR {db:.1} dB vs diffusers");
+        assert!(db >= 45.0, "{name}: {db:.1} dB vs diffusers");
+        images.push(image);
+    }
+    assert_eq!(images[0], images[1], "the pack keeps the file's blocks as stored");
+}

@@ -54,18 +54,21 @@ pub struct Entry {
     pub transposed: bool,
 }
 
-/// The names of a diffusers folder component's tensors as the models ask for them: text
-/// encoders without the `text_model.` prefix (transformers 5.x) get it.
+/// The names of a diffusers folder component's tensors as the models ask for them (see
+/// [`text_model`]).
 pub fn diffusers(component: &str, tensors: Vec<(String, Entry)>) -> HashMap<String, Entry> {
-    const TEXT_MODEL: [&str; 3] = ["embeddings.", "encoder.", "final_layer_norm."];
     let text = component.starts_with("text_encoder");
-    tensors
-        .into_iter()
-        .map(|(name, entry)| match text && TEXT_MODEL.iter().any(|p| name.starts_with(p)) {
-            true => (format!("text_model.{name}"), entry),
-            false => (name, entry),
-        })
-        .collect()
+    tensors.into_iter().map(|(name, entry)| (if text { text_model(name) } else { name }, entry)).collect()
+}
+
+/// A text encoder tensor's name with the `text_model.` prefix that transformers 5.x
+/// `CLIPTextModel.save_pretrained` leaves out (`embeddings.token_embedding.weight`).
+fn text_model(name: String) -> String {
+    const TEXT_MODEL: [&str; 3] = ["embeddings.", "encoder.", "final_layer_norm."];
+    match TEXT_MODEL.iter().any(|p| name.starts_with(p)) {
+        true => format!("text_model.{name}"),
+        false => name,
+    }
 }
 
 /// How a text encoder's tensors are named below its prefix.
@@ -276,7 +279,7 @@ impl SingleFile {
                 vae_entry(rest, entry, layout).map_err(bad)?.map(|(n, e)| vec![("vae", n, e)])
             } else if let Some((encoder, rest)) = encoder {
                 let entries = match encoder.naming {
-                    Naming::Transformers => Some(vec![(rest.to_string(), entry)]),
+                    Naming::Transformers => Some(vec![(text_model(rest.to_string()), entry)]),
                     Naming::OpenClip => open_clip_entries(rest, entry).map_err(bad)?,
                     Naming::SdCpp => sd_cpp_clip_entries(rest, entry).map_err(bad)?,
                 };
