@@ -1,5 +1,5 @@
 // The page: presets, prompt form, progress, live preview, cancel, gallery, storage panel.
-import { Sdxl, SDXL_1_0, RESOLUTION_BUCKETS } from './sdxl.js';
+import { Sdxl, SDXL_1_0, SDXL_1_0_GGUF, RESOLUTION_BUCKETS } from './sdxl.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -11,6 +11,10 @@ const PRESETS = {
   'sdxl-q8': {
     label: 'SDXL 1.0 base + refiner, 8-bit (13 GB download, 7.3 GB stored)', ...SDXL_1_0, quant: 'q8', sizes: RESOLUTION_BUCKETS, steps: 30,
     note: 'Closer to full precision than 4-bit; needs more storage and GPU memory.',
+  },
+  'sdxl-gguf': {
+    label: 'SDXL 1.0 base, community GGUF Q4_K (one ~2.4 GB file, base only)', base: SDXL_1_0_GGUF, refiner: null, quant: 'q4', sizes: RESOLUTION_BUCKETS, steps: 30,
+    note: 'stable-diffusion.cpp\'s 4-bit K-quant file of the base: a third of the fp16 download; its Q4_K blocks are kept as stored, the rest converted to 4-bit.',
   },
   tiny: {
     label: 'Tiny demo model (random weights, served by this site)', base: './models/tiny-sdxl-base', refiner: './models/tiny-sdxl-refiner', quant: 'q8',
@@ -32,7 +36,7 @@ const mb = (bytes) => `${(bytes / 1e6).toFixed(bytes < 1e7 ? 2 : 0)} MB`;
 const duration = (s) => s === null || !isFinite(s) ? '' : s < 90 ? ` · ${Math.ceil(s)} s left` : ` · ${Math.round(s / 60)} min left`;
 
 function showProgress(e) {
-  const verbs = { download: 'Downloading', verify: 'Checking', upload: 'Loading to GPU' };
+  const verbs = { download: 'Downloading', import: 'Importing', verify: 'Checking', upload: 'Loading to GPU' };
   if (e.type in verbs) setStatus('loading', `${verbs[e.type]} ${e.model}: ${mb(e.loaded)} of ${mb(e.total)}${duration(e.etaSeconds)}`, e.fraction);
   else if (e.type === 'encode') setStatus('generating', `Encoding the prompt (${e.stage})…`);
   else if (e.type === 'step') {
@@ -78,7 +82,7 @@ async function checkGpu() {
 async function ensureLoaded(signal) {
   const preset = PRESETS[$('preset').value];
   await sdxl.persist().catch(() => false); // asked with the user's click
-  await sdxl.load({ base: preset.base, refiner: $('use-refiner').checked ? preset.refiner : null, quant: preset.quant, signal });
+  await sdxl.load({ base: preset.base, refiner: $('use-refiner').checked && preset.refiner ? preset.refiner : null, quant: preset.quant, signal });
   refreshStorage();
 }
 
@@ -160,6 +164,20 @@ async function showStorage() {
   }));
 }
 
+/** Makes a picked or dropped .safetensors / .gguf file the model (base only), and loads it. */
+function openFile(file) {
+  if (!file) return;
+  PRESETS.file = {
+    label: `File: ${file.name}`, base: file, refiner: null, quant: 'q4', sizes: RESOLUTION_BUCKETS, steps: 30,
+    note: 'A single-file SDXL checkpoint from this computer, imported into this browser at 4-bit (its configs read off its tensors). The file itself is not uploaded anywhere.',
+  };
+  const option = [...$('preset').options].find((o) => o.value === 'file') ?? $('preset').appendChild(new Option('', 'file'));
+  option.text = PRESETS.file.label;
+  $('preset').value = 'file';
+  fillPreset();
+  if (sdxl && !running) $('load').click();
+}
+
 async function main() {
   for (const [key, preset] of Object.entries(PRESETS)) $('preset').add(new Option(preset.label, key));
   const params = new URLSearchParams(location.search);
@@ -171,6 +189,14 @@ async function main() {
   $('random-seed').onclick = randomSeed;
   $('cancel').onclick = () => running?.abort();
   $('persist').onclick = async () => { await sdxl.persist(); refreshStorage(); };
+  $('model-file').onchange = () => openFile($('model-file').files[0]);
+  document.addEventListener('dragover', (e) => { e.preventDefault(); document.body.dataset.drop = 'over'; });
+  document.addEventListener('dragleave', () => { delete document.body.dataset.drop; });
+  document.addEventListener('drop', (e) => {
+    e.preventDefault();
+    delete document.body.dataset.drop;
+    openFile(e.dataTransfer?.files?.[0]);
+  });
   $('load').onclick = () => run(async (signal) => {
     await ensureLoaded(signal);
     setStatus('ready', 'Model loaded.', 1);

@@ -2,13 +2,18 @@
 
 export type Quant = 'f16' | 'q8' | 'q4';
 
-/** A hub repository ("owner/name"), a URL, a path starting with ./, ../ or / (relative to the page), or {url, id} with an explicit store id (default: the last path segment + "-" + quant). */
-export type ModelRef = string | { url: string; id?: string };
+/**
+ * A hub repository ("owner/name", or "owner/name/file.gguf" for one file of it), a URL (of a pack, a
+ * diffusers folder, or a single .safetensors / .gguf), a path starting with ./, ../ or / (relative to
+ * the page), {url, id} with an explicit store id, a File / Blob the user picked or dropped, or
+ * {file, id}. The store id defaults to the last path segment (or the file's name) + "-" + quant.
+ */
+export type ModelRef = string | { url: string; id?: string } | Blob | { file: Blob; id?: string };
 
 export type ErrorName =
   | 'WebGpuUnavailable' | 'AdapterLimits' | 'DeviceLost' | 'GpuError'
   | 'InvalidParameter' | 'NetworkError' | 'QuotaExceeded' | 'ModelIncomplete' | 'CorruptWeights'
-  | 'WrongModel' | 'BadConfig' | 'BadTokenizer' | 'IoError' | 'AbortError' | 'InternalError';
+  | 'WrongModel' | 'BadConfig' | 'BadTokenizer' | 'IoError' | 'UnsupportedFormat' | 'AbortError' | 'InternalError';
 
 export class SdxlError extends Error {
   name: ErrorName;
@@ -23,9 +28,9 @@ interface Timed {
   etaSeconds: number | null;
 }
 
-/** Download into IndexedDB (a diffusers folder is converted as it streams), checksum checks of what is stored, upload to the GPU. */
+/** Download into IndexedDB (a folder or single file is converted as it streams), import of a picked file, checksum checks of what is stored, upload to the GPU. */
 export interface TransferEvent extends Timed {
-  type: 'download' | 'verify' | 'upload';
+  type: 'download' | 'import' | 'verify' | 'upload';
   /** The model's store id. */
   model: string;
   loaded: number;
@@ -115,8 +120,16 @@ export interface GenerateResult {
   timings: { base: number; refiner?: number; decode: number; total: number };
 }
 
+export interface LoadedModel {
+  id: string;
+  url?: string;
+  /** The picked file's name. */
+  file?: string;
+}
+
 export interface StoredModel {
   id: string;
+  /** Where it came from: a URL, or `file:NAME (BYTES bytes, modified MS)` for a picked file. */
   url: string | null;
   quant: Quant | null;
   model: 'sdxl-base' | 'sdxl-refiner' | null;
@@ -152,12 +165,15 @@ export interface BenchReport {
 }
 
 export declare const SDXL_1_0: { base: string; refiner: string };
+/** SDXL 1.0 base as one stable-diffusion.cpp GGUF file (Q4_K) on the hub. */
+export declare const SDXL_1_0_GGUF: string;
 export declare const RESOLUTION_BUCKETS: ReadonlyArray<readonly [number, number]>;
 
 export declare class Sdxl {
   static create(options?: CreateOptions): Promise<Sdxl>;
   readonly info: AdapterInfo;
-  readonly loaded: { base: { url: string; id: string }; refiner: { url: string; id: string } | null; quant: Quant } | null;
+  /** What load() made the loaded models: each with its store id and its URL or picked file's name. */
+  readonly loaded: { base: LoadedModel; refiner: LoadedModel | null; quant: Quant } | null;
   load(options: LoadOptions): Promise<void>;
   generate(options: GenerateOptions): Promise<GenerateResult>;
   models(): Promise<StoredModel[]>;

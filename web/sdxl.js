@@ -11,6 +11,9 @@ export const SDXL_1_0 = {
   refiner: 'stabilityai/stable-diffusion-xl-refiner-1.0',
 };
 
+/** SDXL 1.0 base as one stable-diffusion.cpp GGUF file on the hub (Q4_K; the text encoders and VAE inside). */
+export const SDXL_1_0_GGUF = 'kostakoff/stable-diffusion-xl-base-1.0-GGUF/sd_xl_base_1.0_0_Q4_K.gguf';
+
 /** SDXL's training resolutions (width, height): the sizes it draws best. */
 export const RESOLUTION_BUCKETS = [
   [1024, 1024], [1152, 896], [896, 1152], [1216, 832], [832, 1216], [1344, 768], [768, 1344], [1536, 640], [640, 1536],
@@ -32,16 +35,27 @@ function checkOptions(what, options, known) {
   if (unknown.length) throw new SdxlError('InvalidParameter', `${what}: unknown option ${unknown.map((k) => `\`${k}\``).join(', ')} (known: ${known.join(', ')})`);
 }
 
+/** A store id made of a path's last segment (or a file's name) and the preset. */
+const storeId = (name, quant) => `${name.replace(/\/+$/, '').split('/').pop().replace(/[^A-Za-z0-9._-]/g, '-').replace(/^\.+/, '')}-${quant}`;
+
 /**
- * `ref` → {url, id}: a hub repository (`owner/name`), a URL, a path starting with `./`, `../` or `/`
- * (relative to the page), or {url, id}. The store id defaults to the last path segment + `-quant`.
+ * `ref` → {url, id} or {file, id, blob}: a hub repository (`owner/name`, or `owner/name/file.gguf`
+ * for one file of it), a URL (of a pack, a diffusers folder, or a single .safetensors / .gguf), a
+ * path starting with `./`, `../` or `/` (relative to the page), {url, id}, a `File` / `Blob` the
+ * user picked or dropped, or {file: File, id}. The store id defaults to the last path segment (or
+ * the file's name) + `-quant`.
  */
 function modelRef(ref, quant) {
+  const blob = ref instanceof Blob ? ref : ref?.file instanceof Blob ? ref.file : null;
+  if (blob) {
+    const file = blob.name ?? 'model.safetensors';
+    return { file, id: ref?.id ?? storeId(file, quant), blob };
+  }
   const url = typeof ref === 'string' ? ref : ref?.url;
-  if (typeof url !== 'string' || url === '') throw new SdxlError('InvalidParameter', `a model is a hub repository, a URL or {url, id}; got ${JSON.stringify(ref)}`);
-  const absolute = /^[a-z]+:\/\//i.test(url) || /^[\w.-]+\/[\w.-]+$/.test(url) ? url : new URL(url, globalThis.location?.href).href;
-  const name = url.replace(/\/+$/, '').split('/').pop().replace(/[^A-Za-z0-9._-]/g, '-').replace(/^\.+/, '');
-  return { url: absolute, id: ref?.id ?? `${name}-${quant}` };
+  if (typeof url !== 'string' || url === '') throw new SdxlError('InvalidParameter', `a model is a hub repository, a URL, a File or {url, id}; got ${JSON.stringify(ref)}`);
+  const hub = /^[\w.-]+\/[\w.-]+(\/[\w.-]+)*$/.test(url) && !/^\.{1,2}\//.test(url);
+  const absolute = /^[a-z]+:\/\//i.test(url) || hub ? url : new URL(url, globalThis.location?.href).href;
+  return { url: absolute, id: ref?.id ?? storeId(url, quant) };
 }
 
 /** Adds `fraction` and `etaSeconds` (from the rate since the phase began) to progress events. */
@@ -146,16 +160,20 @@ export class Sdxl {
   }
 
   /**
-   * Makes `base` (and `refiner`) the loaded models: downloads each into IndexedDB unless stored
-   * (resuming an interrupted download), then uploads it to the GPU. Aborting `signal` stops the
+   * Makes `base` (and `refiner`) the loaded models: downloads (or, for a picked file, imports) each
+   * into IndexedDB unless stored (resuming an interrupted download), converting it to `quant` as it
+   * streams in (GGUF blocks kept as stored), then uploads it to the GPU. Aborting `signal` stops the
    * download (what is stored stays) and restarts the worker.
    */
   async load(options = {}) {
     checkOptions('load', options, ['base', 'refiner', 'quant', 'signal', 'onProgress']);
     const { base, refiner = null, quant = 'q4', signal, onProgress } = options;
     if (!['f16', 'q8', 'q4'].includes(quant)) throw new SdxlError('InvalidParameter', `quant must be 'f16', 'q8' or 'q4', not ${JSON.stringify(quant)}`);
-    const models = { base: modelRef(base, quant), refiner: refiner ? modelRef(refiner, quant) : null, quant };
-    await this.#call('load', [models], { onEvent: this.#progress(onProgress), signal });
+    const refs = [modelRef(base, quant), refiner ? modelRef(refiner, quant) : null];
+    const files = refs.map((r) => r?.blob ?? null);
+    const [b, r] = refs.map((ref) => ref && Object.fromEntries(Object.entries(ref).filter(([k]) => k !== 'blob')));
+    const models = { base: b, refiner: r, quant };
+    await this.#call('load', [models, files], { onEvent: this.#progress(onProgress), signal });
     this.loaded = models;
   }
 

@@ -13,8 +13,8 @@ const methods = {
     engine = await Engine.create(JSON.stringify(options));
     return JSON.parse(engine.info());
   },
-  async load(id, options) {
-    await engine.load(JSON.stringify(options), (event) => post({ id, event: JSON.parse(event) }));
+  async load(id, options, files) {
+    await engine.load(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) }));
   },
   async generate(id, options) {
     const onEvent = (event, preview) => post({ id, event: JSON.parse(event), preview }, preview ? [preview.buffer] : []);

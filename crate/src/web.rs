@@ -18,7 +18,8 @@ use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlM
 use crate::pipeline::image;
 use crate::pipeline::prompt::PromptOptions;
 use crate::quant::QuantPreset;
-use crate::store::{DownloadOptions, IdbStore, ModelStore};
+use crate::store::{BlobSource, DownloadOptions, IdbStore, ModelStore, Progress};
+use crate::weights::{ModelSource, Source};
 use crate::{Gpu, Precision};
 
 fn js_error(e: Error) -> JsValue {
@@ -66,12 +67,15 @@ struct BenchRequest {
     vae_config: Option<String>,
 }
 
-/// A model to load: its id in the store and where to download it from when it is not stored.
+/// A model to load: its id in the store, and where it comes from when it is not stored: a URL
+/// (a pack, a diffusers folder, a single .safetensors / .gguf) or, with `file` (its name), the
+/// picked `File` passed beside the options.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelRef {
     id: String,
-    url: String,
+    url: Option<String>,
+    file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -148,12 +152,14 @@ impl Engine {
         .to_string()
     }
 
-    /// Makes the models of `options` (JSON of `{base: {id, url}, refiner?: {id, url}, quant}`) the
-    /// loaded ones: each is downloaded into the store unless it is stored complete, then uploaded to
-    /// the GPU. Models already loaded with the same id and preset stay; others are released first,
-    /// so the GPU never holds two of a kind. `on_event` gets JSON progress events.
-    pub async fn load(&mut self, options: String, on_event: Function) -> std::result::Result<(), JsValue> {
+    /// Makes the models of `options` (JSON of `{base: {id, url?, file?}, refiner?: {...}, quant}`)
+    /// the loaded ones: each is downloaded (or, from the `File`s in `files` — [base, refiner] —
+    /// imported) into the store unless it is stored complete, then uploaded to the GPU. Models
+    /// already loaded with the same id and preset stay; others are released first, so the GPU
+    /// never holds two of a kind. `on_event` gets JSON progress events.
+    pub async fn load(&mut self, options: String, files: js_sys::Array, on_event: Function) -> std::result::Result<(), JsValue> {
         async {
+            let file = |i: u32| Some(files.get(i)).filter(|f| !f.is_undefined() && !f.is_null());
             let options: LoadOptions = parse(&options, "load options")?;
             let quant: QuantPreset = options.quant.parse()?;
             let keep = |slot: &Option<Loaded>, wanted: Option<&ModelRef>| {
@@ -166,10 +172,10 @@ impl Engine {
                 self.refiner = None;
             }
             if self.base.is_none() {
-                self.base = Some(self.load_one(&options.base, quant, ModelKind::Base, &on_event).await?);
+                self.base = Some(self.load_one(&options.base, file(0), quant, ModelKind::Base, &on_event).await?);
             }
             if let (None, Some(wanted)) = (&self.refiner, &options.refiner) {
-                self.refiner = Some(self.load_one(wanted, quant, ModelKind::Refiner, &on_event).await?);
+                self.refiner = Some(self.load_one(wanted, file(1), quant, ModelKind::Refiner, &on_event).await?);
             }
             Ok(())
         }
@@ -240,16 +246,31 @@ impl Engine {
 }
 
 impl Engine {
-    async fn load_one(&self, wanted: &ModelRef, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
+    async fn load_one(&self, wanted: &ModelRef, file: Option<JsValue>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
         let stored = self.store.list().await?.into_iter().find(|m| m.id == wanted.id);
         if !stored.is_some_and(|m| m.complete) {
-            self.store
-                .download(&wanted.id, &wanted.url, &DownloadOptions::new(quant), |p| {
-                    // A diffusers folder is converted as it downloads: for the user, both are the download.
-                    let stage = if p.stage == "verify" { "verify" } else { "download" };
+            let options = DownloadOptions::new(quant);
+            // A folder or file is converted as it arrives: for the user, both are the download (or the import).
+            let progress = |stage: &'static str| {
+                move |p: &Progress| {
+                    let stage = if p.stage == "verify" { "verify" } else { stage };
                     emit(on_event, json!({"type": stage, "model": wanted.id, "loaded": p.bytes_done, "total": p.bytes_total, "detail": p.detail}));
-                })
-                .await?;
+                }
+            };
+            match (file, &wanted.url) {
+                (Some(blob), _) => {
+                    let name = wanted.file.as_deref().unwrap_or("model.safetensors");
+                    let modified = Reflect::get(&blob, &"lastModified".into()).ok().and_then(|m| m.as_f64()).unwrap_or(0.0);
+                    let source = BlobSource::new(blob, name)?;
+                    let origin = format!("file:{name} ({} bytes, modified {modified})", source.len(name).await?);
+                    let model = ModelSource::single_file(&source, name, None).await?;
+                    self.store.import(&wanted.id, &origin, &model, &options, &|| source.bytes_read(), progress("import")).await?;
+                }
+                (None, Some(url)) => {
+                    self.store.download(&wanted.id, url, &options, progress("download")).await?;
+                }
+                (None, None) => return Err(Error::ModelIncomplete(format!("'{}' is not stored: give its url or a file", wanted.id))),
+            }
         }
         let (total, done, reported) = (Cell::new(0), Cell::new(0), Cell::new(0));
         // Thousands of tensors: an event per 0.5 % is enough for a progress bar.

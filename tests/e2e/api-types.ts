@@ -4,6 +4,7 @@ import { Sdxl, SdxlError, SDXL_1_0, RESOLUTION_BUCKETS, type ProgressEvent, type
 function describe(e: ProgressEvent): string {
   switch (e.type) {
     case 'download':
+    case 'import':
     case 'verify':
     case 'upload':
       return `${e.type} ${e.model}: ${e.loaded}/${e.total}, ${e.etaSeconds ?? '?'} s left (${e.fraction})`;

@@ -9,7 +9,10 @@
 //      models stored in IndexedDB; the storage panel deletes a model;
 //   5. web/examples/embed.html (at most 20 lines) generates the same image;
 //   6. web/bench.html measures the tiny model's UNet step and VAE decode;
-//   7. without WebGPU the page says so and offers no generate button.
+//   7. without WebGPU the page says so and offers no generate button;
+//   8. a single-file checkpoint (tests/fixtures/single-file/tiny-sdxl-std.gguf, configs inferred):
+//      picked with the page's "Open a model file…", by URL and as a File through the API, each
+//      imported into IndexedDB and generating the CLI's image of the same file; a pickle is refused.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
@@ -97,10 +100,21 @@ function expectedImage() {
   return decodePng(readFileSync(png));
 }
 
+const SINGLE_FILE = `${root}/tests/fixtures/single-file/tiny-sdxl-std.gguf`;
+
+/** The CLI's image of the config-less single file, quantized to q4 as it loads (as the browser stores it). */
+function expectedSingleFileImage() {
+  const png = `${out}/expected-single-file.png`;
+  execFileSync(sdxlCli, ['generate', '--model', SINGLE_FILE, '--quant', 'q4', '--prompt', PROMPT, '--width', `${RUN.width}`, '--height', `${RUN.height}`,
+    '--steps', `${RUN.steps}`, '--guidance', `${RUN.guidance}`, '--seed', `${RUN.seed}`, '--precision', 'f32', '--out', png], { stdio: 'inherit' });
+  return decodePng(readFileSync(png));
+}
+
 async function startServer(port = 0) {
   const server = spawn('python3', [`${root}/tests/server.py`, '--port', `${port}`, '--mount', `/=${root}/web`,
     '--mount', `/models/tiny-sdxl-base=${root}/tests/fixtures/tiny-sdxl-base`,
-    '--mount', `/models/tiny-sdxl-refiner=${root}/tests/fixtures/tiny-sdxl-refiner`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    '--mount', `/models/tiny-sdxl-refiner=${root}/tests/fixtures/tiny-sdxl-refiner`,
+    '--mount', `/models/single-file=${root}/tests/fixtures/single-file`], { stdio: ['ignore', 'pipe', 'inherit'] });
   const [url] = await createInterface({ input: server.stdout })[Symbol.asyncIterator]().next().then((r) => [r.value]);
   return { server, url };
 }
@@ -158,6 +172,7 @@ async function main() {
   rmSync(out, { recursive: true, force: true });
   mkdirSync(out, { recursive: true });
   const expected = expectedImage();
+  const expectedSingle = expectedSingleFileImage();
   let { server, url } = await startServer();
   log(`server ${url}`);
   const browser = await chromium.launch({
@@ -295,6 +310,52 @@ async function main() {
     await noGpu.waitForSelector('#gpu-status[data-state="missing"]', { timeout: MINUTE });
     assert.match(await noGpu.locator('#gpu-status').textContent(), /WebGPU/);
     assert.ok(await noGpu.locator('#generate').isDisabled(), 'no generate button without WebGPU');
+
+    log('8. single files: picked on the page, by URL and as a File through the API');
+    const files = await context.newPage();
+    watch(files, 'files');
+    await files.goto(`${url}/?preset=tiny`);
+    await files.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+    await files.setInputFiles('#model-file', SINGLE_FILE);
+    await finished(files, 'ready', 10 * MINUTE);
+    assert.equal(await files.locator('#preset').inputValue(), 'file');
+    await files.evaluate(() => document.getElementById('size').add(new Option('64 × 64', '64x64')));
+    await generateAndCompare(files, expectedSingle, 'picked file');
+    await files.waitForSelector('#models tr[data-id="tiny-sdxl-std.gguf-q4"]');
+    const viaApi = await files.evaluate(async (run) => {
+      const { Sdxl } = await import('/sdxl.js');
+      const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+      const sdxl = await Sdxl.create({ storeName: 'e2e-single-file' });
+      const bytes = async (blob) => Array.from(new Uint8Array(await blob.arrayBuffer()));
+      const r = {};
+      const types = new Set();
+      await sdxl.load({ base: './models/single-file/tiny-sdxl-std.gguf', quant: 'q4', onProgress: (e) => types.add(e.type) });
+      r.urlEvents = [...types].sort();
+      r.url = await bytes((await sdxl.generate({ ...run, prompt: run.prompt, refinerStart: null })).blob);
+      const file = new File([await (await fetch('./models/single-file/tiny-sdxl-std.gguf')).blob()], 'tiny-sdxl-std.gguf');
+      types.clear();
+      await sdxl.load({ base: { file, id: 'picked' }, quant: 'q4', onProgress: (e) => types.add(e.type) });
+      r.fileEvents = [...types].sort();
+      r.loaded = sdxl.loaded.base;
+      r.file = await bytes((await sdxl.generate({ ...run, refinerStart: null })).blob);
+      r.stored = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`).sort();
+      r.pickle = await outcome(sdxl.load({ base: new File([new Uint8Array([0x80, 2, 0x7d, 0x71])], 'model.ckpt'), quant: 'q4' }));
+      r.unrelated = await outcome(sdxl.load({ base: new File([await (await fetch('./models/tiny-sdxl-base/vae/diffusion_pytorch_model.safetensors')).blob()], 'vae.safetensors'), quant: 'q4' }));
+      sdxl.terminate();
+      return r;
+    }, { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed });
+    log('single files via the API:', JSON.stringify({ ...viaApi, url: viaApi.url.length, file: viaApi.file.length }));
+    assert.deepEqual(viaApi.urlEvents, ['download', 'upload']);
+    assert.deepEqual(viaApi.fileEvents, ['import', 'upload']);
+    assert.deepEqual(viaApi.loaded, { file: 'tiny-sdxl-std.gguf', id: 'picked' });
+    assert.deepEqual(viaApi.stored, ['picked true', 'tiny-sdxl-std.gguf-q4 true']);
+    for (const what of ['url', 'file']) {
+      const db = psnr(decodePng(Buffer.from(viaApi[what])).rgb, expectedSingle.rgb);
+      log(`single file by ${what}: PSNR against the native CLI ${db.toFixed(1)} dB`);
+      assert.ok(db >= MIN_PSNR, `single file by ${what}: PSNR ${db.toFixed(1)} dB`);
+    }
+    assert.match(viaApi.pickle, /^UnsupportedFormat: .*pickle.*safetensors/);
+    assert.match(viaApi.unrelated, /^WrongModel: .*not an SDXL model/);
     log('all end-to-end tests passed');
   } finally {
     await browser.close();

@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{sha256_hex, shard_path, Manifest, ModelKind, Pack, PackFile, PackTensor, Segment, Shard, Storage, ALIGN, FORMAT, MANIFEST, SHARD_BYTES, VERSION};
 use crate::error::{Error, Result};
-use crate::quant::{quantize, QuantFormat, QuantPolicy, QuantPreset};
-use crate::weights::safetensors;
-use crate::weights::{all_rows, Encoding, HostTensor, MemorySource, ModelSource, Source, TensorSource};
+use crate::quant::{QuantFormat, QuantPolicy, QuantPreset};
+use crate::weights::safetensors::{self, Dtype};
+use crate::weights::{all_rows, quantize_host, Encoding, HostTensor, MemorySource, ModelSource, Source, TensorSource};
 
 /// Components whose tensors a pack holds, in pack order.
 const WEIGHT_COMPONENTS: [&str; 4] = ["text_encoder", "text_encoder_2", "unet", "vae"];
@@ -347,19 +347,24 @@ pub fn planned_bytes<'t>(policy: &QuantPolicy, component: &str, tensors: impl In
 }
 
 /// A tensor's planes as a pack stores them: blocks as read; float values quantized (`data`,
-/// `scales`, and `mins` for q4_1) when `format` says so, else dense f16, or f32 where a value
-/// exceeds f16's range.
+/// `scales`, and `mins` for q4_1) when `format` says so, else dense f16 (f16 sources as they are),
+/// or f32 where a value exceeds f16's range. Values are decoded a few rows at a time: a tensor is
+/// never held whole as f32 (the browser's heap holds about one tensor while importing).
 pub(crate) fn encode(host: HostTensor, shape: &[usize], format: Option<QuantFormat>) -> Result<(Storage, Vec<Vec<u8>>)> {
     let q = match (host, format) {
         (HostTensor::Quant(q), _) => q,
         (HostTensor::Random(_), _) => return Err(Error::InvalidParameter("random weights cannot be converted".into())),
-        (HostTensor::Float { dtype, bytes }, Some(format)) => quantize(&safetensors::to_f32(dtype, &bytes), shape[0], shape[1..].iter().product(), format)?,
+        (HostTensor::Float { dtype, bytes }, Some(format)) => quantize_host(dtype, &bytes, shape[0], shape[1..].iter().product(), format)?,
+        (HostTensor::Float { dtype: Dtype::F16, bytes }, None) => return Ok((Storage::F16, vec![bytes])),
         (HostTensor::Float { dtype, bytes }, None) => {
-            let values = safetensors::to_f32(dtype, &bytes);
-            if values.iter().all(|&v| !v.is_finite() || f16::from_f32(v).is_finite()) {
-                return Ok((Storage::F16, vec![values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect()]));
+            let chunk = (1 << 20) * dtype.size();
+            let fits = |v: &f32| !v.is_finite() || f16::from_f32(*v).is_finite();
+            if bytes.chunks(chunk).all(|c| safetensors::to_f32(dtype, c).iter().all(fits)) {
+                let halves = bytes.chunks(chunk).flat_map(|c| safetensors::to_f32(dtype, c).into_iter().flat_map(|v| f16::from_f32(v).to_le_bytes())).collect();
+                return Ok((Storage::F16, vec![halves]));
             }
-            return Ok((Storage::F32, vec![bytemuck::cast_slice(&values).to_vec()]));
+            let values = bytes.chunks(chunk).flat_map(|c| safetensors::to_f32(dtype, c).into_iter().flat_map(f32::to_le_bytes)).collect();
+            return Ok((Storage::F32, vec![values]));
         }
     };
     let mut planes = vec![bytemuck::cast_slice(&q.data).to_vec()];

@@ -1,5 +1,6 @@
-//! The browser APIs the store uses (fetch, IndexedDB, WebCrypto, timers), as small promise-returning
-//! JS functions that work in a window and in a worker. Bytes stay JS `Uint8Array`s.
+//! The browser APIs the store uses (fetch, IndexedDB, WebCrypto, timers, files the user picked), as
+//! small promise-returning JS functions that work in a window and in a worker. Bytes stay JS
+//! `Uint8Array`s.
 
 use js_sys::Uint8Array;
 use wasm_bindgen::prelude::*;
@@ -81,6 +82,10 @@ export async function idb_list(db, prefix) {
   return keys.map((key, i) => [key, sizes[i]]);
 }
 
+export async function blob_read(blob, start, end) {
+  return new Uint8Array(await blob.slice(start, end).arrayBuffer());
+}
+
 export async function storage_available() {
   const storage = globalThis.navigator?.storage;
   if (!storage?.estimate) return -1;
@@ -112,6 +117,8 @@ extern "C" {
     pub async fn idb_delete(db: &JsValue, key: &str) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(catch)]
     pub async fn idb_list(db: &JsValue, prefix: &str) -> Result<JsValue, JsValue>;
+    #[wasm_bindgen(catch)]
+    pub async fn blob_read(blob: &JsValue, start: f64, end: f64) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(catch)]
     pub async fn storage_available() -> Result<JsValue, JsValue>;
     pub async fn storage_persist() -> JsValue;

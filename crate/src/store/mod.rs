@@ -2,8 +2,8 @@
 //!
 //! A [`RecordStore`] holds records of at most [`crate::pack::SHARD_BYTES`] by key: IndexedDB in the
 //! browser ([`IdbStore`]), a folder natively ([`DirStore`], whose model folders are model packs any
-//! `--model` option reads). [`HttpSource`] reads a model folder or pack over HTTP with range
-//! requests and retries. [`ModelStore`] puts them together: download (a pack record by record, or a
+//! `--model` option reads). [`HttpSource`] reads a model folder, pack or single file over HTTP with
+//! range requests and retries; in the browser, `BlobSource` reads a file the user picked. [`ModelStore`] puts them together: download (a pack record by record, or a
 //! diffusers folder converted tensor by tensor as it streams in), resume, repair, list, delete,
 //! verify, and [`ModelStore::open`] to load a stored model record by record.
 //!
@@ -18,6 +18,8 @@ mod source;
 #[cfg(not(target_arch = "wasm32"))]
 mod dir;
 #[cfg(target_arch = "wasm32")]
+mod blob;
+#[cfg(target_arch = "wasm32")]
 mod idb;
 #[cfg(target_arch = "wasm32")]
 mod js;
@@ -25,6 +27,8 @@ mod js;
 #[cfg(not(target_arch = "wasm32"))]
 pub use dir::DirStore;
 pub use http::{hub_url, HttpSource};
+#[cfg(target_arch = "wasm32")]
+pub use blob::BlobSource;
 #[cfg(target_arch = "wasm32")]
 pub use idb::IdbStore;
 pub use models::{DownloadOptions, ModelStore, Progress, StoredModel};

@@ -42,7 +42,7 @@ pub use source::DirSource;
 pub use vars::Vars;
 
 use crate::error::{Error, Result};
-use crate::quant::{QuantFormat, QuantizedTensor};
+use crate::quant::{quantize, QuantFormat, QuantizedTensor};
 use safetensors::Dtype;
 
 /// A boxed future: what object-safe readers return.
@@ -116,4 +116,29 @@ pub async fn host_f32(source: &(impl TensorSource + ?Sized), name: &str, shape: 
         HostTensor::Quant(q) => crate::quant::dequantize(&q),
         HostTensor::Random(seed) => random::host(seed, name, shape),
     })
+}
+
+/// Values decoded at a time by [`quantize_host`] (4 MiB of f32).
+const CHUNK_VALUES: usize = 1 << 20;
+
+/// Quantizes a [rows, cols] matrix of little-endian `dtype` values a few rows at a time, so that
+/// a tensor is never held as f32 whole (blocks never straddle rows: the pieces concatenate).
+pub fn quantize_host(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize, format: QuantFormat) -> Result<QuantizedTensor> {
+    let per_chunk = (CHUNK_VALUES / cols.max(1)).max(1);
+    let row_bytes = cols * dtype.size();
+    if bytes.len() != rows * row_bytes {
+        return Err(Error::InvalidParameter(format!("{} bytes are not [{rows}, {cols}] {} values", bytes.len(), dtype.name())));
+    }
+    let mut out = QuantizedTensor { format, rows, cols, data: Vec::new(), scales: Vec::new(), mins: Vec::new() };
+    for (i, chunk) in bytes.chunks(per_chunk * row_bytes.max(1)).enumerate() {
+        let n = chunk.len() / row_bytes.max(1);
+        let q = quantize(&safetensors::to_f32(dtype, chunk), n, cols, format).map_err(|e| match e {
+            Error::InvalidParameter(m) => Error::InvalidParameter(format!("{m} (rows from {})", i * per_chunk)),
+            e => e,
+        })?;
+        out.data.extend(q.data);
+        out.scales.extend(q.scales);
+        out.mins.extend(q.mins);
+    }
+    Ok(out)
 }

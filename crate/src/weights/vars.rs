@@ -3,10 +3,10 @@
 
 use half::f16;
 
-use super::{all_rows, host_f32, random, safetensors, tensor_error, HostTensor, TensorSource};
+use super::{all_rows, host_f32, quantize_host, random, safetensors, tensor_error, HostTensor, TensorSource};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
-use crate::quant::{quantize, QuantPolicy, QuantTensor, Weight};
+use crate::quant::{QuantPolicy, QuantTensor, Weight};
 
 #[derive(Clone)]
 pub struct Vars<'a> {
@@ -74,7 +74,7 @@ impl<'a> Vars<'a> {
             (HostTensor::Random(seed), format) => random::matrix(self.gpu, seed, &name, shape, format, self.dtype),
             (HostTensor::Float { dtype, bytes }, Some(format)) if dtype.is_float() => {
                 let (rows, cols) = (shape[0], shape[1..].iter().product());
-                quantize(&safetensors::to_f32(dtype, &bytes), rows, cols, format).and_then(|q| QuantTensor::upload(self.gpu, &q, &name)).map(Weight::Quant)
+                quantize_host(dtype, &bytes, rows, cols, format).and_then(|q| QuantTensor::upload(self.gpu, &q, &name)).map(Weight::Quant)
             }
             (host, _) => self.dense(&name, host, shape).map(Weight::Dense),
         };

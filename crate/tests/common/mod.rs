@@ -11,6 +11,7 @@ use sdxl::{DType, Gpu, Precision};
 
 #[cfg(not(target_arch = "wasm32"))]
 mod files;
+pub mod sgm;
 #[cfg(not(target_arch = "wasm32"))]
 #[allow(unused_imports)] // each test binary uses some
 pub use files::{copy_tree, sdxl, Case, TempDir};
