@@ -13,7 +13,7 @@ const PRESETS = {
     note: 'Closer to full precision than 4-bit; needs more storage and GPU memory.',
   },
   'sdxl-gguf': {
-    label: 'SDXL 1.0 base, community GGUF Q4_K (one ~2.4 GB file, base only)', base: SDXL_1_0_GGUF, refiner: null, quant: 'q4', sizes: RESOLUTION_BUCKETS, steps: 30,
+    label: 'SDXL 1.0 base, community GGUF Q4_K (one 2.6 GB file, 2.2 GB stored, base only)', base: SDXL_1_0_GGUF, refiner: null, quant: 'q4', sizes: RESOLUTION_BUCKETS, steps: 30,
     note: 'stable-diffusion.cpp\'s 4-bit K-quant file of the base: a third of the fp16 download; its Q4_K blocks are kept as stored, the rest converted to 4-bit.',
   },
   tiny: {

@@ -23,6 +23,8 @@ pub enum Error {
     Unsupported { path: String, message: String },
     /// A tensor is missing, or its dtype/shape does not match the config.
     Tensor { path: String, tensor: String, message: String },
+    /// A file holds another model than SDXL (SD 1.x, SD 3, FLUX, a UNet alone, ...).
+    WrongModel { path: String, message: String },
     /// A config.json is missing a field or holds an unsupported value.
     Config { path: String, message: String },
     /// Tokenizer files are missing or malformed.
@@ -55,6 +57,7 @@ impl fmt::Display for Error {
             Error::Gguf { path, message } => write!(f, "{path}: invalid GGUF: {message}"),
             Error::Unsupported { path, message } => write!(f, "{path}: {message}"),
             Error::Tensor { path, tensor, message } => write!(f, "{path}: tensor '{tensor}': {message}"),
+            Error::WrongModel { path, message } => write!(f, "{path}: {message}"),
             Error::Config { path, message } => write!(f, "{path}: {message}"),
             Error::Tokenizer { path, message } => write!(f, "{path}: tokenizer: {message}"),
             Error::InvalidParameter(m) => write!(f, "invalid parameter: {m}"),
@@ -81,7 +84,7 @@ impl Error {
             Error::Io { .. } => "IoError",
             Error::Safetensors { .. } | Error::Gguf { .. } => "CorruptWeights",
             Error::Unsupported { .. } => "UnsupportedFormat",
-            Error::Tensor { .. } => "WrongModel",
+            Error::Tensor { .. } | Error::WrongModel { .. } => "WrongModel",
             Error::Config { .. } => "BadConfig",
             Error::Tokenizer { .. } => "BadTokenizer",
             Error::InvalidParameter(_) => "InvalidParameter",

@@ -170,7 +170,7 @@ const UNIFORM_SLOT: u64 = 256;
 /// write is staged until the next submit, so loading a model without submitting would hold a
 /// second copy of all its weights.
 const STAGED_BYTES_PER_SUBMIT: u64 = 256 << 20;
-/// Elements widened from f16 to f32 at a time on upload.
+/// Values converted (widened, narrowed or dequantized) at a time on upload.
 const WIDEN_CHUNK: usize = 1 << 20;
 /// WebGPU's guaranteed maximum workgroup count per dimension.
 const MAX_GROUPS_PER_DIM: u32 = 65535;
@@ -414,16 +414,7 @@ impl Gpu {
     /// Uploads f32 data as `dtype`; `what` names the tensor in errors.
     pub fn upload_as(&self, data: &[f32], shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
-        let t = self.alloc(shape, dtype, what, false)?;
-        match dtype {
-            DType::F32 => self.write(&t, bytemuck::cast_slice(data)),
-            DType::F16 => {
-                let h: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
-                self.write(&t, bytemuck::cast_slice(&h));
-            }
-            DType::U32 => return Err(Error::InvalidParameter(format!("{what}: cannot upload floats as u32"))),
-        }
-        Ok(t)
+        self.upload_from(shape, dtype, what, |values| data[values].to_vec())
     }
 
     /// Uploads f16 data as float type `dtype` without a detour through f32 when possible.
@@ -432,16 +423,33 @@ impl Gpu {
         if dtype == DType::F16 {
             let t = self.alloc(shape, DType::F16, what, false)?;
             self.write(&t, bytemuck::cast_slice(data));
-            Ok(t)
-        } else {
-            // Widened a slice at a time: a whole f32 copy of a large table would double the heap peak.
-            let t = self.alloc(shape, DType::F32, what, false)?;
-            for (i, chunk) in data.chunks(WIDEN_CHUNK).enumerate() {
-                let f: Vec<f32> = chunk.iter().map(|x| x.to_f32()).collect();
-                self.write_at(&t, (i * WIDEN_CHUNK * 4) as u64, bytemuck::cast_slice(&f));
-            }
-            Ok(t)
+            return Ok(t);
         }
+        self.upload_from(shape, dtype, what, |values| data[values].iter().map(|x| x.to_f32()).collect())
+    }
+
+    /// Uploads a tensor of `shape` as float type `dtype`, its values made [`WIDEN_CHUNK`] at a time
+    /// by `values(range)`: converting or dequantizing never holds a large table (an embedding) whole
+    /// on the host.
+    pub fn upload_from(&self, shape: &[usize], dtype: DType, what: &str, mut values: impl FnMut(std::ops::Range<usize>) -> Vec<f32>) -> Result<Tensor> {
+        if dtype == DType::U32 {
+            return Err(Error::InvalidParameter(format!("{what}: cannot upload floats as u32")));
+        }
+        let n: usize = shape.iter().product();
+        let t = self.alloc(shape, dtype, what, false)?;
+        for start in (0..n).step_by(WIDEN_CHUNK) {
+            let range = start..(start + WIDEN_CHUNK).min(n);
+            let chunk = values(range.clone());
+            self.check_len(chunk.len(), &[range.len()])?;
+            match dtype {
+                DType::F32 => self.write_at(&t, (start * 4) as u64, bytemuck::cast_slice(&chunk)),
+                _ => {
+                    let halves: Vec<half::f16> = chunk.iter().map(|&x| half::f16::from_f32(x)).collect();
+                    self.write_at(&t, (start * 2) as u64, bytemuck::cast_slice(&halves));
+                }
+            }
+        }
+        Ok(t)
     }
 
     fn check_len(&self, len: usize, shape: &[usize]) -> Result<()> {

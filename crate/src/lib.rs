@@ -1,8 +1,9 @@
 //! Stable Diffusion XL on WebGPU. Data flows one way:
-//! store (downloads, records) → weights (sources, safetensors, packs) → gpu/ops → models → pipeline → API
+//! store (downloads, imports, records) → pack (manifest, reader, converter) → weights (byte
+//! sources, formats as `TensorSource`s, `ModelSource`, `Vars`) → gpu/ops → models → pipeline → API
 //! (`web`: the engine the JS API in web/ drives from a worker).
-//! The store hands the models a `weights::Source` over what it stored; it converts downloads with
-//! `pack`'s converter.
+//! The store hands the models a `weights::ModelSource` over what it stored (`pack::open`) and
+//! converts downloads and picked files with `pack`'s converter.
 
 pub mod bench;
 #[cfg(not(target_arch = "wasm32"))]

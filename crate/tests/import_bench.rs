@@ -4,8 +4,9 @@
 //! heap is measured throughout. The file is stable-diffusion.cpp's GGUF of the real SDXL 1.0 base
 //! UNet (every tensor of tests/fixtures/reference/sdxl_unet_tensors.json, Linear / attention /
 //! feed-forward weights Q4_0, the rest F16, as `sd -M convert --type q4_0` writes it), the real VAE,
-//! and both text encoders at their real widths but 2 layers each; its bytes are made in JS, part by
-//! part, so that making it never touches the wasm heap. Prints one JSON line.
+//! and both text encoders at their real widths but 2 layers each; JS writes it into the origin
+//! private file system, so that making it never touches the wasm heap and the engine reads a
+//! disk-backed `File`, as a picked one is. Prints one JSON line.
 #![cfg(target_arch = "wasm32")]
 
 mod common;
@@ -24,19 +25,45 @@ use wasm_bindgen::prelude::*;
 wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_dedicated_worker);
 
 #[wasm_bindgen(inline_js = r#"
-// n bytes of F16 values (0.0102 each), of Q4_0 blocks (that scale, varied codes) or of zeros.
-export function part(n, kind) {
+const PATTERN = 64 << 20;
+// n bytes of F16 values (0.0102 each), or of Q4_0 blocks (that scale, varied codes).
+function pattern(n, kind) {
   const a = new Uint8Array(n);
   if (kind === 0) for (let i = 0; i < n; i += 2) { a[i] = 0x1f; a[i + 1] = 0x21; }
   if (kind === 1) for (let b = 0; b < n; b += 18) { a[b] = 0x1f; a[b + 1] = 0x21; for (let i = 2; i < 18; i++) a[b + i] = (b * 7 + i * 13) & 255; }
   return a;
 }
-// Blobs compose by reference: appending never copies what is already in the blob.
-export function append(blob, part) { return new Blob(blob ? [blob, part] : [part]); }
+// Writes the file into the origin private file system and returns it as a disk-backed File, as
+// a picked file is (a Blob joined in memory from 2 GB of parts cannot be read back: Chromium
+// answers NotReadableError). `parts`: the header's bytes, then per tensor [kind, bytes, padding].
+export async function opfsFile(name, header, parts) {
+  const root = await navigator.storage.getDirectory();
+  const handle = await root.getFileHandle(name, { create: true });
+  const file = await handle.createSyncAccessHandle();
+  file.truncate(0);
+  let at = file.write(header, { at: 0 });
+  const patterns = [pattern(PATTERN, 0), pattern(Math.floor(PATTERN / 18) * 18, 1)];
+  for (const [kind, n, pad] of parts) {
+    for (let left = n; left > 0;) {
+      const piece = patterns[kind].subarray(0, Math.min(left, patterns[kind].length));
+      at += file.write(piece, { at });
+      left -= piece.length;
+    }
+    at += file.write(new Uint8Array(pad), { at });
+  }
+  file.flush();
+  file.close();
+  return await handle.getFile();
+}
+export async function removeOpfsFile(name) {
+  await (await navigator.storage.getDirectory()).removeEntry(name);
+}
 "#)]
 extern "C" {
-    fn part(n: f64, kind: u32) -> Uint8Array;
-    fn append(blob: &JsValue, part: &Uint8Array) -> JsValue;
+    #[wasm_bindgen(js_name = opfsFile)]
+    async fn opfs_file(name: &str, header: &Uint8Array, parts: &Array) -> JsValue;
+    #[wasm_bindgen(js_name = removeOpfsFile)]
+    async fn remove_opfs_file(name: &str);
 }
 
 fn heap_bytes() -> u64 {
@@ -88,8 +115,8 @@ fn bytes(shape: &[usize], ggml_type: u32) -> u64 {
     if ggml_type == Q4_0 { n / 32 * 18 } else { n * 2 }
 }
 
-/// The GGUF file as a Blob: header (v3, no metadata), then each tensor's bytes 32-byte aligned.
-fn gguf_blob(tensors: &[(String, Vec<usize>, u32)]) -> JsValue {
+/// The GGUF file (header: v3, no metadata; then each tensor's bytes 32-byte aligned) as a File.
+async fn gguf_file(name: &str, tensors: &[(String, Vec<usize>, u32)]) -> JsValue {
     let mut header = b"GGUF".to_vec();
     header.extend(3u32.to_le_bytes());
     header.extend((tensors.len() as u64).to_le_bytes());
@@ -105,29 +132,25 @@ fn gguf_blob(tensors: &[(String, Vec<usize>, u32)]) -> JsValue {
         offset = (offset + bytes(shape, *ggml_type)).next_multiple_of(ALIGN);
     }
     header.resize(header.len().next_multiple_of(ALIGN as usize), 0);
-    let mut blob = append(&JsValue::NULL, &Uint8Array::from(header.as_slice()));
+    let parts = Array::new();
     for (_, shape, ggml_type) in tensors {
         let n = bytes(shape, *ggml_type);
-        blob = append(&blob, &part(n as f64, if *ggml_type == Q4_0 { 1 } else { 0 }));
-        let pad = n.next_multiple_of(ALIGN) - n;
-        if pad > 0 {
-            blob = append(&blob, &part(pad as f64, 2));
-        }
+        let kind = if *ggml_type == Q4_0 { 1 } else { 0 };
+        parts.push(&Array::of3(&kind.into(), &(n as f64).into(), &((n.next_multiple_of(ALIGN) - n) as f64).into()));
     }
-    blob
+    opfs_file(name, &Uint8Array::from(header.as_slice()), &parts).await
 }
 
 #[wasm_bindgen_test::wasm_bindgen_test]
 async fn import_bench() {
     let list = tensors();
-    let blob = gguf_blob(&list);
-    let _ = Array::new(); // js_sys in scope for the runner's bindings
     let store = ModelStore::new(IdbStore::open("sdxl-import-bench").await.unwrap());
     store.delete_all().await.unwrap();
     let heap_start = heap_bytes();
 
     let name = "sdxl-base-q4_0.gguf";
-    let source = BlobSource::new(blob, name).unwrap();
+    let file = gguf_file(name, &list).await;
+    let source = BlobSource::new(file, name).unwrap();
     let file_bytes = sdxl::weights::Source::len(&source, name).await.unwrap();
     let t0 = js_sys::Date::now();
     let model = ModelSource::single_file(&source, name, None).await.unwrap();
@@ -161,4 +184,5 @@ async fn import_bench() {
     });
     wasm_bindgen_test::console_log!("IMPORT_BENCH {report}");
     store.delete_all().await.unwrap();
+    remove_opfs_file(name).await;
 }

@@ -27,17 +27,17 @@ fn read_tensors(path: &Path) -> Tensors {
     let bytes = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let mut tensors: Vec<(u64, String, String, Vec<usize>, Vec<u8>)> = header
+    let start = |t: &Value| t["data_offsets"][0].as_u64().unwrap();
+    let mut entries: Vec<(String, Value)> = header.into_iter().filter(|(k, _)| k != "__metadata__").collect();
+    entries.sort_by_key(|(_, t)| start(t));
+    entries
         .into_iter()
-        .filter(|(k, _)| k != "__metadata__")
         .map(|(name, t)| {
-            let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap());
+            let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
             let shape = serde_json::from_value(t["shape"].clone()).unwrap();
-            (a, name, t["dtype"].as_str().unwrap().to_string(), shape, bytes[8 + n + a as usize..8 + n + b as usize].to_vec())
+            (name, t["dtype"].as_str().unwrap().to_string(), shape, bytes[8 + n + a..8 + n + b].to_vec())
         })
-        .collect();
-    tensors.sort_by_key(|t| t.0);
-    tensors.into_iter().map(|(_, n, d, s, b)| (n, d, s, b)).collect()
+        .collect()
 }
 
 fn write_tensors(path: &Path, tensors: &Tensors) {

@@ -115,6 +115,7 @@ cpu_tests!(
     quantize_rejects_bad_input,
     bits_per_weight,
     k_quants_round_trip,
+    dequantize_values_cuts_any_range,
 );
 
 /// Our K-quant quantizer (for test files) keeps rows to their format's usual error, and K-quants
@@ -132,6 +133,23 @@ fn k_quants_round_trip() {
         eprintln!("{format:?}: rms error / rms weight {rel:.2e} ({} bits per weight)", format.bits_per_weight());
         assert!(rel < bound, "{format:?}: relative rms error {rel}");
         assert!(quantize(&w[..rows * 320], rows, 320, format).is_err(), "{format:?}: rows of 320");
+    }
+}
+
+/// `dequantize_values` (what uploads decode a slice at a time) gives any range of `dequantize`'s
+/// values, across row and block boundaries, for every format.
+fn dequantize_values_cuts_any_range() {
+    let formats = [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1, QuantFormat::Q2_K, QuantFormat::Q3_K, QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K];
+    for format in formats {
+        let (rows, cols) = if format.is_k() { (5, 512) } else { (7, 80) };
+        let q = quantize(&weights(rows, cols, 3), rows, cols, format).unwrap();
+        let all = dequantize(&q);
+        let n = rows * cols;
+        for range in [0..n, 0..0, 5..123, cols - 1..cols + 1, n - 3..n, cols..3 * cols] {
+            assert_eq!(q.dequantize_values(range.clone()), all[range.clone()], "{format:?} {range:?}");
+        }
+        let pieces: Vec<f32> = (0..n).step_by(97).flat_map(|s| q.dequantize_values(s..(s + 97).min(n))).collect();
+        assert_eq!(pieces, all, "{format:?} in pieces of 97");
     }
 }
 

@@ -168,8 +168,10 @@ fn bad_files_get_errors_naming_the_problem() {
             let tensors: Vec<(String, serde_json::Value)> = std::mem::take(h).into_iter().collect();
             h.extend(tensors.into_iter().map(|(k, v)| (k.replace("conditioner.embedders.", "cond_stage_model.encoders."), v)));
         });
-        let (path, _, message) = tensor_error(open_in(&configs, base, &dir.0, &unrelated).await);
-        assert!(path.ends_with("unrelated.safetensors") && message.contains("neither an SDXL base"), "{path}: {message}");
+        match open_in(&configs, base, &dir.0, &unrelated).await.map(|_| ()) {
+            Err(Error::WrongModel { path, message }) => assert!(path.ends_with("unrelated.safetensors") && message.contains("neither an SDXL base"), "{path}: {message}"),
+            other => panic!("unrelated tensors: {other:?}"),
+        }
 
         // A missing tensor surfaces when the model asks for it, under diffusers' name.
         let missing = edited(&dir, base, "missing.safetensors", |h| {
@@ -294,7 +296,7 @@ fn write_gguf(model: &str, quant: GgmlType, path: &Path) -> usize {
         let shape = weights.shape(sgm).unwrap().to_vec();
         let Some((name, stored_shape)) = sd_cpp_name(sgm, &shape) else { continue };
         let matrix = shape.len() == 2 && name.ends_with(".weight") && !name.contains("embedding") && !name.contains("time_embed.") && !name.contains("label_emb.");
-        let ggml_type = if (matrix || name.ends_with("text_projection")) && shape[1] % 32 == 0 { quant } else { GgmlType::F16 };
+        let ggml_type = if (matrix || name.ends_with("text_projection")) && shape[1].is_multiple_of(32) { quant } else { GgmlType::F16 };
         quantized += usize::from(ggml_type != GgmlType::F16);
         let values = pollster::block_on(weights.host(sgm, &shape)).unwrap();
         writer.tensor(&name, &stored_shape, ggml_type, &values).unwrap();
@@ -403,4 +405,67 @@ fn single_files_without_configs_generate_diffusers_image() {
         images.push(image);
     }
     assert_eq!(images[0], images[1], "the pack keeps the file's blocks as stored");
+}
+
+/// A safetensors file of the given (name, shape) tensors, all F16 zeros.
+fn safetensors_of(tensors: &[(&str, &[usize])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() * 2;
+        header.insert(name.to_string(), serde_json::json!({ "dtype": "F16", "shape": shape, "data_offsets": [offset, offset + bytes] }));
+        offset += bytes;
+    }
+    let json = serde_json::to_vec(&header).unwrap();
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    out.resize(out.len() + offset, 0);
+    out
+}
+
+/// Single files of other architectures, named as their real checkpoints name their tensors, are
+/// refused with `WrongModel` saying what they look like (as a file, and loaded for generation).
+#[test]
+fn other_architectures_are_refused_naming_what_they_look_like() {
+    let sd1: &[(&str, &[usize])] = &[
+        ("model.diffusion_model.input_blocks.0.0.weight", &[320, 4, 3, 3]),
+        ("model.diffusion_model.time_embed.0.weight", &[1280, 320]),
+        ("first_stage_model.decoder.conv_in.weight", &[512, 4, 3, 3]),
+        ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", &[49408, 768]),
+    ];
+    let sd2: &[(&str, &[usize])] = &[
+        ("model.diffusion_model.input_blocks.0.0.weight", &[320, 4, 3, 3]),
+        ("first_stage_model.decoder.conv_in.weight", &[512, 4, 3, 3]),
+        ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", &[3072, 1024]),
+        ("cond_stage_model.model.token_embedding.weight", &[49408, 1024]),
+    ];
+    let sd3: &[(&str, &[usize])] = &[
+        ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", &[4608, 1536]),
+        ("text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight", &[49408, 768]),
+        ("first_stage_model.decoder.conv_in.weight", &[512, 16, 3, 3]),
+    ];
+    let flux: &[(&str, &[usize])] = &[("double_blocks.0.img_attn.qkv.weight", &[9216, 3072]), ("single_blocks.0.linear1.weight", &[21504, 3072])];
+    let flux_comfy: &[(&str, &[usize])] = &[("model.diffusion_model.double_blocks.0.img_attn.qkv.weight", &[9216, 3072])];
+    let unet: &[(&str, &[usize])] = &[("down_blocks.0.resnets.0.conv1.weight", &[320, 320, 3, 3]), ("add_embedding.linear_1.weight", &[1280, 2816])];
+    let vae: &[(&str, &[usize])] = &[("decoder.conv_in.weight", &[512, 4, 3, 3]), ("encoder.conv_in.weight", &[128, 3, 3, 3])];
+    let cases = [
+        ("sd15.safetensors", sd1, "Stable Diffusion 1.x"),
+        ("sd21.safetensors", sd2, "Stable Diffusion 2.x"),
+        ("sd3.safetensors", sd3, "Stable Diffusion 3"),
+        ("flux1-dev.safetensors", flux, "FLUX"),
+        ("flux1-comfy.safetensors", flux_comfy, "FLUX"),
+        ("diffusion_pytorch_model.safetensors", unet, "a UNet alone"),
+        ("sdxl_vae.safetensors", vae, "a VAE alone"),
+    ];
+    for (file, tensors, looks) in cases {
+        let mut source = sdxl::weights::MemorySource::default();
+        source.insert(file, safetensors_of(tensors));
+        match pollster::block_on(ModelSource::single_file(source, file, None)).map(|_| ()) {
+            Err(e @ Error::WrongModel { .. }) => {
+                let message = e.to_string();
+                assert!(e.kind() == "WrongModel" && message.contains(file) && message.contains(looks), "{file}: {message}");
+            }
+            other => panic!("{file}: {other:?}"),
+        }
+    }
 }

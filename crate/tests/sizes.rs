@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use sdxl::pack::convert::planned_bytes;
-use sdxl::quant::QuantPreset;
+use sdxl::quant::{QuantFormat, QuantPreset};
 use sdxl::weights::safetensors::Dtype;
 use sdxl::weights::Encoding;
 
@@ -62,4 +62,32 @@ fn real_sdxl_pack_sizes_meet_the_targets() {
     // The refiner's text_encoder_2 and VAE have the base's configs and, the text encoders being
     // frozen in SDXL's training (sgm configs: is_trainable: False), the base's weights: stored once.
     assert!(totals["q4"].1 <= 4_000_000_000, "base + refiner q4: {:.3} GB > 4.0 GB", gb(totals["q4"].1));
+}
+
+/// The browser's GGUF preset (stable-diffusion.cpp's Q4_K file of the base) as computed from the
+/// real tensor lists, assuming sd.cpp's rule (2-D `.weight` matrices whose rows are whole 256-value
+/// blocks become Q4_K, the rest F16): the file's bytes, and what the store keeps at q4 (Q4_K blocks
+/// as stored, the F16 tensors as the q4 preset stores them).
+#[test]
+fn gguf_preset_sizes() {
+    let unets = load("sdxl_unet_tensors.json");
+    let other = load("sdxl_other_tensors.json");
+    let policy = QuantPreset::Q4.policy();
+    let (mut file, mut stored) = (0u64, 0u64);
+    for (component, tensors) in [("unet", &unets["base"]), ("text_encoder", &other["text_encoder"]), ("text_encoder_2", &other["text_encoder_2"]), ("vae", &other["vae"])] {
+        let encodings: Vec<(&str, &[usize], Encoding)> = tensors
+            .iter()
+            .map(|(n, s)| {
+                let k = s.len() == 2 && n.ends_with(".weight") && s[1] % 256 == 0;
+                (n.as_str(), s.as_slice(), if k { Encoding::Quant(QuantFormat::Q4_K) } else { Encoding::Float(Dtype::F16) })
+            })
+            .collect();
+        file += encodings.iter().map(|(_, s, e)| match e {
+            Encoding::Quant(f) => f.matrix_bytes(s[0], s[1]),
+            _ => 2 * s.iter().product::<usize>() as u64,
+        }).sum::<u64>();
+        stored += planned_bytes(&policy, component, encodings);
+    }
+    println!("sd.cpp Q4_K GGUF of the SDXL base (computed): file {:.2} GB, stored at q4 {:.2} GB", file as f64 / 1e9, stored as f64 / 1e9);
+    assert!(stored < file && file < 3_500_000_000);
 }

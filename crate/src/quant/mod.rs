@@ -44,6 +44,8 @@
 
 pub mod kquants;
 
+use std::ops::Range;
+
 use half::f16;
 
 use crate::error::{Error, Result};
@@ -217,6 +219,32 @@ fn f16_down(v: f32) -> f16 {
 impl QuantizedTensor {
     pub fn blocks_per_row(&self) -> usize {
         self.cols.div_ceil(self.format.block_values())
+    }
+
+    /// Values `range` of the row-major [rows, cols] tensor (rows are decoded whole, then cut).
+    pub fn dequantize_values(&self, range: Range<usize>) -> Vec<f32> {
+        let cols = self.cols.max(1);
+        let (first, last) = (range.start / cols, range.end.div_ceil(cols).min(self.rows));
+        let skip = range.start - first * cols;
+        let rows: Vec<f32> = if self.format.is_k() {
+            let row_bytes = self.blocks_per_row() * self.format.words_per_block() * 4;
+            let bytes: &[u8] = bytemuck::cast_slice(&self.data);
+            let bytes = bytes.get(first * row_bytes..last * row_bytes).unwrap_or_default();
+            bytes.chunks(self.format.words_per_block() * 4).flat_map(|b| kquants::dequantize_block(self.format, b)).collect()
+        } else {
+            let nb = self.blocks_per_row();
+            let value = |r: usize, c: usize| {
+                let blk = r * nb + c / BLOCK;
+                let (d, code) = (self.scales[blk].to_f32(), self.code(r, c) as f32);
+                match self.format {
+                    QuantFormat::Q8_0 => d * code,
+                    QuantFormat::Q4_0 => d * (code - 8.0),
+                    _ => d * code + self.mins[blk].to_f32(), // Q4_1
+                }
+            };
+            (first..last).flat_map(|r| (0..self.cols).map(move |c| value(r, c))).collect()
+        };
+        rows.into_iter().skip(skip).take(range.len()).collect()
     }
 
     /// Bytes of codes and block parameters (the file size of the planes; the GPU adds at most 2).
@@ -410,25 +438,7 @@ pub(crate) fn push_codes(data: &mut Vec<u32>, format: QuantFormat, codes: &[u8; 
 /// as the kernels do: d·q (Q8_0), d·(q − 8) (Q4_0) or d·q + m (Q4_1) in f32; the K-quants as
 /// ggml does ([`kquants::dequantize_block`]).
 pub fn dequantize(q: &QuantizedTensor) -> Vec<f32> {
-    if q.format.is_k() {
-        let bytes: &[u8] = bytemuck::cast_slice(&q.data);
-        return bytes.chunks(q.format.words_per_block() * 4).flat_map(|b| kquants::dequantize_block(q.format, b)).collect();
-    }
-    let nb = q.blocks_per_row();
-    let mut out = Vec::with_capacity(q.rows * q.cols);
-    for r in 0..q.rows {
-        for c in 0..q.cols {
-            let blk = r * nb + c / BLOCK;
-            let d = q.scales[blk].to_f32();
-            let code = q.code(r, c) as f32;
-            out.push(match q.format {
-                QuantFormat::Q8_0 => d * code,
-                QuantFormat::Q4_0 => d * (code - 8.0),
-                _ => d * code + q.mins[blk].to_f32(), // Q4_1
-            });
-        }
-    }
-    out
+    q.dequantize_values(0..q.rows * q.cols)
 }
 
 /// A quantized weight uploaded for the kernels: two u32 planes, each within one binding.

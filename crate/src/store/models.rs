@@ -417,11 +417,11 @@ async fn rebuild(plan: &pack::Plan<'_, '_>, manifest: &Manifest, index: usize) -
             message: format!("the model no longer has the component of '{}'", t.name),
         })?;
         let host = weights.read(name, &t.shape, all_rows(&t.shape)).await?;
-        let (storage, encoded) = encode(host, &t.shape, t.storage.quant_format())?;
-        if storage != t.storage {
+        let encoded = encode(host, &t.shape, t.storage.quant_format())?;
+        if encoded.storage() != t.storage {
             return Err(Error::Corrupt { path: weights.location(), message: format!("'{}' changed since the download", t.name) });
         }
-        for (segments, plane) in planes.iter().flatten().zip(&encoded) {
+        for (segments, plane) in planes.iter().flatten().zip(encoded.planes()) {
             place(segments, plane);
         }
     }

@@ -569,13 +569,14 @@ pub fn repack(tensor: &GgufTensor, bytes: &[u8]) -> Result<Repacked> {
     check_len(tensor, bytes)?;
     let (rows, cols) = tensor.matrix_dims();
     if let Some(format) = tensor.ggml_type.k_format() {
-        // As stored, each block padded to whole words.
-        let mut padded = Vec::with_capacity(bytes.len() / tensor.ggml_type.block_bytes() * format.words_per_block() * 4);
-        for block in bytes.chunks_exact(tensor.ggml_type.block_bytes()) {
-            padded.extend_from_slice(block);
-            padded.resize(padded.len().next_multiple_of(4), 0);
+        // As stored, each block padded to whole words (written in place: no second copy).
+        let block_bytes = tensor.ggml_type.block_bytes();
+        let mut data = vec![0u32; bytes.len() / block_bytes * format.words_per_block()];
+        let padded: &mut [u8] = bytemuck::cast_slice_mut(&mut data);
+        for (to, block) in padded.chunks_exact_mut(format.words_per_block() * 4).zip(bytes.chunks_exact(block_bytes)) {
+            to[..block_bytes].copy_from_slice(block);
         }
-        let q = QuantizedTensor { format, rows, cols, data: bytemuck::pod_collect_to_vec(&padded), scales: Vec::new(), mins: Vec::new() };
+        let q = QuantizedTensor { format, rows, cols, data, scales: Vec::new(), mins: Vec::new() };
         return Ok(Repacked::Quantized(q));
     }
     let Some(format) = repack_format(tensor.ggml_type) else {

@@ -211,7 +211,7 @@ impl Layout {
 /// `tensors` are the file's (name, shape) pairs; `location` names the file.
 pub fn identify<'n>(location: &str, tensors: impl Iterator<Item = (&'n str, &'n [usize])> + Clone) -> Result<Kind> {
     let has = |prefix: &str| tensors.clone().any(|(name, _)| name.starts_with(prefix));
-    let wrong = |looks: String| Error::Tensor { path: location.to_string(), tensor: "(the whole file)".into(), message: format!("not an SDXL model: {looks}") };
+    let wrong = |looks: String| Error::WrongModel { path: location.to_string(), message: format!("not an SDXL model: {looks}") };
     // SDXL's UNet has the micro-conditioning embedding (label_emb); that also tells an SD 1.x
     // file apart from a refiner in stable-diffusion.cpp's naming (both at cond_stage_model.transformer).
     if let Some(&(kind, _, _)) = TEXT_LAYOUTS.iter().find(|(_, encoders, absent)| encoders.iter().all(|e| has(e.prefix)) && !absent.is_some_and(has)) {
@@ -234,6 +234,9 @@ pub fn identify<'n>(location: &str, tensors: impl Iterator<Item = (&'n str, &'n 
     let unet_only = has("input_blocks.") || has("down_blocks.") || (has(UNET) && !has(VAE));
     if unet_only && !has("conditioner.") && !has("cond_stage_model.") {
         return Err(wrong("it holds a UNet alone; a single-file SDXL model also holds its text encoders and VAE (conditioner.*, first_stage_model.*)".into()));
+    }
+    if has("decoder.conv_in.") && has("encoder.conv_in.") && !has("conditioner.") && !has("cond_stage_model.") {
+        return Err(wrong("it holds a VAE alone (as sdxl_vae.safetensors does); a single-file SDXL model also holds its UNet and text encoders".into()));
     }
     let count = tensors.clone().count();
     let sample: Vec<&str> = tensors.take(3).map(|(n, _)| n).collect();

@@ -118,14 +118,30 @@ impl<'a> Vars<'a> {
     fn dense(&self, name: &str, host: HostTensor, shape: &[usize]) -> Result<Tensor> {
         let (gpu, to) = (self.gpu, self.dtype);
         match host {
-            HostTensor::Float { dtype: safetensors::Dtype::F16, bytes } if to == DType::F16 => match bytemuck::try_cast_slice::<u8, f16>(&bytes) {
+            // f16 widens to f32 a slice at a time (`upload_f16`): a whole f32 copy of an
+            // embedding table would double the wasm heap's peak.
+            HostTensor::Float { dtype: safetensors::Dtype::F16, bytes } => match bytemuck::try_cast_slice::<u8, f16>(&bytes) {
                 Ok(halves) => gpu.upload_f16(halves, shape, to, name),
                 Err(_) => gpu.upload_f16(&bytemuck::pod_collect_to_vec::<u8, f16>(&bytes), shape, to, name),
             },
-            HostTensor::Float { dtype, bytes } if dtype.is_float() => gpu.upload_as(&safetensors::to_f32(dtype, &bytes), shape, to, name),
-            HostTensor::Float { dtype, .. } => Err(Error::InvalidParameter(format!("{} is not a float dtype", dtype.name()))),
-            HostTensor::Quant(q) => gpu.upload_as(&crate::quant::dequantize(&q), shape, to, name),
+            HostTensor::Float { dtype, .. } if !dtype.is_float() => Err(Error::InvalidParameter(format!("{} is not a float dtype", dtype.name()))),
+            HostTensor::Float { dtype, bytes } => {
+                let size = dtype.size();
+                check_values(bytes.len() / size, shape)?;
+                gpu.upload_from(shape, to, name, |values| safetensors::to_f32(dtype, &bytes[values.start * size..values.end * size]))
+            }
+            HostTensor::Quant(q) => {
+                check_values(q.rows * q.cols, shape)?;
+                gpu.upload_from(shape, to, name, |values| q.dequantize_values(values))
+            }
             HostTensor::Random(seed) => random::tensor(gpu, seed, name, shape, to),
         }
+    }
+}
+
+fn check_values(n: usize, shape: &[usize]) -> Result<()> {
+    match n == shape.iter().product::<usize>() {
+        true => Ok(()),
+        false => Err(Error::InvalidParameter(format!("{n} values do not fill shape {shape:?}"))),
     }
 }
