@@ -189,7 +189,8 @@ async function main() {
   $('random-seed').onclick = randomSeed;
   $('cancel').onclick = () => running?.abort();
   $('persist').onclick = async () => { await sdxl.persist(); refreshStorage(); };
-  $('model-file').onchange = () => openFile($('model-file').files[0]);
+  // Cleared after each pick, so that picking the same file again (after a failed import) fires.
+  $('model-file').onchange = () => { openFile($('model-file').files[0]); $('model-file').value = ''; };
   document.addEventListener('dragover', (e) => { e.preventDefault(); document.body.dataset.drop = 'over'; });
   document.addEventListener('dragleave', () => { delete document.body.dataset.drop; });
   document.addEventListener('drop', (e) => {

@@ -173,6 +173,8 @@ export class Sdxl {
     const files = refs.map((r) => r?.blob ?? null);
     const [b, r] = refs.map((ref) => ref && Object.fromEntries(Object.entries(ref).filter(([k]) => k !== 'blob')));
     const models = { base: b, refiner: r, quant };
+    // The engine releases the models it replaces before loading: on failure, none may be loaded.
+    this.loaded = null;
     await this.#call('load', [models, files], { onEvent: this.#progress(onProgress), signal });
     this.loaded = models;
   }

@@ -22,7 +22,7 @@ const USAGE: &str = "usage:
       prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds (f32).
       Without --negative, a model with force_zeros_for_empty_prompt gets zero negative embeddings.
       --long-prompt chunked encodes prompts past 75 tokens in windows of 75; --prompt-weighting on reads
-      (word:1.2) weights; either switches to lpw_stable_diffusion_xl's encoding (README: Long prompts).
+      (word:1.2) weights; either switches to lpw_stable_diffusion_xl's encoding (docs/samplers.md: long prompts).
   sdxl generate --model DIR|FILE [--config DIR] [--refiner DIR|FILE] [--refiner-config DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
                 [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]

@@ -170,8 +170,9 @@ const UNIFORM_SLOT: u64 = 256;
 /// write is staged until the next submit, so loading a model without submitting would hold a
 /// second copy of all its weights.
 const STAGED_BYTES_PER_SUBMIT: u64 = 256 << 20;
-/// Values converted (widened, narrowed or dequantized) at a time on upload.
-const WIDEN_CHUNK: usize = 1 << 20;
+/// Values the host converts at a time (widening, narrowing, quantizing, dequantizing: on upload
+/// and in conversions): bounds the temporary buffers to a few MiB whatever the tensor.
+pub const HOST_CHUNK: usize = 1 << 20;
 /// WebGPU's guaranteed maximum workgroup count per dimension.
 const MAX_GROUPS_PER_DIM: u32 = 65535;
 
@@ -414,6 +415,11 @@ impl Gpu {
     /// Uploads f32 data as `dtype`; `what` names the tensor in errors.
     pub fn upload_as(&self, data: &[f32], shape: &[usize], dtype: DType, what: &str) -> Result<Tensor> {
         self.check_len(data.len(), shape)?;
+        if dtype == DType::F32 {
+            let t = self.alloc(shape, DType::F32, what, false)?;
+            self.write(&t, bytemuck::cast_slice(data));
+            return Ok(t);
+        }
         self.upload_from(shape, dtype, what, |values| data[values].to_vec())
     }
 
@@ -428,7 +434,7 @@ impl Gpu {
         self.upload_from(shape, dtype, what, |values| data[values].iter().map(|x| x.to_f32()).collect())
     }
 
-    /// Uploads a tensor of `shape` as float type `dtype`, its values made [`WIDEN_CHUNK`] at a time
+    /// Uploads a tensor of `shape` as float type `dtype`, its values made [`HOST_CHUNK`] at a time
     /// by `values(range)`: converting or dequantizing never holds a large table (an embedding) whole
     /// on the host.
     pub fn upload_from(&self, shape: &[usize], dtype: DType, what: &str, mut values: impl FnMut(std::ops::Range<usize>) -> Vec<f32>) -> Result<Tensor> {
@@ -437,8 +443,8 @@ impl Gpu {
         }
         let n: usize = shape.iter().product();
         let t = self.alloc(shape, dtype, what, false)?;
-        for start in (0..n).step_by(WIDEN_CHUNK) {
-            let range = start..(start + WIDEN_CHUNK).min(n);
+        for start in (0..n).step_by(HOST_CHUNK) {
+            let range = start..(start + HOST_CHUNK).min(n);
             let chunk = values(range.clone());
             self.check_len(chunk.len(), &[range.len()])?;
             match dtype {

@@ -18,8 +18,8 @@ use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlM
 use crate::pipeline::image;
 use crate::pipeline::prompt::PromptOptions;
 use crate::quant::QuantPreset;
-use crate::store::{BlobSource, DownloadOptions, IdbStore, ModelStore, Progress};
-use crate::weights::{ModelSource, Source};
+use crate::store::{url_origin, BlobSource, DownloadOptions, IdbStore, ModelStore, Progress};
+use crate::weights::ModelSource;
 use crate::{Gpu, Precision};
 
 fn js_error(e: Error) -> JsValue {
@@ -114,6 +114,8 @@ struct GenerateOptions {
 
 struct Loaded {
     id: String,
+    /// Where it came from, as the store records it (None: loaded by id alone).
+    origin: Option<String>,
     quant: QuantPreset,
     model: SdxlModel,
 }
@@ -162,20 +164,25 @@ impl Engine {
             let file = |i: u32| Some(files.get(i)).filter(|f| !f.is_undefined() && !f.is_null());
             let options: LoadOptions = parse(&options, "load options")?;
             let quant: QuantPreset = options.quant.parse()?;
-            let keep = |slot: &Option<Loaded>, wanted: Option<&ModelRef>| {
-                matches!((slot, wanted), (Some(l), Some(w)) if l.id == w.id && l.quant == quant)
+            let base = (&options.base, origin(&options.base, file(0).as_ref())?);
+            let refiner = match &options.refiner {
+                Some(wanted) => Some((wanted, origin(wanted, file(1).as_ref())?)),
+                None => None,
             };
-            if !keep(&self.base, Some(&options.base)) {
+            let keep = |slot: &Option<Loaded>, wanted: Option<&(&ModelRef, Option<String>)>| {
+                matches!((slot, wanted), (Some(l), Some((w, origin))) if l.id == w.id && l.quant == quant && l.origin == *origin)
+            };
+            if !keep(&self.base, Some(&base)) {
                 self.base = None;
             }
-            if !keep(&self.refiner, options.refiner.as_ref()) {
+            if !keep(&self.refiner, refiner.as_ref()) {
                 self.refiner = None;
             }
             if self.base.is_none() {
-                self.base = Some(self.load_one(&options.base, file(0), quant, ModelKind::Base, &on_event).await?);
+                self.base = Some(self.load_one(base.0, base.1, file(0), quant, ModelKind::Base, &on_event).await?);
             }
-            if let (None, Some(wanted)) = (&self.refiner, &options.refiner) {
-                self.refiner = Some(self.load_one(wanted, file(1), quant, ModelKind::Refiner, &on_event).await?);
+            if let (None, Some((wanted, origin))) = (&self.refiner, refiner) {
+                self.refiner = Some(self.load_one(wanted, origin, file(1), quant, ModelKind::Refiner, &on_event).await?);
             }
             Ok(())
         }
@@ -245,31 +252,47 @@ impl Engine {
     }
 }
 
+/// Where `wanted` comes from, as the store records it: a picked `file`'s name, size and
+/// modification time, or its URL's origin; None for a model named by id alone.
+fn origin(wanted: &ModelRef, file: Option<&JsValue>) -> Result<Option<String>> {
+    let number = |blob: &JsValue, key: &str| Reflect::get(blob, &key.into()).ok().and_then(|v| v.as_f64());
+    match (file, &wanted.url) {
+        (Some(blob), _) => {
+            let name = wanted.file.as_deref().ok_or_else(|| Error::InvalidParameter(format!("'{}': a file needs its name", wanted.id)))?;
+            let size = number(blob, "size").ok_or_else(|| Error::InvalidParameter(format!("'{name}' is not a File or Blob")))?;
+            Ok(Some(format!("file:{name} ({} bytes, modified {})", size as u64, number(blob, "lastModified").unwrap_or(0.0))))
+        }
+        (None, Some(url)) => url_origin(url).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
 impl Engine {
-    async fn load_one(&self, wanted: &ModelRef, file: Option<JsValue>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
-        let stored = self.store.list().await?.into_iter().find(|m| m.id == wanted.id);
-        if !stored.is_some_and(|m| m.complete) {
-            let options = DownloadOptions::new(quant);
-            // A folder or file is converted as it arrives: for the user, both are the download (or the import).
-            let progress = |stage: &'static str| {
-                move |p: &Progress| {
-                    let stage = if p.stage == "verify" { "verify" } else { stage };
-                    emit(on_event, json!({"type": stage, "model": wanted.id, "loaded": p.bytes_done, "total": p.bytes_total, "detail": p.detail}));
-                }
-            };
-            match (file, &wanted.url) {
-                (Some(blob), _) => {
-                    let name = wanted.file.as_deref().unwrap_or("model.safetensors");
-                    let modified = Reflect::get(&blob, &"lastModified".into()).ok().and_then(|m| m.as_f64()).unwrap_or(0.0);
+    /// Stores `wanted` (from `origin`: its picked `file`, or its URL) unless the store holds it
+    /// complete already, then uploads it to the GPU.
+    async fn load_one(&self, wanted: &ModelRef, origin: Option<String>, file: Option<JsValue>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
+        let options = DownloadOptions::new(quant);
+        // A folder or file is converted as it arrives: for the user, both are the download (or the import).
+        let progress = |stage: &'static str| {
+            move |p: &Progress| {
+                let stage = if p.stage == "verify" { "verify" } else { stage };
+                emit(on_event, json!({"type": stage, "model": wanted.id, "loaded": p.bytes_done, "total": p.bytes_total, "detail": p.detail}));
+            }
+        };
+        let stored = match &origin {
+            Some(origin) => self.store.holds_complete(&wanted.id, origin).await?,
+            None => self.store.list().await?.iter().any(|m| m.id == wanted.id && m.complete),
+        };
+        if !stored {
+            match (file, &wanted.url, &origin) {
+                (Some(blob), _, Some(origin)) => {
+                    let name = wanted.file.as_deref().unwrap_or_default();
                     let source = BlobSource::new(blob, name)?;
-                    let origin = format!("file:{name} ({} bytes, modified {modified})", source.len(name).await?);
                     let model = ModelSource::single_file(&source, name, None).await?;
-                    self.store.import(&wanted.id, &origin, &model, &options, &|| source.bytes_read(), progress("import")).await?;
+                    self.store.import(&wanted.id, origin, &model, &options, &|| source.bytes_read(), progress("import")).await?;
                 }
-                (None, Some(url)) => {
-                    self.store.download(&wanted.id, url, &options, progress("download")).await?;
-                }
-                (None, None) => return Err(Error::ModelIncomplete(format!("'{}' is not stored: give its url or a file", wanted.id))),
+                (None, Some(url), _) => self.store.download(&wanted.id, url, &options, progress("download")).await.map(|_| ())?,
+                _ => return Err(Error::ModelIncomplete(format!("'{}' is not stored: give its url or a file", wanted.id))),
             }
         }
         let (total, done, reported) = (Cell::new(0), Cell::new(0), Cell::new(0));
@@ -277,7 +300,8 @@ impl Engine {
         let report = |read: u64| {
             done.set(done.get() + read);
             let (done, total) = (done.get(), total.get());
-            if done - reported.get() >= total / 200 || done >= total {
+            // (The manifest is read before the total is known: nothing to report yet.)
+            if total > 0 && (done - reported.get() >= total / 200 || done >= total) {
                 reported.set(done);
                 emit(on_event, json!({"type": "upload", "model": wanted.id, "loaded": done.min(total), "total": total}));
             }
@@ -303,7 +327,7 @@ impl Engine {
         }
         let model = SdxlModel::load(&self.gpu, &source, &quant.policy()).await?;
         report(total.get().saturating_sub(done.get()));
-        Ok(Loaded { id: wanted.id.clone(), quant, model })
+        Ok(Loaded { id: wanted.id.clone(), origin, quant, model })
     }
 
     async fn run(&self, options: &str, on_event: &Function, cancelled: &Function) -> Result<Object> {

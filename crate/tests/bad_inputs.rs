@@ -253,6 +253,8 @@ fn parse_header_rejects_malformed_tensors() {
         (json!({ "dtype": "F32", "shape": [1], "data_offsets": [16, 20] }), "outside the 16-byte data section"),
         (json!({ "dtype": "F32", "shape": [2], "data_offsets": [0, 4] }), "F32 [2] needs 8 bytes but the file gives 4"),
         (json!({ "dtype": "F32", "shape": [1u64 << 40, 1u64 << 40], "data_offsets": [0, 4] }), "needs more than 2^64 bytes"),
+        // No bytes, but rows of 2^80 values: products of its dims would overflow.
+        (json!({ "dtype": "F32", "shape": [0, 1u64 << 40, 1u64 << 40], "data_offsets": [0, 0] }), "more values than this platform addresses"),
     ];
     for (entry, needle) in cases {
         assert_error!(parse(&json!({ "t": entry }), 16), Error::Safetensors { ref message, .. } if message.contains("tensor 't'"), [FILE, needle]);

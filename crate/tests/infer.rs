@@ -2,8 +2,9 @@
 //! 1.0 base and refiner: their tensor lists (tests/fixtures/reference/sdxl_*_tensors.json, read
 //! off diffusers and transformers) renamed to Stability's SGM names as their single files hold
 //! them, inferred back, and compared with the real config.json files; the name mapping is checked
-//! to give back every diffusers name. Then the tiny fixtures: what their tensors determine equals
-//! their configs, and what only SDXL's widths allow is refused with a pointer to --config.
+//! to give back every diffusers name. Since inference starts from SDXL 1.0's shipped configs, a
+//! file whose every size differs from SDXL's (tiny-sdxl-std.gguf) checks that each inferred field
+//! follows the tensors. Last, the tiny fixtures' widths, which only --config allows, are refused.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
@@ -15,7 +16,7 @@ use sdxl::models::unet::UNet2DConditionConfig;
 use sdxl::weights::infer::{self, clip_vocab, Shapes};
 use sdxl::weights::names::{self, Entry, Kind, Layout, SingleFile, Stored};
 use sdxl::weights::safetensors::Dtype;
-use sdxl::weights::{FileTensors, TensorSource};
+use sdxl::weights::{FileTensors, Source, TensorSource};
 use serde_json::Value;
 
 use common::sgm::{sgm_unet, sgm_vae};
@@ -80,7 +81,9 @@ fn inferred_configs_equal_the_real_sdxl_configs() {
         }
         // The mapping those configs drive gives back every diffusers name and shape.
         let layout = Layout::from_configs(&serde_json::to_vec(&unet).unwrap(), &serde_json::to_vec(&vae).unwrap(), which).unwrap();
-        let index = SingleFile::index(which, entries(&file), &layout).unwrap();
+        let identified = names::identify(which, file.iter().map(|(n, s)| (n.as_str(), s.as_slice()))).unwrap();
+        assert_eq!(identified.kind, kind);
+        let index = SingleFile::index(which, identified, entries(&file), &layout).unwrap();
         assert_eq!(index.kind, kind);
         for (component, list) in [("unet", &lists[which]), ("vae", &lists["vae"])] {
             let mapped = &index.components[component];
@@ -121,8 +124,50 @@ fn shipped_tokenizer_vocabulary_is_clips() {
     assert_eq!(ids[13..].iter().copied().collect::<std::collections::BTreeSet<_>>(), [0].into(), "padded with '!'");
 }
 
+/// tiny-sdxl-std.gguf was made (make_inferable.py) from SDXL 1.0's configs with these overrides:
+/// every one of them must come back from its tensors alone.
 #[test]
-fn tiny_fixtures_structure_and_widths() {
+fn inferred_configs_follow_the_tensors_not_the_shipped_defaults() {
+    let source = sdxl::weights::DirSource::new(format!("{ROOT}/single-file"));
+    let model = pollster::block_on(sdxl::weights::ModelSource::single_file(source, "tiny-sdxl-std.gguf", None)).unwrap();
+    let read = |path: &str| -> Value { serde_json::from_slice(&pollster::block_on(model.files.read(path)).unwrap()).unwrap() };
+    let with = |mut config: Value, overrides: Value| {
+        config.as_object_mut().unwrap().extend(overrides.as_object().unwrap().clone());
+        config
+    };
+    let unet_want = with(
+        config("base", "unet/config.json"),
+        serde_json::json!({
+            "block_out_channels": [64, 64], "attention_head_dim": [1, 1], "layers_per_block": 1,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"], "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "transformer_layers_per_block": 1, "cross_attention_dim": 128, "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 64 + 6 * 8,
+            // sd.cpp stores proj_in / proj_out as 1x1 convolutions (the same values as Linear ones).
+            "use_linear_projection": false,
+        }),
+    );
+    let unet = read("unet/config.json");
+    let (got, want): (UNet2DConditionConfig, UNet2DConditionConfig) = (serde_json::from_value(unet.clone()).unwrap(), serde_json::from_value(unet_want.clone()).unwrap());
+    assert_eq!(got.layout().unwrap(), want.layout().unwrap(), "the UNet's blocks, heads, widths and embeddings");
+    for field in ["cross_attention_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim", "down_block_types", "up_block_types"] {
+        assert_eq!(unet[field], unet_want[field], "unet {field}");
+    }
+    let vae = read("vae/config.json");
+    assert_eq!((&vae["block_out_channels"], &vae["latent_channels"]), (&serde_json::json!([32, 32, 32, 32]), &serde_json::json!(4)));
+    let small = serde_json::json!({ "hidden_size": 64, "num_attention_heads": 1, "num_hidden_layers": 2, "intermediate_size": 128 });
+    for (component, projection) in [("text_encoder", None), ("text_encoder_2", Some(64))] {
+        let want = with(config("base", &format!("{component}/config.json")), small.clone());
+        let want = match projection {
+            Some(p) => with(want, serde_json::json!({ "projection_dim": p })),
+            None => want,
+        };
+        let (got, want): (ClipTextConfig, ClipTextConfig) = (serde_json::from_value(read(&format!("{component}/config.json"))).unwrap(), serde_json::from_value(want).unwrap());
+        assert_eq!(format!("{got:?}"), format!("{want:?}"), "{component}");
+    }
+}
+
+#[test]
+fn tiny_fixtures_widths_are_refused_pointing_to_config() {
     for (model, kind, pooled) in [("tiny-sdxl-base", Kind::Base, 32), ("tiny-sdxl-refiner", Kind::Refiner, 32)] {
         let source = sdxl::weights::DirSource::new(format!("{ROOT}/single-file"));
         let file = pollster::block_on(FileTensors::open(&source, vec![format!("{model}.safetensors")])).unwrap();

@@ -197,6 +197,7 @@ fn k_quants_image_quality() {
             let db = psnr(&dense, &image(QuantPolicy { default: Some(format), exceptions: Vec::new() }).await);
             eprintln!("UNet matrices in {} ({} bits per weight): image PSNR {db:.1} dB against dense", format.name(), format.bits_per_weight());
             assert!(db >= floor, "{}: {db:.1} dB < {floor}", format.name());
+            assert!(db < 100.0, "{}: {db:.1} dB: the matrices were not quantized", format.name());
         }
     });
 }

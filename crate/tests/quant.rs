@@ -124,7 +124,8 @@ fn k_quants_round_trip() {
     let (rows, cols) = (4, 512);
     let w = weights(rows, cols, 9);
     let rms = |v: &[f32]| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
-    for (format, bound) in [(QuantFormat::Q2_K, 0.5), (QuantFormat::Q3_K, 0.25), (QuantFormat::Q4_K, 0.12), (QuantFormat::Q5_K, 0.06), (QuantFormat::Q6_K, 0.03)] {
+    // Bounds about 1.3x what was measured (2.85e-1, 1.37e-1, 6.4e-2, 3.0e-2, 1.46e-2).
+    for (format, bound) in [(QuantFormat::Q2_K, 0.37), (QuantFormat::Q3_K, 0.18), (QuantFormat::Q4_K, 0.085), (QuantFormat::Q5_K, 0.04), (QuantFormat::Q6_K, 0.02)] {
         let q = quantize(&w, rows, cols, format).unwrap();
         assert_eq!(q.bytes() as u64, format.matrix_bytes(rows, cols), "{format:?} bytes");
         let deq = dequantize(&q);

@@ -1,4 +1,4 @@
-// Type-checks web/sdxl.d.ts against the README's usage (tsc --noEmit in tests/run.sh).
+// Type-checks web/sdxl.d.ts against the documented usage (README, docs/browser.md) (tsc --noEmit in tests/run.sh).
 import { Sdxl, SdxlError, SDXL_1_0, RESOLUTION_BUCKETS, type ProgressEvent, type StepEvent, type GenerateResult } from '../../web/sdxl.js';
 
 function describe(e: ProgressEvent): string {

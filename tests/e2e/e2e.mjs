@@ -339,6 +339,8 @@ async function main() {
       r.loaded = sdxl.loaded.base;
       r.file = await bytes((await sdxl.generate({ ...run, refinerStart: null })).blob);
       r.stored = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`).sort();
+      // Another file under the same id (same name, other bytes) must not load the stored one.
+      r.sameId = await outcome(sdxl.load({ base: { file: new File([new Uint8Array(64)], 'tiny-sdxl-std.gguf'), id: 'picked' }, quant: 'q4' }));
       r.pickle = await outcome(sdxl.load({ base: new File([new Uint8Array([0x80, 2, 0x7d, 0x71])], 'model.ckpt'), quant: 'q4' }));
       r.unrelated = await outcome(sdxl.load({ base: new File([await (await fetch('./models/tiny-sdxl-base/vae/diffusion_pytorch_model.safetensors')).blob()], 'vae.safetensors'), quant: 'q4' }));
       sdxl.terminate();
@@ -354,6 +356,7 @@ async function main() {
       log(`single file by ${what}: PSNR against the native CLI ${db.toFixed(1)} dB`);
       assert.ok(db >= MIN_PSNR, `single file by ${what}: PSNR ${db.toFixed(1)} dB`);
     }
+    assert.match(viaApi.sameId, /^InvalidParameter: .*'picked' already holds file:tiny-sdxl-std\.gguf \(\d+ bytes/);
     assert.match(viaApi.pickle, /^UnsupportedFormat: .*pickle.*safetensors/);
     assert.match(viaApi.unrelated, /^WrongModel: .*not an SDXL model: it holds a VAE alone/);
     log('all end-to-end tests passed');

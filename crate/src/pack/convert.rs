@@ -11,9 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{sha256_hex, shard_path, Manifest, ModelKind, Pack, PackFile, PackTensor, Segment, Shard, Storage, ALIGN, FORMAT, MANIFEST, SHARD_BYTES, VERSION};
 use crate::error::{Error, Result};
+use crate::gpu::HOST_CHUNK;
 use crate::quant::{QuantFormat, QuantPolicy, QuantPreset, QuantizedTensor};
 use crate::weights::safetensors::{self, Dtype};
-use crate::weights::{all_rows, quantize_host, Encoding, HostTensor, MemorySource, ModelSource, Source, TensorSource};
+use crate::weights::{all_rows, quantize_host, Encoding, HostTensor, MemorySource, ModelSource, Source, TensorInfo, TensorSource};
 
 /// Components whose tensors a pack holds, in pack order.
 const WEIGHT_COMPONENTS: [&str; 4] = ["text_encoder", "text_encoder_2", "unet", "vae"];
@@ -35,13 +36,21 @@ pub struct Plan<'m, 'a> {
 }
 
 impl Plan<'_, '_> {
-    /// Bytes the conversion reads: the small files and every tensor as its source stores it.
+    /// Bytes the conversion reads: the small files and every tensor as its source stores it (twice
+    /// where [`read_twice`] says so).
     pub async fn read_bytes(&self) -> Result<u64> {
+        let policy = self.preset.policy();
         let mut total = 0;
         for path in &self.small {
             total += self.model.files.len(path).await?;
         }
-        Ok(total + self.weights.iter().flat_map(|(_, w)| w.names().into_iter().filter_map(|n| w.info(n))).map(|i| i.bytes).sum::<u64>())
+        for (c, w) in &self.weights {
+            for (name, info) in w.names().into_iter().filter_map(|n| Some((n, w.info(n)?))) {
+                let times = if read_twice(info, policy.format_for(c, name, &info.shape)) { 2 } else { 1 };
+                total += times * info.bytes;
+            }
+        }
+        Ok(total)
     }
 
     /// Bytes of the pack: the small files plus every tensor as [`planned_bytes`] stores it (f32
@@ -404,30 +413,42 @@ pub(crate) fn encode(host: HostTensor, shape: &[usize], format: Option<QuantForm
     }
 }
 
-/// Bytes of dense tensors read at a time by [`write_dense`].
-const DENSE_CHUNK: usize = 4 << 20;
-
 /// Whether every finite value of `bytes` (of float `dtype`) is finite in f16.
 fn fits_f16(dtype: Dtype, bytes: &[u8]) -> bool {
     let fits = |v: &f32| !v.is_finite() || f16::from_f32(*v).is_finite();
-    bytes.chunks(DENSE_CHUNK).all(|c| safetensors::to_f32(dtype, c).iter().all(fits))
+    bytes.chunks(HOST_CHUNK * dtype.size()).all(|c| safetensors::to_f32(dtype, c).iter().all(fits))
 }
 
 /// `bytes` of float `dtype` as a dense storage's bytes (f16 or f32).
 fn dense_bytes(dtype: Dtype, bytes: &[u8], storage: Storage) -> Vec<u8> {
     match (dtype, storage) {
         (Dtype::F16, Storage::F16) | (Dtype::F32, Storage::F32) => bytes.to_vec(),
-        (_, Storage::F16) => bytes.chunks(DENSE_CHUNK).flat_map(|c| safetensors::to_f32(dtype, c).into_iter().flat_map(|v| f16::from_f32(v).to_le_bytes())).collect(),
-        _ => bytes.chunks(DENSE_CHUNK).flat_map(|c| safetensors::to_f32(dtype, c).into_iter().flat_map(f32::to_le_bytes)).collect(),
+        (_, Storage::F16) => bytes.chunks(HOST_CHUNK * dtype.size()).flat_map(|c| safetensors::to_f32(dtype, c).into_iter().flat_map(|v| f16::from_f32(v).to_le_bytes())).collect(),
+        _ => bytes.chunks(HOST_CHUNK * dtype.size()).flat_map(|c| safetensors::to_f32(dtype, c).into_iter().flat_map(f32::to_le_bytes)).collect(),
+    }
+}
+
+/// Rows of a dense [rows, ...] tensor that [`write_dense`] reads at a time.
+fn rows_per_read(shape: &[usize]) -> usize {
+    (HOST_CHUNK / shape[1..].iter().product::<usize>().max(1)).max(1)
+}
+
+/// Whether converting a tensor reads it twice: a dense one of another float type than f16 that
+/// takes several reads is first read to check its range (see [`write_dense`]).
+fn read_twice(info: &TensorInfo, format: Option<QuantFormat>) -> bool {
+    match (info.encoding, format) {
+        (Encoding::Float(dtype), None) => dtype != Dtype::F16 && info.shape.len() >= 2 && info.shape[0] > rows_per_read(&info.shape),
+        _ => false,
     }
 }
 
 /// Writes a dense tensor as [`encode`] would (f16, or f32 where a value exceeds f16's range) a few
 /// rows at a time, so that the heap never holds a large table (bigG's 126 MB token embedding)
-/// whole. A source of another float type than f16 is read twice: first to check the range.
+/// whole. A source of another float type than f16 that takes several reads is read twice: first to
+/// check the range (the f16 bytes of the first reads may already be in written shards).
 async fn write_dense<K: PackSink>(out: &mut ShardWriter<'_, K>, w: &dyn TensorSource, name: &str, shape: &[usize], dtype: Dtype) -> Result<(Storage, Vec<Vec<Segment>>)> {
-    let rows_per_read = (DENSE_CHUNK / (shape[1..].iter().product::<usize>() * dtype.size()).max(1)).max(1);
-    let reads = (0..shape[0]).step_by(rows_per_read).map(|r| r..(r + rows_per_read).min(shape[0]));
+    let per_read = rows_per_read(shape);
+    let reads = (0..shape[0]).step_by(per_read).map(|r| r..(r + per_read).min(shape[0]));
     // (A source may widen what it stores: a transposed f16 projection reads as f32.)
     let read = |rows| async move {
         match w.read(name, shape, rows).await? {
@@ -436,10 +457,15 @@ async fn write_dense<K: PackSink>(out: &mut ShardWriter<'_, K>, w: &dyn TensorSo
         }
     };
     let mut storage = Storage::F16;
+    let mut first = None;
     if dtype != Dtype::F16 {
         for rows in reads.clone() {
             let (dtype, bytes) = read(rows).await?;
-            if !fits_f16(dtype, &bytes) {
+            let fits = fits_f16(dtype, &bytes);
+            if shape[0] <= per_read {
+                first = Some((dtype, bytes)); // one read: kept for the write
+            }
+            if !fits {
                 storage = Storage::F32;
                 break;
             }
@@ -447,7 +473,10 @@ async fn write_dense<K: PackSink>(out: &mut ShardWriter<'_, K>, w: &dyn TensorSo
     }
     let mut segments: Vec<Segment> = out.write(&[]).await?;
     for rows in reads {
-        let (dtype, bytes) = read(rows).await?;
+        let (dtype, bytes) = match first.take() {
+            Some(read) => read,
+            None => read(rows).await?,
+        };
         for s in out.append(&dense_bytes(dtype, &bytes, storage)).await? {
             match segments.last_mut() {
                 Some(last) if last.shard == s.shard && last.offset + last.length == s.offset => last.length += s.length,
@@ -603,44 +632,47 @@ mod tests {
         }
     }
 
-    /// `write_dense` (several reads, across shards) writes exactly what `encode` makes of the
-    /// whole tensor, and picks f32 only where a value exceeds f16's range.
+    /// `write_dense` (in several reads across shards, or in one) writes exactly what `encode` makes
+    /// of the whole tensor, and picks f32 only where a value exceeds f16's range.
     #[test]
-    fn large_dense_tensors_are_written_a_few_rows_at_a_time_as_encode_writes_them() {
-        let shape = [3200, 1400];
-        let values: Vec<f32> = (0..shape[0] * shape[1]).map(|i| ((i * 7919) % 2003) as f32 / 97.0 - 10.0).collect();
-        let mut huge = values.clone();
-        huge[1_234_567] = 1e6;
-        let cases = [(Dtype::F16, &values, Storage::F16), (Dtype::BF16, &values, Storage::F16), (Dtype::F32, &values, Storage::F16), (Dtype::F32, &huge, Storage::F32)];
-        for (dtype, values, expected) in cases {
-            let bytes: Vec<u8> = match dtype {
-                Dtype::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
-                Dtype::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-                _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            };
-            assert!(bytes.len() > 2 * DENSE_CHUNK, "the tensor must take several reads");
-            let table = Table { info: TensorInfo { shape: shape.to_vec(), encoding: Encoding::Float(dtype), bytes: bytes.len() as u64 }, bytes: bytes.clone() };
-            let encoded = encode(HostTensor::Float { dtype, bytes }, &shape, None).unwrap();
-            let (storage, planes) = (encoded.storage(), encoded.planes());
-            assert_eq!(storage, expected, "{dtype:?}");
+    fn dense_tensors_are_written_a_few_rows_at_a_time_as_encode_writes_them() {
+        for shape in [[3200, 1400], [40, 100]] {
+            let values: Vec<f32> = (0..shape[0] * shape[1]).map(|i| ((i * 7919) % 2003) as f32 / 97.0 - 10.0).collect();
+            let mut huge = values.clone();
+            huge[values.len() * 3 / 4] = 1e6;
+            let cases = [(Dtype::F16, &values, Storage::F16), (Dtype::BF16, &values, Storage::F16), (Dtype::F32, &values, Storage::F16), (Dtype::F32, &huge, Storage::F32)];
+            for (dtype, values, expected) in cases {
+                let bytes: Vec<u8> = match dtype {
+                    Dtype::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+                    Dtype::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+                    _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                };
+                let several = bytes.len() > 2 * HOST_CHUNK * dtype.size();
+                assert_eq!(several, shape[0] == 3200, "the large tensor takes several reads, the small one one");
+                let table = Table { info: TensorInfo { shape: shape.to_vec(), encoding: Encoding::Float(dtype), bytes: bytes.len() as u64 }, bytes: bytes.clone() };
+                let encoded = encode(HostTensor::Float { dtype, bytes }, &shape, None).unwrap();
+                let (storage, planes) = (encoded.storage(), encoded.planes());
+                assert_eq!(storage, expected, "{dtype:?} {shape:?}");
 
-            let mut sink = MemorySource::default();
-            let mut on_shard = |_: &str| {};
-            let shard_bytes = 1 << 20;
-            let mut out = ShardWriter { sink: &mut sink, shard_bytes, pos: 0, keep_from: 0, current: Vec::new(), done: ConvertState::default(), entry_start: 0, on_shard: &mut on_shard };
-            pollster::block_on(out.write(&[1; 6])).unwrap();
-            let (written, segments) = pollster::block_on(write_dense(&mut out, &table, "t", &shape, dtype)).unwrap();
-            pollster::block_on(out.flush()).unwrap();
-            assert_eq!(written, storage);
-            let segments = &segments[0];
-            assert!(segments.windows(2).all(|s| s[1].shard == s[0].shard + 1 && s[1].offset == 0), "one segment per shard: {segments:?}");
-            assert_eq!(segments[0].offset, 6u64.next_multiple_of(ALIGN as u64), "aligned after the 6 bytes before it");
-            let mut read = Vec::new();
-            for s in segments {
-                let shard = pollster::block_on(sink.read(&shard_path(s.shard as usize))).unwrap();
-                read.extend_from_slice(&shard[s.offset as usize..(s.offset + s.length) as usize]);
+                let mut sink = MemorySource::default();
+                let mut on_shard = |_: &str| {};
+                let shard_bytes = 1 << 20;
+                let mut out =
+                    ShardWriter { sink: &mut sink, shard_bytes, pos: 0, keep_from: 0, current: Vec::new(), done: ConvertState::default(), entry_start: 0, on_shard: &mut on_shard };
+                pollster::block_on(out.write(&[1; 6])).unwrap();
+                let (written, segments) = pollster::block_on(write_dense(&mut out, &table, "t", &shape, dtype)).unwrap();
+                pollster::block_on(out.flush()).unwrap();
+                assert_eq!(written, storage);
+                let segments = &segments[0];
+                assert!(segments.windows(2).all(|s| s[1].shard == s[0].shard + 1 && s[1].offset == 0), "one segment per shard: {segments:?}");
+                assert_eq!(segments[0].offset, 6u64.next_multiple_of(ALIGN as u64), "aligned after the 6 bytes before it");
+                let mut read = Vec::new();
+                for s in segments {
+                    let shard = pollster::block_on(sink.read(&shard_path(s.shard as usize))).unwrap();
+                    read.extend_from_slice(&shard[s.offset as usize..(s.offset + s.length) as usize]);
+                }
+                assert!(read == planes[0], "{dtype:?} {shape:?}: the pack's bytes differ from encode's");
             }
-            assert!(read == planes[0], "{dtype:?}: the pack's bytes differ from encode's");
         }
     }
 }

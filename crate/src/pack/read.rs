@@ -118,19 +118,20 @@ impl PackTensors<'_> {
             return Err(Error::Tensor { path: self.location(), tensor: t.name.clone(), message: format!("rows {rows:?} of shape {:?}", t.shape) });
         }
         let Some(format) = t.storage.quant_format() else {
-            let (dtype, size) = if t.storage == Storage::F16 { (Dtype::F16, 2) } else { (Dtype::F32, 4) };
-            let row_bytes = t.shape.iter().skip(1).product::<usize>() as u64 * size;
+            let (dtype, size) = if t.storage == Storage::F16 { (Dtype::F16, 2u64) } else { (Dtype::F32, 4) };
+            let row_bytes = t.shape.iter().skip(1).try_fold(size, |n, &d| n.checked_mul(d as u64));
+            let row_bytes = row_bytes.ok_or_else(|| Error::Tensor { path: self.location(), tensor: t.name.clone(), message: format!("shape {:?} is too large", t.shape) })?;
             return Ok(HostTensor::Float { dtype, bytes: self.plane(&t.data, row_bytes, &rows).await? });
         };
-        let (cols, blocks) = (t.cols.unwrap_or(0), t.cols.unwrap_or(0).div_ceil(format.block_values()));
+        let (cols, blocks) = (t.cols.unwrap_or(0), t.cols.unwrap_or(0).div_ceil(format.block_values()) as u64);
         let halves = |b: Vec<u8>| b.chunks_exact(2).map(|h| f16::from_le_bytes([h[0], h[1]])).collect::<Vec<_>>();
-        let data = self.plane(&t.data, (blocks * format.words_per_block() * 4) as u64, &rows).await?;
+        let data = self.plane(&t.data, blocks * format.words_per_block() as u64 * 4, &rows).await?;
         let scales = match &t.scales {
-            Some(s) => halves(self.plane(s, blocks as u64 * 2, &rows).await?),
+            Some(s) => halves(self.plane(s, blocks * 2, &rows).await?),
             None => Vec::new(),
         };
         let mins = match &t.mins {
-            Some(m) => halves(self.plane(m, blocks as u64 * 2, &rows).await?),
+            Some(m) => halves(self.plane(m, blocks * 2, &rows).await?),
             None => Vec::new(),
         };
         Ok(HostTensor::Quant(QuantizedTensor { format, rows: rows.len(), cols, data: bytemuck::pod_collect_to_vec(&data), scales, mins }))

@@ -129,7 +129,8 @@ impl QuantFormat {
     /// Bytes of a [rows, cols] matrix in this format (codes and block parameters; the last block
     /// of each row padded).
     pub fn matrix_bytes(self, rows: usize, cols: usize) -> u64 {
-        (rows * cols.div_ceil(self.block_values()) * self.block_bytes()) as u64
+        // In u64: shapes come from file headers, and wasm32's usize is 32 bits.
+        rows as u64 * cols.div_ceil(self.block_values()) as u64 * self.block_bytes() as u64
     }
 
     /// Whether a matrix with rows of `cols` values can be stored in this format: the K-quants
@@ -529,8 +530,8 @@ impl std::str::FromStr for QuantPreset {
 /// UNet output error per added byte, taken greedily until the real SDXL base UNet reaches its
 /// 1.6 GB budget (1.482 GB all Q4_0 → 1.600 GB; summed squared output error 3.8e-2 → 6.5e-3).
 /// Output of `sdxl quality --sensitivity tests/fixtures/reference/sdxl_unet_tensors.json --budget
-/// 1.6e9` on the random-weight model of tests/fixtures/make_sensitivity_model.py (README,
-/// "Quantized weights"): a method, rerunnable on real weights, rather than a claim about trained
+/// 1.6e9` on the random-weight model of tests/fixtures/make_sensitivity_model.py
+/// (docs/quantization.md): a method, rerunnable on real weights, rather than a claim about trained
 /// SDXL.
 pub const Q4_EXCEPTIONS: &[(&str, QuantFormat)] = &[
     ("unet/down_blocks.attentions.proj_in", QuantFormat::Q8_0),

@@ -68,6 +68,12 @@ impl Source for BlobSource {
             Error::Io { path: self.describe(path), message: format!("the browser could not read the file ({}: {}); pick it again", f.name, f.message) }
         })?;
         let bytes: Uint8Array = bytes.unchecked_into();
+        if bytes.length() as u64 != end - start {
+            return Err(Error::Io {
+                path: self.describe(path),
+                message: format!("read {} of bytes {start}..{end}: the file changed since it was picked; pick it again", bytes.length()),
+            });
+        }
         self.read.set(self.read.get() + bytes.length() as u64);
         Ok(bytes.to_vec())
     }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use super::{sleep, Bytes};
 use crate::error::{Error, Result};
+use crate::weights::files::is_pickle;
 use crate::weights::Source;
 
 /// Reads of small ranges fetch ahead (one request per tensor would be thousands): a sixteenth of
@@ -41,7 +42,7 @@ pub fn hub_url(repo_or_url: &str) -> Result<String> {
 /// Whether a URL or path names a single-file checkpoint (rather than a folder or pack).
 pub fn is_single_file(url: &str) -> bool {
     let name = url.rsplit('/').next().unwrap_or(url).split(['?', '#']).next().unwrap_or("").to_ascii_lowercase();
-    [".safetensors", ".gguf", ".ckpt", ".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e))
+    name.ends_with(".safetensors") || name.ends_with(".gguf") || is_pickle(&name)
 }
 
 pub struct HttpSource {

@@ -31,7 +31,7 @@ pub use http::{hub_url, HttpSource};
 pub use blob::BlobSource;
 #[cfg(target_arch = "wasm32")]
 pub use idb::IdbStore;
-pub use models::{DownloadOptions, ModelStore, Progress, StoredModel};
+pub use models::{url_origin, DownloadOptions, ModelStore, Progress, StoredModel};
 pub use source::StoreSource;
 
 use crate::error::Result;

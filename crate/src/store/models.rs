@@ -116,6 +116,19 @@ impl<R: RecordStore> ModelStore<R> {
         self.records.put(&Self::key(id, path), &Bytes::from(json)).await
     }
 
+    /// Whether `id` holds a complete model from `origin` (a URL as [`url_origin`] gives it, or a
+    /// picked file's description); an error if it holds one from elsewhere: two files or URLs
+    /// whose names give the same id must not load each other's model.
+    pub async fn holds_complete(&self, id: &str, origin: &str) -> Result<bool> {
+        let Some(stored) = self.list().await?.into_iter().find(|m| m.id == id) else {
+            return Ok(false);
+        };
+        match (stored.complete, stored.url) {
+            (true, Some(url)) if url != origin => Err(Error::InvalidParameter(format!("'{id}' already holds {url}, not {origin}; delete it first or choose another id"))),
+            (complete, _) => Ok(complete),
+        }
+    }
+
     /// Every model in the store, by id.
     pub async fn list(&self) -> Result<Vec<StoredModel>> {
         let mut by_id: HashMap<String, HashMap<String, u64>> = HashMap::new();
@@ -371,6 +384,16 @@ impl<R: RecordStore> ModelStore<R> {
         self.records.delete(&Self::key(id, CONVERSION)).await?;
         Ok(manifest)
     }
+}
+
+/// What [`ModelStore::download`] records as the origin of `url` (and [`ModelStore::list`] reports):
+/// the single file's full URL, or the folder's or pack's base URL.
+pub fn url_origin(url: &str) -> Result<String> {
+    let (http, file) = HttpSource::for_url(url)?;
+    Ok(match file {
+        Some(file) => http.url(&file),
+        None => http.base().to_string(),
+    })
 }
 
 /// Writes a conversion's shards, checkpoints and (last) manifest as a model's records.

@@ -5,15 +5,21 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use super::gguf::{self, GgmlType, GgufTensor, Repacked};
+use super::gguf::{self, GgufTensor, Repacked};
 use super::names::{self, Entry, Stored};
 use super::safetensors::{self, Dtype};
 use super::{checked, confined, read_json, tensor_error, Encoding, Fetch, HostTensor, SharedSource, Source, TensorInfo, TensorSource};
 use crate::error::{Error, Result};
 
-/// Pickle checkpoints a folder may hold instead of safetensors (refused: loading a pickle runs
-/// code, and its tensors cannot be read in place).
-const PICKLES: [&str; 5] = [".bin", ".ckpt", ".pt", ".pth", ".bin.index.json"];
+/// Pickle checkpoints' extensions (refused: loading a pickle runs code, and its tensors cannot be
+/// read in place).
+const PICKLES: [&str; 4] = [".bin", ".ckpt", ".pt", ".pth"];
+
+/// Whether a file name is a pickle checkpoint's.
+pub fn is_pickle(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    PICKLES.iter().any(|e| lower.ends_with(e))
+}
 
 pub struct FileTensors<'a> {
     source: SharedSource<'a>,
@@ -26,15 +32,9 @@ fn encoding(entry: &Entry) -> Encoding {
     match entry.stored {
         Stored::Float(dtype) => Encoding::Float(dtype),
         Stored::Blocks(_) if entry.transposed => Encoding::Float(Dtype::F32),
-        Stored::Blocks(t) => match t {
-            GgmlType::F32 => Encoding::Float(Dtype::F32),
-            GgmlType::F16 => Encoding::Float(Dtype::F16),
-            GgmlType::BF16 => Encoding::Float(Dtype::BF16),
-            GgmlType::Q5_1 => Encoding::Float(Dtype::F32),
-            t => match gguf::repack_format(t) {
-                Some(format) => Encoding::Quant(format),
-                None => Encoding::Float(Dtype::F32),
-            },
+        Stored::Blocks(t) => match gguf::repack_format(t, entry.shape.len()) {
+            Some(format) => Encoding::Quant(format),
+            None => Encoding::Float(Dtype::F32), // Q5_1, 1-D blocks: dequantized
         },
     }
 }
@@ -63,7 +63,7 @@ impl<'a> FileTensors<'a> {
         let mut entries = Vec::new();
         for (i, file) in files.iter().enumerate() {
             let header = safetensors::read_header(&source, file).await?;
-            entries.extend(header.tensors.into_iter().map(|(name, t)| (name, Entry { file: i, stored: Stored::Float(t.dtype), shape: t.shape, start: t.start, end: t.end, transposed: false })));
+            entries.extend(header.tensors.into_iter().map(|(name, t)| (name, Entry::safetensors(i, t))));
         }
         Ok(FileTensors::new(source, files, entries))
     }
@@ -98,9 +98,6 @@ impl<'a> FileTensors<'a> {
         let bytes = self.source.read_range(file, start, end).await?;
         match entry.stored {
             Stored::Float(dtype) => Ok(HostTensor::Float { dtype, bytes }),
-            Stored::Blocks(GgmlType::F32) => Ok(HostTensor::Float { dtype: Dtype::F32, bytes }),
-            Stored::Blocks(GgmlType::F16) => Ok(HostTensor::Float { dtype: Dtype::F16, bytes }),
-            Stored::Blocks(GgmlType::BF16) => Ok(HostTensor::Float { dtype: Dtype::BF16, bytes }),
             Stored::Blocks(ggml_type) => {
                 let mut shape = entry.shape.clone();
                 if shape.len() >= 2 {
@@ -168,7 +165,7 @@ async fn weight_files(source: &SharedSource<'_>, dir: &str, prefer_fp16: bool) -
         }
     }
     for stem in ["pytorch_model", "diffusion_pytorch_model", "model"] {
-        for pickle in PICKLES {
+        for pickle in PICKLES.into_iter().chain([".bin.index.json"]) {
             let path = format!("{dir}/{stem}{pickle}");
             if source.exists(&path).await {
                 return Err(pickle_refused(&source.describe(&path)));

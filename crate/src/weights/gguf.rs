@@ -506,6 +506,8 @@ impl Reader<'_> {
         let torch_order: Vec<u64> = ne.iter().rev().copied().collect();
         let fits = |n: u64| usize::try_from(n).is_ok();
         let elements = ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d).filter(|_| fits(d))).filter(|&n| fits(n));
+        // Products of any of the dims fit too, zero dims included.
+        let elements = elements.filter(|_| ne.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d.max(1))).is_some_and(fits));
         let bytes = elements.and_then(|n| (n / ggml_type.block_values() as u64).checked_mul(ggml_type.block_bytes() as u64));
         let start = data_start.checked_add(offset);
         let end = start.zip(bytes).and_then(|(s, b)| s.checked_add(b));
@@ -553,8 +555,12 @@ fn check_len(tensor: &GgufTensor, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The kernels' format a type repacks into exactly (None: served dense).
-pub fn repack_format(ggml_type: GgmlType) -> Option<QuantFormat> {
+/// The kernels' format a tensor of `ggml_type` and `dims` dimensions repacks into exactly (None:
+/// served dense). 1-D tensors (biases, norms) are never a matrix the kernels read: dense.
+pub fn repack_format(ggml_type: GgmlType, dims: usize) -> Option<QuantFormat> {
+    if dims < 2 {
+        return None;
+    }
     match ggml_type {
         GgmlType::Q8_0 | GgmlType::Q5_0 => Some(QuantFormat::Q8_0),
         GgmlType::Q4_0 => Some(QuantFormat::Q4_0),
@@ -568,7 +574,10 @@ pub fn repack_format(ggml_type: GgmlType) -> Option<QuantFormat> {
 pub fn repack(tensor: &GgufTensor, bytes: &[u8]) -> Result<Repacked> {
     check_len(tensor, bytes)?;
     let (rows, cols) = tensor.matrix_dims();
-    if let Some(format) = tensor.ggml_type.k_format() {
+    let Some(format) = repack_format(tensor.ggml_type, tensor.shape.len()) else {
+        return Ok(Repacked::Dense(dequantize(tensor.ggml_type, bytes))); // F32, F16, BF16, Q5_1, 1-D
+    };
+    if format.is_k() {
         // As stored, each block padded to whole words (written in place: no second copy).
         let block_bytes = tensor.ggml_type.block_bytes();
         let mut data = vec![0u32; bytes.len() / block_bytes * format.words_per_block()];
@@ -579,9 +588,6 @@ pub fn repack(tensor: &GgufTensor, bytes: &[u8]) -> Result<Repacked> {
         let q = QuantizedTensor { format, rows, cols, data, scales: Vec::new(), mins: Vec::new() };
         return Ok(Repacked::Quantized(q));
     }
-    let Some(format) = repack_format(tensor.ggml_type) else {
-        return Ok(Repacked::Dense(dequantize(tensor.ggml_type, bytes))); // F32, F16, BF16, Q5_1
-    };
     let blocks = rows * cols / BLOCK;
     let mut q = QuantizedTensor {
         format,

@@ -263,7 +263,7 @@ pub fn unet_config(location: &str, kind: Kind, shapes: &Shapes, pooled: usize) -
     }
     c["addition_time_embed_dim"] = json!(time_dim);
     c["projection_class_embeddings_input_dim"] = json!(add_in);
-    c["time_embedding_dim"] = if temb == 4 * first { Value::Null } else { json!(temb) };
+    c["time_embedding_dim"] = if first.checked_mul(4) == Some(temb) { Value::Null } else { json!(temb) };
     Ok(c)
 }
 

@@ -118,13 +118,10 @@ pub async fn host_f32(source: &(impl TensorSource + ?Sized), name: &str, shape: 
     })
 }
 
-/// Values decoded at a time by [`quantize_host`] (4 MiB of f32).
-const CHUNK_VALUES: usize = 1 << 20;
-
 /// Quantizes a [rows, cols] matrix of little-endian `dtype` values a few rows at a time, so that
 /// a tensor is never held as f32 whole (blocks never straddle rows: the pieces concatenate).
 pub fn quantize_host(dtype: Dtype, bytes: &[u8], rows: usize, cols: usize, format: QuantFormat) -> Result<QuantizedTensor> {
-    let per_chunk = (CHUNK_VALUES / cols.max(1)).max(1);
+    let per_chunk = (crate::gpu::HOST_CHUNK / cols.max(1)).max(1);
     let row_bytes = cols * dtype.size();
     if bytes.len() != rows * row_bytes {
         return Err(Error::InvalidParameter(format!("{} bytes are not [{rows}, {cols}] {} values", bytes.len(), dtype.name())));

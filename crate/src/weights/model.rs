@@ -7,10 +7,10 @@ use std::rc::Rc;
 
 use serde::de::DeserializeOwned;
 
-use super::files::{pickle_refused, FileTensors};
+use super::files::{is_pickle, pickle_refused, FileTensors};
 use super::gguf;
 use super::infer;
-use super::names::{Entry, Kind, Layout, SingleFile, Stored};
+use super::names::{identify, Entry, Kind, Layout, SingleFile};
 use super::random::RandomTensors;
 use super::safetensors;
 use super::{read_json, MemorySource, SharedSource, Source, TensorSource};
@@ -46,9 +46,8 @@ impl FileFormat {
         if gguf::is_gguf(prefix) {
             return Ok(FileFormat::Gguf);
         }
-        let lower = location.to_ascii_lowercase();
         let zip_or_pickle = prefix.starts_with(b"PK\x03\x04") || prefix.first() == Some(&0x80);
-        if zip_or_pickle || [".ckpt", ".bin", ".pt", ".pth"].iter().any(|e| lower.ends_with(e)) {
+        if zip_or_pickle || is_pickle(location) {
             return Err(pickle_refused(location));
         }
         // safetensors: a little-endian header length, then a JSON object.
@@ -86,18 +85,16 @@ impl<'a> ModelSource<'a> {
         let prefix = file.read_range(path, 0, len.min(16)).await?;
         let format = FileFormat::detect(&location, &prefix)?;
         let raw: Vec<(String, Entry)> = match format {
-            FileFormat::Gguf => gguf::read_header(&file, path).await?.tensors.into_iter().map(|t| {
-                let entry = Entry { file: 0, stored: Stored::Blocks(t.ggml_type), shape: t.shape, start: t.start, end: t.end, transposed: false };
-                (t.name, entry)
-            }).collect(),
-            FileFormat::Safetensors => safetensors::read_header(&file, path).await?.tensors.into_iter().map(|(name, t)| {
-                (name, Entry { file: 0, stored: Stored::Float(t.dtype), shape: t.shape, start: t.start, end: t.end, transposed: false })
-            }).collect(),
+            FileFormat::Gguf => gguf::read_header(&file, path).await?.tensors.into_iter().map(|t| Entry::gguf(0, t)).collect(),
+            FileFormat::Safetensors => safetensors::read_header(&file, path).await?.tensors.into_iter().map(|(name, t)| (name, Entry::safetensors(0, t))).collect(),
         };
         let shapes: infer::Shapes = raw.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice())).collect();
-        let kind = super::names::identify(&location, raw.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice())))?;
-        let (files, inferred) = match config {
-            Some(config) => (config, false),
+        let identified = identify(&location, raw.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice())))?;
+        let kind = identified.kind;
+        // Without a config folder: SDXL 1.0's files, with the UNet's and VAE's configs inferred
+        // now and the text encoders' once the index has mapped their tensors.
+        let inferred = match config {
+            Some(_) => None,
             None => {
                 let mut files = infer::sdxl_files(kind);
                 let pooled = infer::pooled_width(&shapes).ok_or_else(|| Error::Tensor {
@@ -105,11 +102,14 @@ impl<'a> ModelSource<'a> {
                     tensor: "text_projection".into(),
                     message: "missing: the pooled text projection sets the UNet's conditioning widths".into(),
                 })?;
-                let json = |v: serde_json::Value| serde_json::to_vec_pretty(&v).expect("configs serialise");
-                files.insert("unet/config.json", json(infer::unet_config(&location, kind, &shapes, pooled)?));
-                files.insert("vae/config.json", json(infer::vae_config(&location, kind, &shapes)?));
-                (SharedSource::new(files), true)
+                files.insert("unet/config.json", json_bytes(&infer::unet_config(&location, kind, &shapes, pooled)?));
+                files.insert("vae/config.json", json_bytes(&infer::vae_config(&location, kind, &shapes)?));
+                Some(files)
             }
+        };
+        let files = match (config, &inferred) {
+            (Some(config), _) => config,
+            (None, inferred) => SharedSource::new(inferred.clone().unwrap_or_default()),
         };
         let config_kind = if files.exists("text_encoder/config.json").await { Kind::Base } else { Kind::Refiner };
         if config_kind != kind {
@@ -117,15 +117,10 @@ impl<'a> ModelSource<'a> {
             return Err(Error::Config { path: files.describe("model_index.json"), message });
         }
         let layout = Layout::from_configs(&files.read("unet/config.json").await?, &files.read("vae/config.json").await?, &files.describe(""))?;
-        let index = SingleFile::index(&location, raw, &layout)?;
-        if inferred {
-            let mut memory = infer::sdxl_files(kind);
-            for path in ["unet/config.json", "vae/config.json"] {
-                memory.insert(path, files.read(path).await?);
-            }
+        let index = SingleFile::index(&location, identified, raw, &layout)?;
+        if let Some(mut memory) = inferred {
             for (component, tensors) in index.components.iter().filter(|(c, _)| c.starts_with("text_encoder")) {
-                let config = infer::text_config(&location, kind, component, tensors)?;
-                memory.insert(&format!("{component}/config.json"), serde_json::to_vec_pretty(&config).expect("configs serialise"));
+                memory.insert(&format!("{component}/config.json"), json_bytes(&infer::text_config(&location, kind, component, tensors)?));
             }
             return Ok(Self::from_index(SharedSource::new(memory), file, path, index, format, "configs inferred from the tensors"));
         }
@@ -172,4 +167,8 @@ impl<'a> ModelSource<'a> {
             Components::Random(seed) => Ok(Rc::new(RandomTensors { seed: *seed, component: dir.to_string() })),
         }
     }
+}
+
+fn json_bytes(config: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec_pretty(config).expect("configs serialise")
 }

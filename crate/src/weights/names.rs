@@ -25,8 +25,8 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use super::gguf::GgmlType;
-use super::safetensors::Dtype;
+use super::gguf::{GgmlType, GgufTensor};
+use super::safetensors::{self, Dtype};
 use crate::error::{Error, Result};
 
 const UNET: &str = "model.diffusion_model.";
@@ -35,7 +35,7 @@ const VAE: &str = "first_stage_model.";
 /// How a file stores one tensor's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stored {
-    /// One value per element (safetensors, and GGUF's F32/F16/BF16).
+    /// One value per element (safetensors, and GGUF's F32/F16/BF16: see [`Entry::gguf`]).
     Float(Dtype),
     /// GGUF blocks; every row is whole blocks.
     Blocks(GgmlType),
@@ -52,6 +52,25 @@ pub struct Entry {
     pub end: u64,
     /// The bytes hold the transpose of the 2-D `shape` (OpenCLIP's text projection).
     pub transposed: bool,
+}
+
+impl Entry {
+    /// A tensor of safetensors file `file`.
+    pub fn safetensors(file: usize, t: safetensors::TensorInfo) -> Entry {
+        Entry { file, stored: Stored::Float(t.dtype), shape: t.shape, start: t.start, end: t.end, transposed: false }
+    }
+
+    /// A tensor of GGUF file `file`, under its name: F32 / F16 / BF16 as float values, other
+    /// types as blocks.
+    pub fn gguf(file: usize, t: GgufTensor) -> (String, Entry) {
+        let stored = match t.ggml_type {
+            GgmlType::F32 => Stored::Float(Dtype::F32),
+            GgmlType::F16 => Stored::Float(Dtype::F16),
+            GgmlType::BF16 => Stored::Float(Dtype::BF16),
+            blocks => Stored::Blocks(blocks),
+        };
+        (t.name, Entry { file, stored, shape: t.shape, start: t.start, end: t.end, transposed: false })
+    }
 }
 
 /// The names of a diffusers folder component's tensors as the models ask for them (see
@@ -207,16 +226,23 @@ impl Layout {
     }
 }
 
+/// What [`identify`] found in a file: the model's kind and the text-encoder layout that told it.
+#[derive(Clone, Copy)]
+pub struct Identified {
+    pub kind: Kind,
+    encoders: &'static [TextEncoder],
+}
+
 /// The SDXL model a single file holds, or a typed error naming what it looks like instead.
 /// `tensors` are the file's (name, shape) pairs; `location` names the file.
-pub fn identify<'n>(location: &str, tensors: impl Iterator<Item = (&'n str, &'n [usize])> + Clone) -> Result<Kind> {
+pub fn identify<'n>(location: &str, tensors: impl Iterator<Item = (&'n str, &'n [usize])> + Clone) -> Result<Identified> {
     let has = |prefix: &str| tensors.clone().any(|(name, _)| name.starts_with(prefix));
     let wrong = |looks: String| Error::WrongModel { path: location.to_string(), message: format!("not an SDXL model: {looks}") };
     // SDXL's UNet has the micro-conditioning embedding (label_emb); that also tells an SD 1.x
     // file apart from a refiner in stable-diffusion.cpp's naming (both at cond_stage_model.transformer).
-    if let Some(&(kind, _, _)) = TEXT_LAYOUTS.iter().find(|(_, encoders, absent)| encoders.iter().all(|e| has(e.prefix)) && !absent.is_some_and(has)) {
+    if let Some(&(kind, encoders, _)) = TEXT_LAYOUTS.iter().find(|(_, encoders, absent)| encoders.iter().all(|e| has(e.prefix)) && !absent.is_some_and(has)) {
         if has(&format!("{UNET}label_emb.")) {
-            return Ok(kind);
+            return Ok(Identified { kind, encoders });
         }
     }
     if has("double_blocks.") || has(&format!("{UNET}double_blocks.")) {
@@ -258,12 +284,9 @@ impl SingleFile {
     /// Maps every SDXL tensor of a file (SGM or stable-diffusion.cpp names) to its diffusers
     /// component and name; `location` names the file in errors. State diffusers drops too (EMA
     /// copies, denoiser sigmas, logit_scale) is left out.
-    pub fn index(location: &str, tensors: Vec<(String, Entry)>, layout: &Layout) -> Result<SingleFile> {
-        let kind = identify(location, tensors.iter().map(|(n, e)| (n.as_str(), e.shape.as_slice())))?;
-        let encoders = TEXT_LAYOUTS.iter().find(|(k, encoders, absent)| {
-            *k == kind && encoders.iter().all(|e| tensors.iter().any(|(n, _)| n.starts_with(e.prefix))) && !absent.is_some_and(|a| tensors.iter().any(|(n, _)| n.starts_with(a)))
-        });
-        let encoders = encoders.map_or(&[][..], |(_, encoders, _)| *encoders);
+    /// `identified` is what [`identify`] found in the same tensors.
+    pub fn index(location: &str, identified: Identified, tensors: Vec<(String, Entry)>, layout: &Layout) -> Result<SingleFile> {
+        let Identified { kind, encoders } = identified;
         for prefix in [UNET, VAE] {
             if !tensors.iter().any(|(name, _)| name.starts_with(prefix)) {
                 let message = format!("missing: the file looks like {} but has no {prefix}* tensors", kind.describe());
@@ -387,7 +410,10 @@ fn vae_entry(rest: &str, entry: Entry, layout: &Layout) -> std::result::Result<O
         // SGM numbers the decoder's levels from the lowest resolution up, diffusers from the top.
         let level = match kind {
             "down" => level,
-            _ => layout.vae_levels.checked_sub(level + 1).ok_or_else(|| format!("up.{level} lies beyond the {} levels of vae/config.json", layout.vae_levels))?,
+            _ => level
+                .checked_add(1)
+                .and_then(|l| layout.vae_levels.checked_sub(l))
+                .ok_or_else(|| format!("up.{level} lies beyond the {} levels of vae/config.json", layout.vae_levels))?,
         };
         match rest.split_once('.') {
             Some(("block", rest)) => format!("{kind}_blocks.{level}.resnets.{}", resnet(rest)),

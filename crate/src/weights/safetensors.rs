@@ -147,6 +147,12 @@ pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
             let needs = expected.map_or_else(|| "more than 2^64".into(), |n| n.to_string());
             return Err(terr(format!("{} {:?} needs {needs} bytes but the file gives {}", dtype.name(), shape, end - begin)));
         }
+        // The bytes are in the file, but the product of any of the dims must also fit usize
+        // (wasm32: 32 bits), zero dims included (a [0, 2^40, 2^40] tensor has no bytes).
+        let values = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul((d as u64).max(1)));
+        if values.is_none_or(|n| usize::try_from(n).is_err()) {
+            return Err(terr(format!("{} {:?} has more values than this platform addresses", dtype.name(), shape)));
+        }
         tensors.insert(name, TensorInfo { dtype, shape, start: data_start + begin, end: data_start + end });
     }
     Ok(Header { tensors })
