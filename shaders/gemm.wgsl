@@ -12,10 +12,12 @@
 // memory), `multiply_tiles(tx, ty)`, the BK-slice product of the workgroup's tiles (between barriers, so
 // the tiles are complete before and free to overwrite after), and
 // `acc_at(r, c)`, the invocation's output (row r, col c) of its block. Accumulation is f32.
+// The addend (`bias`) is a vector over output rows / channels, or (ADD_FULL) a whole tensor shaped
+// as the output before GEGLU: a LoRA's low-rank term computed beforehand (crate/src/adapt.rs).
 
 struct Params {
     m: u32, n: u32, k: u32, blocks: u32, // GEMM rows, cols, depth; weight blocks of 32 per row
-    format: u32, has_bias: u32, geglu: u32, _p0: u32, // format: FORMAT_*
+    format: u32, addend: u32, geglu: u32, _p0: u32, // format: FORMAT_*; addend: ADD_*
     cin: u32, h: u32, w: u32, ow: u32, // conv2d only
     ksize: u32, stride: u32, pad_y: u32, pad_x: u32, // pad_y rows above, pad_x columns left
 }
@@ -25,7 +27,11 @@ struct Params {
 @group(0) @binding(2) var<storage, read> wq: array<u32>; // weight codes, or dense values
 @group(0) @binding(3) var<storage, read> wscale: array<u32>; // block parameters (unused dense)
 @group(0) @binding(4) var<storage, read_write> out: array<T>;
-@group(0) @binding(5) var<storage, read> bias: array<T>;
+@group(0) @binding(5) var<storage, read> bias: array<T>; // the addend
+
+const ADD_NONE: u32 = 0u;
+const ADD_BIAS: u32 = 1u;
+const ADD_FULL: u32 = 2u;
 
 const FORMAT_Q8_0: u32 = 0u;
 const FORMAT_Q4_1: u32 = 1u;
@@ -189,6 +195,15 @@ fn weight4(row: u32, kk: u32, rows: u32) -> vec4<f32> {
     return half_to_f32(dm & 0xffffu) * q + half_to_f32(dm >> 16u);
 }
 
+// What linear output (row, weight row) adds to its product.
+fn linear_addend(row: u32, wrow: u32) -> f32 {
+    switch (p.addend) {
+        case ADD_BIAS: { return f32(bias[wrow]); }
+        case ADD_FULL: { return f32(bias[row * p.n + wrow]); }
+        default: { return 0.0; }
+    }
+}
+
 // Weight row of tile column `col` (tile origin n0): with GEGLU, even columns are value rows and
 // odd columns the matching gate rows of the second half, so each invocation holds both.
 fn linear_weight_row(n0: u32, col: u32) -> u32 {
@@ -238,17 +253,12 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             if (wrow >= p.n) {
                 continue;
             }
-            if (p.has_bias == 1u) {
-                v = v + f32(bias[wrow]);
-            }
+            v = v + linear_addend(row, wrow);
             if (p.geglu == 0u) {
                 out[row * p.n + wrow] = T(v);
             } else if (c % 2u == 1u) {
                 // v is the gate, the previous column its value.
-                var value = acc_at(r, c - 1u);
-                if (p.has_bias == 1u) {
-                    value = value + f32(bias[wrow - p.n / 2u]);
-                }
+                let value = acc_at(r, c - 1u) + linear_addend(row, wrow - p.n / 2u);
                 out[row * (p.n / 2u) + (wrow - p.n / 2u)] = T(value * gelu(v));
             }
         }
@@ -297,13 +307,17 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             break;
         }
         var b = 0.0;
-        if (p.has_bias == 1u) {
+        if (p.addend == ADD_BIAS) {
             b = f32(bias[co]);
         }
         for (var c = 0u; c < RN; c = c + 1u) {
             let pix = p0 + lid.x * RN + c;
             if (pix < p.n) {
-                out[(wid.z * p.m + co) * p.n + pix] = T(acc_at(r, c) + b);
+                let at = (wid.z * p.m + co) * p.n + pix;
+                if (p.addend == ADD_FULL) {
+                    b = f32(bias[at]);
+                }
+                out[at] = T(acc_at(r, c) + b);
             }
         }
     }

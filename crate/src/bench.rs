@@ -6,6 +6,7 @@
 
 use serde::Serialize;
 
+use crate::adapt::{Layers, LowRank};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Shader, Tensor};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
@@ -32,6 +33,8 @@ pub struct BenchOptions {
     pub sizes: Vec<usize>,
     /// Weight formats of the UNet steps.
     pub quants: Vec<QuantPreset>,
+    /// Ranks of the LoRAs whose per-step cost is measured on the UNet steps.
+    pub lora_ranks: Vec<usize>,
     pub kernels: bool,
     pub unet: bool,
     pub vae: bool,
@@ -39,7 +42,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { sizes: vec![512, 1024], quants: vec![QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4], kernels: true, unet: true, vae: true }
+        BenchOptions { sizes: vec![512, 1024], quants: vec![QuantPreset::F16, QuantPreset::Q8, QuantPreset::Q4], lora_ranks: vec![32, 128], kernels: true, unet: true, vae: true }
     }
 }
 
@@ -85,6 +88,9 @@ pub struct KernelResult {
 pub struct UnetResult {
     pub size: usize,
     pub quant: String,
+    /// The rank of a LoRA on every transformer Linear (kohya's default targets), run beside the
+    /// weights; None: the base alone.
+    pub lora_rank: Option<usize>,
     /// One UNet evaluation with classifier-free guidance (batch 2).
     pub seconds_per_step: f64,
     pub tflops: f64,
@@ -188,7 +194,7 @@ pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log:
     }
     if options.unet {
         for &quant in &options.quants {
-            measure_unet(gpu, &unet, quant, &options.sizes, &mut report, &mut log).await;
+            measure_unet(gpu, &unet, quant, options, &mut report, &mut log).await;
             gpu.trim();
         }
     }
@@ -343,31 +349,54 @@ async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<Ker
     })
 }
 
-async fn measure_unet(gpu: &Gpu, config: &UNet2DConditionConfig, quant: QuantPreset, sizes: &[usize], report: &mut BenchReport, log: &mut impl FnMut(&str)) {
+async fn measure_unet(gpu: &Gpu, config: &UNet2DConditionConfig, quant: QuantPreset, options: &BenchOptions, report: &mut BenchReport, log: &mut impl FnMut(&str)) {
     let name = format!("{quant:?}").to_lowercase();
     log(&format!("unet {name}: generating random weights"));
-    let (tensors, policy) = (RandomTensors { seed: 1, component: "unet".into() }, quant.policy());
+    let (tensors, policy, layers) = (RandomTensors { seed: 1, component: "unet".into() }, quant.policy(), Layers::default());
     let before = gpu.memory().allocated;
-    let unet = match UNet2DConditionModel::load(&Vars::new(gpu, &tensors, "unet", &policy), config.clone()).await {
+    let unet = match UNet2DConditionModel::load(&Vars::new(gpu, &tensors, "unet", &policy).with_layers(&layers), config.clone()).await {
         Ok(u) => u,
         Err(e) => return report.skipped.push(Skipped { what: format!("unet {name}"), error: e.to_string() }),
     };
     let weight_bytes = gpu.memory().allocated - before;
-    for &size in sizes {
-        log(&format!("unet {name} {size}²"));
-        match unet_step(gpu, &unet, config, size).await {
-            Ok((seconds, peak)) => report.unet.push(UnetResult {
-                size,
-                quant: name.clone(),
-                seconds_per_step: seconds,
-                tflops: unet_flops(config, size) / seconds / 1e12,
-                weight_bytes,
-                peak_bytes: peak,
-            }),
-            Err(e) => report.skipped.push(Skipped { what: format!("unet {name} {size}²"), error: e.to_string() }),
+    for lora_rank in std::iter::once(None).chain(options.lora_ranks.iter().copied().map(Some)) {
+        let what = lora_rank.map_or(String::new(), |r| format!(" + rank-{r} LoRA"));
+        if let Err(e) = random_loras(gpu, &layers, lora_rank) {
+            report.skipped.push(Skipped { what: format!("unet {name}{what}"), error: e.to_string() });
+            continue;
         }
-        gpu.trim();
+        for &size in &options.sizes {
+            log(&format!("unet {name}{what} {size}²"));
+            match unet_step(gpu, &unet, config, size).await {
+                Ok((seconds, peak)) => report.unet.push(UnetResult {
+                    size,
+                    quant: name.clone(),
+                    lora_rank,
+                    seconds_per_step: seconds,
+                    tflops: unet_flops(config, size) / seconds / 1e12,
+                    weight_bytes,
+                    peak_bytes: peak,
+                }),
+                Err(e) => report.skipped.push(Skipped { what: format!("unet {name}{what} {size}²"), error: e.to_string() }),
+            }
+            gpu.trim();
+        }
     }
+    layers.clear();
+}
+
+/// Random factors of rank `rank` on every Linear of the transformer blocks (None: clears them).
+fn random_loras(gpu: &Gpu, layers: &Layers, rank: Option<usize>) -> Result<()> {
+    layers.clear();
+    let Some(rank) = rank else { return Ok(()) };
+    let targets: Vec<(String, Vec<usize>, DType)> =
+        layers.layers().iter().filter(|(name, l)| name.contains(".attentions.") && l.shape.len() == 2).map(|(n, l)| (n.clone(), l.shape.clone(), l.dtype)).collect();
+    for (name, shape, dtype) in targets {
+        let down = random::tensor(gpu, 3, &format!("{name}.lora_down"), &[rank, shape[1]], dtype)?;
+        let up = random::tensor(gpu, 4, &format!("{name}.lora_up"), &[shape[0], rank], dtype)?;
+        layers.set(&name, Some(LowRank::from_tensors(down, up)))?;
+    }
+    Ok(())
 }
 
 /// FLOPs of one batch-2 step, from torch's FlopCounterMode on the real base UNet (FIELD-NOTES:
@@ -425,10 +454,11 @@ impl BenchReport {
             s += &format!("{:<16} {:<30} {:<8} {:>10.3} {:>10.1} {:<7} {:>6.1}\n", k.kernel, k.shape, k.weights, k.ms, k.rate, k.unit, k.percent_of_peak);
         }
         if !self.unet.is_empty() {
-            s += &format!("\n{:<6} {:<6} {:>10} {:>9} {:>13} {:>13}\n", "unet", "quant", "s/step", "TFLOP/s", "weights MiB", "peak MiB");
+            s += &format!("\n{:<6} {:<6} {:<6} {:>10} {:>9} {:>13} {:>13}\n", "unet", "quant", "lora", "s/step", "TFLOP/s", "weights MiB", "peak MiB");
             for u in &self.unet {
                 let tflops = if u.tflops > 0.0 { format!("{:.2}", u.tflops) } else { "-".into() };
-                s += &format!("{:<6} {:<6} {:>10.3} {:>9} {:>13.1} {:>13.1}\n", u.size, u.quant, u.seconds_per_step, tflops, mib(u.weight_bytes), mib(u.peak_bytes));
+                let lora = u.lora_rank.map_or("-".into(), |r| format!("r{r}"));
+                s += &format!("{:<6} {:<6} {:<6} {:>10.3} {:>9} {:>13.1} {:>13.1}\n", u.size, u.quant, lora, u.seconds_per_step, tflops, mib(u.weight_bytes), mib(u.peak_bytes));
             }
         }
         if !self.vae.is_empty() {

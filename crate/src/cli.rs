@@ -6,12 +6,14 @@ use std::process::ExitCode;
 use crate::bench::{self, BenchModel, BenchOptions};
 use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage, StepProgress};
 use crate::pipeline::image;
+use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::{PromptEncoder, PromptOptions};
 use crate::pipeline::quality::{allocate, quality, sensitivity, FormatErrors};
 use crate::pipeline::ModelIndex;
 use crate::pack::{self, ConvertOptions};
 use crate::quant::{QuantFormat, QuantPolicy, QuantPreset};
 use crate::store::{DirStore, DownloadOptions, ModelStore};
+use crate::weights::lora::LoraFile;
 use crate::weights::{safetensors, DirSource, ModelSource, SharedSource};
 use crate::{Error, Gpu, Precision, Result};
 
@@ -28,7 +30,7 @@ const USAGE: &str = "usage:
                 [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]
                 [--init-image IMAGE.png [--strength 0.3]]
                 [--tensors-out FILE.safetensors] [--precision auto|f32|f16] [--quant f16|q8|q4]
-                [--long-prompt truncate|chunked] [--prompt-weighting off|on]
+                [--long-prompt truncate|chunked] [--prompt-weighting off|on] [--lora FILE[:WEIGHT]]... [--lora-dir DIR]
       Text to image as diffusers' StableDiffusionXLPipeline (classifier-free guidance when --guidance
       is above 1; 0 or 1 runs the UNet once per step, as few-step Turbo/Lightning models want); with
       --refiner, the refiner takes over after --refiner-start of the schedule. The same --seed gives
@@ -47,6 +49,11 @@ const USAGE: &str = "usage:
       tensors (SDXL 1.0's files otherwise, shipped in the binary); --config DIR (--refiner-config DIR
       for the refiner) overrides them with a diffusers-layout folder's (its weights are not read).
       Pickle checkpoints (.ckpt, .bin) are refused: use safetensors.
+      --lora adds a LoRA to the base (repeatable; weight 1 when left out, negative subtracts): kohya /
+      A1111 (lora_unet_*, lora_te1_*, lora_te2_*, LoCon convolutions) or diffusers / peft naming, run
+      beside the weights as stored (a q4 base stays q4, the LoRA is not quantized). With
+      --prompt-weighting on, <lora:NAME:WEIGHT> tags in the prompt add --lora-dir/NAME.safetensors.
+      The PNG recipe records them as A1111 does (<lora:...> tags, Lora hashes). docs/lora.md.
   sdxl convert --from DIR|FILE [--config DIR] --quant f16|q8|q4 --out PACK_DIR [--force] [--shard-bytes 67108864]
       Converts an SDXL model (base or refiner; any --model of generate but a pack) into a model
       pack: manifest.json and shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and
@@ -72,12 +79,13 @@ const USAGE: &str = "usage:
       without layer indices) is quantized, per role and format, and the per-role formats that fit
       --budget bytes for the UNet of SHAPES.json (e.g. tests/fixtures/reference/sdxl_unet_tensors.json,
       the real SDXL shapes): how the q4 preset's exceptions were chosen.
-  sdxl bench [--model DIR] [--sizes 512,1024] [--quants f16,q8,q4] [--only kernels,unet,vae]
+  sdxl bench [--model DIR] [--sizes 512,1024] [--quants f16,q8,q4] [--loras 32,128|none] [--only kernels,unet,vae]
              [--precision auto|f32|f16] [--json FILE]
       Measures speed and memory with random weights generated on the GPU (no checkpoint needed):
       the adapter's peaks (f32 FMA GFLOP/s, copy GB/s), the kernels on the model's real shapes at
       the largest size (GFLOP/s or GB/s and % of peak), one UNet step with classifier-free guidance
-      per weight format and size (s/step, weight and peak GPU memory), and the VAE decode whole and
+      per weight format and size (s/step, weight and peak GPU memory), alone and with a LoRA of each
+      --loras rank on every transformer Linear (its per-step cost), and the VAE decode whole and
       tiled. --model takes the configs of a diffusers folder (default: the real SDXL 1.0 base).
       Prints tables; --json writes the report.
   sdxl info
@@ -104,6 +112,10 @@ impl Args {
     }
     fn get(&self, name: &str) -> Option<&str> {
         self.pairs.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+    /// Every value of a repeatable option, in order.
+    fn all<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> {
+        self.pairs.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
     }
     fn required(&self, name: &str) -> Result<&str> {
         self.get(name).ok_or_else(|| Error::InvalidParameter(format!("--{name} is required")))
@@ -162,6 +174,13 @@ async fn generate_command(args: &Args) -> Result<()> {
         return Err(Error::InvalidParameter("--strength needs --init-image".into()));
     }
     let out = args.required("out")?;
+    // The recipe keeps the prompt as typed, <lora:...> tags included.
+    let typed = params.prompt.clone();
+    let (prompt, tags) = match params.prompt_options.weighting {
+        true => prompt_tags(&typed)?,
+        false => (typed.clone(), Vec::new()),
+    };
+    let params = GenerateParams { prompt, ..params };
     // A refiner on its own refines an image (SDEdit); with --model it takes over the last steps.
     let (model, refiner) = match (args.get("model"), args.get("refiner")) {
         (Some(model), refiner) => (model, refiner),
@@ -176,6 +195,13 @@ async fn generate_command(args: &Args) -> Result<()> {
     // Single files take their configs from --config / --refiner-config (the refiner's when it runs alone).
     let config = if args.get("model").is_some() { args.get("config") } else { args.get("refiner-config") };
     let base = load_model(&gpu, model, config, quant).await?;
+    let loras = open_loras(args, &tags).await?;
+    let choices: Vec<LoraChoice> = loras.iter().map(|(file, weight, _)| LoraChoice { file, weight: *weight }).collect();
+    base.set_loras(&gpu, &choices).await?;
+    let mut recipes = Vec::new();
+    for (file, weight, name) in &loras {
+        recipes.push(image::LoraRecipe { name: name.clone(), weight: *weight, hash: file.short_hash().await? });
+    }
     let refiner_model = match refiner {
         Some(dir) => Some(load_model(&gpu, dir, args.get("refiner-config"), quant).await?),
         None => None,
@@ -186,7 +212,8 @@ async fn generate_command(args: &Args) -> Result<()> {
     })
     .await?;
     let image = gpu.read(&result.image).await?;
-    let recipe = image::parameters(&params, base.scheduler(&params)?.name(), &model_name(model), refiner.map(model_name).as_deref());
+    let typed = GenerateParams { prompt: typed, ..params.clone() };
+    let recipe = image::parameters(&typed, base.scheduler(&params)?.name(), &model_name(model), refiner.map(model_name).as_deref(), &recipes);
     let png = image::encode_png(&image::rgb8(&image, params.height, params.width), params.width, params.height, &recipe)?;
     std::fs::write(out, png).map_err(|e| Error::Io { path: out.to_string(), message: e.to_string() })?;
     eprintln!("wrote {out}");
@@ -200,6 +227,29 @@ async fn generate_command(args: &Args) -> Result<()> {
         eprintln!("wrote {path}");
     }
     Ok(())
+}
+
+/// The LoRAs of a run with their weights and names: each `--lora FILE[:WEIGHT]` (weight 1 when
+/// left out), then each `<lora:NAME:WEIGHT>` tag of the prompt as `--lora-dir`/NAME.safetensors.
+async fn open_loras(args: &Args, tags: &[(String, f32)]) -> Result<Vec<(LoraFile<'static>, f32, String)>> {
+    let mut wanted = Vec::new();
+    for arg in args.all("lora") {
+        wanted.push(match arg.rsplit_once(':').map(|(file, w)| (file, w.parse::<f32>())) {
+            Some((file, Ok(weight))) if !file.is_empty() => (std::path::PathBuf::from(file), weight),
+            _ => (std::path::PathBuf::from(arg), 1.0),
+        });
+    }
+    if !tags.is_empty() {
+        let dir = args.get("lora-dir").ok_or_else(|| Error::InvalidParameter("the prompt's <lora:...> tags name files of --lora-dir, which is missing".into()))?;
+        wanted.extend(tags.iter().map(|(name, weight)| (std::path::Path::new(dir).join(format!("{name}.safetensors")), *weight)));
+    }
+    let mut loras = Vec::new();
+    for (path, weight) in wanted {
+        let (folder, file) = (path.parent().unwrap_or(std::path::Path::new("")), path.file_name().unwrap_or_default().to_string_lossy());
+        let name = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        loras.push((LoraFile::open(DirSource::new(folder), &file).await?, weight, name));
+    }
+    Ok(loras)
 }
 
 /// A model folder's name, as the PNG recipe names it.
@@ -316,7 +366,7 @@ async fn encode(args: &Args) -> Result<()> {
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
     let (source, _) = open_model(model, args.get("config"), gpu.dtype == crate::DType::F16).await?;
     let index = ModelIndex::load(&source.files).await?;
-    let encoder = PromptEncoder::load(&gpu, &source, &index, &QuantPolicy::default()).await?;
+    let encoder = PromptEncoder::load(&gpu, &source, &index, &QuantPolicy::default(), &Default::default()).await?;
     let embeds = encoder.encode_with(&gpu, prompt, args.get("negative"), prompt_options(args)?)?;
     let named = [
         ("prompt_embeds", &embeds.prompt_embeds),
@@ -391,6 +441,12 @@ async fn bench_command(args: &Args) -> Result<()> {
     if let Some(quants) = list("quants") {
         options.quants = quants.iter().map(|q| q.parse()).collect::<Result<_>>()?;
     }
+    if let Some(ranks) = list("loras") {
+        options.lora_ranks = match ranks[..] {
+            ["none"] => Vec::new(),
+            _ => ranks.iter().map(|r| r.parse().ok().filter(|&r| r > 0).ok_or_else(|| Error::InvalidParameter(format!("--loras: '{r}' is not a rank")))).collect::<Result<_>>()?,
+        };
+    }
     if let Some(only) = list("only") {
         if let Some(bad) = only.iter().find(|o| !["kernels", "unet", "vae"].contains(o)) {
             return Err(Error::InvalidParameter(format!("--only: '{bad}' is not kernels, unet or vae")));
@@ -454,7 +510,7 @@ async fn run(argv: &[String]) -> Result<()> {
             let known = [
                 "model", "config", "refiner", "refiner-config", "prompt", "negative", "width", "height", "steps", "guidance", "seed",
                 "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength",
-                "long-prompt", "prompt-weighting",
+                "long-prompt", "prompt-weighting", "lora", "lora-dir",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await
         }
@@ -469,7 +525,7 @@ async fn run(argv: &[String]) -> Result<()> {
             let known = ["model", "prompt", "negative", "width", "height", "steps", "guidance", "seed", "precision", "json", "sensitivity", "budget"];
             quality_command(&Args::parse(&argv[1..], &known)?).await
         }
-        Some("bench") => bench_command(&Args::parse(&argv[1..], &["model", "sizes", "quants", "only", "precision", "json"])?).await,
+        Some("bench") => bench_command(&Args::parse(&argv[1..], &["model", "sizes", "quants", "loras", "only", "precision", "json"])?).await,
         Some("info") => {
             let gpu = Gpu::new(Precision::Auto).await?;
             println!("adapter: {}\nshader-f16: {}\nsubgroups: {}\nmax binding: {} MiB", gpu.adapter_name, gpu.has_shader_f16, gpu.has_subgroups, gpu.max_binding_bytes() >> 20);

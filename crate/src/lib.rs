@@ -5,6 +5,7 @@
 //! The store hands the models a `weights::ModelSource` over what it stored (`pack::open`) and
 //! converts downloads and picked files with `pack`'s converter.
 
+pub mod adapt;
 pub mod bench;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;

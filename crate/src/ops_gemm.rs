@@ -57,6 +57,37 @@ fn u(x: usize) -> u32 {
     x as u32
 }
 
+/// What a GEMM adds to its product (shaders/gemm.wgsl's ADD_*).
+#[derive(Clone, Copy)]
+enum Addend<'a> {
+    None,
+    /// A vector over the output's rows (Linear) or channels (Conv2d).
+    Bias(&'a Tensor),
+    /// A tensor shaped as the output (before GEGLU).
+    Full(&'a Tensor),
+}
+
+impl<'a> Addend<'a> {
+    fn bias(bias: Option<&'a Tensor>) -> Addend<'a> {
+        bias.map_or(Addend::None, Addend::Bias)
+    }
+
+    fn id(self) -> u32 {
+        match self {
+            Addend::None => 0,
+            Addend::Bias(_) => 1,
+            Addend::Full(_) => 2,
+        }
+    }
+
+    fn tensor(self) -> Option<&'a Tensor> {
+        match self {
+            Addend::None => None,
+            Addend::Bias(t) | Addend::Full(t) => Some(t),
+        }
+    }
+}
+
 /// A weight matrix [rows, cols] as the kernel reads it.
 struct Operand<'a> {
     data: &'a Tensor,
@@ -82,16 +113,19 @@ impl Gpu {
         })
     }
 
-    /// The float type of input x and its bias (the GEMM's compute and output type; the weight
-    /// may be stored in any format), checking the bias's shape.
-    fn input_dtype(&self, x: &Tensor, bias: Option<&Tensor>, rows: usize, what: &str) -> Result<DType> {
-        let Some(b) = bias else {
-            return self.float_dtype(what, &[(x, "input")]);
+    /// The float type of input x and its addend (the GEMM's compute and output type; the weight
+    /// may be stored in any format), checking the addend's shape against the output's `rows`
+    /// (a bias) or `full` (a whole addend).
+    fn input_dtype(&self, x: &Tensor, addend: Addend, rows: usize, full: &[usize], what: &str) -> Result<DType> {
+        let (b, expected) = match addend {
+            Addend::None => return self.float_dtype(what, &[(x, "input")]),
+            Addend::Bias(b) => (b, vec![rows]),
+            Addend::Full(b) => (b, full.to_vec()),
         };
-        if b.shape() != [rows] {
-            return Err(bad(format!("{what}: bias {:?} does not match {rows} outputs", b.shape())));
+        if b.shape() != expected {
+            return Err(bad(format!("{what}: addend {:?} does not match the output {expected:?}", b.shape())));
         }
-        self.float_dtype(what, &[(x, "input"), (b, "bias")])
+        self.float_dtype(what, &[(x, "input"), (b, "addend")])
     }
 
     /// Prelude and tile edge for an output of `rows` × `cols`.
@@ -106,33 +140,44 @@ impl Gpu {
 
     /// nn.Linear: x [.., k] · W[n, k]ᵀ + bias [n] -> [.., n].
     pub fn linear(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-        self.gemm_linear(x, weight, bias, false)
+        self.gemm_linear(x, weight, Addend::bias(bias), false)
+    }
+
+    /// x · Wᵀ + `addend`, a whole [.., n] tensor (the bias and a LoRA's term, see crate::adapt).
+    pub fn linear_plus(&self, x: &Tensor, weight: &Weight, addend: &Tensor) -> Result<Tensor> {
+        self.gemm_linear(x, weight, Addend::Full(addend), false)
     }
 
     /// diffusers' GEGLU in one kernel: the projection x · Wᵀ + bias [.., 2n] split into value and
     /// gate halves, value · gelu(gate) -> [.., n]; the projection is never stored.
     pub fn linear_geglu(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-        self.gemm_linear(x, weight, bias, true)
+        self.gemm_linear(x, weight, Addend::bias(bias), true)
     }
 
-    fn gemm_linear(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>, geglu: bool) -> Result<Tensor> {
+    /// `linear_geglu` with a whole [.., 2n] addend to the projection instead of a bias.
+    pub fn linear_geglu_plus(&self, x: &Tensor, weight: &Weight, addend: &Tensor) -> Result<Tensor> {
+        self.gemm_linear(x, weight, Addend::Full(addend), true)
+    }
+
+    fn gemm_linear(&self, x: &Tensor, weight: &Weight, addend: Addend, geglu: bool) -> Result<Tensor> {
         let w = self.operand(weight, "linear")?;
         let (&k, lead) = x.shape().split_last().ok_or_else(|| bad("linear: scalar input".into()))?;
         if w.cols != k || (geglu && w.rows % 2 != 0) {
             return Err(bad(format!("linear: input {:?} does not match weight [{}, {}]", x.shape(), w.rows, w.cols)));
         }
-        let dtype = self.input_dtype(x, bias, w.rows, "linear")?;
+        let mut shape = lead.to_vec();
+        shape.push(w.rows);
+        let dtype = self.input_dtype(x, addend, w.rows, &shape, "linear")?;
         let (m, n) = (lead.iter().product::<usize>(), w.rows);
         let width = if geglu { n / 2 } else { n };
-        let mut shape = lead.to_vec();
-        shape.push(width);
+        *shape.last_mut().expect("pushed") = width;
         let y = self.empty_as(&shape, dtype)?;
         let (defines, tile) = Gpu::tiles(m, n);
-        let params = [u(m), u(n), u(k), u(k.div_ceil(BLOCK)), w.format, bias.is_some() as u32, geglu as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let params = [u(m), u(n), u(k), u(k.div_ceil(BLOCK)), w.format, addend.id(), geglu as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let cols_per_group = if geglu { tile / 2 } else { tile };
         let groups = [u(width.div_ceil(cols_per_group)), u(m.div_ceil(tile)), 1];
-        let bias = bias.unwrap_or(x);
-        self.dispatch_with(&GEMM, "linear", dtype, defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
+        let addend = addend.tensor().unwrap_or(x);
+        self.dispatch_with(&GEMM, "linear", dtype, defines, &params, &[x, w.data, w.scales, &y, addend], groups)?;
         Ok(y)
     }
 
@@ -141,6 +186,15 @@ impl Gpu {
     /// padding [top, bottom, left, right] (torch's F.pad order is left, right, top, bottom), e.g.
     /// diffusers' Downsample2D with padding 0: [0, 1, 0, 1].
     pub fn conv2d(&self, x: &Tensor, weight: &Weight, k: usize, bias: Option<&Tensor>, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
+        self.gemm_conv2d(x, weight, k, Addend::bias(bias), stride, pad)
+    }
+
+    /// `conv2d` plus a whole [n, cout, oh, ow] `addend` instead of a bias (see `linear_plus`).
+    pub fn conv2d_plus(&self, x: &Tensor, weight: &Weight, k: usize, addend: &Tensor, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
+        self.gemm_conv2d(x, weight, k, Addend::Full(addend), stride, pad)
+    }
+
+    fn gemm_conv2d(&self, x: &Tensor, weight: &Weight, k: usize, addend: Addend, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
         let w = self.operand(weight, "conv2d")?;
         let &[n, cin, h, wd] = x.shape() else {
             return Err(bad(format!("conv2d: input {:?} must be 4-D", x.shape())));
@@ -155,20 +209,20 @@ impl Gpu {
                 w.cols
             )));
         }
-        let dtype = self.input_dtype(x, bias, w.rows, "conv2d")?;
         let cout = w.rows;
         let (oh, ow) = ((ph - k) / stride + 1, (pw - k) / stride + 1);
+        let dtype = self.input_dtype(x, addend, cout, &[n, cout, oh, ow], "conv2d")?;
         let y = self.empty_as(&[n, cout, oh, ow], dtype)?;
         let (defines, tile) = Gpu::tiles(cout, n * oh * ow);
         let params = [
             u(cout), u(oh * ow), u(w.cols), u(w.cols.div_ceil(BLOCK)),
-            w.format, bias.is_some() as u32, 0, 0,
+            w.format, addend.id(), 0, 0,
             u(cin), u(h), u(wd), u(ow),
             u(k), u(stride), u(top), u(left),
         ];
         let groups = [u((oh * ow).div_ceil(tile)), u(cout.div_ceil(tile)), u(n)];
-        let bias = bias.unwrap_or(x);
-        self.dispatch_with(&GEMM, "conv2d", dtype, defines, &params, &[x, w.data, w.scales, &y, bias], groups)?;
+        let addend = addend.tensor().unwrap_or(x);
+        self.dispatch_with(&GEMM, "conv2d", dtype, defines, &params, &[x, w.data, w.scales, &y, addend], groups)?;
         Ok(y)
     }
 }

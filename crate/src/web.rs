@@ -360,7 +360,7 @@ impl Engine {
         let pixels = self.gpu.read(&out.image).await?;
         watcher.marks.push(("end", js_sys::Date::now()));
 
-        let recipe = image::parameters(&params, base.model.scheduler(&params)?.name(), &base.id, refiner.map(|r| r.id.as_str()));
+        let recipe = image::parameters(&params, base.model.scheduler(&params)?.name(), &base.id, refiner.map(|r| r.id.as_str()), &[]);
         let png = image::encode_png(&image::rgb8(&pixels, params.height, params.width), params.width, params.height, &recipe)?;
         let timings = watcher.timings();
         let result = Object::new();

@@ -79,7 +79,7 @@ impl Model {
             let gpu = Gpu::new(Precision::F32).await.expect("a GPU adapter (lavapipe natively)");
             let model = ModelSource::folder(DirSource::new(&self.root), false);
             let index = ModelIndex::load(&model.files).await?;
-            PromptEncoder::load(&gpu, &model, &index, &QuantPolicy::default()).await.map(drop)
+            PromptEncoder::load(&gpu, &model, &index, &QuantPolicy::default(), &Default::default()).await.map(drop)
         })
     }
 }

@@ -18,7 +18,7 @@ fn tiny() -> BenchModel {
 fn bench_reports_every_measurement() {
     pollster::block_on(async {
         let gpu = Gpu::new(Precision::Auto).await.unwrap();
-        let options = BenchOptions { sizes: vec![64], quants: vec![QuantPreset::F16, QuantPreset::Q4], ..Default::default() };
+        let options = BenchOptions { sizes: vec![64], quants: vec![QuantPreset::F16, QuantPreset::Q4], lora_ranks: vec![4], ..Default::default() };
         let report = bench::run(&gpu, &tiny(), &options, |_| {}).await.unwrap();
         assert!(report.skipped.is_empty(), "{:?}", report.skipped);
         assert!(report.peak.gflops > 0.0 && report.peak.gbps > 0.0, "{:?}", report.peak);
@@ -28,14 +28,15 @@ fn bench_reports_every_measurement() {
         for k in &report.kernels {
             assert!(k.ms > 0.0 && k.rate > 0.0 && k.percent_of_peak > 0.0, "{k:?}");
         }
-        assert_eq!(report.unet.iter().map(|u| u.quant.as_str()).collect::<Vec<_>>(), ["f16", "q4"]);
+        let runs: Vec<_> = report.unet.iter().map(|u| (u.quant.as_str(), u.lora_rank)).collect();
+        assert_eq!(runs, [("f16", None), ("f16", Some(4)), ("q4", None), ("q4", Some(4))], "each base alone and with a LoRA");
         for u in &report.unet {
             assert!(u.seconds_per_step > 0.0 && u.weight_bytes > 0 && u.peak_bytes > u.weight_bytes, "{u:?}");
         }
-        assert!(report.unet[1].weight_bytes < report.unet[0].weight_bytes, "q4 weights must be smaller than f16");
+        assert!(report.unet[2].weight_bytes < report.unet[0].weight_bytes, "q4 weights must be smaller than f16");
         assert_eq!(report.vae.iter().map(|v| v.tiled).collect::<Vec<_>>(), [false, true]);
         let table = report.table();
-        for part in ["linear+geglu", "self-attention", "conv3x3", "s/step", "peak MiB"] {
+        for part in ["linear+geglu", "self-attention", "conv3x3", "s/step", "peak MiB", " r4 "] {
             assert!(table.contains(part), "table lacks {part}:\n{table}");
         }
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();

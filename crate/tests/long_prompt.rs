@@ -62,7 +62,7 @@ async fn cases() -> Cases {
 
 async fn encoder(gpu: &Gpu, dir: &str) -> PromptEncoder {
     let model = common::folder(gpu, fixture(dir));
-    PromptEncoder::load(gpu, &model, &ModelIndex::load(&model.files).await.unwrap(), &QuantPolicy::default()).await.unwrap()
+    PromptEncoder::load(gpu, &model, &ModelIndex::load(&model.files).await.unwrap(), &QuantPolicy::default(), &Default::default()).await.unwrap()
 }
 
 fn named(e: &PromptEmbeds) -> [(&'static str, &Tensor); 4] {

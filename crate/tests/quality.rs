@@ -8,6 +8,7 @@ use sdxl::quant::{role, QuantFormat, QuantPolicy, Q4_EXCEPTIONS};
 use sdxl::weights::safetensors::Dtype;
 use sdxl::weights::{random, DirSource, Encoding, Fetch, HostTensor, MemorySource, ModelSource, SharedSource, Source, TensorInfo, TensorSource};
 use sdxl::{Gpu, Precision};
+use std::collections::HashMap;
 
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
 
@@ -121,6 +122,8 @@ fn sensitivity_measures_each_role_in_each_format() {
 struct HostRandom {
     seed: u32,
     any: TensorInfo,
+    /// Added to the tensors they name (a LoRA merged into the weights).
+    deltas: HashMap<String, Vec<f32>>,
 }
 
 impl TensorSource for HostRandom {
@@ -135,7 +138,10 @@ impl TensorSource for HostRandom {
     }
     fn read<'a>(&'a self, name: &'a str, shape: &'a [usize], rows: std::ops::Range<usize>) -> Fetch<'a, HostTensor> {
         Box::pin(async move {
-            let values = random::host(self.seed, name, shape);
+            let mut values = random::host(self.seed, name, shape);
+            if let Some(delta) = self.deltas.get(name) {
+                values.iter_mut().zip(delta).for_each(|(v, d)| *v += d);
+            }
             let per_row: usize = shape.iter().skip(1).product();
             let rows = if shape.len() < 2 { 0..values.len() } else { rows.start * per_row..rows.end * per_row };
             Ok(HostTensor::Float { dtype: Dtype::F32, bytes: bytemuck::cast_slice(&values[rows]).to_vec() })
@@ -143,43 +149,54 @@ impl TensorSource for HostRandom {
     }
 }
 
-/// The K-quants in whole pipelines: a base whose UNet levels are 256 channels wide (so that
-/// its linear layers have rows of whole 256-value blocks; its convolutions' cin·9 = 2304 columns
-/// too), random weights, quantized to each format as they load (the K-quants with the crate's plain
-/// reference quantizer, not ggml's search), against the same weights dense (f32 device). The tiny text encoders (16, 24 wide) stay dense, as
-/// stable-diffusion.cpp leaves what K-quants cannot cut.
-#[test]
-fn k_quants_image_quality() {
+/// A base whose UNet levels are 256 channels wide (so that its linear layers have rows of whole
+/// 256-value blocks; its convolutions' cin·9 = 2304 columns too), random weights as a file gives
+/// them (`HostRandom`), with `deltas` added to the UNet's tensors they name; the fixture's tiny
+/// text encoders (16, 24 wide) and VAE.
+async fn wide_random_model(deltas: HashMap<String, Vec<f32>>) -> ModelSource<'static> {
     let mut files = MemorySource::default();
     let fixture = DirSource::new(BASE);
+    for path in ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder_2/config.json", "vae/config.json"]
+        .into_iter()
+        .map(String::from)
+        .chain(["tokenizer", "tokenizer_2"].iter().flat_map(|t| ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"].map(|f| format!("{t}/{f}"))))
+    {
+        files.insert(&path, fixture.read(&path).await.unwrap());
+    }
+    let mut unet: serde_json::Value = serde_json::from_slice(&fixture.read("unet/config.json").await.unwrap()).unwrap();
+    for (field, value) in [
+        ("block_out_channels", serde_json::json!([256, 256])),
+        ("attention_head_dim", serde_json::json!([4, 4])),
+        ("down_block_types", serde_json::json!(["DownBlock2D", "CrossAttnDownBlock2D"])),
+        ("up_block_types", serde_json::json!(["CrossAttnUpBlock2D", "UpBlock2D"])),
+        ("layers_per_block", serde_json::json!(1)),
+        ("transformer_layers_per_block", serde_json::json!([1, 1])),
+        ("norm_num_groups", serde_json::json!(32)),
+    ] {
+        unet[field] = value;
+    }
+    files.insert("unet/config.json", serde_json::to_vec(&unet).unwrap());
+    let any = TensorInfo { shape: Vec::new(), encoding: Encoding::Float(Dtype::F32), bytes: 0 };
+    let mut deltas = Some(deltas);
+    let components = ["text_encoder", "text_encoder_2", "unet", "vae"]
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let deltas = if *c == "unet" { deltas.take().unwrap_or_default() } else { HashMap::new() };
+            (c.to_string(), std::rc::Rc::new(HostRandom { seed: 10 + i as u32, any: any.clone(), deltas }) as std::rc::Rc<dyn TensorSource>)
+        })
+        .collect();
+    ModelSource::indexed(SharedSource::new(files), components, "random host weights".into())
+}
+
+/// The K-quants in whole pipelines: the wide random base quantized to each format as it loads
+/// (the K-quants with the crate's plain reference quantizer, not ggml's search), against the same
+/// weights dense (f32 device). The tiny text encoders stay dense, as stable-diffusion.cpp leaves
+/// what K-quants cannot cut.
+#[test]
+fn k_quants_image_quality() {
     pollster::block_on(async {
-        for path in ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder_2/config.json", "vae/config.json"]
-            .into_iter()
-            .map(String::from)
-            .chain(["tokenizer", "tokenizer_2"].iter().flat_map(|t| ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"].map(|f| format!("{t}/{f}"))))
-        {
-            files.insert(&path, fixture.read(&path).await.unwrap());
-        }
-        let mut unet: serde_json::Value = serde_json::from_slice(&fixture.read("unet/config.json").await.unwrap()).unwrap();
-        for (field, value) in [
-            ("block_out_channels", serde_json::json!([256, 256])),
-            ("attention_head_dim", serde_json::json!([4, 4])),
-            ("down_block_types", serde_json::json!(["DownBlock2D", "CrossAttnDownBlock2D"])),
-            ("up_block_types", serde_json::json!(["CrossAttnUpBlock2D", "UpBlock2D"])),
-            ("layers_per_block", serde_json::json!(1)),
-            ("transformer_layers_per_block", serde_json::json!([1, 1])),
-            ("norm_num_groups", serde_json::json!(32)),
-        ] {
-            unet[field] = value;
-        }
-        files.insert("unet/config.json", serde_json::to_vec(&unet).unwrap());
-        let any = TensorInfo { shape: Vec::new(), encoding: Encoding::Float(Dtype::F32), bytes: 0 };
-        let components = ["text_encoder", "text_encoder_2", "unet", "vae"]
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.to_string(), std::rc::Rc::new(HostRandom { seed: 10 + i as u32, any: any.clone() }) as std::rc::Rc<dyn TensorSource>))
-            .collect();
-        let model = ModelSource::indexed(SharedSource::new(files), components, "random host weights".into());
+        let model = wide_random_model(HashMap::new()).await;
         let gpu = Gpu::new(Precision::F32).await.unwrap();
         let p = GenerateParams { width: 64, height: 64, steps: 4, ..params() };
         let image = |policy: QuantPolicy| {
@@ -200,4 +217,78 @@ fn k_quants_image_quality() {
             assert!(db < 100.0, "{}: {db:.1} dB: the matrices were not quantized", format.name());
         }
     });
+}
+
+/// A LoRA on a q4 base runs beside the stored blocks, so only the base's own rounding remains:
+/// on the wide random base (f32 device) with a rank-8 LoRA on every UNet layer at weight 0.8,
+/// q4 base + LoRA is held to dense base + LoRA as closely as the q4 base alone is to the dense
+/// base; merging the LoRA into the weights before quantizing to q4 (what a merged q4 file holds)
+/// is measured for comparison.
+#[test]
+fn lora_on_a_q4_base_keeps_its_own_precision() {
+    use sdxl::pipeline::lora::LoraChoice;
+    use sdxl::weights::lora::LoraFile;
+    const RANK: usize = 8;
+    const WEIGHT: f32 = 0.8;
+    pollster::block_on(async {
+        let gpu = Gpu::new(Precision::F32).await.unwrap();
+        let p = GenerateParams { width: 64, height: 64, steps: 4, ..params() };
+        let plain = wide_random_model(HashMap::new()).await;
+        let dense = SdxlModel::load(&gpu, &plain, &QuantPolicy::default()).await.unwrap();
+        let q4 = QuantPolicy { default: Some(QuantFormat::Q4_0), exceptions: Vec::new() };
+        let q4_base = SdxlModel::load(&gpu, &plain, &q4).await.unwrap();
+
+        // A kohya-named LoRA (diffusers' module names, `_` for `.`) on every UNet layer, and the
+        // same update merged into the weights.
+        let layers = dense.adaptable().layers["unet"].clone();
+        let (mut tensors, mut merged) = (Vec::new(), HashMap::new());
+        for (i, (name, shape)) in layers.iter().enumerate() {
+            let (out, cols) = (shape[0], shape[1..].iter().product::<usize>());
+            let down = random::host(100 + i as u32, "down", &[RANK, cols]);
+            // A fine-tune's update is small next to the weights: a tenth of their scale.
+            let up: Vec<f32> = random::host(200 + i as u32, "up", &[out, RANK]).iter().map(|v| v * 0.1).collect();
+            let delta: Vec<f32> = (0..out * cols).map(|e| (0..RANK).map(|r| up[e / cols * RANK + r] * down[r * cols + e % cols]).sum::<f32>() * WEIGHT).collect();
+            merged.insert(format!("{name}.weight"), delta);
+            let key = format!("lora_unet_{}", name.replace('.', "_"));
+            let mut down_shape = vec![RANK, shape[1]];
+            down_shape.extend(&shape[2..]);
+            let up_shape = if shape.len() == 4 { vec![out, RANK, 1, 1] } else { vec![out, RANK] };
+            tensors.push((format!("{key}.lora_down.weight"), down_shape, down));
+            tensors.push((format!("{key}.lora_up.weight"), up_shape, up));
+        }
+        let views: Vec<_> = tensors.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.as_slice())).collect();
+        let mut files = MemorySource::default();
+        files.insert("lora.safetensors", sdxl::weights::safetensors::serialize_f32(&views));
+        let lora = LoraFile::open(&files, "lora.safetensors").await.unwrap();
+
+        let with = [LoraChoice { file: &lora, weight: WEIGHT }];
+        let (reference, dense_alone) = (run(&gpu, &dense, &p, &with).await, run(&gpu, &dense, &p, &[]).await);
+        let (q4_lora, q4_alone) = (run(&gpu, &q4_base, &p, &with).await, run(&gpu, &q4_base, &p, &[]).await);
+        let merged_q4 = SdxlModel::load(&gpu, &wide_random_model(merged.clone()).await, &q4).await.unwrap();
+        let merged_dense = SdxlModel::load(&gpu, &wide_random_model(merged).await, &QuantPolicy::default()).await.unwrap();
+        let (merged_q4, merged_dense) = (run(&gpu, &merged_q4, &p, &[]).await, run(&gpu, &merged_dense, &p, &[]).await);
+
+        // What the LoRA adds to the image, and how much of that each q4 variant gets wrong.
+        let contribution = |with: &[f32], without: &[f32]| with.iter().zip(without).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        let wanted = contribution(&reference, &dense_alone);
+        let error = |got: Vec<f32>| (got.iter().zip(&wanted).map(|(g, w)| (g - w).powi(2)).sum::<f32>() / wanted.iter().map(|w| w * w).sum::<f32>()).sqrt();
+        let (beside_error, merged_error) = (error(contribution(&q4_lora, &q4_alone)), error(contribution(&merged_q4, &q4_alone)));
+        let (effect, own, beside, merged_db) = (psnr(&reference, &dense_alone), psnr(&dense_alone, &q4_alone), psnr(&reference, &q4_lora), psnr(&reference, &merged_q4));
+        eprintln!(
+            "LoRA effect {effect:.1} dB; q4 base vs dense {own:.1} dB; against dense + LoRA: q4 + LoRA beside {beside:.1} dB, merged into q4 \
+             {merged_db:.1} dB; the LoRA's contribution off by {:.1} % beside, {:.1} % merged",
+            100.0 * beside_error,
+            100.0 * merged_error
+        );
+        assert!(effect < 45.0, "the LoRA changes the image ({effect:.1} dB)");
+        assert!(psnr(&reference, &merged_dense) > 60.0, "running beside the weights is merging them");
+        assert!(beside >= own - 1.0, "q4 + LoRA {beside:.1} dB is no worse than the q4 base's own {own:.1} dB");
+        assert!(beside_error < merged_error, "beside the blocks the LoRA's contribution is kept better than merged into them");
+    });
+}
+
+/// The image of `model` with `loras` set.
+async fn run(gpu: &Gpu, model: &SdxlModel, p: &GenerateParams, loras: &[sdxl::pipeline::lora::LoraChoice<'_, '_>]) -> Vec<f32> {
+    model.set_loras(gpu, loras).await.unwrap();
+    gpu.read(&generate(gpu, model, None, p, |_| {}).await.unwrap().image).await.unwrap()
 }

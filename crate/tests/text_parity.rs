@@ -67,7 +67,7 @@ async fn check_pipeline(gpu: &Gpu, dir: &str, role: &str) {
     assert!(cases.len() >= 5, "the fixture should hold several prompt cases");
     let model = common::folder(gpu, source);
     let index = ModelIndex::load(&model.files).await.unwrap();
-    let encoder = PromptEncoder::load(gpu, &model, &index, &QuantPolicy::default()).await.unwrap();
+    let encoder = PromptEncoder::load(gpu, &model, &index, &QuantPolicy::default(), &Default::default()).await.unwrap();
     for case in &cases {
         let n = &case.name;
         let ids = encoder.tokenize(&case.prompt).unwrap();

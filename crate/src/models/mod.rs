@@ -8,34 +8,48 @@ pub mod vae;
 
 use std::cell::RefCell;
 
+use crate::adapt::Slot;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::quant::Weight;
 use crate::weights::Vars;
 
-/// nn.Linear: weight [out, in] (dense or quantized), optional bias [out].
+/// nn.Linear: weight [out, in] (dense or quantized), optional bias [out], and the LoRAs' side
+/// path when they adapt it (crate::adapt).
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    lora: Slot,
 }
 
 impl Linear {
     pub async fn load(vb: &Vars<'_>, inputs: usize, outputs: usize, bias: bool) -> Result<Linear> {
-        let weight = vb.matrix("weight", &[outputs, inputs]).await?;
+        Linear::with_weight(vb, vb.matrix("weight", &[outputs, inputs]).await?, &[outputs, inputs], bias).await
+    }
+
+    /// A Linear over `weight` as loaded (of the file's `shape`: a 1x1 convolution's run as a
+    /// Linear keeps its 4-D shape for LoRAs).
+    pub async fn with_weight(vb: &Vars<'_>, weight: Weight, shape: &[usize], bias: bool) -> Result<Linear> {
         let bias = match bias {
-            true => Some(vb.tensor("bias", &[outputs]).await?),
+            true => Some(vb.tensor("bias", &shape[..1]).await?),
             false => None,
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora: vb.lora_slot(shape) })
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        gpu.linear(x, &self.weight, self.bias.as_ref())
+        match &*self.lora.get() {
+            Some(lora) => gpu.linear_plus(x, &self.weight, &lora.linear_delta(gpu, x, self.bias.as_ref())?),
+            None => gpu.linear(x, &self.weight, self.bias.as_ref()),
+        }
     }
 
     /// The projection followed by diffusers' GEGLU gate, fused (see `Gpu::linear_geglu`).
     pub fn forward_geglu(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        gpu.linear_geglu(x, &self.weight, self.bias.as_ref())
+        match &*self.lora.get() {
+            Some(lora) => gpu.linear_geglu_plus(x, &self.weight, &lora.linear_delta(gpu, x, self.bias.as_ref())?),
+            None => gpu.linear_geglu(x, &self.weight, self.bias.as_ref()),
+        }
     }
 }
 
@@ -56,9 +70,11 @@ impl LayerNorm {
     }
 }
 
-/// nn.Conv2d with a square kernel (dense or quantized weight), stride and zero padding.
+/// nn.Conv2d with a square kernel (dense or quantized weight), stride and zero padding, and the
+/// LoRAs' side path when they adapt it.
 pub struct Conv2d {
     weight: Weight,
+    lora: Slot,
     kernel: usize,
     bias: Tensor,
     stride: usize,
@@ -68,8 +84,10 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub async fn load(vb: &Vars<'_>, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
+        let shape = [outputs, inputs, kernel, kernel];
         Ok(Conv2d {
-            weight: vb.matrix("weight", &[outputs, inputs, kernel, kernel]).await?,
+            weight: vb.matrix("weight", &shape).await?,
+            lora: vb.lora_slot(&shape),
             kernel,
             bias: vb.tensor("bias", &[outputs]).await?,
             stride,
@@ -84,7 +102,13 @@ impl Conv2d {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        gpu.conv2d(x, &self.weight, self.kernel, Some(&self.bias), self.stride, self.padding)
+        match &*self.lora.get() {
+            Some(lora) => {
+                let delta = lora.conv2d_delta(gpu, x, self.kernel, &self.bias, self.stride, self.padding)?;
+                gpu.conv2d_plus(x, &self.weight, self.kernel, &delta, self.stride, self.padding)
+            }
+            None => gpu.conv2d(x, &self.weight, self.kernel, Some(&self.bias), self.stride, self.padding),
+        }
     }
 }
 

@@ -176,9 +176,10 @@ async fn projection(vb: &Vars<'_>, inputs: usize, outputs: usize, linear: bool) 
     if linear {
         return Linear::load(vb, inputs, outputs, true).await;
     }
-    let weight = match vb.matrix("weight", &[outputs, inputs, 1, 1]).await? {
+    let shape = [outputs, inputs, 1, 1];
+    let weight = match vb.matrix("weight", &shape).await? {
         Weight::Dense(t) => Weight::Dense(t.reshape(&[outputs, inputs])?),
         quantized => quantized,
     };
-    Ok(Linear { weight, bias: Some(vb.tensor("bias", &[outputs]).await?) })
+    Linear::with_weight(vb, weight, &shape, true).await
 }

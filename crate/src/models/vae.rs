@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 
+use crate::adapt::Slot;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
@@ -529,6 +530,7 @@ async fn split_conv(vb: &Vars<'_>, cin: usize, half: usize, k: usize) -> Result<
     let part = |i: usize| -> Result<Conv2d> {
         Ok(Conv2d {
             weight: Weight::Dense(gpu.upload_as(&weight[i * per..(i + 1) * per], &[half, cin, k, k], dtype, "vae moments conv weight")?),
+            lora: Slot::default(),
             kernel: k,
             bias: gpu.upload_as(&bias[i * half..(i + 1) * half], &[half], dtype, "vae moments conv bias")?,
             stride: 1,

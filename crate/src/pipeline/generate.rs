@@ -2,6 +2,9 @@
 //! part of the schedule as StableDiffusionXLImg2ImgPipeline(denoising_start=f) does ("ensemble of
 //! experts"): same timestep schedule, no noise added at the handoff, then the VAE decode.
 
+use std::collections::BTreeMap;
+
+use crate::adapt::Layers;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -11,6 +14,7 @@ use crate::pipeline::ModelIndex;
 use crate::quant::QuantPolicy;
 use crate::random::TorchGenerator;
 use crate::scheduler::{SamplerChoice, Schedule, Scheduler, SchedulerConfig, Step, TimestepSpacing};
+use crate::weights::lora::COMPONENTS;
 use crate::weights::{read_json, ModelSource, Source, Vars};
 
 const SCHEDULER_CONFIG: &str = "scheduler/scheduler_config.json";
@@ -25,6 +29,8 @@ pub struct SdxlModel {
     pub scheduler_config: SchedulerConfig,
     /// Where the scheduler config came from, for errors.
     scheduler_path: String,
+    /// The layers LoRAs may adapt, by component (see `set_loras`).
+    pub(crate) layers: BTreeMap<&'static str, Layers>,
 }
 
 impl SdxlModel {
@@ -39,17 +45,20 @@ impl SdxlModel {
                 return Err(Error::Config { path: files.describe("model_index.json"), message: format!("the model has no {part}") });
             }
         }
+        let layers: BTreeMap<&'static str, Layers> = COMPONENTS.iter().map(|c| (*c, Layers::default())).collect();
         let (unet_config, unet_tensors) = model.component::<UNet2DConditionConfig>("unet").await?;
-        let unet = UNet2DConditionModel::load(&Vars::new(gpu, &*unet_tensors, "unet", policy), unet_config).await.map_err(model.config_error("unet"))?;
+        let unet_vars = Vars::new(gpu, &*unet_tensors, "unet", policy).with_layers(&layers["unet"]);
+        let unet = UNet2DConditionModel::load(&unet_vars, unet_config).await.map_err(model.config_error("unet"))?;
         let (vae_config, vae_tensors) = model.component::<VaeConfig>("vae").await?;
         let vae = AutoencoderKL::load(&Vars::new(gpu, &*vae_tensors, "vae", policy), vae_config).await.map_err(model.config_error("vae"))?;
         Ok(SdxlModel {
-            prompt_encoder: PromptEncoder::load(gpu, model, &index, policy).await?,
+            prompt_encoder: PromptEncoder::load(gpu, model, &index, policy, &layers).await?,
             unet,
             vae,
             scheduler_config: read_json(files, SCHEDULER_CONFIG).await?,
             scheduler_path: files.describe(SCHEDULER_CONFIG),
             index,
+            layers,
         })
     }
 

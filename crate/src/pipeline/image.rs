@@ -14,9 +14,15 @@ pub fn rgb8(image: &[f32], height: usize, width: usize) -> Vec<u8> {
 
 /// The recipe in AUTOMATIC1111's `parameters` format: the prompt, `Negative prompt: ...`, then
 /// `Key: value` pairs. `sampler` is the sampler's A1111 name ([`crate::scheduler::Scheduler::name`]);
-/// `model` and `refiner` name the models as the user chose them.
-pub fn parameters(p: &GenerateParams, sampler: &str, model: &str, refiner: Option<&str>) -> String {
+/// `model` and `refiner` name the models as the user chose them; each LoRA the run used is a
+/// `<lora:name:weight>` tag in the prompt (added after it unless the prompt has it) and an entry
+/// of `Lora hashes`, as A1111 writes them.
+pub fn parameters(p: &GenerateParams, sampler: &str, model: &str, refiner: Option<&str>, loras: &[LoraRecipe]) -> String {
     let mut text = p.prompt.clone();
+    let tagged = |name: &str| p.prompt.contains(&format!("<lora:{name}:")) || p.prompt.contains(&format!("<lora:{name}>"));
+    for lora in loras.iter().filter(|l| !tagged(&l.name)) {
+        text += &format!(" <lora:{}:{}>", lora.name, lora.weight);
+    }
     if let Some(negative) = p.negative.as_deref().filter(|n| !n.is_empty()) {
         text += &format!("\nNegative prompt: {negative}");
     }
@@ -39,7 +45,20 @@ pub fn parameters(p: &GenerateParams, sampler: &str, model: &str, refiner: Optio
     if let Some(refiner) = refiner {
         text += &format!(", Refiner: {refiner}, Refiner switch at: {}", p.refiner_start);
     }
+    if !loras.is_empty() {
+        let hashes: Vec<String> = loras.iter().map(|l| format!("{}: {}", l.name, l.hash)).collect();
+        text += &format!(", Lora hashes: \"{}\"", hashes.join(", "));
+    }
     text + &format!(", Version: sdxl-webgpu {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A LoRA as a recipe names it: its name (the file's stem), weight and A1111 short hash
+/// (`LoraFile::short_hash`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraRecipe {
+    pub name: String,
+    pub weight: f32,
+    pub hash: String,
 }
 
 /// An 8-bit RGB PNG with `parameters` as its `parameters` text chunk: tEXt when the text is
@@ -133,11 +152,16 @@ mod tests {
         let p = GenerateParams { prompt: "a fox".into(), negative: Some("blurry".into()), width: 1152, height: 896, steps: 30, guidance: 7.5, seed: 42, ..Default::default() };
         let version = env!("CARGO_PKG_VERSION");
         assert_eq!(
-            parameters(&p, "Euler", "base-q4", Some("refiner-q4")),
+            parameters(&p, "Euler", "base-q4", Some("refiner-q4"), &[]),
             format!("a fox\nNegative prompt: blurry\nSteps: 30, Sampler: Euler, CFG scale: 7.5, Seed: 42, Size: 1152x896, Model: base-q4, Refiner: refiner-q4, Refiner switch at: 0.8, Version: sdxl-webgpu {version}")
         );
         let p = GenerateParams { prompt: "x".into(), negative: Some(String::new()), guidance: 5.0, ..Default::default() };
-        assert_eq!(parameters(&p, "Euler", "m", None), format!("x\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, Version: sdxl-webgpu {version}"));
+        assert_eq!(parameters(&p, "Euler", "m", None, &[]), format!("x\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, Version: sdxl-webgpu {version}"));
+        let loras = [LoraRecipe { name: "ink".into(), weight: 0.8, hash: "0123456789ab".into() }, LoraRecipe { name: "fox".into(), weight: -0.5, hash: "ba9876543210".into() }];
+        assert_eq!(
+            parameters(&p, "Euler", "m", None, &loras),
+            format!("x <lora:ink:0.8> <lora:fox:-0.5>\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, Lora hashes: \"ink: 0123456789ab, fox: ba9876543210\", Version: sdxl-webgpu {version}")
+        );
         let p = GenerateParams {
             prompt: "x".into(),
             timestep_spacing: Some(TimestepSpacing::Trailing),
@@ -147,7 +171,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            parameters(&p, "Euler a", "turbo", None),
+            parameters(&p, "Euler a", "turbo", None, &[]),
             format!(
                 "x\nSteps: 4, Sampler: Euler a, CFG scale: 0, Seed: 0, Size: 1024x1024, Model: turbo, Timestep spacing: trailing, \
                  Long prompt: chunked, Prompt weighting: on, Version: sdxl-webgpu {version}"

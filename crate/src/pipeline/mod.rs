@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod image;
+pub mod lora;
 pub mod lpw;
 pub mod prompt;
 pub mod quality;

@@ -4,6 +4,9 @@
 //! given and the model sets `force_zeros_for_empty_prompt`. With [`PromptOptions`] on, prompts are
 //! encoded as diffusers' community pipeline `lpw_stable_diffusion_xl.py` does instead (see `lpw.rs`).
 
+use std::collections::BTreeMap;
+
+use crate::adapt::Layers;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -48,8 +51,8 @@ struct Encoded {
 
 impl PromptEncoder {
     /// Loads the text encoders and tokenizers that `model_index.json` declares, the encoders'
-    /// weight matrices quantized as `policy` says.
-    pub async fn load(gpu: &Gpu, model: &ModelSource<'_>, index: &ModelIndex, policy: &QuantPolicy) -> Result<PromptEncoder> {
+    /// weight matrices quantized as `policy` says, their layers registered for LoRAs in `layers`.
+    pub async fn load(gpu: &Gpu, model: &ModelSource<'_>, index: &ModelIndex, policy: &QuantPolicy, layers: &BTreeMap<&'static str, Layers>) -> Result<PromptEncoder> {
         let files = &model.files;
         let mut encoders = Vec::new();
         for (tok, enc) in [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")] {
@@ -58,7 +61,11 @@ impl PromptEncoder {
                     return Err(Error::Config { path: files.describe("model_index.json"), message: format!("{enc} without {tok}") });
                 }
                 let (config, tensors) = model.component::<ClipTextConfig>(enc).await?;
-                let encoder = ClipTextModel::load(&Vars::new(gpu, &*tensors, enc, policy), config).await.map_err(model.config_error(enc))?;
+                let mut vars = Vars::new(gpu, &*tensors, enc, policy);
+                if let Some(layers) = layers.get(enc) {
+                    vars = vars.with_layers(layers);
+                }
+                let encoder = ClipTextModel::load(&vars, config).await.map_err(model.config_error(enc))?;
                 encoders.push((ClipTokenizer::load(files, tok).await?, encoder));
             }
         }

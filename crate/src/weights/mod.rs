@@ -23,6 +23,7 @@
 pub mod files;
 pub mod gguf;
 pub mod infer;
+pub mod lora;
 pub mod model;
 pub mod names;
 pub mod random;

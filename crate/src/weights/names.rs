@@ -396,6 +396,38 @@ fn unet_name(rest: &str, layout: &Layout) -> std::result::Result<Option<String>,
     }))
 }
 
+/// diffusers' name of a UNet module as kohya's SDXL LoRAs name it: SGM's with `_` for `.`
+/// (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`); the answer also has `_` for `.`.
+/// None: `key` is not in SGM's naming.
+pub fn sgm_unet_module(key: &str, layout: &Layout) -> std::result::Result<Option<String>, String> {
+    const FIXED: [(&str, &str); 5] = [("time_embed_0", "time_embed.0"), ("time_embed_2", "time_embed.2"), ("label_emb_0_0", "label_emb.0.0"), ("label_emb_0_2", "label_emb.0.2"), ("out_2", "out.2")];
+    let sgm = if let Some(rest) = key.strip_prefix("input_blocks_") {
+        format!("input_blocks.{}", sgm_block(rest, 2))
+    } else if let Some(rest) = key.strip_prefix("output_blocks_") {
+        format!("output_blocks.{}", sgm_block(rest, 2))
+    } else if let Some(rest) = key.strip_prefix("middle_block_") {
+        format!("middle_block.{}", sgm_block(rest, 1))
+    } else if let Some((_, sgm)) = FIXED.iter().find(|(k, _)| *k == key) {
+        sgm.to_string()
+    } else {
+        return Ok(None);
+    };
+    Ok(unet_name(&format!("{sgm}.weight"), layout)?.map(|n| n.trim_end_matches(".weight").replace('.', "_")))
+}
+
+/// `{i}_{slot}_{module}` (`indices` leading numbers) as `{i}.{slot}.{module}`, a resnet's SGM
+/// submodule (`in_layers_2`) with its dots back (`in_layers.2`).
+fn sgm_block(rest: &str, indices: usize) -> String {
+    let mut parts = rest.splitn(indices + 1, '_');
+    let mut dotted: Vec<String> = parts.by_ref().take(indices).map(str::to_string).collect();
+    let module = parts.next().unwrap_or("");
+    let resnet = RESNET.iter().map(|(sgm, _)| sgm.trim_end_matches('.')).find(|sgm| module == sgm.replace('.', "_"));
+    if !module.is_empty() {
+        dotted.push(resnet.unwrap_or(module).to_string());
+    }
+    dotted.join(".")
+}
+
 /// diffusers' AutoencoderKL entry of `first_stage_model.{rest}` (None: not a VAE weight).
 fn vae_entry(rest: &str, entry: Entry, layout: &Layout) -> std::result::Result<Option<(String, Entry)>, String> {
     const ATTENTION: [(&str, &str); 5] = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")];

@@ -84,6 +84,10 @@ pub struct TensorInfo {
 #[derive(Debug, Clone)]
 pub struct Header {
     pub tensors: BTreeMap<String, TensorInfo>,
+    /// `__metadata__`'s string entries.
+    pub metadata: BTreeMap<String, String>,
+    /// Where the data section (after the header) starts.
+    pub data_start: u64,
 }
 
 /// Bytes of the file prefix holding the header length.
@@ -117,9 +121,12 @@ pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
     let data_len = file_len
         .checked_sub(data_start)
         .ok_or_else(|| err(format!("a {}-byte header does not fit in a {file_len}-byte file", json.len())))?;
-    let mut tensors = BTreeMap::new();
+    let (mut tensors, mut metadata) = (BTreeMap::new(), BTreeMap::new());
     for (name, entry) in map {
         if name == "__metadata__" {
+            if let Value::Object(entries) = entry {
+                metadata.extend(entries.into_iter().filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))));
+            }
             continue;
         }
         // A malformed entry is corruption, not a wrong model: report it as such, naming the tensor.
@@ -155,7 +162,7 @@ pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
         }
         tensors.insert(name, TensorInfo { dtype, shape, start: data_start + begin, end: data_start + end });
     }
-    Ok(Header { tensors })
+    Ok(Header { tensors, metadata, data_start })
 }
 
 /// Reads and validates the header of the safetensors file `path`.

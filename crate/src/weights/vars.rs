@@ -1,8 +1,10 @@
 //! [`Vars`]: how models load their weights (candle's `VarBuilder`): one component's tensors, a
-//! name prefix that `pp` extends, the quantization policy and the float type dense tensors take.
+//! name prefix that `pp` extends, the quantization policy and the float type dense tensors take,
+//! and where the layers it builds register for LoRAs ([`Layers`]).
 
 use half::f16;
 
+use crate::adapt::{Layers, Slot};
 use super::{all_rows, host_f32, quantize_host, random, safetensors, tensor_error, HostTensor, TensorSource};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
@@ -18,12 +20,19 @@ pub struct Vars<'a> {
     prefix: String,
     policy: &'a QuantPolicy,
     dtype: DType,
+    layers: Option<Layers>,
 }
 
 impl<'a> Vars<'a> {
     /// The tensors of `component` in `tensors`, dense ones uploaded in the GPU's working type.
     pub fn new(gpu: &'a Gpu, tensors: &'a dyn TensorSource, component: &'a str, policy: &'a QuantPolicy) -> Vars<'a> {
-        Vars { gpu, tensors, component, prefix: String::new(), policy, dtype: gpu.dtype }
+        Vars { gpu, tensors, component, prefix: String::new(), policy, dtype: gpu.dtype, layers: None }
+    }
+
+    /// Registers the Linear and Conv2d layers built from here in `layers` (see [`Vars::lora_slot`]).
+    pub fn with_layers(mut self, layers: &Layers) -> Vars<'a> {
+        self.layers = Some(layers.clone());
+        self
     }
 
     /// Uploads dense tensors as `dtype` (a component computing in another float type than the
@@ -49,6 +58,15 @@ impl<'a> Vars<'a> {
 
     fn name(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
+    }
+
+    /// The LoRA slot of the layer at this prefix, whose weight has `shape`: registered under the
+    /// module's name when the builder has [`Layers`], else one no LoRA reaches.
+    pub fn lora_slot(&self, shape: &[usize]) -> Slot {
+        match &self.layers {
+            Some(layers) => layers.register(self.prefix.trim_end_matches('.').to_string(), shape.to_vec(), self.dtype),
+            None => Slot::default(),
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
