@@ -1,4 +1,4 @@
-// The page: presets, prompt form, progress, live preview, cancel, gallery, storage panel.
+// The page: presets, LoRAs with weight sliders, prompt form, progress, live preview, cancel, gallery, storage panel.
 import { Sdxl, SDXL_1_0, SDXL_1_0_GGUF, RESOLUTION_BUCKETS } from './sdxl.js';
 
 const $ = (id) => document.getElementById(id);
@@ -25,6 +25,7 @@ const PRESETS = {
 
 let sdxl = null;
 let running = null; // the AbortController of the run in progress
+const loraWeights = new Map(); // stored LoRA id → the weight its slider shows
 
 function setStatus(state, text, fraction) {
   $('status').dataset.state = state;
@@ -118,6 +119,8 @@ async function generate(signal) {
     seed: Number($('seed').value),
     scheduler: $('scheduler').value || null,
     refinerStart: sdxl.loaded.refiner ? Number($('refiner-start').value) : null,
+    promptWeighting: $('prompt-weighting').checked,
+    loras: [...loraWeights].filter(([, weight]) => weight !== 0).map(([model, weight]) => ({ model, weight })),
     signal,
     onStep: showPreview,
   });
@@ -143,6 +146,7 @@ function randomSeed() {
 
 function refreshStorage() {
   showStorage().catch((e) => { $('storage-usage').textContent = `The model store could not be read: ${e.message} (${e.name})`; });
+  showLoras().catch((e) => setStatus('error', `The LoRAs could not be listed: ${e.message} (${e.name})`));
 }
 
 async function showStorage() {
@@ -162,6 +166,39 @@ async function showStorage() {
     row.insertCell().append(remove);
     return row;
   }));
+}
+
+/** The stored LoRAs, each with its weight slider (0: off) and a delete button. */
+async function showLoras() {
+  const loras = (await sdxl.loras()).filter((l) => l.complete);
+  for (const id of loraWeights.keys()) if (!loras.some((l) => l.id === id)) loraWeights.delete(id);
+  $('loras').replaceChildren(...loras.map((l) => {
+    const row = document.createElement('tr');
+    row.dataset.id = l.id;
+    row.insertCell().textContent = l.id;
+    row.cells[0].title = `${l.file} · ${mb(l.storedBytes)} · hash ${l.hash}`;
+    const weight = Object.assign(document.createElement('input'), { type: 'range', min: -2, max: 2, step: 0.05, value: loraWeights.get(l.id) ?? 0, className: 'weight' });
+    const shown = Object.assign(document.createElement('output'), { value: Number(weight.value).toFixed(2) });
+    weight.oninput = () => { loraWeights.set(l.id, Number(weight.value)); shown.value = Number(weight.value).toFixed(2); };
+    loraWeights.set(l.id, Number(weight.value));
+    row.insertCell().append(weight, shown);
+    const remove = Object.assign(document.createElement('button'), { type: 'button', textContent: 'Delete', className: 'delete' });
+    remove.disabled = Boolean(running);
+    remove.onclick = () => sdxl.deleteLora(l.id).catch((e) => setStatus('error', `${e.message} (${e.name})`)).finally(refreshStorage);
+    row.insertCell().append(remove);
+    return row;
+  }));
+}
+
+/** Stores a picked LoRA file in this browser, its slider at 1. */
+function addLora(file) {
+  if (!file || !sdxl || running) return;
+  run(async (signal) => {
+    const stored = await sdxl.storeLora(file, { signal });
+    loraWeights.set(stored.id, 1);
+    refreshStorage();
+    setStatus('ready', `LoRA ${stored.id} stored.`, 1);
+  });
 }
 
 /** Makes a picked or dropped .safetensors / .gguf file the model (base only), and loads it. */
@@ -191,6 +228,7 @@ async function main() {
   $('persist').onclick = async () => { await sdxl.persist(); refreshStorage(); };
   // Cleared after each pick, so that picking the same file again (after a failed import) fires.
   $('model-file').onchange = () => { openFile($('model-file').files[0]); $('model-file').value = ''; };
+  $('lora-file').onchange = () => { addLora($('lora-file').files[0]); $('lora-file').value = ''; };
   document.addEventListener('dragover', (e) => { e.preventDefault(); document.body.dataset.drop = 'over'; });
   document.addEventListener('dragleave', () => { delete document.body.dataset.drop; });
   document.addEventListener('drop', (e) => {

@@ -31,7 +31,7 @@ interface Timed {
 /** Download into IndexedDB (a folder or single file is converted as it streams), import of a picked file, checksum checks of what is stored, upload to the GPU. */
 export interface TransferEvent extends Timed {
   type: 'download' | 'import' | 'verify' | 'upload';
-  /** The model's store id. */
+  /** The model's (or LoRA's) store id. */
   model: string;
   loaded: number;
   total: number;
@@ -101,8 +101,10 @@ export interface GenerateOptions {
   timestepSpacing?: 'leading' | 'trailing' | 'linspace' | null;
   /** Encode prompts past 75 tokens in windows of 75 (lpw_stable_diffusion_xl); default false: truncated as diffusers. */
   longPrompt?: boolean;
-  /** Read A1111 weights `(word:1.2)`, `(word)`, `[word]` (lpw_stable_diffusion_xl); default false: brackets are text. */
+  /** Read A1111 weights `(word:1.2)`, `(word)`, `[word]` (lpw_stable_diffusion_xl) and `<lora:ID:WEIGHT>` tags naming stored LoRAs; default false: brackets are text. */
   promptWeighting?: boolean;
+  /** Stored LoRAs (see storeLora) applied to the base, each at its weight (negative subtracts; 0 leaves it out). */
+  loras?: LoraWeight[];
   signal?: AbortSignal;
   onStep?: (event: StepEvent) => void;
   onProgress?: (event: ProgressEvent) => void;
@@ -138,11 +140,40 @@ export interface StoredModel {
   complete: boolean;
 }
 
+export interface LoraWeight {
+  /** The stored LoRA's id. */
+  model: string;
+  weight: number;
+}
+
+/** A LoRA file: a File / Blob, a URL or hub `owner/name/file.safetensors`, or either with an explicit id. */
+export type LoraRef = string | { url: string; id?: string } | Blob | { file: Blob; id?: string };
+
+export interface StoredLora {
+  id: string;
+  /** The file's name. */
+  file: string | null;
+  /** Where it came from: a URL, or `file:NAME (BYTES bytes, modified MS)` for a picked file. */
+  origin: string | null;
+  storedBytes: number;
+  /** AUTOMATIC1111's short hash (the PNG recipe's `Lora hashes`). */
+  hash: string | null;
+  /** False for an interrupted store (store it again, or delete it). */
+  complete: boolean;
+}
+
+export interface StoreLoraOptions {
+  signal?: AbortSignal;
+  onProgress?: (event: ProgressEvent) => void;
+}
+
 export interface BenchOptions {
   /** Square image sizes, multiples of 8 (default [512, 1024]); the kernels use the largest. */
   sizes?: number[];
   /** Weight formats of the UNet steps (default all). */
   quants?: Quant[];
+  /** LoRA ranks whose per-step cost is measured on the UNet (default [32, 128]; [] for none). */
+  loras?: number[];
   /** Which parts to run (default all). */
   only?: Array<'kernels' | 'unet' | 'vae'>;
   /** A diffusers folder URL whose unet/ and vae/ config.json give the shapes (default: SDXL 1.0 base). */
@@ -158,7 +189,8 @@ export interface BenchReport {
   /** f32 multiply-add GFLOP/s and copy GB/s of best-case kernels on this adapter. */
   peak: { gflops: number; gbps: number };
   kernels: Array<{ kernel: string; shape: string; weights: string; ms: number; rate: number; unit: 'GFLOP/s' | 'GB/s'; percentOfPeak: number }>;
-  unet: Array<{ size: number; quant: string; secondsPerStep: number; tflops: number; weightBytes: number; peakBytes: number }>;
+  /** `loraRank`: a LoRA of that rank on every transformer Linear; null: the base alone. */
+  unet: Array<{ size: number; quant: string; loraRank: number | null; secondsPerStep: number; tflops: number; weightBytes: number; peakBytes: number }>;
   vae: Array<{ size: number; tiled: boolean; seconds: number; peakBytes: number }>;
   /** Measurements that could not run here (e.g. over the adapter's limits), with the error. */
   skipped: Array<{ what: string; error: string }>;
@@ -179,6 +211,9 @@ export declare class Sdxl {
   models(): Promise<StoredModel[]>;
   deleteModel(id: string): Promise<number>;
   verify(id: string): Promise<string[]>;
+  storeLora(lora: LoraRef, options?: StoreLoraOptions): Promise<StoredLora>;
+  loras(): Promise<StoredLora[]>;
+  deleteLora(id: string): Promise<number>;
   bench(options?: BenchOptions): Promise<{ report: BenchReport; table: string }>;
   storage(): Promise<{ usage: number; quota: number; persisted: boolean }>;
   persist(): Promise<boolean>;

@@ -4,6 +4,8 @@
 //   const sdxl = await Sdxl.create({ onProgress: (e) => console.log(e) });
 //   await sdxl.load({ base: SDXL_1_0.base, refiner: SDXL_1_0.refiner, quant: 'q4' });
 //   const { blob } = await sdxl.generate({ prompt: 'a red fox in the snow', seed: 7 });
+//   await sdxl.storeLora(pickedFile);   // a kohya / diffusers LoRA .safetensors, kept in IndexedDB
+//   await sdxl.generate({ prompt: 'a red fox', loras: [{ model: 'my-style', weight: 0.8 }] });
 
 /** SDXL 1.0 on the Hugging Face hub (diffusers layout; converted to `quant` as it downloads). */
 export const SDXL_1_0 = {
@@ -35,8 +37,12 @@ function checkOptions(what, options, known) {
   if (unknown.length) throw new SdxlError('InvalidParameter', `${what}: unknown option ${unknown.map((k) => `\`${k}\``).join(', ')} (known: ${known.join(', ')})`);
 }
 
-/** A store id made of a path's last segment (or a file's name) and the preset. */
-const storeId = (name, quant) => `${name.replace(/\/+$/, '').split('/').pop().replace(/[^A-Za-z0-9._-]/g, '-').replace(/^\.+/, '')}-${quant}`;
+/** A store id made of a path's last segment (or a file's name). */
+const storeName = (name) => name.replace(/\/+$/, '').split('/').pop().split(/[?#]/)[0].replace(/[^A-Za-z0-9._-]/g, '-').replace(/^\.+/, '');
+/** A model's store id: its name and the preset. */
+const storeId = (name, quant) => `${storeName(name)}-${quant}`;
+/** A LoRA's store id: its file's name without .safetensors (what `<lora:NAME:WEIGHT>` tags name). */
+const loraId = (name) => storeName(name).replace(/\.safetensors$/i, '');
 
 /**
  * `ref` → {url, id} or {file, id, blob}: a hub repository (`owner/name`, or `owner/name/file.gguf`
@@ -45,18 +51,21 @@ const storeId = (name, quant) => `${name.replace(/\/+$/, '').split('/').pop().re
  * user picked or dropped, or {file: File, id}. The store id defaults to the last path segment (or
  * the file's name) + `-quant`.
  */
-function modelRef(ref, quant) {
+function modelRef(ref, id) {
   const blob = ref instanceof Blob ? ref : ref?.file instanceof Blob ? ref.file : null;
   if (blob) {
     const file = blob.name ?? 'model.safetensors';
-    return { file, id: ref?.id ?? storeId(file, quant), blob };
+    return { file, id: ref?.id ?? id(file), blob };
   }
   const url = typeof ref === 'string' ? ref : ref?.url;
   if (typeof url !== 'string' || url === '') throw new SdxlError('InvalidParameter', `a model is a hub repository, a URL, a File or {url, id}; got ${JSON.stringify(ref)}`);
   const hub = /^[\w.-]+\/[\w.-]+(\/[\w.-]+)*$/.test(url) && !/^\.{1,2}\//.test(url);
   const absolute = /^[a-z]+:\/\//i.test(url) || hub ? url : new URL(url, globalThis.location?.href).href;
-  return { url: absolute, id: ref?.id ?? storeId(url, quant) };
+  return { url: absolute, id: ref?.id ?? id(url) };
 }
+
+/** Splits a modelRef into what crosses to the worker: the JSON part and the File (or null). */
+const withoutBlob = (ref) => [Object.fromEntries(Object.entries(ref).filter(([k]) => k !== 'blob')), ref.blob ?? null];
 
 /** Adds `fraction` and `etaSeconds` (from the rate since the phase began) to progress events. */
 class Eta {
@@ -169,9 +178,10 @@ export class Sdxl {
     checkOptions('load', options, ['base', 'refiner', 'quant', 'signal', 'onProgress']);
     const { base, refiner = null, quant = 'q4', signal, onProgress } = options;
     if (!['f16', 'q8', 'q4'].includes(quant)) throw new SdxlError('InvalidParameter', `quant must be 'f16', 'q8' or 'q4', not ${JSON.stringify(quant)}`);
-    const refs = [modelRef(base, quant), refiner ? modelRef(refiner, quant) : null];
+    const id = (name) => storeId(name, quant);
+    const refs = [modelRef(base, id), refiner ? modelRef(refiner, id) : null];
     const files = refs.map((r) => r?.blob ?? null);
-    const [b, r] = refs.map((ref) => ref && Object.fromEntries(Object.entries(ref).filter(([k]) => k !== 'blob')));
+    const [b, r] = refs.map((ref) => ref && withoutBlob(ref)[0]);
     const models = { base: b, refiner: r, quant };
     // The engine releases the models it replaces before loading: on failure, none may be loaded.
     this.loaded = null;
@@ -186,11 +196,18 @@ export class Sdxl {
    */
   async generate(options = {}) {
     const known = ['prompt', 'negativePrompt', 'width', 'height', 'steps', 'guidance', 'seed', 'refinerStart', 'scheduler', 'timestepSpacing',
-      'longPrompt', 'promptWeighting', 'signal', 'onStep', 'onProgress'];
+      'longPrompt', 'promptWeighting', 'loras', 'signal', 'onStep', 'onProgress'];
     checkOptions('generate', options, known);
     let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt, promptWeighting,
-      signal, onStep, onProgress } = options;
+      loras = [], signal, onStep, onProgress } = options;
     if (typeof prompt !== 'string') throw new SdxlError('InvalidParameter', 'prompt must be a string');
+    if (!Array.isArray(loras)) throw new SdxlError('InvalidParameter', 'loras must be an array of {model, weight}');
+    for (const lora of loras) {
+      checkOptions('generate loras', lora, ['model', 'weight']);
+      if (typeof lora?.model !== 'string' || typeof lora.weight !== 'number' || !Number.isFinite(lora.weight)) {
+        throw new SdxlError('InvalidParameter', `a LoRA is {model: stored id, weight: finite number}; got model ${JSON.stringify(lora?.model)}, weight ${lora?.weight}`);
+      }
+    }
     if (refinerStart === undefined) refinerStart = this.loaded?.refiner ? 0.8 : null;
     const progress = this.#progress(onProgress);
     const onEvent = (event, preview) => {
@@ -198,7 +215,7 @@ export class Sdxl {
       if (e.type === 'step') onStep?.(e);
     };
     const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt,
-      promptWeighting, preview: Boolean(onStep) };
+      promptWeighting, loras, preview: Boolean(onStep) };
     const out = await this.#call('generate', [request], { onEvent, signal, cancel: true });
     const blob = new Blob([out.png], { type: 'image/png' });
     const bitmap = await createImageBitmap(blob);
@@ -215,6 +232,23 @@ export class Sdxl {
     return freed;
   }
 
+  /**
+   * Stores a LoRA (kohya / AUTOMATIC1111, diffusers / peft or LyCORIS LoCon .safetensors) in
+   * IndexedDB as it is, unless stored from there already: a File the user picked, a URL, a hub
+   * `owner/name/file.safetensors`, {file, id} or {url, id}. The id defaults to the file's name
+   * without .safetensors. Resolves to the stored LoRA; generate() applies it with `loras`.
+   */
+  async storeLora(ref, { signal, onProgress } = {}) {
+    const [lora, file] = withoutBlob(modelRef(ref, loraId));
+    return this.#call('storeLora', [lora, [file]], { onEvent: this.#progress(onProgress), signal });
+  }
+
+  /** The stored LoRAs: [{id, file, origin, storedBytes, hash, complete}]. */
+  loras() { return this.#call('loras', []); }
+
+  /** Deletes a stored LoRA; resolves to the bytes freed. */
+  deleteLora(id) { return this.#call('deleteLora', [id]); }
+
   /** Checks a stored model against its checksums; resolves to the bad records (load() repairs them). */
   verify(id) { return this.#call('verify', [id]); }
 
@@ -225,9 +259,9 @@ export class Sdxl {
    * give the shapes (default: SDXL 1.0 base). Resolves to {report, table} (`table`: text).
    */
   async bench(options = {}) {
-    checkOptions('bench', options, ['sizes', 'quants', 'only', 'model', 'signal', 'onProgress']);
-    const { sizes, quants, only, model, signal, onProgress } = options;
-    const request = { sizes, quants, only };
+    checkOptions('bench', options, ['sizes', 'quants', 'loras', 'only', 'model', 'signal', 'onProgress']);
+    const { sizes, quants, loras, only, model, signal, onProgress } = options;
+    const request = { sizes, quants, loras, only };
     if (model) {
       const base = new URL(model.replace(/\/?$/, '/'), location.href);
       const config = async (path) => {

@@ -24,6 +24,11 @@ const methods = {
   async models() { return JSON.parse(await engine.models()); },
   async deleteModel(id, modelId) { return engine.deleteModel(modelId); },
   async verify(id, modelId) { return JSON.parse(await engine.verify(modelId)); },
+  async storeLora(id, options, files) {
+    return JSON.parse(await engine.storeLora(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) })));
+  },
+  async loras() { return JSON.parse(await engine.loras()); },
+  async deleteLora(id, loraId) { return engine.deleteLora(loraId); },
   async bench(id, options) { return JSON.parse(await engine.bench(JSON.stringify(options), (event) => post({ id, event: JSON.parse(event) }))); },
   async storage() {
     const { usage = 0, quota = 0 } = await navigator.storage.estimate();

@@ -1,7 +1,8 @@
 //! Stable Diffusion XL on WebGPU. Data flows one way:
 //! store (downloads, imports, records) → pack (manifest, reader, converter) → weights (byte
-//! sources, formats as `TensorSource`s, `ModelSource`, `Vars`) → gpu/ops → models → pipeline → API
-//! (`web`: the engine the JS API in web/ drives from a worker).
+//! sources, formats as `TensorSource`s, `ModelSource`, `Vars`, LoRA files) → gpu/ops (`adapt`:
+//! LoRA side paths) → models → pipeline → API (`web`: the engine the JS API in web/ drives from a
+//! worker).
 //! The store hands the models a `weights::ModelSource` over what it stored (`pack::open`) and
 //! converts downloads and picked files with `pack`'s converter.
 

@@ -3,7 +3,7 @@
 //! previews as `Uint8Array`s, events through a callback. Errors are JS `Error`s whose `name` is
 //! [`Error::kind`] (`AbortError` for a cancelled run).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use js_sys::{Function, Object, Reflect, Uint8Array};
 use serde::de::DeserializeOwned;
@@ -15,10 +15,12 @@ use crate::bench::{self, BenchModel, BenchOptions};
 use crate::error::{Error, Result};
 use crate::pack::ModelKind;
 use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel, Stage};
-use crate::pipeline::image;
+use crate::pipeline::image::{self, LoraRecipe};
+use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::PromptOptions;
 use crate::quant::QuantPreset;
-use crate::store::{url_origin, BlobSource, DownloadOptions, IdbStore, ModelStore, Progress};
+use crate::store::{url_origin, BlobSource, DownloadOptions, HttpSource, IdbStore, LoraStore, ModelStore, Progress, StoredLora};
+use crate::weights::lora::LoraFile;
 use crate::weights::ModelSource;
 use crate::{Gpu, Precision};
 
@@ -49,7 +51,7 @@ fn stage_name(stage: Stage) -> &'static str {
 struct CreateOptions {
     /// "auto" (f16 where the adapter has shader-f16), "f16" or "f32".
     precision: Option<String>,
-    /// The IndexedDB database holding the models.
+    /// The IndexedDB database holding the models (LoRAs: the one named this + "-loras").
     store_name: Option<String>,
 }
 
@@ -59,6 +61,8 @@ struct BenchRequest {
     sizes: Option<Vec<usize>>,
     /// "f16", "q8", "q4".
     quants: Option<Vec<String>>,
+    /// LoRA ranks whose per-step cost is measured (empty: none).
+    loras: Option<Vec<usize>>,
     /// Any of "kernels", "unet", "vae".
     only: Option<Vec<String>>,
     /// The model's name and its unet/config.json and vae/config.json texts (default: SDXL 1.0 base).
@@ -67,9 +71,9 @@ struct BenchRequest {
     vae_config: Option<String>,
 }
 
-/// A model to load: its id in the store, and where it comes from when it is not stored: a URL
-/// (a pack, a diffusers folder, a single .safetensors / .gguf) or, with `file` (its name), the
-/// picked `File` passed beside the options.
+/// A model to load (or a LoRA to store): its id in the store, and where it comes from when it is
+/// not stored: a URL (a pack, a diffusers folder, a single .safetensors / .gguf) or, with `file`
+/// (its name), the picked `File` passed beside the options.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelRef {
@@ -108,8 +112,20 @@ struct GenerateOptions {
     /// Prompts past 75 tokens encoded in windows, and A1111 weights (lpw_stable_diffusion_xl).
     #[serde(default)]
     long_prompt: bool,
+    /// A1111's `(word:1.2)` weights and `<lora:NAME:WEIGHT>` tags (NAME: a stored LoRA's id).
     #[serde(default)]
     prompt_weighting: bool,
+    /// Stored LoRAs applied to the base, each at its weight.
+    #[serde(default)]
+    loras: Vec<LoraWeight>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoraWeight {
+    /// The stored LoRA's id.
+    model: String,
+    weight: f32,
 }
 
 struct Loaded {
@@ -118,12 +134,15 @@ struct Loaded {
     origin: Option<String>,
     quant: QuantPreset,
     model: SdxlModel,
+    /// The LoRAs set on the model: (id, weight, hash), as the last generation asked.
+    loras: RefCell<Vec<(String, f32, String)>>,
 }
 
 #[wasm_bindgen]
 pub struct Engine {
     gpu: Gpu,
     store: ModelStore<IdbStore>,
+    loras: LoraStore<IdbStore>,
     base: Option<Loaded>,
     refiner: Option<Loaded>,
 }
@@ -136,8 +155,10 @@ impl Engine {
             let options: CreateOptions = parse(&options, "Sdxl.create options")?;
             let precision: Precision = options.precision.as_deref().unwrap_or("auto").parse()?;
             let gpu = Gpu::new(precision).await?;
-            let store = ModelStore::new(IdbStore::open(options.store_name.as_deref().unwrap_or("sdxl-models")).await?);
-            Ok(Engine { gpu, store, base: None, refiner: None })
+            let name = options.store_name.as_deref().unwrap_or("sdxl-models");
+            let store = ModelStore::new(IdbStore::open(name).await?);
+            let loras = LoraStore::new(IdbStore::open(&format!("{name}-loras")).await?);
+            Ok(Engine { gpu, store, loras, base: None, refiner: None })
         }
         .await
         .map_err(js_error)
@@ -232,6 +253,12 @@ impl Engine {
         if let Some(quants) = request.quants {
             bench_options.quants = quants.iter().map(|q| q.parse()).collect::<Result<_>>().map_err(js_error)?;
         }
+        if let Some(ranks) = request.loras {
+            if ranks.contains(&0) {
+                return Err(js_error(Error::InvalidParameter("bench loras: ranks are at least 1".into())));
+            }
+            bench_options.lora_ranks = ranks;
+        }
         if let Some(only) = request.only {
             if let Some(bad) = only.iter().find(|o| !["kernels", "unet", "vae"].contains(&o.as_str())) {
                 return Err(js_error(Error::InvalidParameter(format!("bench only: '{bad}' is not kernels, unet or vae"))));
@@ -243,6 +270,51 @@ impl Engine {
             .await
             .map_err(js_error)?;
         Ok(json!({"report": report, "table": report.table()}).to_string())
+    }
+
+    /// Stores the LoRA of `options` (JSON `{id, url?, file?}`: a .safetensors URL, or with `file`
+    /// its name, the picked `File` in `files`) unless it is stored from there already; JSON of
+    /// the stored LoRA. The file is checked to be a LoRA before anything is stored; whether it
+    /// fits the base is checked when a generation uses it. `on_event` gets JSON progress events.
+    #[wasm_bindgen(js_name = storeLora)]
+    pub async fn store_lora(&self, options: String, files: js_sys::Array, on_event: Function) -> std::result::Result<String, JsValue> {
+        async {
+            let wanted: ModelRef = parse(&options, "storeLora options")?;
+            let file = Some(files.get(0)).filter(|f| !f.is_undefined() && !f.is_null());
+            let origin = origin(&wanted, file.as_ref())?.ok_or_else(|| Error::InvalidParameter(format!("LoRA '{}': give its url or a file", wanted.id)))?;
+            let (id, on_event) = (&wanted.id, &on_event);
+            let progress = |stage: &'static str| {
+                move |done: u64, total: u64| emit(on_event, json!({"type": stage, "model": id, "loaded": done, "total": total}))
+            };
+            let stored = match (file, &wanted.url) {
+                (Some(blob), _) => {
+                    let name = wanted.file.as_deref().unwrap_or_default();
+                    self.loras.store(&wanted.id, &origin, &BlobSource::new(blob, name)?, name, progress("import")).await?
+                }
+                (None, Some(url)) => {
+                    let (http, Some(name)) = HttpSource::for_url(url)? else {
+                        return Err(Error::InvalidParameter(format!("LoRA '{}': {url} names no .safetensors file", wanted.id)));
+                    };
+                    self.loras.store(&wanted.id, &origin, &http, &name, progress("download")).await?
+                }
+                (None, None) => unreachable!("origin() gave an origin"),
+            };
+            Ok(serde_json::to_string(&stored).expect("stored LoRAs serialise"))
+        }
+        .await
+        .map_err(js_error)
+    }
+
+    /// JSON list of the stored LoRAs: `{id, file, origin, storedBytes, hash, complete}`.
+    pub async fn loras(&self) -> std::result::Result<String, JsValue> {
+        let loras = self.loras.list().await.map_err(js_error)?;
+        Ok(serde_json::to_string(&loras).expect("stored LoRAs serialise"))
+    }
+
+    /// Deletes a stored LoRA; returns the bytes freed.
+    #[wasm_bindgen(js_name = deleteLora)]
+    pub async fn delete_lora(&self, id: String) -> std::result::Result<f64, JsValue> {
+        self.loras.delete(&id).await.map(|n| n as f64).map_err(js_error)
     }
 
     /// Checks a stored model's records against their sha256; JSON list of the bad ones.
@@ -327,7 +399,38 @@ impl Engine {
         }
         let model = SdxlModel::load(&self.gpu, &source, &quant.policy()).await?;
         report(total.get().saturating_sub(done.get()));
-        Ok(Loaded { id: wanted.id.clone(), origin, quant, model })
+        Ok(Loaded { id: wanted.id.clone(), origin, quant, model, loras: RefCell::default() })
+    }
+
+    /// Sets the stored LoRAs `wanted` (id, weight; weight 0 leaves one out) on the base unless
+    /// they are set already; their recipe entries. On an error the base runs without LoRAs.
+    async fn set_loras(&self, base: &Loaded, mut wanted: Vec<(String, f32)>) -> Result<Vec<LoraRecipe>> {
+        wanted.retain(|(_, weight)| *weight != 0.0);
+        let stored: Vec<StoredLora> = match wanted.is_empty() {
+            true => Vec::new(),
+            false => self.loras.list().await?,
+        };
+        let mut applied = Vec::new();
+        for (id, weight) in wanted {
+            let Some(hash) = stored.iter().find(|l| l.id == id).and_then(|l| l.hash.clone()) else {
+                let names: Vec<&str> = stored.iter().filter(|l| l.complete).map(|l| l.id.as_str()).collect();
+                return Err(Error::ModelIncomplete(format!("no LoRA '{id}' is stored (stored: {names:?}); store it with storeLora() first")));
+            };
+            applied.push((id, weight, hash));
+        }
+        if *base.loras.borrow() != applied {
+            base.model.clear_loras();
+            *base.loras.borrow_mut() = Vec::new();
+            let mut files = Vec::new();
+            for (id, _, _) in &applied {
+                let (source, file) = self.loras.open(id).await?;
+                files.push(LoraFile::open(source, &file).await?);
+            }
+            let choices: Vec<LoraChoice> = files.iter().zip(&applied).map(|(file, (_, weight, _))| LoraChoice { file, weight: *weight }).collect();
+            base.model.set_loras(&self.gpu, &choices).await?;
+            *base.loras.borrow_mut() = applied.clone();
+        }
+        Ok(applied.into_iter().map(|(name, weight, hash)| LoraRecipe { name, weight, hash }).collect())
     }
 
     async fn run(&self, options: &str, on_event: &Function, cancelled: &Function) -> Result<Object> {
@@ -339,9 +442,16 @@ impl Engine {
             })?),
             None => None,
         };
+        // The recipe keeps the prompt as typed, <lora:...> tags included.
+        let (prompt, tags) = match options.prompt_weighting {
+            true => prompt_tags(&options.prompt)?,
+            false => (options.prompt.clone(), Vec::new()),
+        };
+        let wanted = options.loras.iter().map(|l| (l.model.clone(), l.weight)).chain(tags);
+        let recipes = self.set_loras(base, wanted.collect()).await?;
         let defaults = GenerateParams::default();
         let params = GenerateParams {
-            prompt: options.prompt,
+            prompt,
             negative: options.negative_prompt,
             width: options.width.unwrap_or(defaults.width),
             height: options.height.unwrap_or(defaults.height),
@@ -360,7 +470,8 @@ impl Engine {
         let pixels = self.gpu.read(&out.image).await?;
         watcher.marks.push(("end", js_sys::Date::now()));
 
-        let recipe = image::parameters(&params, base.model.scheduler(&params)?.name(), &base.id, refiner.map(|r| r.id.as_str()), &[]);
+        let typed = GenerateParams { prompt: options.prompt, ..params.clone() };
+        let recipe = image::parameters(&typed, base.model.scheduler(&params)?.name(), &base.id, refiner.map(|r| r.id.as_str()), &recipes);
         let png = image::encode_png(&image::rgb8(&pixels, params.height, params.width), params.width, params.height, &recipe)?;
         let timings = watcher.timings();
         let result = Object::new();

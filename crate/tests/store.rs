@@ -12,7 +12,9 @@ use common::psnr;
 use sdxl::pack::Manifest;
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use sdxl::quant::QuantPreset;
-use sdxl::store::{Bytes, DownloadOptions, HttpSource, ModelStore, RecordStore};
+use sdxl::store::{Bytes, DownloadOptions, HttpSource, LoraStore, ModelStore, RecordStore, LORA_RECORD};
+use sdxl::weights::lora::LoraFile;
+use sdxl::weights::safetensors::serialize_f32;
 use sdxl::weights::{FileTensors, MemorySource, Source};
 use sdxl::{Error, Gpu, Precision};
 use serde::Deserialize;
@@ -157,11 +159,11 @@ fn kind<T>(result: &Result<T, Error>) -> &'static str {
 }
 
 /// Overwrites a record with other bytes of the same length.
-async fn damage(store: &ModelStore<impl RecordStore>, key: &str) {
-    let bytes = store.records().get(key).await.unwrap().expect("the record to damage");
+async fn damage(records: &impl RecordStore, key: &str) {
+    let bytes = records.get(key).await.unwrap().expect("the record to damage");
     let mut data = bytes.slice(0, bytes.len());
     data.iter_mut().step_by(97).for_each(|b| *b ^= 0x5a);
-    store.records().put(key, &Bytes::from(data)).await.unwrap();
+    records.put(key, &Bytes::from(data)).await.unwrap();
 }
 
 async fn download_pack_load_and_generate() {
@@ -240,7 +242,7 @@ async fn interrupted_conversion_resumes() {
 async fn damaged_records_are_fetched_again() {
     let store = ModelStore::new(store("repair").await);
     store.download("pack", &url("pack"), &options(), |_| {}).await.unwrap();
-    damage(&store, "pack/shards/00002.bin").await;
+    damage(store.records(), "pack/shards/00002.bin").await;
     assert_eq!(store.verify("pack").await.unwrap(), vec!["shards/00002.bin".to_string()]);
     reset().await;
     store.download("pack", &url("pack"), &options(), |_| {}).await.unwrap();
@@ -249,7 +251,7 @@ async fn damaged_records_are_fetched_again() {
 
     // A converted model's record is rebuilt from the tensors it holds.
     store.download("folder", &url("diffusers"), &options(), |_| {}).await.unwrap();
-    damage(&store, "folder/shards/00004.bin").await;
+    damage(store.records(), "folder/shards/00004.bin").await;
     store.records().delete("folder/shards/00006.bin").await.unwrap();
     assert_eq!(store.verify("folder").await.unwrap(), vec!["shards/00004.bin".to_string(), "shards/00006.bin".to_string()]);
     assert_eq!(kind(&store.open("folder", &|_| {}).await.map(drop)), "ModelIncomplete");
@@ -341,6 +343,54 @@ async fn bad_requests_get_clear_errors() {
     store.delete_all().await.unwrap();
 }
 
+/// A LoRA file of two records and a bit (its factors need not fit a model to be stored).
+fn big_lora() -> Vec<u8> {
+    let columns = (LORA_RECORD as usize * 2 + 4096) / 4 / 8 + 1;
+    let down: Vec<f32> = (0..8 * columns).map(|i| (i % 1000) as f32 * 1e-3).collect();
+    let up = vec![0.5f32; 16 * 8];
+    serialize_f32(&[("lora_unet_a.lora_down.weight", vec![8, columns], &down), ("lora_unet_a.lora_up.weight", vec![16, 8], &up), ("lora_unet_a.alpha", vec![], &[4.0])])
+}
+
+async fn loras_are_stored_as_files_and_checked() {
+    let store = LoraStore::new(store("loras").await);
+    let bytes = big_lora();
+    let mut files = MemorySource::default();
+    files.insert("style.safetensors", bytes.clone());
+    files.insert("vae.safetensors", serialize_f32(&[("decoder.conv_in.weight", vec![2, 2], &[1.0; 4])]));
+    files.insert("lora.ckpt", vec![0x80, 2, 0x7d, 0x71]);
+
+    let mut last = (0, 0);
+    let stored = store.store("style", "memory:style", &files, "style.safetensors", |done, total| last = (done, total)).await.unwrap();
+    assert_eq!(last, (bytes.len() as u64, bytes.len() as u64), "progress reaches the end");
+    let hash = LoraFile::open(&files, "style.safetensors").await.unwrap().short_hash().await.unwrap();
+    assert_eq!((stored.complete, stored.hash.as_deref(), stored.file.as_deref()), (true, Some(hash.as_str()), Some("style.safetensors")));
+    assert_eq!(store.records().list("style/data/").await.unwrap().len(), 3);
+
+    let (source, file) = store.open("style").await.unwrap();
+    assert_eq!(source.read(&file).await.unwrap(), bytes, "the file as stored");
+    let straddle = (LORA_RECORD - 10, LORA_RECORD + 10);
+    assert_eq!(source.read_range(&file, straddle.0, straddle.1).await.unwrap(), &bytes[straddle.0 as usize..straddle.1 as usize]);
+    assert_eq!(LoraFile::open(&source, &file).await.unwrap().short_hash().await.unwrap(), hash);
+    drop(source);
+
+    assert!(store.store("style", "memory:other", &files, "style.safetensors", |_, _| {}).await.is_err_and(|e| e.to_string().contains("already holds")));
+    assert_eq!(kind(&store.store("vae", "memory:vae", &files, "vae.safetensors", |_, _| {}).await), "UnsupportedFormat");
+    assert_eq!(kind(&store.store("pickle", "memory:pickle", &files, "lora.ckpt", |_, _| {}).await), "UnsupportedFormat");
+    assert_eq!(kind(&store.store("../up", "memory:style", &files, "style.safetensors", |_, _| {}).await), "InvalidParameter");
+    assert_eq!(store.list().await.unwrap().iter().map(|l| l.id.as_str()).collect::<Vec<_>>(), ["style"], "refused files store nothing");
+    assert_eq!(kind(&store.open("missing").await.map(drop)), "ModelIncomplete");
+
+    damage(store.records(), "style/data/00001.bin").await;
+    let (source, file) = store.open("style").await.unwrap();
+    let damaged = source.read_range(&file, straddle.0, straddle.1).await;
+    assert!(damaged.as_ref().is_err_and(|e| e.kind() == "CorruptWeights" && e.to_string().contains("style/data/00001.bin")), "{:?}", damaged.err());
+    drop(source);
+
+    let listed = store.list().await.unwrap();
+    assert_eq!(store.delete("style").await.unwrap(), listed[0].stored_bytes);
+    assert!(store.list().await.unwrap().is_empty() && store.records().list("").await.unwrap().is_empty());
+}
+
 macro_rules! store_tests {
     ($($name:ident),* $(,)?) => {
         #[cfg(target_arch = "wasm32")]
@@ -372,4 +422,5 @@ store_tests!(
     running_out_of_space_leaves_no_model_complete,
     delete_frees_the_space,
     bad_requests_get_clear_errors,
+    loras_are_stored_as_files_and_checked,
 );

@@ -1,5 +1,5 @@
 // Type-checks web/sdxl.d.ts against the documented usage (README, docs/browser.md) (tsc --noEmit in tests/run.sh).
-import { Sdxl, SdxlError, SDXL_1_0, RESOLUTION_BUCKETS, type ProgressEvent, type StepEvent, type GenerateResult } from '../../web/sdxl.js';
+import { Sdxl, SdxlError, SDXL_1_0, RESOLUTION_BUCKETS, type ProgressEvent, type StepEvent, type GenerateResult, type StoredLora } from '../../web/sdxl.js';
 
 function describe(e: ProgressEvent): string {
   switch (e.type) {
@@ -17,10 +17,13 @@ function describe(e: ProgressEvent): string {
   }
 }
 
-export async function example(canvas: HTMLCanvasElement): Promise<GenerateResult | null> {
+export async function example(canvas: HTMLCanvasElement, picked: File): Promise<GenerateResult | null> {
   const sdxl = await Sdxl.create({ onProgress: (e) => console.log(describe(e)), precision: 'auto' });
   const adapter: string = sdxl.info.adapter;
   await sdxl.load({ base: SDXL_1_0.base, refiner: SDXL_1_0.refiner, quant: 'q4' });
+  const style: StoredLora = await sdxl.storeLora(picked, { onProgress: (e) => console.log(describe(e)) });
+  await sdxl.storeLora({ url: 'owner/name/detail.safetensors', id: 'detail' });
+  console.log((await sdxl.loras()).map((l) => `${l.id} ${l.hash} ${l.storedBytes} ${l.complete}`), style.file);
   const [width, height] = RESOLUTION_BUCKETS[1];
   const controller = new AbortController();
   try {
@@ -28,6 +31,7 @@ export async function example(canvas: HTMLCanvasElement): Promise<GenerateResult
       prompt: `a red fox in the snow, ${adapter}`,
       negativePrompt: 'blurry',
       width, height, steps: 30, guidance: 5, seed: 7, refinerStart: 0.8,
+      loras: [{ model: style.id, weight: 0.8 }, { model: 'detail', weight: -0.5 }], promptWeighting: true,
       signal: controller.signal,
       onStep: (e: StepEvent) => e.preview && canvas.getContext('2d')?.putImageData(e.preview, 0, 0),
     });
@@ -42,9 +46,11 @@ export async function example(canvas: HTMLCanvasElement): Promise<GenerateResult
     console.log(stored.filter((m) => m.complete).map((m) => `${m.id} ${m.quant} ${m.storedBytes}`));
     const { usage, quota, persisted } = await sdxl.storage();
     console.log(usage / quota, persisted, await sdxl.verify(stored[0].id), await sdxl.deleteModel(stored[0].id));
-    const { report, table } = await sdxl.bench({ sizes: [64], quants: ['q4'], only: ['unet', 'vae'], model: './models/tiny-sdxl-base', onProgress: (e) => console.log(e.what) });
+    console.log(await sdxl.deleteLora(style.id));
+    const { report, table } = await sdxl.bench({ sizes: [64], quants: ['q4'], loras: [32], only: ['unet', 'vae'], model: './models/tiny-sdxl-base', onProgress: (e) => console.log(e.what) });
     const step: number = report.unet[0].secondsPerStep;
-    console.log(table, step, report.peak.gflops, report.kernels.map((k) => k.percentOfPeak), report.skipped.length);
+    const rank: number | null = report.unet[1].loraRank;
+    console.log(table, step, rank, report.peak.gflops, report.kernels.map((k) => k.percentOfPeak), report.skipped.length);
     sdxl.terminate();
   }
 }

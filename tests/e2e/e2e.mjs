@@ -12,7 +12,10 @@
 //   7. without WebGPU the page says so and offers no generate button;
 //   8. a single-file checkpoint (tests/fixtures/single-file/tiny-sdxl-std.gguf, configs inferred):
 //      picked with the page's "Open a model file…", by URL and as a File through the API, each
-//      imported into IndexedDB and generating the CLI's image of the same file; a pickle is refused.
+//      imported into IndexedDB and generating the CLI's image of the same file; a pickle is refused;
+//   9. LoRAs: a kohya LoRA picked with the page's "Add a LoRA file…" at weight 0.7 gives the CLI's
+//      image with --lora (and its Lora hashes); through the API, one stored from a File and one
+//      from a URL, the `loras` option and <lora:...> tags, typed errors, delete.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
@@ -101,6 +104,20 @@ function expectedImage() {
 }
 
 const SINGLE_FILE = `${root}/tests/fixtures/single-file/tiny-sdxl-std.gguf`;
+const LORAS = `${root}/tests/fixtures/lora`;
+const LORA_WEIGHT = 0.7;
+
+/** The CLI's images with the kohya LoRA at LORA_WEIGHT: base + refiner q8 packs (the page's), and the base alone. */
+function expectedLoraImages() {
+  const run = (name, refiner) => {
+    const png = `${out}/${name}.png`;
+    execFileSync(sdxlCli, ['generate', '--model', `${out}/base-q8`, ...refiner, '--lora', `${LORAS}/kohya.safetensors:${LORA_WEIGHT}`,
+      '--prompt', PROMPT, '--width', `${RUN.width}`, '--height', `${RUN.height}`, '--steps', `${RUN.steps}`, '--guidance', `${RUN.guidance}`,
+      '--seed', `${RUN.seed}`, '--precision', 'f32', '--out', png], { stdio: 'inherit' });
+    return decodePng(readFileSync(png));
+  };
+  return { refined: run('expected-lora', ['--refiner', `${out}/refiner-q8`, '--refiner-start', `${RUN.refinerStart}`]), base: run('expected-lora-base', []) };
+}
 
 /** The CLI's image of the config-less single file, quantized to q4 as it loads (as the browser stores it). */
 function expectedSingleFileImage() {
@@ -114,7 +131,7 @@ async function startServer(port = 0) {
   const server = spawn('python3', [`${root}/tests/server.py`, '--port', `${port}`, '--mount', `/=${root}/web`,
     '--mount', `/models/tiny-sdxl-base=${root}/tests/fixtures/tiny-sdxl-base`,
     '--mount', `/models/tiny-sdxl-refiner=${root}/tests/fixtures/tiny-sdxl-refiner`,
-    '--mount', `/models/single-file=${root}/tests/fixtures/single-file`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    '--mount', `/models/single-file=${root}/tests/fixtures/single-file`, '--mount', `/loras=${LORAS}`], { stdio: ['ignore', 'pipe', 'inherit'] });
   const [url] = await createInterface({ input: server.stdout })[Symbol.asyncIterator]().next().then((r) => [r.value]);
   return { server, url };
 }
@@ -173,6 +190,7 @@ async function main() {
   mkdirSync(out, { recursive: true });
   const expected = expectedImage();
   const expectedSingle = expectedSingleFileImage();
+  const expectedLora = expectedLoraImages();
   let { server, url } = await startServer();
   log(`server ${url}`);
   const browser = await chromium.launch({
@@ -290,14 +308,14 @@ async function main() {
     log('6. the benchmark page on the tiny model');
     const bench = await context.newPage();
     watch(bench, 'bench');
-    await bench.goto(`${url}/bench.html?model=./models/tiny-sdxl-base&sizes=64&quants=q4&only=unet,vae&run`);
+    await bench.goto(`${url}/bench.html?model=./models/tiny-sdxl-base&sizes=64&quants=q4&loras=32&only=unet,vae&run`);
     await bench.waitForSelector('#status:is([data-state="done"], [data-state="error"])', { timeout: 10 * MINUTE });
     assert.equal(await bench.getAttribute('#status', 'data-state'), 'done', await bench.locator('#status').textContent());
     const report = await bench.evaluate(() => window.benchReport);
     assert.deepEqual(report.skipped, [], 'every measurement ran');
     assert.ok(report.peak.gflops > 0 && report.peak.gbps > 0, 'peaks measured');
-    assert.equal(report.unet.length, 1);
-    assert.ok(report.unet[0].secondsPerStep > 0 && report.unet[0].peakBytes > report.unet[0].weightBytes, 'UNet step measured');
+    assert.deepEqual(report.unet.map((u) => u.loraRank), [null, 32], 'a step without and with a rank-32 LoRA');
+    assert.ok(report.unet.every((u) => u.secondsPerStep > 0 && u.peakBytes > u.weightBytes), 'UNet steps measured');
     assert.deepEqual(report.vae.map((v) => v.tiled), [false, true]);
     assert.match(await bench.locator('#table').textContent(), /s\/step/);
     log(`bench page: tiny UNet step ${(report.unet[0].secondsPerStep * 1e3).toFixed(0)} ms at 64², VAE decode ${(report.vae[0].seconds * 1e3).toFixed(0)} ms`);
@@ -359,6 +377,64 @@ async function main() {
     assert.match(viaApi.sameId, /^InvalidParameter: .*'picked' already holds file:tiny-sdxl-std\.gguf \(\d+ bytes/);
     assert.match(viaApi.pickle, /^UnsupportedFormat: .*pickle.*safetensors/);
     assert.match(viaApi.unrelated, /^WrongModel: .*not an SDXL model: it holds a VAE alone/);
+    log('9. LoRAs: picked on the page, and through the API from a File and a URL');
+    const lp = await context.newPage();
+    watch(lp, 'loras');
+    await lp.goto(`${url}/?preset=tiny`);
+    await lp.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+    await lp.setInputFiles('#lora-file', `${LORAS}/kohya.safetensors`);
+    await finished(lp, 'ready', 5 * MINUTE);
+    await lp.locator('#loras tr[data-id="kohya"] input.weight').fill(`${LORA_WEIGHT}`);
+    const paged = await generateAndCompare(lp, expectedLora.refined, 'page with a LoRA');
+    const hashes = (recipe) => recipe.match(/Lora hashes: "[^"]*"/)?.[0];
+    assert.ok(paged.image.text.parameters.startsWith(`${PROMPT} <lora:kohya:${LORA_WEIGHT}>\n`), `the recipe names the LoRA: ${paged.image.text.parameters}`);
+    assert.equal(hashes(paged.image.text.parameters), hashes(expectedLora.refined.text.parameters), 'the CLI\'s Lora hashes');
+    assert.match(hashes(paged.image.text.parameters), /^Lora hashes: "kohya: [0-9a-f]{12}"$/);
+    const loraApi = await lp.evaluate(async ({ run, weight }) => {
+      const { Sdxl } = await import('/sdxl.js');
+      const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+      const bytes = async (result) => Array.from(new Uint8Array(await result.blob.arrayBuffer()));
+      const sdxl = await Sdxl.create({ storeName: 'e2e-loras' });
+      await sdxl.load({ base: './models/tiny-sdxl-base', quant: 'q8' });
+      const r = {};
+      const types = new Set();
+      const file = new File([await (await fetch('./loras/kohya.safetensors')).blob()], 'kohya.safetensors');
+      r.stored = await sdxl.storeLora(file, { onProgress: (e) => types.add(e.type) });
+      r.events = [...types];
+      const base = { ...run, refinerStart: null };
+      r.option = await bytes(await sdxl.generate({ ...base, loras: [{ model: 'kohya', weight }] }));
+      r.tag = await bytes(await sdxl.generate({ ...base, prompt: `${run.prompt} <lora:kohya:${weight}>`, promptWeighting: true }));
+      r.tagOption = await bytes(await sdxl.generate({ ...base, promptWeighting: true, loras: [{ model: 'kohya', weight }] }));
+      r.none = await bytes(await sdxl.generate(base));
+      r.unknown = await outcome(sdxl.generate({ ...base, loras: [{ model: 'nope', weight: 1 }] }));
+      r.badWeight = await outcome(sdxl.generate({ ...base, loras: [{ model: 'kohya', weight: NaN }] }));
+      r.notLora = await outcome(sdxl.storeLora(new File([await (await fetch('./models/tiny-sdxl-base/vae/diffusion_pytorch_model.safetensors')).blob()], 'vae.safetensors')));
+      r.url = (await sdxl.storeLora('./loras/peft.safetensors')).id;
+      r.listed = (await sdxl.loras()).map((l) => `${l.id} ${l.complete}`);
+      r.freed = await sdxl.deleteLora('kohya');
+      r.deleted = await outcome(sdxl.generate({ ...base, loras: [{ model: 'kohya', weight }] }));
+      r.left = (await sdxl.loras()).map((l) => l.id);
+      sdxl.terminate();
+      return r;
+    }, { run: { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed }, weight: LORA_WEIGHT });
+    const image = (name) => decodePng(Buffer.from(loraApi[name]));
+    log('LoRAs via the API:', JSON.stringify({ ...loraApi, option: undefined, tag: undefined, tagOption: undefined, none: undefined }));
+    assert.equal(loraApi.stored.id, 'kohya');
+    assert.ok(loraApi.stored.complete && /^[0-9a-f]{12}$/.test(loraApi.stored.hash), 'stored complete with its hash');
+    assert.deepEqual(loraApi.events, ['import']);
+    const viaOption = psnr(image('option').rgb, expectedLora.base.rgb);
+    log(`LoRA through the API: PSNR against the native CLI ${viaOption.toFixed(1)} dB`);
+    assert.ok(viaOption >= MIN_PSNR, `LoRA through the API: PSNR ${viaOption.toFixed(1)} dB`);
+    assert.ok(image('tag').rgb.equals(image('tagOption').rgb), 'a <lora:...> tag is the loras option');
+    assert.ok(psnr(image('none').rgb, image('option').rgb) < 35, 'leaving the LoRA out changes the image');
+    assert.match(loraApi.unknown, /^ModelIncomplete: .*no LoRA 'nope' is stored \(stored: \["kohya"\]\)/);
+    assert.match(loraApi.badWeight, /^InvalidParameter: .*finite number/);
+    assert.match(loraApi.notLora, /^UnsupportedFormat: .*no LoRA factor/);
+    assert.equal(loraApi.url, 'peft');
+    assert.deepEqual(loraApi.listed, ['kohya true', 'peft true']);
+    assert.ok(loraApi.freed > 0, 'deleteLora frees its records');
+    assert.match(loraApi.deleted, /^ModelIncomplete: .*no LoRA 'kohya' is stored/);
+    assert.deepEqual(loraApi.left, ['peft']);
     log('all end-to-end tests passed');
   } finally {
     await browser.close();

@@ -5,13 +5,15 @@
 //! `--model` option reads). [`HttpSource`] reads a model folder, pack or single file over HTTP with
 //! range requests and retries; in the browser, `BlobSource` reads a file the user picked. [`ModelStore`] puts them together: download (a pack record by record, or a
 //! diffusers folder converted tensor by tensor as it streams in), resume, repair, list, delete,
-//! verify, and [`ModelStore::open`] to load a stored model record by record.
+//! verify, and [`ModelStore::open`] to load a stored model record by record. [`LoraStore`] keeps
+//! LoRA files as they are, beside the models.
 //!
 //! Record bytes travel as [`Bytes`]: in the browser a JS `Uint8Array` outside wasm memory, so that
 //! downloading a pack never copies a shard into the wasm heap and loading copies one tensor at a
 //! time.
 
 mod http;
+mod loras;
 mod models;
 mod source;
 
@@ -31,6 +33,7 @@ pub use http::{hub_url, HttpSource};
 pub use blob::BlobSource;
 #[cfg(target_arch = "wasm32")]
 pub use idb::IdbStore;
+pub use loras::{LoraStore, StoredLora, StoredLoraSource, LORA_RECORD};
 pub use models::{url_origin, DownloadOptions, ModelStore, Progress, StoredModel};
 pub use source::StoreSource;
 

@@ -459,7 +459,7 @@ async fn rebuild(plan: &pack::Plan<'_, '_>, manifest: &Manifest, index: usize) -
     Ok(bytes)
 }
 
-fn check_id(id: &str) -> Result<()> {
+pub(super) fn check_id(id: &str) -> Result<()> {
     let ok = !id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !id.starts_with('.');
     if ok {
         Ok(())
@@ -468,7 +468,7 @@ fn check_id(id: &str) -> Result<()> {
     }
 }
 
-fn mib(bytes: u64) -> String {
+pub(super) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 

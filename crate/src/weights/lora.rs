@@ -25,6 +25,29 @@ use crate::error::{Error, Result};
 /// The components LoRAs adapt, as diffusers names them.
 pub const COMPONENTS: [&str; 3] = ["unet", "text_encoder", "text_encoder_2"];
 
+/// AUTOMATIC1111's short hash of a LoRA (its `Lora hashes`): the first 12 hex digits of the
+/// sha256 of the data after the header (kohya's "addnet" hash), fed the file's bytes in order.
+pub struct ShortHash {
+    data_start: u64,
+    hasher: sha2::Sha256,
+}
+
+impl ShortHash {
+    pub fn new(data_start: u64) -> ShortHash {
+        ShortHash { data_start, hasher: sha2::Digest::new() }
+    }
+
+    /// The file's bytes from offset `at` on (consecutive calls, in order).
+    pub fn update(&mut self, at: u64, bytes: &[u8]) {
+        let skip = self.data_start.saturating_sub(at).min(bytes.len() as u64) as usize;
+        sha2::Digest::update(&mut self.hasher, &bytes[skip..]);
+    }
+
+    pub fn finish(self) -> String {
+        sha2::Digest::finalize(self.hasher).iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
 /// Which factor of a module a tensor is.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Part {
@@ -171,17 +194,23 @@ impl<'a> LoraFile<'a> {
         self.tensors.location()
     }
 
-    /// AUTOMATIC1111's short hash of a LoRA (its `Lora hashes`): the first 12 hex digits of the
-    /// sha256 of the data after the header (kohya's "addnet" hash), read 16 MiB at a time.
+    /// Where the tensor data begins (after the header): what [`ShortHash`] hashes.
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+
+    /// The file's [`ShortHash`], read 16 MiB at a time.
     pub async fn short_hash(&self) -> Result<String> {
-        use sha2::{Digest, Sha256};
         const CHUNK: u64 = 16 << 20;
         let end = self.source.len(&self.path).await?;
-        let mut hasher = Sha256::new();
-        for start in (self.data_start..end).step_by(CHUNK as usize) {
-            hasher.update(self.source.read_range(&self.path, start, (start + CHUNK).min(end)).await?);
+        let mut hash = ShortHash::new(self.data_start);
+        for chunk in (0..end).step_by(CHUNK as usize) {
+            let (start, stop) = (chunk.max(self.data_start), (chunk + CHUNK).min(end));
+            if start < stop {
+                hash.update(start, &self.source.read_range(&self.path, start, stop).await?);
+            }
         }
-        Ok(hasher.finalize().iter().take(6).map(|b| format!("{b:02x}")).collect())
+        Ok(hash.finish())
     }
 
     /// The layer each module adapts, its factors' shapes checked against the layer's. A module
