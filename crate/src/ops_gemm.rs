@@ -117,15 +117,15 @@ impl Gpu {
     /// may be stored in any format), checking the addend's shape against the output's `rows`
     /// (a bias) or `full` (a whole addend).
     fn input_dtype(&self, x: &Tensor, addend: Addend, rows: usize, full: &[usize], what: &str) -> Result<DType> {
-        let (b, expected) = match addend {
+        let (b, expected, name) = match addend {
             Addend::None => return self.float_dtype(what, &[(x, "input")]),
-            Addend::Bias(b) => (b, vec![rows]),
-            Addend::Full(b) => (b, full.to_vec()),
+            Addend::Bias(b) => (b, vec![rows], "bias"),
+            Addend::Full(b) => (b, full.to_vec(), "addend"),
         };
         if b.shape() != expected {
-            return Err(bad(format!("{what}: addend {:?} does not match the output {expected:?}", b.shape())));
+            return Err(bad(format!("{what}: {name} {:?} does not match the output {expected:?}", b.shape())));
         }
-        self.float_dtype(what, &[(x, "input"), (b, "addend")])
+        self.float_dtype(what, &[(x, "input"), (b, name)])
     }
 
     /// Prelude and tile edge for an output of `rows` × `cols`.
