@@ -5,6 +5,7 @@
 //! holding its one file, every record checked against its sha256 as it is read.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,10 @@ use crate::weights::Source;
 
 /// Bytes per record of a stored LoRA.
 pub const LORA_RECORD: u64 = 16 << 20;
+/// Records a stored LoRA's source keeps once read (in the browser as JS arrays, outside wasm
+/// memory): a LoRA's factors are read layer by layer, not in file order, so every LoRA up to
+/// this size is fetched and checked once.
+const CACHE_BYTES: u64 = 1 << 30;
 const INFO: &str = "lora.json";
 
 /// A LoRA in the store (the JS API lists these).
@@ -170,20 +175,19 @@ impl<R: RecordStore> LoraStore<R> {
     }
 }
 
-/// A stored LoRA's file, read from its records (the last one read kept).
+/// A stored LoRA's file, read from its records, each checked against its sha256 when first read
+/// and kept (up to [`CACHE_BYTES`]).
 pub struct StoredLoraSource<'a, R: RecordStore> {
     records: &'a R,
     id: String,
     info: Info,
-    cache: RefCell<Option<(usize, Bytes)>>,
+    cache: RefCell<HashMap<usize, Bytes>>,
 }
 
 impl<R: RecordStore> StoredLoraSource<'_, R> {
     async fn record(&self, index: usize) -> Result<Bytes> {
-        if let Some((cached, bytes)) = &*self.cache.borrow() {
-            if *cached == index {
-                return Ok(bytes.clone());
-            }
+        if let Some(bytes) = self.cache.borrow().get(&index) {
+            return Ok(bytes.clone());
         }
         let key = record_key(&self.id, index);
         let bytes = self.records.get(&key).await?.ok_or_else(|| Error::ModelIncomplete(format!("{} is missing: store the LoRA again", self.records.describe(&key))))?;
@@ -192,7 +196,11 @@ impl<R: RecordStore> StoredLoraSource<'_, R> {
         if bytes.len() != want_len || got != self.info.records[index] {
             return Err(Error::Corrupt { path: self.records.describe(&key), message: format!("{} bytes with sha256 {got}, not the {want_len} stored: delete the LoRA and store it again", bytes.len()) });
         }
-        *self.cache.borrow_mut() = Some((index, bytes.clone()));
+        let mut cache = self.cache.borrow_mut();
+        if (cache.len() as u64 + 1) * LORA_RECORD > CACHE_BYTES {
+            cache.clear();
+        }
+        cache.insert(index, bytes.clone());
         Ok(bytes)
     }
 }
