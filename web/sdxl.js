@@ -201,6 +201,13 @@ export class Sdxl {
     let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt, promptWeighting,
       loras = [], signal, onStep, onProgress } = options;
     if (typeof prompt !== 'string') throw new SdxlError('InvalidParameter', 'prompt must be a string');
+    // JSON would turn NaN and Infinity into null, which the engine reads as "use the default".
+    const numbers = { width, height, steps, guidance, seed, refinerStart };
+    for (const [name, value] of Object.entries(numbers)) {
+      if (value !== undefined && value !== null && !(typeof value === 'number' && Number.isFinite(value))) {
+        throw new SdxlError('InvalidParameter', `${name} must be a finite number, not ${typeof value === 'number' ? value : JSON.stringify(value)}`);
+      }
+    }
     if (!Array.isArray(loras)) throw new SdxlError('InvalidParameter', 'loras must be an array of {model, weight}');
     for (const lora of loras) {
       checkOptions('generate loras', lora, ['model', 'weight']);

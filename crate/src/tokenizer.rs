@@ -100,18 +100,27 @@ impl ClipTokenizer {
     /// Token ids of `text` without bos/eos, truncation or padding (`tokenizer(text).input_ids[1:-1]`).
     pub fn tokens(&self, text: &str) -> Result<Vec<u32>> {
         let mut body = Vec::new();
-        let mut rest = text;
+        let mut start = 0;
+        // Each special token's next occurrence at or after `start` (None: no more). A position is
+        // searched again only once `start` has passed it, so every search moves forward: linear
+        // in the text, not quadratic when one special token repeats ("!" × 80k).
+        let mut next: Vec<Option<usize>> = self.specials.iter().map(|(token, _)| text.find(token.as_str())).collect();
         // As transformers: special tokens are matched in the raw text (so a full-width "！" that
         // cleaning turns into "!" stays an ordinary token), then each piece is cleaned and BPE'd.
-        while !rest.is_empty() {
-            let next = self.specials.iter().filter_map(|(t, id)| rest.find(t.as_str()).map(|at| (at, t.len(), *id))).min_by_key(|&(at, len, _)| (at, usize::MAX - len));
-            let (piece, special) = match next {
+        while start < text.len() {
+            for ((token, _), at) in self.specials.iter().zip(next.iter_mut()) {
+                if at.is_some_and(|at| at < start) {
+                    *at = text[start..].find(token.as_str()).map(|i| start + i);
+                }
+            }
+            let found = self.specials.iter().zip(&next).filter_map(|((t, id), at)| at.map(|at| (at, t.len(), *id))).min_by_key(|&(at, len, _)| (at, usize::MAX - len));
+            let (piece, special) = match found {
                 Some((at, len, id)) => {
-                    let piece = &rest[..at];
-                    rest = &rest[at + len..];
+                    let piece = &text[start..at];
+                    start = at + len;
                     (piece, Some(id))
                 }
-                None => (std::mem::take(&mut rest), None),
+                None => (&text[std::mem::replace(&mut start, text.len())..], None),
             };
             let cleaned = clean_text(piece);
             if !cleaned.is_empty() {

@@ -216,6 +216,13 @@ fn width_not_a_multiple_of_8() {
 }
 
 #[test]
+fn huge_size_is_refused_before_allocating() {
+    let dir = TempDir::new("huge");
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--width", "1000000000", "--height", "1000000000"]), &["1000000000x1000000000", "too large", "8192"]);
+    assert_fails_with(&dir, &generate_with(&dir, None, &["--width", "8192", "--height", "4104"]), &["8192x4104", "16 megapixels"]);
+}
+
+#[test]
 fn height_not_a_multiple_of_8() {
     let dir = TempDir::new("height60");
     assert_fails_with(&dir, &generate_with(&dir, Some(REFINER), &["--height", "60"]), &["height", "multiples of 8", "60"]);

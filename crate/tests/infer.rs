@@ -124,6 +124,27 @@ fn shipped_tokenizer_vocabulary_is_clips() {
     assert_eq!(ids[13..].iter().copied().collect::<std::collections::BTreeSet<_>>(), [0].into(), "padded with '!'");
 }
 
+/// Special tokens are split off in linear time: tokenizer_2's "!" (its pad token) repeated, and
+/// mixed with text, takes twice as long when twice as long (it was quadratic: 4.9 s for 80k).
+#[test]
+fn tokenizing_is_linear() {
+    let files = infer::sdxl_files(Kind::Base);
+    let tokenizer = pollster::block_on(sdxl::tokenizer::ClipTokenizer::load(&files, "tokenizer_2")).unwrap();
+    let seconds = |text: &str| {
+        (0..5)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                assert!(tokenizer.tokens(text).unwrap().len() >= text.len() / 8);
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min)
+    };
+    for unit in ["!", "a fox! <|endoftext|>!"] {
+        let (small, large) = (seconds(&unit.repeat(40_000)), seconds(&unit.repeat(80_000)));
+        assert!(large < 3.0 * small, "{unit:?}: 40k → {small:.4} s, 80k → {large:.4} s: not linear");
+    }
+}
+
 /// tiny-sdxl-std.gguf was made (make_inferable.py) from SDXL 1.0's configs with these overrides:
 /// every one of them must come back from its tensors alone.
 #[test]

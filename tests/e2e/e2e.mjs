@@ -257,6 +257,8 @@ async function main() {
       r.badSize = await outcome(sdxl.generate({ prompt: 'x', width: 60, height: 64, steps: 1 }));
       r.noRefiner = await outcome(sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, refinerStart: 0.5 }));
       r.unknownOption = await outcome(sdxl.generate({ prompt: 'x', steps: 1, seeed: 3 }));
+      r.nanSteps = await outcome(sdxl.generate({ prompt: 'x', steps: NaN }));
+      r.hugeSize = await outcome(sdxl.generate({ prompt: 'x', width: 1e9, height: 1e9, steps: 1 }));
       const one = await sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, seed: 3 });
       [r.seed, r.timings] = [one.seed, one.timings];
       r.freed = await sdxl.deleteModel('tiny-sdxl-base-q8');
@@ -276,6 +278,8 @@ async function main() {
     assert.match(got.badSize, /^InvalidParameter: .*width and height must be positive multiples of 8/);
     assert.match(got.noRefiner, /^InvalidParameter: .*refinerStart is set but no refiner is loaded/);
     assert.match(got.unknownOption, /^InvalidParameter: generate: unknown option `seeed`/);
+    assert.match(got.nanSteps, /^InvalidParameter: steps must be a finite number, not NaN/);
+    assert.match(got.hugeSize, /^InvalidParameter: .*1000000000x1000000000 is too large/);
     assert.equal(got.seed, 3);
     assert.ok(got.timings.base > 0 && got.timings.decode > 0 && got.timings.total >= got.timings.base + got.timings.decode, 'timings');
     assert.ok(got.freed > 0 && got.afterDelete === 0, 'deleteModel frees the records');

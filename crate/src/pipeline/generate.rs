@@ -236,6 +236,12 @@ fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
+/// The largest image a run takes: 8192 pixels on a side and 16 megapixels (4096², 16 times
+/// SDXL's training size). Past these the latents, the decoded image and its readback outgrow
+/// wasm's 4 GiB address space; below them the adapter's limits are checked per buffer.
+pub const MAX_SIDE: usize = 8192;
+pub const MAX_PIXELS: usize = 4096 * 4096;
+
 fn check_params(p: &GenerateParams, multiple: usize, with_refiner: bool) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidParameter(m));
     if p.steps == 0 {
@@ -243,6 +249,9 @@ fn check_params(p: &GenerateParams, multiple: usize, with_refiner: bool) -> Resu
     }
     if p.width == 0 || p.height == 0 || p.width % multiple != 0 || p.height % multiple != 0 {
         return bad(format!("width and height must be positive multiples of {multiple} for this model (got {}x{})", p.width, p.height));
+    }
+    if p.width > MAX_SIDE || p.height > MAX_SIDE || p.width * p.height > MAX_PIXELS {
+        return bad(format!("{}x{} is too large: at most {MAX_SIDE} on a side and {} megapixels", p.width, p.height, MAX_PIXELS >> 20));
     }
     if !p.guidance.is_finite() || p.guidance < 0.0 {
         return bad(format!("guidance {} must be a finite number >= 0", p.guidance));

@@ -10,12 +10,18 @@ use crate::tokenizer::ClipTokenizer;
 /// Tokens per window between bos and eos (CLIP's 77 positions less those two).
 pub const WINDOW: usize = 75;
 
+/// Brackets open at once at most. A closing bracket re-weights every piece since its opening one,
+/// so each piece is re-weighted once per bracket around it: bounding the depth keeps parsing
+/// linear (a prompt of 80k "(" would otherwise take quadratic time). Prompts nest a handful deep.
+pub const MAX_NESTING: usize = 64;
+
 /// lpw's `parse_prompt_attention` (A1111's syntax): `(text)` multiplies the weight by 1.1,
 /// `[text]` divides it by 1.1, `(text:1.5)` multiplies it by 1.5, brackets nest, `\(` `\)` `\[`
 /// `\]` `\\` are literal characters (a lone `\` disappears), an unclosed bracket applies to the
 /// rest of the prompt, a stray closing bracket is literal text, and `BREAK` becomes the piece
 /// `("BREAK", -1)` (lpw has no chunk break: the word is encoded with weight -1). Runs of equal
-/// weight are merged. The only error is a weight lpw's `float()` rejects, such as `(a:1.2.3)`.
+/// weight are merged. The errors are a weight lpw's `float()` rejects, such as `(a:1.2.3)`, and
+/// brackets nested deeper than [`MAX_NESTING`].
 pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
     let mut pieces: Vec<(String, f64)> = Vec::new();
     let (mut round, mut square) = (Vec::new(), Vec::new());
@@ -25,6 +31,9 @@ pub fn parse_prompt_attention(text: &str) -> Result<Vec<(String, f64)>> {
         let (token, len) = next_token(rest);
         let literal = &rest[..len];
         rest = &rest[len..];
+        if matches!(token, Token::Open(_)) && round.len() + square.len() == MAX_NESTING {
+            return Err(Error::InvalidParameter(format!("the prompt nests brackets more than {MAX_NESTING} deep (escape literal ones as \\( \\[)")));
+        }
         match token {
             Token::Escaped(c) => pieces.push((c.to_string(), 1.0)),
             Token::Open('(') => round.push(pieces.len()),
@@ -176,6 +185,30 @@ mod tests {
 
     fn pieces(list: &[(&str, f64)]) -> Vec<(String, f64)> {
         list.iter().map(|(t, w)| (t.to_string(), *w)).collect()
+    }
+
+    /// Seconds of the fastest of five runs.
+    fn seconds(f: impl Fn()) -> f64 {
+        (0..5).map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Doubling a prompt roughly doubles the parse time, deep nesting included; brackets past
+    /// MAX_NESTING are refused at once.
+    #[test]
+    fn parsing_is_linear() {
+        let nested = |n: usize| format!("{}{}", "(a [b ".repeat(n / 2), ") c]".repeat(n / 2));
+        let prompt = |n: usize| format!("{}{}", "(word:1.2) [x] ((y)) \\( z BREAK ".repeat(n), nested(super::MAX_NESTING).repeat(n / 8));
+        let (small, large) = (seconds(|| drop(parsed(&prompt(8000)))), seconds(|| drop(parsed(&prompt(16000)))));
+        assert!(large < 3.0 * small, "8000 → {small:.4} s, 16000 → {large:.4} s: not linear");
+        let start = std::time::Instant::now();
+        let err = parse_prompt_attention(&"(".repeat(100_000)).unwrap_err();
+        assert!(err.to_string().contains("more than 64 deep") && start.elapsed().as_secs_f64() < 0.5, "{err}");
+        assert_eq!(parsed(&format!("{}a{}", "(".repeat(64), ")".repeat(64)))[0].0, "a", "64 deep is fine");
     }
 
     /// The examples in lpw's `parse_prompt_attention` docstring.
