@@ -3,7 +3,7 @@
 //! latent → RGB previews shown while a run goes.
 
 use crate::error::{Error, Result};
-use crate::pipeline::generate::{GenerateParams, InitImage};
+use crate::pipeline::generate::{GenerateParams, InitImage, MAX_PIXELS, MAX_SIDE};
 
 /// RGB [1, 3, H, W] in 0..1 to interleaved 8-bit RGB, rounding as diffusers' numpy_to_pil
 /// ((x * 255).round(), half to even).
@@ -83,12 +83,18 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize, parameters: &str) -> 
 
 /// Decodes a PNG (any bit depth and colour type) to an img2img [`InitImage`]: grey is replicated
 /// to RGB, alpha is dropped, 16-bit samples keep their top 8 bits (what PIL's `convert("RGB")`
-/// gives diffusers), values v / 255.
+/// gives diffusers), values v / 255. Its size is checked against what a run takes
+/// ([`MAX_SIDE`], [`MAX_PIXELS`]) before anything is decoded: a few hundred bytes of PNG can
+/// claim gigapixels.
 pub fn decode_png(bytes: &[u8]) -> Result<InitImage> {
     let error = |e: png::DecodingError| Error::InvalidParameter(format!("not a readable PNG: {e}"));
     let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = decoder.read_info().map_err(error)?;
+    let (width, height) = (reader.info().width as usize, reader.info().height as usize);
+    if width > MAX_SIDE || height > MAX_SIDE || width * height > MAX_PIXELS {
+        return Err(Error::InvalidParameter(format!("the PNG is {width}x{height}: images are at most {MAX_SIDE} on a side and {} megapixels", MAX_PIXELS >> 20)));
+    }
     let mut buffer = vec![0; reader.output_buffer_size().ok_or_else(|| Error::InvalidParameter("PNG too large".into()))?];
     let frame = reader.next_frame(&mut buffer).map_err(error)?;
     let (width, height) = (frame.width as usize, frame.height as usize);
@@ -145,6 +151,46 @@ mod tests {
         let frame = reader.next_frame(&mut buf).unwrap();
         buf.truncate(frame.buffer_size());
         (buf, reader.info().clone())
+    }
+
+    /// A PNG whose header claims `width` × `height` RGB pixels, with 16 bytes of data.
+    fn claimed(width: u32, height: u32) -> Vec<u8> {
+        let crc = |bytes: &[u8]| {
+            let mut c = !0u32;
+            for &b in bytes {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                }
+            }
+            !c
+        };
+        let mut out = vec![137, 80, 78, 71, 13, 10, 26, 10];
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            out.extend((data.len() as u32).to_be_bytes());
+            let body = [kind, data].concat();
+            out.extend(&body);
+            out.extend(crc(&body).to_be_bytes());
+        };
+        chunk(b"IHDR", &[&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 2, 0, 0, 0]].concat());
+        chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        chunk(b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn huge_pngs_are_refused_before_decoding() {
+        for (w, h) in [(60_000, 60_000), (8200, 8), (8192, 4104)] {
+            let bytes = claimed(w, h);
+            assert!(bytes.len() < 100_000);
+            let err = decode_png(&bytes).unwrap_err();
+            assert!(err.to_string().contains(&format!("{w}x{h}")) && err.to_string().contains("at most"), "{err}");
+        }
+        let mut small = Vec::new();
+        let mut encoder = png::Encoder::new(&mut small, 64, 64);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.write_header().unwrap().write_image_data(&[0; 3 * 64 * 64]).unwrap();
+        assert_eq!(decode_png(&small).unwrap().rgb, vec![0.0; 3 * 64 * 64], "a small image decodes");
     }
 
     #[test]
