@@ -436,6 +436,18 @@ fn rejects_corrupt_counts_and_offsets() {
     assert!(gguf_message(parse(&bad)).contains("not a multiple of the alignment"));
     bad[offset_pos..offset_pos + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
     assert!(gguf_message(parse(&bad)).contains("'b.weight'"));
+    // A metadata array of more values than a header may hold (each 32 bytes parsed): refused
+    // after at most MAX_METADATA_VALUES of them, whatever the file's size.
+    let n = gguf::MAX_METADATA_VALUES + 1;
+    let mut huge = [&b"GGUF"[..], &3u32.to_le_bytes(), &0u64.to_le_bytes(), &1u64.to_le_bytes()].concat();
+    huge.extend((4u64).to_le_bytes());
+    huge.extend(b"huge");
+    huge.extend(9u32.to_le_bytes());
+    huge.extend(0u32.to_le_bytes());
+    huge.extend(n.to_le_bytes());
+    huge.resize(huge.len() + n as usize, 7);
+    let message = gguf_message(parse(&huge));
+    assert!(message.contains("'huge'") && message.contains("more than 1048576 values"), "{message}");
     // Duplicate names.
     let mut writer = GgufWriter::new();
     writer.tensor("same", &[32], GgmlType::F16, &[0.0; 32]).unwrap();

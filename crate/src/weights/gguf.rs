@@ -56,6 +56,10 @@ const MAX_HEADER_BYTES: u64 = 64 << 20;
 const FIRST_READ: u64 = 256 << 10;
 /// Nesting limit of metadata arrays (a corrupt file must not recurse without bound).
 const MAX_ARRAY_DEPTH: usize = 4;
+/// Metadata values (array items included) a header may hold: each takes 32 bytes parsed, so a
+/// 32 MiB array of bytes would take 1 GiB. An LLM's vocabulary arrays hold under a million; an
+/// SDXL file's metadata a few dozen values.
+pub const MAX_METADATA_VALUES: u64 = 1 << 20;
 
 /// The ggml tensor types this engine loads.
 #[allow(non_camel_case_types)] // ggml's names
@@ -334,7 +338,7 @@ pub enum Parsed {
 /// tensor (supported type, whole blocks per row, byte range inside the file). `path` names the
 /// file in errors.
 pub fn parse_header(path: &str, prefix: &[u8], file_len: u64) -> Result<Parsed> {
-    let mut r = Reader { path, bytes: prefix, pos: 0, file_len };
+    let mut r = Reader { path, bytes: prefix, pos: 0, file_len, values_left: MAX_METADATA_VALUES };
     match r.header() {
         Ok(header) => Ok(Parsed::Header(header)),
         Err(Stop::Need(n)) => Ok(Parsed::NeedBytes(n)),
@@ -361,6 +365,8 @@ struct Reader<'a> {
     bytes: &'a [u8],
     pos: u64,
     file_len: u64,
+    /// Metadata values the header may still hold ([`MAX_METADATA_VALUES`]).
+    values_left: u64,
 }
 
 impl Reader<'_> {
@@ -412,6 +418,7 @@ impl Reader<'_> {
 
     fn value(&mut self, type_id: u32, key: &str, depth: usize) -> Step<MetadataValue> {
         use MetadataValue as V;
+        self.values_left = self.values_left.checked_sub(1).ok_or_else(|| self.corrupt(format!("metadata '{key}': the header holds more than {MAX_METADATA_VALUES} values")))?;
         Ok(match type_id {
             0 => V::U8(u8::from_le_bytes(self.array(key)?)),
             1 => V::I8(i8::from_le_bytes(self.array(key)?)),
