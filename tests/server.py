@@ -8,15 +8,23 @@ A folder's URL serves its index.html.
 Prints `http://127.0.0.1:PORT` on its first line once it listens. Control endpoints (for tests):
   /_control/reset                            forget the request log and the faults
   /_control/log                              JSON list of the GET requests served: {path, start, end}
-  /_control/fail?prefix=P&from=S&after=N&times=K
-                                             the next K GETs under P for bytes from S on send N body
-                                             bytes, then drop the connection
+  /_control/fail?prefix=P&from=S&after=N&times=K&mode=M
+                                             the next K GETs under P for bytes from S on answer
+                                             wrongly, by mode: drop (default: N body bytes, then the
+                                             connection drops), ignore-range (200 with the whole
+                                             file), wrong-range (206 for the range one byte later),
+                                             long (a body N bytes longer than the range, as its
+                                             Content-Length says), chunked (a correct
+                                             chunked body), endless (a chunked body that never
+                                             ends), stall (the headers, then N seconds of silence)
+  /_redirect/PATH                            302 to /PATH (as the hub redirects to its CDN)
 """
 import argparse
 import json
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -65,6 +73,7 @@ class Handler(BaseHTTPRequestHandler):
                 STATE["faults"].append({
                     "prefix": query["prefix"], "from": int(query.get("from", 0)),
                     "after": int(query.get("after", 0)), "times": int(query.get("times", 1)),
+                    "mode": query.get("mode", "drop"),
                 })
             elif url.path != "/_control/log":
                 return self.reply(404, b"{}")
@@ -88,6 +97,13 @@ class Handler(BaseHTTPRequestHandler):
         path = unquote(url.path)
         if path.startswith("/_control/"):
             return self.control(url, head)
+        if path.startswith("/_redirect/"):
+            self.send_response(302)
+            self.cors()
+            self.send_header("Location", self.path[len("/_redirect"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         file = self.resolve(path)
         if file is None:
             return self.reply(404, b'{"error": "not found"}')
@@ -103,30 +119,73 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.end_headers()
                 return
+        fault = None
+        if not head:
+            with LOCK:
+                STATE["log"].append({"path": path, "start": start, "end": end})
+                for f in STATE["faults"]:
+                    if f["times"] > 0 and path.startswith(f["prefix"]) and start >= f["from"]:
+                        f["times"] -= 1
+                        fault = f
+                        break
+        mode = fault["mode"] if fault else None
+        if mode == "ignore-range":
+            header, start, end = None, 0, size
+        elif mode == "wrong-range":
+            start, end = start + 1, min(size, end + 1)
+        elif mode in ("chunked", "endless"):
+            return self.chunked(file, start, end, endless=mode == "endless")
         self.send_response(206 if header else 200)
         self.cors()
         self.send_header("Content-Type", TYPES.get(os.path.splitext(file)[1], "application/octet-stream"))
-        self.send_header("Content-Length", str(end - start))
+        extra = fault["after"] if mode == "long" else 0
+        self.send_header("Content-Length", str(end - start + extra))
         if header:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if head:
             return
-        limit = end - start
-        with LOCK:
-            STATE["log"].append({"path": path, "start": start, "end": end})
-            for fault in STATE["faults"]:
-                if fault["times"] > 0 and path.startswith(fault["prefix"]) and start >= fault["from"]:
-                    fault["times"] -= 1
-                    limit = min(limit, fault["after"])
-                    break
+        if mode == "stall":
+            self.wfile.flush()
+            time.sleep(fault["after"])
+            self.close_connection = True
+            return
+        limit = min(end - start, fault["after"]) if mode == "drop" else end - start
         with open(file, "rb") as f:
             f.seek(start)
-            self.wfile.write(f.read(limit))
+            body = f.read(limit) + bytes(extra)
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client read what it asked for and left
         if limit < end - start:
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)
+
+    def chunked(self, file, start, end, endless):
+        """A 206 with a chunked body (HTTP/1.1): the range, or, when `endless`, zeros forever after it."""
+        self.protocol_version = "HTTP/1.1"
+        self.send_response(206)
+        self.cors()
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Range", f"bytes {start}-{end - 1}/{os.path.getsize(file)}")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        with open(file, "rb") as f:
+            f.seek(start)
+            body = f.read(end - start)
+        try:
+            for i in range(0, len(body), 4096):
+                piece = body[i:i + 4096]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            while endless:
+                self.wfile.write(b"%x\r\n%s\r\n" % (65536, bytes(65536)))
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def do_GET(self):
         self.serve(head=False)

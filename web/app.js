@@ -215,6 +215,27 @@ function openFile(file) {
   if (sdxl && !running) $('load').click();
 }
 
+/**
+ * Registers the service worker (sw.js: the app offline, one build at a time). A new build waits
+ * until no page of this one is open; "Reload" hands over at once (a run in progress is lost).
+ */
+async function offline() {
+  // Checked on every visit, past the HTTP cache: sw.js and the build manifest it imports.
+  const registration = await navigator.serviceWorker.register('sw.js', { updateViaCache: 'none' });
+  const offerUpdate = () => {
+    if (!registration.waiting || !navigator.serviceWorker.controller) return;
+    $('update').hidden = false;
+    $('reload').onclick = () => {
+      navigator.serviceWorker.addEventListener('controllerchange', () => location.reload());
+      registration.waiting.postMessage('skipWaiting');
+    };
+  };
+  offerUpdate();
+  registration.addEventListener('updatefound', () => registration.installing.addEventListener('statechange', offerUpdate));
+  await navigator.serviceWorker.ready;
+  document.body.dataset.offline = 'ready';
+}
+
 async function main() {
   for (const [key, preset] of Object.entries(PRESETS)) $('preset').add(new Option(preset.label, key));
   const params = new URLSearchParams(location.search);
@@ -245,9 +266,7 @@ async function main() {
     if (!running) run(generate);
   };
 
-  if ('serviceWorker' in navigator) {
-    navigator.serviceWorker.register('sw.js').then(() => navigator.serviceWorker.ready).then(() => { document.body.dataset.offline = 'ready'; });
-  }
+  if ('serviceWorker' in navigator) offline();
   $('generate').disabled = $('load').disabled = true;
   const adapterName = await checkGpu();
   if (!adapterName) return;

@@ -30,11 +30,53 @@ export class SdxlError extends Error {
 }
 
 const abortError = () => new SdxlError('AbortError', 'cancelled');
+const invalid = (message) => new SdxlError('InvalidParameter', message);
+/** A value as an error message shows it (JSON where it has one; JSON.stringify throws on a BigInt). */
+const shown = (value) => {
+  try {
+    return typeof value === 'function' ? 'a function' : JSON.stringify(value) ?? String(value);
+  } catch {
+    return `a ${typeof value}`;
+  }
+};
 
 /** Rejects option names the call does not know (a typo would otherwise silently use a default). */
 function checkOptions(what, options, known) {
   const unknown = Object.keys(options ?? {}).filter((key) => !known.includes(key));
-  if (unknown.length) throw new SdxlError('InvalidParameter', `${what}: unknown option ${unknown.map((k) => `\`${k}\``).join(', ')} (known: ${known.join(', ')})`);
+  if (unknown.length) throw invalid(`${what}: unknown option ${unknown.map((k) => `\`${k}\``).join(', ')} (known: ${known.join(', ')})`);
+}
+
+/** Rejects a `signal` that is not an AbortSignal and callbacks that are not functions. */
+function checkHooks(what, { signal, ...callbacks }) {
+  if (signal !== undefined && !(signal instanceof AbortSignal)) throw invalid(`${what}: signal must be an AbortSignal`);
+  for (const [name, callback] of Object.entries(callbacks)) {
+    if (callback !== undefined && typeof callback !== 'function') throw invalid(`${what}: ${name} must be a function`);
+  }
+}
+
+/**
+ * Where `value` holds something the worker cannot be sent, as "PATH is a WHAT", or null. Options
+ * cross as JSON (strings, numbers, booleans, null, arrays, plain objects), picked files as Blobs;
+ * a function, a symbol, a DOM node or a class instance would fail to clone or turn into `{}`.
+ */
+function unsendable(value, path) {
+  if (value === null || value === undefined || ['string', 'number', 'boolean'].includes(typeof value) || value instanceof Blob) return null;
+  const prototype = typeof value === 'object' ? Object.getPrototypeOf(value) : undefined;
+  if (!Array.isArray(value) && prototype !== Object.prototype && prototype !== null) {
+    const what = typeof value === 'object' ? `a ${value.constructor?.name ?? 'object'}` : typeof value === 'bigint' ? 'a BigInt' : `a ${typeof value}`;
+    return `${path || 'the argument'} is ${what}`;
+  }
+  for (const [key, item] of Object.entries(value)) {
+    const bad = unsendable(item, Array.isArray(value) ? `${path}[${key}]` : path ? `${path}.${key}` : key);
+    if (bad) return bad;
+  }
+  return null;
+}
+
+/** Throws InvalidParameter naming the first value in `args` the worker cannot be sent. */
+function checkSendable(what, args) {
+  const bad = args.map((arg) => unsendable(arg, '')).find(Boolean);
+  if (bad) throw invalid(`${what}: ${bad}: options are strings, numbers, booleans, null, arrays and plain objects`);
 }
 
 /** A store id made of a path's last segment (or a file's name). */
@@ -58,7 +100,7 @@ function modelRef(ref, id) {
     return { file, id: ref?.id ?? id(file), blob };
   }
   const url = typeof ref === 'string' ? ref : ref?.url;
-  if (typeof url !== 'string' || url === '') throw new SdxlError('InvalidParameter', `a model is a hub repository, a URL, a File or {url, id}; got ${JSON.stringify(ref)}`);
+  if (typeof url !== 'string' || url === '') throw invalid(`a model is a hub repository, a URL, a File or {url, id}; got ${shown(ref)}`);
   const hub = /^[\w.-]+\/[\w.-]+(\/[\w.-]+)*$/.test(url) && !/^\.{1,2}\//.test(url);
   const absolute = /^[a-z]+:\/\//i.test(url) || hub ? url : new URL(url, globalThis.location?.href).href;
   return { url: absolute, id: ref?.id ?? id(url) };
@@ -84,9 +126,11 @@ class Eta {
 
 export class Sdxl {
   #options;
+  /** The worker that runs the engine, or null: the next call starts one. */
   #worker = null;
   #next = 1;
-  #pending = new Map();
+  /** The calls posted to the worker and not yet answered, in the order it runs them: id → {method, args, onEvent, resolve, reject}. */
+  #calls = new Map();
   /** The GPU adapter: {adapter, precision ('f16' | 'f32'), shaderF16, maxBufferBytes}. */
   info = null;
   /** What load() made the loaded models: {base: {url, id}, refiner: {url, id} | null, quant}. */
@@ -98,6 +142,8 @@ export class Sdxl {
 
   /** Starts the worker, opens the GPU and the model store. Fails with WebGpuUnavailable without WebGPU. */
   static async create(options = {}) {
+    checkHooks('Sdxl.create', { onProgress: options.onProgress });
+    checkSendable('Sdxl.create', [{ precision: options.precision, storeName: options.storeName }]);
     const sdxl = new Sdxl(options);
     try {
       await sdxl.#start();
@@ -108,50 +154,90 @@ export class Sdxl {
     return sdxl;
   }
 
-  async #start() {
+  /** Starts a worker and its engine; calls posted meanwhile queue behind its creation (and fail with it). */
+  #start() {
     const { precision = 'auto', storeName = 'sdxl-models', workerUrl = new URL('./worker.js', import.meta.url) } = this.#options;
-    this.#worker = new Worker(workerUrl, { type: 'module' });
-    this.#worker.onmessage = ({ data }) => this.#receive(data);
-    this.#worker.onerror = (e) => this.#fail(new SdxlError('InternalError', `the worker failed: ${e.message ?? 'it could not start'}`));
-    this.info = await this.#send('create', [{ precision, storeName }]);
+    const worker = new Worker(workerUrl, { type: 'module' });
+    // A replaced worker's last messages and errors are no longer anyone's.
+    worker.onmessage = ({ data }) => worker === this.#worker && this.#receive(data);
+    worker.onerror = (e) => worker === this.#worker && this.#stop(new SdxlError('InternalError', `the worker failed: ${e.message ?? 'it could not start'}`));
+    this.#worker = worker;
+    return new Promise((resolve, reject) => this.#post(this.#next++, { method: 'create', args: [{ precision, storeName }], resolve, reject }))
+      .then((info) => { this.info = info; });
   }
 
-  /** Rejects every call in flight and drops the worker (the next call starts a fresh one). */
-  #fail(error) {
+  #post(id, call) {
+    this.#worker.postMessage({ id, method: call.method, args: call.args });
+    this.#calls.set(id, call);
+  }
+
+  /** Ends the worker (and with it its GPU device); returns the calls it had not answered. */
+  #drop() {
     this.#worker?.terminate();
     this.#worker = null;
     this.loaded = null;
-    for (const { reject } of this.#pending.values()) reject(error);
-    this.#pending.clear();
+    const calls = [...this.#calls];
+    this.#calls.clear();
+    return calls;
+  }
+
+  /** Ends the worker and rejects every call it had not answered (the next call starts a fresh one). */
+  #stop(error) {
+    for (const [, call] of this.#drop()) call.reject(error);
   }
 
   #receive({ id, event, preview, result, error }) {
-    const call = this.#pending.get(id);
+    const call = this.#calls.get(id);
     if (!call) return;
     if (event) return call.onEvent?.(event, preview);
-    this.#pending.delete(id);
-    if (error) {
+    this.#calls.delete(id);
+    if (!error) return call.resolve(result);
+    if (call.method === 'create') {
       call.reject(new SdxlError(error.name, error.message));
-      // The engine cannot go on after these; the next call starts a fresh one (models load again from IndexedDB).
-      if (error.name === 'InternalError' || error.name === 'DeviceLost') this.#fail(new SdxlError(error.name, `the engine stopped: ${error.message}`));
-    } else call.resolve(result);
+      this.#stop(new SdxlError(error.name, error.message));
+    } else if (error.name === 'InternalError' || error.name === 'DeviceLost') {
+      // The engine cannot go on after these (a panicked instance, a lost device): a fresh worker and
+      // GPU device take over at once; the models load again from IndexedDB.
+      call.reject(new SdxlError(error.name, `${error.message} (the engine restarted: load() the models again, they come from IndexedDB)`));
+      this.#stop(new SdxlError(error.name, `the engine stopped: ${error.message}`));
+      this.#start().catch(() => {}); // a failed start fails the calls queued behind it
+    } else call.reject(new SdxlError(error.name, error.message));
   }
 
-  #send(method, args, onEvent, id = this.#next++) {
-    return new Promise((resolve, reject) => {
-      this.#pending.set(id, { resolve, reject, onEvent });
-      this.#worker.postMessage({ id, method, args });
-    }).finally(() => this.#pending.delete(id));
+  /**
+   * Aborts call `id`. A generation (`cancel`) stops at its next step; a call still queued in the
+   * worker is skipped there; a running download stops only with its worker, so a fresh worker
+   * takes over, and the calls queued behind the download run there.
+   */
+  #abort(id, cancel) {
+    const call = this.#calls.get(id);
+    if (!call) return;
+    if (cancel) return this.#worker.postMessage({ cancel: id }); // the engine rejects the run with AbortError
+    const [running] = this.#calls.keys();
+    this.#calls.delete(id);
+    call.reject(abortError());
+    if (running !== id) return this.#worker.postMessage({ cancel: id });
+    const queued = this.#drop();
+    this.#start().catch(() => {}); // a failed start fails the calls queued behind it
+    for (const [queuedId, queuedCall] of queued) this.#post(queuedId, queuedCall);
   }
 
-  async #call(method, args, { onEvent, signal, cancel } = {}) {
+  async #call(method, args, { onEvent, signal, cancel = false } = {}) {
+    checkSendable(method, args);
     if (signal?.aborted) throw abortError();
-    if (!this.#worker) await this.#start();
+    if (!this.#worker) this.#start().catch(() => {}); // a failed start fails this call
     const id = this.#next++;
-    const onAbort = () => cancel ? this.#worker?.postMessage({ cancel: id }) : this.#fail(abortError());
+    const onAbort = () => this.#abort(id, cancel);
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
-      return await this.#send(method, args, onEvent, id);
+      return await new Promise((resolve, reject) => {
+        try {
+          this.#post(id, { method, args, onEvent, resolve, reject });
+        } catch (e) {
+          // What passes unsendable() but still fails to clone (a Proxy, a getter that throws).
+          reject(invalid(`${method}: an option cannot be sent to the engine: ${e.message}`));
+        }
+      });
     } finally {
       signal?.removeEventListener('abort', onAbort);
     }
@@ -172,12 +258,13 @@ export class Sdxl {
    * Makes `base` (and `refiner`) the loaded models: downloads (or, for a picked file, imports) each
    * into IndexedDB unless stored (resuming an interrupted download), converting it to `quant` as it
    * streams in (GGUF blocks kept as stored), then uploads it to the GPU. Aborting `signal` stops the
-   * download (what is stored stays) and restarts the worker.
+   * download (what is stored stays) by restarting the worker; calls queued behind it still run.
    */
   async load(options = {}) {
     checkOptions('load', options, ['base', 'refiner', 'quant', 'signal', 'onProgress']);
     const { base, refiner = null, quant = 'q4', signal, onProgress } = options;
-    if (!['f16', 'q8', 'q4'].includes(quant)) throw new SdxlError('InvalidParameter', `quant must be 'f16', 'q8' or 'q4', not ${JSON.stringify(quant)}`);
+    checkHooks('load', { signal, onProgress });
+    if (!['f16', 'q8', 'q4'].includes(quant)) throw invalid(`quant must be 'f16', 'q8' or 'q4', not ${shown(quant)}`);
     const id = (name) => storeId(name, quant);
     const refs = [modelRef(base, id), refiner ? modelRef(refiner, id) : null];
     const files = refs.map((r) => r?.blob ?? null);
@@ -200,19 +287,20 @@ export class Sdxl {
     checkOptions('generate', options, known);
     let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt, promptWeighting,
       loras = [], signal, onStep, onProgress } = options;
-    if (typeof prompt !== 'string') throw new SdxlError('InvalidParameter', 'prompt must be a string');
+    checkHooks('generate', { signal, onStep, onProgress });
+    if (typeof prompt !== 'string') throw invalid('prompt must be a string');
     // JSON would turn NaN and Infinity into null, which the engine reads as "use the default".
     const numbers = { width, height, steps, guidance, seed, refinerStart };
     for (const [name, value] of Object.entries(numbers)) {
       if (value !== undefined && value !== null && !(typeof value === 'number' && Number.isFinite(value))) {
-        throw new SdxlError('InvalidParameter', `${name} must be a finite number, not ${typeof value === 'number' ? value : JSON.stringify(value)}`);
+        throw invalid(`${name} must be a finite number, not ${typeof value === 'number' ? value : shown(value)}`);
       }
     }
-    if (!Array.isArray(loras)) throw new SdxlError('InvalidParameter', 'loras must be an array of {model, weight}');
+    if (!Array.isArray(loras)) throw invalid('loras must be an array of {model, weight}');
     for (const lora of loras) {
       checkOptions('generate loras', lora, ['model', 'weight']);
       if (typeof lora?.model !== 'string' || typeof lora.weight !== 'number' || !Number.isFinite(lora.weight)) {
-        throw new SdxlError('InvalidParameter', `a LoRA is {model: stored id, weight: finite number}; got model ${JSON.stringify(lora?.model)}, weight ${lora?.weight}`);
+        throw invalid(`a LoRA is {model: stored id, weight: finite number}; got model ${shown(lora?.model)}, weight ${shown(lora?.weight)}`);
       }
     }
     if (refinerStart === undefined) refinerStart = this.loaded?.refiner ? 0.8 : null;
@@ -245,7 +333,10 @@ export class Sdxl {
    * `owner/name/file.safetensors`, {file, id} or {url, id}. The id defaults to the file's name
    * without .safetensors. Resolves to the stored LoRA; generate() applies it with `loras`.
    */
-  async storeLora(ref, { signal, onProgress } = {}) {
+  async storeLora(ref, options = {}) {
+    checkOptions('storeLora', options, ['signal', 'onProgress']);
+    const { signal, onProgress } = options;
+    checkHooks('storeLora', { signal, onProgress });
     const [lora, file] = withoutBlob(modelRef(ref, loraId));
     return this.#call('storeLora', [lora, [file]], { onEvent: this.#progress(onProgress), signal });
   }
@@ -268,6 +359,7 @@ export class Sdxl {
   async bench(options = {}) {
     checkOptions('bench', options, ['sizes', 'quants', 'loras', 'only', 'model', 'signal', 'onProgress']);
     const { sizes, quants, loras, only, model, signal, onProgress } = options;
+    checkHooks('bench', { signal, onProgress });
     const request = { sizes, quants, loras, only };
     if (model) {
       const base = new URL(model.replace(/\/?$/, '/'), location.href);
@@ -291,5 +383,5 @@ export class Sdxl {
   async persist() { return (await navigator.storage?.persist?.()) ?? false; }
 
   /** Stops the worker and frees the GPU. */
-  terminate() { this.#fail(new SdxlError('AbortError', 'terminated')); }
+  terminate() { this.#stop(new SdxlError('AbortError', 'terminated')); }
 }

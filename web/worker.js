@@ -1,15 +1,20 @@
 // The dedicated worker behind sdxl.js: owns the wasm engine (GPU, model store) and runs one call at
-// a time. Messages in: {id, method, args} and {cancel: id}. Messages out: {id, event, preview?},
-// {id, result} or {id, error: {name, message}}.
-import init, { Engine } from './pkg/sdxl.js';
+// a time. Messages in: {id, method, args} and {cancel: id} (a call still queued is skipped). Messages
+// out: {id, event, preview?}, {id, result} or {id, error: {name, message}}.
+import init, { Engine, setPanicHook } from './pkg/sdxl.js';
 
 let engine = null;
 const cancelled = new Set();
 let queue = Promise.resolve();
+/** The id of the call running. */
+let current = null;
+/** A Rust panic's message (and location), recorded by the engine's hook before the trap. */
+let panicked = null;
 
 const methods = {
   async create(id, options) {
     await init();
+    setPanicHook((message) => { panicked = message; });
     engine = await Engine.create(JSON.stringify(options));
     return JSON.parse(engine.info());
   },
@@ -39,19 +44,33 @@ const methods = {
 function post(message, transfer = []) { self.postMessage(message, transfer); }
 
 async function handle({ id, method, args }) {
+  current = id;
   try {
+    if (cancelled.has(id)) throw Object.assign(new Error('cancelled'), { name: 'AbortError' });
     if (method !== 'create' && !engine) throw Object.assign(new Error('the engine is not created'), { name: 'InvalidState' });
     const out = await methods[method](id, ...args);
     if (out && out.transfer) post({ id, result: out.result }, out.transfer);
     else post({ id, result: out });
   } catch (e) {
-    // Engine errors carry their kind as `name`; anything else (a wasm trap) is an internal error.
+    // Engine errors carry their kind as `name`; anything else (a wasm trap) is an internal error. A
+    // panic traps as "RuntimeError: unreachable": its hook said why. The client replaces this worker.
     const known = e instanceof Error && e.name !== 'Error' && e.name !== 'RuntimeError';
-    post({ id, error: { name: known ? e.name : 'InternalError', message: String(e?.message ?? e) } });
+    const error = panicked !== null ? { name: 'InternalError', message: `the engine panicked: ${panicked}` }
+      : { name: known ? e.name : 'InternalError', message: String(e?.message ?? e) };
+    post({ id, error });
   } finally {
     cancelled.delete(id);
+    current = null;
   }
 }
+
+// A panic in a task of the engine's futures traps outside the call's promise, which never settles:
+// answer the call here (a trap within the call is answered by handle()).
+self.addEventListener('error', (event) => {
+  if (panicked === null || current === null) return;
+  event.preventDefault();
+  post({ id: current, error: { name: 'InternalError', message: `the engine panicked: ${panicked}` } });
+});
 
 self.onmessage = ({ data }) => {
   if ('cancel' in data) cancelled.add(data.cancel);

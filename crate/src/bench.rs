@@ -162,7 +162,7 @@ fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> 
 }
 
 /// Runs the measurements `options` asks for; a case that fails (over the adapter's limits, out
-/// of memory) is reported in `skipped` and the others go on.
+/// of memory) is reported in `skipped` and the others go on: each case is its own GPU operation.
 pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log: impl FnMut(&str)) -> Result<BenchReport> {
     let unet: UNet2DConditionConfig = parse(&model.unet_config, "unet/config.json")?;
     let vae: VaeConfig = parse(&model.vae_config, "vae/config.json")?;
@@ -185,7 +185,7 @@ pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log:
         let size = *options.sizes.iter().max().unwrap();
         for case in kernel_cases(&unet, &vae, size)? {
             log(&format!("kernel {} {}", case.kernel, case.shape));
-            match measure_kernel(gpu, &case, &report.peak).await {
+            match gpu.operation(measure_kernel(gpu, &case, &report.peak)).await {
                 Ok(r) => report.kernels.push(r),
                 Err(e) => report.skipped.push(Skipped { what: format!("{} {} {}", case.kernel, case.shape, case.weights()), error: e.to_string() }),
             }
@@ -202,7 +202,7 @@ pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log:
         for &size in &options.sizes {
             for tiled in [false, true] {
                 log(&format!("vae decode {size}² {}", if tiled { "tiled" } else { "whole" }));
-                match measure_vae(gpu, &vae, size, tiled).await {
+                match gpu.operation(measure_vae(gpu, &vae, size, tiled)).await {
                     Ok(r) => report.vae.push(r),
                     Err(e) => report.skipped.push(Skipped { what: format!("vae decode {size}² tiled={tiled}"), error: e.to_string() }),
                 }
@@ -354,20 +354,20 @@ async fn measure_unet(gpu: &Gpu, config: &UNet2DConditionConfig, quant: QuantPre
     log(&format!("unet {name}: generating random weights"));
     let (tensors, policy, layers) = (RandomTensors { seed: 1, component: "unet".into() }, quant.policy(), Layers::default());
     let before = gpu.memory().allocated;
-    let unet = match UNet2DConditionModel::load(&Vars::new(gpu, &tensors, "unet", &policy).with_layers(&layers), config.clone()).await {
+    let unet = match gpu.operation(UNet2DConditionModel::load(&Vars::new(gpu, &tensors, "unet", &policy).with_layers(&layers), config.clone())).await {
         Ok(u) => u,
         Err(e) => return report.skipped.push(Skipped { what: format!("unet {name}"), error: e.to_string() }),
     };
     let weight_bytes = gpu.memory().allocated - before;
     for lora_rank in std::iter::once(None).chain(options.lora_ranks.iter().copied().map(Some)) {
         let what = lora_rank.map_or(String::new(), |r| format!(" + rank-{r} LoRA"));
-        if let Err(e) = random_loras(gpu, &layers, lora_rank) {
+        if let Err(e) = gpu.operation(async { random_loras(gpu, &layers, lora_rank) }).await {
             report.skipped.push(Skipped { what: format!("unet {name}{what}"), error: e.to_string() });
             continue;
         }
         for &size in &options.sizes {
             log(&format!("unet {name}{what} {size}²"));
-            match unet_step(gpu, &unet, config, size).await {
+            match gpu.operation(unet_step(gpu, &unet, config, size)).await {
                 Ok((seconds, peak)) => report.unet.push(UnetResult {
                     size,
                     quant: name.clone(),

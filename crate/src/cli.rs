@@ -63,7 +63,7 @@ const USAGE: &str = "usage:
       record size (tests).
   sdxl download --url URL --id ID --quant f16|q8|q4 [--store DIR] [--shard-bytes N]
       Downloads the model pack, diffusers-layout SDXL folder or single .safetensors / .gguf file at
-      URL (plain http:// natively; owner/name is a hub repository, owner/name/FILE a file in one) into
+      URL (http or https, redirects followed; owner/name is a hub repository, owner/name/FILE a file in one) into
       the store folder (default: sdxl-models) as STORE/ID, a model pack --model reads. A folder or
       file is converted with --quant as it streams in. Run it again to resume an interrupted download
       or to re-fetch records that fail their sha256.

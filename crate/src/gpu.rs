@@ -201,7 +201,34 @@ pub struct Gpu {
     memory: Rc<RefCell<Memory>>,
     pending_dispatches: Cell<u32>,
     staged_bytes: Cell<u64>,
+    /// A GPU error reported outside any operation's scopes; taken (and so cleared) by `check`.
     failure: Arc<Mutex<Option<Error>>>,
+    /// Set once the device is lost: every later call fails with it.
+    lost: Arc<Mutex<Option<Error>>>,
+    /// The error scopes of the operation in progress (see `operation`), innermost last.
+    scopes: RefCell<Vec<wgpu::ErrorScopeGuard>>,
+}
+
+/// The errors each operation's scopes catch: one scope per filter.
+const ERROR_FILTERS: [wgpu::ErrorFilter; 3] = [wgpu::ErrorFilter::OutOfMemory, wgpu::ErrorFilter::Validation, wgpu::ErrorFilter::Internal];
+
+fn gpu_error(e: wgpu::Error) -> Error {
+    match e {
+        wgpu::Error::OutOfMemory { .. } => Error::Gpu(format!("out of GPU memory: {e}")),
+        _ => Error::Gpu(e.to_string()),
+    }
+}
+
+/// Pops an operation's error scopes (innermost first, as wgpu requires) when dropped: also when
+/// the operation's future is dropped half-way.
+struct ScopesGuard<'a>(&'a Gpu);
+
+impl Drop for ScopesGuard<'_> {
+    fn drop(&mut self) {
+        while let Some(scope) = self.0.scopes.borrow_mut().pop() {
+            drop(scope);
+        }
+    }
 }
 
 impl Gpu {
@@ -267,15 +294,10 @@ impl Gpu {
         let failure: Arc<Mutex<Option<Error>>> = Arc::default();
         let on_error = failure.clone();
         device.on_uncaptured_error(Arc::new(move |e| {
-            let mut slot = on_error.lock().unwrap();
-            if slot.is_none() {
-                *slot = Some(match e {
-                    wgpu::Error::OutOfMemory { .. } => Error::Gpu(format!("out of GPU memory: {e}")),
-                    _ => Error::Gpu(e.to_string()),
-                });
-            }
+            on_error.lock().unwrap().get_or_insert(gpu_error(e));
         }));
-        let on_lost = failure.clone();
+        let lost: Arc<Mutex<Option<Error>>> = Arc::default();
+        let on_lost = lost.clone();
         device.set_device_lost_callback(move |reason, message| {
             *on_lost.lock().unwrap() = Some(Error::DeviceLost(format!("{reason:?}: {message}")));
         });
@@ -302,6 +324,8 @@ impl Gpu {
             pending_dispatches: Cell::new(0),
             staged_bytes: Cell::new(0),
             failure,
+            lost,
+            scopes: RefCell::default(),
         })
     }
 
@@ -310,12 +334,76 @@ impl Gpu {
         self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 
-    /// The first error the device reported since it was created, if any.
+    /// The device's loss, or an error reported outside any operation since the last check.
     fn check(&self) -> Result<()> {
-        match self.failure.lock().unwrap().clone() {
+        if let Some(lost) = self.lost.lock().unwrap().clone() {
+            return Err(lost);
+        }
+        match self.failure.lock().unwrap().take() {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Runs one engine operation (a load, a generation, a LoRA upload, a bench) in its own GPU
+    /// error scopes, so that a GPU error (out of memory, a failed validation) fails this operation
+    /// only: it returns the error (also where the work itself went on to succeed), the buffers
+    /// of its tensors are freed as they drop, the activation pool is released, and the next call
+    /// starts clean. An operation within another belongs to the outer one. A lost device fails
+    /// every later operation with `DeviceLost`.
+    pub async fn operation<T>(&self, work: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        if !self.scopes.borrow().is_empty() {
+            return work.await;
+        }
+        // An error reported outside any operation belongs to none: it does not fail this one.
+        self.failure.lock().unwrap().take();
+        if let Some(lost) = self.lost.lock().unwrap().clone() {
+            return Err(lost);
+        }
+        let guard = ScopesGuard(self);
+        self.open_scopes();
+        let result = work.await;
+        // Every command of the operation has run before its scopes close.
+        let drained = self.sync().await;
+        let caught = self.close_scopes(false).await;
+        drop(guard);
+        // A GPU error explains whatever else went wrong (a failed map after an out-of-memory), and a
+        // lost device explains any GPU error.
+        let lost = self.lost.lock().unwrap().clone();
+        let result = match lost.or(caught).or(drained.err()) {
+            Some(e) => Err(e),
+            None => result,
+        };
+        if result.is_err() {
+            self.trim();
+        }
+        result
+    }
+
+    fn open_scopes(&self) {
+        let scopes = ERROR_FILTERS.map(|filter| self.device.push_error_scope(filter));
+        self.scopes.borrow_mut().extend(scopes);
+    }
+
+    /// Closes the open operation's scopes and, with `reopen`, opens fresh ones in their place; the
+    /// error they caught (the first of the most telling kind).
+    async fn close_scopes(&self, reopen: bool) -> Option<Error> {
+        let mut popped = Vec::new();
+        while let Some(scope) = self.scopes.borrow_mut().pop() {
+            popped.push(scope.pop());
+        }
+        if reopen {
+            self.open_scopes();
+        }
+        // In the order of ERROR_FILTERS: an out-of-memory explains the validation errors of the
+        // invalid buffers it leaves.
+        let mut first = None;
+        for caught in popped.into_iter().rev() {
+            if let Some(e) = caught.await {
+                first.get_or_insert(gpu_error(e));
+            }
+        }
+        first
     }
 
     /// GPU memory held through tensors now, and its peak.
@@ -577,7 +665,14 @@ impl Gpu {
             .poll(wgpu::PollType::wait_indefinitely())
             .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
         rx.await.map_err(|_| Error::DeviceLost("the queue was dropped".into()))?;
-        self.check()
+        self.check()?;
+        // Within an operation, its errors so far: a failure mid-way stops it at the next sync.
+        if !self.scopes.borrow().is_empty() {
+            if let Some(e) = self.close_scopes(true).await {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Submits all recorded work (so that it starts while the CPU prepares more).
@@ -720,5 +815,59 @@ impl Gpu {
             return Err(Error::InvalidParameter(format!("{n} work items exceed the dispatch limit")));
         }
         Ok([x as u32, y as u32, 1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A buffer over the device's size limit: a validation error (tests/gpu_faults.rs forces a
+    /// real out-of-memory; this one needs no memory).
+    fn invalid_buffer(gpu: &Gpu) -> wgpu::Buffer {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("over the limit"),
+            size: gpu.device.limits().max_buffer_size + 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    #[test]
+    fn a_gpu_error_fails_its_operation_only() {
+        pollster::block_on(async {
+            let gpu = Gpu::new(Precision::F32).await.unwrap();
+            let values: Vec<f32> = (0..16).map(|i| i as f32).collect();
+            let roundtrip = || gpu.operation(async { gpu.read(&gpu.upload(&values, &[16])?).await });
+            assert_eq!(roundtrip().await.unwrap(), values);
+
+            // The work after the error "succeeds" (as a load whose uploads ran out of memory
+            // used to): the operation still fails, with the GPU's error.
+            let failed = gpu
+                .operation(async {
+                    invalid_buffer(&gpu);
+                    gpu.read(&gpu.upload(&values, &[16])?).await.map(drop)
+                })
+                .await;
+            assert!(matches!(&failed, Err(Error::Gpu(m)) if m.contains("over the limit")), "{failed:?}");
+            // An error mid-way stops the operation at its next sync.
+            let mut reached = false;
+            let stopped = gpu
+                .operation(async {
+                    invalid_buffer(&gpu);
+                    gpu.sync().await?;
+                    reached = true;
+                    Ok(())
+                })
+                .await;
+            assert!(stopped.is_err() && !reached, "{stopped:?}");
+            for _ in 0..3 {
+                assert_eq!(roundtrip().await.unwrap(), values, "the operation after a failed one");
+            }
+            // Outside any operation an error is reported once, by the next sync.
+            invalid_buffer(&gpu);
+            assert!(gpu.sync().await.is_err());
+            assert!(gpu.sync().await.is_ok());
+        });
     }
 }

@@ -24,6 +24,28 @@ use crate::weights::lora::LoraFile;
 use crate::weights::ModelSource;
 use crate::{Gpu, Precision};
 
+thread_local! {
+    /// Where a panic's message goes: the worker's callback (see [`set_panic_hook`]).
+    static ON_PANIC: RefCell<Option<Function>> = const { RefCell::new(None) };
+}
+
+/// Makes a panic call `report(message)` (its text and source location) before the trap that ends
+/// the call, which JS sees only as "RuntimeError: unreachable": the worker answers the call with an
+/// `InternalError` naming the bug, and the client replaces the worker (an instance that panicked is
+/// not usable again).
+#[wasm_bindgen(js_name = setPanicHook)]
+pub fn set_panic_hook(report: Function) {
+    ON_PANIC.with(|slot| *slot.borrow_mut() = Some(report));
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.to_string();
+        ON_PANIC.with(|slot| {
+            if let Ok(Some(report)) = slot.try_borrow().as_deref() {
+                let _ = report.call1(&JsValue::NULL, &JsValue::from_str(&message));
+            }
+        });
+    }));
+}
+
 fn js_error(e: Error) -> JsValue {
     let error = js_sys::Error::new(&e.to_string());
     error.set_name(e.kind());
@@ -216,7 +238,8 @@ impl Engine {
     /// undefined); `cancelled()` is asked before every step and before the decode, and a true answer
     /// ends the run with an `AbortError`. Returns `{png, parameters, seed, width, height, timings}`.
     pub async fn generate(&self, options: String, on_event: Function, cancelled: Function) -> std::result::Result<Object, JsValue> {
-        self.run(&options, &on_event, &cancelled).await.map_err(js_error)
+        // One GPU operation: a GPU error fails this run only (see Gpu::operation).
+        self.gpu.operation(self.run(&options, &on_event, &cancelled)).await.map_err(js_error)
     }
 
     /// JSON list of the stored models: `{id, url, quant, model, storedBytes, totalBytes, complete}`.
@@ -341,8 +364,31 @@ fn origin(wanted: &ModelRef, file: Option<&JsValue>) -> Result<Option<String>> {
 
 impl Engine {
     /// Stores `wanted` (from `origin`: its picked `file`, or its URL) unless the store holds it
-    /// complete already, then uploads it to the GPU.
+    /// complete already, then uploads it to the GPU. Every record is checked against its sha256 as
+    /// it loads: a damaged one is fetched again (or rebuilt from the picked file), then the model
+    /// loads again.
     async fn load_one(&self, wanted: &ModelRef, origin: Option<String>, file: Option<JsValue>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
+        let stored = match &origin {
+            Some(origin) => self.store.holds_complete(&wanted.id, origin).await?,
+            None => self.store.list().await?.iter().any(|m| m.id == wanted.id && m.complete),
+        };
+        if !stored {
+            self.fetch(wanted, &origin, file.clone(), quant, on_event).await?;
+        }
+        match self.upload(wanted, &origin, quant, kind, on_event).await {
+            Err(Error::Corrupt { path, message }) if stored => {
+                self.fetch(wanted, &origin, file, quant, on_event).await.map_err(|e| match e {
+                    Error::ModelIncomplete(_) => Error::Corrupt { path, message: format!("{message}; give its url or pick its file to repair it") },
+                    e => e,
+                })?;
+                self.upload(wanted, &origin, quant, kind, on_event).await
+            }
+            loaded => loaded,
+        }
+    }
+
+    /// Downloads or imports `wanted` into the store, or completes and repairs what it holds of it.
+    async fn fetch(&self, wanted: &ModelRef, origin: &Option<String>, file: Option<JsValue>, quant: QuantPreset, on_event: &Function) -> Result<()> {
         let options = DownloadOptions::new(quant);
         // A folder or file is converted as it arrives: for the user, both are the download (or the import).
         let progress = |stage: &'static str| {
@@ -351,22 +397,20 @@ impl Engine {
                 emit(on_event, json!({"type": stage, "model": wanted.id, "loaded": p.bytes_done, "total": p.bytes_total, "detail": p.detail}));
             }
         };
-        let stored = match &origin {
-            Some(origin) => self.store.holds_complete(&wanted.id, origin).await?,
-            None => self.store.list().await?.iter().any(|m| m.id == wanted.id && m.complete),
-        };
-        if !stored {
-            match (file, &wanted.url, &origin) {
-                (Some(blob), _, Some(origin)) => {
-                    let name = wanted.file.as_deref().unwrap_or_default();
-                    let source = BlobSource::new(blob, name)?;
-                    let model = ModelSource::single_file(&source, name, None).await?;
-                    self.store.import(&wanted.id, origin, &model, &options, &|| source.bytes_read(), progress("import")).await?;
-                }
-                (None, Some(url), _) => self.store.download(&wanted.id, url, &options, progress("download")).await.map(|_| ())?,
-                _ => return Err(Error::ModelIncomplete(format!("'{}' is not stored: give its url or a file", wanted.id))),
+        match (file, &wanted.url, origin) {
+            (Some(blob), _, Some(origin)) => {
+                let name = wanted.file.as_deref().unwrap_or_default();
+                let source = BlobSource::new(blob, name)?;
+                let model = ModelSource::single_file(&source, name, None).await?;
+                self.store.import(&wanted.id, origin, &model, &options, &|| source.bytes_read(), progress("import")).await.map(drop)
             }
+            (None, Some(url), _) => self.store.download(&wanted.id, url, &options, progress("download")).await.map(drop),
+            _ => Err(Error::ModelIncomplete(format!("'{}' is not stored: give its url or a file", wanted.id))),
         }
+    }
+
+    /// Uploads the stored `wanted` to the GPU.
+    async fn upload(&self, wanted: &ModelRef, origin: &Option<String>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
         let (total, done, reported) = (Cell::new(0), Cell::new(0), Cell::new(0));
         // Thousands of tensors: an event per 0.5 % is enough for a progress bar.
         let report = |read: u64| {
@@ -399,7 +443,7 @@ impl Engine {
         }
         let model = SdxlModel::load(&self.gpu, &source, &quant.policy()).await?;
         report(total.get().saturating_sub(done.get()));
-        Ok(Loaded { id: wanted.id.clone(), origin, quant, model, loras: RefCell::default() })
+        Ok(Loaded { id: wanted.id.clone(), origin: origin.clone(), quant, model, loras: RefCell::default() })
     }
 
     /// Sets the stored LoRAs `wanted` (id, weight; weight 0 leaves one out) on the base unless

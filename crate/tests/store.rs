@@ -109,6 +109,18 @@ async fn fail(prefix: &str, from: u64, after: u64) {
     get(&format!("_control/fail?prefix={prefix}&from={from}&after={after}&times=1000")).await;
 }
 
+/// The next request under `prefix` answers wrongly as `mode` says (tests/server.py).
+async fn fault(prefix: &str, mode: &str, after: u64) {
+    get(&format!("_control/fail?prefix={prefix}&mode={mode}&after={after}&times=1")).await;
+}
+
+fn now_ms() -> f64 {
+    #[cfg(target_arch = "wasm32")]
+    return js_sys::Date::now();
+    #[cfg(not(target_arch = "wasm32"))]
+    return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() * 1e3;
+}
+
 /// GET requests since the last reset.
 async fn requests() -> Vec<Request> {
     serde_json::from_slice(&get("_control/log").await).unwrap()
@@ -260,6 +272,60 @@ async fn damaged_records_are_fetched_again() {
     store.delete_all().await.unwrap();
 }
 
+/// Every record is checked as it loads: a same-size damaged record fails every load (not a
+/// sample of them), until a download repairs it.
+async fn a_damaged_record_fails_every_load() {
+    let store = ModelStore::new(store("damaged").await);
+    store.download("tiny", &url("pack"), &options(), |_| {}).await.unwrap();
+    damage(store.records(), "tiny/shards/00002.bin").await;
+    assert!(store.list().await.unwrap()[0].complete, "same sizes: complete by the records' sizes");
+    let gpu = Gpu::new(Precision::F32).await.unwrap();
+    let load = || async {
+        let (stored, _) = store.open("tiny", &|_| {}).await?;
+        SdxlModel::load(&gpu, &stored, &QuantPreset::Q8.policy()).await.map(drop)
+    };
+    for _ in 0..4 {
+        let loaded = load().await;
+        assert!(loaded.as_ref().is_err_and(|e| e.kind() == "CorruptWeights" && e.to_string().contains("shards/00002.bin")), "{:?}", loaded.err());
+    }
+    store.download("tiny", &url("pack"), &options(), |_| {}).await.unwrap();
+    load().await.unwrap();
+    store.delete_all().await.unwrap();
+}
+
+/// A pack updated at its URL: the stored model is incomplete until every new record is in, so
+/// an interrupted update never leaves old and new records loading together.
+async fn an_interrupted_pack_update_never_mixes_versions() {
+    let store = ModelStore::new(store("update").await);
+    store.download("tiny", &url("pack"), &options(), |_| {}).await.unwrap();
+    // The stored model becomes an older version of the pack: shards 2 and 3 differ.
+    let records = store.records();
+    let stored = |key: &'static str| async move {
+        let bytes = records.get(key).await.unwrap().expect(key);
+        bytes.slice(0, bytes.len())
+    };
+    let mut old: serde_json::Value = serde_json::from_slice(&stored("tiny/manifest.json").await).unwrap();
+    for shard in [2, 3] {
+        let key = format!("tiny/shards/{shard:05}.bin");
+        damage(store.records(), &key).await;
+        let sum = store.records().get(&key).await.unwrap().unwrap().sha256().await;
+        old["shards"][shard]["sha256"] = sum.into();
+    }
+    store.records().put("tiny/manifest.json", &Bytes::from(serde_json::to_vec(&old).unwrap())).await.unwrap();
+    assert!(store.verify("tiny").await.unwrap().is_empty(), "the old version is whole");
+
+    reset().await;
+    fail("/pack/shards/00003.bin", 0, 100).await;
+    assert_eq!(kind(&store.download("tiny", &url("pack"), &options(), |_| {}).await), "NetworkError");
+    assert!(!store.list().await.unwrap()[0].complete, "an interrupted update leaves the model incomplete");
+    assert_eq!(kind(&store.open("tiny", &|_| {}).await.map(drop)), "ModelIncomplete");
+    reset().await;
+    store.download("tiny", &url("pack"), &options(), |_| {}).await.unwrap();
+    assert!(store.list().await.unwrap()[0].complete && store.verify("tiny").await.unwrap().is_empty());
+    assert_eq!(stored("tiny/manifest.json").await, get("pack/manifest.json").await);
+    store.delete_all().await.unwrap();
+}
+
 /// A store whose writes fail once `limit` bytes are stored although it reports no shortage up
 /// front: the browser's estimate said yes, then a write hit the quota.
 struct FullAfter<R: RecordStore> {
@@ -343,6 +409,51 @@ async fn bad_requests_get_clear_errors() {
     store.delete_all().await.unwrap();
 }
 
+/// Range reads answered wrongly (tests/server.py's fault modes) get a NetworkError that says what
+/// was wrong, without reading past the bytes asked for; valid answers (chunked, redirected, a
+/// 200 from the file's start) give the bytes; a stalled server is abandoned and retried.
+async fn bad_http_answers_get_clear_errors() {
+    let (path, start, end) = ("pack/shards/00001.bin", 1000, 5000);
+    let whole = get(path).await;
+    let http = || HttpSource::new(server()).unwrap().with_retries(0);
+    let cases = [
+        ("ignore-range", 0, Some("ignores Range requests")),
+        ("wrong-range", 0, Some("the server answered 'bytes 1001-5000/")),
+        ("long", 100, Some("more than the 4000 bytes asked for")),
+        ("endless", 0, Some("more than the 4000 bytes asked for")),
+        ("drop", 10, Some("after 10 of 4000 bytes")),
+        ("chunked", 0, None),
+    ];
+    for (mode, after, error) in cases {
+        reset().await;
+        fault(&format!("/{path}"), mode, after).await;
+        let started = now_ms();
+        let got = http().fetch(path, start, end).await;
+        let seconds = (now_ms() - started) / 1e3;
+        assert!(seconds < 10.0, "{mode}: {seconds:.1} s");
+        match (error, got) {
+            (Some(want), Err(e)) => assert!(e.kind() == "NetworkError" && e.to_string().contains(want), "{mode}: {e}"),
+            (None, Ok(bytes)) => assert_eq!(bytes.slice(0, bytes.len()), &whole[start as usize..end as usize], "{mode}"),
+            (_, got) => panic!("{mode}: {:?}", got.map(|b| b.len())),
+        }
+    }
+    reset().await;
+    // A 200 where the range starts the file: its first bytes, read no further.
+    fault(&format!("/{path}"), "ignore-range", 0).await;
+    assert_eq!(http().fetch(path, 0, 100).await.unwrap().slice(0, 100), &whole[..100]);
+    // Redirects are followed (the hub answers 302 to its CDN).
+    let redirected = http().fetch(&format!("_redirect/{path}"), start, end).await.unwrap();
+    assert_eq!(redirected.slice(0, redirected.len()), &whole[start as usize..end as usize]);
+    // Headers, then 8 s of silence: abandoned after 1 s and retried.
+    fault(&format!("/{path}"), "stall", 8).await;
+    let started = now_ms();
+    let got = http().with_retries(1).with_stall_timeout(1000).fetch(path, start, end).await.unwrap();
+    let seconds = (now_ms() - started) / 1e3;
+    assert!(seconds < 5.0, "the stalled request was given up after {seconds:.1} s");
+    assert_eq!(got.slice(0, got.len()), &whole[start as usize..end as usize]);
+    reset().await;
+}
+
 /// A LoRA file of two records and a bit (its factors need not fit a model to be stored).
 fn big_lora() -> Vec<u8> {
     let columns = (LORA_RECORD as usize * 2 + 4096) / 4 / 8 + 1;
@@ -419,8 +530,11 @@ store_tests!(
     interrupted_pack_download_resumes,
     interrupted_conversion_resumes,
     damaged_records_are_fetched_again,
+    a_damaged_record_fails_every_load,
+    an_interrupted_pack_update_never_mixes_versions,
     running_out_of_space_leaves_no_model_complete,
     delete_frees_the_space,
     bad_requests_get_clear_errors,
+    bad_http_answers_get_clear_errors,
     loras_are_stored_as_files_and_checked,
 );

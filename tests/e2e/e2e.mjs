@@ -15,11 +15,24 @@
 //      imported into IndexedDB and generating the CLI's image of the same file; a pickle is refused;
 //   9. LoRAs: a kohya LoRA picked with the page's "Add a LoRA file…" at weight 0.7 gives the CLI's
 //      image with --lora (and its Lora hashes); through the API, one stored from a File and one
-//      from a URL, the `loras` option and <lora:...> tags, typed errors, delete.
+//      from a URL, the `loras` option and <lora:...> tags, typed errors, delete;
+//  10. API calls: option values that cannot be sent to the worker (a function, a DOM node, a symbol,
+//      a BigInt, a Proxy) and bad signals / callbacks are InvalidParameter; aborting a running load()
+//      lets the calls queued behind it run on the fresh worker, aborting a queued one skips only it;
+//  11. faults in the engine's worker: a Rust panic is an InternalError carrying the panic's message,
+//      a destroyed GPU device a DeviceLost; each restarts the worker (the calls queued behind fail
+//      with it), and the next load() and generate() give the image of before;
+//  12. the service worker serves one build: with a newer build on the server the page still gets the
+//      cached build's glue and wasm; a half-deployed build (new glue, old wasm) is refused; a complete
+//      one waits, is offered by the page's Reload, then replaces the old build and deletes its cache.
+//  13. a stored record damaged in IndexedDB (same size, other bytes) fails its sha256 as load() reads
+//      it; load() rebuilds it from the model's URL and loads, and the image is the one of before.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
+//        E2E_STEPS=10,11 ... runs only those steps (steps 1-9 build on each other: any of them runs all nine).
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { inflateSync } from 'node:zlib';
 import path from 'node:path';
@@ -32,6 +45,9 @@ const PROMPT = 'a red fox in the snow';
 const RUN = { width: 64, height: 64, steps: 4, guidance: 5, seed: 7, refinerStart: 0.8 };
 const MIN_PSNR = 40;
 const MINUTE = 60_000;
+const STEPS = process.env.E2E_STEPS?.split(',').map(Number);
+const selected = (...steps) => !STEPS || steps.some((step) => STEPS.includes(step));
+let server; // tests/server.py, serving web/ and the fixtures
 
 function log(...args) {
   console.log(`[e2e ${new Date().toISOString().slice(11, 19)}]`, ...args);
@@ -127,8 +143,8 @@ function expectedSingleFileImage() {
   return decodePng(readFileSync(png));
 }
 
-async function startServer(port = 0) {
-  const server = spawn('python3', [`${root}/tests/server.py`, '--port', `${port}`, '--mount', `/=${root}/web`,
+async function startServer(port = 0, web = `${root}/web`) {
+  const server = spawn('python3', [`${root}/tests/server.py`, '--port', `${port}`, '--mount', `/=${web}`,
     '--mount', `/models/tiny-sdxl-base=${root}/tests/fixtures/tiny-sdxl-base`,
     '--mount', `/models/tiny-sdxl-refiner=${root}/tests/fixtures/tiny-sdxl-refiner`,
     '--mount', `/models/single-file=${root}/tests/fixtures/single-file`, '--mount', `/loras=${LORAS}`], { stdio: ['ignore', 'pipe', 'inherit'] });
@@ -185,13 +201,549 @@ function watch(page, name) {
   page.on('console', (m) => m.type() === 'error' && log(`${name}: console: ${m.text()}`));
 }
 
-async function main() {
-  rmSync(out, { recursive: true, force: true });
-  mkdirSync(out, { recursive: true });
+/** Steps 1-9: the page and the API on the tiny model; each builds on the ones before. */
+async function pageSteps(browser, url) {
   const expected = expectedImage();
   const expectedSingle = expectedSingleFileImage();
   const expectedLora = expectedLoraImages();
-  let { server, url } = await startServer();
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const page = await context.newPage();
+  watch(page, 'page');
+
+  log('1. load the tiny model into IndexedDB and generate');
+  await page.goto(`${url}/?preset=tiny`);
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+  assert.match(await page.locator('#gpu-status').getAttribute('data-state'), /^(ok|f32)$/, 'WebGPU found');
+  await page.waitForSelector('body[data-offline="ready"]', { timeout: MINUTE });
+  const first = await generateAndCompare(page, expected, 'page');
+  const recipe = first.image.text.parameters;
+  assert.ok(recipe, 'the PNG has a parameters text chunk');
+  const settings = `Steps: ${RUN.steps}, Sampler: Euler, CFG scale: ${RUN.guidance}, Seed: ${RUN.seed}, Size: ${RUN.width}x${RUN.height}, ` +
+    `Model: tiny-sdxl-base-q8, Refiner: tiny-sdxl-refiner-q8, Refiner switch at: ${RUN.refinerStart}, Version: sdxl-webgpu `;
+  assert.ok(recipe.startsWith(`${PROMPT}\n${settings}`), `A1111 parameters, got:\n${recipe}`);
+  assert.equal(await page.getAttribute('#gallery figure:first-child a', 'download'), `sdxl-${RUN.seed}.png`);
+  for (const id of ['tiny-sdxl-base-q8', 'tiny-sdxl-refiner-q8']) {
+    await page.waitForSelector(`#models tr[data-id="${id}"]`);
+    assert.equal(await page.locator(`#models tr[data-id="${id}"] td:nth-child(4)`).textContent(), 'ready', `${id} stored complete`);
+  }
+  await page.screenshot({ path: `${out}/page.png`, fullPage: true });
+  writeFileSync(`${out}/page-image.png`, first.png);
+
+  log('2. cancel a run mid-way, then generate again');
+  await setForm(page, 150);
+  await page.click('#generate');
+  await page.waitForFunction(() => Number(document.getElementById('status').dataset.step) >= 2, null, { timeout: 5 * MINUTE });
+  await page.click('#cancel');
+  await finished(page, 'cancelled');
+  const stoppedAt = Number(await page.locator('#status').getAttribute('data-step'));
+  assert.ok(stoppedAt < 150, `the run stopped at step ${stoppedAt} of 150`);
+  assert.equal(await page.locator('#gallery figure').count(), 1, 'a cancelled run adds no image');
+  await generateAndCompare(page, expected, 'after cancel');
+
+  log('3. the JS API: typed errors, a download cancelled by its AbortSignal and resumed');
+  const api = await context.newPage();
+  watch(api, 'api');
+  await api.goto(`${url}/?preset=tiny`);
+  const got = await api.evaluate(async () => {
+    const { Sdxl } = await import('/sdxl.js');
+    const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+    const sdxl = await Sdxl.create({ storeName: 'e2e-api' });
+    const tiny = { base: './models/tiny-sdxl-base', quant: 'q8' };
+    const r = { beforeLoad: await outcome(sdxl.generate({ prompt: 'x' })) };
+    r.badQuant = await outcome(sdxl.load({ ...tiny, quant: 'q3' }));
+    r.badLoadOption = await outcome(sdxl.load({ base: tiny.base, quantization: 'q8' }));
+    r.missing = await outcome(sdxl.load({ ...tiny, base: './models/none' }));
+    const controller = new AbortController();
+    const onProgress = (e) => e.type === 'download' && controller.abort();
+    r.aborted = await outcome(sdxl.load({ ...tiny, signal: controller.signal, onProgress }));
+    r.afterAbort = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`);
+    const types = new Set();
+    await sdxl.load({ ...tiny, onProgress: (e) => types.add(e.type) });
+    r.progress = [...types].sort();
+    r.afterLoad = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`);
+    r.badSize = await outcome(sdxl.generate({ prompt: 'x', width: 60, height: 64, steps: 1 }));
+    r.noRefiner = await outcome(sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, refinerStart: 0.5 }));
+    r.unknownOption = await outcome(sdxl.generate({ prompt: 'x', steps: 1, seeed: 3 }));
+    r.nanSteps = await outcome(sdxl.generate({ prompt: 'x', steps: NaN }));
+    r.hugeSize = await outcome(sdxl.generate({ prompt: 'x', width: 1e9, height: 1e9, steps: 1 }));
+    const one = await sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, seed: 3 });
+    [r.seed, r.timings] = [one.seed, one.timings];
+    r.freed = await sdxl.deleteModel('tiny-sdxl-base-q8');
+    r.afterDelete = (await sdxl.models()).length;
+    sdxl.terminate();
+    return r;
+  });
+  log('API:', JSON.stringify(got));
+  assert.match(got.beforeLoad, /^ModelIncomplete: .*load\(\)/);
+  assert.match(got.badQuant, /^InvalidParameter: quant must be/);
+  assert.match(got.badLoadOption, /^InvalidParameter: load: unknown option `quantization`/);
+  assert.match(got.missing, /^NetworkError: .*models\/none.*neither a model pack/);
+  assert.match(got.aborted, /^AbortError/);
+  assert.ok(got.afterAbort.every((m) => m.endsWith('false')), `nothing complete after the abort: ${got.afterAbort}`);
+  assert.deepEqual(got.afterLoad, ['tiny-sdxl-base-q8 true']);
+  assert.deepEqual(got.progress, ['download', 'upload']);
+  assert.match(got.badSize, /^InvalidParameter: .*width and height must be positive multiples of 8/);
+  assert.match(got.noRefiner, /^InvalidParameter: .*refinerStart is set but no refiner is loaded/);
+  assert.match(got.unknownOption, /^InvalidParameter: generate: unknown option `seeed`/);
+  assert.match(got.nanSteps, /^InvalidParameter: steps must be a finite number, not NaN/);
+  assert.match(got.hugeSize, /^InvalidParameter: .*1000000000x1000000000 is too large/);
+  assert.equal(got.seed, 3);
+  assert.ok(got.timings.base > 0 && got.timings.decode > 0 && got.timings.total >= got.timings.base + got.timings.decode, 'timings');
+  assert.ok(got.freed > 0 && got.afterDelete === 0, 'deleteModel frees the records');
+  await api.close();
+
+  log('4. reload with the server gone: the app shell from the service worker, the models from IndexedDB');
+  server.kill();
+  await new Promise((resolve) => server.once('exit', resolve));
+  await page.reload();
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+  await generateAndCompare(page, expected, 'offline');
+  await page.click('#models tr[data-id="tiny-sdxl-refiner-q8"] button.delete');
+  await page.waitForSelector('#models tr[data-id="tiny-sdxl-refiner-q8"]', { state: 'detached', timeout: MINUTE });
+  assert.equal(await page.locator('#models tr').count(), 1, 'the storage panel deletes a model');
+  ({ server } = await startServer(new URL(url).port)); // same origin: same IndexedDB
+
+  log('5. the embedding example');
+  const source = readFileSync(`${root}/web/examples/embed.html`, 'utf8');
+  assert.ok(source.trimEnd().split('\n').length <= 20, 'embed.html is at most 20 lines');
+  const embed = await context.newPage();
+  watch(embed, 'embed');
+  await embed.goto(`${url}/examples/embed.html`);
+  await embed.waitForFunction(() => document.getElementById('image').src.startsWith('blob:'), null, { timeout: 10 * MINUTE });
+  const embedded = decodePng(await imageBytes(embed, '#image'));
+  const db = psnr(embedded.rgb, expected.rgb);
+  log(`embed: PSNR against the native CLI ${db.toFixed(1)} dB`);
+  assert.ok(db >= MIN_PSNR, `embed.html: PSNR ${db.toFixed(1)} dB`);
+  assert.ok(embedded.text.parameters?.startsWith(PROMPT), 'embed.html image carries its recipe');
+
+  log('6. the benchmark page on the tiny model');
+  const bench = await context.newPage();
+  watch(bench, 'bench');
+  await bench.goto(`${url}/bench.html?model=./models/tiny-sdxl-base&sizes=64&quants=q4&loras=32&only=unet,vae&run`);
+  await bench.waitForSelector('#status:is([data-state="done"], [data-state="error"])', { timeout: 10 * MINUTE });
+  assert.equal(await bench.getAttribute('#status', 'data-state'), 'done', await bench.locator('#status').textContent());
+  const report = await bench.evaluate(() => window.benchReport);
+  assert.deepEqual(report.skipped, [], 'every measurement ran');
+  assert.ok(report.peak.gflops > 0 && report.peak.gbps > 0, 'peaks measured');
+  assert.deepEqual(report.unet.map((u) => u.loraRank), [null, 32], 'a step without and with a rank-32 LoRA');
+  assert.ok(report.unet.every((u) => u.secondsPerStep > 0 && u.peakBytes > u.weightBytes), 'UNet steps measured');
+  assert.deepEqual(report.vae.map((v) => v.tiled), [false, true]);
+  assert.match(await bench.locator('#table').textContent(), /s\/step/);
+  log(`bench page: tiny UNet step ${(report.unet[0].secondsPerStep * 1e3).toFixed(0)} ms at 64², VAE decode ${(report.vae[0].seconds * 1e3).toFixed(0)} ms`);
+
+  log('7. without WebGPU');
+  const bare = await browser.newContext();
+  await bare.addInitScript(() => Object.defineProperty(Navigator.prototype, 'gpu', { get: () => undefined }));
+  const noGpu = await bare.newPage();
+  await noGpu.goto(`${url}/?preset=tiny`);
+  await noGpu.waitForSelector('#gpu-status[data-state="missing"]', { timeout: MINUTE });
+  assert.match(await noGpu.locator('#gpu-status').textContent(), /WebGPU/);
+  assert.ok(await noGpu.locator('#generate').isDisabled(), 'no generate button without WebGPU');
+
+  log('8. single files: picked on the page, by URL and as a File through the API');
+  const files = await context.newPage();
+  watch(files, 'files');
+  await files.goto(`${url}/?preset=tiny`);
+  await files.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+  await files.setInputFiles('#model-file', SINGLE_FILE);
+  await finished(files, 'ready', 10 * MINUTE);
+  assert.equal(await files.locator('#preset').inputValue(), 'file');
+  await files.evaluate(() => document.getElementById('size').add(new Option('64 × 64', '64x64')));
+  await generateAndCompare(files, expectedSingle, 'picked file');
+  await files.waitForSelector('#models tr[data-id="tiny-sdxl-std.gguf-q4"]');
+  const viaApi = await files.evaluate(async (run) => {
+    const { Sdxl } = await import('/sdxl.js');
+    const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+    const sdxl = await Sdxl.create({ storeName: 'e2e-single-file' });
+    const bytes = async (blob) => Array.from(new Uint8Array(await blob.arrayBuffer()));
+    const r = {};
+    const types = new Set();
+    await sdxl.load({ base: './models/single-file/tiny-sdxl-std.gguf', quant: 'q4', onProgress: (e) => types.add(e.type) });
+    r.urlEvents = [...types].sort();
+    r.url = await bytes((await sdxl.generate({ ...run, prompt: run.prompt, refinerStart: null })).blob);
+    const file = new File([await (await fetch('./models/single-file/tiny-sdxl-std.gguf')).blob()], 'tiny-sdxl-std.gguf');
+    types.clear();
+    await sdxl.load({ base: { file, id: 'picked' }, quant: 'q4', onProgress: (e) => types.add(e.type) });
+    r.fileEvents = [...types].sort();
+    r.loaded = sdxl.loaded.base;
+    r.file = await bytes((await sdxl.generate({ ...run, refinerStart: null })).blob);
+    r.stored = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`).sort();
+    // Another file under the same id (same name, other bytes) must not load the stored one.
+    r.sameId = await outcome(sdxl.load({ base: { file: new File([new Uint8Array(64)], 'tiny-sdxl-std.gguf'), id: 'picked' }, quant: 'q4' }));
+    r.pickle = await outcome(sdxl.load({ base: new File([new Uint8Array([0x80, 2, 0x7d, 0x71])], 'model.ckpt'), quant: 'q4' }));
+    r.unrelated = await outcome(sdxl.load({ base: new File([await (await fetch('./models/tiny-sdxl-base/vae/diffusion_pytorch_model.safetensors')).blob()], 'vae.safetensors'), quant: 'q4' }));
+    sdxl.terminate();
+    return r;
+  }, { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed });
+  log('single files via the API:', JSON.stringify({ ...viaApi, url: viaApi.url.length, file: viaApi.file.length }));
+  assert.deepEqual(viaApi.urlEvents, ['download', 'upload']);
+  assert.deepEqual(viaApi.fileEvents, ['import', 'upload']);
+  assert.deepEqual(viaApi.loaded, { file: 'tiny-sdxl-std.gguf', id: 'picked' });
+  assert.deepEqual(viaApi.stored, ['picked true', 'tiny-sdxl-std.gguf-q4 true']);
+  for (const what of ['url', 'file']) {
+    const db = psnr(decodePng(Buffer.from(viaApi[what])).rgb, expectedSingle.rgb);
+    log(`single file by ${what}: PSNR against the native CLI ${db.toFixed(1)} dB`);
+    assert.ok(db >= MIN_PSNR, `single file by ${what}: PSNR ${db.toFixed(1)} dB`);
+  }
+  assert.match(viaApi.sameId, /^InvalidParameter: .*'picked' already holds file:tiny-sdxl-std\.gguf \(\d+ bytes/);
+  assert.match(viaApi.pickle, /^UnsupportedFormat: .*pickle.*safetensors/);
+  assert.match(viaApi.unrelated, /^WrongModel: .*not an SDXL model: it holds a VAE alone/);
+  log('9. LoRAs: picked on the page, and through the API from a File and a URL');
+  const lp = await context.newPage();
+  watch(lp, 'loras');
+  await lp.goto(`${url}/?preset=tiny`);
+  await lp.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+  await lp.setInputFiles('#lora-file', `${LORAS}/kohya.safetensors`);
+  await finished(lp, 'ready', 5 * MINUTE);
+  await lp.locator('#loras tr[data-id="kohya"] input.weight').fill(`${LORA_WEIGHT}`);
+  const paged = await generateAndCompare(lp, expectedLora.refined, 'page with a LoRA');
+  const hashes = (recipe) => recipe.match(/Lora hashes: "[^"]*"/)?.[0];
+  assert.ok(paged.image.text.parameters.startsWith(`${PROMPT} <lora:kohya:${LORA_WEIGHT}>\n`), `the recipe names the LoRA: ${paged.image.text.parameters}`);
+  assert.equal(hashes(paged.image.text.parameters), hashes(expectedLora.refined.text.parameters), 'the CLI\'s Lora hashes');
+  assert.match(hashes(paged.image.text.parameters), /^Lora hashes: "kohya: [0-9a-f]{12}"$/);
+  const loraApi = await lp.evaluate(async ({ run, weight }) => {
+    const { Sdxl } = await import('/sdxl.js');
+    const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+    const bytes = async (result) => Array.from(new Uint8Array(await result.blob.arrayBuffer()));
+    const sdxl = await Sdxl.create({ storeName: 'e2e-loras' });
+    await sdxl.load({ base: './models/tiny-sdxl-base', quant: 'q8' });
+    const r = {};
+    const types = new Set();
+    const file = new File([await (await fetch('./loras/kohya.safetensors')).blob()], 'kohya.safetensors');
+    r.stored = await sdxl.storeLora(file, { onProgress: (e) => types.add(e.type) });
+    r.events = [...types];
+    const base = { ...run, refinerStart: null };
+    r.option = await bytes(await sdxl.generate({ ...base, loras: [{ model: 'kohya', weight }] }));
+    r.tag = await bytes(await sdxl.generate({ ...base, prompt: `${run.prompt} <lora:kohya:${weight}>`, promptWeighting: true }));
+    r.tagOption = await bytes(await sdxl.generate({ ...base, promptWeighting: true, loras: [{ model: 'kohya', weight }] }));
+    r.none = await bytes(await sdxl.generate(base));
+    r.unknown = await outcome(sdxl.generate({ ...base, loras: [{ model: 'nope', weight: 1 }] }));
+    r.badWeight = await outcome(sdxl.generate({ ...base, loras: [{ model: 'kohya', weight: NaN }] }));
+    r.notLora = await outcome(sdxl.storeLora(new File([await (await fetch('./models/tiny-sdxl-base/vae/diffusion_pytorch_model.safetensors')).blob()], 'vae.safetensors')));
+    r.url = (await sdxl.storeLora('./loras/peft.safetensors')).id;
+    r.listed = (await sdxl.loras()).map((l) => `${l.id} ${l.complete}`);
+    r.freed = await sdxl.deleteLora('kohya');
+    r.deleted = await outcome(sdxl.generate({ ...base, loras: [{ model: 'kohya', weight }] }));
+    r.left = (await sdxl.loras()).map((l) => l.id);
+    sdxl.terminate();
+    return r;
+  }, { run: { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed }, weight: LORA_WEIGHT });
+  const image = (name) => decodePng(Buffer.from(loraApi[name]));
+  log('LoRAs via the API:', JSON.stringify({ ...loraApi, option: undefined, tag: undefined, tagOption: undefined, none: undefined }));
+  assert.equal(loraApi.stored.id, 'kohya');
+  assert.ok(loraApi.stored.complete && /^[0-9a-f]{12}$/.test(loraApi.stored.hash), 'stored complete with its hash');
+  assert.deepEqual(loraApi.events, ['import']);
+  const viaOption = psnr(image('option').rgb, expectedLora.base.rgb);
+  log(`LoRA through the API: PSNR against the native CLI ${viaOption.toFixed(1)} dB`);
+  assert.ok(viaOption >= MIN_PSNR, `LoRA through the API: PSNR ${viaOption.toFixed(1)} dB`);
+  assert.ok(image('tag').rgb.equals(image('tagOption').rgb), 'a <lora:...> tag is the loras option');
+  assert.ok(psnr(image('none').rgb, image('option').rgb) < 35, 'leaving the LoRA out changes the image');
+  assert.match(loraApi.unknown, /^ModelIncomplete: .*no LoRA 'nope' is stored \(stored: \["kohya"\]\)/);
+  assert.match(loraApi.badWeight, /^InvalidParameter: .*finite number/);
+  assert.match(loraApi.notLora, /^UnsupportedFormat: .*no LoRA factor/);
+  assert.equal(loraApi.url, 'peft');
+  assert.deepEqual(loraApi.listed, ['kohya true', 'peft true']);
+  assert.ok(loraApi.freed > 0, 'deleteLora frees its records');
+  assert.match(loraApi.deleted, /^ModelIncomplete: .*no LoRA 'kohya' is stored/);
+  assert.deepEqual(loraApi.left, ['peft']);
+}
+
+/** Step 10: values the worker cannot be sent, and aborts that leave the other calls alone. */
+async function apiCallSteps(browser, url) {
+  log('10. API calls: unsendable option values, an aborted load() among queued calls');
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  watch(page, 'calls');
+  await page.goto(`${url}/?preset=tiny`);
+  const got = await page.evaluate(async () => {
+    const { Sdxl } = await import('/sdxl.js');
+    // A call that neither resolves nor rejects within a minute is a hang.
+    const outcome = (promise) => Promise.race([promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`),
+      new Promise((resolve) => setTimeout(resolve, 60_000, 'hung'))]);
+    const r = { create: await outcome(Sdxl.create({ storeName: Symbol('db') })) };
+    const sdxl = await Sdxl.create({ storeName: 'e2e-calls' });
+    const tiny = { base: './models/tiny-sdxl-base', quant: 'q8' };
+    r.function = await outcome(sdxl.generate({ prompt: 'x', negativePrompt: () => 'blurry' }));
+    r.node = await outcome(sdxl.generate({ prompt: 'x', scheduler: document.body }));
+    r.symbol = await outcome(sdxl.load({ base: { url: tiny.base, id: Symbol('id') }, quant: 'q8' }));
+    r.bigint = await outcome(sdxl.bench({ sizes: [64, 128n] }));
+    r.proxy = await outcome(sdxl.generate({ prompt: 'x', loras: [new Proxy({ model: 'a', weight: 1 }, {})] }));
+    r.argument = await outcome(sdxl.deleteModel(() => 'id'));
+    r.signal = await outcome(sdxl.load({ ...tiny, signal: { aborted: false } }));
+    r.callback = await outcome(sdxl.generate({ prompt: 'x', onStep: 'show' }));
+    r.stillWorks = await outcome(sdxl.models());
+
+    // A running load aborted: the calls queued behind it run on the fresh worker.
+    const controller = new AbortController();
+    const onProgress = (e) => e.type === 'download' && controller.abort();
+    const aborted = outcome(sdxl.load({ ...tiny, signal: controller.signal, onProgress }));
+    const queued = [outcome(sdxl.models()), outcome(sdxl.loras()), outcome(sdxl.load(tiny))];
+    r.aborted = await aborted;
+    r.queued = await Promise.all(queued);
+    r.loaded = sdxl.loaded?.base.id;
+    // A queued load aborted: skipped, the running call and the next one unharmed.
+    const later = new AbortController();
+    const running = outcome(sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 2, seed: 1, refinerStart: null }));
+    const skipped = outcome(sdxl.load({ ...tiny, base: './models/tiny-sdxl-refiner', signal: later.signal }));
+    const next = sdxl.models().then((models) => models.map((m) => `${m.id} ${m.complete}`), (e) => `${e.name}: ${e.message}`);
+    later.abort();
+    r.running = await running;
+    r.skipped = await skipped;
+    r.next = await next;
+    sdxl.terminate();
+    return r;
+  });
+  log('API calls:', JSON.stringify(got));
+  const kinds = 'options are strings, numbers, booleans, null, arrays and plain objects';
+  assert.equal(got.create, `InvalidParameter: Sdxl.create: storeName is a symbol: ${kinds}`);
+  assert.equal(got.function, `InvalidParameter: generate: negativePrompt is a function: ${kinds}`);
+  assert.equal(got.node, `InvalidParameter: generate: scheduler is a HTMLBodyElement: ${kinds}`);
+  assert.equal(got.symbol, `InvalidParameter: load: base.id is a symbol: ${kinds}`);
+  assert.equal(got.bigint, `InvalidParameter: bench: sizes[1] is a BigInt: ${kinds}`);
+  assert.match(got.proxy, /^InvalidParameter: generate: an option cannot be sent to the engine: .*could not be cloned/);
+  assert.equal(got.argument, `InvalidParameter: deleteModel: the argument is a function: ${kinds}`);
+  assert.equal(got.signal, 'InvalidParameter: load: signal must be an AbortSignal');
+  assert.equal(got.callback, 'InvalidParameter: generate: onStep must be a function');
+  assert.equal(got.stillWorks, 'resolved');
+  assert.match(got.aborted, /^AbortError/);
+  assert.deepEqual(got.queued, ['resolved', 'resolved', 'resolved'], 'the calls queued behind the aborted load ran');
+  assert.equal(got.loaded, 'tiny-sdxl-base-q8');
+  assert.equal(got.running, 'resolved', 'the running generation is not touched');
+  assert.match(got.skipped, /^AbortError/);
+  assert.deepEqual(got.next, ['tiny-sdxl-base-q8 true'], 'the aborted load stored nothing, the next call ran');
+  await context.close();
+}
+
+/**
+ * A module worker around web/worker.js for step 11 (Sdxl.create's `workerUrl`), driven over a
+ * BroadcastChannel: it keeps the GPU device the engine asks for ('destroy' destroys it), and
+ * 'arm-panic' makes the engine panic when it sets the `png` field of a generation's result (a
+ * setter on Object.prototype fails its `Reflect::set`; the engine has no panic reachable from the
+ * API). It announces each start ('started') and answers 'ping' while alive.
+ */
+const FAULTY_WORKER = (origin) => `
+  import '${origin}/worker.js';
+  const channel = new BroadcastChannel('e2e-faults');
+  const requestDevice = GPUAdapter.prototype.requestDevice;
+  let device = null;
+  GPUAdapter.prototype.requestDevice = async function (...args) {
+    device = await requestDevice.apply(this, args);
+    return device;
+  };
+  channel.onmessage = ({ data }) => {
+    if (data === 'destroy') device.destroy();
+    if (data === 'arm-panic') Object.defineProperty(Object.prototype, 'png', { set() { throw new Error('e2e: no png here'); } });
+    if (data === 'arm-panic' || data === 'ping') channel.postMessage(data === 'ping' ? 'pong' : 'armed');
+  };
+  channel.postMessage('started');
+`;
+
+/** Step 11: a panic and a lost GPU device restart the worker; the next calls give the same image. */
+async function faultSteps(browser, url) {
+  log('11. faults in the worker: a Rust panic, a destroyed GPU device');
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  watch(page, 'faults');
+  await page.goto(`${url}/?preset=tiny`);
+  const got = await page.evaluate(async ({ source, run }) => {
+    const { Sdxl } = await import('/sdxl.js');
+    const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+    const bytes = async (result) => Array.from(new Uint8Array(await result.blob.arrayBuffer()));
+    const channel = new BroadcastChannel('e2e-faults');
+    const heard = [];
+    channel.onmessage = ({ data }) => heard.push(data);
+    const reply = (what) => new Promise((resolve) => {
+      const listener = ({ data }) => {
+        if (data !== what) return;
+        channel.removeEventListener('message', listener);
+        resolve();
+      };
+      channel.addEventListener('message', listener);
+    });
+    const workerUrl = URL.createObjectURL(new Blob([source], { type: 'text/javascript' }));
+    const sdxl = await Sdxl.create({ storeName: 'e2e-faults', workerUrl });
+    const tiny = { base: './models/tiny-sdxl-base', quant: 'q8' };
+    await sdxl.load(tiny);
+    const r = { before: await bytes(await sdxl.generate(run)) };
+
+    const armed = reply('armed');
+    channel.postMessage('arm-panic');
+    await armed;
+    const panicked = outcome(sdxl.generate(run));
+    const behindPanic = outcome(sdxl.models());
+    [r.panic, r.behindPanic] = await Promise.all([panicked, behindPanic]);
+    r.loadedAfterPanic = sdxl.loaded;
+    await sdxl.load(tiny);
+    r.afterPanic = await bytes(await sdxl.generate(run));
+
+    let destroyed = false;
+    const onStep = () => {
+      if (!destroyed) channel.postMessage('destroy');
+      destroyed = true;
+    };
+    r.lost = await outcome(sdxl.generate({ ...run, steps: 30, onStep }));
+    await sdxl.load(tiny);
+    r.afterLoss = await bytes(await sdxl.generate(run));
+    r.started = heard.filter((m) => m === 'started').length;
+    heard.length = 0;
+    channel.postMessage('ping');
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    r.alive = heard.filter((m) => m === 'pong').length;
+    sdxl.terminate();
+    return r;
+  }, { source: FAULTY_WORKER(url), run: { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed, refinerStart: null } });
+  log('faults:', JSON.stringify({ ...got, before: undefined, afterPanic: undefined, afterLoss: undefined }));
+  assert.match(got.panic, /^InternalError: the engine panicked: panicked at .*web\.rs.*setting a field of a new object.*e2e: no png here.*\(the engine restarted/s);
+  assert.match(got.behindPanic, /^InternalError: the engine stopped: the engine panicked/);
+  assert.equal(got.loadedAfterPanic, null, 'nothing is loaded in the fresh worker');
+  assert.match(got.lost, /^DeviceLost: .*\(the engine restarted/s);
+  const before = Buffer.from(got.before);
+  assert.ok(Buffer.from(got.afterPanic).equals(before), 'after the panic: the same image');
+  assert.ok(Buffer.from(got.afterLoss).equals(before), 'after the device loss: the same image');
+  assert.equal(got.started, 3, 'a fresh worker after the panic and after the loss');
+  assert.equal(got.alive, 1, 'one worker left: the panicked and the lost ones are gone');
+  await context.close();
+}
+
+/** A copy of the built web/ as another build: `change(dir)` edits files, then the manifest is rewritten. */
+function otherBuild(from, to, change) {
+  rmSync(to, { recursive: true, force: true });
+  cpSync(from, to, { recursive: true });
+  change(to);
+  const manifest = `${to}/pkg/build.js`;
+  const { files } = JSON.parse(readFileSync(manifest, 'utf8').replace(/^[^]*?self\.BUILD = /, '').replace(/;\s*$/, ''));
+  const sha256 = (bytes) => createHash('sha256').update(bytes).digest('hex');
+  for (const file of Object.keys(files)) files[file] = sha256(readFileSync(`${to}/${file === './' ? 'index.html' : file}`));
+  const id = sha256(JSON.stringify(files)).slice(0, 16);
+  writeFileSync(manifest, `self.BUILD = ${JSON.stringify({ id, files })};\n`);
+  return id;
+}
+
+/** Step 12: the service worker keeps one build together and replaces it whole. */
+async function serviceWorkerSteps(browser) {
+  log('12. the service worker: one build at a time');
+  const builds = `${out}/builds`;
+  const idA = otherBuild(`${root}/web`, `${builds}/a`, () => {});
+  // Build b: other glue and other wasm bytes (a custom section appended: the same module).
+  const idB = otherBuild(`${builds}/a`, `${builds}/b`, (dir) => {
+    writeFileSync(`${dir}/pkg/sdxl.js`, `${readFileSync(`${dir}/pkg/sdxl.js`, 'utf8')}// e2e build b\n`);
+    const name = Buffer.from('e2e-build-b');
+    writeFileSync(`${dir}/pkg/sdxl_bg.wasm`, Buffer.concat([readFileSync(`${dir}/pkg/sdxl_bg.wasm`), Buffer.from([0, name.length + 2, name.length]), name, Buffer.from('b')]));
+  });
+  // Half deployed: b's manifest and glue beside a's wasm.
+  cpSync(`${builds}/b`, `${builds}/mixed`, { recursive: true });
+  cpSync(`${builds}/a/pkg/sdxl_bg.wasm`, `${builds}/mixed/pkg/sdxl_bg.wasm`);
+
+  let own = await startServer(0, `${builds}/a`);
+  const port = new URL(own.url).port;
+  const serve = async (build) => {
+    own.server.kill();
+    await new Promise((resolve) => own.server.once('exit', resolve));
+    own = await startServer(port, `${builds}/${build}`);
+  };
+  const context = await browser.newContext();
+  try {
+    const page = await context.newPage();
+    watch(page, 'sw');
+    const opened = async () => {
+      await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+      await page.waitForFunction(() => navigator.serviceWorker.controller, null, { timeout: MINUTE });
+    };
+    // What the page gets: the caches, whether the glue and the wasm are b's, and whether its engine started.
+    const state = () => page.evaluate(async () => {
+      const glue = await (await fetch('pkg/sdxl.js')).text();
+      const wasm = new Uint8Array(await (await fetch('pkg/sdxl_bg.wasm')).arrayBuffer());
+      return { caches: await caches.keys(), glueB: glue.endsWith('// e2e build b\n'), wasmB: new TextDecoder().decode(wasm.subarray(-12)).endsWith('e2e-build-bb'),
+        engine: document.body.dataset.ready === 'true', update: !document.getElementById('update').hidden };
+    });
+    // Asks the browser to look for a new build; resolves to the new service worker's state once installed or refused.
+    const update = () => page.evaluate(async () => {
+      const registration = await navigator.serviceWorker.getRegistration();
+      const found = new Promise((resolve) => registration.addEventListener('updatefound', () => resolve(registration.installing), { once: true }));
+      registration.update().catch(() => {});
+      const worker = await Promise.race([found, new Promise((resolve) => setTimeout(resolve, 60_000, null))]);
+      while (worker && !['installed', 'redundant'].includes(worker.state)) await new Promise((resolve) => worker.addEventListener('statechange', resolve, { once: true }));
+      return worker?.state ?? 'no new build found';
+    });
+
+    await page.goto(`${own.url}/?preset=tiny`);
+    await opened();
+    assert.deepEqual(await state(), { caches: [`sdxl-app-${idA}`], glueB: false, wasmB: false, engine: true, update: false }, 'build a cached');
+
+    await serve('mixed');
+    assert.equal(await update(), 'redundant', 'a half-deployed build is not installed');
+    await page.reload();
+    await opened();
+    assert.deepEqual(await state(), { caches: [`sdxl-app-${idA}`], glueB: false, wasmB: false, engine: true, update: false }, 'build a still, whole');
+
+    await serve('b');
+    assert.equal(await update(), 'installed', 'build b installed beside a');
+    await page.waitForSelector('#update:not([hidden])', { timeout: MINUTE });
+    const waiting = await state();
+    assert.deepEqual({ ...waiting, caches: waiting.caches.sort() }, { caches: [`sdxl-app-${idA}`, `sdxl-app-${idB}`].sort(), glueB: false, wasmB: false, engine: true, update: true },
+      'b waits while a page of a is open');
+    const reloaded = page.waitForEvent('load');
+    await page.click('#reload');
+    await reloaded;
+    await opened();
+    assert.deepEqual(await state(), { caches: [`sdxl-app-${idB}`], glueB: true, wasmB: true, engine: true, update: false }, 'build b whole, a deleted');
+  } finally {
+    await context.close();
+    own.server.kill();
+  }
+}
+
+/** Step 13: load() repairs a damaged stored record and loads the model of before. */
+async function repairSteps(browser, url) {
+  log('13. a damaged stored record: load() repairs it');
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  watch(page, 'repair');
+  await page.goto(`${url}/?preset=tiny`);
+  const got = await page.evaluate(async () => {
+    const { Sdxl } = await import('/sdxl.js');
+    const tiny = { base: './models/tiny-sdxl-base', quant: 'q8' };
+    const image = async (sdxl) => {
+      const result = await sdxl.generate({ prompt: 'a red fox', width: 64, height: 64, steps: 2, seed: 5, refinerStart: null });
+      return Array.from(new Uint8Array(await result.blob.arrayBuffer()));
+    };
+    let sdxl = await Sdxl.create({ storeName: 'e2e-repair' });
+    await sdxl.load(tiny);
+    const before = await image(sdxl);
+    sdxl.terminate();
+
+    // Same size, other bytes: still "complete" by the records' sizes.
+    const request = (q) => new Promise((resolve, reject) => { q.onsuccess = () => resolve(q.result); q.onerror = () => reject(q.error); });
+    const db = await request(indexedDB.open('e2e-repair'));
+    const records = db.transaction('records', 'readonly').objectStore('records');
+    const key = (await request(records.getAllKeys())).find((k) => k.startsWith('tiny-sdxl-base-q8/shards/'));
+    const bytes = new Uint8Array(await request(records.get(key)));
+    for (let i = 0; i < bytes.length; i += 97) bytes[i] ^= 0x5a;
+    const tx = db.transaction('records', 'readwrite');
+    tx.objectStore('records').put(bytes.buffer, key);
+    await new Promise((resolve) => { tx.oncomplete = resolve; });
+    db.close();
+
+    sdxl = await Sdxl.create({ storeName: 'e2e-repair' });
+    const complete = (await sdxl.models()).map((m) => m.complete);
+    const events = new Set();
+    await sdxl.load({ ...tiny, onProgress: (e) => events.add(e.type) });
+    const after = await image(sdxl);
+    sdxl.terminate();
+    return { key, complete, events: [...events], same: before.length > 0 && before.every((b, i) => b === after[i]) && before.length === after.length };
+  });
+  log('repair:', JSON.stringify(got));
+  assert.deepEqual(got.complete, [true], 'a same-size damaged record leaves the model complete by sizes');
+  assert.ok(got.events.includes('verify') && got.events.includes('download'), `the load verified and rebuilt: ${got.events}`);
+  assert.ok(got.same, 'the repaired model gives the image of before, byte for byte');
+  await context.close();
+}
+
+async function main() {
+  rmSync(out, { recursive: true, force: true });
+  mkdirSync(out, { recursive: true });
+  let url;
+  ({ server, url } = await startServer());
   log(`server ${url}`);
   const browser = await chromium.launch({
     executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
@@ -199,247 +751,12 @@ async function main() {
       '--disable-component-update', '--disable-sync', '--disable-quic', '--disable-dev-shm-usage'],
   });
   try {
-    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
-    const page = await context.newPage();
-    watch(page, 'page');
-
-    log('1. load the tiny model into IndexedDB and generate');
-    await page.goto(`${url}/?preset=tiny`);
-    await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
-    assert.match(await page.locator('#gpu-status').getAttribute('data-state'), /^(ok|f32)$/, 'WebGPU found');
-    await page.waitForSelector('body[data-offline="ready"]', { timeout: MINUTE });
-    const first = await generateAndCompare(page, expected, 'page');
-    const recipe = first.image.text.parameters;
-    assert.ok(recipe, 'the PNG has a parameters text chunk');
-    const settings = `Steps: ${RUN.steps}, Sampler: Euler, CFG scale: ${RUN.guidance}, Seed: ${RUN.seed}, Size: ${RUN.width}x${RUN.height}, ` +
-      `Model: tiny-sdxl-base-q8, Refiner: tiny-sdxl-refiner-q8, Refiner switch at: ${RUN.refinerStart}, Version: sdxl-webgpu `;
-    assert.ok(recipe.startsWith(`${PROMPT}\n${settings}`), `A1111 parameters, got:\n${recipe}`);
-    assert.equal(await page.getAttribute('#gallery figure:first-child a', 'download'), `sdxl-${RUN.seed}.png`);
-    for (const id of ['tiny-sdxl-base-q8', 'tiny-sdxl-refiner-q8']) {
-      await page.waitForSelector(`#models tr[data-id="${id}"]`);
-      assert.equal(await page.locator(`#models tr[data-id="${id}"] td:nth-child(4)`).textContent(), 'ready', `${id} stored complete`);
-    }
-    await page.screenshot({ path: `${out}/page.png`, fullPage: true });
-    writeFileSync(`${out}/page-image.png`, first.png);
-
-    log('2. cancel a run mid-way, then generate again');
-    await setForm(page, 150);
-    await page.click('#generate');
-    await page.waitForFunction(() => Number(document.getElementById('status').dataset.step) >= 2, null, { timeout: 5 * MINUTE });
-    await page.click('#cancel');
-    await finished(page, 'cancelled');
-    const stoppedAt = Number(await page.locator('#status').getAttribute('data-step'));
-    assert.ok(stoppedAt < 150, `the run stopped at step ${stoppedAt} of 150`);
-    assert.equal(await page.locator('#gallery figure').count(), 1, 'a cancelled run adds no image');
-    await generateAndCompare(page, expected, 'after cancel');
-
-    log('3. the JS API: typed errors, a download cancelled by its AbortSignal and resumed');
-    const api = await context.newPage();
-    watch(api, 'api');
-    await api.goto(`${url}/?preset=tiny`);
-    const got = await api.evaluate(async () => {
-      const { Sdxl } = await import('/sdxl.js');
-      const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
-      const sdxl = await Sdxl.create({ storeName: 'e2e-api' });
-      const tiny = { base: './models/tiny-sdxl-base', quant: 'q8' };
-      const r = { beforeLoad: await outcome(sdxl.generate({ prompt: 'x' })) };
-      r.badQuant = await outcome(sdxl.load({ ...tiny, quant: 'q3' }));
-      r.badLoadOption = await outcome(sdxl.load({ base: tiny.base, quantization: 'q8' }));
-      r.missing = await outcome(sdxl.load({ ...tiny, base: './models/none' }));
-      const controller = new AbortController();
-      const onProgress = (e) => e.type === 'download' && controller.abort();
-      r.aborted = await outcome(sdxl.load({ ...tiny, signal: controller.signal, onProgress }));
-      r.afterAbort = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`);
-      const types = new Set();
-      await sdxl.load({ ...tiny, onProgress: (e) => types.add(e.type) });
-      r.progress = [...types].sort();
-      r.afterLoad = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`);
-      r.badSize = await outcome(sdxl.generate({ prompt: 'x', width: 60, height: 64, steps: 1 }));
-      r.noRefiner = await outcome(sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, refinerStart: 0.5 }));
-      r.unknownOption = await outcome(sdxl.generate({ prompt: 'x', steps: 1, seeed: 3 }));
-      r.nanSteps = await outcome(sdxl.generate({ prompt: 'x', steps: NaN }));
-      r.hugeSize = await outcome(sdxl.generate({ prompt: 'x', width: 1e9, height: 1e9, steps: 1 }));
-      const one = await sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, seed: 3 });
-      [r.seed, r.timings] = [one.seed, one.timings];
-      r.freed = await sdxl.deleteModel('tiny-sdxl-base-q8');
-      r.afterDelete = (await sdxl.models()).length;
-      sdxl.terminate();
-      return r;
-    });
-    log('API:', JSON.stringify(got));
-    assert.match(got.beforeLoad, /^ModelIncomplete: .*load\(\)/);
-    assert.match(got.badQuant, /^InvalidParameter: quant must be/);
-    assert.match(got.badLoadOption, /^InvalidParameter: load: unknown option `quantization`/);
-    assert.match(got.missing, /^NetworkError: .*models\/none.*neither a model pack/);
-    assert.match(got.aborted, /^AbortError/);
-    assert.ok(got.afterAbort.every((m) => m.endsWith('false')), `nothing complete after the abort: ${got.afterAbort}`);
-    assert.deepEqual(got.afterLoad, ['tiny-sdxl-base-q8 true']);
-    assert.deepEqual(got.progress, ['download', 'upload']);
-    assert.match(got.badSize, /^InvalidParameter: .*width and height must be positive multiples of 8/);
-    assert.match(got.noRefiner, /^InvalidParameter: .*refinerStart is set but no refiner is loaded/);
-    assert.match(got.unknownOption, /^InvalidParameter: generate: unknown option `seeed`/);
-    assert.match(got.nanSteps, /^InvalidParameter: steps must be a finite number, not NaN/);
-    assert.match(got.hugeSize, /^InvalidParameter: .*1000000000x1000000000 is too large/);
-    assert.equal(got.seed, 3);
-    assert.ok(got.timings.base > 0 && got.timings.decode > 0 && got.timings.total >= got.timings.base + got.timings.decode, 'timings');
-    assert.ok(got.freed > 0 && got.afterDelete === 0, 'deleteModel frees the records');
-    await api.close();
-
-    log('4. reload with the server gone: the app shell from the service worker, the models from IndexedDB');
-    server.kill();
-    await new Promise((resolve) => server.once('exit', resolve));
-    await page.reload();
-    await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
-    await generateAndCompare(page, expected, 'offline');
-    await page.click('#models tr[data-id="tiny-sdxl-refiner-q8"] button.delete');
-    await page.waitForSelector('#models tr[data-id="tiny-sdxl-refiner-q8"]', { state: 'detached', timeout: MINUTE });
-    assert.equal(await page.locator('#models tr').count(), 1, 'the storage panel deletes a model');
-    ({ server } = await startServer(new URL(url).port)); // same origin: same IndexedDB
-
-    log('5. the embedding example');
-    const source = readFileSync(`${root}/web/examples/embed.html`, 'utf8');
-    assert.ok(source.trimEnd().split('\n').length <= 20, 'embed.html is at most 20 lines');
-    const embed = await context.newPage();
-    watch(embed, 'embed');
-    await embed.goto(`${url}/examples/embed.html`);
-    await embed.waitForFunction(() => document.getElementById('image').src.startsWith('blob:'), null, { timeout: 10 * MINUTE });
-    const embedded = decodePng(await imageBytes(embed, '#image'));
-    const db = psnr(embedded.rgb, expected.rgb);
-    log(`embed: PSNR against the native CLI ${db.toFixed(1)} dB`);
-    assert.ok(db >= MIN_PSNR, `embed.html: PSNR ${db.toFixed(1)} dB`);
-    assert.ok(embedded.text.parameters?.startsWith(PROMPT), 'embed.html image carries its recipe');
-
-    log('6. the benchmark page on the tiny model');
-    const bench = await context.newPage();
-    watch(bench, 'bench');
-    await bench.goto(`${url}/bench.html?model=./models/tiny-sdxl-base&sizes=64&quants=q4&loras=32&only=unet,vae&run`);
-    await bench.waitForSelector('#status:is([data-state="done"], [data-state="error"])', { timeout: 10 * MINUTE });
-    assert.equal(await bench.getAttribute('#status', 'data-state'), 'done', await bench.locator('#status').textContent());
-    const report = await bench.evaluate(() => window.benchReport);
-    assert.deepEqual(report.skipped, [], 'every measurement ran');
-    assert.ok(report.peak.gflops > 0 && report.peak.gbps > 0, 'peaks measured');
-    assert.deepEqual(report.unet.map((u) => u.loraRank), [null, 32], 'a step without and with a rank-32 LoRA');
-    assert.ok(report.unet.every((u) => u.secondsPerStep > 0 && u.peakBytes > u.weightBytes), 'UNet steps measured');
-    assert.deepEqual(report.vae.map((v) => v.tiled), [false, true]);
-    assert.match(await bench.locator('#table').textContent(), /s\/step/);
-    log(`bench page: tiny UNet step ${(report.unet[0].secondsPerStep * 1e3).toFixed(0)} ms at 64², VAE decode ${(report.vae[0].seconds * 1e3).toFixed(0)} ms`);
-
-    log('7. without WebGPU');
-    const bare = await browser.newContext();
-    await bare.addInitScript(() => Object.defineProperty(Navigator.prototype, 'gpu', { get: () => undefined }));
-    const noGpu = await bare.newPage();
-    await noGpu.goto(`${url}/?preset=tiny`);
-    await noGpu.waitForSelector('#gpu-status[data-state="missing"]', { timeout: MINUTE });
-    assert.match(await noGpu.locator('#gpu-status').textContent(), /WebGPU/);
-    assert.ok(await noGpu.locator('#generate').isDisabled(), 'no generate button without WebGPU');
-
-    log('8. single files: picked on the page, by URL and as a File through the API');
-    const files = await context.newPage();
-    watch(files, 'files');
-    await files.goto(`${url}/?preset=tiny`);
-    await files.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
-    await files.setInputFiles('#model-file', SINGLE_FILE);
-    await finished(files, 'ready', 10 * MINUTE);
-    assert.equal(await files.locator('#preset').inputValue(), 'file');
-    await files.evaluate(() => document.getElementById('size').add(new Option('64 × 64', '64x64')));
-    await generateAndCompare(files, expectedSingle, 'picked file');
-    await files.waitForSelector('#models tr[data-id="tiny-sdxl-std.gguf-q4"]');
-    const viaApi = await files.evaluate(async (run) => {
-      const { Sdxl } = await import('/sdxl.js');
-      const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
-      const sdxl = await Sdxl.create({ storeName: 'e2e-single-file' });
-      const bytes = async (blob) => Array.from(new Uint8Array(await blob.arrayBuffer()));
-      const r = {};
-      const types = new Set();
-      await sdxl.load({ base: './models/single-file/tiny-sdxl-std.gguf', quant: 'q4', onProgress: (e) => types.add(e.type) });
-      r.urlEvents = [...types].sort();
-      r.url = await bytes((await sdxl.generate({ ...run, prompt: run.prompt, refinerStart: null })).blob);
-      const file = new File([await (await fetch('./models/single-file/tiny-sdxl-std.gguf')).blob()], 'tiny-sdxl-std.gguf');
-      types.clear();
-      await sdxl.load({ base: { file, id: 'picked' }, quant: 'q4', onProgress: (e) => types.add(e.type) });
-      r.fileEvents = [...types].sort();
-      r.loaded = sdxl.loaded.base;
-      r.file = await bytes((await sdxl.generate({ ...run, refinerStart: null })).blob);
-      r.stored = (await sdxl.models()).map((m) => `${m.id} ${m.complete}`).sort();
-      // Another file under the same id (same name, other bytes) must not load the stored one.
-      r.sameId = await outcome(sdxl.load({ base: { file: new File([new Uint8Array(64)], 'tiny-sdxl-std.gguf'), id: 'picked' }, quant: 'q4' }));
-      r.pickle = await outcome(sdxl.load({ base: new File([new Uint8Array([0x80, 2, 0x7d, 0x71])], 'model.ckpt'), quant: 'q4' }));
-      r.unrelated = await outcome(sdxl.load({ base: new File([await (await fetch('./models/tiny-sdxl-base/vae/diffusion_pytorch_model.safetensors')).blob()], 'vae.safetensors'), quant: 'q4' }));
-      sdxl.terminate();
-      return r;
-    }, { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed });
-    log('single files via the API:', JSON.stringify({ ...viaApi, url: viaApi.url.length, file: viaApi.file.length }));
-    assert.deepEqual(viaApi.urlEvents, ['download', 'upload']);
-    assert.deepEqual(viaApi.fileEvents, ['import', 'upload']);
-    assert.deepEqual(viaApi.loaded, { file: 'tiny-sdxl-std.gguf', id: 'picked' });
-    assert.deepEqual(viaApi.stored, ['picked true', 'tiny-sdxl-std.gguf-q4 true']);
-    for (const what of ['url', 'file']) {
-      const db = psnr(decodePng(Buffer.from(viaApi[what])).rgb, expectedSingle.rgb);
-      log(`single file by ${what}: PSNR against the native CLI ${db.toFixed(1)} dB`);
-      assert.ok(db >= MIN_PSNR, `single file by ${what}: PSNR ${db.toFixed(1)} dB`);
-    }
-    assert.match(viaApi.sameId, /^InvalidParameter: .*'picked' already holds file:tiny-sdxl-std\.gguf \(\d+ bytes/);
-    assert.match(viaApi.pickle, /^UnsupportedFormat: .*pickle.*safetensors/);
-    assert.match(viaApi.unrelated, /^WrongModel: .*not an SDXL model: it holds a VAE alone/);
-    log('9. LoRAs: picked on the page, and through the API from a File and a URL');
-    const lp = await context.newPage();
-    watch(lp, 'loras');
-    await lp.goto(`${url}/?preset=tiny`);
-    await lp.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
-    await lp.setInputFiles('#lora-file', `${LORAS}/kohya.safetensors`);
-    await finished(lp, 'ready', 5 * MINUTE);
-    await lp.locator('#loras tr[data-id="kohya"] input.weight').fill(`${LORA_WEIGHT}`);
-    const paged = await generateAndCompare(lp, expectedLora.refined, 'page with a LoRA');
-    const hashes = (recipe) => recipe.match(/Lora hashes: "[^"]*"/)?.[0];
-    assert.ok(paged.image.text.parameters.startsWith(`${PROMPT} <lora:kohya:${LORA_WEIGHT}>\n`), `the recipe names the LoRA: ${paged.image.text.parameters}`);
-    assert.equal(hashes(paged.image.text.parameters), hashes(expectedLora.refined.text.parameters), 'the CLI\'s Lora hashes');
-    assert.match(hashes(paged.image.text.parameters), /^Lora hashes: "kohya: [0-9a-f]{12}"$/);
-    const loraApi = await lp.evaluate(async ({ run, weight }) => {
-      const { Sdxl } = await import('/sdxl.js');
-      const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
-      const bytes = async (result) => Array.from(new Uint8Array(await result.blob.arrayBuffer()));
-      const sdxl = await Sdxl.create({ storeName: 'e2e-loras' });
-      await sdxl.load({ base: './models/tiny-sdxl-base', quant: 'q8' });
-      const r = {};
-      const types = new Set();
-      const file = new File([await (await fetch('./loras/kohya.safetensors')).blob()], 'kohya.safetensors');
-      r.stored = await sdxl.storeLora(file, { onProgress: (e) => types.add(e.type) });
-      r.events = [...types];
-      const base = { ...run, refinerStart: null };
-      r.option = await bytes(await sdxl.generate({ ...base, loras: [{ model: 'kohya', weight }] }));
-      r.tag = await bytes(await sdxl.generate({ ...base, prompt: `${run.prompt} <lora:kohya:${weight}>`, promptWeighting: true }));
-      r.tagOption = await bytes(await sdxl.generate({ ...base, promptWeighting: true, loras: [{ model: 'kohya', weight }] }));
-      r.none = await bytes(await sdxl.generate(base));
-      r.unknown = await outcome(sdxl.generate({ ...base, loras: [{ model: 'nope', weight: 1 }] }));
-      r.badWeight = await outcome(sdxl.generate({ ...base, loras: [{ model: 'kohya', weight: NaN }] }));
-      r.notLora = await outcome(sdxl.storeLora(new File([await (await fetch('./models/tiny-sdxl-base/vae/diffusion_pytorch_model.safetensors')).blob()], 'vae.safetensors')));
-      r.url = (await sdxl.storeLora('./loras/peft.safetensors')).id;
-      r.listed = (await sdxl.loras()).map((l) => `${l.id} ${l.complete}`);
-      r.freed = await sdxl.deleteLora('kohya');
-      r.deleted = await outcome(sdxl.generate({ ...base, loras: [{ model: 'kohya', weight }] }));
-      r.left = (await sdxl.loras()).map((l) => l.id);
-      sdxl.terminate();
-      return r;
-    }, { run: { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed }, weight: LORA_WEIGHT });
-    const image = (name) => decodePng(Buffer.from(loraApi[name]));
-    log('LoRAs via the API:', JSON.stringify({ ...loraApi, option: undefined, tag: undefined, tagOption: undefined, none: undefined }));
-    assert.equal(loraApi.stored.id, 'kohya');
-    assert.ok(loraApi.stored.complete && /^[0-9a-f]{12}$/.test(loraApi.stored.hash), 'stored complete with its hash');
-    assert.deepEqual(loraApi.events, ['import']);
-    const viaOption = psnr(image('option').rgb, expectedLora.base.rgb);
-    log(`LoRA through the API: PSNR against the native CLI ${viaOption.toFixed(1)} dB`);
-    assert.ok(viaOption >= MIN_PSNR, `LoRA through the API: PSNR ${viaOption.toFixed(1)} dB`);
-    assert.ok(image('tag').rgb.equals(image('tagOption').rgb), 'a <lora:...> tag is the loras option');
-    assert.ok(psnr(image('none').rgb, image('option').rgb) < 35, 'leaving the LoRA out changes the image');
-    assert.match(loraApi.unknown, /^ModelIncomplete: .*no LoRA 'nope' is stored \(stored: \["kohya"\]\)/);
-    assert.match(loraApi.badWeight, /^InvalidParameter: .*finite number/);
-    assert.match(loraApi.notLora, /^UnsupportedFormat: .*no LoRA factor/);
-    assert.equal(loraApi.url, 'peft');
-    assert.deepEqual(loraApi.listed, ['kohya true', 'peft true']);
-    assert.ok(loraApi.freed > 0, 'deleteLora frees its records');
-    assert.match(loraApi.deleted, /^ModelIncomplete: .*no LoRA 'kohya' is stored/);
-    assert.deepEqual(loraApi.left, ['peft']);
-    log('all end-to-end tests passed');
+    if (selected(1, 2, 3, 4, 5, 6, 7, 8, 9)) await pageSteps(browser, url);
+    if (selected(10)) await apiCallSteps(browser, url);
+    if (selected(11)) await faultSteps(browser, url);
+    if (selected(12)) await serviceWorkerSteps(browser);
+    if (selected(13)) await repairSteps(browser, url);
+    log(STEPS ? `end-to-end steps ${STEPS.join(', ')} passed` : 'all end-to-end tests passed');
   } finally {
     await browser.close();
     server.kill();

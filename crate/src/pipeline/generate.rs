@@ -38,6 +38,10 @@ impl SdxlModel {
     /// matrices are quantized as they load (the VAE always stays dense; weights stored quantized
     /// stay as stored).
     pub async fn load(gpu: &Gpu, model: &ModelSource<'_>, policy: &QuantPolicy) -> Result<SdxlModel> {
+        gpu.operation(Self::load_parts(gpu, model, policy)).await
+    }
+
+    async fn load_parts(gpu: &Gpu, model: &ModelSource<'_>, policy: &QuantPolicy) -> Result<SdxlModel> {
         let files = &model.files;
         let index = ModelIndex::load(files).await?;
         for part in ["unet", "vae", "scheduler", "text_encoder_2", "tokenizer_2"] {
@@ -277,8 +281,12 @@ pub async fn generate(
     base: &SdxlModel,
     refiner: Option<&SdxlModel>,
     p: &GenerateParams,
-    mut observer: impl Observer,
+    observer: impl Observer,
 ) -> Result<Generated> {
+    gpu.operation(run(gpu, base, refiner, p, observer)).await
+}
+
+async fn run(gpu: &Gpu, base: &SdxlModel, refiner: Option<&SdxlModel>, p: &GenerateParams, mut observer: impl Observer) -> Result<Generated> {
     // Declared first, so dropped last: once the run's activations are back in the pool (also
     // after an error or a cancel), their memory goes back to the device.
     let _trim = TrimOnDrop(gpu);

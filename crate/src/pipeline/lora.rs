@@ -49,7 +49,7 @@ impl SdxlModel {
             }
             Ok(())
         };
-        set.await.inspect_err(|_| self.clear_loras())
+        gpu.operation(set).await.inspect_err(|_| self.clear_loras())
     }
 
     /// Back to the base alone.

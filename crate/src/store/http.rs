@@ -1,7 +1,11 @@
-//! A model folder or pack served over HTTP: `fetch` with Range headers in the browser (any
-//! CORS-enabled server, e.g. the Hugging Face hub), plain HTTP/1.1 over TCP natively (`http://`
-//! only: natively, https downloads are left to other tools). Failed requests are retried with
-//! exponential backoff, except answers that will not change (404, 403, ...).
+//! A model folder or pack served over HTTP(S): `fetch` with Range headers in the browser (any
+//! CORS-enabled server, e.g. the Hugging Face hub), `ureq` natively (TLS, redirects). Answers are
+//! checked, not trusted: a range read takes a 206 whose Content-Range is the range asked for (or a
+//! 200 where the range starts the file), and reads at most the bytes asked for, so a server that
+//! ignores Range, answers another range, or sends a short, long or endless body gets a clear error
+//! in bounded time and memory. A connection that stays silent for the stall timeout is abandoned.
+//! Failed requests are retried with exponential backoff, except answers that will not change
+//! (404, 403, a 200 that ignores Range, ...).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -16,6 +20,8 @@ use crate::weights::Source;
 const READ_AHEAD: (u64, u64) = (64 << 10, 16 << 20);
 const RETRIES: u32 = 4;
 const FIRST_BACKOFF_MS: u64 = 500;
+/// A request whose server sends nothing for this long is abandoned (and retried).
+const STALL_MS: u64 = 60_000;
 
 /// `owner/name` (a Hugging Face hub repository) as the URL its files resolve under, and
 /// `owner/name/path/file` as that file's URL; `http(s)://` URLs as given, except that the hub's
@@ -49,6 +55,7 @@ pub struct HttpSource {
     /// Ends without a slash; files are `{base}/{path}`.
     base: String,
     retries: u32,
+    client: platform::Client,
     lengths: RefCell<HashMap<String, Option<u64>>>,
     /// The last read-ahead window: (path, start, bytes).
     window: RefCell<Option<(String, u64, Bytes)>>,
@@ -59,7 +66,14 @@ impl HttpSource {
     /// A folder or pack at `url` (`http(s)://...`, or a hub repository `owner/name`).
     pub fn new(url: &str) -> Result<HttpSource> {
         let base = hub_url(url)?;
-        Ok(HttpSource { base, retries: RETRIES, lengths: RefCell::default(), window: RefCell::default(), fetched: RefCell::new(0) })
+        Ok(HttpSource {
+            base,
+            retries: RETRIES,
+            client: platform::Client::new(STALL_MS),
+            lengths: RefCell::default(),
+            window: RefCell::default(),
+            fetched: RefCell::new(0),
+        })
     }
 
     /// The folder or pack at `url`, or, for a single file's URL (see [`is_single_file`]), its
@@ -76,6 +90,12 @@ impl HttpSource {
     /// Retries after a failure (tests use 0 to see failures at once).
     pub fn with_retries(mut self, retries: u32) -> HttpSource {
         self.retries = retries;
+        self
+    }
+
+    /// Abandons a request after `ms` of silence from its server (tests use short ones).
+    pub fn with_stall_timeout(mut self, ms: u64) -> HttpSource {
+        self.client = platform::Client::new(ms);
         self
     }
 
@@ -112,7 +132,7 @@ impl HttpSource {
             return Ok(known);
         }
         let url = self.url(path);
-        let length = self.retrying(|| platform::length(&url)).await?;
+        let length = self.retrying(|| self.client.length(&url)).await?;
         self.lengths.borrow_mut().insert(path.to_string(), length);
         Ok(length)
     }
@@ -120,7 +140,7 @@ impl HttpSource {
     /// Bytes `start..end` of `path`, exactly.
     pub async fn fetch(&self, path: &str, start: u64, end: u64) -> Result<Bytes> {
         let url = self.url(path);
-        let bytes = self.retrying(|| platform::get(&url, start, end)).await?;
+        let bytes = self.retrying(|| self.client.get(&url, start, end)).await?;
         *self.fetched.borrow_mut() += bytes.len();
         Ok(bytes)
     }
@@ -169,75 +189,108 @@ mod platform {
         Error::Network { url: url.to_string(), status: f.status, message: f.message }
     }
 
-    pub async fn length(url: &str) -> Result<Option<u64>> {
-        let n = js::http_length(url).await.map_err(|e| network(url, e))?.as_f64().unwrap_or(-1.0);
-        Ok((n >= 0.0).then_some(n as u64))
-    }
+    /// `fetch`, with the stall timeout in milliseconds.
+    pub struct Client(u64);
 
-    pub async fn get(url: &str, start: u64, end: u64) -> Result<Bytes> {
-        use wasm_bindgen::JsCast;
-        let value = js::http_get(url, start as f64, end as f64).await.map_err(|e| network(url, e))?;
-        Ok(Bytes { array: value.unchecked_into() })
+    impl Client {
+        pub fn new(stall_ms: u64) -> Client {
+            Client(stall_ms)
+        }
+
+        pub async fn length(&self, url: &str) -> Result<Option<u64>> {
+            let n = js::http_length(url, self.0 as f64).await.map_err(|e| network(url, e))?.as_f64().unwrap_or(-1.0);
+            Ok((n >= 0.0).then_some(n as u64))
+        }
+
+        pub async fn get(&self, url: &str, start: u64, end: u64) -> Result<Bytes> {
+            use wasm_bindgen::JsCast;
+            let value = js::http_get(url, start as f64, end as f64, self.0 as f64).await.map_err(|e| network(url, e))?;
+            Ok(Bytes { array: value.unchecked_into() })
+        }
     }
 }
 
 #[cfg(not(target_arch = "wasm32"))]
 mod platform {
-    use std::io::{Read, Write};
-    use std::net::TcpStream;
+    use std::io::Read;
     use std::time::Duration;
 
     use super::super::Bytes;
     use crate::error::{Error, Result};
 
-    /// One HTTP/1.1 request: (status, content length, body).
-    fn request(url: &str, method: &str, range: Option<(u64, u64)>) -> Result<(u16, Option<u64>, Vec<u8>)> {
-        let fail = |status: Option<u16>, message: String| Error::Network { url: url.to_string(), status, message };
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            fail(Some(0), "the native downloader speaks plain http:// only; fetch https files with another tool and convert the folder".into())
-        })?;
-        let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-        let io = |e: std::io::Error| fail(None, e.to_string());
-        let mut stream = TcpStream::connect(host).map_err(io)?;
-        stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
-        let range = range.map_or(String::new(), |(s, e)| format!("Range: bytes={s}-{}\r\n", e - 1));
-        write!(stream, "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{range}\r\n").map_err(io)?;
-        let mut response = Vec::new();
-        // A dropped connection shows as a short body below, whatever read_to_end says.
-        let _ = stream.read_to_end(&mut response);
-        let head_end = response.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| fail(None, "the connection closed before the response headers".into()))?;
-        let head = String::from_utf8_lossy(&response[..head_end]).to_string();
-        let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| fail(None, format!("malformed status line '{}'", head.lines().next().unwrap_or(""))))?;
-        let length = head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
-        });
-        let body = response.split_off(head_end + 4);
-        if method != "HEAD" && length.is_some_and(|n| (body.len() as u64) < n) {
-            return Err(fail(None, format!("the connection closed after {} of {} bytes", body.len(), length.unwrap_or(0))));
-        }
-        Ok((status, length, body))
-    }
+    const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
-    pub async fn length(url: &str) -> Result<Option<u64>> {
-        let (status, length, _) = request(url, "HEAD", None)?;
+    /// Why a range answer is not the range `start..end`, once its headers are in (js.rs's
+    /// `http_get` checks the same in the browser, where CORS may hide Content-Range).
+    fn range_answer_error(status: u16, content_range: Option<&str>, start: u64, end: u64) -> Option<(Option<u16>, String)> {
         match status {
-            404 => Ok(None),
-            200..=299 => length.map(Some).ok_or_else(|| Error::Network { url: url.into(), status: Some(status), message: "no Content-Length".into() }),
-            _ => Err(Error::Network { url: url.into(), status: Some(status), message: format!("HTTP {status}") }),
+            206 => match content_range {
+                Some(range) if !range.trim().starts_with(&format!("bytes {start}-{}/", end - 1)) => {
+                    Some((None, format!("asked for bytes {start}-{}, the server answered '{range}'", end - 1)))
+                }
+                _ => None,
+            },
+            // The whole file: its first bytes are the range only where the range starts it.
+            200 if start == 0 => None,
+            200 => Some((Some(200), "the server ignores Range requests (it answered 200 with the whole file)".into())),
+            _ => Some((Some(status), format!("HTTP {status}"))),
         }
     }
 
-    pub async fn get(url: &str, start: u64, end: u64) -> Result<Bytes> {
-        let (status, _, mut body) = request(url, "GET", Some((start, end)))?;
-        match status {
-            206 => {}
-            200 if body.len() as u64 >= end => body = body[start as usize..end as usize].to_vec(),
-            _ => return Err(Error::Network { url: url.into(), status: Some(status), message: format!("HTTP {status}") }),
+    /// ureq over rustls: HTTPS, redirects, connections kept alive between range reads.
+    pub struct Client(ureq::Agent);
+
+    fn fail(url: &str, status: Option<u16>, message: impl ToString) -> Error {
+        Error::Network { url: url.to_string(), status, message: message.to_string() }
+    }
+
+    impl Client {
+        pub fn new(stall_ms: u64) -> Client {
+            let stall = Some(Duration::from_millis(stall_ms));
+            let config = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(CONNECT_TIMEOUT))
+                .timeout_recv_response(stall)
+                .timeout_per_read(stall)
+                .max_redirects(10)
+                .build();
+            Client(config.into())
         }
-        if body.len() as u64 != end - start {
-            return Err(Error::Network { url: url.into(), status: None, message: format!("got {} of {} bytes", body.len(), end - start) });
+
+        pub async fn length(&self, url: &str) -> Result<Option<u64>> {
+            let response = self.0.head(url).call().map_err(|e| fail(url, None, e))?;
+            let status = response.status().as_u16();
+            let length = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.trim().parse().ok());
+            match status {
+                404 => Ok(None),
+                200..=299 => length.map(Some).ok_or_else(|| fail(url, Some(status), "no Content-Length")),
+                _ => Err(fail(url, Some(status), format!("HTTP {status}"))),
+            }
         }
-        Ok(Bytes::from(body))
+
+        pub async fn get(&self, url: &str, start: u64, end: u64) -> Result<Bytes> {
+            let response = self.0.get(url).header("Range", format!("bytes={start}-{}", end - 1)).call().map_err(|e| fail(url, None, e))?;
+            let status = response.status().as_u16();
+            let range = response.headers().get("content-range").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            if let Some((status, message)) = range_answer_error(status, range.as_deref(), start, end) {
+                return Err(fail(url, status, message));
+            }
+            let want = end - start;
+            // One byte more than asked tells a long (or endless) body from a right one; a 200
+            // is the whole file, of which the range is the start.
+            let limit = if status == 206 { want + 1 } else { want };
+            let mut body = Vec::new();
+            let read = response.into_body().into_reader().take(limit).read_to_end(&mut body);
+            if body.len() as u64 > want {
+                return Err(fail(url, None, format!("the server sent more than the {want} bytes asked for")));
+            }
+            if let Err(e) = read {
+                return Err(fail(url, None, format!("the transfer stopped after {} of {want} bytes: {e}", body.len())));
+            }
+            if (body.len() as u64) < want {
+                return Err(fail(url, None, format!("the connection closed after {} of {want} bytes", body.len())));
+            }
+            Ok(Bytes::from(body))
+        }
     }
 }

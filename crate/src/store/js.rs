@@ -15,22 +15,76 @@ export async function sha256(bytes) {
 
 function httpError(r) { return { status: r.status, message: `HTTP ${r.status} ${r.statusText}`.trim() }; }
 
-export async function http_length(url) {
-  const r = await fetch(url, { method: 'HEAD', cache: 'no-store' });
-  if (r.status === 404) return -1;
-  if (!r.ok) throw httpError(r);
-  const n = r.headers.get('content-length');
-  if (n === null) throw { status: 0, message: 'the response has no Content-Length' };
-  return Number(n);
+// A fetch abandoned after `stallMs` of silence (headers or body); the thrown value has no status,
+// so the caller retries it.
+async function silenceBounded(url, stallMs, work) {
+  const abort = new AbortController();
+  let timer;
+  const heard = () => { clearTimeout(timer); timer = setTimeout(() => abort.abort(), stallMs); };
+  heard();
+  try {
+    return await work(abort.signal, heard);
+  } catch (e) {
+    if (abort.signal.aborted) throw { message: `the server sent nothing for ${stallMs / 1000} s` };
+    throw e;
+  } finally {
+    clearTimeout(timer);
+    abort.abort(); // a body left unread (a refused answer) stops downloading
+  }
 }
 
-export async function http_get(url, start, end) {
-  const r = await fetch(url, { headers: { Range: `bytes=${start}-${end - 1}` }, cache: 'no-store' });
-  if (!r.ok) throw httpError(r);
-  let bytes = new Uint8Array(await r.arrayBuffer());
-  if (r.status === 200) bytes = bytes.slice(start, end); // the server ignored Range
-  if (bytes.length !== end - start) throw { message: `got ${bytes.length} of ${end - start} bytes` };
-  return bytes;
+export function http_length(url, stallMs) {
+  return silenceBounded(url, stallMs, async (signal) => {
+    const r = await fetch(url, { method: 'HEAD', cache: 'no-store', signal });
+    if (r.status === 404) return -1;
+    if (!r.ok) throw httpError(r);
+    const n = r.headers.get('content-length');
+    if (n === null) throw { status: 0, message: 'the response has no Content-Length' };
+    return Number(n);
+  });
+}
+
+// Bytes start..end, checked as the native client checks them (http.rs range_answer_error): a 206
+// for this range (Content-Range, where CORS shows it), or a 200 where the range starts the file
+// (read no further than the range); never more bytes than asked for.
+export function http_get(url, start, end, stallMs) {
+  return silenceBounded(url, stallMs, async (signal, heard) => {
+    const r = await fetch(url, { headers: { Range: `bytes=${start}-${end - 1}` }, cache: 'no-store', signal });
+    heard();
+    const range = r.headers.get('content-range');
+    if (r.status === 200 && start !== 0) throw { status: 200, message: 'the server ignores Range requests (it answered 200 with the whole file)' };
+    if (r.status !== 200 && r.status !== 206) throw httpError(r);
+    if (r.status === 206 && range !== null && !range.trim().startsWith(`bytes ${start}-${end - 1}/`)) {
+      throw { message: `asked for bytes ${start}-${end - 1}, the server answered '${range}'` };
+    }
+    const want = end - start;
+    const bytes = new Uint8Array(want);
+    const reader = r.body.getReader();
+    let got = 0;
+    for (;;) {
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (e) {
+        if (signal.aborted) throw e;
+        throw { message: `the transfer stopped after ${got} of ${want} bytes: ${e?.message ?? e}` };
+      }
+      const { done, value } = chunk;
+      if (done) break;
+      heard();
+      if (got + value.length > want) {
+        reader.cancel();
+        if (r.status === 206) throw { message: `the server sent more than the ${want} bytes asked for` };
+        bytes.set(value.subarray(0, want - got), got);
+        got = want;
+        break;
+      }
+      bytes.set(value, got);
+      got += value.length;
+    }
+    if (got !== want) throw { message: `the connection closed after ${got} of ${want} bytes` };
+    return bytes;
+  });
 }
 
 function request(q) {
@@ -104,9 +158,9 @@ extern "C" {
     #[wasm_bindgen(js_name = sha256)]
     async fn js_sha256(bytes: &Uint8Array) -> JsValue;
     #[wasm_bindgen(catch)]
-    pub async fn http_length(url: &str) -> Result<JsValue, JsValue>;
+    pub async fn http_length(url: &str, stall_ms: f64) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(catch)]
-    pub async fn http_get(url: &str, start: f64, end: f64) -> Result<JsValue, JsValue>;
+    pub async fn http_get(url: &str, start: f64, end: f64, stall_ms: f64) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(catch)]
     pub async fn idb_open(name: &str) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(catch)]

@@ -313,6 +313,12 @@ impl<R: RecordStore> ModelStore<R> {
         }
         let origin = Origin { url: http.base().into(), quant: options.quant.name().into(), bytes: manifest.bytes() };
         self.begin(id, &origin).await?;
+        // The pack was updated at its URL: the model stays incomplete until every record of the
+        // new manifest is stored, so that old and new records never load together.
+        let key = Self::key(id, MANIFEST);
+        if self.records.get(&key).await?.is_some_and(|stored| stored.slice(0, stored.len()) != manifest_bytes) {
+            self.records.delete(&key).await?;
+        }
         let todo = self.missing_or_bad(id, &manifest.shards, progress).await?;
         let needed = todo.iter().map(|&i| manifest.shards[i].bytes).sum();
         self.check_space(needed).await?;

@@ -1,6 +1,8 @@
 //! A stored model's records seen as a model folder, for [`crate::pack::PackSource`]: records are
 //! read whole, one at a time (the loader reads tensors in pack order, so each record is read once),
-//! and a sample of them is checked against the manifest's sha256 as they are read.
+//! and every one is checked against the manifest's sha256 as it is read: a damaged record fails
+//! the load that reads it, every time (the hash costs less than the read and the upload; see
+//! docs/store.md for the policy and its cost).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -10,9 +12,6 @@ use crate::error::{Error, Result};
 use crate::pack::{Manifest, MANIFEST};
 use crate::weights::Source;
 
-/// One record in this many is checked against its sha256 on load (a full check is `verify`).
-const CHECK_ONE_IN: u64 = 8;
-
 pub struct StoreSource<'a, R: RecordStore> {
     records: &'a R,
     /// Told the bytes of every read.
@@ -20,8 +19,8 @@ pub struct StoreSource<'a, R: RecordStore> {
     id: String,
     /// Record sizes by path within the model.
     sizes: HashMap<String, u64>,
-    /// The manifest's sha256 of each record checked on load.
-    sampled: HashMap<String, String>,
+    /// The manifest's sha256 of each record.
+    sha256: HashMap<String, String>,
     cache: RefCell<Option<(String, Bytes)>>,
 }
 
@@ -30,17 +29,10 @@ impl<'a, R: RecordStore> StoreSource<'a, R> {
         let prefix = format!("{id}/");
         let sizes: HashMap<String, u64> =
             records.list(&prefix).await?.into_iter().map(|(k, n)| (k[prefix.len()..].to_string(), n)).collect();
-        let mut source = StoreSource { records, on_read, id: id.to_string(), sizes, sampled: HashMap::new(), cache: RefCell::default() };
+        let mut source = StoreSource { records, on_read, id: id.to_string(), sizes, sha256: HashMap::new(), cache: RefCell::default() };
         let manifest: Manifest = serde_json::from_slice(&source.read(MANIFEST).await?)
             .map_err(|e| Error::Config { path: source.describe(MANIFEST), message: format!("invalid manifest: {e}") })?;
-        let offset = now_ms() % CHECK_ONE_IN;
-        source.sampled = manifest
-            .shards
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| (*i as u64 + offset).is_multiple_of(CHECK_ONE_IN))
-            .map(|(_, s)| (s.path, s.sha256))
-            .collect();
+        source.sha256 = manifest.shards.into_iter().map(|s| (s.path, s.sha256)).collect();
         Ok(source)
     }
 
@@ -52,12 +44,12 @@ impl<'a, R: RecordStore> StoreSource<'a, R> {
         }
         let key = format!("{}/{path}", self.id);
         let bytes = self.records.get(&key).await?.ok_or_else(|| Error::ModelIncomplete(format!("{} is missing", self.records.describe(&key))))?;
-        if let Some(want) = self.sampled.get(path) {
+        if let Some(want) = self.sha256.get(path) {
             let got = bytes.sha256().await;
             if &got != want {
                 return Err(Error::Corrupt {
                     path: self.records.describe(&key),
-                    message: format!("sha256 {got} does not match the manifest's {want}: download the model again to re-fetch the damaged record"),
+                    message: format!("sha256 {got} does not match the manifest's {want}: load or download the model again from its origin to repair the record"),
                 });
             }
         }
@@ -84,11 +76,4 @@ impl<R: RecordStore> Source for StoreSource<'_, R> {
         (self.on_read)(end - start);
         Ok(bytes.slice(start, end))
     }
-}
-
-fn now_ms() -> u64 {
-    #[cfg(target_arch = "wasm32")]
-    return js_sys::Date::now() as u64;
-    #[cfg(not(target_arch = "wasm32"))]
-    return std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
 }
