@@ -246,8 +246,11 @@ fn parse_header_rejects_malformed_tensors() {
     let cases = [
         (json!({ "shape": [1], "data_offsets": [0, 4] }), "no dtype"),
         (json!({ "dtype": "C64", "shape": [1], "data_offsets": [0, 8] }), "unsupported dtype C64"),
-        (json!({ "dtype": "F32", "shape": [-1], "data_offsets": [0, 4] }), "shape is not a list of sizes"),
-        (json!({ "dtype": "F32", "shape": 4, "data_offsets": [0, 4] }), "shape is not a list of sizes"),
+        (json!({ "dtype": "F32", "shape": [-1], "data_offsets": [0, 4] }), "shape is not a list of at most 8 sizes"),
+        (json!({ "dtype": "F32", "shape": 4, "data_offsets": [0, 4] }), "shape is not a list of at most 8 sizes"),
+        (json!({ "dtype": "F32", "data_offsets": [0, 4] }), "shape is not a list of sizes"),
+        // Refused at the ninth dim, before a long list is read (16M dims took 608 MiB).
+        (json!({ "dtype": "F32", "shape": [1, 1, 1, 1, 1, 1, 1, 1, 1], "data_offsets": [0, 4] }), "more than 8 entries"),
         (json!({ "dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8] }), "data_offsets is not a pair"),
         (json!({ "dtype": "F32", "shape": [1], "data_offsets": [8, 4] }), "outside the 16-byte data section"),
         (json!({ "dtype": "F32", "shape": [1], "data_offsets": [16, 20] }), "outside the 16-byte data section"),
@@ -264,7 +267,10 @@ fn parse_header_rejects_malformed_tensors() {
 #[test]
 fn parse_header_rejects_non_headers() {
     assert_error!(parse_header(FILE, b"not json", 100), Error::Safetensors { .. }, [FILE, "not valid JSON"]);
-    assert_error!(parse(&json!([1, 2]), 0), Error::Safetensors { .. }, [FILE, "not a JSON object"]);
+    assert_error!(parse(&json!([1, 2]), 0), Error::Safetensors { .. }, [FILE, "expected a JSON object"]);
+    // A name given twice (a JSON map would keep the last one silently).
+    let twice = br#"{"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "t": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}"#;
+    assert_error!(parse_header(FILE, twice, 8 + twice.len() as u64 + 2), Error::Safetensors { .. }, [FILE, "tensor 't' appears twice"]);
     // A header longer than the file it claims to come from.
     assert_error!(parse_header(FILE, b"{}", 4), Error::Safetensors { .. }, [FILE, "4-byte file"]);
 }

@@ -15,7 +15,8 @@ use sdxl::quant::{self, QuantFormat, BLOCK};
 use sdxl::weights::gguf::{
     self, dequantize, parse_header, quantize, read_header, repack, GgmlType, GgufHeader, GgufWriter, MetadataValue, Parsed, Repacked,
 };
-use sdxl::weights::{safetensors, DirSource, MemorySource, Source};
+use sdxl::weights::names::Entry;
+use sdxl::weights::{safetensors, DirSource, FileTensors, MemorySource, SharedSource, Source};
 use sdxl::Error;
 
 const FILE: &str = "model.gguf";
@@ -508,4 +509,26 @@ fn type_names_parse() {
     assert_eq!(gguf::ggml_type_name(12), "Q4_K");
     assert_eq!("q4_k".parse::<GgmlType>().unwrap(), GgmlType::Q4_K);
     assert!("iq4_nl".parse::<GgmlType>().is_err());
+}
+
+/// A 1-D tensor of blocks (a [32] Q8_0 bias is one 34-byte block) is read whole, not as 32
+/// one-byte rows: it used to read as 32 bytes, no whole block, and so no values at all.
+#[test]
+fn one_dimensional_block_tensors_read_whole() {
+    let mut writer = GgufWriter::new();
+    let (q8, q4k) = (test_values(32, 3), test_values(256, 4));
+    writer.tensor("bias", &[32], GgmlType::Q8_0, &q8).unwrap();
+    writer.tensor("norm", &[256], GgmlType::Q4_K, &q4k).unwrap();
+    let file = writer.to_bytes();
+    let header = parse(&file).unwrap();
+    let mut source = MemorySource::default();
+    source.insert(FILE, file.clone());
+    let entries = header.tensors.iter().cloned().map(|t| Entry::gguf(0, t));
+    let tensors = FileTensors::new(SharedSource::new(source), vec![FILE.into()], entries);
+    for (name, n) in [("bias", 32), ("norm", 256)] {
+        let got = pollster::block_on(tensors.host(name, &[n])).unwrap();
+        let t = header.tensor(name).unwrap();
+        let want = dequantize(t.ggml_type, &file[t.start as usize..t.end as usize]);
+        assert_eq!((got.len(), bits(&got)), (n, bits(&want)), "{name}");
+    }
 }

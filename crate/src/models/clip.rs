@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
-use crate::models::{LayerNorm, Linear};
+use crate::models::{LayerNorm, Linear, MAX_HEAD_DIM};
 use crate::ops::Activation;
 use crate::weights::Vars;
 
@@ -32,6 +32,22 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "defaults::eos_token_id")]
     pub eos_token_id: i64,
+}
+
+impl ClipTextConfig {
+    /// Checks the config against what this engine implements, before any weight is read; gives
+    /// the MLP's activation.
+    pub fn check(&self) -> std::result::Result<Activation, String> {
+        let activation = Activation::from_name(&self.hidden_act).filter(|a| *a != Activation::Silu).ok_or_else(|| format!("unsupported hidden_act '{}'", self.hidden_act))?;
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        if heads == 0 || h % heads != 0 || self.num_hidden_layers < 2 {
+            return Err(format!("hidden_size {h} with {heads} heads and {} layers", self.num_hidden_layers));
+        }
+        if h / heads > MAX_HEAD_DIM {
+            return Err(format!("hidden_size {h} in {heads} heads makes heads {} wide, more than the {MAX_HEAD_DIM} supported", h / heads));
+        }
+        Ok(activation)
+    }
 }
 
 mod defaults {
@@ -82,14 +98,8 @@ impl ClipTextModel {
     /// `text_model.*` and `text_projection.weight`). A config this engine does not implement is
     /// [`Error::Config`].
     pub async fn load(vb: &Vars<'_>, config: ClipTextConfig) -> Result<ClipTextModel> {
-        let bad = |message: String| Error::Config { path: "config.json".into(), message };
-        let activation = Activation::from_name(&config.hidden_act)
-            .filter(|a| *a != Activation::Silu)
-            .ok_or_else(|| bad(format!("unsupported hidden_act '{}'", config.hidden_act)))?;
-        let (h, heads) = (config.hidden_size, config.num_attention_heads);
-        if heads == 0 || h % heads != 0 || config.num_hidden_layers < 2 {
-            return Err(bad(format!("hidden_size {h} with {heads} heads and {} layers", config.num_hidden_layers)));
-        }
+        let activation = config.check().map_err(|message| Error::Config { path: "config.json".into(), message })?;
+        let h = config.hidden_size;
         let p = vb.pp("text_model");
         let token_embedding = p.tensor_rows("embeddings.token_embedding.weight", [config.vocab_size, h]).await?;
         let position_embedding = p.tensor_rows("embeddings.position_embedding.weight", [config.max_position_embeddings, h]).await?;

@@ -14,6 +14,11 @@ use crate::gpu::{DType, Gpu, Tensor};
 use crate::quant::Weight;
 use crate::weights::Vars;
 
+/// Widest attention head a config may give. The attention kernel is generated for its head width,
+/// unrolled over it (ops.rs `flash_prelude`): a config with heads 2^20 wide took more than 60 s
+/// and 24 GB to compile. SDXL's heads are 64 wide; 256 leaves room for other models'.
+pub const MAX_HEAD_DIM: usize = 256;
+
 /// nn.Linear: weight [out, in] (dense or quantized), optional bias [out], and the LoRAs' side
 /// path when they adapt it (crate::adapt).
 pub struct Linear {

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use crate::models::transformer::{Transformer2DConfig, Transformer2DModel};
-use crate::models::{Conv2d, GroupNorm, Linear};
+use crate::models::{Conv2d, GroupNorm, Linear, MAX_HEAD_DIM};
 use crate::ops::Activation;
 use crate::weights::Vars;
 
@@ -218,6 +218,9 @@ impl UNet2DConditionConfig {
         let attention = |level: &str, channels: usize, heads: usize, layers: usize, cross: usize| {
             if heads == 0 || !channels.is_multiple_of(heads) {
                 return Err(format!("{level}: {channels} channels do not split into {heads} attention heads"));
+            }
+            if channels / heads > MAX_HEAD_DIM {
+                return Err(format!("{level}: {channels} channels in {heads} attention heads make heads {} wide, more than the {MAX_HEAD_DIM} supported", channels / heads));
             }
             Ok(Transformer2DConfig {
                 channels,

@@ -95,6 +95,13 @@ pub fn decode_png(bytes: &[u8]) -> Result<InitImage> {
     if width > MAX_SIDE || height > MAX_SIDE || width * height > MAX_PIXELS {
         return Err(Error::InvalidParameter(format!("the PNG is {width}x{height}: images are at most {MAX_SIDE} on a side and {} megapixels", MAX_PIXELS >> 20)));
     }
+    // Deflate inflates a byte to at most 1032: pixels the image data cannot hold are refused
+    // before their buffer is allocated (a 100-byte PNG may claim 16 megapixels).
+    let stored = (width * height) as u64 * reader.info().bits_per_pixel() as u64;
+    let compressed = idat_bytes(bytes);
+    if stored.div_ceil(8) > 1032 * compressed {
+        return Err(Error::InvalidParameter(format!("the PNG claims {width}x{height} pixels, more than its {compressed} bytes of image data can hold (truncated?)")));
+    }
     let mut buffer = vec![0; reader.output_buffer_size().ok_or_else(|| Error::InvalidParameter("PNG too large".into()))?];
     let frame = reader.next_frame(&mut buffer).map_err(error)?;
     let (width, height) = (frame.width as usize, frame.height as usize);
@@ -114,6 +121,21 @@ pub fn decode_png(bytes: &[u8]) -> Result<InitImage> {
         }
     }
     Ok(InitImage { width, height, rgb })
+}
+
+/// Bytes of compressed image data (IDAT chunks) in a PNG, as its chunk lengths give them, at most
+/// the file's length.
+fn idat_bytes(png: &[u8]) -> u64 {
+    let mut total = 0u64;
+    let mut at = 8usize; // the signature
+    while let Some(chunk) = at.checked_add(8).and_then(|end| png.get(at..end)) {
+        let length = u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
+        if &chunk[4..] == b"IDAT" {
+            total += length as u64;
+        }
+        at = at.saturating_add(12).saturating_add(length);
+    }
+    total.min(png.len() as u64)
 }
 
 /// SDXL's latent channels → RGB: the linear fit ComfyUI uses for its SDXL previews (rows are the

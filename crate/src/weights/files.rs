@@ -93,8 +93,15 @@ impl<'a> FileTensors<'a> {
         if entry.transposed {
             return self.read_transposed(name, entry, rows).await;
         }
-        let row_bytes = (entry.end - entry.start) / total.max(1) as u64;
-        let (start, end) = (entry.start + rows.start as u64 * row_bytes, entry.start + rows.end as u64 * row_bytes);
+        // A tensor of fewer than 2 dims is read whole: its values may share blocks (a [32] Q8_0
+        // bias is one 34-byte block, not 32 rows of a byte).
+        let (start, end) = match entry.shape.len() {
+            0 | 1 => (entry.start, entry.end),
+            _ => {
+                let row_bytes = (entry.end - entry.start) / total.max(1) as u64;
+                (entry.start + rows.start as u64 * row_bytes, entry.start + rows.end as u64 * row_bytes)
+            }
+        };
         let bytes = self.source.read_range(file, start, end).await?;
         match entry.stored {
             Stored::Float(dtype) => Ok(HostTensor::Float { dtype, bytes }),

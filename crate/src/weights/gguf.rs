@@ -436,7 +436,9 @@ impl Reader<'_> {
             9 if depth < MAX_ARRAY_DEPTH => {
                 let item_type = self.u32(key)?;
                 let n = self.count(1, &format!("metadata '{key}': array length"))?;
-                let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
+                // Grown as items are read, not sized by the count: a count is only bounded by the
+                // file's length, not by the bytes at hand.
+                let mut items = Vec::new();
                 for _ in 0..n {
                     items.push(self.value(item_type, key, depth + 1)?);
                 }
@@ -477,7 +479,7 @@ impl Reader<'_> {
             None => DEFAULT_ALIGNMENT,
             Some(v) => v.as_u64().filter(|a| a.is_power_of_two()).ok_or_else(|| self.corrupt(format!("general.alignment {v:?} is not a power of two")))?,
         };
-        let mut infos = Vec::with_capacity(n_tensors.min(1 << 16) as usize);
+        let mut infos = Vec::new();
         for _ in 0..n_tensors {
             let name = self.string("tensor name")?;
             let n_dims = self.u32(&name)?;

@@ -1,8 +1,12 @@
 //! safetensors: an 8-byte little-endian header length, a JSON header, then raw tensor bytes.
 //! The header is parsed and validated on its own so that tensors can be streamed one at a time.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
+use std::fmt;
 
+use serde::de::{self, DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::Source;
@@ -113,39 +117,20 @@ pub fn header_len(path: &str, prefix: &[u8], file_len: u64) -> Result<u64> {
 /// Parses and validates the JSON header; `file_len` bounds every tensor's byte range.
 pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
     let err = |message: String| Error::Safetensors { path: path.to_string(), message };
-    let value: Value = serde_json::from_slice(json).map_err(|e| err(format!("header is not valid JSON: {e}")))?;
-    let Value::Object(map) = value else {
-        return Err(err("header is not a JSON object".into()));
-    };
+    // Streamed into the entries' fields (no JSON tree): what a header may allocate stays a small
+    // multiple of its length, and shapes are refused past MAX_DIMS while they are read.
+    let raw: RawHeader = serde_json::from_slice(json).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => err(e.to_string()),
+        _ => err(format!("header is not valid JSON: {e}")),
+    })?;
     let data_start = PREFIX + json.len() as u64;
     let data_len = file_len
         .checked_sub(data_start)
         .ok_or_else(|| err(format!("a {}-byte header does not fit in a {file_len}-byte file", json.len())))?;
-    let (mut tensors, mut metadata) = (BTreeMap::new(), BTreeMap::new());
-    for (name, entry) in map {
-        if name == "__metadata__" {
-            if let Value::Object(entries) = entry {
-                metadata.extend(entries.into_iter().filter_map(|(k, v)| Some((k, v.as_str()?.to_string()))));
-            }
-            continue;
-        }
+    let mut tensors = BTreeMap::new();
+    for (name, RawTensor { dtype, shape, offsets: [begin, end] }) in raw.tensors {
         // A malformed entry is corruption, not a wrong model: report it as such, naming the tensor.
         let terr = |message: String| Error::Safetensors { path: path.to_string(), message: format!("tensor '{name}': {message}") };
-        let dtype_str = entry.get("dtype").and_then(Value::as_str).ok_or_else(|| terr("no dtype".into()))?;
-        let dtype = Dtype::parse(dtype_str).ok_or_else(|| terr(format!("unsupported dtype {dtype_str}")))?;
-        let shape: Vec<usize> = entry
-            .get("shape")
-            .and_then(Value::as_array)
-            .and_then(|a| a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect())
-            .ok_or_else(|| terr("shape is not a list of sizes".into()))?;
-        let offsets: Vec<u64> = entry
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .and_then(|a| a.iter().map(Value::as_u64).collect())
-            .ok_or_else(|| terr("data_offsets is not a pair of offsets".into()))?;
-        let &[begin, end] = offsets.as_slice() else {
-            return Err(terr("data_offsets is not a pair of offsets".into()));
-        };
         if begin > end || end > data_len {
             return Err(terr(format!("bytes {begin}..{end} lie outside the {data_len}-byte data section (truncated file?)")));
         }
@@ -160,9 +145,176 @@ pub fn parse_header(path: &str, json: &[u8], file_len: u64) -> Result<Header> {
         if values.is_none_or(|n| usize::try_from(n).is_err()) {
             return Err(terr(format!("{} {:?} has more values than this platform addresses", dtype.name(), shape)));
         }
-        tensors.insert(name, TensorInfo { dtype, shape, start: data_start + begin, end: data_start + end });
+        match tensors.entry(name) {
+            Entry::Vacant(v) => {
+                v.insert(TensorInfo { dtype, shape, start: data_start + begin, end: data_start + end });
+            }
+            // A JSON map would keep the last one silently.
+            Entry::Occupied(o) => return Err(err(format!("tensor '{}' appears twice", o.key()))),
+        }
     }
-    Ok(Header { tensors, metadata, data_start })
+    Ok(Header { tensors, metadata: raw.metadata, data_start })
+}
+
+/// Dimensions a tensor may have (torch tensors of models have at most 5; a header listing 16M
+/// dims took 608 MiB to parse before this bound).
+pub const MAX_DIMS: usize = 8;
+
+/// A header as read: entries checked for form, not yet against the file.
+struct RawHeader {
+    tensors: Vec<(String, RawTensor)>,
+    metadata: BTreeMap<String, String>,
+}
+
+struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    offsets: [u64; 2],
+}
+
+impl<'de> Deserialize<'de> for RawHeader {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_map(HeaderVisitor)
+    }
+}
+
+struct HeaderVisitor;
+
+impl<'de> Visitor<'de> for HeaderVisitor {
+    type Value = RawHeader;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object of tensors")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawHeader, A::Error> {
+        let mut header = RawHeader { tensors: Vec::new(), metadata: BTreeMap::new() };
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                // Its string entries; other values are skipped.
+                let entries: Option<BTreeMap<String, Metadata>> = map.next_value()?;
+                header.metadata.extend(entries.into_iter().flatten().filter_map(|(k, v)| Some((k, v.0?))));
+                continue;
+            }
+            let tensor = map.next_value_seed(EntryVisitor { name: &name })?;
+            header.tensors.push((name, tensor));
+        }
+        Ok(header)
+    }
+}
+
+/// One tensor's entry, read field by field; errors name the tensor.
+struct EntryVisitor<'n> {
+    name: &'n str,
+}
+
+impl<'de> DeserializeSeed<'de> for EntryVisitor<'_> {
+    type Value = RawTensor;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<RawTensor, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntryVisitor<'_> {
+    type Value = RawTensor;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "tensor '{}': an object with dtype, shape and data_offsets", self.name)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<RawTensor, A::Error> {
+        let bad = |message: String| A::Error::custom(format!("tensor '{}': {message}", self.name));
+        let (mut dtype, mut shape, mut offsets) = (None, None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "dtype" => {
+                    let name: String = map.next_value().map_err(|e| bad(format!("no dtype ({e})")))?;
+                    dtype = Some(Dtype::parse(&name).ok_or_else(|| bad(format!("unsupported dtype {name}")))?);
+                }
+                "shape" => shape = Some(map.next_value::<Sizes<MAX_DIMS>>().map_err(|e| bad(format!("shape is not a list of at most {MAX_DIMS} sizes ({e})")))?.0),
+                "data_offsets" => {
+                    let sizes = map.next_value::<Sizes<2>>().map_err(|e| bad(format!("data_offsets is not a pair of offsets ({e})")))?.0;
+                    let &[begin, end] = sizes.as_slice() else { return Err(bad("data_offsets is not a pair of offsets".into())) };
+                    offsets = Some([begin, end]);
+                }
+                _ => drop(map.next_value::<IgnoredAny>()?),
+            }
+        }
+        let dtype = dtype.ok_or_else(|| bad("no dtype".into()))?;
+        let shape = shape.ok_or_else(|| bad("shape is not a list of sizes".into()))?;
+        let offsets = offsets.ok_or_else(|| bad("data_offsets is not a pair of offsets".into()))?;
+        let shape = shape.into_iter().map(|d| usize::try_from(d).map_err(|_| bad(format!("dim {d} is more than this platform addresses")))).collect::<std::result::Result<_, _>>()?;
+        Ok(RawTensor { dtype, shape, offsets })
+    }
+}
+
+/// A JSON list of at most `N` unsigned integers, refused at the first one past `N`.
+struct Sizes<const N: usize>(Vec<u64>);
+
+impl<'de, const N: usize> Deserialize<'de> for Sizes<N> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct List<const N: usize>;
+        impl<'de, const N: usize> Visitor<'de> for List<N> {
+            type Value = Sizes<N>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a list of at most {N} unsigned integers")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Sizes<N>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(n) = seq.next_element::<u64>()? {
+                    if out.len() == N {
+                        return Err(A::Error::custom(format!("more than {N} entries")));
+                    }
+                    out.push(n);
+                }
+                Ok(Sizes(out))
+            }
+        }
+        d.deserialize_seq(List::<N>)
+    }
+}
+
+/// A `__metadata__` value: kept when it is a string (others are skipped without being built).
+struct Metadata(Option<String>);
+
+impl<'de> Deserialize<'de> for Metadata {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Any;
+        impl<'de> Visitor<'de> for Any {
+            type Value = Metadata;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<Metadata, E> {
+                Ok(Metadata(Some(s.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> std::result::Result<Metadata, E> {
+                Ok(Metadata(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> std::result::Result<Metadata, E> {
+                Ok(Metadata(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> std::result::Result<Metadata, E> {
+                Ok(Metadata(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> std::result::Result<Metadata, E> {
+                Ok(Metadata(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> std::result::Result<Metadata, E> {
+                Ok(Metadata(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Metadata, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Metadata(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Metadata, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Metadata(None))
+            }
+        }
+        d.deserialize_any(Any)
+    }
 }
 
 /// Reads and validates the header of the safetensors file `path`.
