@@ -17,9 +17,14 @@ Prints `http://127.0.0.1:PORT` on its first line once it listens. Control endpoi
                                              Content-Length says), chunked (a correct
                                              chunked body), endless (a chunked body that never
                                              ends), stall (the headers, then N seconds of silence)
-  /_redirect/PATH                            302 to /PATH (as the hub redirects to its CDN)
+  /_control/etag?prefix=P&value=V            files under P state V as their sha256 (default: their
+                                             true sha256, in X-Linked-Etag as the hub states it;
+                                             an empty V: none)
+  /_redirect/PATH                            302 to /PATH, stating the file's true sha256 (as the hub
+                                             redirects to its CDN)
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,7 +33,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
-STATE = {"log": [], "faults": []}
+STATE = {"log": [], "faults": [], "etags": {}}
+SHA256 = {}
+
+
+def sha256(file):
+    key = (file, os.path.getmtime(file))
+    if key not in SHA256:
+        with open(file, "rb") as f:
+            SHA256[key] = hashlib.sha256(f.read()).hexdigest()
+    return SHA256[key]
 # Module scripts and streaming wasm compilation need exact types; weights are plain bytes.
 TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".json": "application/json",
          ".html": "text/html; charset=utf-8", ".css": "text/css", ".png": "image/png", ".svg": "image/svg+xml",
@@ -45,7 +59,7 @@ class Handler(BaseHTTPRequestHandler):
     def cors(self):
         self.send_header("Access-Control-Allow-Origin", "*")
         self.send_header("Access-Control-Allow-Headers", "Range")
-        self.send_header("Access-Control-Expose-Headers", "Content-Length, Content-Range")
+        self.send_header("Access-Control-Expose-Headers", "Content-Length, Content-Range, X-Linked-Etag")
 
     def do_OPTIONS(self):
         self.send_response(204)
@@ -69,6 +83,9 @@ class Handler(BaseHTTPRequestHandler):
             elif url.path == "/_control/reset":
                 STATE["log"].clear()
                 STATE["faults"].clear()
+                STATE["etags"].clear()
+            elif url.path == "/_control/etag":
+                STATE["etags"][query["prefix"]] = query.get("value", "")
             elif url.path == "/_control/fail":
                 STATE["faults"].append({
                     "prefix": query["prefix"], "from": int(query.get("from", 0)),
@@ -79,6 +96,13 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(404, b"{}")
             body = json.dumps(STATE["log"]).encode() if url.path == "/_control/log" else b"ok"
         self.reply(200, body)
+
+    def etag(self, path, file):
+        with LOCK:
+            for prefix, value in STATE["etags"].items():
+                if path.startswith(prefix):
+                    return value
+        return sha256(file)
 
     def resolve(self, path):
         for prefix, root in self.mounts.items():
@@ -98,8 +122,11 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/_control/"):
             return self.control(url, head)
         if path.startswith("/_redirect/"):
+            target = self.resolve(path[len("/_redirect"):])
             self.send_response(302)
             self.cors()
+            if target:
+                self.send_header("X-Linked-Etag", f'"{sha256(target)}"')
             self.send_header("Location", self.path[len("/_redirect"):])
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -140,6 +167,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", TYPES.get(os.path.splitext(file)[1], "application/octet-stream"))
         extra = fault["after"] if mode == "long" else 0
         self.send_header("Content-Length", str(end - start + extra))
+        tag = self.etag(path, file)
+        if tag:
+            self.send_header("X-Linked-Etag", f'"{tag}"')
         if header:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()

@@ -318,7 +318,13 @@ impl Engine {
                     let (http, Some(name)) = HttpSource::for_url(url)? else {
                         return Err(Error::InvalidParameter(format!("LoRA '{}': {url} names no .safetensors file", wanted.id)));
                     };
-                    self.loras.store(&wanted.id, &origin, &http, &name, progress("download")).await?
+                    let stored = self.loras.store(&wanted.id, &origin, &http, &name, progress("download")).await?;
+                    // Stored in order, so checked whole against the sha256 the server states.
+                    if let Err(e) = http.check_stated() {
+                        self.loras.delete(&wanted.id).await?;
+                        return Err(e);
+                    }
+                    stored
                 }
                 (None, None) => unreachable!("origin() gave an origin"),
             };

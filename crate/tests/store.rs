@@ -326,6 +326,54 @@ async fn an_interrupted_pack_update_never_mixes_versions() {
     store.delete_all().await.unwrap();
 }
 
+/// A folder's files are checked against the sha256 their server states (X-Linked-Etag, as the hub
+/// states an LFS file's): bytes that differ leave the model incomplete with a CorruptWeights error
+/// naming the file; with the true hashes the download completes and reports the files checked.
+async fn source_bytes_are_checked_against_stated_hashes() {
+    let store = ModelStore::new(store("stated").await);
+    reset().await;
+    let unet = "/diffusers/unet/diffusion_pytorch_model.safetensors";
+    get(&format!("_control/etag?prefix={unet}&value={}", "0".repeat(64))).await;
+    let wrong = store.download("tiny", &url("diffusers"), &options(), |_| {}).await;
+    let names_it = |e: &Error| e.kind() == "CorruptWeights" && e.to_string().contains("unet/diffusion_pytorch_model.safetensors") && e.to_string().contains("the server states");
+    assert!(wrong.as_ref().is_err_and(names_it), "{:?}", wrong.err());
+    assert!(!store.list().await.unwrap()[0].complete, "a source that differs from its stated hash leaves the model incomplete");
+    assert_eq!(kind(&store.open("tiny", &|_| {}).await.map(drop)), "ModelIncomplete");
+
+    reset().await;
+    let mut checked = Vec::new();
+    store
+        .download("tiny", &url("diffusers"), &options(), |p| {
+            if p.stage == "verify" && p.detail.contains("sha256") {
+                checked.push(p.detail.split(':').next().unwrap_or_default().to_string());
+            }
+        })
+        .await
+        .unwrap();
+    for file in ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"] {
+        assert!(checked.iter().any(|c| c == file), "{file} checked: {checked:?}");
+    }
+    assert!(store.list().await.unwrap()[0].complete && store.verify("tiny").await.unwrap().is_empty());
+
+    // As the hub: the hash stated on the redirect only, not by the server it leads to. Natively
+    // it is read there; the browser sees the last answer's headers only.
+    reset().await;
+    get("_control/etag?prefix=/diffusers/&value=").await;
+    let mut checked = Vec::new();
+    store
+        .download("redirected", &url("_redirect/diffusers"), &options(), |p| {
+            if p.stage == "verify" && p.detail.contains("sha256") {
+                checked.push(p.detail.split(':').next().unwrap_or_default().to_string());
+            }
+        })
+        .await
+        .unwrap();
+    let want = !cfg!(target_arch = "wasm32");
+    assert_eq!(checked.iter().any(|c| c == "unet/diffusion_pytorch_model.safetensors"), want, "checked through the redirect: {checked:?}");
+    reset().await;
+    store.delete_all().await.unwrap();
+}
+
 /// A store whose writes fail once `limit` bytes are stored although it reports no shortage up
 /// front: the browser's estimate said yes, then a write hit the quota.
 struct FullAfter<R: RecordStore> {
@@ -536,5 +584,6 @@ store_tests!(
     delete_frees_the_space,
     bad_requests_get_clear_errors,
     bad_http_answers_get_clear_errors,
+    source_bytes_are_checked_against_stated_hashes,
     loras_are_stored_as_files_and_checked,
 );

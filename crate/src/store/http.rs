@@ -5,10 +5,14 @@
 //! ignores Range, answers another range, or sends a short, long or endless body gets a clear error
 //! in bounded time and memory. A connection that stays silent for the stall timeout is abandoned.
 //! Failed requests are retried with exponential backoff, except answers that will not change
-//! (404, 403, a 200 that ignores Range, ...).
+//! (404, 403, a 200 that ignores Range, ...). Where the server states a file's sha256 (the hub's
+//! `X-Linked-Etag` for LFS files), the file's bytes are hashed in order as reads reach them, and
+//! [`HttpSource::check_stated`] compares.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
 
 use super::{sleep, Bytes};
 use crate::error::{Error, Result};
@@ -22,6 +26,42 @@ const RETRIES: u32 = 4;
 const FIRST_BACKOFF_MS: u64 = 500;
 /// A request whose server sends nothing for this long is abandoned (and retried).
 const STALL_MS: u64 = 60_000;
+/// How far a read may start past the bytes hashed so far and still have the gap fetched, to go on
+/// hashing in order (integer buffers the converter skips): further, and the file is not checked.
+const MAX_HASH_GAP: u64 = 16 << 20;
+/// Bytes hashed at a time (copied out of JS memory in the browser).
+const HASH_CHUNK: u64 = 16 << 20;
+
+/// What a HEAD request tells of a file.
+pub struct Head {
+    /// None where the server says 404.
+    pub length: Option<u64>,
+    /// The sha256 the server states for the file (lowercase hex), if any.
+    pub sha256: Option<String>,
+}
+
+/// The sha256 in an `X-Linked-Etag` / `ETag` value (`"hex"`, `W/"hex"`), where it is one: the hub
+/// states an LFS file's sha256 so; other servers' tags (md5s, `mtime-size`) are not 64 hex digits.
+fn stated_sha256(tag: &str) -> Option<String> {
+    let hex = tag.trim().trim_start_matches("W/").trim_matches('"');
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| hex.to_ascii_lowercase())
+}
+
+/// A file whose server states its sha256, hashed in order as reads reach its bytes.
+struct Stated {
+    sha256: String,
+    /// Bytes hashed so far and the hash; None once a read skipped too far ahead (not checked).
+    hashing: Option<(u64, Sha256)>,
+}
+
+/// What [`HttpSource::check_stated`] found among the files read: those whose bytes have the sha256
+/// their server states (path, bytes), and those it states one for that were not read in order
+/// (not checked).
+#[derive(Debug, Default)]
+pub struct StatedHashes {
+    pub matched: Vec<(String, u64)>,
+    pub unchecked: Vec<String>,
+}
 
 /// `owner/name` (a Hugging Face hub repository) as the URL its files resolve under, and
 /// `owner/name/path/file` as that file's URL; `http(s)://` URLs as given, except that the hub's
@@ -57,6 +97,7 @@ pub struct HttpSource {
     retries: u32,
     client: platform::Client,
     lengths: RefCell<HashMap<String, Option<u64>>>,
+    stated: RefCell<HashMap<String, Stated>>,
     /// The last read-ahead window: (path, start, bytes).
     window: RefCell<Option<(String, u64, Bytes)>>,
     fetched: RefCell<u64>,
@@ -71,6 +112,7 @@ impl HttpSource {
             retries: RETRIES,
             client: platform::Client::new(STALL_MS),
             lengths: RefCell::default(),
+            stated: RefCell::default(),
             window: RefCell::default(),
             fetched: RefCell::new(0),
         })
@@ -132,17 +174,90 @@ impl HttpSource {
             return Ok(known);
         }
         let url = self.url(path);
-        let length = self.retrying(|| self.client.length(&url)).await?;
-        self.lengths.borrow_mut().insert(path.to_string(), length);
-        Ok(length)
+        let head = self.retrying(|| self.client.head(&url)).await?;
+        if let (Some(_), Some(sha256)) = (head.length, head.sha256) {
+            self.stated.borrow_mut().insert(path.to_string(), Stated { sha256, hashing: Some((0, Sha256::new())) });
+        }
+        self.lengths.borrow_mut().insert(path.to_string(), head.length);
+        Ok(head.length)
     }
 
     /// Bytes `start..end` of `path`, exactly.
     pub async fn fetch(&self, path: &str, start: u64, end: u64) -> Result<Bytes> {
+        self.fill_hash_gap(path, start).await?;
+        let bytes = self.get(path, start, end).await?;
+        self.hash_in_order(path, start, &bytes);
+        Ok(bytes)
+    }
+
+    async fn get(&self, path: &str, start: u64, end: u64) -> Result<Bytes> {
         let url = self.url(path);
         let bytes = self.retrying(|| self.client.get(&url, start, end)).await?;
         *self.fetched.borrow_mut() += bytes.len();
         Ok(bytes)
+    }
+
+    /// Before a read that starts past the bytes of `path` hashed so far: fetches and hashes the
+    /// gap where it is small, or gives up checking the file.
+    async fn fill_hash_gap(&self, path: &str, start: u64) -> Result<()> {
+        let hashed = match self.stated.borrow().get(path) {
+            Some(Stated { hashing: Some((hashed, _)), .. }) if *hashed < start => *hashed,
+            _ => return Ok(()),
+        };
+        if start - hashed > MAX_HASH_GAP {
+            if let Some(stated) = self.stated.borrow_mut().get_mut(path) {
+                stated.hashing = None;
+            }
+            return Ok(());
+        }
+        let gap = self.get(path, hashed, start).await?;
+        self.hash_in_order(path, hashed, &gap);
+        Ok(())
+    }
+
+    /// Hashes the part of `bytes` (from `start` in `path`) past the bytes hashed so far, where
+    /// they continue them.
+    fn hash_in_order(&self, path: &str, start: u64, bytes: &Bytes) {
+        let mut stated = self.stated.borrow_mut();
+        let Some(Stated { hashing: Some((hashed, hasher)), .. }) = stated.get_mut(path) else { return };
+        let end = start + bytes.len();
+        if start > *hashed || end <= *hashed {
+            return;
+        }
+        let mut from = *hashed - start;
+        while from < bytes.len() {
+            let to = (from + HASH_CHUNK).min(bytes.len());
+            hasher.update(bytes.slice(from, to));
+            from = to;
+        }
+        *hashed = end;
+    }
+
+    /// Compares the files read whole, in order, with the sha256 their server states: a
+    /// difference is [`Error::Corrupt`] (changed or damaged in transit).
+    pub fn check_stated(&self) -> Result<StatedHashes> {
+        let lengths = self.lengths.borrow();
+        let mut found = StatedHashes::default();
+        for (path, stated) in self.stated.borrow().iter() {
+            let length = lengths.get(path).copied().flatten();
+            match &stated.hashing {
+                Some((hashed, hasher)) if Some(*hashed) == length => {
+                    let got: String = hasher.clone().finalize().iter().map(|b| format!("{b:02x}")).collect();
+                    if got != stated.sha256 {
+                        return Err(Error::Corrupt {
+                            path: self.url(path),
+                            message: format!("the bytes received have sha256 {got}, not the {} the server states: the file changed or was damaged in transit; download again", stated.sha256),
+                        });
+                    }
+                    found.matched.push((path.clone(), *hashed));
+                }
+                Some((0, _)) => {} // not read
+                _ => found.unchecked.push(path.clone()),
+            }
+        }
+        found.matched.sort();
+        found.unchecked.sort();
+        Ok(found)
     }
 }
 
@@ -182,6 +297,7 @@ impl Source for HttpSource {
 mod platform {
     use super::super::js::{self, JsFailure};
     use super::super::Bytes;
+    use super::{stated_sha256, Head};
     use crate::error::{Error, Result};
 
     fn network(url: &str, e: wasm_bindgen::JsValue) -> Error {
@@ -197,9 +313,12 @@ mod platform {
             Client(stall_ms)
         }
 
-        pub async fn length(&self, url: &str) -> Result<Option<u64>> {
-            let n = js::http_length(url, self.0 as f64).await.map_err(|e| network(url, e))?.as_f64().unwrap_or(-1.0);
-            Ok((n >= 0.0).then_some(n as u64))
+        pub async fn head(&self, url: &str) -> Result<Head> {
+            let head = js::http_head(url, self.0 as f64).await.map_err(|e| network(url, e))?;
+            let field = |k: &str| js_sys::Reflect::get(&head, &k.into()).ok();
+            let n = field("length").and_then(|v| v.as_f64()).unwrap_or(-1.0);
+            let sha256 = field("tag").and_then(|v| v.as_string()).and_then(|t| stated_sha256(&t));
+            Ok(Head { length: (n >= 0.0).then_some(n as u64), sha256 })
         }
 
         pub async fn get(&self, url: &str, start: u64, end: u64) -> Result<Bytes> {
@@ -216,8 +335,10 @@ mod platform {
     use std::time::Duration;
 
     use super::super::Bytes;
+    use super::{stated_sha256, Head};
     use crate::error::{Error, Result};
 
+    const MAX_REDIRECTS: u32 = 10;
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Why a range answer is not the range `start..end`, once its headers are in (js.rs's
@@ -237,6 +358,21 @@ mod platform {
         }
     }
 
+    /// Where a redirect from `url` to `location` (absolute, or relative to `url`) leads.
+    fn redirected(url: &str, location: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("http", url));
+        let origin = format!("{scheme}://{}", rest.split('/').next().unwrap_or(rest));
+        if location.contains("://") {
+            location.to_string()
+        } else if let Some(host) = location.strip_prefix("//") {
+            format!("{scheme}://{host}")
+        } else if location.starts_with('/') {
+            format!("{origin}{location}")
+        } else {
+            format!("{}/{location}", url.rsplit_once('/').map_or(url, |(dir, _)| dir))
+        }
+    }
+
     /// ureq over rustls: HTTPS, redirects, connections kept alive between range reads.
     pub struct Client(ureq::Agent);
 
@@ -252,20 +388,33 @@ mod platform {
                 .timeout_connect(Some(CONNECT_TIMEOUT))
                 .timeout_recv_response(stall)
                 .timeout_per_read(stall)
-                .max_redirects(10)
+                .max_redirects(MAX_REDIRECTS)
                 .build();
             Client(config.into())
         }
 
-        pub async fn length(&self, url: &str) -> Result<Option<u64>> {
-            let response = self.0.head(url).call().map_err(|e| fail(url, None, e))?;
-            let status = response.status().as_u16();
-            let length = response.headers().get("content-length").and_then(|v| v.to_str().ok()?.trim().parse().ok());
-            match status {
-                404 => Ok(None),
-                200..=299 => length.map(Some).ok_or_else(|| fail(url, Some(status), "no Content-Length")),
-                _ => Err(fail(url, Some(status), format!("HTTP {status}"))),
+        /// Redirects are followed here, one at a time: the hub states an LFS file's sha256 on its
+        /// own answer, the 302 to its CDN.
+        pub async fn head(&self, url: &str) -> Result<Head> {
+            let (mut url, mut sha256) = (url.to_string(), None);
+            for _ in 0..=MAX_REDIRECTS {
+                let response = self.0.head(&url).config().max_redirects(0).build().call().map_err(|e| fail(&url, None, e))?;
+                let status = response.status().as_u16();
+                let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+                sha256 = sha256.or_else(|| header("x-linked-etag").or_else(|| header("etag")).and_then(|t| stated_sha256(&t)));
+                if (300..400).contains(&status) {
+                    let location = header("location").ok_or_else(|| fail(&url, Some(status), "a redirect without a Location"))?;
+                    url = redirected(&url, &location);
+                    continue;
+                }
+                let length = header("content-length").and_then(|v| v.trim().parse().ok());
+                return match status {
+                    404 => Ok(Head { length: None, sha256: None }),
+                    200..=299 => length.map(|n| Head { length: Some(n), sha256 }).ok_or_else(|| fail(&url, Some(status), "no Content-Length")),
+                    _ => Err(fail(&url, Some(status), format!("HTTP {status}"))),
+                };
             }
+            Err(fail(&url, None, format!("more than {MAX_REDIRECTS} redirects")))
         }
 
         pub async fn get(&self, url: &str, start: u64, end: u64) -> Result<Bytes> {

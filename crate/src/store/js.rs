@@ -33,14 +33,15 @@ async function silenceBounded(url, stallMs, work) {
   }
 }
 
-export function http_length(url, stallMs) {
+export function http_head(url, stallMs) {
   return silenceBounded(url, stallMs, async (signal) => {
     const r = await fetch(url, { method: 'HEAD', cache: 'no-store', signal });
-    if (r.status === 404) return -1;
+    if (r.status === 404) return { length: -1 };
     if (!r.ok) throw httpError(r);
     const n = r.headers.get('content-length');
     if (n === null) throw { status: 0, message: 'the response has no Content-Length' };
-    return Number(n);
+    // The sha256 the server may state (the hub: X-Linked-Etag, where CORS shows it).
+    return { length: Number(n), tag: r.headers.get('x-linked-etag') ?? r.headers.get('etag') ?? undefined };
   });
 }
 
@@ -158,7 +159,7 @@ extern "C" {
     #[wasm_bindgen(js_name = sha256)]
     async fn js_sha256(bytes: &Uint8Array) -> JsValue;
     #[wasm_bindgen(catch)]
-    pub async fn http_length(url: &str, stall_ms: f64) -> Result<JsValue, JsValue>;
+    pub async fn http_head(url: &str, stall_ms: f64) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(catch)]
     pub async fn http_get(url: &str, start: f64, end: f64, stall_ms: f64) -> Result<JsValue, JsValue>;
     #[wasm_bindgen(catch)]

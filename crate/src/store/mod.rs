@@ -28,7 +28,7 @@ mod js;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use dir::DirStore;
-pub use http::{hub_url, HttpSource};
+pub use http::{hub_url, HttpSource, StatedHashes};
 #[cfg(target_arch = "wasm32")]
 pub use blob::BlobSource;
 #[cfg(target_arch = "wasm32")]

@@ -265,7 +265,8 @@ impl<R: RecordStore> ModelStore<R> {
 
     /// Downloads the model pack, diffusers folder or single-file checkpoint (`.safetensors`,
     /// `.gguf`) at `url` (a hub repository `owner/name` is its `resolve/main` URL) as `id`, or
-    /// completes and repairs an earlier download of it.
+    /// completes and repairs an earlier download of it. A folder's or file's bytes are checked
+    /// against the sha256 the server states for them where they were read whole, in order.
     pub async fn download(&self, id: &str, url: &str, options: &DownloadOptions, mut progress: impl FnMut(&Progress)) -> Result<Manifest> {
         check_id(id)?;
         if options.parallel == 0 {
@@ -276,13 +277,15 @@ impl<R: RecordStore> ModelStore<R> {
         let fetched = || http.bytes_fetched();
         if let Some(file) = file {
             let model = ModelSource::single_file(&http, &file, None).await?;
-            return self.convert(id, &http.url(&file), &model, options, &fetched, &mut progress).await;
+            let manifest = self.convert(id, &http.url(&file), &model, options, &fetched, &mut progress).await?;
+            return self.check_source(id, &http, manifest, &mut progress).await;
         }
         if http.length(MANIFEST).await?.is_some() {
             self.download_pack(id, &http, options, &mut progress).await
         } else if http.length("model_index.json").await?.is_some() {
             let model = ModelSource::folder(&http, true);
-            self.convert(id, http.base(), &model, options, &fetched, &mut progress).await
+            let manifest = self.convert(id, http.base(), &model, options, &fetched, &mut progress).await?;
+            self.check_source(id, &http, manifest, &mut progress).await
         } else {
             Err(Error::Network {
                 url: http.base().to_string(),
@@ -290,6 +293,24 @@ impl<R: RecordStore> ModelStore<R> {
                 message: "neither a model pack (manifest.json), a diffusers model folder (model_index.json) nor a .safetensors / .gguf file is there".into(),
             })
         }
+    }
+
+    /// Checks the source files of a converted download against the sha256 their server states: on
+    /// a difference the model is left incomplete (its manifest removed), so it never loads.
+    async fn check_source(&self, id: &str, http: &HttpSource, manifest: Manifest, progress: &mut dyn FnMut(&Progress)) -> Result<Manifest> {
+        let found = match http.check_stated() {
+            Ok(found) => found,
+            Err(e) => {
+                self.records.delete(&Self::key(id, MANIFEST)).await?;
+                return Err(e);
+            }
+        };
+        let (total, mut done) = (found.matched.iter().map(|(_, n)| n).sum(), 0);
+        for (path, bytes) in &found.matched {
+            done += bytes;
+            progress(&Progress { stage: "verify", bytes_done: done, bytes_total: total, detail: format!("{path}: has the sha256 its server states") });
+        }
+        Ok(manifest)
     }
 
     /// Stores `model` (any source: a file the user picked) as `id`, converted with the options'
