@@ -281,7 +281,8 @@ async function pageSteps(browser, url) {
   assert.match(got.aborted, /^AbortError/);
   assert.ok(got.afterAbort.every((m) => m.endsWith('false')), `nothing complete after the abort: ${got.afterAbort}`);
   assert.deepEqual(got.afterLoad, ['tiny-sdxl-base-q8 true']);
-  assert.deepEqual(got.progress, ['download', 'upload']);
+  // verify: the folder's files had the sha256 the server states (X-Linked-Etag), checked as they streamed.
+  assert.deepEqual(got.progress, ['download', 'upload', 'verify']);
   assert.match(got.badSize, /^InvalidParameter: .*width and height must be positive multiples of 8/);
   assert.match(got.noRefiner, /^InvalidParameter: .*refinerStart is set but no refiner is loaded/);
   assert.match(got.unknownOption, /^InvalidParameter: generate: unknown option `seeed`/);
@@ -376,7 +377,8 @@ async function pageSteps(browser, url) {
     return r;
   }, { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed });
   log('single files via the API:', JSON.stringify({ ...viaApi, url: viaApi.url.length, file: viaApi.file.length }));
-  assert.deepEqual(viaApi.urlEvents, ['download', 'upload']);
+  // verify: the file had the sha256 the server states, checked as it streamed.
+  assert.deepEqual(viaApi.urlEvents, ['download', 'upload', 'verify']);
   assert.deepEqual(viaApi.fileEvents, ['import', 'upload']);
   assert.deepEqual(viaApi.loaded, { file: 'tiny-sdxl-std.gguf', id: 'picked' });
   assert.deepEqual(viaApi.stored, ['picked true', 'tiny-sdxl-std.gguf-q4 true']);
