@@ -10,6 +10,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{OnceLock, RwLock};
 use std::time::Instant;
 
@@ -1160,17 +1161,24 @@ const HTTP_RANGE: (u64, u64) = (1000, 3000);
 #[test]
 fn http_answers_to_range_reads() {
     let (start, end) = HTTP_RANGE;
+    // Both outcomes must occur: a server that never answered would pass every case.
+    let (read, refused) = (AtomicUsize::new(0), AtomicUsize::new(0));
     run(256, 16, http_answer(), |answer| {
         let what = format!("{:?}", String::from_utf8_lossy(&answer[..answer.len().min(200)]));
         let url = answering(answer.clone());
         let source = HttpSource::new(&url).unwrap().with_retries(0).with_stall_timeout(2000);
         let got = bounded(&what, answer.len(), || pollster::block_on(source.fetch("f.bin", start, end)));
         match got {
-            Ok(bytes) => assert_eq!(bytes.len(), end - start, "{what}: a read gives the bytes asked for, exactly"),
-            Err(Error::Network { .. }) => {}
+            Ok(bytes) => {
+                assert_eq!(bytes.len(), end - start, "{what}: a read gives the bytes asked for, exactly");
+                read.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(Error::Network { .. }) => drop(refused.fetch_add(1, Ordering::Relaxed)),
             Err(e) => panic!("{what}: unexpected error kind {e:?}"),
         }
     });
+    let (read, refused) = (read.into_inner(), refused.into_inner());
+    assert!(read > 0 && refused > 0, "{read} answers read, {refused} refused");
 }
 
 // ---- Configs: nothing that would generate an unbounded shader gets to the GPU.

@@ -450,13 +450,19 @@ async function pageSteps(browser, url) {
   assert.deepEqual(loraApi.left, ['peft']);
 }
 
+/** A fresh browser context with the page open on the tiny preset, its console watched as `name`. */
+async function openPage(browser, url, name) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  watch(page, name);
+  await page.goto(`${url}/?preset=tiny`);
+  return { context, page };
+}
+
 /** Step 10: values the worker cannot be sent, and aborts that leave the other calls alone. */
 async function apiCallSteps(browser, url) {
   log('10. API calls: unsendable option values, an aborted load() among queued calls');
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  watch(page, 'calls');
-  await page.goto(`${url}/?preset=tiny`);
+  const { context, page } = await openPage(browser, url, 'calls');
   const got = await page.evaluate(async () => {
     const { Sdxl } = await import('/sdxl.js');
     // A call that neither resolves nor rejects within a minute is a hang.
@@ -543,10 +549,7 @@ const FAULTY_WORKER = (origin) => `
 /** Step 11: a panic and a lost GPU device restart the worker; the next calls give the same image. */
 async function faultSteps(browser, url) {
   log('11. faults in the worker: a Rust panic, a destroyed GPU device');
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  watch(page, 'faults');
-  await page.goto(`${url}/?preset=tiny`);
+  const { context, page } = await openPage(browser, url, 'faults');
   const got = await page.evaluate(async ({ source, run }) => {
     const { Sdxl } = await import('/sdxl.js');
     const outcome = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
@@ -698,10 +701,7 @@ async function serviceWorkerSteps(browser) {
 /** Step 13: load() repairs a damaged stored record and loads the model of before. */
 async function repairSteps(browser, url) {
   log('13. a damaged stored record: load() repairs it');
-  const context = await browser.newContext();
-  const page = await context.newPage();
-  watch(page, 'repair');
-  await page.goto(`${url}/?preset=tiny`);
+  const { context, page } = await openPage(browser, url, 'repair');
   const got = await page.evaluate(async () => {
     const { Sdxl } = await import('/sdxl.js');
     const tiny = { base: './models/tiny-sdxl-base', quant: 'q8' };

@@ -38,10 +38,10 @@ export function http_head(url, stallMs) {
     const r = await fetch(url, { method: 'HEAD', cache: 'no-store', signal });
     if (r.status === 404) return { length: -1 };
     if (!r.ok) throw httpError(r);
-    const n = r.headers.get('content-length');
-    if (n === null) throw { status: 0, message: 'the response has no Content-Length' };
+    const n = Number(r.headers.get('content-length') ?? NaN);
+    if (!Number.isSafeInteger(n) || n < 0) throw { status: 0, message: `the response has no valid Content-Length (${r.headers.get('content-length')})` };
     // The sha256 the server may state (the hub: X-Linked-Etag, where CORS shows it).
-    return { length: Number(n), tag: r.headers.get('x-linked-etag') ?? r.headers.get('etag') ?? undefined };
+    return { length: n, tag: r.headers.get('x-linked-etag') ?? r.headers.get('etag') ?? undefined };
   });
 }
 
