@@ -1,4 +1,4 @@
-// Pointwise functions: activations, and an affine map with clamp.
+// Pointwise functions: activations, an affine map with clamp, and a tanh soft clamp.
 
 struct Params { n: u32, op: u32, _p0: u32, _p1: u32, scale: f32, shift: f32, lo: f32, hi: f32 }
 
@@ -9,11 +9,13 @@ struct Params { n: u32, op: u32, _p0: u32, _p1: u32, scale: f32, shift: f32, lo:
 const OP_SILU: u32 = 0u;
 const OP_GELU: u32 = 1u;
 const OP_QUICK_GELU: u32 = 2u;
+const OP_RELU: u32 = 3u;
 
 fn activate(v: f32, op: u32) -> f32 {
     switch op {
         case OP_SILU: { return v / (1.0 + exp(-v)); }
         case OP_GELU: { return gelu(v); }
+        case OP_RELU: { return max(v, 0.0); }
         default: { return v / (1.0 + exp(-1.702 * v)); }
     }
 }
@@ -42,4 +44,16 @@ fn affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
         v = exp(v);
     }
     y[i] = T(clamp(v, p.lo, p.hi));
+}
+
+// y = hi * tanh(scale * x / hi): TAESD's decoder input clamp tanh(x / 3) * 3. tanh's argument is
+// limited to ±10 (where f32 tanh is already ±1) as some drivers compute tanh through exp, which
+// overflows to inf / inf = NaN.
+@compute @workgroup_size(256)
+fn soft_clamp(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat_index(wid, nwg, lid, 256u);
+    if (i < p.n) {
+        y[i] = T(p.hi * tanh(clamp(p.scale * f32(x[i]) / p.hi, -10.0, 10.0)));
+    }
 }

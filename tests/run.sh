@@ -23,7 +23,7 @@ export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
 export CHROMEDRIVER="${CHROMEDRIVER:-/usr/bin/chromedriver}"
 # The text-encoder parity test uploads two 49408-row embedding tables through SwiftShader.
 export WASM_BINDGEN_TEST_TIMEOUT="${WASM_BINDGEN_TEST_TIMEOUT:-600}"
-(cd crate && cargo test --locked --target wasm32-unknown-unknown --test kernels --test text_parity --test unet --test vae --test quant --test store --test panic_hook)
+(cd crate && cargo test --locked --target wasm32-unknown-unknown --test kernels --test text_parity --test unet --test vae --test taesd --test quant --test store --test panic_hook)
 
 echo "== end-to-end tests (the page and the JS API in headless Chromium; the TypeScript declarations)"
 kill $server 2>/dev/null || true

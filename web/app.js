@@ -1,4 +1,5 @@
-// The page: presets, LoRAs with weight sliders, prompt form, progress, live preview, cancel, gallery, storage panel.
+// The page: presets, LoRAs with weight sliders, prompt form, an image to start from with a mask to
+// paint and a canvas to extend, progress, live preview, cancel, gallery, storage panel.
 import { Sdxl, SDXL_1_0, SDXL_1_0_GGUF, RESOLUTION_BUCKETS } from './sdxl.js';
 
 const $ = (id) => document.getElementById(id);
@@ -25,6 +26,7 @@ const PRESETS = {
 
 let sdxl = null;
 let running = null; // the AbortController of the run in progress
+let startImage = null; // the Blob generate() starts from (img2img, inpainting, outpainting), or null
 const loraWeights = new Map(); // stored LoRA id → the weight its slider shows
 
 function setStatus(state, text, fraction) {
@@ -105,15 +107,90 @@ async function run(task) {
   }
 }
 
+/** The image options of a run: none for text to image; the image, and the mask or the extension, otherwise. */
+function imageOptions() {
+  if (!startImage) {
+    const [width, height] = $('size').value.split('x').map(Number);
+    return { width, height };
+  }
+  const options = { image: startImage };
+  const strength = $('strength').value.trim();
+  if (strength !== '') options.strength = Number(strength);
+  const extend = ['left', 'top', 'right', 'bottom'].map((side) => Number($(`extend-${side}`).value) || 0);
+  if (extend.some((v) => v > 0)) options.outpaint = extend;
+  else if (maskPainted()) options.mask = maskPixels();
+  return options;
+}
+
+/** Whether any pixel of the mask is painted. */
+function maskPainted() {
+  const canvas = $('edit-mask');
+  const alpha = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+  for (let i = 3; i < alpha.length; i += 4) if (alpha[i] !== 0) return true;
+  return false;
+}
+
+/** The painted mask as opaque grey pixels: its coverage over black (half-covered edge pixels are grey). */
+function maskPixels() {
+  const canvas = $('edit-mask');
+  const flat = new OffscreenCanvas(canvas.width, canvas.height).getContext('2d');
+  flat.fillStyle = 'black';
+  flat.fillRect(0, 0, canvas.width, canvas.height);
+  flat.drawImage(canvas, 0, 0);
+  return flat.getImageData(0, 0, canvas.width, canvas.height);
+}
+
+/** Opens `blob` in the editor: its pixels under an empty mask the size of the image. */
+async function editImage(blob) {
+  const bitmap = await createImageBitmap(blob, { colorSpaceConversion: 'none' });
+  for (const id of ['edit-image', 'edit-mask']) Object.assign($(id), { width: bitmap.width, height: bitmap.height });
+  $('edit-image').getContext('2d').drawImage(bitmap, 0, 0);
+  startImage = blob;
+  $('editor').hidden = false;
+  $('clear-image').disabled = false;
+  $('size').disabled = true;
+}
+
+function clearImage() {
+  startImage = null;
+  $('editor').hidden = true;
+  $('clear-image').disabled = true;
+  $('size').disabled = false;
+}
+
+/** Painting on the mask canvas with the pointer: white strokes, or erasing. */
+function paintMask() {
+  const canvas = $('edit-mask');
+  const context = canvas.getContext('2d');
+  let last = null;
+  const at = (e) => {
+    const box = canvas.getBoundingClientRect();
+    return [(e.clientX - box.left) * canvas.width / box.width, (e.clientY - box.top) * canvas.height / box.height];
+  };
+  const stroke = (e) => {
+    const point = at(e);
+    Object.assign(context, { lineCap: 'round', lineJoin: 'round', lineWidth: Number($('brush').value), strokeStyle: 'white',
+      globalCompositeOperation: $('eraser').checked ? 'destination-out' : 'source-over' });
+    context.beginPath();
+    context.moveTo(...(last ?? point));
+    context.lineTo(...point);
+    context.stroke();
+    last = point;
+  };
+  canvas.onpointerdown = (e) => { canvas.setPointerCapture(e.pointerId); last = null; stroke(e); };
+  canvas.onpointermove = (e) => { if (e.buttons & 1) stroke(e); };
+  canvas.onpointerup = () => { last = null; };
+  $('clear-mask').onclick = () => context.clearRect(0, 0, canvas.width, canvas.height);
+}
+
 async function generate(signal) {
   await ensureLoaded(signal);
   if (!$('lock-seed').checked) randomSeed();
-  const [width, height] = $('size').value.split('x').map(Number);
   const negative = $('negative').value.trim();
   const result = await sdxl.generate({
     prompt: $('prompt').value,
     negativePrompt: negative === '' ? undefined : negative,
-    width, height,
+    ...imageOptions(),
     steps: Number($('steps').value),
     guidance: Number($('guidance').value),
     seed: Number($('seed').value),
@@ -134,7 +211,9 @@ function addToGallery(result) {
   const img = Object.assign(document.createElement('img'), { src: url, alt: result.parameters.split('\n')[0], width: result.width, height: result.height });
   const link = Object.assign(document.createElement('a'), { href: url, download: `sdxl-${result.seed}.png`, textContent: 'Download PNG' });
   const caption = document.createElement('figcaption');
-  caption.append(`seed ${result.seed} · ${result.width}×${result.height} · ${(result.timings.total / 1000).toFixed(1)} s · `, link);
+  const edit = Object.assign(document.createElement('button'), { type: 'button', textContent: 'Edit', className: 'edit', title: 'Start from this image: rework it, paint a mask, or extend it' });
+  edit.onclick = () => editImage(result.blob).catch((e) => setStatus('error', `${e.message} (${e.name})`));
+  caption.append(`seed ${result.seed} · ${result.width}×${result.height} · ${(result.timings.total / 1000).toFixed(1)} s · `, link, edit);
   figure.dataset.seed = result.seed;
   figure.append(img, caption);
   $('gallery').prepend(figure);
@@ -250,12 +329,21 @@ async function main() {
   // Cleared after each pick, so that picking the same file again (after a failed import) fires.
   $('model-file').onchange = () => { openFile($('model-file').files[0]); $('model-file').value = ''; };
   $('lora-file').onchange = () => { addLora($('lora-file').files[0]); $('lora-file').value = ''; };
+  $('image-file').onchange = () => {
+    const file = $('image-file').files[0];
+    if (file) editImage(file).catch((e) => setStatus('error', `${file.name} is not an image this browser opens (${e.message})`));
+    $('image-file').value = '';
+  };
+  $('clear-image').onclick = clearImage;
+  paintMask();
   document.addEventListener('dragover', (e) => { e.preventDefault(); document.body.dataset.drop = 'over'; });
   document.addEventListener('dragleave', () => { delete document.body.dataset.drop; });
   document.addEventListener('drop', (e) => {
     e.preventDefault();
     delete document.body.dataset.drop;
-    openFile(e.dataTransfer?.files?.[0]);
+    const file = e.dataTransfer?.files?.[0];
+    if (file?.type.startsWith('image/')) editImage(file).catch((error) => setStatus('error', `${file.name}: ${error.message}`));
+    else openFile(file);
   });
   $('load').onclick = () => run(async (signal) => {
     await ensureLoaded(signal);

@@ -105,10 +105,23 @@ export interface GenerateOptions {
   promptWeighting?: boolean;
   /** Stored LoRAs (see storeLora) applied to the base, each at its weight (negative subtracts; 0 leaves it out). */
   loras?: LoraWeight[];
+  /** img2img: start from this image (PNG blobs are decoded exactly; the run takes its size unless width/height say otherwise). */
+  image?: ImageInput | null;
+  /** Inpainting: white repaints, black (or transparent) keeps; grey binarized at 0.5; the image's size. */
+  mask?: ImageInput | null;
+  /** How much of the schedule img2img and inpainting run, in (0, 1]: default 0.9999 with a mask or outpaint, 0.3 without. */
+  strength?: number;
+  /** Outpainting: pixels added [left, top, right, bottom] around `image` (edges repeated), then inpainted; the new size must stay a multiple of 8. */
+  outpaint?: [number, number, number, number];
+  /** Outpainting: how many pixels into the image the repainted area reaches (default 0). */
+  outpaintOverlap?: number;
   signal?: AbortSignal;
   onStep?: (event: StepEvent) => void;
   onProgress?: (event: ProgressEvent) => void;
 }
+
+/** An image given to generate(): an image file (Blob), a decoded image, a canvas or its pixels. */
+export type ImageInput = Blob | ImageBitmap | ImageData | HTMLCanvasElement | OffscreenCanvas | HTMLImageElement;
 
 export interface GenerateResult {
   /** PNG with the recipe in its `parameters` text chunk (AUTOMATIC1111 format). */

@@ -41,6 +41,38 @@ const shown = (value) => {
 };
 
 /** Rejects option names the call does not know (a typo would otherwise silently use a default). */
+const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+
+/**
+ * An image option as the engine takes it: a PNG file's bytes (decoded in the engine as the CLI
+ * decodes its files), or RGBA pixels {data, width, height}, drawn unconverted (no colour
+ * management, no premultiplied alpha) for any other image; null when not given.
+ */
+async function pixels(value, name) {
+  if (value === undefined || value === null) return null;
+  if (value instanceof Blob) {
+    const bytes = new Uint8Array(await value.arrayBuffer());
+    if (PNG_SIGNATURE.every((b, i) => bytes[i] === b)) return bytes;
+    try {
+      value = await createImageBitmap(value, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+    } catch (e) {
+      throw invalid(`${name}: the file is not an image this browser decodes (${e.message})`);
+    }
+  }
+  if (typeof ImageData !== 'undefined' && value instanceof ImageData) {
+    return { data: new Uint8Array(value.data.buffer.slice(value.data.byteOffset, value.data.byteOffset + value.data.byteLength)), width: value.width, height: value.height };
+  }
+  const drawable = ['ImageBitmap', 'HTMLCanvasElement', 'OffscreenCanvas', 'HTMLImageElement'].some((type) => type in globalThis && value instanceof globalThis[type]);
+  if (!drawable) throw invalid(`${name} must be a Blob, ImageBitmap, ImageData, canvas or <img>, not ${shown(value)}`);
+  const width = value.naturalWidth ?? value.width;
+  const height = value.naturalHeight ?? value.height;
+  if (!(width > 0 && height > 0)) throw invalid(`${name} is empty (${width}x${height}; an <img> must have loaded)`);
+  const context = new OffscreenCanvas(width, height).getContext('2d', { colorSpace: 'srgb' });
+  context.drawImage(value, 0, 0);
+  const data = context.getImageData(0, 0, width, height).data;
+  return { data: new Uint8Array(data.buffer), width, height };
+}
+
 function checkOptions(what, options, known) {
   const unknown = Object.keys(options ?? {}).filter((key) => !known.includes(key));
   if (unknown.length) throw invalid(`${what}: unknown option ${unknown.map((k) => `\`${k}\``).join(', ')} (known: ${known.join(', ')})`);
@@ -56,11 +88,12 @@ function checkHooks(what, { signal, ...callbacks }) {
 
 /**
  * Where `value` holds something the worker cannot be sent, as "PATH is a WHAT", or null. Options
- * cross as JSON (strings, numbers, booleans, null, arrays, plain objects), picked files as Blobs;
+ * cross as JSON (strings, numbers, booleans, null, arrays, plain objects), picked files as Blobs,
+ * images as bytes (Uint8Array);
  * a function, a symbol, a DOM node or a class instance would fail to clone or turn into `{}`.
  */
 function unsendable(value, path) {
-  if (value === null || value === undefined || ['string', 'number', 'boolean'].includes(typeof value) || value instanceof Blob) return null;
+  if (value === null || value === undefined || ['string', 'number', 'boolean'].includes(typeof value) || value instanceof Blob || value instanceof Uint8Array) return null;
   const prototype = typeof value === 'object' ? Object.getPrototypeOf(value) : undefined;
   if (!Array.isArray(value) && prototype !== Object.prototype && prototype !== null) {
     const what = typeof value === 'object' ? `a ${value.constructor?.name ?? 'object'}` : typeof value === 'bigint' ? 'a BigInt' : `a ${typeof value}`;
@@ -277,20 +310,25 @@ export class Sdxl {
   }
 
   /**
-   * Text to image. Resolves to {blob (PNG with the recipe in its `parameters` text), bitmap, seed,
+   * Text to image; with `image`, img2img; with `image` and `mask` (or `outpaint`), inpainting (or
+   * outpainting) as diffusers' StableDiffusionXLInpaintPipeline, with an inpainting model or an
+   * ordinary one. Resolves to {blob (PNG with the recipe in its `parameters` text), bitmap, seed,
    * width, height, parameters, timings}. `onStep` gets each step with a latent preview (ImageData);
    * aborting `signal` cancels at the next step and frees the run's GPU memory.
    */
   async generate(options = {}) {
     const known = ['prompt', 'negativePrompt', 'width', 'height', 'steps', 'guidance', 'seed', 'refinerStart', 'scheduler', 'timestepSpacing',
-      'longPrompt', 'promptWeighting', 'loras', 'signal', 'onStep', 'onProgress'];
+      'longPrompt', 'promptWeighting', 'loras', 'image', 'mask', 'strength', 'outpaint', 'outpaintOverlap', 'signal', 'onStep', 'onProgress'];
     checkOptions('generate', options, known);
     let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt, promptWeighting,
-      loras = [], signal, onStep, onProgress } = options;
+      loras = [], image, mask, strength, outpaint, outpaintOverlap, signal, onStep, onProgress } = options;
     checkHooks('generate', { signal, onStep, onProgress });
     if (typeof prompt !== 'string') throw invalid('prompt must be a string');
+    if (outpaint !== undefined && !(Array.isArray(outpaint) && outpaint.length === 4 && outpaint.every((v) => Number.isInteger(v) && v >= 0))) {
+      throw invalid(`outpaint must be [left, top, right, bottom] pixel counts, not ${shown(outpaint)}`);
+    }
     // JSON would turn NaN and Infinity into null, which the engine reads as "use the default".
-    const numbers = { width, height, steps, guidance, seed, refinerStart };
+    const numbers = { width, height, steps, guidance, seed, refinerStart, strength, outpaintOverlap };
     for (const [name, value] of Object.entries(numbers)) {
       if (value !== undefined && value !== null && !(typeof value === 'number' && Number.isFinite(value))) {
         throw invalid(`${name} must be a finite number, not ${typeof value === 'number' ? value : shown(value)}`);
@@ -310,8 +348,9 @@ export class Sdxl {
       if (e.type === 'step') onStep?.(e);
     };
     const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt,
-      promptWeighting, loras, preview: Boolean(onStep) };
-    const out = await this.#call('generate', [request], { onEvent, signal, cancel: true });
+      promptWeighting, loras, strength, outpaint, outpaintOverlap, preview: Boolean(onStep) };
+    const images = [await pixels(image, 'image'), await pixels(mask, 'mask')];
+    const out = await this.#call('generate', [request, images], { onEvent, signal, cancel: true });
     const blob = new Blob([out.png], { type: 'image/png' });
     const bitmap = await createImageBitmap(blob);
     return { blob, bitmap, seed: out.seed, width: out.width, height: out.height, parameters: out.parameters, timings: out.timings };

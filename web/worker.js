@@ -21,9 +21,9 @@ const methods = {
   async load(id, options, files) {
     await engine.load(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) }));
   },
-  async generate(id, options) {
+  async generate(id, options, images) {
     const onEvent = (event, preview) => post({ id, event: JSON.parse(event), preview }, preview ? [preview.buffer] : []);
-    const out = await engine.generate(JSON.stringify(options), onEvent, () => cancelled.has(id));
+    const out = await engine.generate(JSON.stringify(options), images, onEvent, () => cancelled.has(id));
     return { result: out, transfer: [out.png.buffer] };
   },
   async models() { return JSON.parse(await engine.models()); },

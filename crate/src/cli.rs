@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use crate::bench::{self, BenchModel, BenchOptions};
-use crate::pipeline::generate::{generate, GenerateParams, SdxlModel, Stage, StepProgress};
+use crate::pipeline::generate::{generate, outpaint_canvas, GenerateParams, SdxlModel, Stage, StepProgress, IMG2IMG_STRENGTH, INPAINT_STRENGTH};
 use crate::pipeline::image;
 use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::{PromptEncoder, PromptOptions};
@@ -28,7 +28,7 @@ const USAGE: &str = "usage:
   sdxl generate --model DIR|FILE [--config DIR] [--refiner DIR|FILE] [--refiner-config DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
                 [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]
-                [--init-image IMAGE.png [--strength 0.3]]
+                [--init-image IMAGE.png [--strength 0.3] [--mask MASK.png | --outpaint LEFT,TOP,RIGHT,BOTTOM [--outpaint-overlap 0]]]
                 [--tensors-out FILE.safetensors] [--precision auto|f32|f16] [--quant f16|q8|q4]
                 [--long-prompt truncate|chunked] [--prompt-weighting off|on] [--lora FILE[:WEIGHT]]... [--lora-dir DIR]
       Text to image as diffusers' StableDiffusionXLPipeline (classifier-free guidance when --guidance
@@ -37,7 +37,11 @@ const USAGE: &str = "usage:
       diffusers' image. --scheduler and --timestep-spacing default to the model folder's
       scheduler_config.json. --init-image: img2img as StableDiffusionXLImg2ImgPipeline at the image's
       size, noised to --strength of the schedule; with --refiner and no --model, the refiner alone
-      refines the image (SDEdit). --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
+      refines the image (SDEdit). --mask: inpainting as StableDiffusionXLInpaintPipeline (white repaints,
+      black keeps; grey binarized at 0.5; the image's size; --strength defaults to 0.9999) with an
+      inpainting UNet (9 input channels) or an ordinary one (the original kept outside the mask each step);
+      --outpaint extends the canvas by that many pixels per side (edges repeated) and inpaints the new
+      area, --outpaint-overlap pixels into the old one. docs/inpainting.md. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
       --model / --refiner take a diffusers-layout folder (text encoders with or without
       transformers 5's missing `text_model.` prefix, sharded or not), a model pack (a folder with
@@ -152,8 +156,29 @@ async fn generate_command(args: &Args) -> Result<()> {
         }
         None => None,
     };
-    // img2img runs at the image's size.
+    let (init_image, mask) = match (init_image, args.get("mask"), args.get("outpaint")) {
+        (None, mask, outpaint) if mask.or(outpaint).is_some() => {
+            return Err(Error::InvalidParameter(format!("--{} needs --init-image", if mask.is_some() { "mask" } else { "outpaint" })));
+        }
+        (Some(_), Some(_), Some(_)) => return Err(Error::InvalidParameter("--outpaint makes its own mask: leave out --mask".into())),
+        (Some(image), Some(path), None) => {
+            let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
+            (Some(image), Some(image::decode_mask_png(&bytes).map_err(|e| Error::InvalidParameter(format!("--mask {path}: {e}")))?))
+        }
+        (Some(image), None, Some(sides)) => {
+            let pad: Vec<usize> = sides.split(',').map(|v| v.trim().parse().ok()).collect::<Option<_>>().unwrap_or_default();
+            let pad: [usize; 4] = pad.try_into().map_err(|_| Error::InvalidParameter(format!("--outpaint '{sides}' must be LEFT,TOP,RIGHT,BOTTOM pixel counts")))?;
+            let (canvas, mask) = outpaint_canvas(&image, pad, args.parsed("outpaint-overlap", 0)?)?;
+            (Some(canvas), Some(mask))
+        }
+        (image, _, _) => (image, None),
+    };
+    if args.get("outpaint-overlap").is_some() && args.get("outpaint").is_none() {
+        return Err(Error::InvalidParameter("--outpaint-overlap needs --outpaint".into()));
+    }
+    // img2img and inpainting run at the image's size.
     let (width, height) = init_image.as_ref().map_or((defaults.width, defaults.height), |i| (i.width, i.height));
+    let strength = if mask.is_some() { INPAINT_STRENGTH } else { IMG2IMG_STRENGTH };
     let params = GenerateParams {
         prompt: args.required("prompt")?.to_string(),
         negative: args.get("negative").map(str::to_string),
@@ -165,8 +190,9 @@ async fn generate_command(args: &Args) -> Result<()> {
         refiner_start: args.parsed("refiner-start", defaults.refiner_start)?,
         scheduler: args.get("scheduler").map(str::parse).transpose()?,
         timestep_spacing: args.get("timestep-spacing").map(str::parse).transpose()?,
-        strength: args.parsed("strength", defaults.strength)?,
+        strength: args.parsed("strength", strength)?,
         init_image,
+        mask,
         prompt_options: prompt_options(args)?,
         ..defaults
     };
@@ -509,7 +535,7 @@ async fn run(argv: &[String]) -> Result<()> {
         Some("generate") => {
             let known = [
                 "model", "config", "refiner", "refiner-config", "prompt", "negative", "width", "height", "steps", "guidance", "seed",
-                "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength",
+                "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength", "mask", "outpaint", "outpaint-overlap",
                 "long-prompt", "prompt-weighting", "lora", "lora-dir",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await

@@ -33,6 +33,7 @@ pub enum Activation {
     Silu = 0,
     Gelu = 1,
     QuickGelu = 2,
+    Relu = 3,
 }
 
 impl Activation {
@@ -42,6 +43,7 @@ impl Activation {
             "silu" | "swish" => Some(Activation::Silu),
             "gelu" => Some(Activation::Gelu),
             "quick_gelu" => Some(Activation::QuickGelu),
+            "relu" => Some(Activation::Relu),
             _ => None,
         }
     }
@@ -453,6 +455,19 @@ impl Gpu {
         let y = self.empty_as(x.shape(), dtype)?;
         let params = [u(x.len()), exp as u32, 0, 0, scale.to_bits(), shift.to_bits(), lo.to_bits(), hi.to_bits()];
         self.dispatch(&ACTIVATION, "affine", dtype, &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
+        Ok(y)
+    }
+
+    /// Pointwise bound · tanh(scale · x / bound), in f32: TAESD's latent clamp tanh(x / 3) · 3
+    /// (bound 3) of latents divided by the VAE's scaling factor (scale 1 / scaling_factor).
+    pub fn soft_clamp(&self, x: &Tensor, scale: f32, bound: f32) -> Result<Tensor> {
+        let dtype = self.float_dtype("soft_clamp", &[(x, "input")])?;
+        if !(bound.is_finite() && bound > 0.0 && scale.is_finite()) {
+            return Err(bad(format!("soft_clamp: scale {scale}, bound {bound}")));
+        }
+        let y = self.empty_as(x.shape(), dtype)?;
+        let params = [u(x.len()), 0, 0, 0, scale.to_bits(), 0, 0, bound.to_bits()];
+        self.dispatch(&ACTIVATION, "soft_clamp", dtype, &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 

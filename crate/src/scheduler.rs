@@ -522,7 +522,8 @@ impl Scheduler {
                 (acp.sqrt() as f32, (1.0 - acp).sqrt() as f32)
             }
         };
-        Schedule { timesteps: full.timesteps[begin..begin + count].to_vec(), sigmas, init_noise_sigma, begin_index: begin, add_noise, steps }
+        let variance_preserving = !matches!(self.sampler, Sampler::Euler | Sampler::EulerAncestral);
+        Schedule { timesteps: full.timesteps[begin..begin + count].to_vec(), sigmas, init_noise_sigma, begin_index: begin, add_noise, variance_preserving, steps }
     }
 
     /// Step `i` of the part starting at `begin` of a full plan.
@@ -674,12 +675,25 @@ pub struct Schedule {
     /// (a, b) of img2img's start: latents = a · image_latents + b · noise (the scheduler's `add_noise`
     /// at the first step's timestep).
     pub add_noise: (f32, f32),
+    /// Whether `add_noise` scales the latents too (DPM-Solver, DDIM), or adds σ·ε (Euler).
+    variance_preserving: bool,
     steps: Vec<Step>,
 }
 
 impl Schedule {
     pub fn num_steps(&self) -> usize {
         self.timesteps.len()
+    }
+
+    /// (a, b) of the scheduler's `add_noise` at the noise level step `k` starts from
+    /// (`sigmas[k]`): what inpainting with an ordinary UNet noises the original's latents to
+    /// after each step. DDIM's ᾱ of a timestep is 1 / (σ² + 1), so one formula serves it too.
+    pub fn add_noise_at(&self, k: usize) -> (f32, f32) {
+        let sigma = self.sigmas[k] as f64;
+        match self.variance_preserving {
+            true => vp(sigma),
+            false => (1.0, sigma as f32),
+        }
     }
 
     /// Step `i`'s coefficients. Panics if `i >= num_steps()`.

@@ -14,7 +14,7 @@ use wasm_bindgen::prelude::*;
 use crate::bench::{self, BenchModel, BenchOptions};
 use crate::error::{Error, Result};
 use crate::pack::ModelKind;
-use crate::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel, Stage};
+use crate::pipeline::generate::{generate, outpaint_canvas, Event, GenerateParams, InitImage, Mask, Observer, SdxlModel, Stage, IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_SIDE};
 use crate::pipeline::image::{self, LoraRecipe};
 use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::PromptOptions;
@@ -140,6 +140,12 @@ struct GenerateOptions {
     /// Stored LoRAs applied to the base, each at its weight.
     #[serde(default)]
     loras: Vec<LoraWeight>,
+    /// img2img / inpainting strength; null: 0.9999 with a mask (or outpainting), 0.3 without.
+    strength: Option<f64>,
+    /// Outpainting: pixels added [left, top, right, bottom] around the image, then inpainted.
+    outpaint: Option<[usize; 4]>,
+    /// Outpainting: how far into the image the repainted area reaches, to blend the seam.
+    outpaint_overlap: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -233,13 +239,15 @@ impl Engine {
         .map_err(js_error)
     }
 
-    /// Text to image with the loaded models (JSON options as `GenerateOptions`). `on_event(json,
+    /// Text to image, img2img or inpainting with the loaded models (JSON options as
+    /// `GenerateOptions`; `images`: [image, mask], each null, PNG bytes (a Uint8Array) or
+    /// `{data, width, height}` RGBA pixels). `on_event(json,
     /// preview)` gets encode / step / decode events (`preview`: RGBA bytes at latent resolution, or
     /// undefined); `cancelled()` is asked before every step and before the decode, and a true answer
     /// ends the run with an `AbortError`. Returns `{png, parameters, seed, width, height, timings}`.
-    pub async fn generate(&self, options: String, on_event: Function, cancelled: Function) -> std::result::Result<Object, JsValue> {
+    pub async fn generate(&self, options: String, images: js_sys::Array, on_event: Function, cancelled: Function) -> std::result::Result<Object, JsValue> {
         // One GPU operation: a GPU error fails this run only (see Gpu::operation).
-        self.gpu.operation(self.run(&options, &on_event, &cancelled)).await.map_err(js_error)
+        self.gpu.operation(self.run(&options, &images, &on_event, &cancelled)).await.map_err(js_error)
     }
 
     /// JSON list of the stored models: `{id, url, quant, model, storedBytes, totalBytes, complete}`.
@@ -483,8 +491,24 @@ impl Engine {
         Ok(applied.into_iter().map(|(name, weight, hash)| LoraRecipe { name, weight, hash }).collect())
     }
 
-    async fn run(&self, options: &str, on_event: &Function, cancelled: &Function) -> Result<Object> {
+    async fn run(&self, options: &str, images: &js_sys::Array, on_event: &Function, cancelled: &Function) -> Result<Object> {
         let options: GenerateOptions = parse(options, "generate options")?;
+        let init_image = Picture::from_js(&images.get(0), "image")?.map(|p| p.image("image")).transpose()?;
+        let mask = Picture::from_js(&images.get(1), "mask")?.map(Picture::mask).transpose()?;
+        let (init_image, mask) = match (init_image, mask, options.outpaint) {
+            (None, mask, outpaint) if mask.is_some() || outpaint.is_some() => {
+                return Err(Error::InvalidParameter(format!("{} needs an image", if mask.is_some() { "mask" } else { "outpaint" })));
+            }
+            (Some(_), Some(_), Some(_)) => return Err(Error::InvalidParameter("outpaint makes its own mask: leave out mask".into())),
+            (Some(image), None, Some(pad)) => {
+                let (canvas, mask) = outpaint_canvas(&image, pad, options.outpaint_overlap.unwrap_or(0))?;
+                (Some(canvas), Some(mask))
+            }
+            (image, mask, _) => (image, mask),
+        };
+        if options.strength.is_some() && init_image.is_none() {
+            return Err(Error::InvalidParameter("strength needs an image".into()));
+        }
         let base = self.base.as_ref().ok_or_else(|| Error::ModelIncomplete("no model is loaded: call load() first".into()))?;
         let refiner = match options.refiner_start {
             Some(_) => Some(self.refiner.as_ref().ok_or_else(|| {
@@ -500,11 +524,17 @@ impl Engine {
         let wanted = options.loras.iter().map(|l| (l.model.clone(), l.weight)).chain(tags);
         let recipes = self.set_loras(base, wanted.collect()).await?;
         let defaults = GenerateParams::default();
+        // img2img and inpainting run at the image's size.
+        let (width, height) = init_image.as_ref().map_or((defaults.width, defaults.height), |i| (i.width, i.height));
+        let strength = if mask.is_some() { INPAINT_STRENGTH } else { IMG2IMG_STRENGTH };
         let params = GenerateParams {
             prompt,
             negative: options.negative_prompt,
-            width: options.width.unwrap_or(defaults.width),
-            height: options.height.unwrap_or(defaults.height),
+            width: options.width.unwrap_or(width),
+            height: options.height.unwrap_or(height),
+            strength: options.strength.unwrap_or(strength),
+            init_image,
+            mask,
             steps: options.steps.unwrap_or(defaults.steps),
             guidance: options.guidance.unwrap_or(defaults.guidance),
             // A random seed fits a JS number exactly (53 bits), so the result can report it.
@@ -533,6 +563,60 @@ impl Engine {
         set("height", params.height.into());
         set("timings", js_sys::JSON::parse(&timings.to_string()).expect("timings are JSON"));
         Ok(result)
+    }
+}
+
+/// An image argument of `generate`: PNG bytes (decoded as the CLI decodes its files), or RGBA
+/// pixels `{data, width, height}` (an ImageData, or what sdxl.js draws other images into).
+enum Picture {
+    Png(Vec<u8>),
+    Rgba { width: usize, height: usize, data: Vec<u8> },
+}
+
+impl Picture {
+    fn from_js(value: &JsValue, what: &str) -> Result<Option<Picture>> {
+        if value.is_undefined() || value.is_null() {
+            return Ok(None);
+        }
+        if let Some(bytes) = value.dyn_ref::<Uint8Array>() {
+            return Ok(Some(Picture::Png(bytes.to_vec())));
+        }
+        let bad = || Error::InvalidParameter(format!("{what} must be PNG bytes or RGBA pixels {{data, width, height}}"));
+        let field = |name: &str| Reflect::get(value, &name.into()).map_err(|_| bad());
+        let (Some(width), Some(height)) = (field("width")?.as_f64(), field("height")?.as_f64()) else { return Err(bad()) };
+        let side = |v: f64| v >= 1.0 && v <= MAX_SIDE as f64 && v.fract() == 0.0;
+        if !side(width) || !side(height) {
+            return Err(Error::InvalidParameter(format!("{what} is {width}x{height}: images are 1 to {MAX_SIDE} pixels on a side")));
+        }
+        let data = field("data")?;
+        let data = match data.dyn_ref::<js_sys::Uint8ClampedArray>() {
+            Some(clamped) => clamped.to_vec(),
+            None => data.dyn_ref::<Uint8Array>().ok_or_else(bad)?.to_vec(),
+        };
+        Ok(Some(Picture::Rgba { width: width as usize, height: height as usize, data }))
+    }
+
+    fn image(self, what: &str) -> Result<InitImage> {
+        match self {
+            Picture::Png(bytes) => image::decode_png(&bytes),
+            Picture::Rgba { width, height, data } => image::image_from_pixels(width, height, 4, &data),
+        }
+        .map_err(|e| in_context(what, e))
+    }
+
+    fn mask(self) -> Result<Mask> {
+        match self {
+            Picture::Png(bytes) => image::decode_mask_png(&bytes),
+            Picture::Rgba { width, height, data } => image::mask_from_pixels(width, height, 4, &data),
+        }
+        .map_err(|e| in_context("mask", e))
+    }
+}
+
+fn in_context(what: &str, e: Error) -> Error {
+    match e {
+        Error::InvalidParameter(m) => Error::InvalidParameter(format!("{what}: {m}")),
+        e => e,
     }
 }
 

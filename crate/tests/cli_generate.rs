@@ -352,3 +352,76 @@ fn refiner_alone_without_init_image() {
     let run = sdxl(&["generate", "--refiner", REFINER, "--prompt", "a cat", "--out", &out]);
     assert_fails_with(&dir, &run, &["--refiner without --model needs --init-image"]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Inpainting and outpainting on the command line (tests/fixtures/ref_inpaint.py).
+// ---------------------------------------------------------------------------------------------
+
+const TINY_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
+const TINY_INPAINT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-inpaint");
+const MASK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/mask_96x64.png");
+
+fn inpaint_reference(key: &str, shape: &[usize]) -> Vec<f32> {
+    let source = DirSource::new(format!("{FIXTURES}/reference"));
+    pollster::block_on(async {
+        let weights = FileTensors::open(&source, vec!["inpaint.safetensors".into()]).await.unwrap();
+        weights.host(key, shape).await.unwrap_or_else(|e| panic!("reference {key}: {e}"))
+    })
+}
+
+/// `sdxl generate` with the prompt and negative of ref_inpaint.py, f32, `args` appended; the image tensor.
+fn inpaint_run(dir: &TempDir, args: &[&str]) -> (Vec<f32>, String) {
+    let (png, tensors) = (dir.file("x.png"), dir.file("x.safetensors"));
+    let mut all = vec!["generate", "--prompt", "a lighthouse on a cliff at dawn", "--negative", "blurry", "--precision", "f32", "--out", &png, "--tensors-out", &tensors];
+    all.extend(args);
+    let run = sdxl(&all);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (_, _, _, recipe) = read_png(&png);
+    (read_all(&dir.0, "x.safetensors")["image"].1.clone(), recipe.unwrap())
+}
+
+#[test]
+fn inpainting_and_outpainting_from_pngs_match_diffusers() {
+    let dir = TempDir::new("inpaint");
+    // The inpainting UNet at the default strength (0.9999).
+    let (image, recipe) = inpaint_run(&dir, &["--model", TINY_INPAINT, "--init-image", INIT_IMAGE, "--mask", MASK, "--steps", "5", "--seed", "12"]);
+    let db = psnr(&image, &inpaint_reference("inpaint9.euler.image", &[1, 3, 64, 96]));
+    assert!(db >= 45.0, "inpainting UNet: image PSNR {db:.1} dB");
+    assert!(recipe.contains("Denoising strength: 0.9999") && recipe.contains("Inpaint: masked"), "{recipe}");
+    // The ordinary base extending the canvas by 16, 8, 16, 8 pixels.
+    let (image, _) = inpaint_run(&dir, &["--model", TINY_BASE, "--init-image", INIT_IMAGE, "--outpaint", "16,8,16,8", "--steps", "5", "--seed", "18"]);
+    let db2 = psnr(&image, &inpaint_reference("outpaint4.euler.image", &[1, 3, 80, 128]));
+    assert!(db2 >= 45.0, "outpainting: image PSNR {db2:.1} dB");
+    eprintln!("CLI inpainting {db:.1} dB, outpainting {db2:.1} dB");
+}
+
+#[test]
+fn bad_masks_are_refused() {
+    let dir = TempDir::new("bad-masks");
+    let out = dir.file("x.png");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", TINY_BASE, "--prompt", "a cat", "--steps", "2", "--precision", "f32", "--out", &out];
+        args.extend(extra);
+        sdxl(&args)
+    };
+    let write_png = |name: &str, width: u32, height: u32, color: png::ColorType, pixels: &[u8]| {
+        let path = dir.file(name);
+        let mut encoder = png::Encoder::new(std::fs::File::create(&path).unwrap(), width, height);
+        encoder.set_color(color);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.write_header().unwrap().write_image_data(pixels).unwrap();
+        path
+    };
+    let small = write_png("small.png", 64, 64, png::ColorType::Grayscale, &[255; 64 * 64]);
+    assert_fails_with(&dir, &run(&["--init-image", INIT_IMAGE, "--mask", &small]), &["mask is 64x64", "96x64", "same size"]);
+    let red: Vec<u8> = (0..96 * 64).flat_map(|_| [255, 0, 0]).collect();
+    let colored = write_png("red.png", 96, 64, png::ColorType::Rgb, &red);
+    assert_fails_with(&dir, &run(&["--init-image", INIT_IMAGE, "--mask", &colored]), &["--mask", "red.png", "black and white"]);
+    assert_fails_with(&dir, &run(&["--mask", MASK]), &["--mask needs --init-image"]);
+    assert_fails_with(&dir, &run(&["--init-image", INIT_IMAGE, "--mask", MASK, "--outpaint", "8,0,0,0"]), &["--outpaint", "leave out --mask"]);
+    assert_fails_with(&dir, &run(&["--init-image", INIT_IMAGE, "--outpaint", "8,0"]), &["--outpaint", "LEFT,TOP,RIGHT,BOTTOM"]);
+    assert_fails_with(&dir, &run(&["--init-image", INIT_IMAGE, "--outpaint", "4,0,0,0"]), &["multiples of 8", "100x64"]);
+    // An inpainting UNet needs a mask.
+    let run = sdxl(&["generate", "--model", TINY_INPAINT, "--prompt", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--out", &out]);
+    assert_fails_with(&dir, &run, &["inpainting UNet", "mask"]);
+}

@@ -186,15 +186,20 @@ fn cpu_gelu(v: f32) -> f32 {
 async fn activations(gpu: &Gpu) {
     let x = stored(gpu, &random(1001, 16).iter().map(|v| v * 6.0).collect::<Vec<_>>());
     let t = gpu.upload(&x, &[7, 143]).unwrap();
-    let cases: [(Activation, fn(f32) -> f32); 3] = [
+    let cases: [(Activation, fn(f32) -> f32); 4] = [
         (Activation::Silu, |v| v / (1.0 + (-v).exp())),
         (Activation::Gelu, cpu_gelu),
         (Activation::QuickGelu, |v| v / (1.0 + (-1.702 * v).exp())),
+        (Activation::Relu, |v| v.max(0.0)),
     ];
     for (act, f) in cases {
         let y = gpu.activation(&t, act).unwrap();
         assert_close(&format!("{act:?}"), &gpu.read(&y).await.unwrap(), &x.iter().map(|&v| f(v)).collect::<Vec<_>>(), tolerance(gpu));
     }
+    // TAESD's tanh(x / 3) * 3 of latents / 0.5, far into saturation (no NaN where tanh's exp overflows).
+    let big = gpu.upload(&stored(gpu, &x.iter().map(|v| v * 40.0).collect::<Vec<_>>()), &[7, 143]).unwrap();
+    let want: Vec<f32> = gpu.read(&big).await.unwrap().iter().map(|&v| 3.0 * (2.0 * v / 3.0).tanh()).collect();
+    assert_close("soft_clamp", &gpu.read(&gpu.soft_clamp(&big, 2.0, 3.0).unwrap()).await.unwrap(), &want, tolerance(gpu));
 }
 
 /// The projection fused with diffusers' GEGLU (value · gelu(gate), halves of the projection), on

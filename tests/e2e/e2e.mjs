@@ -27,6 +27,9 @@
 //      one waits, is offered by the page's Reload, then replaces the old build and deletes its cache.
 //  13. a stored record damaged in IndexedDB (same size, other bytes) fails its sha256 as load() reads
 //      it; load() rebuilds it from the model's URL and loads, and the image is the one of before.
+//  14. inpainting: an image opened in the page's editor, a mask painted on it with the pointer, then
+//      generate: the CLI's image with that mask (PSNR >= 40 dB); through the API, the same run with
+//      the mask as ImageData, outpainting to a larger canvas, and typed errors for bad masks.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
 //        E2E_STEPS=10,11 ... runs only those steps (steps 1-9 build on each other: any of them runs all nine).
 import assert from 'node:assert/strict';
@@ -147,7 +150,8 @@ async function startServer(port = 0, web = `${root}/web`) {
   const server = spawn('python3', [`${root}/tests/server.py`, '--port', `${port}`, '--mount', `/=${web}`,
     '--mount', `/models/tiny-sdxl-base=${root}/tests/fixtures/tiny-sdxl-base`,
     '--mount', `/models/tiny-sdxl-refiner=${root}/tests/fixtures/tiny-sdxl-refiner`,
-    '--mount', `/models/single-file=${root}/tests/fixtures/single-file`, '--mount', `/loras=${LORAS}`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    '--mount', `/models/single-file=${root}/tests/fixtures/single-file`, '--mount', `/loras=${LORAS}`,
+    '--mount', `/_e2e=${root}/tests/fixtures/reference`], { stdio: ['ignore', 'pipe', 'inherit'] });
   const [url] = await createInterface({ input: server.stdout })[Symbol.asyncIterator]().next().then((r) => [r.value]);
   return { server, url };
 }
@@ -741,6 +745,100 @@ async function repairSteps(browser, url) {
   await context.close();
 }
 
+const INIT_IMAGE = `${root}/tests/fixtures/reference/init_96x64.png`;
+
+/** Step 14: a mask painted in the page's editor inpaints as the CLI does with it. */
+async function inpaintSteps(browser, url) {
+  log('14. inpainting: paint a mask in the page, generate, compare with the CLI');
+  execFileSync(sdxlCli, ['convert', '--from', `${root}/tests/fixtures/tiny-sdxl-base`, '--quant', 'q8', '--out', `${out}/inpaint-base-q8`, '--force'], { stdio: 'inherit' });
+  const { context, page } = await openPage(browser, url, 'inpaint');
+  await page.waitForSelector('body[data-ready="true"]', { timeout: 2 * MINUTE });
+  await setForm(page, RUN.steps);
+  await page.uncheck('#use-refiner');
+  await page.setInputFiles('#image-file', INIT_IMAGE);
+  await page.waitForSelector('#editor:not([hidden])');
+  // A stroke across the image, then a dot, with a brush of 20 image pixels.
+  await page.locator('#brush').fill('20');
+  const box = await page.locator('#edit-mask').boundingBox();
+  const to = (x, y) => [box.x + (x / 96) * box.width, box.y + (y / 64) * box.height];
+  await page.mouse.move(...to(10, 15));
+  await page.mouse.down();
+  for (const [x, y] of [[30, 25], [50, 40], [70, 45]]) await page.mouse.move(...to(x, y), { steps: 4 });
+  await page.mouse.up();
+  await page.mouse.click(...to(80, 12));
+  const before = await page.locator('#gallery figure').count();
+  await page.click('#generate');
+  await finished(page, 'done');
+  assert.equal(await page.locator('#gallery figure').count(), before + 1, 'inpainting: one new image');
+  const pagePng = await imageBytes(page, '#gallery figure:first-child img');
+  const mask = await page.evaluate(async () => {
+    const canvas = document.getElementById('edit-mask');
+    const flat = new OffscreenCanvas(canvas.width, canvas.height).getContext('2d');
+    flat.fillStyle = 'black';
+    flat.fillRect(0, 0, canvas.width, canvas.height);
+    flat.drawImage(canvas, 0, 0);
+    const blob = await flat.canvas.convertToBlob({ type: 'image/png' });
+    return Array.from(new Uint8Array(await blob.arrayBuffer()));
+  });
+  const maskPath = `${out}/painted-mask.png`;
+  writeFileSync(maskPath, Buffer.from(mask));
+  const painted = decodePng(Buffer.from(mask)).rgb.filter((v, i) => i % 3 === 0 && v >= 128).length;
+  log(`inpainting: the painted mask repaints ${painted} of ${96 * 64} pixels`);
+  assert.ok(painted > 300 && painted < 96 * 64 / 2, `the painted mask repaints ${painted} pixels`);
+  const cliPng = `${out}/expected-inpaint.png`;
+  execFileSync(sdxlCli, ['generate', '--model', `${out}/inpaint-base-q8`, '--init-image', INIT_IMAGE, '--mask', maskPath, '--prompt', PROMPT,
+    '--steps', `${RUN.steps}`, '--guidance', `${RUN.guidance}`, '--seed', `${RUN.seed}`, '--precision', 'f32', '--out', cliPng], { stdio: 'inherit' });
+  const pageImage = decodePng(pagePng);
+  const expected = decodePng(readFileSync(cliPng));
+  assert.deepEqual([pageImage.width, pageImage.height], [96, 64], 'inpainting runs at the image size');
+  const db = psnr(pageImage.rgb, expected.rgb);
+  log(`inpainting: page against the CLI ${db.toFixed(1)} dB`);
+  assert.ok(db >= MIN_PSNR, `inpainting: PSNR ${db.toFixed(1)} dB < ${MIN_PSNR}`);
+  assert.match(pageImage.text.parameters, /Denoising strength: 0\.9999, Inpaint: masked/);
+
+  const api = await page.evaluate(async ({ maskBytes, steps, seed, guidance, prompt }) => {
+    const { Sdxl } = await import('/sdxl.js');
+    const sdxl = await Sdxl.create();
+    await sdxl.load({ base: './models/tiny-sdxl-base', quant: 'q8' });
+    const image = await (await fetch('/_e2e/init_96x64.png')).blob();
+    const maskBitmap = await createImageBitmap(new Blob([new Uint8Array(maskBytes)], { type: 'image/png' }));
+    const canvas = new OffscreenCanvas(maskBitmap.width, maskBitmap.height).getContext('2d');
+    canvas.drawImage(maskBitmap, 0, 0);
+    const maskData = canvas.getImageData(0, 0, maskBitmap.width, maskBitmap.height);
+    const common = { prompt, steps, seed, guidance, refinerStart: null };
+    const bytes = async (result) => Array.from(new Uint8Array(await result.blob.arrayBuffer()));
+    const error = (promise) => promise.then(() => 'resolved', (e) => `${e.name}: ${e.message}`);
+    const viaImageData = await bytes(await sdxl.generate({ ...common, image, mask: maskData }));
+    const outpainted = await sdxl.generate({ ...common, image: await createImageBitmap(image), outpaint: [16, 8, 16, 8] });
+    const smallMask = new ImageData(new Uint8ClampedArray(64 * 64 * 4).fill(255), 64, 64);
+    const red = new ImageData(new Uint8ClampedArray(96 * 64 * 4).map((_, i) => (i % 4 === 0 || i % 4 === 3 ? 255 : 0)), 96, 64);
+    const errors = {
+      otherSize: await error(sdxl.generate({ ...common, image, mask: smallMask })),
+      coloured: await error(sdxl.generate({ ...common, image, mask: red })),
+      maskAlone: await error(sdxl.generate({ ...common, mask: maskData })),
+      notImage: await error(sdxl.generate({ ...common, image: 'init.png' })),
+      badOutpaint: await error(sdxl.generate({ ...common, image, outpaint: [8, -8, 0, 0] })),
+      badStrength: await error(sdxl.generate({ ...common, image, strength: NaN })),
+    };
+    const after = await bytes(await sdxl.generate({ ...common, image, mask: maskData }));
+    sdxl.terminate();
+    return { viaImageData, outpainted: [outpainted.width, outpainted.height, outpainted.parameters], errors, after };
+  }, { maskBytes: mask, steps: RUN.steps, seed: RUN.seed, guidance: RUN.guidance, prompt: PROMPT });
+  log('inpainting API:', JSON.stringify({ outpainted: api.outpainted, errors: api.errors }));
+  const viaApi = psnr(decodePng(Buffer.from(api.viaImageData)).rgb, expected.rgb);
+  log(`inpainting: API with an ImageData mask against the CLI ${viaApi.toFixed(1)} dB`);
+  assert.ok(viaApi >= MIN_PSNR, `inpainting through the API: PSNR ${viaApi.toFixed(1)} dB`);
+  assert.deepEqual(api.outpainted.slice(0, 2), [128, 80], 'outpainting grows the canvas');
+  assert.match(api.errors.otherSize, /^InvalidParameter: .*mask is 64x64 but the image is 96x64/);
+  assert.match(api.errors.coloured, /^InvalidParameter: .*black and white/);
+  assert.match(api.errors.maskAlone, /^InvalidParameter: .*mask needs an image/);
+  assert.match(api.errors.notImage, /^InvalidParameter: image must be a Blob/);
+  assert.match(api.errors.badOutpaint, /^InvalidParameter: outpaint must be/);
+  assert.match(api.errors.badStrength, /^InvalidParameter: strength must be a finite number/);
+  assert.deepEqual(api.after, api.viaImageData, 'after the refused calls, the same run gives the same PNG');
+  await context.close();
+}
+
 async function main() {
   rmSync(out, { recursive: true, force: true });
   mkdirSync(out, { recursive: true });
@@ -758,6 +856,7 @@ async function main() {
     if (selected(11)) await faultSteps(browser, url);
     if (selected(12)) await serviceWorkerSteps(browser);
     if (selected(13)) await repairSteps(browser, url);
+    if (selected(14)) await inpaintSteps(browser, url);
     log(STEPS ? `end-to-end steps ${STEPS.join(', ')} passed` : 'all end-to-end tests passed');
   } finally {
     await browser.close();

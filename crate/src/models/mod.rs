@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod resnet;
+pub mod taesd;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
@@ -95,6 +96,19 @@ impl Conv2d {
             lora: vb.lora_slot(&shape),
             kernel,
             bias: vb.tensor("bias", &[outputs]).await?,
+            stride,
+            padding: [padding; 4],
+        })
+    }
+
+    /// nn.Conv2d(bias=False), as a zero bias (which the kernel adds at no cost).
+    pub async fn load_unbiased(vb: &Vars<'_>, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
+        let shape = [outputs, inputs, kernel, kernel];
+        Ok(Conv2d {
+            weight: vb.matrix("weight", &shape).await?,
+            lora: vb.lora_slot(&shape),
+            kernel,
+            bias: vb.gpu().zeros_as(&[outputs], vb.dtype())?,
             stride,
             padding: [padding; 4],
         })

@@ -122,7 +122,11 @@ pub struct GenerateParams {
     pub timestep_spacing: Option<TimestepSpacing>,
     /// img2img / SDEdit: start from this image (width × height) noised to `strength`.
     pub init_image: Option<InitImage>,
-    /// How much of the schedule img2img runs, in (0, 1] (diffusers' `strength`).
+    /// Inpainting: regenerate where this mask (width × height, 1 = repaint) is set, keep the
+    /// init image elsewhere. Needs `init_image`.
+    pub mask: Option<Mask>,
+    /// How much of the schedule img2img and inpainting run, in (0, 1] (diffusers' `strength`;
+    /// exactly 1 starts inpainting from pure noise).
     pub strength: f64,
     /// Long prompts and A1111 weights as lpw_stable_diffusion_xl; off by default (diffusers' truncation).
     pub prompt_options: PromptOptions,
@@ -147,7 +151,8 @@ impl Default for GenerateParams {
             scheduler: None,
             timestep_spacing: None,
             init_image: None,
-            strength: 0.3,
+            mask: None,
+            strength: IMG2IMG_STRENGTH,
             prompt_options: PromptOptions::default(),
         }
     }
@@ -159,6 +164,65 @@ pub struct InitImage {
     pub width: usize,
     pub height: usize,
     pub rgb: Vec<f32>,
+}
+
+/// diffusers' default `strength`: StableDiffusionXLImg2ImgPipeline's, and the inpainting
+/// pipeline's (just under 1: the run starts from the noised image, not from pure noise).
+pub const IMG2IMG_STRENGTH: f64 = 0.3;
+pub const INPAINT_STRENGTH: f64 = 0.9999;
+
+/// An inpainting mask: `values` [height, width], 1 where the image is regenerated and 0 where it
+/// is kept (diffusers binarizes its masks at 0.5; [`Mask::from_gray`] does the same).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mask {
+    pub width: usize,
+    pub height: usize,
+    pub values: Vec<f32>,
+}
+
+impl Mask {
+    /// From grey levels in 0..1, binarized as diffusers' mask processor does (`>= 0.5` is 1).
+    pub fn from_gray(width: usize, height: usize, gray: impl IntoIterator<Item = f32>) -> Mask {
+        Mask { width, height, values: gray.into_iter().map(|v| if v >= 0.5 { 1.0 } else { 0.0 }).collect() }
+    }
+
+    /// diffusers' `interpolate(mask, size=(h, w))` (nearest) to the latents' size.
+    fn downsample(&self, h: usize, w: usize) -> Vec<f32> {
+        let (sy, sx) = (self.height / h, self.width / w);
+        (0..h * w).map(|i| self.values[(i / w) * sy * self.width + (i % w) * sx]).collect()
+    }
+}
+
+/// Outpainting's canvas: `image` extended by `[left, top, right, bottom]` pixels (the new pixels
+/// repeat the nearest edge, a neutral start for the noised latents) and the mask that repaints
+/// exactly the new area, optionally `overlap` pixels into the old one to blend the seam.
+pub fn outpaint_canvas(image: &InitImage, [left, top, right, bottom]: [usize; 4], overlap: usize) -> Result<(InitImage, Mask)> {
+    let too_large = || Error::InvalidParameter(format!("{}x{} extended by {left},{top},{right},{bottom} is too large", image.width, image.height));
+    let width = [image.width, left, right].iter().try_fold(0usize, |a, &b| a.checked_add(b)).filter(|&w| w <= MAX_SIDE).ok_or_else(too_large)?;
+    let height = [image.height, top, bottom].iter().try_fold(0usize, |a, &b| a.checked_add(b)).filter(|&h| h <= MAX_SIDE).ok_or_else(too_large)?;
+    if width * height > MAX_PIXELS {
+        return Err(too_large());
+    }
+    if image.width == 0 || image.height == 0 || image.rgb.len() != 3 * image.width * image.height {
+        return Err(Error::InvalidParameter(format!("outpainting needs a non-empty image with 3 x {} x {} values", image.width, image.height)));
+    }
+    let (plane, old_plane) = (width * height, image.width * image.height);
+    let mut rgb = vec![0f32; 3 * plane];
+    let mut values = vec![0f32; plane];
+    for y in 0..height {
+        let sy = y.saturating_sub(top).min(image.height - 1);
+        for x in 0..width {
+            let sx = x.saturating_sub(left).min(image.width - 1);
+            for c in 0..3 {
+                rgb[c * plane + y * width + x] = image.rgb[c * old_plane + sy * image.width + sx];
+            }
+            // How far into the old image the pixel lies from each extended side (None: outside it).
+            let depth = [(left, x.checked_sub(left)), (top, y.checked_sub(top)), (right, (left + image.width).checked_sub(x + 1)), (bottom, (top + image.height).checked_sub(y + 1))];
+            let repaint = depth.iter().any(|&(extended, d)| extended > 0 && d.is_none_or(|d| d < overlap));
+            values[y * width + x] = if repaint { 1.0 } else { 0.0 };
+        }
+    }
+    Ok((InitImage { width, height, rgb }, Mask { width, height, values }))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +335,43 @@ fn check_params(p: &GenerateParams, multiple: usize, with_refiner: bool) -> Resu
             return bad(format!("the init image has {} values, not 3 x {} x {}", image.rgb.len(), image.width, image.height));
         }
     }
+    if let Some(mask) = &p.mask {
+        if p.init_image.is_none() {
+            return bad("a mask needs an init image to inpaint".into());
+        }
+        if (mask.width, mask.height) != (p.width, p.height) {
+            return bad(format!("the mask is {}x{} but the image is {}x{}: they must be the same size", mask.width, mask.height, p.width, p.height));
+        }
+        if mask.values.len() != mask.width * mask.height {
+            return bad(format!("the mask has {} values, not {} x {}", mask.values.len(), mask.width, mask.height));
+        }
+        if let Some(i) = mask.values.iter().position(|&v| v != 0.0 && v != 1.0) {
+            return bad(format!("the mask must be binary (0 keep, 1 repaint): value {} at pixel {}", mask.values[i], i));
+        }
+    }
     Ok(())
+}
+
+/// What an inpainting run adds to the denoising loop of each model.
+struct Inpaint {
+    /// The mask at latent resolution [h, w].
+    mask: Tensor,
+    /// A 9-channel inpainting UNet's extra input: mask and masked-image latents [1, 1 + C, h, w].
+    extra: Option<Tensor>,
+    /// An ordinary UNet's blend target outside the mask: the original's latents and the noise
+    /// they are noised with to each step's level.
+    original: Option<(Tensor, Tensor)>,
+}
+
+/// How a model's UNet takes part in an inpainting run: an inpainting UNet's input is the latents,
+/// the mask and the masked image's latents (diffusers' 9-channel check); an ordinary one's is the latents.
+fn inpainting_unet(model: &SdxlModel) -> Result<bool> {
+    let (unet, latent) = (model.unet.config.in_channels, model.vae.config.latent_channels);
+    match unet {
+        _ if unet == latent => Ok(false),
+        _ if unet == 2 * latent + 1 => Ok(true),
+        _ => Err(Error::InvalidParameter(format!("the UNet takes {unet} input channels: {latent} (latents) or {} (inpainting) fit this VAE", 2 * latent + 1))),
+    }
 }
 
 /// Runs the first model (the base, or a refiner on its own for SDEdit), the refiner for the last
@@ -292,7 +392,14 @@ async fn run(gpu: &Gpu, base: &SdxlModel, refiner: Option<&SdxlModel>, p: &Gener
     let _trim = TrimOnDrop(gpu);
     let multiple = refiner.map_or(1, |r| r.size_multiple()).max(base.size_multiple());
     check_params(p, multiple, refiner.is_some())?;
-    let latent_shape = [1, base.unet.config.in_channels, p.height / base.vae.downscale(), p.width / base.vae.downscale()];
+    let base_inpaints = inpainting_unet(base)?;
+    if base_inpaints && p.mask.is_none() {
+        return Err(Error::InvalidParameter("this model's UNet is an inpainting UNet (9 input channels): give an init image and a mask".into()));
+    }
+    if let Some(r) = refiner.filter(|r| inpainting_unet(r).unwrap_or(true)) {
+        return Err(Error::InvalidParameter(format!("the refiner's UNet takes {} input channels: a refiner must be an ordinary one", r.unet.config.in_channels)));
+    }
+    let latent_shape = [1, base.vae.config.latent_channels, p.height / base.vae.downscale(), p.width / base.vae.downscale()];
     let numel = latent_shape.iter().product();
 
     let scheduler = base.scheduler(p)?;
@@ -308,31 +415,77 @@ async fn run(gpu: &Gpu, base: &SdxlModel, refiner: Option<&SdxlModel>, p: &Gener
         None => None,
     };
 
-    // One generator per pipeline call, as diffusers' examples seed each: the posterior sample and
-    // the initial noise come first, then the draws of an ancestral sampler's steps.
+    // One generator per pipeline call, as diffusers' examples seed each: the posterior samples and
+    // the initial noise come first (in the order diffusers draws them), then the draws of an
+    // ancestral sampler's steps.
     let mut generator = TorchGenerator::new(p.seed);
-    let (noise, mut latents) = match &p.init_image {
-        Some(image) => {
-            let pixels = gpu.upload(&image.rgb, &[1, 3, image.height, image.width])?;
-            let (mean, logvar) = base.vae.encode(gpu, &gpu.affine(&pixels, 2.0, -1.0, false, (f32::NEG_INFINITY, f32::INFINITY))?)?;
-            let sample = gpu.upload(&generator.randn(numel), &latent_shape)?;
-            let image_latents = base.vae.encode_latents(gpu, &mean, &logvar, &sample)?;
+    let encode = |rgb: &[f32], generator: &mut TorchGenerator| -> Result<Tensor> {
+        let pixels = gpu.upload(rgb, &[1, 3, p.height, p.width])?;
+        let (mean, logvar) = base.vae.encode(gpu, &gpu.affine(&pixels, 2.0, -1.0, false, (f32::NEG_INFINITY, f32::INFINITY))?)?;
+        let sample = gpu.upload(&generator.randn(numel), &latent_shape)?;
+        base.vae.encode_latents(gpu, &mean, &logvar, &sample)
+    };
+    let (noise, mut latents, mut inpaint) = match (&p.init_image, &p.mask) {
+        (Some(image), None) => {
+            let image_latents = encode(&image.rgb, &mut generator)?;
             let noise = gpu.upload(&generator.randn(numel), &latent_shape)?;
             let (a, b) = base_schedule.add_noise;
             let latents = gpu.axpby(a, &image_latents, b, &noise)?;
-            (noise, latents)
+            (noise, latents, None)
         }
-        None => {
+        (Some(image), Some(mask)) => {
+            // StableDiffusionXLInpaintPipeline: the image's latents unless an inpainting UNet starts
+            // from pure noise (strength 1), the noise, then the masked image's latents.
+            let from_noise = p.strength == 1.0;
+            let image_latents = match !base_inpaints || !from_noise {
+                true => Some(encode(&image.rgb, &mut generator)?),
+                false => None,
+            };
+            let noise = gpu.upload(&generator.randn(numel), &latent_shape)?;
+            let latents = match &image_latents {
+                Some(image_latents) if !from_noise => {
+                    let (a, b) = base_schedule.add_noise;
+                    gpu.axpby(a, image_latents, b, &noise)?
+                }
+                _ => gpu.scale(&noise, base_schedule.init_noise_sigma)?,
+            };
+            let (h, w) = (latent_shape[2], latent_shape[3]);
+            let small_mask = mask.downsample(h, w);
+            // diffusers encodes the masked image for either UNet; an ordinary one does not read it.
+            let extra = match base_inpaints {
+                true => {
+                    // Masked pixels become 0 in -1..1, 0.5 here.
+                    let plane = p.width * p.height;
+                    let masked: Vec<f32> = image.rgb.iter().enumerate().map(|(i, &v)| if mask.values[i % plane] >= 0.5 { 0.5 } else { v }).collect();
+                    let masked_latents = encode(&masked, &mut generator)?;
+                    Some(gpu.concat(&gpu.upload(&small_mask, &[1, 1, h, w])?, &masked_latents, 1)?)
+                }
+                false => {
+                    generator.randn(numel);
+                    None
+                }
+            };
+            let original = image_latents.filter(|_| !base_inpaints).map(|l| (l, noise.clone()));
+            let inpaint = Inpaint { mask: gpu.upload(&small_mask, &[h, w])?, extra, original };
+            (noise, latents, Some(inpaint))
+        }
+        _ => {
             let noise = gpu.upload(&generator.randn(numel), &latent_shape)?;
             let latents = gpu.scale(&noise, base_schedule.init_noise_sigma)?;
-            (noise, latents)
+            (noise, latents, None)
         }
     };
-    latents = denoise(gpu, base, p, &base_schedule, latents, Stage::Base, &mut generator, &mut observer).await?;
+    latents = denoise(gpu, base, p, &base_schedule, latents, Stage::Base, inpaint.as_ref(), &mut generator, &mut observer).await?;
     let last = match (refiner, refiner_schedule) {
         (Some(r), Some(schedule)) => {
             let mut generator = TorchGenerator::new(p.seed);
-            latents = denoise(gpu, r, p, &schedule, latents, Stage::Refiner, &mut generator, &mut observer).await?;
+            if let Some(inpaint) = &mut inpaint {
+                // The inpainting pipeline on the refiner (diffusers' recipe): the handed-over latents
+                // are its "image latents", blended outside the mask with a noise of its own.
+                let noise = gpu.upload(&generator.randn(numel), &latent_shape)?;
+                *inpaint = Inpaint { mask: inpaint.mask.clone(), extra: None, original: Some((latents.clone(), noise)) };
+            }
+            latents = denoise(gpu, r, p, &schedule, latents, Stage::Refiner, inpaint.as_ref(), &mut generator, &mut observer).await?;
             r
         }
         _ => base,
@@ -385,6 +538,7 @@ async fn denoise(
     schedule: &Schedule,
     mut latents: Tensor,
     stage: Stage,
+    inpaint: Option<&Inpaint>,
     generator: &mut TorchGenerator,
     observer: &mut impl Observer,
 ) -> Result<Tensor> {
@@ -404,12 +558,21 @@ async fn denoise(
     } else {
         (prompt_embeds, pooled_prompt_embeds, time_ids)
     };
+    // An inpainting UNet's extra channels, once per batch.
+    let extra = match inpaint.and_then(|i| i.extra.as_ref()) {
+        Some(extra) if guided => Some(gpu.concat(extra, extra, 0)?),
+        extra => extra.cloned(),
+    };
     // The previous step's x0, for multistep samplers.
     let mut previous: Option<Tensor> = None;
     for i in 0..schedule.num_steps() {
         let step = schedule.step(i);
         let input = if guided { gpu.concat(&latents, &latents, 0)? } else { latents.clone() };
         let input = if step.input_scale != 1.0 { gpu.scale(&input, step.input_scale)? } else { input };
+        let input = match &extra {
+            Some(extra) => gpu.concat(&input, extra, 1)?,
+            None => input,
+        };
         let mut prediction = model.unet.forward(gpu, &input, schedule.timesteps[i], &context, &pooled, &time_ids)?;
         if guided {
             let (uncond, text) = (gpu.narrow(&prediction, 0, 1)?, gpu.narrow(&prediction, 1, 1)?);
@@ -431,6 +594,22 @@ async fn denoise(
                 (u.noise.unwrap_or(0.0), noise.as_ref()),
             ],
         )?;
+        // An ordinary UNet inpaints by keeping the original outside the mask, noised to the
+        // level of the next step (not at all after the last).
+        let next = match inpaint.and_then(|i| i.original.as_ref().map(|o| (&i.mask, o))) {
+            Some((mask, (original, noise))) => {
+                let kept = match i + 1 < schedule.num_steps() {
+                    true => {
+                        let (a, b) = schedule.add_noise_at(i + 1);
+                        gpu.axpby(a, original, b, noise)?
+                    }
+                    false => original.clone(),
+                };
+                let repainted = gpu.mul(&gpu.axpby(1.0, &next, -1.0, &kept)?, mask)?;
+                gpu.add(&kept, &repainted)?
+            }
+            None => next,
+        };
         gpu.sync().await?;
         let progress = StepProgress { stage, step: i + 1, steps: schedule.num_steps() };
         let estimate = Estimate { latents: &latents, prediction: &prediction, step, next: &next };

@@ -3,7 +3,7 @@
 //! latent → RGB previews shown while a run goes.
 
 use crate::error::{Error, Result};
-use crate::pipeline::generate::{GenerateParams, InitImage, MAX_PIXELS, MAX_SIDE};
+use crate::pipeline::generate::{GenerateParams, InitImage, Mask, MAX_PIXELS, MAX_SIDE};
 
 /// RGB [1, 3, H, W] in 0..1 to interleaved 8-bit RGB, rounding as diffusers' numpy_to_pil
 /// ((x * 255).round(), half to even).
@@ -35,6 +35,9 @@ pub fn parameters(p: &GenerateParams, sampler: &str, model: &str, refiner: Optio
     }
     if p.init_image.is_some() {
         text += &format!(", Denoising strength: {}", p.strength);
+    }
+    if p.mask.is_some() {
+        text += ", Inpaint: masked";
     }
     if p.prompt_options.long_prompt {
         text += ", Long prompt: chunked";
@@ -81,12 +84,75 @@ pub fn encode_png(rgb: &[u8], width: usize, height: usize, parameters: &str) -> 
     Ok(out)
 }
 
-/// Decodes a PNG (any bit depth and colour type) to an img2img [`InitImage`]: grey is replicated
-/// to RGB, alpha is dropped, 16-bit samples keep their top 8 bits (what PIL's `convert("RGB")`
-/// gives diffusers), values v / 255. Its size is checked against what a run takes
-/// ([`MAX_SIDE`], [`MAX_PIXELS`]) before anything is decoded: a few hundred bytes of PNG can
-/// claim gigapixels.
+/// Decodes a PNG (any bit depth and colour type) to an img2img [`InitImage`] (see
+/// [`image_from_pixels`]). Its size is checked against what a run takes ([`MAX_SIDE`],
+/// [`MAX_PIXELS`]) before anything is decoded: a few hundred bytes of PNG can claim gigapixels.
 pub fn decode_png(bytes: &[u8]) -> Result<InitImage> {
+    let (width, height, channels, pixels) = decode_pixels(bytes)?;
+    image_from_pixels(width, height, channels, &pixels)
+}
+
+/// Decodes an inpainting mask PNG (see [`mask_from_pixels`]).
+pub fn decode_mask_png(bytes: &[u8]) -> Result<Mask> {
+    let (width, height, channels, pixels) = decode_pixels(bytes)?;
+    mask_from_pixels(width, height, channels, &pixels)
+}
+
+/// Interleaved 8-bit pixels (grey, grey + alpha, RGB or RGBA: `channels` 1 to 4) to an
+/// [`InitImage`]: grey is replicated to RGB and alpha dropped (what PIL's `convert("RGB")` gives
+/// diffusers), values v / 255.
+pub fn image_from_pixels(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Result<InitImage> {
+    let plane = check_pixels(width, height, channels, pixels, "image")?;
+    let mut rgb = vec![0f32; 3 * plane];
+    for (i, pixel) in pixels.chunks_exact(channels).enumerate() {
+        for c in 0..3 {
+            rgb[c * plane + i] = pixel[if channels < 3 { 0 } else { c }] as f32 / 255.0;
+        }
+    }
+    Ok(InitImage { width, height, rgb })
+}
+
+/// Interleaved 8-bit pixels to an inpainting [`Mask`]: white repaints, black keeps. Grey levels
+/// are binarized at 0.5 and alpha is dropped, as diffusers' mask processor does (PIL's
+/// `convert("L")`, then `>= 0.5`). A coloured pixel is refused: a mask is black and white, and a
+/// colour photo given as the mask is a mistake worth naming.
+pub fn mask_from_pixels(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Result<Mask> {
+    check_pixels(width, height, channels, pixels, "mask")?;
+    let mut gray = Vec::with_capacity(width * height);
+    for (i, pixel) in pixels.chunks_exact(channels).enumerate() {
+        let level = match channels {
+            1 | 2 => pixel[0],
+            _ => {
+                let (r, g, b) = (pixel[0] as u32, pixel[1] as u32, pixel[2] as u32);
+                if r.max(g).max(b) - r.min(g).min(b) > 32 {
+                    return Err(Error::InvalidParameter(format!(
+                        "the mask must be black and white (grey): pixel ({}, {}) is the colour ({r}, {g}, {b})",
+                        i % width,
+                        i / width
+                    )));
+                }
+                ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+            }
+        };
+        gray.push(level as f32 / 255.0);
+    }
+    Ok(Mask::from_gray(width, height, gray))
+}
+
+/// Checks a pixel buffer's size; its pixel count.
+fn check_pixels(width: usize, height: usize, channels: usize, pixels: &[u8], what: &str) -> Result<usize> {
+    if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE || width * height > MAX_PIXELS {
+        return Err(Error::InvalidParameter(format!("the {what} is {width}x{height}: images are 1 to {MAX_SIDE} on a side and at most {} megapixels", MAX_PIXELS >> 20)));
+    }
+    if !(1..=4).contains(&channels) || pixels.len() != width * height * channels {
+        return Err(Error::InvalidParameter(format!("the {what} has {} bytes, not {width} x {height} x {channels} channels (1 to 4)", pixels.len())));
+    }
+    Ok(width * height)
+}
+
+/// A PNG's 8-bit pixels: (width, height, channels, interleaved samples); 16-bit samples keep
+/// their top 8 bits, palettes are expanded.
+fn decode_pixels(bytes: &[u8]) -> Result<(usize, usize, usize, Vec<u8>)> {
     let error = |e: png::DecodingError| Error::InvalidParameter(format!("not a readable PNG: {e}"));
     let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
@@ -104,7 +170,6 @@ pub fn decode_png(bytes: &[u8]) -> Result<InitImage> {
     }
     let mut buffer = vec![0; reader.output_buffer_size().ok_or_else(|| Error::InvalidParameter("PNG too large".into()))?];
     let frame = reader.next_frame(&mut buffer).map_err(error)?;
-    let (width, height) = (frame.width as usize, frame.height as usize);
     let channels = match frame.color_type {
         png::ColorType::Grayscale => 1,
         png::ColorType::GrayscaleAlpha => 2,
@@ -112,15 +177,8 @@ pub fn decode_png(bytes: &[u8]) -> Result<InitImage> {
         png::ColorType::Rgba => 4,
         png::ColorType::Indexed => return Err(Error::InvalidParameter("PNG palette was not expanded".into())),
     };
-    let pixels = &buffer[..frame.buffer_size()];
-    let plane = width * height;
-    let mut rgb = vec![0f32; 3 * plane];
-    for (i, pixel) in pixels.chunks_exact(channels).enumerate() {
-        for c in 0..3 {
-            rgb[c * plane + i] = pixel[if channels < 3 { 0 } else { c }] as f32 / 255.0;
-        }
-    }
-    Ok(InitImage { width, height, rgb })
+    buffer.truncate(frame.buffer_size());
+    Ok((frame.width as usize, frame.height as usize, channels, buffer))
 }
 
 /// Bytes of compressed image data (IDAT chunks) in a PNG, as its chunk lengths give them, at most
