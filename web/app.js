@@ -1,6 +1,6 @@
 // The page: presets, LoRAs with weight sliders, prompt form, an image to start from with a mask to
 // paint and a canvas to extend, progress, live preview, cancel, gallery, storage panel.
-import { Sdxl, SDXL_1_0, SDXL_1_0_GGUF, RESOLUTION_BUCKETS } from './sdxl.js';
+import { Sdxl, SDXL_1_0, SDXL_1_0_GGUF, RESOLUTION_BUCKETS, TAESDXL } from './sdxl.js';
 
 const $ = (id) => document.getElementById(id);
 
@@ -20,6 +20,7 @@ const PRESETS = {
   tiny: {
     label: 'Tiny demo model (random weights, served by this site)', base: './models/tiny-sdxl-base', refiner: './models/tiny-sdxl-refiner', quant: 'q8',
     sizes: [[64, 64], [96, 64], [64, 96], [128, 128]], steps: 4,
+    previewDecoder: { url: './models/tiny-taesdxl/diffusion_pytorch_model.safetensors', id: 'tiny-taesdxl' },
     note: 'SDXL\'s exact structure at toy width with random weights: it makes noise-like images, fast, and works offline. Tests use it.',
   },
 };
@@ -79,6 +80,19 @@ async function checkGpu() {
   status.textContent = f16 ? 'WebGPU ready (f16 kernels).' : 'WebGPU ready, without shader-f16: running in f32, which is slower and needs more GPU memory.';
   const info = adapter.info ?? {};
   return info.description || [info.vendor, info.architecture].filter(Boolean).join(' ') || 'unnamed adapter';
+}
+
+/**
+ * Loads the preset's preview decoder (TAESD-XL unless it names its own): downloaded once, then
+ * from this browser. With `stored`, only one stored already (no download).
+ */
+async function loadPreviewDecoder({ stored = false } = {}) {
+  const ref = PRESETS[$('preset').value].previewDecoder ?? TAESDXL;
+  if (stored && !(await sdxl.previewDecoders()).some((d) => d.id === ref.id && d.complete)) return;
+  await sdxl.loadPreviewDecoder(ref, { onProgress: showProgress });
+  $('preview-decoder-state').textContent = `Previews: ${ref.id}`;
+  $('preview-decoder').hidden = true;
+  document.body.dataset.previewDecoder = ref.id;
 }
 
 /** Loads the chosen preset (a no-op in the engine for models already loaded). */
@@ -335,6 +349,10 @@ async function main() {
     $('image-file').value = '';
   };
   $('clear-image').onclick = clearImage;
+  $('preview-decoder').onclick = () => run(async () => {
+    await loadPreviewDecoder();
+    setStatus('ready', 'Preview decoder loaded.', 1);
+  });
   paintMask();
   document.addEventListener('dragover', (e) => { e.preventDefault(); document.body.dataset.drop = 'over'; });
   document.addEventListener('dragleave', () => { delete document.body.dataset.drop; });
@@ -369,6 +387,7 @@ async function main() {
   $('generate').disabled = $('load').disabled = false;
   document.body.dataset.ready = 'true';
   refreshStorage();
+  loadPreviewDecoder({ stored: true }).catch((e) => { $('preview-decoder-state').textContent = `Previews: ${e.message}`; });
 }
 
 main();

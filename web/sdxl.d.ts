@@ -46,8 +46,10 @@ export interface StepEvent extends Timed {
   /** 1-based step within the stage. */
   step: number;
   steps: number;
-  /** The current estimate of the image at latent resolution (only with onStep). */
+  /** The current estimate of the image (only with onStep): at image size from a loaded preview decoder, else at latent resolution. */
   preview?: ImageData;
+  /** 'taesd' when the preview decoder made it. */
+  previewDecoder?: 'taesd';
 }
 
 export interface DecodeEvent { type: 'decode' }
@@ -205,6 +207,8 @@ export interface BenchReport {
   /** `loraRank`: a LoRA of that rank on every transformer Linear; null: the base alone. */
   unet: Array<{ size: number; quant: string; loraRank: number | null; secondsPerStep: number; tflops: number; weightBytes: number; peakBytes: number }>;
   vae: Array<{ size: number; tiled: boolean; seconds: number; peakBytes: number }>;
+  /** TAESD-XL decodes (taesdxl's widths, random weights): what a live preview costs per step. */
+  taesd: Array<{ size: number; seconds: number; peakBytes: number }>;
   /** Measurements that could not run here (e.g. over the adapter's limits), with the error. */
   skipped: Array<{ what: string; error: string }>;
 }
@@ -212,6 +216,8 @@ export interface BenchReport {
 export declare const SDXL_1_0: { base: string; refiner: string };
 /** SDXL 1.0 base as one stable-diffusion.cpp GGUF file (Q4_K) on the hub. */
 export declare const SDXL_1_0_GGUF: string;
+/** TAESD-XL on the hub (madebyollin/taesdxl), the default of loadPreviewDecoder. */
+export declare const TAESDXL: { url: string; id: string };
 export declare const RESOLUTION_BUCKETS: ReadonlyArray<readonly [number, number]>;
 
 export declare class Sdxl {
@@ -227,6 +233,10 @@ export declare class Sdxl {
   storeLora(lora: LoraRef, options?: StoreLoraOptions): Promise<StoredLora>;
   loras(): Promise<StoredLora[]>;
   deleteLora(id: string): Promise<number>;
+  /** Stores (unless stored) and loads a TAESD-XL preview decoder (default TAESDXL); null unloads it. */
+  loadPreviewDecoder(ref?: LoraRef | null, options?: StoreLoraOptions): Promise<StoredLora | null>;
+  previewDecoders(): Promise<StoredLora[]>;
+  deletePreviewDecoder(id: string): Promise<number>;
   bench(options?: BenchOptions): Promise<{ report: BenchReport; table: string }>;
   storage(): Promise<{ usage: number; quota: number; persisted: boolean }>;
   persist(): Promise<boolean>;

@@ -16,6 +16,9 @@ export const SDXL_1_0 = {
 /** SDXL 1.0 base as one stable-diffusion.cpp GGUF file on the hub (Q4_K; the text encoders and VAE inside). */
 export const SDXL_1_0_GGUF = 'kostakoff/stable-diffusion-xl-base-1.0-GGUF/sd_xl_base_1.0_0_Q4_K.gguf';
 
+/** TAESD-XL (madebyollin/taesdxl on the hub, 10 MB): previews at image size, see loadPreviewDecoder. */
+export const TAESDXL = { url: 'madebyollin/taesdxl/diffusion_pytorch_model.safetensors', id: 'taesdxl' };
+
 /** SDXL's training resolutions (width, height): the sizes it draws best. */
 export const RESOLUTION_BUCKETS = [
   [1024, 1024], [1152, 896], [896, 1152], [1216, 832], [832, 1216], [1344, 768], [768, 1344], [1536, 640], [640, 1536],
@@ -385,6 +388,27 @@ export class Sdxl {
 
   /** Deletes a stored LoRA; resolves to the bytes freed. */
   deleteLora(id) { return this.#call('deleteLora', [id]); }
+
+  /**
+   * Stores a TAESD-XL preview decoder in this browser (default TAESDXL from the hub; a URL, a
+   * File, {url, id} or {file, id} as storeLora takes) unless stored, and loads it: from then on
+   * onStep previews are its decodes at image size instead of the latent-resolution colour map
+   * (which stays where the decoder would not fit the adapter). `null` unloads it. Resolves to
+   * the stored decoder. A restarted engine (after an abort or a fault) has none loaded.
+   */
+  async loadPreviewDecoder(ref = TAESDXL, options = {}) {
+    checkOptions('loadPreviewDecoder', options, ['signal', 'onProgress']);
+    const { signal, onProgress } = options;
+    checkHooks('loadPreviewDecoder', { signal, onProgress });
+    const [decoder, file] = ref === null ? [null, null] : withoutBlob(modelRef(ref, loraId));
+    return this.#call('loadPreviewDecoder', [decoder, [file]], { onEvent: this.#progress(onProgress), signal });
+  }
+
+  /** The stored preview decoders: [{id, file, origin, storedBytes, hash, complete}]. */
+  previewDecoders() { return this.#call('previewDecoders', []); }
+
+  /** Deletes a stored preview decoder; resolves to the bytes freed. */
+  deletePreviewDecoder(id) { return this.#call('deletePreviewDecoder', [id]); }
 
   /** Checks a stored model against its checksums; resolves to the bad records (load() repairs them). */
   verify(id) { return this.#call('verify', [id]); }

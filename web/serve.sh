@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 bash web/build.sh
 echo "serving the page; open the URL below in Chrome or Edge (WebGPU)"
 exec python3 tests/server.py --port "${PORT:-8080}" --mount /=web \
-  --mount /models/tiny-sdxl-base=tests/fixtures/tiny-sdxl-base --mount /models/tiny-sdxl-refiner=tests/fixtures/tiny-sdxl-refiner
+  --mount /models/tiny-sdxl-base=tests/fixtures/tiny-sdxl-base --mount /models/tiny-sdxl-refiner=tests/fixtures/tiny-sdxl-refiner \
+  --mount /models/tiny-sdxl-inpaint=tests/fixtures/tiny-sdxl-inpaint --mount /models/tiny-taesdxl=tests/fixtures/tiny-taesdxl

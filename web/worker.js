@@ -33,6 +33,11 @@ const methods = {
     return JSON.parse(await engine.storeLora(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) })));
   },
   async loras() { return JSON.parse(await engine.loras()); },
+  async loadPreviewDecoder(id, options, files) {
+    return JSON.parse(await engine.loadPreviewDecoder(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) })));
+  },
+  async previewDecoders() { return JSON.parse(await engine.previewDecoders()); },
+  async deletePreviewDecoder(id, decoderId) { return engine.deletePreviewDecoder(decoderId); },
   async deleteLora(id, loraId) { return engine.deleteLora(loraId); },
   async bench(id, options) { return JSON.parse(await engine.bench(JSON.stringify(options), (event) => post({ id, event: JSON.parse(event) }))); },
   async storage() {

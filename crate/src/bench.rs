@@ -1,7 +1,7 @@
-//! `sdxl bench`: speed and memory of the kernels on SDXL's real shapes, of a whole UNet step and
-//! of the VAE decode, with random weights generated on the GPU ([`RandomSource`]), so no
-//! checkpoint is needed. Every figure is relative to a peak measured on the same adapter with a
-//! best-case kernel (shaders/bench.wgsl). Timings are wall-clock over whole submissions, waiting
+//! `sdxl bench`: speed and memory of the kernels on SDXL's real shapes, of a whole UNet step, of
+//! the VAE decode and of the TAESD-XL preview decode, with random weights generated on the GPU
+//! ([`RandomSource`]), so no checkpoint is needed. Every figure is relative to a peak measured on
+//! the same adapter with a best-case kernel (shaders/bench.wgsl). Timings are wall-clock over whole submissions, waiting
 //! for the GPU, after a warm-up run that compiles the pipelines.
 
 use serde::Serialize;
@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::adapt::{Layers, LowRank};
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Shader, Tensor};
+use crate::models::taesd::{TaesdConfig, TaesdDecoder};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::quant::{QuantFormat, QuantPolicy, QuantPreset, Weight};
@@ -37,6 +38,7 @@ pub struct BenchOptions {
     pub lora_ranks: Vec<usize>,
     pub kernels: bool,
     pub unet: bool,
+    /// The VAE decodes and the TAESD-XL preview decode.
     pub vae: bool,
 }
 
@@ -108,6 +110,16 @@ pub struct VaeResult {
     pub peak_bytes: u64,
 }
 
+/// One TAESD-XL preview decode ([`TaesdDecoder::decode`] of a [1, 4, size/8, size/8] latent with
+/// taesdxl's shapes, [`TaesdConfig::default`]): the cost of one live preview per denoising step.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaesdResult {
+    pub size: usize,
+    pub seconds: f64,
+    pub peak_bytes: u64,
+}
+
 /// A measurement that could not run (e.g. a buffer over this adapter's limits).
 #[derive(Debug, Clone, Serialize)]
 pub struct Skipped {
@@ -125,6 +137,7 @@ pub struct BenchReport {
     pub kernels: Vec<KernelResult>,
     pub unet: Vec<UnetResult>,
     pub vae: Vec<VaeResult>,
+    pub taesd: Vec<TaesdResult>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -179,6 +192,7 @@ pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log:
         kernels: Vec::new(),
         unet: Vec::new(),
         vae: Vec::new(),
+        taesd: Vec::new(),
         skipped: Vec::new(),
     };
     if options.kernels {
@@ -208,6 +222,13 @@ pub async fn run(gpu: &Gpu, model: &BenchModel, options: &BenchOptions, mut log:
                 }
                 gpu.trim();
             }
+            let what = format!("taesd preview decode {size}²");
+            log(&what);
+            match gpu.operation(measure_taesd(gpu, size)).await {
+                Ok(r) => report.taesd.push(r),
+                Err(e) => report.skipped.push(Skipped { what, error: e.to_string() }),
+            }
+            gpu.trim();
         }
     }
     Ok(report)
@@ -441,6 +462,28 @@ async fn measure_vae(gpu: &Gpu, config: &VaeConfig, size: usize, tiled: bool) ->
     Ok(VaeResult { size, tiled, seconds, peak_bytes: gpu.memory().peak })
 }
 
+async fn measure_taesd(gpu: &Gpu, size: usize) -> Result<TaesdResult> {
+    let config = TaesdConfig::default();
+    // The widest activation: the last level's blocks, `width` channels at the full image size.
+    let largest = (config.decoder_block_out_channels[0] * size * size * gpu.dtype.size()) as u64;
+    if largest > gpu.max_binding_bytes() {
+        return Err(Error::AdapterLimits(format!(
+            "its largest activation, {} MiB ({}x{size}x{size}), exceeds this adapter's {} MiB binding",
+            largest >> 20,
+            config.decoder_block_out_channels[0],
+            gpu.max_binding_bytes() >> 20
+        )));
+    }
+    let (tensors, policy) = (RandomTensors { seed: 3, component: "taesd".into() }, QuantPolicy::default());
+    let taesd = TaesdDecoder::load(&Vars::new(gpu, &tensors, "vae", &policy), config).await?;
+    let f = taesd.upscale();
+    let latents = input(gpu, &[1, taesd.config.latent_channels, size / f, size / f])?;
+    gpu.sync().await?;
+    gpu.reset_peak();
+    let seconds = time(gpu, || taesd.decode(gpu, &latents).map(drop)).await?;
+    Ok(TaesdResult { size, seconds, peak_bytes: gpu.memory().peak })
+}
+
 impl BenchReport {
     /// The report as aligned text tables.
     pub fn table(&self) -> String {
@@ -465,6 +508,12 @@ impl BenchReport {
             s += &format!("\n{:<6} {:<6} {:>10} {:>13}\n", "vae", "tiled", "s", "peak MiB");
             for v in &self.vae {
                 s += &format!("{:<6} {:<6} {:>10.3} {:>13.1}\n", v.size, v.tiled, v.seconds, mib(v.peak_bytes));
+            }
+        }
+        if !self.taesd.is_empty() {
+            s += &format!("\n{:<6} {:>26} {:>13}\n", "taesd", "TAESD preview decode ms", "peak MiB");
+            for t in &self.taesd {
+                s += &format!("{:<6} {:>26.3} {:>13.1}\n", t.size, t.seconds * 1e3, mib(t.peak_bytes));
             }
         }
         for k in &self.skipped {

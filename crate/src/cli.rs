@@ -89,8 +89,9 @@ const USAGE: &str = "usage:
       the adapter's peaks (f32 FMA GFLOP/s, copy GB/s), the kernels on the model's real shapes at
       the largest size (GFLOP/s or GB/s and % of peak), one UNet step with classifier-free guidance
       per weight format and size (s/step, weight and peak GPU memory), alone and with a LoRA of each
-      --loras rank on every transformer Linear (its per-step cost), and the VAE decode whole and
-      tiled. --model takes the configs of a diffusers folder (default: the real SDXL 1.0 base).
+      --loras rank on every transformer Linear (its per-step cost), the VAE decode whole and
+      tiled, and one TAESD-XL preview decode per size (part of --only vae). --model takes the
+      configs of a diffusers folder (default: the real SDXL 1.0 base).
       Prints tables; --json writes the report.
   sdxl info
       Prints the GPU adapter and its features.";

@@ -20,8 +20,9 @@ use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::PromptOptions;
 use crate::quant::QuantPreset;
 use crate::store::{url_origin, BlobSource, DownloadOptions, HttpSource, IdbStore, LoraStore, ModelStore, Progress, StoredLora};
+use crate::models::taesd::TaesdDecoder;
 use crate::weights::lora::LoraFile;
-use crate::weights::ModelSource;
+use crate::weights::{ModelSource, Source};
 use crate::{Gpu, Precision};
 
 thread_local! {
@@ -171,6 +172,9 @@ pub struct Engine {
     gpu: Gpu,
     store: ModelStore<IdbStore>,
     loras: LoraStore<IdbStore>,
+    /// Stored preview decoders (TAESD-XL), and the one loaded.
+    decoders: LoraStore<IdbStore>,
+    preview_decoder: Option<TaesdDecoder>,
     base: Option<Loaded>,
     refiner: Option<Loaded>,
 }
@@ -186,7 +190,8 @@ impl Engine {
             let name = options.store_name.as_deref().unwrap_or("sdxl-models");
             let store = ModelStore::new(IdbStore::open(name).await?);
             let loras = LoraStore::new(IdbStore::open(&format!("{name}-loras")).await?);
-            Ok(Engine { gpu, store, loras, base: None, refiner: None })
+            let decoders = LoraStore::of(IdbStore::open(&format!("{name}-decoders")).await?, "preview decoder");
+            Ok(Engine { gpu, store, loras, decoders, preview_decoder: None, base: None, refiner: None })
         }
         .await
         .map_err(js_error)
@@ -311,35 +316,44 @@ impl Engine {
     pub async fn store_lora(&self, options: String, files: js_sys::Array, on_event: Function) -> std::result::Result<String, JsValue> {
         async {
             let wanted: ModelRef = parse(&options, "storeLora options")?;
-            let file = Some(files.get(0)).filter(|f| !f.is_undefined() && !f.is_null());
-            let origin = origin(&wanted, file.as_ref())?.ok_or_else(|| Error::InvalidParameter(format!("LoRA '{}': give its url or a file", wanted.id)))?;
-            let (id, on_event) = (&wanted.id, &on_event);
-            let progress = |stage: &'static str| {
-                move |done: u64, total: u64| emit(on_event, json!({"type": stage, "model": id, "loaded": done, "total": total}))
-            };
-            let stored = match (file, &wanted.url) {
-                (Some(blob), _) => {
-                    let name = wanted.file.as_deref().unwrap_or_default();
-                    self.loras.store(&wanted.id, &origin, &BlobSource::new(blob, name)?, name, progress("import")).await?
-                }
-                (None, Some(url)) => {
-                    let (http, Some(name)) = HttpSource::for_url(url)? else {
-                        return Err(Error::InvalidParameter(format!("LoRA '{}': {url} names no .safetensors file", wanted.id)));
-                    };
-                    let stored = self.loras.store(&wanted.id, &origin, &http, &name, progress("download")).await?;
-                    // Stored in order, so checked whole against the sha256 the server states.
-                    if let Err(e) = http.check_stated() {
-                        self.loras.delete(&wanted.id).await?;
-                        return Err(e);
-                    }
-                    stored
-                }
-                (None, None) => unreachable!("origin() gave an origin"),
-            };
+            let stored = store_file(&self.loras, &wanted, &files, &on_event, FileKind::Lora).await?;
             Ok(serde_json::to_string(&stored).expect("stored LoRAs serialise"))
         }
         .await
         .map_err(js_error)
+    }
+
+    /// Stores the preview decoder of `options` (JSON `{id, url?, file?}` as `storeLora`'s: a
+    /// TAESD-XL decoder, diffusers' AutoencoderTiny safetensors or madebyollin's
+    /// taesdxl_decoder.safetensors) unless stored, and loads it: later runs' step previews are
+    /// its decodes at image size (the linear latent map where it would not fit the adapter).
+    /// `options` null unloads it. JSON of the stored decoder, or null.
+    #[wasm_bindgen(js_name = loadPreviewDecoder)]
+    pub async fn load_preview_decoder(&mut self, options: String, files: js_sys::Array, on_event: Function) -> std::result::Result<String, JsValue> {
+        self.preview_decoder = None;
+        async {
+            let Some(wanted) = parse::<Option<ModelRef>>(&options, "loadPreviewDecoder options")? else { return Ok("null".into()) };
+            let stored = store_file(&self.decoders, &wanted, &files, &on_event, FileKind::PreviewDecoder).await?;
+            let (source, file) = self.decoders.open(&wanted.id).await?;
+            let decoder = self.gpu.operation(TaesdDecoder::from_file(&self.gpu, source, &file)).await?;
+            self.preview_decoder = Some(decoder);
+            Ok(serde_json::to_string(&stored).expect("stored decoders serialise"))
+        }
+        .await
+        .map_err(js_error)
+    }
+
+    /// JSON list of the stored preview decoders, as `loras()` lists LoRAs.
+    #[wasm_bindgen(js_name = previewDecoders)]
+    pub async fn preview_decoders(&self) -> std::result::Result<String, JsValue> {
+        let stored = self.decoders.list().await.map_err(js_error)?;
+        Ok(serde_json::to_string(&stored).expect("stored decoders serialise"))
+    }
+
+    /// Deletes a stored preview decoder; returns the bytes freed.
+    #[wasm_bindgen(js_name = deletePreviewDecoder)]
+    pub async fn delete_preview_decoder(&self, id: String) -> std::result::Result<f64, JsValue> {
+        self.decoders.delete(&id).await.map(|n| n as f64).map_err(js_error)
     }
 
     /// JSON list of the stored LoRAs: `{id, file, origin, storedBytes, hash, complete}`.
@@ -363,6 +377,59 @@ impl Engine {
 
 /// Where `wanted` comes from, as the store records it: a picked `file`'s name, size and
 /// modification time, or its URL's origin; None for a model named by id alone.
+/// What a stored single file is, checked before it is stored.
+#[derive(Clone, Copy)]
+enum FileKind {
+    Lora,
+    PreviewDecoder,
+}
+
+impl FileKind {
+    fn noun(self) -> &'static str {
+        match self {
+            FileKind::Lora => "LoRA",
+            FileKind::PreviewDecoder => "preview decoder",
+        }
+    }
+
+    /// Checks `file` is of this kind; where its data section starts.
+    async fn check(self, source: &impl Source, file: &str) -> Result<u64> {
+        match self {
+            FileKind::Lora => Ok(LoraFile::open(source, file).await?.data_start()),
+            FileKind::PreviewDecoder => TaesdDecoder::check_file(source, file).await,
+        }
+    }
+}
+
+/// Stores the file `wanted` names (its picked `File` in `files`, or its URL) in `store` unless
+/// stored from there already; a download is checked against the sha256 its server states.
+async fn store_file(store: &LoraStore<IdbStore>, wanted: &ModelRef, files: &js_sys::Array, on_event: &Function, kind: FileKind) -> Result<StoredLora> {
+    let file = Some(files.get(0)).filter(|f| !f.is_undefined() && !f.is_null());
+    let origin = origin(wanted, file.as_ref())?.ok_or_else(|| Error::InvalidParameter(format!("{} '{}': give its url or a file", kind.noun(), wanted.id)))?;
+    let id = &wanted.id;
+    let progress = |stage: &'static str| move |done: u64, total: u64| emit(on_event, json!({"type": stage, "model": id, "loaded": done, "total": total}));
+    match (file, &wanted.url) {
+        (Some(blob), _) => {
+            let name = wanted.file.as_deref().unwrap_or_default();
+            let source = BlobSource::new(blob, name)?;
+            store.store_file(id, &origin, &source, name, kind.check(&source, name), progress("import")).await
+        }
+        (None, Some(url)) => {
+            let (http, Some(name)) = HttpSource::for_url(url)? else {
+                return Err(Error::InvalidParameter(format!("{} '{id}': {url} names no .safetensors file", kind.noun())));
+            };
+            let stored = store.store_file(id, &origin, &http, &name, kind.check(&http, &name), progress("download")).await?;
+            // Stored in order, so checked whole against the sha256 the server states.
+            if let Err(e) = http.check_stated() {
+                store.delete(id).await?;
+                return Err(e);
+            }
+            Ok(stored)
+        }
+        (None, None) => unreachable!("origin() gave an origin"),
+    }
+}
+
 fn origin(wanted: &ModelRef, file: Option<&JsValue>) -> Result<Option<String>> {
     let number = |blob: &JsValue, key: &str| Reflect::get(blob, &key.into()).ok().and_then(|v| v.as_f64());
     match (file, &wanted.url) {
@@ -545,7 +612,8 @@ impl Engine {
             prompt_options: PromptOptions { long_prompt: options.long_prompt, weighting: options.prompt_weighting },
             ..defaults
         };
-        let mut watcher = JsObserver { on_event, cancelled, preview: options.preview, marks: vec![("start", js_sys::Date::now())] };
+        let decoder = self.preview_decoder.as_ref().filter(|_| options.preview);
+        let mut watcher = JsObserver { on_event, cancelled, preview: options.preview, decoder, marks: vec![("start", js_sys::Date::now())] };
         let out = generate(&self.gpu, &base.model, refiner.map(|r| &r.model), &params, &mut watcher).await?;
         let pixels = self.gpu.read(&out.image).await?;
         watcher.marks.push(("end", js_sys::Date::now()));
@@ -625,6 +693,8 @@ struct JsObserver<'a> {
     on_event: &'a Function,
     cancelled: &'a Function,
     preview: bool,
+    /// Decodes previews at image size where it fits; the linear latent map otherwise.
+    decoder: Option<&'a TaesdDecoder>,
     /// When each phase began (ms): "start", "base", "refiner", "decode", "end".
     marks: Vec<(&'static str, f64)>,
 }
@@ -658,9 +728,18 @@ impl Observer for &mut JsObserver<'_> {
                 let preview = if self.preview {
                     let denoised = estimate.denoised(gpu)?;
                     let &[_, c, h, w] = denoised.shape() else { unreachable!("latents are [1, C, h, w]") };
-                    json["previewWidth"] = json!(w);
-                    json["previewHeight"] = json!(h);
-                    Uint8Array::from(image::latent_preview(&gpu.read(&denoised).await?, c, h, w).as_slice()).into()
+                    let rgba = match self.decoder.filter(|d| d.fits(gpu, h, w) && d.config.latent_channels == c) {
+                        Some(decoder) => {
+                            let up = decoder.upscale();
+                            let (ih, iw) = (h * up, w * up);
+                            json["previewDecoder"] = json!("taesd");
+                            (iw, ih, image::rgba8(&gpu.read(&decoder.decode(gpu, &denoised)?).await?, ih, iw))
+                        }
+                        None => (w, h, image::latent_preview(&gpu.read(&denoised).await?, c, h, w)),
+                    };
+                    json["previewWidth"] = json!(rgba.0);
+                    json["previewHeight"] = json!(rgba.1);
+                    Uint8Array::from(rgba.2.as_slice()).into()
                 } else {
                     JsValue::UNDEFINED
                 };

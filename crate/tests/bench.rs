@@ -35,12 +35,20 @@ fn bench_reports_every_measurement() {
         }
         assert!(report.unet[2].weight_bytes < report.unet[0].weight_bytes, "q4 weights must be smaller than f16");
         assert_eq!(report.vae.iter().map(|v| v.tiled).collect::<Vec<_>>(), [false, true]);
+        assert_eq!(report.taesd.iter().map(|t| t.size).collect::<Vec<_>>(), [64], "one TAESD preview decode per size");
+        for t in &report.taesd {
+            assert!(t.seconds > 0.0 && t.peak_bytes > 0, "{t:?}");
+        }
+        let ms = |s: f64| s * 1e3;
+        eprintln!("64²: VAE decode {:.3} ms whole, {:.3} ms tiled; TAESD preview decode {:.3} ms", ms(report.vae[0].seconds), ms(report.vae[1].seconds), ms(report.taesd[0].seconds));
         let table = report.table();
-        for part in ["linear+geglu", "self-attention", "conv3x3", "s/step", "peak MiB", " r4 "] {
+        for part in ["linear+geglu", "self-attention", "conv3x3", "s/step", "peak MiB", " r4 ", "TAESD preview decode ms"] {
             assert!(table.contains(part), "table lacks {part}:\n{table}");
         }
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert!(json["unet"][0]["secondsPerStep"].as_f64().unwrap() > 0.0);
+        assert!(json["taesd"][0]["seconds"].as_f64().unwrap() > 0.0, "{}", json["taesd"]);
+        assert_eq!(json["taesd"][0]["size"], 64);
     });
 }
 

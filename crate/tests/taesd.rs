@@ -10,7 +10,7 @@ use sdxl::models::taesd::TaesdDecoder;
 use sdxl::weights::{FileTensors, MemorySource, Source, TensorSource};
 use sdxl::{DType, Error, Gpu, Tensor};
 
-gpu_tests!(decode_matches_diffusers, scaling_factor_is_honoured, bare_decoder_file_loads, bad_inputs_and_configs_are_refused);
+gpu_tests!(decode_matches_diffusers, scaling_factor_is_honoured, bare_decoder_file_loads, single_file_infers_its_config, bad_inputs_and_configs_are_refused);
 
 fixtures! {
     "tiny-taesdxl" => ["config.json", "diffusion_pytorch_model.safetensors"],
@@ -110,6 +110,28 @@ async fn bare_decoder_file_loads(gpu: &Gpu) {
     assert!(source.exists("taesdxl_decoder.safetensors").await && !source.exists(WEIGHTS).await);
     let taesd = TaesdDecoder::open(gpu, source).await.unwrap();
     check(gpu, "decode.image", "decode (bare decoder file)", &taesd.decode(gpu, &latents(gpu, 1.0).await).unwrap()).await;
+}
+
+/// A stored preview decoder is one file, no config.json: its config is read off its tensors
+/// (the fixture is 8 wide, taesdxl's default 64), in either layout; the check before storing
+/// tells a decoder from other safetensors.
+async fn single_file_infers_its_config(gpu: &Gpu) {
+    let bare = |name: &str| {
+        let rest = name.strip_prefix("decoder.layers.")?;
+        let (index, tail) = rest.split_once('.')?;
+        Some(format!("{}.{tail}", index.parse::<usize>().ok()? + 1))
+    };
+    for (file, source) in [(WEIGHTS, edited(|_| {}, WEIGHTS, |n| Some(n.to_string())).await), ("taesdxl_decoder.safetensors", edited(|_| {}, "taesdxl_decoder.safetensors", bare).await)] {
+        assert!(TaesdDecoder::check_file(&source, file).await.unwrap() > 8);
+        let taesd = TaesdDecoder::from_file(gpu, source, file).await.unwrap();
+        assert_eq!((taesd.config.decoder_block_out_channels.clone(), taesd.config.num_decoder_blocks.clone()), (vec![8; 4], vec![3, 3, 3, 1]));
+        check(gpu, "decode.image", &format!("decode ({file} alone)"), &taesd.decode(gpu, &latents(gpu, 1.0).await).unwrap()).await;
+    }
+    let not_decoder = edited(|_| {}, "other.safetensors", |n| n.strip_prefix("decoder.layers.").map(|rest| format!("unet.{rest}"))).await;
+    match TaesdDecoder::check_file(&not_decoder, "other.safetensors").await {
+        Err(Error::Unsupported { message, .. }) => assert!(message.contains("not a TAESD-XL decoder"), "{message}"),
+        other => panic!("other safetensors: {:?}", other.map(|_| ())),
+    }
 }
 
 async fn bad_inputs_and_configs_are_refused(gpu: &Gpu) {

@@ -29,7 +29,8 @@
 //      it; load() rebuilds it from the model's URL and loads, and the image is the one of before.
 //  14. inpainting: an image opened in the page's editor, a mask painted on it with the pointer, then
 //      generate: the CLI's image with that mask (PSNR >= 40 dB); through the API, the same run with
-//      the mask as ImageData, outpainting to a larger canvas, and typed errors for bad masks.
+//      the mask as ImageData, outpainting to a larger canvas, and typed errors for bad masks; the
+//      TAESD-XL preview decoder (the page's button, then the API): previews at image size.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
 //        E2E_STEPS=10,11 ... runs only those steps (steps 1-9 build on each other: any of them runs all nine).
 import assert from 'node:assert/strict';
@@ -151,7 +152,7 @@ async function startServer(port = 0, web = `${root}/web`) {
     '--mount', `/models/tiny-sdxl-base=${root}/tests/fixtures/tiny-sdxl-base`,
     '--mount', `/models/tiny-sdxl-refiner=${root}/tests/fixtures/tiny-sdxl-refiner`,
     '--mount', `/models/single-file=${root}/tests/fixtures/single-file`, '--mount', `/loras=${LORAS}`,
-    '--mount', `/_e2e=${root}/tests/fixtures/reference`], { stdio: ['ignore', 'pipe', 'inherit'] });
+    '--mount', `/models/tiny-taesdxl=${root}/tests/fixtures/tiny-taesdxl`, '--mount', `/_e2e=${root}/tests/fixtures/reference`], { stdio: ['ignore', 'pipe', 'inherit'] });
   const [url] = await createInterface({ input: server.stdout })[Symbol.asyncIterator]().next().then((r) => [r.value]);
   return { server, url };
 }
@@ -796,6 +797,16 @@ async function inpaintSteps(browser, url) {
   assert.ok(db >= MIN_PSNR, `inpainting: PSNR ${db.toFixed(1)} dB < ${MIN_PSNR}`);
   assert.match(pageImage.text.parameters, /Denoising strength: 0\.9999, Inpaint: masked/);
 
+  // TAESD previews: the page's button stores and loads the preset's decoder; the next run's
+  // previews are at image size.
+  await page.click('#preview-decoder');
+  await finished(page, 'ready', 2 * MINUTE);
+  assert.equal(await page.getAttribute('body', 'data-preview-decoder'), 'tiny-taesdxl');
+  await page.click('#generate');
+  await finished(page, 'done');
+  const previewSize = await page.evaluate(() => [document.getElementById('preview').width, document.getElementById('preview').height]);
+  assert.deepEqual(previewSize, [96, 64], 'TAESD previews are at image size');
+
   const api = await page.evaluate(async ({ maskBytes, steps, seed, guidance, prompt }) => {
     const { Sdxl } = await import('/sdxl.js');
     const sdxl = await Sdxl.create();
@@ -821,8 +832,16 @@ async function inpaintSteps(browser, url) {
       badStrength: await error(sdxl.generate({ ...common, image, strength: NaN })),
     };
     const after = await bytes(await sdxl.generate({ ...common, image, mask: maskData }));
+    // The preview decoder: stored once (the page stored it too), previews at image size; a LoRA is not one.
+    const decoder = await sdxl.loadPreviewDecoder({ url: './models/tiny-taesdxl/diffusion_pytorch_model.safetensors', id: 'tiny-taesdxl' });
+    const previews = [];
+    await sdxl.generate({ ...common, width: 64, height: 64, onStep: (e) => previews.push([e.preview.width, e.preview.height, e.previewDecoder ?? null]) });
+    errors.notDecoder = await error(sdxl.loadPreviewDecoder({ url: '/loras/kohya.safetensors', id: 'kohya' }));
+    await sdxl.loadPreviewDecoder(null);
+    await sdxl.generate({ ...common, width: 64, height: 64, steps: 1, onStep: (e) => previews.push([e.preview.width, e.preview.height, e.previewDecoder ?? null]) });
+    const listed = (await sdxl.previewDecoders()).map((d) => `${d.id} ${d.complete}`);
     sdxl.terminate();
-    return { viaImageData, outpainted: [outpainted.width, outpainted.height, outpainted.parameters], errors, after };
+    return { viaImageData, outpainted: [outpainted.width, outpainted.height, outpainted.parameters], errors, after, decoder: decoder.id, previews, listed };
   }, { maskBytes: mask, steps: RUN.steps, seed: RUN.seed, guidance: RUN.guidance, prompt: PROMPT });
   log('inpainting API:', JSON.stringify({ outpainted: api.outpainted, errors: api.errors }));
   const viaApi = psnr(decodePng(Buffer.from(api.viaImageData)).rgb, expected.rgb);
@@ -836,6 +855,11 @@ async function inpaintSteps(browser, url) {
   assert.match(api.errors.badOutpaint, /^InvalidParameter: outpaint must be/);
   assert.match(api.errors.badStrength, /^InvalidParameter: strength must be a finite number/);
   assert.deepEqual(api.after, api.viaImageData, 'after the refused calls, the same run gives the same PNG');
+  log('preview decoder:', JSON.stringify({ decoder: api.decoder, previews: api.previews, listed: api.listed, error: api.errors.notDecoder }));
+  assert.equal(api.decoder, 'tiny-taesdxl');
+  assert.deepEqual(api.previews, [...Array(RUN.steps)].map(() => [64, 64, 'taesd']).concat([[8, 8, null]]), 'TAESD previews at image size, the latent map once unloaded');
+  assert.match(api.errors.notDecoder, /^UnsupportedFormat: .*not a TAESD-XL decoder/);
+  assert.deepEqual(api.listed, ['tiny-taesdxl true']);
   await context.close();
 }
 

@@ -10,7 +10,7 @@ use crate::gpu::{DType, Gpu, Tensor};
 use crate::models::Conv2d;
 use crate::ops::Activation;
 use crate::quant::QuantPolicy;
-use crate::weights::{read_json, FileTensors, Source, Vars};
+use crate::weights::{read_json, safetensors, FileTensors, Source, Vars};
 
 /// Mirrors diffusers' AutoencoderTiny config as far as decoding goes (defaults as diffusers, which
 /// are taesdxl's; the encoder's fields are ignored).
@@ -162,6 +162,58 @@ impl TaesdDecoder {
             Error::Config { message, .. } => Error::Config { path: config_path, message },
             e => e,
         })
+    }
+
+    /// Checks that `file` of `source` holds a TAESD decoder (diffusers' or the bare layout)
+    /// before it is stored; where its data section starts.
+    pub async fn check_file(source: &impl Source, file: &str) -> Result<u64> {
+        let header = safetensors::read_header(source, file).await?;
+        let first = ["decoder.layers.0.weight", "1.weight"].iter().find_map(|name| header.tensors.get(*name));
+        match first.map(|t| t.shape.as_slice()) {
+            Some([_, 4, 3, 3]) => Ok(header.data_start),
+            _ => Err(Error::Unsupported {
+                path: source.describe(file),
+                message: "not a TAESD-XL decoder (no decoder.layers.0.weight or 1.weight taking 4 latent channels)".into(),
+            }),
+        }
+    }
+
+    /// A decoder from one safetensors file (a stored preview decoder), its config read off its
+    /// tensors: the width from the first convolution, the blocks per level from the Sequential's
+    /// indices (a level ends at its bias-free convolution, the last at the biased output one).
+    pub async fn from_file(gpu: &Gpu, source: impl Source, file: &str) -> Result<TaesdDecoder> {
+        let tensors = FileTensors::open(&source, vec![file.into()]).await?;
+        let has = |name: String| tensors.shape(&name).is_ok();
+        let (prefix, first) = if has("decoder.layers.0.weight".into()) { ("decoder.layers.", 0) } else { ("", 1) };
+        let mut config = TaesdConfig::default();
+        if let Ok(&[width, latent, ..]) = tensors.shape(&format!("{prefix}{first}.weight")) {
+            (config.decoder_block_out_channels, config.latent_channels) = (vec![width], latent);
+        }
+        let (mut counts, mut blocks) = (Vec::new(), 0);
+        // Past the first conv and its ReLU; an Upsample holds no tensors. (taesdxl ends at index 18.)
+        for i in first + 2..first + 1024 {
+            if has(format!("{prefix}{i}.conv.0.weight")) {
+                blocks += 1;
+            } else if let Ok(&[out, ..]) = tensors.shape(&format!("{prefix}{i}.weight")) {
+                counts.push(std::mem::take(&mut blocks));
+                if has(format!("{prefix}{i}.bias")) {
+                    config.out_channels = out;
+                    break;
+                }
+            }
+        }
+        if !counts.is_empty() {
+            config.decoder_block_out_channels = vec![config.decoder_block_out_channels[0]; counts.len()];
+            config.num_decoder_blocks = counts;
+        }
+        TaesdDecoder::load(&Vars::new(gpu, &tensors, "vae", &QuantPolicy::default()), config).await
+    }
+
+    /// Whether decoding an h × w latent fits the adapter: its largest activation (the last
+    /// level's, at image size) in one binding.
+    pub fn fits(&self, gpu: &Gpu, h: usize, w: usize) -> bool {
+        let pixels = (h * self.upscale()) as u64 * (w * self.upscale()) as u64;
+        self.config.decoder_block_out_channels[0] as u64 * pixels * self.dtype.size() as u64 <= gpu.max_binding_bytes()
     }
 
     /// The float type it computes in.

@@ -12,6 +12,11 @@ pub fn rgb8(image: &[f32], height: usize, width: usize) -> Vec<u8> {
     (0..plane).flat_map(|i| (0..3).map(move |c| (image[c * plane + i].clamp(0.0, 1.0) * 255.0).round_ties_even() as u8)).collect()
 }
 
+/// RGB [1, 3, H, W] in 0..1 to opaque RGBA bytes (an ImageData's), rounded as [`rgb8`].
+pub fn rgba8(image: &[f32], height: usize, width: usize) -> Vec<u8> {
+    rgb8(image, height, width).chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect()
+}
+
 /// The recipe in AUTOMATIC1111's `parameters` format: the prompt, `Negative prompt: ...`, then
 /// `Key: value` pairs. `sampler` is the sampler's A1111 name ([`crate::scheduler::Scheduler::name`]);
 /// `model` and `refiner` name the models as the user chose them; each LoRA the run used is a

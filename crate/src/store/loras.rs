@@ -50,8 +50,11 @@ struct Info {
     records: Vec<String>,
 }
 
+/// Stored safetensors files by id: LoRAs, or (a store of its own) preview decoders.
 pub struct LoraStore<R: RecordStore> {
     records: R,
+    /// What the files are, for messages ("LoRA").
+    noun: &'static str,
 }
 
 fn record_key(id: &str, index: usize) -> String {
@@ -60,7 +63,13 @@ fn record_key(id: &str, index: usize) -> String {
 
 impl<R: RecordStore> LoraStore<R> {
     pub fn new(records: R) -> LoraStore<R> {
-        LoraStore { records }
+        LoraStore { records, noun: "LoRA" }
+    }
+
+    /// A store of other safetensors files (`noun` names them in messages), stored with
+    /// [`LoraStore::store_file`].
+    pub fn of(records: R, noun: &'static str) -> LoraStore<R> {
+        LoraStore { records, noun }
     }
 
     pub fn records(&self) -> &R {
@@ -102,19 +111,34 @@ impl<R: RecordStore> LoraStore<R> {
     /// `id` holds it from `origin` already. The file is checked to be a LoRA first (its header:
     /// other adapter formats and pickles are refused before anything is stored). `progress` gets
     /// (bytes stored, bytes in all).
-    pub async fn store(&self, id: &str, origin: &str, source: &impl Source, file: &str, mut progress: impl FnMut(u64, u64)) -> Result<StoredLora> {
+    pub async fn store(&self, id: &str, origin: &str, source: &impl Source, file: &str, progress: impl FnMut(u64, u64)) -> Result<StoredLora> {
+        self.store_file(id, origin, source, file, async { Ok(LoraFile::open(source, file).await?.data_start()) }, progress).await
+    }
+
+    /// Stores `file` as [`LoraStore::store`] does, after `checked` (awaited only when the file is
+    /// not stored yet) checks what it is and gives where its data section starts.
+    pub async fn store_file(
+        &self,
+        id: &str,
+        origin: &str,
+        source: &impl Source,
+        file: &str,
+        checked: impl std::future::Future<Output = Result<u64>>,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<StoredLora> {
+        let noun = self.noun;
         check_id(id)?;
         if let Some(info) = self.info(id).await? {
             if info.origin != origin {
-                return Err(Error::InvalidParameter(format!("LoRA '{id}' already holds {}, not {origin}; delete it first or choose another id", info.origin)));
+                return Err(Error::InvalidParameter(format!("{noun} '{id}' already holds {}, not {origin}; delete it first or choose another id", info.origin)));
             }
             return self.stored(id).await;
         }
-        let data_start = LoraFile::open(source, file).await?.data_start();
+        let data_start = checked.await?;
         let bytes = source.len(file).await?;
         if let Some(available) = self.records.available().await? {
             if available < bytes {
-                return Err(Error::QuotaExceeded(format!("LoRA '{id}' needs {} but only {} of storage is available", mib(bytes), mib(available))));
+                return Err(Error::QuotaExceeded(format!("{noun} '{id}' needs {} but only {} of storage is available", mib(bytes), mib(available))));
             }
         }
         // What an interrupted store left (no lora.json) is replaced.
@@ -144,7 +168,7 @@ impl<R: RecordStore> LoraStore<R> {
 
     async fn stored(&self, id: &str) -> Result<StoredLora> {
         let all = self.list().await?;
-        all.into_iter().find(|l| l.id == id).ok_or_else(|| Error::ModelIncomplete(format!("no LoRA '{id}' is stored")))
+        all.into_iter().find(|l| l.id == id).ok_or_else(|| Error::ModelIncomplete(format!("no {} '{id}' is stored", self.noun)))
     }
 
     /// Deletes a LoRA's records (lora.json first); returns the bytes freed.
@@ -164,7 +188,7 @@ impl<R: RecordStore> LoraStore<R> {
     pub async fn open(&self, id: &str) -> Result<(StoredLoraSource<'_, R>, String)> {
         check_id(id)?;
         let info = self.info(id).await?.ok_or_else(|| {
-            Error::ModelIncomplete(format!("no LoRA '{id}' is stored (or its store was interrupted): store it first"))
+            Error::ModelIncomplete(format!("no {} '{id}' is stored (or its store was interrupted): store it first", self.noun))
         })?;
         let expected = info.bytes.div_ceil(LORA_RECORD);
         if info.records.len() as u64 != expected {
