@@ -19,7 +19,7 @@ use proptest::test_runner::{Config, RngSeed, TestRunner};
 use sdxl::models::clip::ClipTextConfig;
 use sdxl::models::unet::UNet2DConditionConfig;
 use sdxl::pack::{Manifest, ModelKind, Pack, PackFile, PackTensor, Segment, Shard, Storage, MANIFEST};
-use sdxl::pipeline::image::{decode_png, encode_png};
+use sdxl::pipeline::image::{decode_mask_png, decode_png, encode_png};
 use sdxl::pipeline::lpw::{parse_prompt_attention, WeightedTokens};
 use sdxl::store::HttpSource;
 use sdxl::quant::QuantPreset;
@@ -972,6 +972,12 @@ fn decode(what: &str, png: &[u8]) {
     let image = bounded_by(what, || decode_png(png), || input);
     if let Some(image) = typed(what, image) {
         assert_eq!(image.rgb.len(), 3 * image.width * image.height, "{what}");
+    }
+    // The same bytes as an inpainting mask: binary values, or a typed error (a colour image).
+    let mask = bounded_by(what, || decode_mask_png(png), || input);
+    if let Some(mask) = typed(what, mask) {
+        assert_eq!(mask.values.len(), mask.width * mask.height, "{what}");
+        assert!(mask.values.iter().all(|&v| v == 0.0 || v == 1.0), "{what}: a mask is binary");
     }
 }
 
