@@ -132,7 +132,13 @@ function imageOptions() {
   if (strength !== '') options.strength = Number(strength);
   const extend = ['left', 'top', 'right', 'bottom'].map((side) => Number($(`extend-${side}`).value) || 0);
   if (extend.some((v) => v > 0)) options.outpaint = extend;
-  else if (maskPainted()) options.mask = maskPixels();
+  else if (maskPainted()) {
+    options.mask = maskPixels();
+    if ($('mask-only').checked) {
+      [options.width, options.height] = $('size').value.split('x').map(Number);
+      options.maskPadding = Number($('mask-padding').value) || 0;
+    }
+  }
   return options;
 }
 
@@ -162,7 +168,7 @@ async function editImage(blob) {
   startImage = blob;
   $('editor').hidden = false;
   $('clear-image').disabled = false;
-  $('size').disabled = true;
+  $('size').disabled = !$('mask-only').checked;
 }
 
 function clearImage() {
@@ -349,6 +355,8 @@ async function main() {
     $('image-file').value = '';
   };
   $('clear-image').onclick = clearImage;
+  // A crop around the mask runs at the chosen size; the whole image runs at its own.
+  $('mask-only').onchange = () => { $('size').disabled = Boolean(startImage) && !$('mask-only').checked; };
   $('preview-decoder').onclick = () => run(async () => {
     await loadPreviewDecoder();
     setStatus('ready', 'Preview decoder loaded.', 1);

@@ -117,6 +117,10 @@ export interface GenerateOptions {
   outpaint?: [number, number, number, number];
   /** Outpainting: how many pixels into the image the repainted area reaches (default 0). */
   outpaintOverlap?: number;
+  /** diffusers' padding_mask_crop: inpaint only the region around the mask, padded by this many pixels, at width × height (default the image's), then paste it back into the image (any size) through the mask as given, soft edges blending. */
+  maskPadding?: number;
+  /** What decodes the final image: 'vae' (default) or 'taesd', the loaded preview decoder (fast, approximate; needs loadPreviewDecoder()). */
+  finalDecoder?: 'vae' | 'taesd';
   signal?: AbortSignal;
   onStep?: (event: StepEvent) => void;
   onProgress?: (event: ProgressEvent) => void;

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 use crate::bench::{self, BenchModel, BenchOptions};
-use crate::pipeline::generate::{generate, outpaint_canvas, GenerateParams, SdxlModel, Stage, StepProgress, IMG2IMG_STRENGTH, INPAINT_STRENGTH};
+use crate::models::taesd::TaesdDecoder;
+use crate::pipeline::crop::crop_for_run;
+use crate::pipeline::generate::{generate_with, outpaint_canvas, GenerateParams, SdxlModel, Stage, StepProgress, IMG2IMG_STRENGTH, INPAINT_STRENGTH};
 use crate::pipeline::image;
 use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::{PromptEncoder, PromptOptions};
@@ -28,9 +30,9 @@ const USAGE: &str = "usage:
   sdxl generate --model DIR|FILE [--config DIR] [--refiner DIR|FILE] [--refiner-config DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
                 [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]
-                [--init-image IMAGE.png [--strength 0.3] [--mask MASK.png | --outpaint LEFT,TOP,RIGHT,BOTTOM [--outpaint-overlap 0]]]
+                [--init-image IMAGE.png [--strength 0.3] [--mask MASK.png [--mask-padding N] | --outpaint LEFT,TOP,RIGHT,BOTTOM [--outpaint-overlap 0]]]
                 [--tensors-out FILE.safetensors] [--precision auto|f32|f16] [--quant f16|q8|q4]
-                [--long-prompt truncate|chunked] [--prompt-weighting off|on] [--lora FILE[:WEIGHT]]... [--lora-dir DIR]
+                [--long-prompt truncate|chunked] [--prompt-weighting off|on] [--lora FILE[:WEIGHT]]... [--lora-dir DIR] [--taesd DIR|FILE]
       Text to image as diffusers' StableDiffusionXLPipeline (classifier-free guidance when --guidance
       is above 1; 0 or 1 runs the UNet once per step, as few-step Turbo/Lightning models want); with
       --refiner, the refiner takes over after --refiner-start of the schedule. The same --seed gives
@@ -41,7 +43,10 @@ const USAGE: &str = "usage:
       black keeps; grey binarized at 0.5; the image's size; --strength defaults to 0.9999) with an
       inpainting UNet (9 input channels) or an ordinary one (the original kept outside the mask each step);
       --outpaint extends the canvas by that many pixels per side (edges repeated) and inpaints the new
-      area, --outpaint-overlap pixels into the old one. docs/inpainting.md. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
+      area, --outpaint-overlap pixels into the old one. --mask-padding N (diffusers' padding_mask_crop):
+      inpaint only the region around the mask, padded by N and widened to --width x --height, at that
+      size, then paste it back into the image (any size) through the mask as given (soft edges blend).
+      docs/inpainting.md. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
       --model / --refiner take a diffusers-layout folder (text encoders with or without
       transformers 5's missing `text_model.` prefix, sharded or not), a model pack (a folder with
@@ -58,6 +63,9 @@ const USAGE: &str = "usage:
       beside the weights as stored (a q4 base stays q4, the LoRA is not quantized). With
       --prompt-weighting on, <lora:NAME:WEIGHT> tags in the prompt add --lora-dir/NAME.safetensors.
       The PNG recipe records them as A1111 does (<lora:...> tags, Lora hashes). docs/lora.md.
+      --taesd makes the final image TAESD-XL's decode instead of the VAE's (fast, approximate; recorded
+      as `VAE: TAESD`): a diffusers AutoencoderTiny folder or one decoder .safetensors (e.g. madebyollin's
+      taesdxl_decoder.safetensors). Refused where its decode would not fit the adapter at this size.
   sdxl convert --from DIR|FILE [--config DIR] --quant f16|q8|q4 --out PACK_DIR [--force] [--shard-bytes 67108864]
       Converts an SDXL model (base or refiner; any --model of generate but a pack) into a model
       pack: manifest.json and shards/NNNNN.bin of at most 64 MiB holding the configs, tokenizers and
@@ -150,21 +158,34 @@ fn write_safetensors(path: &str, host: &[(&str, Vec<usize>, Vec<f32>)]) -> Resul
 
 async fn generate_command(args: &Args) -> Result<()> {
     let defaults = GenerateParams::default();
-    let init_image = match args.get("init-image") {
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
-            Some(image::decode_png(&bytes).map_err(|e| Error::InvalidParameter(format!("--init-image {path}: {e}")))?)
+    let read = |option: &str| -> Result<Option<Vec<u8>>> {
+        let Some(path) = args.get(option) else { return Ok(None) };
+        std::fs::read(path).map(Some).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })
+    };
+    let in_context = |option: &str, e: Error| Error::InvalidParameter(format!("--{option} {}: {e}", args.get(option).unwrap_or_default()));
+    let init_bytes = read("init-image")?;
+    let init_image = init_bytes.as_deref().map(image::decode_png).transpose().map_err(|e| in_context("init-image", e))?;
+    // Inpainting a crop around the mask: the run's size is --width x --height (the image's by default).
+    let crop = match (args.get("mask-padding"), &init_bytes, read("mask")?) {
+        (None, _, _) => None,
+        (Some(_), _, _) if args.get("outpaint").is_some() => return Err(Error::InvalidParameter("--mask-padding crops around --mask: leave out --outpaint".into())),
+        (Some(_), Some(image_bytes), Some(mask_bytes)) => {
+            let original = image::decode_png_pixels(image_bytes, false).map_err(|e| in_context("init-image", e))?;
+            let mask = image::decode_png_pixels(&mask_bytes, true).map_err(|e| in_context("mask", e))?;
+            let (width, height) = (args.parsed("width", original.width)?, args.parsed("height", original.height)?);
+            Some(crop_for_run(&original, &mask, width, height, args.parsed("mask-padding", 0)?)?)
         }
-        None => None,
+        _ => return Err(Error::InvalidParameter("--mask-padding needs --init-image and --mask".into())),
     };
     let (init_image, mask) = match (init_image, args.get("mask"), args.get("outpaint")) {
+        _ if crop.is_some() => crop.as_ref().map(|c| (Some(c.image.clone()), Some(c.mask.clone()))).unwrap_or_default(),
         (None, mask, outpaint) if mask.or(outpaint).is_some() => {
             return Err(Error::InvalidParameter(format!("--{} needs --init-image", if mask.is_some() { "mask" } else { "outpaint" })));
         }
         (Some(_), Some(_), Some(_)) => return Err(Error::InvalidParameter("--outpaint makes its own mask: leave out --mask".into())),
         (Some(image), Some(path), None) => {
             let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
-            (Some(image), Some(image::decode_mask_png(&bytes).map_err(|e| Error::InvalidParameter(format!("--mask {path}: {e}")))?))
+            (Some(image), Some(image::decode_mask_png(&bytes).map_err(|e| in_context("mask", e))?))
         }
         (Some(image), None, Some(sides)) => {
             let pad: Vec<usize> = sides.split(',').map(|v| v.trim().parse().ok()).collect::<Option<_>>().unwrap_or_default();
@@ -219,6 +240,10 @@ async fn generate_command(args: &Args) -> Result<()> {
     let gpu = Gpu::new(precision).await?;
     eprintln!("adapter: {} ({:?})", gpu.adapter_name, gpu.dtype);
     let quant = args.get("quant").map(|_| args.parsed("quant", QuantPreset::F16)).transpose()?;
+    let taesd = match args.get("taesd") {
+        Some(path) => Some(open_taesd(&gpu, path).await?),
+        None => None,
+    };
     // Single files take their configs from --config / --refiner-config (the refiner's when it runs alone).
     let config = if args.get("model").is_some() { args.get("config") } else { args.get("refiner-config") };
     let base = load_model(&gpu, model, config, quant).await?;
@@ -233,7 +258,7 @@ async fn generate_command(args: &Args) -> Result<()> {
         Some(dir) => Some(load_model(&gpu, dir, args.get("refiner-config"), quant).await?),
         None => None,
     };
-    let result = generate(&gpu, &base, refiner_model.as_ref(), &params, |p: StepProgress| {
+    let result = generate_with(&gpu, &base, refiner_model.as_ref(), &params, taesd.as_ref(), |p: StepProgress| {
         let stage = if p.stage == Stage::Base { "base" } else { "refiner" };
         eprintln!("{stage} step {}/{}", p.step, p.steps);
     })
@@ -241,7 +266,14 @@ async fn generate_command(args: &Args) -> Result<()> {
     let image = gpu.read(&result.image).await?;
     let typed = GenerateParams { prompt: typed, ..params.clone() };
     let recipe = image::parameters(&typed, base.scheduler(&params)?.name(), &model_name(model), refiner.map(model_name).as_deref(), &recipes);
-    let png = image::encode_png(&image::rgb8(&image, params.height, params.width), params.width, params.height, &recipe)?;
+    let recipe = if taesd.is_some() { image::with_entry(recipe, "VAE", "TAESD") } else { recipe };
+    let png = match &crop {
+        Some(crop) => {
+            let pasted = crop.paste_back(&image);
+            image::encode_png(&pasted.data, pasted.width, pasted.height, &image::with_entry(recipe, "Masked area padding", &crop.padding.to_string()))?
+        }
+        None => image::encode_png(&image::rgb8(&image, params.height, params.width), params.width, params.height, &recipe)?,
+    };
     std::fs::write(out, png).map_err(|e| Error::Io { path: out.to_string(), message: e.to_string() })?;
     eprintln!("wrote {out}");
     if let Some(path) = args.get("tensors-out") {
@@ -277,6 +309,25 @@ async fn open_loras(args: &Args, tags: &[(String, f32)]) -> Result<Vec<(LoraFile
         loras.push((LoraFile::open(DirSource::new(folder), &file).await?, weight, name));
     }
     Ok(loras)
+}
+
+/// `--taesd`: a TAESD-XL decoder from a diffusers AutoencoderTiny folder or one .safetensors file.
+async fn open_taesd(gpu: &Gpu, path: &str) -> Result<TaesdDecoder> {
+    let at = std::path::Path::new(path);
+    let decoder = if at.is_file() {
+        let (folder, file) = (at.parent().unwrap_or(std::path::Path::new("")), at.file_name().unwrap_or_default().to_string_lossy());
+        let source = DirSource::new(folder);
+        // Another safetensors (a LoRA, a UNet) is named as such rather than by a missing tensor.
+        TaesdDecoder::check_file(&source, &file).await?;
+        gpu.operation(TaesdDecoder::from_file(gpu, source, &file)).await
+    } else if at.is_dir() {
+        gpu.operation(TaesdDecoder::open(gpu, DirSource::new(path))).await
+    } else {
+        return Err(Error::Io { path: path.to_string(), message: "--taesd: no such file or folder".into() });
+    };
+    let decoder = decoder?;
+    eprintln!("{path}: TAESD final decoder");
+    Ok(decoder)
 }
 
 /// A model folder's name, as the PNG recipe names it.
@@ -536,8 +587,8 @@ async fn run(argv: &[String]) -> Result<()> {
         Some("generate") => {
             let known = [
                 "model", "config", "refiner", "refiner-config", "prompt", "negative", "width", "height", "steps", "guidance", "seed",
-                "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength", "mask", "outpaint", "outpaint-overlap",
-                "long-prompt", "prompt-weighting", "lora", "lora-dir",
+                "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength", "mask", "mask-padding", "outpaint", "outpaint-overlap",
+                "long-prompt", "prompt-weighting", "lora", "lora-dir", "taesd",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await
         }

@@ -14,7 +14,8 @@ use wasm_bindgen::prelude::*;
 use crate::bench::{self, BenchModel, BenchOptions};
 use crate::error::{Error, Result};
 use crate::pack::ModelKind;
-use crate::pipeline::generate::{generate, outpaint_canvas, Event, GenerateParams, InitImage, Mask, Observer, SdxlModel, Stage, IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_SIDE};
+use crate::pipeline::crop::{crop_for_run, CropRun, Pixels};
+use crate::pipeline::generate::{generate_with, outpaint_canvas, Event, GenerateParams, InitImage, Mask, Observer, SdxlModel, Stage, IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_SIDE};
 use crate::pipeline::image::{self, LoraRecipe};
 use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::PromptOptions;
@@ -147,6 +148,12 @@ struct GenerateOptions {
     outpaint: Option<[usize; 4]>,
     /// Outpainting: how far into the image the repainted area reaches, to blend the seam.
     outpaint_overlap: Option<usize>,
+    /// diffusers' padding_mask_crop: inpaint only the region around the mask, padded by this,
+    /// at width x height, and paste it back into the image through the mask as given.
+    mask_padding: Option<usize>,
+    /// What decodes the final image: "vae" (the default) or "taesd" (the loaded preview decoder:
+    /// fast, approximate).
+    final_decoder: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -560,8 +567,37 @@ impl Engine {
 
     async fn run(&self, options: &str, images: &js_sys::Array, on_event: &Function, cancelled: &Function) -> Result<Object> {
         let options: GenerateOptions = parse(options, "generate options")?;
-        let init_image = Picture::from_js(&images.get(0), "image")?.map(|p| p.image("image")).transpose()?;
-        let mask = Picture::from_js(&images.get(1), "mask")?.map(Picture::mask).transpose()?;
+        let (image_in, mask_in) = (Picture::from_js(&images.get(0), "image")?, Picture::from_js(&images.get(1), "mask")?);
+        // Inpainting a crop around the mask: the run's size is width x height (the image's by default).
+        let crop = match (options.mask_padding, image_in, mask_in) {
+            (Some(_), _, _) if options.outpaint.is_some() => return Err(Error::InvalidParameter("maskPadding crops around the mask: leave out outpaint".into())),
+            (Some(pad), Some(image_in), Some(mask_in)) => {
+                let (original, soft_mask) = (image_in.pixels(false)?, mask_in.pixels(true)?);
+                let (width, height) = (options.width.unwrap_or(original.width), options.height.unwrap_or(original.height));
+                Some(crop_for_run(&original, &soft_mask, width, height, pad)?)
+            }
+            (Some(_), _, _) => return Err(Error::InvalidParameter("maskPadding needs an image and a mask".into())),
+            (None, image_in, mask_in) => {
+                let init_image = image_in.map(|p| p.image("image")).transpose()?;
+                let mask = mask_in.map(Picture::mask).transpose()?;
+                return self.generate_from(options, init_image, mask, None, on_event, cancelled).await;
+            }
+        };
+        let (init_image, mask) = crop.as_ref().map(|c| (Some(c.image.clone()), Some(c.mask.clone()))).unwrap_or_default();
+        self.generate_from(options, init_image, mask, crop.as_ref(), on_event, cancelled).await
+    }
+
+    /// A generation from its decoded image inputs; `crop`: a run on a crop around the mask,
+    /// its result pasted back into the original.
+    async fn generate_from(
+        &self,
+        options: GenerateOptions,
+        init_image: Option<InitImage>,
+        mask: Option<Mask>,
+        crop: Option<&CropRun>,
+        on_event: &Function,
+        cancelled: &Function,
+    ) -> Result<Object> {
         let (init_image, mask) = match (init_image, mask, options.outpaint) {
             (None, mask, outpaint) if mask.is_some() || outpaint.is_some() => {
                 return Err(Error::InvalidParameter(format!("{} needs an image", if mask.is_some() { "mask" } else { "outpaint" })));
@@ -576,6 +612,13 @@ impl Engine {
         if options.strength.is_some() && init_image.is_none() {
             return Err(Error::InvalidParameter("strength needs an image".into()));
         }
+        let final_decoder = match options.final_decoder.as_deref() {
+            None | Some("vae") => None,
+            Some("taesd") => Some(self.preview_decoder.as_ref().ok_or_else(|| {
+                Error::InvalidParameter("finalDecoder 'taesd' decodes with the preview decoder, and none is loaded: call loadPreviewDecoder() first".into())
+            })?),
+            Some(other) => return Err(Error::InvalidParameter(format!("finalDecoder '{other}' must be 'vae' or 'taesd'"))),
+        };
         let base = self.base.as_ref().ok_or_else(|| Error::ModelIncomplete("no model is loaded: call load() first".into()))?;
         let refiner = match options.refiner_start {
             Some(_) => Some(self.refiner.as_ref().ok_or_else(|| {
@@ -614,21 +657,29 @@ impl Engine {
         };
         let decoder = self.preview_decoder.as_ref().filter(|_| options.preview);
         let mut watcher = JsObserver { on_event, cancelled, preview: options.preview, decoder, marks: vec![("start", js_sys::Date::now())] };
-        let out = generate(&self.gpu, &base.model, refiner.map(|r| &r.model), &params, &mut watcher).await?;
+        let out = generate_with(&self.gpu, &base.model, refiner.map(|r| &r.model), &params, final_decoder, &mut watcher).await?;
         let pixels = self.gpu.read(&out.image).await?;
         watcher.marks.push(("end", js_sys::Date::now()));
 
         let typed = GenerateParams { prompt: options.prompt, ..params.clone() };
         let recipe = image::parameters(&typed, base.model.scheduler(&params)?.name(), &base.id, refiner.map(|r| r.id.as_str()), &recipes);
-        let png = image::encode_png(&image::rgb8(&pixels, params.height, params.width), params.width, params.height, &recipe)?;
+        let recipe = if final_decoder.is_some() { image::with_entry(recipe, "VAE", "TAESD") } else { recipe };
+        let (png, width, height, recipe) = match crop {
+            Some(crop) => {
+                let pasted = crop.paste_back(&pixels);
+                let recipe = image::with_entry(recipe, "Masked area padding", &crop.padding.to_string());
+                (image::encode_png(&pasted.data, pasted.width, pasted.height, &recipe)?, pasted.width, pasted.height, recipe)
+            }
+            None => (image::encode_png(&image::rgb8(&pixels, params.height, params.width), params.width, params.height, &recipe)?, params.width, params.height, recipe),
+        };
         let timings = watcher.timings();
         let result = Object::new();
         let set = |key: &str, value: JsValue| Reflect::set(&result, &key.into(), &value).expect("setting a field of a new object");
         set("png", Uint8Array::from(png.as_slice()).into());
         set("parameters", recipe.into());
         set("seed", (params.seed as f64).into());
-        set("width", params.width.into());
-        set("height", params.height.into());
+        set("width", width.into());
+        set("height", height.into());
         set("timings", js_sys::JSON::parse(&timings.to_string()).expect("timings are JSON"));
         Ok(result)
     }
@@ -668,6 +719,17 @@ impl Picture {
         match self {
             Picture::Png(bytes) => image::decode_png(&bytes),
             Picture::Rgba { width, height, data } => image::image_from_pixels(width, height, 4, &data),
+        }
+        .map_err(|e| in_context(what, e))
+    }
+
+    /// 8-bit pixels: RGB, or (`gray`) a grey mask as given.
+    fn pixels(self, gray: bool) -> Result<Pixels> {
+        let what = if gray { "mask" } else { "image" };
+        match self {
+            Picture::Png(bytes) => image::decode_png_pixels(&bytes, gray),
+            Picture::Rgba { width, height, data } if gray => image::gray_pixels(width, height, 4, &data),
+            Picture::Rgba { width, height, data } => image::rgb_pixels(width, height, 4, &data),
         }
         .map_err(|e| in_context(what, e))
     }

@@ -395,6 +395,33 @@ fn inpainting_and_outpainting_from_pngs_match_diffusers() {
     eprintln!("CLI inpainting {db:.1} dB, outpainting {db2:.1} dB");
 }
 
+/// `--mask-padding` (diffusers' padding_mask_crop): the crop around a blurred mask of a 150x110
+/// image, run at 64x64, pasted back: the PNG is diffusers' image, at the original's size.
+#[test]
+fn inpainting_a_crop_around_the_mask_matches_diffusers() {
+    let dir = TempDir::new("inpaint-crop");
+    let png = dir.file("x.png");
+    let image = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/init_150x110.png");
+    let mask = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/mask_blurred_150x110.png");
+    let run = sdxl(&[
+        "generate", "--model", TINY_BASE, "--init-image", image, "--mask", mask, "--mask-padding", "8", "--width", "64", "--height", "64",
+        "--steps", "4", "--seed", "22", "--prompt", "a lighthouse on a cliff at dawn", "--negative", "blurry", "--precision", "f32", "--out", &png,
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (w, h, rgb, recipe) = read_png(&png);
+    assert_eq!((w, h), (150, 110), "the result has the original's size");
+    let plane = 150 * 110;
+    let got: Vec<f32> = (0..3 * plane).map(|k| rgb[(k % plane) * 3 + k / plane] as f32 / 255.0).collect();
+    let db = psnr(&got, &inpaint_reference("crop4.euler.image", &[3, 110, 150]));
+    assert!(db >= 45.0, "crop around the mask: PSNR {db:.1} dB");
+    assert!(recipe.unwrap().contains("Size: 64x64, Model: tiny-sdxl-base, Denoising strength: 0.9999, Inpaint: masked, Masked area padding: 8, Version"));
+    let dir2 = TempDir::new("inpaint-crop-bad");
+    let out = dir2.file("x.png");
+    let bad = sdxl(&["generate", "--model", TINY_BASE, "--prompt", "x", "--init-image", image, "--mask-padding", "8", "--out", &out]);
+    assert_fails_with(&dir2, &bad, &["--mask-padding needs --init-image and --mask"]);
+    eprintln!("CLI crop around the mask: {db:.1} dB");
+}
+
 #[test]
 fn bad_masks_are_refused() {
     let dir = TempDir::new("bad-masks");
@@ -424,4 +451,59 @@ fn bad_masks_are_refused() {
     // An inpainting UNet needs a mask.
     let run = sdxl(&["generate", "--model", TINY_INPAINT, "--prompt", "a cat", "--steps", "2", "--width", "64", "--height", "64", "--out", &out]);
     assert_fails_with(&dir, &run, &["inpainting UNet", "mask"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TAESD-XL as the final decoder (--taesd; tests/fixtures/tiny-taesdxl, 4 latent channels, 8x).
+// ---------------------------------------------------------------------------------------------
+
+const TINY_TAESD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-taesdxl");
+
+/// `sdxl generate` on the tiny base, 64x64, 2 steps, f32, `extra` appended; (image tensor, latents, recipe).
+fn taesd_run(dir: &TempDir, extra: &[&str]) -> (Vec<f32>, Vec<f32>, String) {
+    let (png, tensors) = (dir.file("x.png"), dir.file("x.safetensors"));
+    let mut args = vec!["generate", "--model", TINY_BASE, "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "2", "--seed", "3"];
+    args.extend(["--precision", "f32", "--out", &png, "--tensors-out", &tensors]);
+    args.extend(extra);
+    let run = sdxl(&args);
+    assert!(run.status.success(), "sdxl {args:?}:\n{}", String::from_utf8_lossy(&run.stderr));
+    let (w, h, _, recipe) = read_png(&png);
+    assert_eq!((w, h), (64, 64), "PNG size");
+    let mut tensors = read_all(&dir.0, "x.safetensors");
+    std::fs::remove_file(&png).unwrap();
+    (tensors.remove("image").unwrap().1, tensors.remove("latents").unwrap().1, recipe.unwrap())
+}
+
+/// --taesd (a diffusers folder or its one safetensors file) decodes the same latents into another
+/// image than the VAE's, recorded as `VAE: TAESD`.
+#[test]
+fn taesd_final_decode_writes_a_png() {
+    let dir = TempDir::new("taesd");
+    let (vae_image, vae_latents, vae_recipe) = taesd_run(&dir, &[]);
+    let (image, latents, recipe) = taesd_run(&dir, &["--taesd", TINY_TAESD]);
+    let file = format!("{TINY_TAESD}/diffusion_pytorch_model.safetensors");
+    let (file_image, _, _) = taesd_run(&dir, &["--taesd", &file]);
+    assert_eq!(latents, vae_latents, "--taesd must not change the latents");
+    assert!(max_abs(&image, &vae_image) > 1e-2, "the --taesd image equals the VAE's");
+    assert!(max_abs(&image, &file_image) <= 1e-6, "the folder and its safetensors file decode alike");
+    assert!(recipe.contains(", VAE: TAESD, Version: ") && !vae_recipe.contains("VAE:"), "recipes: {recipe:?} / {vae_recipe:?}");
+}
+
+#[test]
+fn taesd_bad_path_is_refused() {
+    let dir = TempDir::new("taesd-bad");
+    let missing = dir.file("nowhere");
+    assert_fails_with(&dir, &taesd_refused(&dir, TINY_BASE, &missing), &[&missing, "no such file or folder"]);
+    // A folder without a decoder, a safetensors that is not one.
+    let reference = format!("{FIXTURES}/reference");
+    assert_fails_with(&dir, &taesd_refused(&dir, TINY_BASE, &reference), &["taesdxl_decoder.safetensors"]);
+    let unet = format!("{TINY_BASE}/unet/diffusion_pytorch_model.safetensors");
+    assert_fails_with(&dir, &taesd_refused(&dir, TINY_BASE, &unet), &["not a TAESD-XL decoder"]);
+    // The alt base's VAE downscales 4x; TAESD-XL upscales 8x.
+    assert_fails_with(&dir, &taesd_refused(&dir, BASE, TINY_TAESD), &["TAESD", "upscales 8x", "4x"]);
+}
+
+fn taesd_refused(dir: &TempDir, model: &str, taesd: &str) -> Output {
+    let out = dir.file("x.png");
+    sdxl(&["generate", "--model", model, "--prompt", "a cat", "--width", "64", "--height", "64", "--steps", "2", "--precision", "f32", "--out", &out, "--taesd", taesd])
 }

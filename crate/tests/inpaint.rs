@@ -10,13 +10,14 @@ mod common;
 
 use common::{max_abs, psnr};
 use sdxl::pipeline::generate::{generate, outpaint_canvas, GenerateParams, Mask, SdxlModel, INPAINT_STRENGTH};
-use sdxl::pipeline::image::{decode_mask_png, decode_png, mask_from_pixels};
+use sdxl::pipeline::crop::{crop_for_run, resize, Pixels};
+use sdxl::pipeline::image::{decode_mask_png, decode_png, decode_png_pixels, mask_from_pixels};
 use sdxl::quant::QuantPreset;
 use sdxl::weights::{DirSource, FileTensors, Source};
 use sdxl::{DType, Error, Gpu};
 use serde::Deserialize;
 
-gpu_tests!(inpainting_matches_diffusers, bad_masks_and_models_are_refused);
+gpu_tests!(inpainting_matches_diffusers, padding_mask_crop_matches_diffusers, bad_masks_and_models_are_refused);
 
 fn fixture(dir: &str) -> DirSource {
     DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
@@ -35,6 +36,27 @@ struct Case {
     refiner_start: Option<f64>,
 }
 
+#[derive(Deserialize)]
+struct Cases {
+    runs: Vec<Case>,
+    crops: Vec<CropCase>,
+    /// (source "rgb" | "gray", width, height, box).
+    resizes: Vec<(String, usize, usize, Option<[f64; 4]>)>,
+}
+
+#[derive(Deserialize)]
+struct CropCase {
+    name: String,
+    unet: String,
+    sampler: String,
+    seed: u64,
+    steps: usize,
+    guidance: f32,
+    width: usize,
+    height: usize,
+    padding: usize,
+}
+
 async fn load(gpu: &Gpu, dir: &str) -> SdxlModel {
     SdxlModel::load(gpu, &common::folder(gpu, fixture(dir)), &QuantPreset::F16.policy()).await.unwrap()
 }
@@ -49,7 +71,8 @@ async fn inpainting_matches_diffusers(gpu: &Gpu) {
             refs.host(&key, &shape).await.unwrap()
         }
     };
-    let cases: Vec<Case> = serde_json::from_slice(&files.read("inpaint_cases.json").await.unwrap()).unwrap();
+    let cases: Cases = serde_json::from_slice(&files.read("inpaint_cases.json").await.unwrap()).unwrap();
+    let cases = cases.runs;
     let image = decode_png(&files.read("init_96x64.png").await.unwrap()).unwrap();
     let mask = decode_mask_png(&files.read("mask_96x64.png").await.unwrap()).unwrap();
     let repainted = mask.values.iter().filter(|&&v| v == 1.0).count();
@@ -94,6 +117,77 @@ async fn inpainting_matches_diffusers(gpu: &Gpu) {
         eprintln!("{} {:?}: final latents rel err {latent_err:.2e}, image PSNR {db:.1} dB", case.name, gpu.dtype);
         assert!(latent_err <= latent_tol, "{}: latents relative error {latent_err} ({:?})", case.name, gpu.dtype);
         assert!(db >= min_psnr, "{}: image PSNR {db:.1} dB < {min_psnr} ({:?})", case.name, gpu.dtype);
+    }
+}
+
+fn reference_tensors() -> (DirSource, Cases) {
+    let files = fixture("reference");
+    let cases = serde_json::from_slice(&std::fs::read(format!("{}/../tests/fixtures/reference/inpaint_cases.json", env!("CARGO_MANIFEST_DIR"))).unwrap()).unwrap();
+    (files, cases)
+}
+
+/// PIL's Lanczos resize (what diffusers' image processor crops and pastes with), byte for byte.
+#[test]
+fn resize_is_pils() {
+    pollster::block_on(async {
+        let (files, cases) = reference_tensors();
+        let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
+        let image = decode_png_pixels(&files.read("init_96x64.png").await.unwrap(), false).unwrap();
+        let gray = image.data.chunks_exact(3).map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8).collect();
+        let gray = Pixels::new(96, 64, 1, gray).unwrap();
+        for (i, (kind, width, height, area)) in cases.resizes.iter().enumerate() {
+            let source = if kind == "gray" { &gray } else { &image };
+            let area = area.unwrap_or([0.0, 0.0, 96.0, 64.0]);
+            let got = resize(source, *width, *height, area);
+            let key = format!("resize.{i}");
+            let shape = refs.shape(&key).unwrap().to_vec();
+            let want: Vec<u8> = refs.host(&key, &shape).await.unwrap().iter().map(|&v| v as u8).collect();
+            let off = got.data.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(got.data.len(), want.len(), "{key}: size");
+            assert_eq!(off, 0, "{key}: {kind} to {width}x{height} box {area:?}: {off} bytes differ from PIL's");
+        }
+    })
+}
+
+/// diffusers' `padding_mask_crop`: the crop around a blurred mask of a larger image, inpainted at
+/// the run's size and pasted back through the soft mask.
+async fn padding_mask_crop_matches_diffusers(gpu: &Gpu) {
+    let (files, cases) = reference_tensors();
+    let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
+    let original = decode_png_pixels(&files.read("init_150x110.png").await.unwrap(), false).unwrap();
+    let mask = decode_png_pixels(&files.read("mask_blurred_150x110.png").await.unwrap(), true).unwrap();
+    assert!(mask.data.iter().any(|&v| v > 0 && v < 255), "the fixture mask is soft");
+    for case in &cases.crops {
+        let model = load(gpu, if case.unet == "inpaint" { "tiny-sdxl-inpaint" } else { "tiny-sdxl-base" }).await;
+        let run = crop_for_run(&original, &mask, case.width, case.height, case.padding).unwrap();
+        let region = refs.host(&format!("{}.region", case.name), &[4]).await.unwrap();
+        assert_eq!(run.region.map(|v| v as f32).to_vec(), region, "{}: crop region", case.name);
+        let [x1, y1, x2, y2] = run.region;
+        let params = GenerateParams {
+            prompt: "a lighthouse on a cliff at dawn".into(),
+            negative: Some("blurry".into()),
+            width: case.width,
+            height: case.height,
+            steps: case.steps,
+            guidance: case.guidance,
+            seed: case.seed,
+            scheduler: Some(case.sampler.parse().unwrap()),
+            init_image: Some(run.image.clone()),
+            mask: Some(run.mask.clone()),
+            strength: INPAINT_STRENGTH,
+            ..Default::default()
+        };
+        let out = generate(gpu, &model, None, &params, |_| {}).await.unwrap();
+        let pasted = run.paste_back(&gpu.read(&out.image).await.unwrap());
+        let want = refs.host(&format!("{}.image", case.name), &[3, 110, 150]).await.unwrap();
+        let got = pasted.to_init_image().rgb;
+        let db = psnr(&got, &want);
+        // Outside the region the original comes back exactly.
+        let outside = (0..110 * 150).filter(|i| !((x1..x2).contains(&(i % 150)) && (y1..y2).contains(&(i / 150))));
+        assert!(outside.clone().all(|i| (0..3).all(|c| got[c * 110 * 150 + i] == want[c * 110 * 150 + i])), "{}: outside the crop", case.name);
+        eprintln!("{} {:?}: region {:?}, image PSNR {db:.1} dB", case.name, gpu.dtype, run.region);
+        let min = if gpu.dtype == DType::F32 { 45.0 } else { 40.0 };
+        assert!(db >= min, "{}: image PSNR {db:.1} dB < {min}", case.name);
     }
 }
 

@@ -2,19 +2,38 @@
 //! with taesdxl's structure (tests/fixtures/tiny-taesdxl; references written by
 //! tests/fixtures/ref_taesd.py): the SDXL pipeline's decode of latents large enough for the input
 //! clamp to matter, the raw decoder output, a scaling factor other than taesdxl's 1, madebyollin's
-//! bare `taesdxl_decoder.safetensors` naming, and refused inputs and configs.
+//! bare `taesdxl_decoder.safetensors` naming, and refused inputs and configs. Then TAESD as a
+//! generation's final decoder (`generate_with`) on the tiny SDXL base.
 
 mod common;
 
 use sdxl::models::taesd::TaesdDecoder;
+use sdxl::pipeline::generate::{generate, generate_with, GenerateParams, SdxlModel, StepProgress};
+use sdxl::quant::QuantPreset;
 use sdxl::weights::{FileTensors, MemorySource, Source, TensorSource};
 use sdxl::{DType, Error, Gpu, Tensor};
 
-gpu_tests!(decode_matches_diffusers, scaling_factor_is_honoured, bare_decoder_file_loads, single_file_infers_its_config, bad_inputs_and_configs_are_refused);
+gpu_tests!(
+    decode_matches_diffusers,
+    scaling_factor_is_honoured,
+    bare_decoder_file_loads,
+    single_file_infers_its_config,
+    bad_inputs_and_configs_are_refused,
+    final_decode_with_taesd,
+);
 
 fixtures! {
     "tiny-taesdxl" => ["config.json", "diffusion_pytorch_model.safetensors"],
     "reference" => ["taesd.safetensors"],
+    "tiny-sdxl-base" => [
+        "model_index.json", "scheduler/scheduler_config.json",
+        "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+        "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_2/tokenizer_config.json", "tokenizer_2/special_tokens_map.json",
+        "text_encoder/config.json", "text_encoder/model.safetensors",
+        "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    ],
 }
 
 const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
@@ -165,4 +184,38 @@ async fn bad_inputs_and_configs_are_refused(gpu: &Gpu) {
         Err(e) => panic!("wrong error for an empty folder: {e}"),
         Ok(_) => panic!("an empty folder was accepted"),
     }
+}
+
+/// `generate_with` a TAESD final decoder: the same latents as `generate`, decoded by TAESD (exactly
+/// its own decode of them) instead of the VAE; a decoder that does not fit the VAE's latents is
+/// refused before the first step.
+async fn final_decode_with_taesd(gpu: &Gpu) {
+    let base = SdxlModel::load(gpu, &common::folder(gpu, fixture("tiny-sdxl-base")), &QuantPreset::F16.policy()).await.unwrap();
+    let taesd = TaesdDecoder::open(gpu, fixture("tiny-taesdxl")).await.unwrap();
+    assert_eq!((taesd.config.latent_channels, taesd.upscale()), (base.vae.config.latent_channels, base.vae.downscale()));
+    let params = GenerateParams { prompt: "a red fox in the snow".into(), width: 64, height: 64, steps: 2, seed: 7, ..Default::default() };
+    let fast = generate_with(gpu, &base, None, &params, Some(&taesd), |_: StepProgress| {}).await.unwrap();
+    let full = generate(gpu, &base, None, &params, |_: StepProgress| {}).await.unwrap();
+    assert_eq!(fast.image.shape(), &[1, 3, 64, 64]);
+    let latents = (gpu.read(&fast.latents).await.unwrap(), gpu.read(&full.latents).await.unwrap());
+    assert!(common::max_abs(&latents.0, &latents.1) <= 1e-6, "the final decoder must not change the latents");
+    let image = gpu.read(&fast.image).await.unwrap();
+    let own = gpu.read(&taesd.decode(gpu, &fast.latents).unwrap()).await.unwrap();
+    let err = common::max_abs(&image, &own);
+    assert!(err <= 1e-6, "the final image is not TAESD's decode of the latents: max |Δ| {err}");
+    let vae = gpu.read(&full.image).await.unwrap();
+    let apart = common::max_abs(&image, &vae);
+    println!("TAESD vs VAE final image on a {:?} device: max |Δ| {apart:.3e}", gpu.dtype);
+    assert!(apart > 1e-2, "the TAESD image equals the VAE's (max |Δ| {apart}): the final decoder was not used");
+
+    // A decoder upscaling 1x (not the VAE's 8x) would make a 8x8 image: refused before any step.
+    let source = edited(|c| c["upsampling_scaling_factor"] = 1.into(), WEIGHTS, |n| Some(n.to_string())).await;
+    let small = TaesdDecoder::open(gpu, source).await.unwrap();
+    let mut steps = 0;
+    match generate_with(gpu, &base, None, &params, Some(&small), |_: StepProgress| steps += 1).await {
+        Err(Error::InvalidParameter(m)) => assert!(m.contains("upscales 1x") && m.contains("8x"), "unclear message: {m}"),
+        Err(e) => panic!("wrong error for a mismatched final decoder: {e}"),
+        Ok(_) => panic!("a final decoder upscaling 1x was accepted"),
+    }
+    assert_eq!(steps, 0, "the mismatch must be refused before the first step");
 }

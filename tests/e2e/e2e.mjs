@@ -832,16 +832,23 @@ async function inpaintSteps(browser, url) {
       badStrength: await error(sdxl.generate({ ...common, image, strength: NaN })),
     };
     const after = await bytes(await sdxl.generate({ ...common, image, mask: maskData }));
+    // A crop around a soft mask of a larger image, pasted back (diffusers' padding_mask_crop).
+    const blob = async (name) => (await fetch(`/_e2e/${name}`)).blob();
+    const cropped = await sdxl.generate({ prompt: 'a lighthouse on a cliff at dawn', negativePrompt: 'blurry', steps: 4, seed: 22, guidance: 5,
+      refinerStart: null, image: await blob('init_150x110.png'), mask: await blob('mask_blurred_150x110.png'), maskPadding: 8, width: 64, height: 64 });
+    const crop = { bytes: await bytes(cropped), size: [cropped.width, cropped.height], parameters: cropped.parameters };
     // The preview decoder: stored once (the page stored it too), previews at image size; a LoRA is not one.
     const decoder = await sdxl.loadPreviewDecoder({ url: './models/tiny-taesdxl/diffusion_pytorch_model.safetensors', id: 'tiny-taesdxl' });
     const previews = [];
     await sdxl.generate({ ...common, width: 64, height: 64, onStep: (e) => previews.push([e.preview.width, e.preview.height, e.previewDecoder ?? null]) });
+    const fast = await sdxl.generate({ ...common, width: 64, height: 64, steps: 1, finalDecoder: 'taesd' });
     errors.notDecoder = await error(sdxl.loadPreviewDecoder({ url: '/loras/kohya.safetensors', id: 'kohya' }));
     await sdxl.loadPreviewDecoder(null);
+    errors.noFinalDecoder = await error(sdxl.generate({ ...common, width: 64, height: 64, steps: 1, finalDecoder: 'taesd' }));
     await sdxl.generate({ ...common, width: 64, height: 64, steps: 1, onStep: (e) => previews.push([e.preview.width, e.preview.height, e.previewDecoder ?? null]) });
     const listed = (await sdxl.previewDecoders()).map((d) => `${d.id} ${d.complete}`);
     sdxl.terminate();
-    return { viaImageData, outpainted: [outpainted.width, outpainted.height, outpainted.parameters], errors, after, decoder: decoder.id, previews, listed };
+    return { viaImageData, outpainted: [outpainted.width, outpainted.height, outpainted.parameters], errors, after, decoder: decoder.id, previews, listed, crop, fast: [fast.width, fast.parameters] };
   }, { maskBytes: mask, steps: RUN.steps, seed: RUN.seed, guidance: RUN.guidance, prompt: PROMPT });
   log('inpainting API:', JSON.stringify({ outpainted: api.outpainted, errors: api.errors }));
   const viaApi = psnr(decodePng(Buffer.from(api.viaImageData)).rgb, expected.rgb);
@@ -855,11 +862,23 @@ async function inpaintSteps(browser, url) {
   assert.match(api.errors.badOutpaint, /^InvalidParameter: outpaint must be/);
   assert.match(api.errors.badStrength, /^InvalidParameter: strength must be a finite number/);
   assert.deepEqual(api.after, api.viaImageData, 'after the refused calls, the same run gives the same PNG');
+  const cropPng = `${out}/expected-crop.png`;
+  execFileSync(sdxlCli, ['generate', '--model', `${out}/inpaint-base-q8`, '--init-image', `${root}/tests/fixtures/reference/init_150x110.png`,
+    '--mask', `${root}/tests/fixtures/reference/mask_blurred_150x110.png`, '--mask-padding', '8', '--width', '64', '--height', '64',
+    '--prompt', 'a lighthouse on a cliff at dawn', '--negative', 'blurry', '--steps', '4', '--seed', '22', '--guidance', '5', '--precision', 'f32', '--out', cropPng], { stdio: 'inherit' });
+  assert.deepEqual(api.crop.size, [150, 110], 'a crop run gives the whole image back');
+  assert.match(api.crop.parameters, /Masked area padding: 8/);
+  const viaCrop = psnr(decodePng(Buffer.from(api.crop.bytes)).rgb, decodePng(readFileSync(cropPng)).rgb);
+  log(`inpainting a crop around the mask: API against the CLI ${viaCrop.toFixed(1)} dB`);
+  assert.ok(viaCrop >= MIN_PSNR, `crop around the mask: PSNR ${viaCrop.toFixed(1)} dB`);
   log('preview decoder:', JSON.stringify({ decoder: api.decoder, previews: api.previews, listed: api.listed, error: api.errors.notDecoder }));
   assert.equal(api.decoder, 'tiny-taesdxl');
   assert.deepEqual(api.previews, [...Array(RUN.steps)].map(() => [64, 64, 'taesd']).concat([[8, 8, null]]), 'TAESD previews at image size, the latent map once unloaded');
   assert.match(api.errors.notDecoder, /^UnsupportedFormat: .*not a TAESD-XL decoder/);
   assert.deepEqual(api.listed, ['tiny-taesdxl true']);
+  assert.equal(api.fast[0], 64);
+  assert.match(api.fast[1], /, VAE: TAESD, Version/, 'the final decode by TAESD is in the recipe');
+  assert.match(api.errors.noFinalDecoder, /^InvalidParameter: .*call loadPreviewDecoder\(\) first/);
   await context.close();
 }
 

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use crate::adapt::Layers;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Tensor};
+use crate::models::taesd::TaesdDecoder;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::pipeline::prompt::{PromptEmbeds, PromptEncoder, PromptOptions};
@@ -248,7 +249,7 @@ pub enum Event<'a> {
     Encode(Stage),
     /// A step finished (its GPU work done).
     Step { progress: StepProgress, estimate: Estimate<'a> },
-    /// The VAE decode starts.
+    /// The final decode (the VAE's, or the TAESD decoder's given to [`generate_with`]) starts.
     Decode,
 }
 
@@ -294,7 +295,7 @@ pub struct Generated {
     /// The seed's unit Gaussian noise [1, C, h, w]: the initial latents before scaling by
     /// init_noise_sigma, or (img2img) the noise added to the image latents.
     pub noise: Tensor,
-    /// Final latents [1, C, h, w] before the VAE.
+    /// Final latents [1, C, h, w] before the decode.
     pub latents: Tensor,
     /// RGB [1, 3, H, W] in 0..1.
     pub image: Tensor,
@@ -383,15 +384,63 @@ pub async fn generate(
     p: &GenerateParams,
     observer: impl Observer,
 ) -> Result<Generated> {
-    gpu.operation(run(gpu, base, refiner, p, observer)).await
+    generate_with(gpu, base, refiner, p, None, observer).await
 }
 
-async fn run(gpu: &Gpu, base: &SdxlModel, refiner: Option<&SdxlModel>, p: &GenerateParams, mut observer: impl Observer) -> Result<Generated> {
+/// [`generate`], the final image decoded by `final_decoder` (TAESD-XL: fast, approximate) instead
+/// of the last model's VAE when given. The decoder must take the VAE's latents (channels and
+/// scale) and its decode must fit the adapter at this size: checked before any GPU work,
+/// [`Error::InvalidParameter`] or [`Error::AdapterLimits`] otherwise (no silent VAE fallback).
+pub async fn generate_with(
+    gpu: &Gpu,
+    base: &SdxlModel,
+    refiner: Option<&SdxlModel>,
+    p: &GenerateParams,
+    final_decoder: Option<&TaesdDecoder>,
+    observer: impl Observer,
+) -> Result<Generated> {
+    gpu.operation(run(gpu, base, refiner, p, final_decoder, observer)).await
+}
+
+/// Whether `decoder` can make the final image of a `p` run on `vae`'s latents.
+fn check_final_decoder(gpu: &Gpu, decoder: &TaesdDecoder, vae: &AutoencoderKL, p: &GenerateParams) -> Result<()> {
+    let (channels, downscale) = (vae.config.latent_channels, vae.downscale());
+    let c = &decoder.config;
+    if c.latent_channels != channels || decoder.upscale() != downscale || c.out_channels != 3 {
+        return Err(Error::InvalidParameter(format!(
+            "the TAESD final decoder takes {} latent channels, upscales {}x and makes {} channels; this model's VAE needs {channels}, {downscale}x and 3",
+            c.latent_channels,
+            decoder.upscale(),
+            c.out_channels
+        )));
+    }
+    if !decoder.fits(gpu, p.height / downscale, p.width / downscale) {
+        return Err(Error::AdapterLimits(format!(
+            "a TAESD decode of a {}x{} image needs more than this adapter's {:.1} MiB in one buffer; leave out the TAESD final decoder (the VAE decodes in tiles)",
+            p.width,
+            p.height,
+            gpu.max_binding_bytes() as f64 / 1048576.0
+        )));
+    }
+    Ok(())
+}
+
+async fn run(
+    gpu: &Gpu,
+    base: &SdxlModel,
+    refiner: Option<&SdxlModel>,
+    p: &GenerateParams,
+    final_decoder: Option<&TaesdDecoder>,
+    mut observer: impl Observer,
+) -> Result<Generated> {
     // Declared first, so dropped last: once the run's activations are back in the pool (also
     // after an error or a cancel), their memory goes back to the device.
     let _trim = TrimOnDrop(gpu);
     let multiple = refiner.map_or(1, |r| r.size_multiple()).max(base.size_multiple());
     check_params(p, multiple, refiner.is_some())?;
+    if let Some(decoder) = final_decoder {
+        check_final_decoder(gpu, decoder, &refiner.unwrap_or(base).vae, p)?;
+    }
     let base_inpaints = inpainting_unet(base)?;
     if base_inpaints && p.mask.is_none() {
         return Err(Error::InvalidParameter("this model's UNet is an inpainting UNet (9 input channels): give an init image and a mask".into()));
@@ -491,7 +540,10 @@ async fn run(gpu: &Gpu, base: &SdxlModel, refiner: Option<&SdxlModel>, p: &Gener
         _ => base,
     };
     observer.event(gpu, Event::Decode).await?;
-    let image = last.vae.decode_within_limits(gpu, &latents)?;
+    let image = match final_decoder {
+        Some(decoder) => decoder.decode(gpu, &latents)?,
+        None => last.vae.decode_within_limits(gpu, &latents)?,
+    };
     Ok(Generated { noise, latents, image })
 }
 

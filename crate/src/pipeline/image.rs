@@ -3,6 +3,7 @@
 //! latent → RGB previews shown while a run goes.
 
 use crate::error::{Error, Result};
+use crate::pipeline::crop::Pixels;
 use crate::pipeline::generate::{GenerateParams, InitImage, Mask, MAX_PIXELS, MAX_SIDE};
 
 /// RGB [1, 3, H, W] in 0..1 to interleaved 8-bit RGB, rounding as diffusers' numpy_to_pil
@@ -58,6 +59,16 @@ pub fn parameters(p: &GenerateParams, sampler: &str, model: &str, refiner: Optio
         text += &format!(", Lora hashes: \"{}\"", hashes.join(", "));
     }
     text + &format!(", Version: sdxl-webgpu {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// `recipe` (from [`parameters`]) with an A1111 `Key: value` entry before its closing `Version`:
+/// e.g. `VAE: TAESD` when another decoder made the final image, `Masked area padding: 32` for
+/// a run on a crop around the mask.
+pub fn with_entry(recipe: String, key: &str, value: &str) -> String {
+    match recipe.rfind(", Version: ") {
+        Some(at) => format!("{}, {key}: {value}{}", &recipe[..at], &recipe[at..]),
+        None => format!("{recipe}, {key}: {value}"),
+    }
 }
 
 /// A LoRA as a recipe names it: its name (the file's stem), weight and A1111 short hash
@@ -119,9 +130,16 @@ pub fn image_from_pixels(width: usize, height: usize, channels: usize, pixels: &
 
 /// Interleaved 8-bit pixels to an inpainting [`Mask`]: white repaints, black keeps. Grey levels
 /// are binarized at 0.5 and alpha is dropped, as diffusers' mask processor does (PIL's
-/// `convert("L")`, then `>= 0.5`). A coloured pixel is refused: a mask is black and white, and a
-/// colour photo given as the mask is a mistake worth naming.
+/// `convert("L")`, then `>= 0.5`).
 pub fn mask_from_pixels(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Result<Mask> {
+    let gray = gray_pixels(width, height, channels, pixels)?;
+    Ok(Mask::from_gray(width, height, gray.data.iter().map(|&v| v as f32 / 255.0)))
+}
+
+/// Interleaved 8-bit pixels as one grey channel (PIL's `convert("L")`, alpha dropped): what a
+/// mask is before it is binarized. A coloured pixel is refused: a mask is black and white, and
+/// a colour photo given as the mask is a mistake worth naming.
+pub fn gray_pixels(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Result<Pixels> {
     check_pixels(width, height, channels, pixels, "mask")?;
     let mut gray = Vec::with_capacity(width * height);
     for (i, pixel) in pixels.chunks_exact(channels).enumerate() {
@@ -139,9 +157,25 @@ pub fn mask_from_pixels(width: usize, height: usize, channels: usize, pixels: &[
                 ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
             }
         };
-        gray.push(level as f32 / 255.0);
+        gray.push(level);
     }
-    Ok(Mask::from_gray(width, height, gray))
+    Pixels::new(width, height, 1, gray)
+}
+
+/// Interleaved 8-bit pixels as RGB (grey replicated, alpha dropped).
+pub fn rgb_pixels(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Result<Pixels> {
+    check_pixels(width, height, channels, pixels, "image")?;
+    let rgb = pixels.chunks_exact(channels).flat_map(|p| if channels < 3 { [p[0]; 3] } else { [p[0], p[1], p[2]] }).collect();
+    Pixels::new(width, height, 3, rgb)
+}
+
+/// A PNG's pixels as RGB ([`rgb_pixels`]), or as a grey mask ([`gray_pixels`]).
+pub fn decode_png_pixels(bytes: &[u8], gray: bool) -> Result<Pixels> {
+    let (width, height, channels, pixels) = decode_pixels(bytes)?;
+    match gray {
+        true => gray_pixels(width, height, channels, &pixels),
+        false => rgb_pixels(width, height, channels, &pixels),
+    }
 }
 
 /// Checks a pixel buffer's size; its pixel count.
@@ -307,6 +341,11 @@ mod tests {
                 "x\nSteps: 4, Sampler: Euler a, CFG scale: 0, Seed: 0, Size: 1024x1024, Model: turbo, Timestep spacing: trailing, \
                  Long prompt: chunked, Prompt weighting: on, Version: sdxl-webgpu {version}"
             )
+        );
+        let plain = GenerateParams { prompt: "x, Version: 1".into(), ..Default::default() };
+        assert_eq!(
+            with_entry(parameters(&plain, "Euler", "m", None, &[]), "VAE", "TAESD"),
+            format!("x, Version: 1\nSteps: 30, Sampler: Euler, CFG scale: 5, Seed: 0, Size: 1024x1024, Model: m, VAE: TAESD, Version: sdxl-webgpu {version}")
         );
     }
 

@@ -1,5 +1,6 @@
 //! SDXL pipelines assembled from the models, following diffusers' StableDiffusionXL pipelines.
 
+pub mod crop;
 pub mod generate;
 pub mod image;
 pub mod lora;
