@@ -1266,3 +1266,31 @@ fn single_file_mapping_is_linear() {
     let (s, l) = fastest(|| load(&small), || load(&large));
     assert!(l < 8.0 * s, "5k blocks → {s:.4} s, 20k → {l:.4} s: not linear");
 }
+
+/// Inpainting a crop around the mask (diffusers' padding_mask_crop) on arbitrary images, masks,
+/// run sizes and paddings: a typed error or the original's size back, within bounds.
+#[test]
+fn inpainting_crops_of_any_shape() {
+    use sdxl::pipeline::crop::{crop_for_run, Pixels};
+    let strategy = (1usize..40, 1usize..40, 1usize..48, 1usize..48, 0usize..200, any::<u64>(), 0u8..4);
+    run(160, 17, strategy, |(w, h, rw, rh, pad, seed, kind)| {
+        let byte = |i: usize| (seed.rotate_left((i % 64) as u32) as u8).wrapping_mul(i as u8 | 1);
+        let image = Pixels::new(w, h, 3, (0..w * h * 3).map(byte).collect()).unwrap();
+        // Empty, full, one pixel, or noise.
+        let mask: Vec<u8> = (0..w * h).map(|i| match kind { 0 => 0, 1 => 255, 2 => if i == (seed as usize) % (w * h) { 200 } else { 0 }, _ => byte(i + 7) }).collect();
+        let mask = Pixels::new(w, h, 1, mask).unwrap();
+        let what = format!("{w}x{h} image, {rw}x{rh} run, padding {pad}, mask kind {kind}");
+        let input = (w * h * 4 + rw * rh * 4) * 4;
+        let pasted = bounded(&what, input, || {
+            let run = crop_for_run(&image, &mask, rw, rh, pad)?;
+            let [x1, y1, x2, y2] = run.region;
+            assert!(x1 < x2 && x2 <= w && y1 < y2 && y2 <= h, "{what}: region {:?}", run.region);
+            assert_eq!((run.image.width, run.image.height, run.mask.width, run.mask.height), (rw, rh, rw, rh), "{what}");
+            let generated: Vec<f32> = (0..3 * rw * rh).map(|i| byte(i) as f32 / 255.0).collect();
+            Ok::<_, Error>(run.paste_back(&generated))
+        });
+        if let Some(pasted) = typed(&what, pasted) {
+            assert_eq!((pasted.width, pasted.height, pasted.data.len()), (w, h, w * h * 3), "{what}");
+        }
+    });
+}
