@@ -9,7 +9,7 @@
 mod common;
 
 use common::{max_abs, psnr};
-use sdxl::pipeline::generate::{generate, outpaint_canvas, GenerateParams, Mask, SdxlModel, INPAINT_STRENGTH};
+use sdxl::pipeline::generate::{generate, outpaint_canvas, GenerateParams, InitImage, Mask, SdxlModel, INPAINT_STRENGTH};
 use sdxl::pipeline::crop::{crop_for_run, resize, Pixels};
 use sdxl::pipeline::image::{decode_mask_png, decode_png, decode_png_pixels, mask_from_pixels};
 use sdxl::quant::QuantPreset;
@@ -23,6 +23,8 @@ fn fixture(dir: &str) -> DirSource {
     DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
 }
 
+/// A run of ref_inpaint.py: `unet` "inpaint" (9 channels) or "base"; the rest as its CASES and
+/// CROP_CASES name them.
 #[derive(Deserialize)]
 struct Case {
     name: String,
@@ -34,27 +36,42 @@ struct Case {
     strength: Option<f64>,
     outpaint: Option<[usize; 4]>,
     refiner_start: Option<f64>,
+    /// Crop runs: the run's size and the padding around the mask.
+    width: Option<usize>,
+    height: Option<usize>,
+    padding: Option<usize>,
+}
+
+impl Case {
+    fn params(&self, image: InitImage, mask: Mask) -> GenerateParams {
+        GenerateParams {
+            prompt: "a lighthouse on a cliff at dawn".into(),
+            negative: Some("blurry".into()),
+            width: image.width,
+            height: image.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            seed: self.seed,
+            refiner_start: self.refiner_start.unwrap_or(0.8),
+            scheduler: Some(self.sampler.parse().unwrap()),
+            init_image: Some(image),
+            mask: Some(mask),
+            strength: self.strength.unwrap_or(INPAINT_STRENGTH),
+            ..Default::default()
+        }
+    }
+
+    fn model(&self) -> &'static str {
+        if self.unet == "inpaint" { "tiny-sdxl-inpaint" } else { "tiny-sdxl-base" }
+    }
 }
 
 #[derive(Deserialize)]
 struct Cases {
     runs: Vec<Case>,
-    crops: Vec<CropCase>,
+    crops: Vec<Case>,
     /// (source "rgb" | "gray", width, height, box).
     resizes: Vec<(String, usize, usize, Option<[f64; 4]>)>,
-}
-
-#[derive(Deserialize)]
-struct CropCase {
-    name: String,
-    unet: String,
-    sampler: String,
-    seed: u64,
-    steps: usize,
-    guidance: f32,
-    width: usize,
-    height: usize,
-    padding: usize,
 }
 
 async fn load(gpu: &Gpu, dir: &str) -> SdxlModel {
@@ -92,21 +109,7 @@ async fn inpainting_matches_diffusers(gpu: &Gpu) {
             }
             None => (image.clone(), mask.clone()),
         };
-        let params = GenerateParams {
-            prompt: "a lighthouse on a cliff at dawn".into(),
-            negative: Some("blurry".into()),
-            width: image.width,
-            height: image.height,
-            steps: case.steps,
-            guidance: case.guidance,
-            seed: case.seed,
-            refiner_start: case.refiner_start.unwrap_or(0.8),
-            scheduler: Some(case.sampler.parse().unwrap()),
-            init_image: Some(image),
-            mask: Some(mask),
-            strength: case.strength.unwrap_or(INPAINT_STRENGTH),
-            ..Default::default()
-        };
+        let params = case.params(image, mask);
         let first = if case.unet == "inpaint" { &inpaint } else { &base };
         let second = case.refiner_start.map(|_| &refiner);
         let out = generate(gpu, first, second, &params, |_| {}).await.unwrap();
@@ -158,25 +161,13 @@ async fn padding_mask_crop_matches_diffusers(gpu: &Gpu) {
     let mask = decode_png_pixels(&files.read("mask_blurred_150x110.png").await.unwrap(), true).unwrap();
     assert!(mask.data.iter().any(|&v| v > 0 && v < 255), "the fixture mask is soft");
     for case in &cases.crops {
-        let model = load(gpu, if case.unet == "inpaint" { "tiny-sdxl-inpaint" } else { "tiny-sdxl-base" }).await;
-        let run = crop_for_run(&original, &mask, case.width, case.height, case.padding).unwrap();
+        let model = load(gpu, case.model()).await;
+        let (width, height, padding) = (case.width.unwrap(), case.height.unwrap(), case.padding.unwrap());
+        let run = crop_for_run(&original, &mask, width, height, padding).unwrap();
         let region = refs.host(&format!("{}.region", case.name), &[4]).await.unwrap();
         assert_eq!(run.region.map(|v| v as f32).to_vec(), region, "{}: crop region", case.name);
         let [x1, y1, x2, y2] = run.region;
-        let params = GenerateParams {
-            prompt: "a lighthouse on a cliff at dawn".into(),
-            negative: Some("blurry".into()),
-            width: case.width,
-            height: case.height,
-            steps: case.steps,
-            guidance: case.guidance,
-            seed: case.seed,
-            scheduler: Some(case.sampler.parse().unwrap()),
-            init_image: Some(run.image.clone()),
-            mask: Some(run.mask.clone()),
-            strength: INPAINT_STRENGTH,
-            ..Default::default()
-        };
+        let params = case.params(run.image.clone(), run.mask.clone());
         let out = generate(gpu, &model, None, &params, |_| {}).await.unwrap();
         let pasted = run.paste_back(&gpu.read(&out.image).await.unwrap());
         let want = refs.host(&format!("{}.image", case.name), &[3, 110, 150]).await.unwrap();
@@ -202,7 +193,7 @@ async fn bad_masks_and_models_are_refused(gpu: &Gpu) {
         prompt: "a lighthouse".into(),
         width: 96,
         height: 64,
-        steps: 2,
+        steps: 4,
         init_image: Some(image.clone()),
         mask: Some(mask.clone()),
         strength: INPAINT_STRENGTH,
@@ -235,7 +226,7 @@ async fn bad_masks_and_models_are_refused(gpu: &Gpu) {
 
 #[test]
 fn outpainting_canvas_overlaps_the_seam() {
-    let image = sdxl::pipeline::generate::InitImage { width: 4, height: 2, rgb: (0..24).map(|v| v as f32 / 24.0).collect() };
+    let image = InitImage { width: 4, height: 2, rgb: (0..24).map(|v| v as f32 / 24.0).collect() };
     let (canvas, mask) = outpaint_canvas(&image, [2, 0, 0, 1], 1).unwrap();
     assert_eq!((canvas.width, canvas.height), (6, 3));
     // The new columns repeat the first column, the new row the last row.

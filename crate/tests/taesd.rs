@@ -117,14 +117,17 @@ async fn scaling_factor_is_honoured(gpu: &Gpu) {
     check(gpu, "decode.image", "decode with scaling_factor 2", &taesd.decode(gpu, &latents(gpu, 2.0).await).unwrap()).await;
 }
 
+/// A diffusers name in madebyollin's bare decoder layout (`decoder.layers.N.x` is `{N+1}.x`; the
+/// encoder's are dropped).
+fn bare(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("decoder.layers.")?;
+    let (index, tail) = rest.split_once('.')?;
+    Some(format!("{}.{tail}", index.parse::<usize>().ok()? + 1))
+}
+
 /// madebyollin's `taesdxl_decoder.safetensors`: the decoder's nn.Sequential alone, with its Clamp
-/// at index 0 (`decoder.layers.N.x` is `{N+1}.x`), no encoder.
+/// at index 0, no encoder.
 async fn bare_decoder_file_loads(gpu: &Gpu) {
-    let bare = |name: &str| {
-        let rest = name.strip_prefix("decoder.layers.")?;
-        let (index, tail) = rest.split_once('.')?;
-        Some(format!("{}.{tail}", index.parse::<usize>().ok()? + 1))
-    };
     let source = edited(|_| {}, "taesdxl_decoder.safetensors", bare).await;
     assert!(source.exists("taesdxl_decoder.safetensors").await && !source.exists(WEIGHTS).await);
     let taesd = TaesdDecoder::open(gpu, source).await.unwrap();
@@ -135,11 +138,6 @@ async fn bare_decoder_file_loads(gpu: &Gpu) {
 /// (the fixture is 8 wide, taesdxl's default 64), in either layout; the check before storing
 /// tells a decoder from other safetensors.
 async fn single_file_infers_its_config(gpu: &Gpu) {
-    let bare = |name: &str| {
-        let rest = name.strip_prefix("decoder.layers.")?;
-        let (index, tail) = rest.split_once('.')?;
-        Some(format!("{}.{tail}", index.parse::<usize>().ok()? + 1))
-    };
     for (file, source) in [(WEIGHTS, edited(|_| {}, WEIGHTS, |n| Some(n.to_string())).await), ("taesdxl_decoder.safetensors", edited(|_| {}, "taesdxl_decoder.safetensors", bare).await)] {
         assert!(TaesdDecoder::check_file(&source, file).await.unwrap() > 8);
         let taesd = TaesdDecoder::from_file(gpu, source, file).await.unwrap();

@@ -90,25 +90,23 @@ pub struct Conv2d {
 
 impl Conv2d {
     pub async fn load(vb: &Vars<'_>, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
-        let shape = [outputs, inputs, kernel, kernel];
-        Ok(Conv2d {
-            weight: vb.matrix("weight", &shape).await?,
-            lora: vb.lora_slot(&shape),
-            kernel,
-            bias: vb.tensor("bias", &[outputs]).await?,
-            stride,
-            padding: [padding; 4],
-        })
+        let bias = vb.tensor("bias", &[outputs]).await?;
+        Conv2d::with_bias(vb, inputs, outputs, kernel, stride, padding, bias).await
     }
 
     /// nn.Conv2d(bias=False), as a zero bias (which the kernel adds at no cost).
     pub async fn load_unbiased(vb: &Vars<'_>, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d> {
+        let bias = vb.gpu().zeros_as(&[outputs], vb.dtype())?;
+        Conv2d::with_bias(vb, inputs, outputs, kernel, stride, padding, bias).await
+    }
+
+    async fn with_bias(vb: &Vars<'_>, inputs: usize, outputs: usize, kernel: usize, stride: usize, padding: usize, bias: Tensor) -> Result<Conv2d> {
         let shape = [outputs, inputs, kernel, kernel];
         Ok(Conv2d {
             weight: vb.matrix("weight", &shape).await?,
             lora: vb.lora_slot(&shape),
             kernel,
-            bias: vb.gpu().zeros_as(&[outputs], vb.dtype())?,
+            bias,
             stride,
             padding: [padding; 4],
         })
