@@ -317,7 +317,7 @@ mod tests {
         // Padding, clamped at the image's edges, then widened within the image.
         assert_eq!(crop_region(&mask, 64, 64, 25), [0, 5, 55, 60]);
         // An empty mask: the whole image.
-        assert_eq!(crop_region(&gray(16, 8, |_, _| 0), 8, 8, 0), [0, 0, 8, 8]);
+        assert_eq!(crop_region(&gray(16, 8, |_, _| 0), 8, 8, 0), [0, 0, 16, 8]);
     }
 
     #[test]
