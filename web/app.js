@@ -134,6 +134,8 @@ function imageOptions() {
   if (extend.some((v) => v > 0)) options.outpaint = extend;
   else if (maskPainted()) {
     options.mask = maskPixels();
+    const blur = Number($('mask-blur').value) || 0;
+    if (blur > 0) options.maskBlur = blur;
     if ($('mask-only').checked) {
       [options.width, options.height] = $('size').value.split('x').map(Number);
       options.maskPadding = Number($('mask-padding').value) || 0;

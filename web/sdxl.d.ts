@@ -119,6 +119,8 @@ export interface GenerateOptions {
   outpaintOverlap?: number;
   /** diffusers' padding_mask_crop: inpaint only the region around the mask, padded by this many pixels, at width × height (default the image's), then paste it back into the image (any size) through the mask as given, soft edges blending. */
   maskPadding?: number;
+  /** diffusers' mask_processor.blur: blur the mask first by this Gaussian radius (PIL's), softening the paste-back of maskPadding runs. */
+  maskBlur?: number;
   /** What decodes the final image: 'vae' (default) or 'taesd', the loaded preview decoder (fast, approximate; needs loadPreviewDecoder()). */
   finalDecoder?: 'vae' | 'taesd';
   signal?: AbortSignal;

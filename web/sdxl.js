@@ -321,18 +321,18 @@ export class Sdxl {
    */
   async generate(options = {}) {
     const known = ['prompt', 'negativePrompt', 'width', 'height', 'steps', 'guidance', 'seed', 'refinerStart', 'scheduler', 'timestepSpacing',
-      'longPrompt', 'promptWeighting', 'loras', 'image', 'mask', 'strength', 'outpaint', 'outpaintOverlap', 'maskPadding', 'finalDecoder', 'signal', 'onStep',
+      'longPrompt', 'promptWeighting', 'loras', 'image', 'mask', 'strength', 'outpaint', 'outpaintOverlap', 'maskPadding', 'maskBlur', 'finalDecoder', 'signal', 'onStep',
       'onProgress'];
     checkOptions('generate', options, known);
     let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt, promptWeighting,
-      loras = [], image, mask, strength, outpaint, outpaintOverlap, maskPadding, finalDecoder, signal, onStep, onProgress } = options;
+      loras = [], image, mask, strength, outpaint, outpaintOverlap, maskPadding, maskBlur, finalDecoder, signal, onStep, onProgress } = options;
     checkHooks('generate', { signal, onStep, onProgress });
     if (typeof prompt !== 'string') throw invalid('prompt must be a string');
     if (outpaint !== undefined && !(Array.isArray(outpaint) && outpaint.length === 4 && outpaint.every((v) => Number.isInteger(v) && v >= 0))) {
       throw invalid(`outpaint must be [left, top, right, bottom] pixel counts, not ${shown(outpaint)}`);
     }
     // JSON would turn NaN and Infinity into null, which the engine reads as "use the default".
-    const numbers = { width, height, steps, guidance, seed, refinerStart, strength, outpaintOverlap, maskPadding };
+    const numbers = { width, height, steps, guidance, seed, refinerStart, strength, outpaintOverlap, maskPadding, maskBlur };
     for (const [name, value] of Object.entries(numbers)) {
       if (value !== undefined && value !== null && !(typeof value === 'number' && Number.isFinite(value))) {
         throw invalid(`${name} must be a finite number, not ${typeof value === 'number' ? value : shown(value)}`);
@@ -352,7 +352,8 @@ export class Sdxl {
       if (e.type === 'step') onStep?.(e);
     };
     const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt,
-      promptWeighting, loras, strength, outpaint, outpaintOverlap, maskPadding, finalDecoder, preview: Boolean(onStep) };
+      promptWeighting, loras, strength, outpaint, outpaintOverlap, maskPadding, maskBlur, finalDecoder,
+      preview: Boolean(onStep) };
     const images = [await pixels(image, 'image'), await pixels(mask, 'mask')];
     const out = await this.#call('generate', [request, images], { onEvent, signal, cancel: true });
     const blob = new Blob([out.png], { type: 'image/png' });

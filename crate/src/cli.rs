@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use crate::bench::{self, BenchModel, BenchOptions};
 use crate::models::taesd::TaesdDecoder;
-use crate::pipeline::crop::crop_for_run;
-use crate::pipeline::generate::{generate_with, outpaint_canvas, GenerateParams, SdxlModel, Stage, StepProgress, IMG2IMG_STRENGTH, INPAINT_STRENGTH};
+use crate::pipeline::crop::{crop_for_run, gaussian_blur};
+use crate::pipeline::generate::{generate_with, outpaint_canvas, GenerateParams, Mask, SdxlModel, Stage, StepProgress, IMG2IMG_STRENGTH, INPAINT_STRENGTH};
 use crate::pipeline::image;
 use crate::pipeline::lora::{prompt_tags, LoraChoice};
 use crate::pipeline::prompt::{PromptEncoder, PromptOptions};
@@ -30,7 +30,7 @@ const USAGE: &str = "usage:
   sdxl generate --model DIR|FILE [--config DIR] [--refiner DIR|FILE] [--refiner-config DIR] --prompt TEXT [--negative TEXT] [--width 1024] [--height 1024]
                 [--steps 30] [--guidance 5.0] [--seed 0] [--refiner-start 0.8] --out IMAGE.png
                 [--scheduler euler|euler_a|dpmpp_2m|dpmpp_2m_karras|ddim] [--timestep-spacing leading|trailing|linspace]
-                [--init-image IMAGE.png [--strength 0.3] [--mask MASK.png [--mask-padding N] | --outpaint LEFT,TOP,RIGHT,BOTTOM [--outpaint-overlap 0]]]
+                [--init-image IMAGE.png [--strength 0.3] [--mask MASK.png [--mask-blur R] [--mask-padding N] | --outpaint LEFT,TOP,RIGHT,BOTTOM [--outpaint-overlap 0]]]
                 [--tensors-out FILE.safetensors] [--precision auto|f32|f16] [--quant f16|q8|q4]
                 [--long-prompt truncate|chunked] [--prompt-weighting off|on] [--lora FILE[:WEIGHT]]... [--lora-dir DIR] [--taesd DIR|FILE]
       Text to image as diffusers' StableDiffusionXLPipeline (classifier-free guidance when --guidance
@@ -46,7 +46,8 @@ const USAGE: &str = "usage:
       area, --outpaint-overlap pixels into the old one. --mask-padding N (diffusers' padding_mask_crop):
       inpaint only the region around the mask, padded by N and widened to --width x --height, at that
       size, then paste it back into the image (any size) through the mask as given (soft edges blend).
-      docs/inpainting.md. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
+      --mask-blur R blurs the mask first (PIL's GaussianBlur, diffusers' mask_processor.blur): soft edges
+      for the paste-back. docs/inpainting.md. --tensors-out also writes f32 `noise`, `latents` and `image`. --quant keeps
       the UNet's and text encoders' weight matrices block-quantized on the GPU (quantized as they load).
       --model / --refiner take a diffusers-layout folder (text encoders with or without
       transformers 5's missing `text_model.` prefix, sharded or not), a model pack (a folder with
@@ -165,28 +166,36 @@ async fn generate_command(args: &Args) -> Result<()> {
     let in_context = |option: &str, e: Error| Error::InvalidParameter(format!("--{option} {}: {e}", args.get(option).unwrap_or_default()));
     let init_bytes = read("init-image")?;
     let init_image = init_bytes.as_deref().map(image::decode_png).transpose().map_err(|e| in_context("init-image", e))?;
+    // The mask in grey as given, blurred as diffusers' mask_processor.blur(mask, --mask-blur).
+    let soft_mask = match read("mask")? {
+        Some(bytes) => {
+            let gray = image::decode_png_pixels(&bytes, true).map_err(|e| in_context("mask", e))?;
+            Some(match args.get("mask-blur") {
+                Some(_) => gaussian_blur(&gray, args.parsed("mask-blur", 0.0)?).map_err(|e| in_context("mask-blur", e))?,
+                None => gray,
+            })
+        }
+        None if args.get("mask-blur").is_some() => return Err(Error::InvalidParameter("--mask-blur needs --mask".into())),
+        None => None,
+    };
     // Inpainting a crop around the mask: the run's size is --width x --height (the image's by default).
-    let crop = match (args.get("mask-padding"), &init_bytes, read("mask")?) {
+    let crop = match (args.get("mask-padding"), &init_bytes, &soft_mask) {
         (None, _, _) => None,
         (Some(_), _, _) if args.get("outpaint").is_some() => return Err(Error::InvalidParameter("--mask-padding crops around --mask: leave out --outpaint".into())),
-        (Some(_), Some(image_bytes), Some(mask_bytes)) => {
+        (Some(_), Some(image_bytes), Some(soft_mask)) => {
             let original = image::decode_png_pixels(image_bytes, false).map_err(|e| in_context("init-image", e))?;
-            let mask = image::decode_png_pixels(&mask_bytes, true).map_err(|e| in_context("mask", e))?;
             let (width, height) = (args.parsed("width", original.width)?, args.parsed("height", original.height)?);
-            Some(crop_for_run(&original, &mask, width, height, args.parsed("mask-padding", 0)?)?)
+            Some(crop_for_run(&original, soft_mask, width, height, args.parsed("mask-padding", 0)?)?)
         }
         _ => return Err(Error::InvalidParameter("--mask-padding needs --init-image and --mask".into())),
     };
-    let (init_image, mask) = match (init_image, args.get("mask"), args.get("outpaint")) {
+    let (init_image, mask) = match (init_image, soft_mask, args.get("outpaint")) {
         _ if crop.is_some() => crop.as_ref().map(|c| (Some(c.image.clone()), Some(c.mask.clone()))).unwrap_or_default(),
-        (None, mask, outpaint) if mask.or(outpaint).is_some() => {
+        (None, mask, outpaint) if mask.is_some() || outpaint.is_some() => {
             return Err(Error::InvalidParameter(format!("--{} needs --init-image", if mask.is_some() { "mask" } else { "outpaint" })));
         }
         (Some(_), Some(_), Some(_)) => return Err(Error::InvalidParameter("--outpaint makes its own mask: leave out --mask".into())),
-        (Some(image), Some(path), None) => {
-            let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
-            (Some(image), Some(image::decode_mask_png(&bytes).map_err(|e| in_context("mask", e))?))
-        }
+        (Some(image), Some(gray), None) => (Some(image), Some(Mask::from_gray(gray.width, gray.height, gray.data.iter().map(|&v| v as f32 / 255.0)))),
         (Some(image), None, Some(sides)) => {
             let pad: Vec<usize> = sides.split(',').map(|v| v.trim().parse().ok()).collect::<Option<_>>().unwrap_or_default();
             let pad: [usize; 4] = pad.try_into().map_err(|_| Error::InvalidParameter(format!("--outpaint '{sides}' must be LEFT,TOP,RIGHT,BOTTOM pixel counts")))?;
@@ -587,7 +596,7 @@ async fn run(argv: &[String]) -> Result<()> {
         Some("generate") => {
             let known = [
                 "model", "config", "refiner", "refiner-config", "prompt", "negative", "width", "height", "steps", "guidance", "seed",
-                "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength", "mask", "mask-padding", "outpaint", "outpaint-overlap",
+                "refiner-start", "out", "tensors-out", "precision", "quant", "scheduler", "timestep-spacing", "init-image", "strength", "mask", "mask-padding", "mask-blur", "outpaint", "outpaint-overlap",
                 "long-prompt", "prompt-weighting", "lora", "lora-dir", "taesd",
             ];
             generate_command(&Args::parse(&argv[1..], &known)?).await

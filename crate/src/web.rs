@@ -14,7 +14,7 @@ use wasm_bindgen::prelude::*;
 use crate::bench::{self, BenchModel, BenchOptions};
 use crate::error::{Error, Result};
 use crate::pack::ModelKind;
-use crate::pipeline::crop::{crop_for_run, CropRun, Pixels};
+use crate::pipeline::crop::{crop_for_run, gaussian_blur, CropRun, Pixels};
 use crate::pipeline::generate::{generate_with, outpaint_canvas, Event, GenerateParams, InitImage, Mask, Observer, SdxlModel, Stage, IMG2IMG_STRENGTH, INPAINT_STRENGTH, MAX_SIDE};
 use crate::pipeline::image::{self, LoraRecipe};
 use crate::pipeline::lora::{prompt_tags, LoraChoice};
@@ -151,6 +151,8 @@ struct GenerateOptions {
     /// diffusers' padding_mask_crop: inpaint only the region around the mask, padded by this,
     /// at width x height, and paste it back into the image through the mask as given.
     mask_padding: Option<usize>,
+    /// diffusers' mask_processor.blur: the mask blurred by this Gaussian radius first (PIL's).
+    mask_blur: Option<f32>,
     /// What decodes the final image: "vae" (the default) or "taesd" (the loaded preview decoder:
     /// fast, approximate).
     final_decoder: Option<String>,
@@ -567,19 +569,31 @@ impl Engine {
 
     async fn run(&self, options: &str, images: &js_sys::Array, on_event: &Function, cancelled: &Function) -> Result<Object> {
         let options: GenerateOptions = parse(options, "generate options")?;
-        let (image_in, mask_in) = (Picture::from_js(&images.get(0), "image")?, Picture::from_js(&images.get(1), "mask")?);
+        let image_in = Picture::from_js(&images.get(0), "image")?;
+        // The mask in grey as given, blurred as diffusers' mask_processor.blur(mask, maskBlur).
+        let soft_mask = match Picture::from_js(&images.get(1), "mask")? {
+            Some(mask) => {
+                let gray = mask.pixels(true)?;
+                Some(match options.mask_blur {
+                    Some(radius) => gaussian_blur(&gray, radius).map_err(|e| in_context("maskBlur", e))?,
+                    None => gray,
+                })
+            }
+            None if options.mask_blur.is_some() => return Err(Error::InvalidParameter("maskBlur needs a mask".into())),
+            None => None,
+        };
         // Inpainting a crop around the mask: the run's size is width x height (the image's by default).
-        let crop = match (options.mask_padding, image_in, mask_in) {
+        let crop = match (options.mask_padding, image_in, soft_mask) {
             (Some(_), _, _) if options.outpaint.is_some() => return Err(Error::InvalidParameter("maskPadding crops around the mask: leave out outpaint".into())),
-            (Some(pad), Some(image_in), Some(mask_in)) => {
-                let (original, soft_mask) = (image_in.pixels(false)?, mask_in.pixels(true)?);
+            (Some(pad), Some(image_in), Some(soft_mask)) => {
+                let original = image_in.pixels(false)?;
                 let (width, height) = (options.width.unwrap_or(original.width), options.height.unwrap_or(original.height));
                 Some(crop_for_run(&original, &soft_mask, width, height, pad)?)
             }
             (Some(_), _, _) => return Err(Error::InvalidParameter("maskPadding needs an image and a mask".into())),
-            (None, image_in, mask_in) => {
+            (None, image_in, soft_mask) => {
                 let init_image = image_in.map(|p| p.image("image")).transpose()?;
-                let mask = mask_in.map(Picture::mask).transpose()?;
+                let mask = soft_mask.map(|g| Mask::from_gray(g.width, g.height, g.data.iter().map(|&v| v as f32 / 255.0)));
                 return self.generate_from(options, init_image, mask, None, on_event, cancelled).await;
             }
         };
@@ -734,13 +748,6 @@ impl Picture {
         .map_err(|e| in_context(what, e))
     }
 
-    fn mask(self) -> Result<Mask> {
-        match self {
-            Picture::Png(bytes) => image::decode_mask_png(&bytes),
-            Picture::Rgba { width, height, data } => image::mask_from_pixels(width, height, 4, &data),
-        }
-        .map_err(|e| in_context("mask", e))
-    }
 }
 
 fn in_context(what: &str, e: Error) -> Error {

@@ -201,8 +201,8 @@ fn tensor_reshaped() {
 
 #[test]
 fn unsupported_activation() {
-    let model = Model::with(TE2_CONFIG, json_edit(|c| c["hidden_act"] = json!("relu")));
-    assert_error!(model.load(), Error::Config { .. }, [model.path(TE2_CONFIG), "hidden_act 'relu'"]);
+    let model = Model::with(TE2_CONFIG, json_edit(|c| c["hidden_act"] = json!("mish")));
+    assert_error!(model.load(), Error::Config { .. }, [model.path(TE2_CONFIG), "hidden_act 'mish'"]);
 }
 
 // The safetensors header parser on hand-made bytes.

@@ -415,10 +415,25 @@ fn inpainting_a_crop_around_the_mask_matches_diffusers() {
     let db = psnr(&got, &inpaint_reference("crop4.euler.image", &[3, 110, 150]));
     assert!(db >= 45.0, "crop around the mask: PSNR {db:.1} dB");
     assert!(recipe.unwrap().contains("Size: 64x64, Model: tiny-sdxl-base, Denoising strength: 0.9999, Inpaint: masked, Masked area padding: 8, Version"));
+    // The same run from the sharp box and --mask-blur 4 (the fixture's mask is PIL's blur of it).
+    let sharp = dir.file("box.png");
+    let mut encoder = png::Encoder::new(std::fs::File::create(&sharp).unwrap(), 150, 110);
+    encoder.set_color(png::ColorType::Grayscale);
+    let pixels: Vec<u8> = (0..150 * 110).map(|i| if (84..110).contains(&(i % 150)) && (30..52).contains(&(i / 150)) { 255 } else { 0 }).collect();
+    encoder.write_header().unwrap().write_image_data(&pixels).unwrap();
+    let blurred = dir.file("blurred.png");
+    let run = sdxl(&[
+        "generate", "--model", TINY_BASE, "--init-image", image, "--mask", &sharp, "--mask-blur", "4", "--mask-padding", "8", "--width", "64", "--height", "64",
+        "--steps", "4", "--seed", "22", "--prompt", "a lighthouse on a cliff at dawn", "--negative", "blurry", "--precision", "f32", "--out", &blurred,
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(read_png(&blurred).2, rgb, "--mask-blur 4 of the box is the fixture's blurred mask");
     let dir2 = TempDir::new("inpaint-crop-bad");
     let out = dir2.file("x.png");
     let bad = sdxl(&["generate", "--model", TINY_BASE, "--prompt", "x", "--init-image", image, "--mask-padding", "8", "--out", &out]);
     assert_fails_with(&dir2, &bad, &["--mask-padding needs --init-image and --mask"]);
+    let bad = sdxl(&["generate", "--model", TINY_BASE, "--prompt", "x", "--init-image", image, "--mask", mask, "--mask-blur", "-3", "--out", &out]);
+    assert_fails_with(&dir2, &bad, &["--mask-blur", "radius"]);
     eprintln!("CLI crop around the mask: {db:.1} dB");
 }
 

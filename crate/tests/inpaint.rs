@@ -10,7 +10,7 @@ mod common;
 
 use common::{max_abs, psnr};
 use sdxl::pipeline::generate::{generate, outpaint_canvas, GenerateParams, InitImage, Mask, SdxlModel, INPAINT_STRENGTH};
-use sdxl::pipeline::crop::{crop_for_run, resize, Pixels};
+use sdxl::pipeline::crop::{crop_for_run, gaussian_blur, resize, Pixels};
 use sdxl::pipeline::image::{decode_mask_png, decode_png, decode_png_pixels, mask_from_pixels};
 use sdxl::quant::QuantPreset;
 use sdxl::weights::{DirSource, FileTensors, Source};
@@ -72,6 +72,8 @@ struct Cases {
     crops: Vec<Case>,
     /// (source "rgb" | "gray", width, height, box).
     resizes: Vec<(String, usize, usize, Option<[f64; 4]>)>,
+    /// PIL GaussianBlur radii, applied to the grey init image and to the mask.
+    blurs: Vec<f32>,
 }
 
 async fn load(gpu: &Gpu, dir: &str) -> SdxlModel {
@@ -149,6 +151,45 @@ fn resize_is_pils() {
             assert_eq!(got.data.len(), want.len(), "{key}: size");
             assert_eq!(off, 0, "{key}: {kind} to {width}x{height} box {area:?}: {off} bytes differ from PIL's");
         }
+    })
+}
+
+/// PIL's `GaussianBlur` (diffusers' `VaeImageProcessor.blur`, for soft mask edges), byte for byte,
+/// on a grey photo-like image and a mask, from a fraction of a pixel to wider than the image.
+#[test]
+fn blur_is_pils() {
+    pollster::block_on(async {
+        let (files, cases) = reference_tensors();
+        let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
+        let image = decode_png_pixels(&files.read("init_96x64.png").await.unwrap(), false).unwrap();
+        let gray = image.data.chunks_exact(3).map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8).collect();
+        let gray = Pixels::new(96, 64, 1, gray).unwrap();
+        let mask = decode_png_pixels(&files.read("mask_96x64.png").await.unwrap(), true).unwrap();
+        assert_eq!((mask.width, mask.height, mask.channels), (96, 64, 1));
+        assert!(!cases.blurs.is_empty());
+        let mut failures = vec![];
+        for (i, &radius) in cases.blurs.iter().enumerate() {
+            for (kind, source) in [("gray", &gray), ("mask", &mask)] {
+                let key = format!("blur.{i}.{kind}");
+                let want: Vec<u8> = refs.host(&key, &[64, 96]).await.unwrap_or_else(|_| panic!("{key} missing (rerun ref_inpaint.py)")).iter().map(|&v| v as u8).collect();
+                let got = gaussian_blur(source, radius).unwrap();
+                assert_eq!((got.width, got.height, got.channels), (96, 64, 1), "{key}: shape");
+                let off = got.data.iter().zip(&want).filter(|(a, b)| a != b).count();
+                let worst = got.data.iter().zip(&want).map(|(&a, &b)| a.abs_diff(b)).max().unwrap();
+                eprintln!("{key}: radius {radius}: {off} bytes differ from PIL's (at most by {worst})");
+                if off != 0 {
+                    failures.push(format!("{key} (radius {radius}): {off} bytes differ, at most by {worst}"));
+                }
+            }
+        }
+        // The padding-crop fixture's mask is diffusers' blur(mask, 4) of a box.
+        let blurred = decode_png_pixels(&files.read("mask_blurred_150x110.png").await.unwrap(), true).unwrap();
+        let boxed = Pixels::new(150, 110, 1, (0..150 * 110).map(|i| if (84..110).contains(&(i % 150)) && (30..52).contains(&(i / 150)) { 255 } else { 0 }).collect()).unwrap();
+        let off = gaussian_blur(&boxed, 4.0).unwrap().data.iter().zip(&blurred.data).filter(|(a, b)| a != b).count();
+        if off != 0 {
+            failures.push(format!("mask_blurred_150x110.png: {off} bytes differ"));
+        }
+        assert!(failures.is_empty(), "not PIL's GaussianBlur: {failures:#?}");
     })
 }
 

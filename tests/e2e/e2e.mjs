@@ -836,7 +836,14 @@ async function inpaintSteps(browser, url) {
     const blob = async (name) => (await fetch(`/_e2e/${name}`)).blob();
     const cropped = await sdxl.generate({ prompt: 'a lighthouse on a cliff at dawn', negativePrompt: 'blurry', steps: 4, seed: 22, guidance: 5,
       refinerStart: null, image: await blob('init_150x110.png'), mask: await blob('mask_blurred_150x110.png'), maskPadding: 8, width: 64, height: 64 });
-    const crop = { bytes: await bytes(cropped), size: [cropped.width, cropped.height], parameters: cropped.parameters };
+    // The same from the sharp box, blurred by maskBlur (the fixture's mask is PIL's blur of it, radius 4).
+    const box = new ImageData(new Uint8ClampedArray(150 * 110 * 4).map((_, i) => {
+      const [x, y] = [(i >> 2) % 150, Math.floor((i >> 2) / 150)];
+      return i % 4 === 3 || (x >= 84 && x < 110 && y >= 30 && y < 52) ? 255 : 0;
+    }), 150, 110);
+    const blurred = await sdxl.generate({ prompt: 'a lighthouse on a cliff at dawn', negativePrompt: 'blurry', steps: 4, seed: 22, guidance: 5,
+      refinerStart: null, image: await blob('init_150x110.png'), mask: box, maskBlur: 4, maskPadding: 8, width: 64, height: 64 });
+    const crop = { bytes: await bytes(cropped), size: [cropped.width, cropped.height], parameters: cropped.parameters, blurred: await bytes(blurred) };
     // The preview decoder: stored once (the page stored it too), previews at image size; a LoRA is not one.
     const decoder = await sdxl.loadPreviewDecoder({ url: './models/tiny-taesdxl/diffusion_pytorch_model.safetensors', id: 'tiny-taesdxl' });
     const previews = [];
@@ -868,6 +875,7 @@ async function inpaintSteps(browser, url) {
     '--prompt', 'a lighthouse on a cliff at dawn', '--negative', 'blurry', '--steps', '4', '--seed', '22', '--guidance', '5', '--precision', 'f32', '--out', cropPng], { stdio: 'inherit' });
   assert.deepEqual(api.crop.size, [150, 110], 'a crop run gives the whole image back');
   assert.match(api.crop.parameters, /Masked area padding: 8/);
+  assert.ok(decodePng(Buffer.from(api.crop.blurred)).rgb.equals(decodePng(Buffer.from(api.crop.bytes)).rgb), 'maskBlur 4 of the box is the fixture\'s blurred mask');
   const viaCrop = psnr(decodePng(Buffer.from(api.crop.bytes)).rgb, decodePng(readFileSync(cropPng)).rgb);
   log(`inpainting a crop around the mask: API against the CLI ${viaCrop.toFixed(1)} dB`);
   assert.ok(viaCrop >= MIN_PSNR, `crop around the mask: PSNR ${viaCrop.toFixed(1)} dB`);

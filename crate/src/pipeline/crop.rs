@@ -2,8 +2,8 @@
 //! and widened to the run's aspect ratio, is cut out of a larger image, resized to the run's size,
 //! inpainted, resized back and pasted over the original, which the (possibly soft) mask blends
 //! in. Each step is the PIL operation diffusers' image processor uses, in PIL's integer arithmetic:
-//! Lanczos resampling (Resample.c), masked paste, premultiplied-alpha conversion and alpha
-//! compositing (AlphaComposite.c).
+//! Lanczos resampling (Resample.c), Gaussian blur (BoxBlur.c), masked paste, premultiplied-alpha
+//! conversion and alpha compositing (AlphaComposite.c).
 
 use crate::error::{Error, Result};
 use crate::pipeline::generate::{InitImage, Mask, MAX_PIXELS, MAX_SIDE};
@@ -301,6 +301,131 @@ pub fn overlay(mask: &Pixels, original: &Pixels, generated: &Pixels, region: [us
     out
 }
 
+/// The largest radius [`gaussian_blur`] takes: far wider than any image, and well within the
+/// range where PIL's 32-bit fixed-point sums are exact (box radii below 2^23).
+pub const MAX_BLUR_RADIUS: f32 = 1.0e6;
+
+/// Passes of the box blur that approximate PIL's Gaussian.
+const BLUR_PASSES: usize = 3;
+
+/// PIL's `_gaussian_blur_radius(radius, 3)` (BoxBlur.c, after Gwosdek et al.): the fractional
+/// radius of the extended box filter whose 3 passes approximate a Gaussian of standard deviation
+/// `radius`, in C's mix of float and double arithmetic.
+fn box_radius(radius: f32) -> f32 {
+    let sigma2 = radius * radius / BLUR_PASSES as f32;
+    let big_l = (12.0 * sigma2 as f64 + 1.0).sqrt() as f32;
+    let l = ((big_l as f64 - 1.0) / 2.0).floor() as f32;
+    let mut a = (2.0 * l + 1.0) * (l * (l + 1.0) - 3.0 * sigma2);
+    a /= 6.0 * (sigma2 - (l + 1.0) * (l + 1.0));
+    l + a
+}
+
+/// One row of PIL's `ImagingHorizontalBoxBlur` (`ImagingLineBoxBlur8`): a box of `2 radius + 1`
+/// pixels plus the two next ones weighted by the fraction, the edge pixels repeated outwards, in
+/// 8.24 fixed point with C's wrapping `UINT32` arithmetic.
+struct LineBlur {
+    radius: usize,
+    ww: u32,
+    fw: u32,
+    edge_a: usize,
+    edge_b: usize,
+}
+
+impl LineBlur {
+    fn new(float_radius: f32, size: usize) -> LineBlur {
+        // C's (int) and (UINT32) truncate; the radius is below 2^23 here.
+        let radius = float_radius as i64;
+        let ww = (16_777_216f32 / (float_radius * 2.0 + 1.0)) as u32;
+        let fw = (1u32 << 24).wrapping_sub(((radius * 2 + 1) as u32).wrapping_mul(ww)) / 2;
+        let edge_a = (radius + 1).min(size as i64) as usize;
+        let edge_b = (size as i64 - radius - 1).max(0) as usize;
+        LineBlur { radius: radius as usize, ww, fw, edge_a, edge_b }
+    }
+
+    fn run(&self, out: &mut [u8], line: &[u8]) {
+        let LineBlur { radius, ww, fw, edge_a, edge_b } = *self;
+        let last = line.len() - 1;
+        let px = |i: usize| line[i] as u32;
+        let mut acc = px(0).wrapping_mul(radius as u32 + 1);
+        for x in 0..edge_a.saturating_sub(1) {
+            acc = acc.wrapping_add(px(x));
+        }
+        acc = acc.wrapping_add(px(last).wrapping_mul((radius + 1 - edge_a) as u32));
+        let mut step = |x: usize, subtract: usize, add: usize, left: usize, right: usize| {
+            acc = acc.wrapping_add(px(add)).wrapping_sub(px(subtract));
+            let bulk = acc.wrapping_mul(ww).wrapping_add((px(left) + px(right)).wrapping_mul(fw));
+            out[x] = (bulk.wrapping_add(1 << 23) >> 24) as u8;
+        };
+        if edge_a <= edge_b {
+            for x in 0..edge_a {
+                step(x, 0, x + radius, 0, x + radius + 1);
+            }
+            for x in edge_a..edge_b {
+                step(x, x - radius - 1, x + radius, x - radius - 1, x + radius + 1);
+            }
+            for x in edge_b..=last {
+                step(x, x - radius - 1, last, x - radius - 1, last);
+            }
+        } else {
+            for x in 0..edge_b {
+                step(x, 0, x + radius, 0, x + radius + 1);
+            }
+            for x in edge_b..edge_a {
+                step(x, 0, last, 0, last);
+            }
+            for x in edge_a..=last {
+                step(x, x - radius - 1, last, x - radius - 1, last);
+            }
+        }
+    }
+}
+
+/// 3 passes of PIL's horizontal box blur over each row of a `width`-wide plane.
+fn blur_rows(plane: &mut [u8], width: usize, float_radius: f32) {
+    let blur = LineBlur::new(float_radius, width);
+    let mut line = vec![0; width];
+    for row in plane.chunks_exact_mut(width) {
+        for _ in 0..BLUR_PASSES {
+            blur.run(&mut line, row);
+            row.copy_from_slice(&line);
+        }
+    }
+}
+
+fn transpose(plane: &[u8], width: usize, height: usize) -> Vec<u8> {
+    (0..width * height).map(|i| plane[(i % height) * width + i / height]).collect()
+}
+
+/// PIL's `filter(ImageFilter.GaussianBlur(radius))` (what diffusers' `VaeImageProcessor.blur`
+/// does to masks), byte for byte with Pillow 13.0 (BoxBlur.c): 3 passes of an extended box
+/// filter along the rows, then 3 along the columns, each rounded to 8 bits; each channel on its
+/// own. Radius 0 returns the image; a radius must be finite, 0 to [`MAX_BLUR_RADIUS`] (PIL
+/// takes a negative one as its absolute value).
+pub fn gaussian_blur(image: &Pixels, radius: f32) -> Result<Pixels> {
+    if !(0.0..=MAX_BLUR_RADIUS).contains(&radius) {
+        return Err(Error::InvalidParameter(format!("a blur radius of {radius}: radii are 0 to {MAX_BLUR_RADIUS}")));
+    }
+    let (w, h, c) = (image.width, image.height, image.channels);
+    if image.data.len() != w * h * c {
+        return Err(Error::InvalidParameter(format!("{} bytes for a {w}x{h} image of {c} channels", image.data.len())));
+    }
+    let box_radius = box_radius(radius);
+    if box_radius == 0.0 || image.data.is_empty() {
+        return Ok(image.clone());
+    }
+    let mut out = image.clone();
+    for ch in 0..c {
+        let mut plane: Vec<u8> = image.data.iter().skip(ch).step_by(c).copied().collect();
+        blur_rows(&mut plane, w, box_radius);
+        let mut columns = transpose(&plane, w, h);
+        blur_rows(&mut columns, h, box_radius);
+        for (o, v) in out.data.iter_mut().skip(ch).step_by(c).zip(transpose(&columns, h, w)) {
+            *o = v;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +451,39 @@ mod tests {
         assert!(resize_whole(&flat, 5, 11).data.iter().all(|&v| v == 77));
         let ramp = gray(9, 9, |x, y| (x * 20 + y) as u8);
         assert_eq!(resize_whole(&ramp, 9, 9), ramp);
+    }
+
+    #[test]
+    fn gaussian_blur_keeps_identity_and_constants() {
+        let ramp = gray(11, 7, |x, y| (x * 23 + y * 5) as u8);
+        assert_eq!(gaussian_blur(&ramp, 0.0).unwrap(), ramp);
+        assert_eq!(gaussian_blur(&ramp, -0.0).unwrap(), ramp);
+        for radius in [0.3, 1.5, 4.0, 33.0, 5000.0, MAX_BLUR_RADIUS] {
+            let flat = gray(13, 6, |_, _| 201);
+            assert_eq!(gaussian_blur(&flat, radius).unwrap(), flat, "radius {radius}");
+            let rgb = Pixels::new(5, 9, 3, (0..5 * 9).flat_map(|_| [0, 128, 255]).collect()).unwrap();
+            assert_eq!(gaussian_blur(&rgb, radius).unwrap(), rgb, "radius {radius}");
+        }
+        // A blur spreads a dot; a 1x1 image keeps its pixel.
+        let dot = gray(9, 9, |x, y| if (x, y) == (4, 4) { 255 } else { 0 });
+        let blurred = gaussian_blur(&dot, 1.0).unwrap();
+        assert!(blurred.data[4 * 9 + 4] < 255 && blurred.data[4 * 9 + 3] > 0 && blurred.data[3 * 9 + 4] > 0);
+        assert_eq!(gaussian_blur(&gray(1, 1, |_, _| 9), 2.0).unwrap().data, [9]);
+        // RGB: each channel as its grey image.
+        let rgb = Pixels::new(9, 9, 3, dot.data.iter().flat_map(|&v| [v, 255 - v, v / 2]).collect()).unwrap();
+        let out = gaussian_blur(&rgb, 2.5).unwrap();
+        for (ch, f) in [|v: u8| v, |v: u8| 255 - v, |v: u8| v / 2].iter().enumerate() {
+            let plane = Pixels::new(9, 9, 1, dot.data.iter().map(|&v| f(v)).collect()).unwrap();
+            let want = gaussian_blur(&plane, 2.5).unwrap().data;
+            assert_eq!(out.data.iter().skip(ch).step_by(3).copied().collect::<Vec<_>>(), want);
+        }
+    }
+
+    #[test]
+    fn gaussian_blur_refuses_bad_radii() {
+        let image = gray(4, 4, |x, _| x as u8);
+        for radius in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1.0, -1e-9, 1.01e6, f32::MAX] {
+            assert!(matches!(gaussian_blur(&image, radius), Err(Error::InvalidParameter(_))), "radius {radius}");
+        }
     }
 }
