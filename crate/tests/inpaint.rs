@@ -131,15 +131,21 @@ fn reference_tensors() -> (DirSource, Cases) {
     (files, cases)
 }
 
+/// init_96x64.png as RGB and as PIL's grey (`convert("L")`).
+async fn init_rgb_and_gray(files: &DirSource) -> (Pixels, Pixels) {
+    let image = decode_png_pixels(&files.read("init_96x64.png").await.unwrap(), false).unwrap();
+    let gray = image.data.chunks_exact(3).map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8).collect();
+    let gray = Pixels::new(96, 64, 1, gray).unwrap();
+    (image, gray)
+}
+
 /// PIL's Lanczos resize (what diffusers' image processor crops and pastes with), byte for byte.
 #[test]
 fn resize_is_pils() {
     pollster::block_on(async {
         let (files, cases) = reference_tensors();
         let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
-        let image = decode_png_pixels(&files.read("init_96x64.png").await.unwrap(), false).unwrap();
-        let gray = image.data.chunks_exact(3).map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8).collect();
-        let gray = Pixels::new(96, 64, 1, gray).unwrap();
+        let (image, gray) = init_rgb_and_gray(&files).await;
         for (i, (kind, width, height, area)) in cases.resizes.iter().enumerate() {
             let source = if kind == "gray" { &gray } else { &image };
             let area = area.unwrap_or([0.0, 0.0, 96.0, 64.0]);
@@ -161,9 +167,7 @@ fn blur_is_pils() {
     pollster::block_on(async {
         let (files, cases) = reference_tensors();
         let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
-        let image = decode_png_pixels(&files.read("init_96x64.png").await.unwrap(), false).unwrap();
-        let gray = image.data.chunks_exact(3).map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8).collect();
-        let gray = Pixels::new(96, 64, 1, gray).unwrap();
+        let (_, gray) = init_rgb_and_gray(&files).await;
         let mask = decode_png_pixels(&files.read("mask_96x64.png").await.unwrap(), true).unwrap();
         assert_eq!((mask.width, mask.height, mask.channels), (96, 64, 1));
         assert!(!cases.blurs.is_empty());
