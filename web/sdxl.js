@@ -44,36 +44,25 @@ const shown = (value) => {
 };
 
 /** Rejects option names the call does not know (a typo would otherwise silently use a default). */
-const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+const isA = (value, type) => type in globalThis && value instanceof globalThis[type];
 
 /**
- * An image option as the engine takes it: a PNG file's bytes (decoded in the engine as the CLI
- * decodes its files), or RGBA pixels {data, width, height}, drawn unconverted (no colour
- * management, no premultiplied alpha) for any other image; null when not given.
+ * An image option as it crosses to the worker, converted now so that calls reach the worker in
+ * the order they were made: a Blob, an ImageBitmap or an ImageData as it is (the worker decodes
+ * them), a canvas or a loaded <img> drawn into an ImageData; null when not given.
  */
-async function pixels(value, name) {
+function imageArg(value, name) {
   if (value === undefined || value === null) return null;
-  if (value instanceof Blob) {
-    const bytes = new Uint8Array(await value.arrayBuffer());
-    if (PNG_SIGNATURE.every((b, i) => bytes[i] === b)) return bytes;
-    try {
-      value = await createImageBitmap(value, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
-    } catch (e) {
-      throw invalid(`${name}: the file is not an image this browser decodes (${e.message})`);
-    }
+  if (value instanceof Blob || isA(value, 'ImageBitmap') || isA(value, 'ImageData')) return value;
+  if (!['HTMLCanvasElement', 'OffscreenCanvas', 'HTMLImageElement'].some((type) => isA(value, type))) {
+    throw invalid(`${name} must be a Blob, ImageBitmap, ImageData, canvas or <img>, not ${shown(value)}`);
   }
-  if (typeof ImageData !== 'undefined' && value instanceof ImageData) {
-    return { data: new Uint8Array(value.data.buffer.slice(value.data.byteOffset, value.data.byteOffset + value.data.byteLength)), width: value.width, height: value.height };
-  }
-  const drawable = ['ImageBitmap', 'HTMLCanvasElement', 'OffscreenCanvas', 'HTMLImageElement'].some((type) => type in globalThis && value instanceof globalThis[type]);
-  if (!drawable) throw invalid(`${name} must be a Blob, ImageBitmap, ImageData, canvas or <img>, not ${shown(value)}`);
   const width = value.naturalWidth ?? value.width;
   const height = value.naturalHeight ?? value.height;
   if (!(width > 0 && height > 0)) throw invalid(`${name} is empty (${width}x${height}; an <img> must have loaded)`);
-  const context = new OffscreenCanvas(width, height).getContext('2d', { colorSpace: 'srgb' });
+  const context = new OffscreenCanvas(width, height).getContext('2d');
   context.drawImage(value, 0, 0);
-  const data = context.getImageData(0, 0, width, height).data;
-  return { data: new Uint8Array(data.buffer), width, height };
+  return context.getImageData(0, 0, width, height);
 }
 
 function checkOptions(what, options, known) {
@@ -91,12 +80,12 @@ function checkHooks(what, { signal, ...callbacks }) {
 
 /**
  * Where `value` holds something the worker cannot be sent, as "PATH is a WHAT", or null. Options
- * cross as JSON (strings, numbers, booleans, null, arrays, plain objects), picked files as Blobs,
- * images as bytes (Uint8Array);
+ * cross as JSON (strings, numbers, booleans, null, arrays, plain objects), picked files and
+ * images as Blobs, ImageBitmaps or ImageData;
  * a function, a symbol, a DOM node or a class instance would fail to clone or turn into `{}`.
  */
 function unsendable(value, path) {
-  if (value === null || value === undefined || ['string', 'number', 'boolean'].includes(typeof value) || value instanceof Blob || value instanceof Uint8Array) return null;
+  if (value === null || value === undefined || ['string', 'number', 'boolean'].includes(typeof value) || value instanceof Blob || isA(value, 'ImageBitmap') || isA(value, 'ImageData')) return null;
   const prototype = typeof value === 'object' ? Object.getPrototypeOf(value) : undefined;
   if (!Array.isArray(value) && prototype !== Object.prototype && prototype !== null) {
     const what = typeof value === 'object' ? `a ${value.constructor?.name ?? 'object'}` : typeof value === 'bigint' ? 'a BigInt' : `a ${typeof value}`;
@@ -354,7 +343,7 @@ export class Sdxl {
     const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt,
       promptWeighting, loras, strength, outpaint, outpaintOverlap, maskPadding, maskBlur, finalDecoder,
       preview: Boolean(onStep) };
-    const images = [await pixels(image, 'image'), await pixels(mask, 'mask')];
+    const images = [imageArg(image, 'image'), imageArg(mask, 'mask')];
     const out = await this.#call('generate', [request, images], { onEvent, signal, cancel: true });
     const blob = new Blob([out.png], { type: 'image/png' });
     const bitmap = await createImageBitmap(blob);

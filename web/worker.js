@@ -21,8 +21,9 @@ const methods = {
   async load(id, options, files) {
     await engine.load(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) }));
   },
-  async generate(id, options, images) {
+  async generate(id, options, [image, mask]) {
     const onEvent = (event, preview) => post({ id, event: JSON.parse(event), preview }, preview ? [preview.buffer] : []);
+    const images = [await pixels(image, 'image'), await pixels(mask, 'mask')];
     const out = await engine.generate(JSON.stringify(options), images, onEvent, () => cancelled.has(id));
     return { result: out, transfer: [out.png.buffer] };
   },
@@ -47,6 +48,30 @@ const methods = {
 };
 
 function post(message, transfer = []) { self.postMessage(message, transfer); }
+
+const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+
+/**
+ * An image of generate() as the engine takes it: a PNG file's bytes (decoded in the engine as the
+ * CLI decodes its files), or RGBA pixels {data, width, height} (an ImageData; other images drawn
+ * unconverted: no colour management, no premultiplied alpha); null when not given.
+ */
+async function pixels(value, name) {
+  if (value === null) return null;
+  if (value instanceof Blob) {
+    const bytes = new Uint8Array(await value.arrayBuffer());
+    if (PNG_SIGNATURE.every((b, i) => bytes[i] === b)) return bytes;
+    try {
+      value = await createImageBitmap(value, { colorSpaceConversion: 'none', premultiplyAlpha: 'none' });
+    } catch (e) {
+      throw Object.assign(new Error(`${name}: the file is not an image this browser decodes (${e.message})`), { name: 'InvalidParameter' });
+    }
+  }
+  if (value instanceof ImageData) return value;
+  const context = new OffscreenCanvas(value.width, value.height).getContext('2d');
+  context.drawImage(value, 0, 0);
+  return context.getImageData(0, 0, value.width, value.height);
+}
 
 async function handle({ id, method, args }) {
   current = id;
