@@ -272,6 +272,9 @@ impl TaesdDecoder {
     }
 }
 
+/// The largest latent → image upscale a decoder may have (SDXL's VAE: 8).
+const MAX_UPSCALE: usize = 64;
+
 fn check_config(c: &TaesdConfig) -> std::result::Result<(), String> {
     let (widths, counts) = (&c.decoder_block_out_channels, &c.num_decoder_blocks);
     if widths.is_empty() || widths.len() != counts.len() {
@@ -289,6 +292,12 @@ fn check_config(c: &TaesdConfig) -> std::result::Result<(), String> {
     }
     if c.latent_channels == 0 || c.out_channels == 0 || c.upsampling_scaling_factor == 0 {
         return Err("latent_channels, out_channels and upsampling_scaling_factor must be positive".into());
+    }
+    // The total upscale sizes every level's activations: a config (or a file whose config is
+    // read off its tensors) claiming hundreds of levels would overflow it. taesdxl's is 8.
+    let levels = u32::try_from(counts.len() - 1).unwrap_or(u32::MAX);
+    if c.upsampling_scaling_factor.checked_pow(levels).is_none_or(|up| up > MAX_UPSCALE) {
+        return Err(format!("{} levels upsampling by {} each exceed {MAX_UPSCALE}x (taesdxl: 8x)", counts.len(), c.upsampling_scaling_factor));
     }
     if !(c.scaling_factor.is_finite() && c.scaling_factor != 0.0) {
         return Err(format!("scaling_factor {} must be finite and non-zero", c.scaling_factor));
@@ -324,5 +333,9 @@ mod tests {
         assert!(with(&|c| c.upsample_fn = "bilinear".into()).contains("upsample_fn"));
         assert!(with(&|c| c.shift_factor = Some(0.1159)).contains("shift_factor"));
         assert!(with(&|c| c.scaling_factor = 0.0).contains("scaling_factor"));
+        // Upscales that overflow, or are past any VAE's: refused before any level is built.
+        let many = |c: &mut TaesdConfig| (c.decoder_block_out_channels, c.num_decoder_blocks) = (vec![64; 500], vec![1; 500]);
+        assert!(with(&many).contains("500 levels upsampling by 2"));
+        assert!(with(&|c| c.upsampling_scaling_factor = 9).contains("exceed 64x"));
     }
 }
