@@ -1,15 +1,10 @@
 // Pointwise functions: activations, an affine map with clamp, and a tanh soft clamp.
 
-struct Params { n: u32, op: u32, _p0: u32, _p1: u32, scale: f32, shift: f32, lo: f32, hi: f32 }
+// Params and OP_*: generated from crate/src/ops.rs (ActivationParams, Activation).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<T>;
 @group(0) @binding(2) var<storage, read_write> y: array<T>;
-
-const OP_SILU: u32 = 0u;
-const OP_GELU: u32 = 1u;
-const OP_QUICK_GELU: u32 = 2u;
-const OP_RELU: u32 = 3u;
 
 fn activate(v: f32, op: u32) -> f32 {
     switch op {

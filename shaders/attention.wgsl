@@ -10,7 +10,7 @@
 // `rescale(f)`, `accumulate(pj, row)` (o += pj · value row `row`), `store_output(base, l)`, and
 // `attend_chunk(row0, key0, qi)`, the online-softmax update over keys key0 .. key0 + CH.
 
-struct Params { lq: u32, lk: u32, heads: u32, width: u32, causal: u32, scale: f32, _p0: u32, _p1: u32 }
+// Params: generated from crate/src/ops.rs (AttentionParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<T>;

@@ -2,7 +2,7 @@
 // `peak_fma` runs independent vec4 multiply-add chains in registers (f32 arithmetic peak, the type
 // every kernel accumulates in), `copy` streams vec4s through memory (bandwidth peak).
 
-struct Params { n: u32, iterations: u32, _p0: u32, _p1: u32 }
+// Params: generated from crate/src/bench.rs (BenchParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<vec4<f32>>;

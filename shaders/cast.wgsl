@@ -2,7 +2,7 @@
 // converts its inputs and outputs at its boundary. Specialised with T = f16; the defines set SRC
 // and DST to T and f32 in the direction wanted.
 
-struct Params { n: u32, _p0: u32, _p1: u32, _p2: u32 }
+// Params: generated from crate/src/ops.rs (CastParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<SRC>;

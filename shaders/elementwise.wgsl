@@ -2,15 +2,12 @@
 // need: out[i] = a[i] op b[(i / b_inner) % b_len] (same shape: inner 1, len n; bias over the last
 // dim: inner 1, len C; per-channel over NCHW: inner HW, len C; per-sample-channel: inner HW, len B*C).
 
-struct Params { n: u32, op: u32, b_inner: u32, b_len: u32, alpha: f32, beta: f32, a_width: u32, b_width: u32 }
+// Params and OP_*: generated from crate/src/ops.rs (ElementwiseParams, BinaryOp).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<T>;
 @group(0) @binding(2) var<storage, read> b: array<T>;
 @group(0) @binding(3) var<storage, read_write> y: array<T>;
-
-const OP_ADD: u32 = 0u;
-const OP_MUL: u32 = 1u;
 
 @compute @workgroup_size(256)
 fn binary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

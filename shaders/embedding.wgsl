@@ -1,7 +1,7 @@
 // Embedding lookup: y[i, :] = table[ids[i] - row0, :] for the ids that fall in this table chunk (tables larger
 // than one binding are split into chunks of rows and gathered chunk by chunk).
 
-struct Params { n: u32, dim: u32, row0: u32, rows: u32 }
+// Params: generated from crate/src/ops.rs (EmbeddingParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> ids: array<u32>;

@@ -2,7 +2,7 @@
 // models (crate/src/weights/random.rs) and inputs for the kernel benchmarks. Values come from a
 // counter-based hash of (seed, index), so they need no state and any range can be regenerated.
 
-struct Params { n: u32, seed: u32, center: f32, scale: f32, constant: u32, use_constant: u32, _p0: u32, _p1: u32 }
+// Params: generated from crate/src/ops.rs (FillParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> values: array<T>;

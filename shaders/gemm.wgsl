@@ -15,12 +15,8 @@
 // The addend (`bias`) is a vector over output rows / channels, or (ADD_FULL) a whole tensor shaped
 // as the output before GEGLU: a LoRA's low-rank term computed beforehand (crate/src/adapt.rs).
 
-struct Params {
-    m: u32, n: u32, k: u32, blocks: u32, // GEMM rows, cols, depth; weight blocks of 32 per row
-    format: u32, addend: u32, geglu: u32, _p0: u32, // format: FORMAT_*; addend: ADD_*
-    cin: u32, h: u32, w: u32, ow: u32, // conv2d only
-    ksize: u32, stride: u32, pad_y: u32, pad_x: u32, // pad_y rows above, pad_x columns left
-}
+// Params, FORMAT_* and ADD_*: generated from crate/src/ops_gemm.rs (GemmParams, WeightFormat,
+// AddendKind).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<T>;
@@ -28,21 +24,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read> wscale: array<u32>; // block parameters (unused dense)
 @group(0) @binding(4) var<storage, read_write> out: array<T>;
 @group(0) @binding(5) var<storage, read> bias: array<T>; // the addend
-
-const ADD_NONE: u32 = 0u;
-const ADD_BIAS: u32 = 1u;
-const ADD_FULL: u32 = 2u;
-
-const FORMAT_Q8_0: u32 = 0u;
-const FORMAT_Q4_1: u32 = 1u;
-const FORMAT_Q4_0: u32 = 2u;
-const FORMAT_F16: u32 = 3u;
-const FORMAT_F32: u32 = 4u;
-const FORMAT_Q2_K: u32 = 5u;
-const FORMAT_Q3_K: u32 = 6u;
-const FORMAT_Q4_K: u32 = 7u;
-const FORMAT_Q5_K: u32 = 8u;
-const FORMAT_Q6_K: u32 = 9u;
 
 const BM: u32 = 16u * RM;
 const BN: u32 = 16u * RN;

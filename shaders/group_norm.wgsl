@@ -9,12 +9,7 @@
 // statistics of each tile's own region into slots of one accumulator per layer and normalises
 // every tile with the merged whole-image statistics (crate/src/models/vae.rs). f32 throughout.
 
-struct Params {
-    groups: u32, channels: u32, h: u32, w: u32,
-    y0: u32, y1: u32, x0: u32, x1: u32,
-    chunks: u32, stride: u32, slot0: u32, silu: u32,
-    eps: f32, _p0: u32, _p1: u32, _p2: u32,
-}
+// Params: generated from crate/src/ops.rs (GroupNormParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<T>;

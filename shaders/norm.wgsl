@@ -1,7 +1,7 @@
 // Layer norm of x [rows, cols] over cols, one workgroup per row, two passes (mean, then centred
 // variance) in f32. (GroupNorm: group_norm.wgsl.)
 
-struct Params { rows: u32, cols: u32, eps: f32, _p0: u32 }
+// Params: generated from crate/src/ops.rs (NormParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<T>;

@@ -1,7 +1,7 @@
 // Resampling and layout moves: nearest-neighbour resizing of x [planes, h, w] -> y [planes, oh, ow]
 // with torch's index rule (F.interpolate(mode="nearest")), and the swap of the last two axes.
 
-struct Params { n: u32, h: u32, w: u32, oh: u32, ow: u32, scale_y: f32, scale_x: f32, _pad: u32 }
+// Params: generated from crate/src/ops.rs (ResampleParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<T>;

@@ -1,7 +1,7 @@
 // In-place row softmax of scale · x over x [rows, cols], one workgroup per row: the middle step of
 // attention computed in chunks of queries (heads too wide for the flash kernel's registers).
 
-struct Params { rows: u32, cols: u32, scale: f32, _p0: u32 }
+// Params: generated from crate/src/ops.rs (SoftmaxParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> x: array<T>;

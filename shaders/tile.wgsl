@@ -5,11 +5,7 @@
 // over columns), so the rows nearest its edge, which saw zero padding instead of their
 // neighbours, are not used at all.
 
-struct Params {
-    n: u32, h: u32, w: u32, th: u32,
-    tw: u32, y0: u32, x0: u32, skip_y: u32,
-    ramp_y: u32, skip_x: u32, ramp_x: u32, _p0: u32,
-}
+// Params: generated from crate/src/ops.rs (TileParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<T>;

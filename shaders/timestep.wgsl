@@ -1,6 +1,6 @@
 // Sinusoidal timestep embedding, as diffusers' get_timestep_embedding: t [n] (f32) -> y [n, dim].
 
-struct Params { n: u32, dim: u32, flip: u32, shift: f32, log_period: f32, scale: f32, _p0: u32, _p1: u32 }
+// Params: generated from crate/src/ops.rs (TimestepParams).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> t: array<f32>;

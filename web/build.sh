@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the engine for the browser into web/pkg/ (sdxl.js, sdxl_bg.wasm, snippets/): what
-# web/worker.js imports. Needs the wasm32 target and wasm-bindgen-cli (.ci/run installs both).
+# Builds the engine for the browser into web/pkg/ (sdxl.js, sdxl_bg.wasm): what
+# web/worker.js imports. Needs the wasm32 target and wasm-bindgen-cli (tests/install.sh installs both).
 # Run it again after editing web/: the service worker serves the files of the build it was made for.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,377 @@
 // Type declarations for sdxl.js, the JS API of Stable Diffusion XL on WebGPU.
 
+// <generated> from crate/src/app/types.rs by crate/tests/typescript.rs: edit those, not this.
 export type Quant = 'f16' | 'q8' | 'q4';
+
+export type Scheduler = 'euler' | 'euler_a' | 'dpmpp_2m' | 'dpmpp_2m_karras' | 'ddim';
+
+export type TimestepSpacing = 'leading' | 'trailing' | 'linspace';
+
+export type Stage = "base" | "refiner";
+
+/**
+ * The options of a generation (the JS API's `generate()` takes these with its images and callbacks).
+ */
+export interface GenerateRequest {
+    prompt: string;
+    negativePrompt?: string;
+    /**
+     * Multiples of 8 (default 1024; with an image, the image's).
+     */
+    width?: number;
+    height?: number;
+    /**
+     * Default 30.
+     */
+    steps?: number;
+    /**
+     * Classifier-free guidance scale (default 5; at most 1 skips the unconditional pass).
+     */
+    guidance?: number;
+    /**
+     * Default: random (reported in the result).
+     */
+    seed?: number;
+    /**
+     * Fraction of the schedule after which the refiner takes over (default 0.8 when one is loaded); null: base only.
+     */
+    refinerStart?: number | null;
+    /**
+     * The sampler (default: the model's scheduler_config.json; few-step Turbo/Lightning models name theirs).
+     */
+    scheduler?: Scheduler | null;
+    /**
+     * How the steps spread over the noise levels (default: the model's config; few-step models use 'trailing').
+     */
+    timestepSpacing?: TimestepSpacing | null;
+    /**
+     * Encode prompts past 75 tokens in windows of 75 (lpw_stable_diffusion_xl); default false: truncated as diffusers.
+     */
+    longPrompt?: boolean;
+    /**
+     * Read A1111 weights `(word:1.2)`, `(word)`, `[word]` (lpw_stable_diffusion_xl) and `<lora:ID:WEIGHT>` tags naming stored LoRAs; default false: brackets are text.
+     */
+    promptWeighting?: boolean;
+    /**
+     * Stored LoRAs (see storeLora) applied to the base, each at its weight (negative subtracts; 0 leaves it out).
+     */
+    loras?: LoraWeight[];
+    /**
+     * How much of the schedule img2img and inpainting run, in (0, 1]: default 0.9999 with a mask or outpaint, 0.3 without.
+     */
+    strength?: number;
+    /**
+     * Outpainting: pixels added [left, top, right, bottom] around `image` (edges repeated), then inpainted; the new size must stay a multiple of 8.
+     */
+    outpaint?: [number, number, number, number];
+    /**
+     * Outpainting: how many pixels into the image the repainted area reaches (default 0).
+     */
+    outpaintOverlap?: number;
+    /**
+     * diffusers' padding_mask_crop: inpaint only the region around the mask, padded by this many pixels, at width × height (default the image's), then paste it back into the image (any size) through the mask as given, soft edges blending.
+     */
+    maskPadding?: number;
+    /**
+     * diffusers' mask_processor.blur: blur the mask first by this Gaussian radius (PIL's), softening the paste-back of maskPadding runs.
+     */
+    maskBlur?: number;
+    /**
+     * What decodes the final image: 'vae' (default) or 'taesd', the loaded preview decoder (fast, approximate; needs loadPreviewDecoder()).
+     */
+    finalDecoder?: FinalDecoder;
+}
+
+/**
+ * A LoRA of a generation at its weight.
+ */
+export interface LoraWeight {
+    /**
+     * The stored LoRA's id (the CLI: its file).
+     */
+    model: string;
+    weight: number;
+}
+
+export type FinalDecoder = "vae" | "taesd";
+
+/**
+ * Options of the engine's creation.
+ */
+export interface CreateRequest {
+    /**
+     * 'auto' uses f16 where the adapter has shader-f16 (default).
+     */
+    precision?: 'auto' | 'f16' | 'f32';
+    /**
+     * The IndexedDB database for models (default 'sdxl-models'; LoRAs and preview decoders in the ones named this + '-loras' / '-decoders').
+     */
+    storeName?: string;
+}
+
+/**
+ * A model (or LoRA, or preview decoder) as the engine gets it: its store id, and where it comes
+ * from when it is not stored: a URL (a pack, a diffusers folder, a single .safetensors / .gguf)
+ * or, with `file` (its name), the picked File passed beside the options.
+ */
+export interface ModelSpec {
+    id: string;
+    url?: string;
+    /**
+     * The picked file's name.
+     */
+    file?: string;
+}
+
+/**
+ * The models to load.
+ */
+export interface LoadRequest {
+    base: ModelSpec;
+    refiner?: ModelSpec;
+    quant: Quant;
+}
+
+/**
+ * A part of `sdxl bench`.
+ */
+export type BenchPart = "kernels" | "unet" | "vae";
+
+/**
+ * What `sdxl bench` measures.
+ */
+export interface BenchRequest {
+    /**
+     * Square image sizes, multiples of 8 (default [512, 1024]); the kernels use the largest.
+     */
+    sizes?: number[];
+    /**
+     * Weight formats of the UNet steps (default all).
+     */
+    quants?: Quant[];
+    /**
+     * LoRA ranks whose per-step cost is measured on the UNet (default [32, 128]; [] for none).
+     */
+    loras?: number[];
+    /**
+     * Which parts to run (default all).
+     */
+    only?: BenchPart[];
+    /**
+     * The model's name, and its unet/config.json and vae/config.json texts (default: SDXL 1.0 base).
+     */
+    model?: string;
+    unetConfig?: string;
+    vaeConfig?: string;
+}
+
+/**
+ * Bytes moving: a download into the store (a folder or single file converted as it streams), an
+ * import of a picked file, checksum checks of what is stored, an upload to the GPU.
+ */
+export interface Transfer {
+    /**
+     * The model's (or LoRA's) store id.
+     */
+    model: string;
+    loaded: number;
+    total: number;
+    detail?: string;
+}
+
+/**
+ * A step of a generation.
+ */
+export interface StepProgressEvent {
+    stage: Stage;
+    /**
+     * 1-based step within the stage.
+     */
+    step: number;
+    steps: number;
+    /**
+     * The preview's size, when the step carries one.
+     */
+    previewWidth?: number;
+    previewHeight?: number;
+    /**
+     * 'taesd' when the preview decoder made the preview.
+     */
+    previewDecoder?: 'taesd';
+}
+
+/**
+ * What the engine reports while it works.
+ */
+export type EngineEvent = ({ type: "download" } & Transfer) | ({ type: "import" } & Transfer) | ({ type: "verify" } & Transfer) | ({ type: "upload" } & Transfer) | { type: "encode"; stage: Stage } | ({ type: "step" } & StepProgressEvent) | { type: "decode" } | { type: "bench"; what: string };
+
+/**
+ * Milliseconds per phase; each stage's time includes its prompt encoding.
+ */
+export interface Timings {
+    base?: number;
+    refiner?: number;
+    decode?: number;
+    total: number;
+}
+
+/**
+ * A generated image as the engine returns it.
+ */
+export interface GenerateOutput {
+    /**
+     * PNG with the recipe in its `parameters` text chunk (AUTOMATIC1111 format).
+     */
+    png: Uint8Array;
+    parameters: string;
+    seed: number;
+    width: number;
+    height: number;
+    timings: Timings;
+}
+
+/**
+ * The GPU adapter the engine runs on.
+ */
+export interface AdapterInfo {
+    adapter: string;
+    precision: 'f16' | 'f32';
+    shaderF16: boolean;
+    maxBufferBytes: number;
+}
+
+export type ModelKind = "sdxl-base" | "sdxl-refiner";
+
+/**
+ * A model in the store, complete or not (the JS API lists these).
+ */
+export interface StoredModel {
+    id: string;
+    url: string | null;
+    quant: string | null;
+    model: ModelKind | null;
+    /**
+     * Bytes of the records stored.
+     */
+    storedBytes: number;
+    /**
+     * Bytes of the complete model (for an unfinished conversion: the planned size).
+     */
+    totalBytes: number | null;
+    complete: boolean;
+}
+
+/**
+ * A LoRA in the store (the JS API lists these).
+ */
+export interface StoredLora {
+    id: string;
+    /**
+     * The file's name.
+     */
+    file: string | null;
+    /**
+     * Where it came from: its URL, or a picked file's name, size and date.
+     */
+    origin: string | null;
+    storedBytes: number;
+    /**
+     * AUTOMATIC1111's short hash (the PNG recipe's `Lora hashes`).
+     */
+    hash: string | null;
+    /**
+     * False for a store that was interrupted (store it again, or delete it).
+     */
+    complete: boolean;
+}
+
+export interface Peak {
+    /**
+     * f32 multiply-adds in registers, GFLOP/s.
+     */
+    gflops: number;
+    /**
+     * Device-memory copy, GB/s (bytes read plus written).
+     */
+    gbps: number;
+}
+
+export interface KernelResult {
+    kernel: string;
+    shape: string;
+    /**
+     * Weight format (linear and conv), else "-".
+     */
+    weights: string;
+    ms: number;
+    /**
+     * Useful GFLOP/s (compute-bound kernels) or GB/s (memory-bound ones).
+     */
+    rate: number;
+    unit: string;
+    /**
+     * `rate` as a share of the measured peak, in percent.
+     */
+    percentOfPeak: number;
+}
+
+export interface UnetResult {
+    size: number;
+    quant: string;
+    /**
+     * The rank of a LoRA on every transformer Linear (kohya's default targets), run beside the
+     * weights; None: the base alone.
+     */
+    loraRank: number | null;
+    /**
+     * One UNet evaluation with classifier-free guidance (batch 2).
+     */
+    secondsPerStep: number;
+    tflops: number;
+    /**
+     * GPU memory of the weights, and the peak of everything during the steps.
+     */
+    weightBytes: number;
+    peakBytes: number;
+}
+
+export interface VaeResult {
+    size: number;
+    tiled: boolean;
+    seconds: number;
+    peakBytes: number;
+}
+
+/**
+ * One TAESD-XL preview decode ([`TaesdDecoder::decode`] of a [1, 4, size/8, size/8] latent with
+ * taesdxl's shapes, [`TaesdConfig::default`]): the cost of one live preview per denoising step.
+ */
+export interface TaesdResult {
+    size: number;
+    seconds: number;
+    peakBytes: number;
+}
+
+/**
+ * A measurement that could not run (e.g. a buffer over this adapter's limits).
+ */
+export interface Skipped {
+    what: string;
+    error: string;
+}
+
+export interface BenchReport {
+    adapter: string;
+    dtype: string;
+    model: string;
+    peak: Peak;
+    kernels: KernelResult[];
+    unet: UnetResult[];
+    vae: VaeResult[];
+    taesd: TaesdResult[];
+    skipped: Skipped[];
+}
+// </generated>
 
 /**
  * A hub repository ("owner/name", or "owner/name/file.gguf" for one file of it), a URL (of a pack, a
@@ -19,8 +390,6 @@ export class SdxlError extends Error {
   name: ErrorName;
 }
 
-export type Stage = 'base' | 'refiner';
-
 interface Timed {
   /** Share done, 0..1. */
   fraction: number;
@@ -29,49 +398,24 @@ interface Timed {
 }
 
 /** Download into IndexedDB (a folder or single file is converted as it streams), import of a picked file, checksum checks of what is stored, upload to the GPU. */
-export interface TransferEvent extends Timed {
-  type: 'download' | 'import' | 'verify' | 'upload';
-  /** The model's (or LoRA's) store id. */
-  model: string;
-  loaded: number;
-  total: number;
-  detail?: string;
-}
+export type TransferEvent = Extract<EngineEvent, { type: 'download' | 'import' | 'verify' | 'upload' }> & Timed;
 
-export interface EncodeEvent { type: 'encode'; stage: Stage }
+export type EncodeEvent = Extract<EngineEvent, { type: 'encode' }>;
 
-export interface StepEvent extends Timed {
-  type: 'step';
-  stage: Stage;
-  /** 1-based step within the stage. */
-  step: number;
-  steps: number;
+export type StepEvent = Extract<EngineEvent, { type: 'step' }> & Timed & {
   /** The current estimate of the image (only with onStep): at image size from a loaded preview decoder, else at latent resolution. */
   preview?: ImageData;
-  /** 'taesd' when the preview decoder made it. */
-  previewDecoder?: 'taesd';
-}
+};
 
-export interface DecodeEvent { type: 'decode' }
+export type DecodeEvent = Extract<EngineEvent, { type: 'decode' }>;
 
 export type ProgressEvent = TransferEvent | EncodeEvent | StepEvent | DecodeEvent;
 
-export interface CreateOptions {
+export interface CreateOptions extends CreateRequest {
   /** Every progress event of every call. */
   onProgress?: (event: ProgressEvent) => void;
-  /** 'auto' uses f16 where the adapter has shader-f16 (default). */
-  precision?: 'auto' | 'f16' | 'f32';
-  /** The IndexedDB database for models (default 'sdxl-models'). */
-  storeName?: string;
   /** Where worker.js is served (default: beside sdxl.js). */
   workerUrl?: string | URL;
-}
-
-export interface AdapterInfo {
-  adapter: string;
-  precision: 'f16' | 'f32';
-  shaderF16: boolean;
-  maxBufferBytes: number;
 }
 
 export interface LoadOptions {
@@ -83,46 +427,11 @@ export interface LoadOptions {
   onProgress?: (event: ProgressEvent) => void;
 }
 
-export interface GenerateOptions {
-  prompt: string;
-  negativePrompt?: string;
-  /** Multiples of 8 (default 1024). */
-  width?: number;
-  height?: number;
-  /** Default 30. */
-  steps?: number;
-  /** Classifier-free guidance scale (default 5; at most 1 skips the unconditional pass). */
-  guidance?: number;
-  /** Default: random (reported in the result). */
-  seed?: number;
-  /** Fraction of the schedule after which the refiner takes over (default 0.8 when one is loaded); null: base only. */
-  refinerStart?: number | null;
-  /** The sampler (default: the model's scheduler_config.json; few-step Turbo/Lightning models name theirs). */
-  scheduler?: 'euler' | 'euler_a' | 'dpmpp_2m' | 'dpmpp_2m_karras' | 'ddim' | null;
-  /** How the steps spread over the noise levels (default: the model's config; few-step models use 'trailing'). */
-  timestepSpacing?: 'leading' | 'trailing' | 'linspace' | null;
-  /** Encode prompts past 75 tokens in windows of 75 (lpw_stable_diffusion_xl); default false: truncated as diffusers. */
-  longPrompt?: boolean;
-  /** Read A1111 weights `(word:1.2)`, `(word)`, `[word]` (lpw_stable_diffusion_xl) and `<lora:ID:WEIGHT>` tags naming stored LoRAs; default false: brackets are text. */
-  promptWeighting?: boolean;
-  /** Stored LoRAs (see storeLora) applied to the base, each at its weight (negative subtracts; 0 leaves it out). */
-  loras?: LoraWeight[];
+export interface GenerateOptions extends GenerateRequest {
   /** img2img: start from this image (PNG blobs are decoded exactly; the run takes its size unless width/height say otherwise). */
   image?: ImageInput | null;
   /** Inpainting: white repaints, black (or transparent) keeps; grey binarized at 0.5; the image's size. */
   mask?: ImageInput | null;
-  /** How much of the schedule img2img and inpainting run, in (0, 1]: default 0.9999 with a mask or outpaint, 0.3 without. */
-  strength?: number;
-  /** Outpainting: pixels added [left, top, right, bottom] around `image` (edges repeated), then inpainted; the new size must stay a multiple of 8. */
-  outpaint?: [number, number, number, number];
-  /** Outpainting: how many pixels into the image the repainted area reaches (default 0). */
-  outpaintOverlap?: number;
-  /** diffusers' padding_mask_crop: inpaint only the region around the mask, padded by this many pixels, at width × height (default the image's), then paste it back into the image (any size) through the mask as given, soft edges blending. */
-  maskPadding?: number;
-  /** diffusers' mask_processor.blur: blur the mask first by this Gaussian radius (PIL's), softening the paste-back of maskPadding runs. */
-  maskBlur?: number;
-  /** What decodes the final image: 'vae' (default) or 'taesd', the loaded preview decoder (fast, approximate; needs loadPreviewDecoder()). */
-  finalDecoder?: 'vae' | 'taesd';
   signal?: AbortSignal;
   onStep?: (event: StepEvent) => void;
   onProgress?: (event: ProgressEvent) => void;
@@ -131,16 +440,10 @@ export interface GenerateOptions {
 /** An image given to generate(): an image file (Blob), a decoded image, a canvas or its pixels. */
 export type ImageInput = Blob | ImageBitmap | ImageData | HTMLCanvasElement | OffscreenCanvas | HTMLImageElement;
 
-export interface GenerateResult {
+export interface GenerateResult extends Omit<GenerateOutput, 'png'> {
   /** PNG with the recipe in its `parameters` text chunk (AUTOMATIC1111 format). */
   blob: Blob;
   bitmap: ImageBitmap;
-  seed: number;
-  width: number;
-  height: number;
-  parameters: string;
-  /** Milliseconds: base and refiner (each with its prompt encoding), decode, total. */
-  timings: { base: number; refiner?: number; decode: number; total: number };
 }
 
 export interface LoadedModel {
@@ -150,73 +453,19 @@ export interface LoadedModel {
   file?: string;
 }
 
-export interface StoredModel {
-  id: string;
-  /** Where it came from: a URL, or `file:NAME (BYTES bytes, modified MS)` for a picked file. */
-  url: string | null;
-  quant: Quant | null;
-  model: 'sdxl-base' | 'sdxl-refiner' | null;
-  storedBytes: number;
-  totalBytes: number | null;
-  complete: boolean;
-}
-
-export interface LoraWeight {
-  /** The stored LoRA's id. */
-  model: string;
-  weight: number;
-}
-
 /** A LoRA file: a File / Blob, a URL or hub `owner/name/file.safetensors`, or either with an explicit id. */
 export type LoraRef = string | { url: string; id?: string } | Blob | { file: Blob; id?: string };
-
-export interface StoredLora {
-  id: string;
-  /** The file's name. */
-  file: string | null;
-  /** Where it came from: a URL, or `file:NAME (BYTES bytes, modified MS)` for a picked file. */
-  origin: string | null;
-  storedBytes: number;
-  /** AUTOMATIC1111's short hash (the PNG recipe's `Lora hashes`). */
-  hash: string | null;
-  /** False for an interrupted store (store it again, or delete it). */
-  complete: boolean;
-}
 
 export interface StoreLoraOptions {
   signal?: AbortSignal;
   onProgress?: (event: ProgressEvent) => void;
 }
 
-export interface BenchOptions {
-  /** Square image sizes, multiples of 8 (default [512, 1024]); the kernels use the largest. */
-  sizes?: number[];
-  /** Weight formats of the UNet steps (default all). */
-  quants?: Quant[];
-  /** LoRA ranks whose per-step cost is measured on the UNet (default [32, 128]; [] for none). */
-  loras?: number[];
-  /** Which parts to run (default all). */
-  only?: Array<'kernels' | 'unet' | 'vae'>;
+export interface BenchOptions extends Omit<BenchRequest, 'model' | 'unetConfig' | 'vaeConfig'> {
   /** A diffusers folder URL whose unet/ and vae/ config.json give the shapes (default: SDXL 1.0 base). */
   model?: string;
   signal?: AbortSignal;
-  onProgress?: (event: { type: 'bench'; what: string }) => void;
-}
-
-export interface BenchReport {
-  adapter: string;
-  dtype: 'f16' | 'f32';
-  model: string;
-  /** f32 multiply-add GFLOP/s and copy GB/s of best-case kernels on this adapter. */
-  peak: { gflops: number; gbps: number };
-  kernels: Array<{ kernel: string; shape: string; weights: string; ms: number; rate: number; unit: 'GFLOP/s' | 'GB/s'; percentOfPeak: number }>;
-  /** `loraRank`: a LoRA of that rank on every transformer Linear; null: the base alone. */
-  unet: Array<{ size: number; quant: string; loraRank: number | null; secondsPerStep: number; tflops: number; weightBytes: number; peakBytes: number }>;
-  vae: Array<{ size: number; tiled: boolean; seconds: number; peakBytes: number }>;
-  /** TAESD-XL decodes (taesdxl's widths, random weights): what a live preview costs per step. */
-  taesd: Array<{ size: number; seconds: number; peakBytes: number }>;
-  /** Measurements that could not run here (e.g. over the adapter's limits), with the error. */
-  skipped: Array<{ what: string; error: string }>;
+  onProgress?: (event: Extract<EngineEvent, { type: 'bench' }>) => void;
 }
 
 export declare const SDXL_1_0: { base: string; refiner: string };

@@ -289,7 +289,6 @@ export class Sdxl {
     checkOptions('load', options, ['base', 'refiner', 'quant', 'signal', 'onProgress']);
     const { base, refiner = null, quant = 'q4', signal, onProgress } = options;
     checkHooks('load', { signal, onProgress });
-    if (!['f16', 'q8', 'q4'].includes(quant)) throw invalid(`quant must be 'f16', 'q8' or 'q4', not ${shown(quant)}`);
     const id = (name) => storeId(name, quant);
     const refs = [modelRef(base, id), refiner ? modelRef(refiner, id) : null];
     const files = refs.map((r) => r?.blob ?? null);
@@ -309,42 +308,17 @@ export class Sdxl {
    * aborting `signal` cancels at the next step and frees the run's GPU memory.
    */
   async generate(options = {}) {
-    const known = ['prompt', 'negativePrompt', 'width', 'height', 'steps', 'guidance', 'seed', 'refinerStart', 'scheduler', 'timestepSpacing',
-      'longPrompt', 'promptWeighting', 'loras', 'image', 'mask', 'strength', 'outpaint', 'outpaintOverlap', 'maskPadding', 'maskBlur', 'finalDecoder', 'signal', 'onStep',
-      'onProgress'];
-    checkOptions('generate', options, known);
-    let { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt, promptWeighting,
-      loras = [], image, mask, strength, outpaint, outpaintOverlap, maskPadding, maskBlur, finalDecoder, signal, onStep, onProgress } = options;
+    // The engine reads and checks the options (crate/src/app/types.rs); the images and callbacks stay here.
+    const { image, mask, signal, onStep, onProgress, ...request } = options ?? {};
     checkHooks('generate', { signal, onStep, onProgress });
-    if (typeof prompt !== 'string') throw invalid('prompt must be a string');
-    if (outpaint !== undefined && !(Array.isArray(outpaint) && outpaint.length === 4 && outpaint.every((v) => Number.isInteger(v) && v >= 0))) {
-      throw invalid(`outpaint must be [left, top, right, bottom] pixel counts, not ${shown(outpaint)}`);
-    }
-    // JSON would turn NaN and Infinity into null, which the engine reads as "use the default".
-    const numbers = { width, height, steps, guidance, seed, refinerStart, strength, outpaintOverlap, maskPadding, maskBlur };
-    for (const [name, value] of Object.entries(numbers)) {
-      if (value !== undefined && value !== null && !(typeof value === 'number' && Number.isFinite(value))) {
-        throw invalid(`${name} must be a finite number, not ${typeof value === 'number' ? value : shown(value)}`);
-      }
-    }
-    if (!Array.isArray(loras)) throw invalid('loras must be an array of {model, weight}');
-    for (const lora of loras) {
-      checkOptions('generate loras', lora, ['model', 'weight']);
-      if (typeof lora?.model !== 'string' || typeof lora.weight !== 'number' || !Number.isFinite(lora.weight)) {
-        throw invalid(`a LoRA is {model: stored id, weight: finite number}; got model ${shown(lora?.model)}, weight ${shown(lora?.weight)}`);
-      }
-    }
-    if (refinerStart === undefined) refinerStart = this.loaded?.refiner ? 0.8 : null;
     const progress = this.#progress(onProgress);
     const onEvent = (event, preview) => {
       const e = progress(event, preview);
       if (e.type === 'step') onStep?.(e);
     };
-    const request = { prompt, negativePrompt, width, height, steps, guidance, seed, refinerStart, scheduler, timestepSpacing, longPrompt,
-      promptWeighting, loras, strength, outpaint, outpaintOverlap, maskPadding, maskBlur, finalDecoder,
-      preview: Boolean(onStep) };
     const images = [imageArg(image, 'image'), imageArg(mask, 'mask')];
-    const out = await this.#call('generate', [request, images], { onEvent, signal, cancel: true });
+    const given = Object.fromEntries(Object.entries(request).filter(([, value]) => value !== undefined));
+    const out = await this.#call('generate', [given, images, Boolean(onStep)], { onEvent, signal, cancel: true });
     const blob = new Blob([out.png], { type: 'image/png' });
     const bitmap = await createImageBitmap(blob);
     return { blob, bitmap, seed: out.seed, width: out.width, height: out.height, parameters: out.parameters, timings: out.timings };

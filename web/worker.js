@@ -1,6 +1,7 @@
 // The dedicated worker behind sdxl.js: owns the wasm engine (GPU, model store) and runs one call at
 // a time. Messages in: {id, method, args} and {cancel: id} (a call still queued is skipped). Messages
-// out: {id, event, preview?}, {id, result} or {id, error: {name, message}}.
+// out: {id, event, preview?}, {id, result} or {id, error: {name, message}}. Options, results and
+// events are the engine's own typed values (crate/src/app/types.rs): this file only routes them.
 import init, { Engine, setPanicHook } from './pkg/sdxl.js';
 
 let engine = null;
@@ -15,32 +16,26 @@ const methods = {
   async create(id, options) {
     await init();
     setPanicHook((message) => { panicked = message; });
-    engine = await Engine.create(JSON.stringify(options));
-    return JSON.parse(engine.info());
+    engine = await Engine.create(options);
+    return engine.info();
   },
-  async load(id, options, files) {
-    await engine.load(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) }));
-  },
-  async generate(id, options, [image, mask]) {
-    const onEvent = (event, preview) => post({ id, event: JSON.parse(event), preview }, preview ? [preview.buffer] : []);
+  async load(id, options, files) { await engine.load(options, files, (event) => post({ id, event })); },
+  async generate(id, options, [image, mask], preview) {
+    const onEvent = (event, previewBytes) => post({ id, event, preview: previewBytes }, previewBytes ? [previewBytes.buffer] : []);
     const images = [await pixels(image, 'image'), await pixels(mask, 'mask')];
-    const out = await engine.generate(JSON.stringify(options), images, onEvent, () => cancelled.has(id));
+    const out = await engine.generate(options, images, preview, onEvent, () => cancelled.has(id));
     return { result: out, transfer: [out.png.buffer] };
   },
-  async models() { return JSON.parse(await engine.models()); },
+  async models() { return engine.models(); },
   async deleteModel(id, modelId) { return engine.deleteModel(modelId); },
-  async verify(id, modelId) { return JSON.parse(await engine.verify(modelId)); },
-  async storeLora(id, options, files) {
-    return JSON.parse(await engine.storeLora(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) })));
-  },
-  async loras() { return JSON.parse(await engine.loras()); },
-  async loadPreviewDecoder(id, options, files) {
-    return JSON.parse(await engine.loadPreviewDecoder(JSON.stringify(options), files, (event) => post({ id, event: JSON.parse(event) })));
-  },
-  async previewDecoders() { return JSON.parse(await engine.previewDecoders()); },
+  async verify(id, modelId) { return engine.verify(modelId); },
+  async storeLora(id, options, files) { return engine.storeLora(options, files, (event) => post({ id, event })); },
+  async loras() { return engine.loras(); },
+  async loadPreviewDecoder(id, options, files) { return engine.loadPreviewDecoder(options, files, (event) => post({ id, event })); },
+  async previewDecoders() { return engine.previewDecoders(); },
   async deletePreviewDecoder(id, decoderId) { return engine.deletePreviewDecoder(decoderId); },
   async deleteLora(id, loraId) { return engine.deleteLora(loraId); },
-  async bench(id, options) { return JSON.parse(await engine.bench(JSON.stringify(options), (event) => post({ id, event: JSON.parse(event) }))); },
+  async bench(id, options) { return engine.bench(options, (event) => post({ id, event })); },
   async storage() {
     const { usage = 0, quota = 0 } = await navigator.storage.estimate();
     return { usage, quota };

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::adapt::{Layers, LowRank};
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Shader, Tensor};
+use crate::gpu::{kernel_params, shader, DType, Gpu, Shader, Tensor};
 use crate::models::taesd::{TaesdConfig, TaesdDecoder};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
@@ -16,7 +16,8 @@ use crate::quant::{QuantFormat, QuantPolicy, QuantPreset, Weight};
 use crate::weights::random::{self, RandomTensors};
 use crate::weights::Vars;
 
-const BENCH: Shader = Shader { name: "bench", source: include_str!("../../shaders/bench.wgsl") };
+kernel_params! { struct BenchParams { n: u32, iterations: u32, _p0: u32, _p1: u32 } }
+const BENCH: Shader<BenchParams> = shader!("bench");
 
 /// The real SDXL base configs, the default model of the bench.
 const SDXL_UNET: &str = include_str!("../configs/sdxl-base/unet/config.json");
@@ -61,7 +62,7 @@ impl BenchModel {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 pub struct Peak {
     /// f32 multiply-adds in registers, GFLOP/s.
@@ -70,7 +71,7 @@ pub struct Peak {
     pub gbps: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 pub struct KernelResult {
     pub kernel: String,
@@ -85,8 +86,10 @@ pub struct KernelResult {
     pub percent_of_peak: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
+// Options cross as null (the engine serialises missing values as null).
+#[tsify(missing_as_null)]
 pub struct UnetResult {
     pub size: usize,
     pub quant: String,
@@ -101,7 +104,7 @@ pub struct UnetResult {
     pub peak_bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 pub struct VaeResult {
     pub size: usize,
@@ -112,7 +115,7 @@ pub struct VaeResult {
 
 /// One TAESD-XL preview decode ([`TaesdDecoder::decode`] of a [1, 4, size/8, size/8] latent with
 /// taesdxl's shapes, [`TaesdConfig::default`]): the cost of one live preview per denoising step.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 pub struct TaesdResult {
     pub size: usize,
@@ -121,13 +124,13 @@ pub struct TaesdResult {
 }
 
 /// A measurement that could not run (e.g. a buffer over this adapter's limits).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, tsify::Tsify)]
 pub struct Skipped {
     pub what: String,
     pub error: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
 pub struct BenchReport {
     pub adapter: String,
@@ -240,8 +243,8 @@ async fn measure_peak(gpu: &Gpu) -> Result<Peak> {
     let dst = gpu.empty_weight(&[vec4s, 4], DType::F32, "bench destination")?;
     let threads = 1usize << 20;
     let iterations = 1024u32;
-    let fma = time(gpu, || gpu.dispatch(&BENCH, "peak_fma", DType::F32, &[vec4s as u32, iterations, 0, 0], &[&src, &dst], Gpu::grid(threads, 256)?)).await?;
-    let copy = time(gpu, || gpu.dispatch(&BENCH, "copy", DType::F32, &[vec4s as u32, 0, 0, 0], &[&src, &dst], Gpu::grid(vec4s, 256)?)).await?;
+    let fma = time(gpu, || gpu.dispatch(&BENCH, "peak_fma", DType::F32, &BenchParams { n: vec4s as u32, iterations, _p0: 0, _p1: 0 }, &[&src, &dst], Gpu::grid(threads, 256)?)).await?;
+    let copy = time(gpu, || gpu.dispatch(&BENCH, "copy", DType::F32, &BenchParams { n: vec4s as u32, iterations: 0, _p0: 0, _p1: 0 }, &[&src, &dst], Gpu::grid(vec4s, 256)?)).await?;
     Ok(Peak { gflops: threads as f64 * iterations as f64 * 64.0 / fma / 1e9, gbps: 2.0 * 16.0 * vec4s as f64 / copy / 1e9 })
 }
 

@@ -73,6 +73,11 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// A byte count as messages print it ("12.3 MiB").
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
 impl Error {
     /// Stable machine-readable name, used as the JS error `name`.
     pub fn kind(&self) -> &'static str {

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 
-use crate::error::{Error, Result};
+use strum::{EnumString, VariantNames};
+
+use crate::error::{mib, Error, Result};
+use crate::named::Named;
 
 /// Element type of a tensor in GPU memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -27,7 +30,8 @@ impl DType {
 }
 
 /// Which float type activations and weights use on the GPU. Accumulation is always f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, EnumString, VariantNames)]
+#[strum(serialize_all = "lowercase", parse_err_ty = Error, parse_err_fn = crate::named::unknown::<Self>)]
 pub enum Precision {
     /// f16 where the adapter has `shader-f16`, else f32.
     #[default]
@@ -36,23 +40,114 @@ pub enum Precision {
     F16,
 }
 
-impl std::str::FromStr for Precision {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "auto" => Ok(Precision::Auto),
-            "f32" => Ok(Precision::F32),
-            "f16" => Ok(Precision::F16),
-            _ => Err(Error::InvalidParameter(format!("precision '{s}': expected auto, f32 or f16"))),
-        }
+impl Named for Precision {
+    const WHAT: &'static str = "precision";
+}
+
+/// A WGSL kernel family: one file in `shaders/`, compiled once per entry point, whose uniform
+/// parameters are a `P` (see `kernel_params!`). The file declares neither its `struct Params` nor
+/// the ids it switches on: both are generated from their Rust declarations and prepended.
+pub struct Shader<P> {
+    pub name: &'static str,
+    pub source: &'static str,
+    /// The id enums the kernel switches on (see `kernel_ids!`).
+    pub ids: &'static [KernelIds],
+    params: std::marker::PhantomData<fn() -> P>,
+}
+
+impl<P: KernelParams> Shader<P> {
+    pub const fn new(name: &'static str, source: &'static str, ids: &'static [KernelIds]) -> Shader<P> {
+        Shader { name, source, ids, params: std::marker::PhantomData }
     }
 }
 
-/// A WGSL kernel family: one file in `shaders/`, compiled once per entry point.
-pub struct Shader {
-    pub name: &'static str,
-    pub source: &'static str,
+/// `Shader::new` for `shaders/<name>.wgsl`, with the id enums it switches on.
+macro_rules! shader {
+    ($name:literal $(, $ids:expr)* $(,)?) => {
+        $crate::gpu::Shader::new($name, include_str!(concat!("../../shaders/", $name, ".wgsl")), &[$($ids),*])
+    };
 }
+pub(crate) use shader;
+
+/// A kernel family's uniform block: the Rust struct `dispatch` uploads as it is in memory and the
+/// WGSL `struct Params` the kernel reads, both from one `kernel_params!` declaration.
+pub trait KernelParams: bytemuck::Pod {
+    /// `struct Params { .. }` in WGSL.
+    const WGSL: &'static str;
+}
+
+/// Declares a kernel family's parameters once: a `#[repr(C)]` Pod struct and, from the same
+/// field list, its WGSL `struct Params` (u32, i32 and f32 are spelled alike in both languages, so
+/// the two layouts agree field for field). Padding fields are explicit: the block must fill whole
+/// 16-byte rows, as WGSL lays out uniforms.
+macro_rules! kernel_params {
+    ($(#[$meta:meta])* $vis:vis struct $name:ident { $($field:ident: $ty:ident),* $(,)? }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+        $vis struct $name {
+            $(pub $field: $ty),*
+        }
+
+        impl $crate::gpu::KernelParams for $name {
+            const WGSL: &'static str = concat!("struct Params {\n", $("    ", stringify!($field), ": ", stringify!($ty), ",\n",)* "}\n");
+        }
+
+        const _: () = {
+            let size = std::mem::size_of::<$name>();
+            assert!(size > 0 && size % 16 == 0, concat!(stringify!($name), ": a uniform block fills whole 16-byte rows (add explicit padding)"));
+        };
+    };
+}
+pub(crate) use kernel_params;
+
+/// The WGSL constants of an id enum a kernel switches on (see `kernel_ids!`).
+pub struct KernelIds {
+    /// The constants' prefix, e.g. `FORMAT` for `FORMAT_Q8_0`.
+    pub prefix: &'static str,
+    /// Each variant's Rust name and value.
+    pub variants: &'static [(&'static str, u32)],
+}
+
+impl KernelIds {
+    /// `const PREFIX_VARIANT: u32 = ..u;` per variant, the Rust name in upper snake case
+    /// (`QuickGelu` -> `QUICK_GELU`).
+    fn wgsl(&self) -> String {
+        self.variants
+            .iter()
+            .map(|(variant, value)| {
+                let mut name = String::new();
+                let mut after_lower = false;
+                for c in variant.chars() {
+                    if c.is_ascii_uppercase() && after_lower {
+                        name.push('_');
+                    }
+                    after_lower = c.is_ascii_lowercase();
+                    name.push(c.to_ascii_uppercase());
+                }
+                format!("const {}_{name}: u32 = {value}u;\n", self.prefix)
+            })
+            .collect()
+    }
+}
+
+/// Declares a `#[repr(u32)]` enum whose discriminants a kernel switches on, and its WGSL
+/// constants as `Enum::KERNEL_IDS` (name the enum in the kernel's `shader!`).
+macro_rules! kernel_ids {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident as $prefix:literal { $($(#[$vmeta:meta])* $variant:ident = $value:literal),* $(,)? }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        $vis enum $name {
+            $($(#[$vmeta])* $variant = $value),*
+        }
+
+        impl $name {
+            pub(crate) const KERNEL_IDS: $crate::gpu::KernelIds =
+                $crate::gpu::KernelIds { prefix: $prefix, variants: &[$((stringify!($variant), $value)),*] };
+        }
+    };
+}
+pub(crate) use kernel_ids;
 
 /// An n-dimensional array in one GPU storage buffer, row-major.
 #[derive(Clone, Debug)]
@@ -433,9 +528,9 @@ impl Gpu {
         let limit = self.max_binding_bytes();
         if bytes > limit {
             return Err(Error::AdapterLimits(format!(
-                "{what} {shape:?} needs {:.1} MiB in one buffer; this adapter allows {:.1} MiB",
-                bytes as f64 / 1048576.0,
-                limit as f64 / 1048576.0
+                "{what} {shape:?} needs {} in one buffer; this adapter allows {}",
+                mib(bytes),
+                mib(limit)
             )));
         }
         let size = if pooled { size_class(bytes).min(limit) } else { bytes };
@@ -707,7 +802,7 @@ impl Gpu {
     /// The pipeline of `entry` in `shader` with storage float type `T` = `dtype`, compiled once
     /// per `defines` (WGSL declarations prepended to the source, e.g. a head size or tile shape
     /// the kernel is specialised for).
-    fn pipeline(&self, shader: &Shader, entry: &'static str, dtype: DType, defines: &str) -> wgpu::ComputePipeline {
+    fn pipeline<P: KernelParams>(&self, shader: &Shader<P>, entry: &'static str, dtype: DType, defines: &str) -> wgpu::ComputePipeline {
         let key = (shader.name, entry, dtype);
         if let Some(p) = self.pipelines.borrow().get(&key).and_then(|variants| variants.get(defines)) {
             return p.clone();
@@ -716,7 +811,8 @@ impl Gpu {
             DType::F16 => "enable f16;\nalias T = f16;\n",
             _ => "alias T = f32;\n",
         };
-        let source = format!("{prelude}{defines}\n{}\n{}", include_str!("../../shaders/common.wgsl"), shader.source);
+        let ids: String = shader.ids.iter().map(KernelIds::wgsl).collect();
+        let source = format!("{prelude}{defines}\n{}\n{}{ids}\n{}", include_str!("../../shaders/common.wgsl"), P::WGSL, shader.source);
         let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(shader.name),
             source: wgpu::ShaderSource::Wgsl(source.into()),
@@ -734,21 +830,20 @@ impl Gpu {
     }
 
     /// Records one kernel launch with storage float type `T` = `dtype`. Binding 0 is a uniform
-    /// block holding `params` (u32 words; floats via `f32::to_bits`); bindings 1.. are `tensors`
-    /// in order.
-    pub(crate) fn dispatch(&self, shader: &Shader, entry: &'static str, dtype: DType, params: &[u32], tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
+    /// block holding `params`; bindings 1.. are `tensors` in order.
+    pub(crate) fn dispatch<P: KernelParams>(&self, shader: &Shader<P>, entry: &'static str, dtype: DType, params: &P, tensors: &[&Tensor], groups: [u32; 3]) -> Result<()> {
         self.dispatch_with(shader, entry, dtype, "", params, tensors, groups)
     }
 
     /// `dispatch` of a kernel specialised by `defines` (see `pipeline`).
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn dispatch_with(
+    pub(crate) fn dispatch_with<P: KernelParams>(
         &self,
-        shader: &Shader,
+        shader: &Shader<P>,
         entry: &'static str,
         dtype: DType,
         defines: &str,
-        params: &[u32],
+        params: &P,
         tensors: &[&Tensor],
         groups: [u32; 3],
     ) -> Result<()> {
@@ -758,19 +853,18 @@ impl Gpu {
         if groups.contains(&0) {
             return Ok(());
         }
-        if params.len() * 4 > UNIFORM_SLOT as usize {
-            return Err(Error::InvalidParameter(format!("{}::{entry}: {} parameter words", shader.name, params.len())));
+        let bytes = bytemuck::bytes_of(params);
+        if bytes.len() > UNIFORM_SLOT as usize {
+            return Err(Error::InvalidParameter(format!("{}::{entry}: {} bytes of parameters exceed {UNIFORM_SLOT}", shader.name, bytes.len())));
         }
         let pipeline = self.pipeline(shader, entry, dtype, defines);
         let offset = self.pending_dispatches.get() as u64 * UNIFORM_SLOT;
-        let words = params.len().next_multiple_of(4).max(4);
         {
             let mut data = self.uniform_data.borrow_mut();
             data.resize(offset as usize, 0);
-            data.extend_from_slice(bytemuck::cast_slice(params));
-            data.resize(offset as usize + words * 4, 0);
+            data.extend_from_slice(bytes);
         }
-        let uniform = wgpu::BufferBinding { buffer: &self.uniforms, offset, size: std::num::NonZeroU64::new(words as u64 * 4) };
+        let uniform = wgpu::BufferBinding { buffer: &self.uniforms, offset, size: std::num::NonZeroU64::new(bytes.len() as u64) };
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(uniform) }];
         entries.extend(
             tensors
@@ -821,6 +915,30 @@ impl Gpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    kernel_params! { struct ExampleParams { n: u32, scale: f32, offset: i32, _p0: u32 } }
+    kernel_ids! {
+        #[allow(non_camel_case_types, dead_code)] // ggml-style names; only the constants are read
+        enum ExampleIds as "MODE" {
+            Plain = 0,
+            QuickGelu = 2,
+            Q4_K = 7,
+        }
+    }
+
+    #[test]
+    fn kernel_declarations_become_wgsl() {
+        assert_eq!(ExampleParams::WGSL, "struct Params {\n    n: u32,\n    scale: f32,\n    offset: i32,\n    _p0: u32,\n}\n");
+        assert_eq!(
+            bytemuck::bytes_of(&ExampleParams { n: 3, scale: 0.5, offset: -1, _p0: 0 }),
+            [3u32, 0.5f32.to_bits(), (-1i32) as u32, 0].iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>()
+        );
+        assert_eq!(
+            ExampleIds::KERNEL_IDS.wgsl(),
+            "const MODE_PLAIN: u32 = 0u;\nconst MODE_QUICK_GELU: u32 = 2u;\nconst MODE_Q4_K: u32 = 7u;\n"
+        );
+        assert_eq!(ExampleIds::Q4_K as u32, 7);
+    }
 
     /// A buffer over the device's size limit: a validation error (tests/gpu_faults.rs forces a
     /// real out-of-memory; this one needs no memory).

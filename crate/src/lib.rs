@@ -7,12 +7,14 @@
 //! converts downloads and picked files with `pack`'s converter.
 
 pub mod adapt;
+pub mod app;
 pub mod bench;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod cli;
 pub mod error;
 pub mod gpu;
 pub mod models;
+pub mod named;
 pub mod ops;
 mod ops_gemm;
 pub mod pack;

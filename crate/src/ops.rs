@@ -5,47 +5,95 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use bytemuck::Zeroable;
+use strum::EnumString;
+
 use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Shader, Tensor};
+use crate::gpu::{kernel_ids, kernel_params, shader, DType, Gpu, Shader, Tensor};
 use crate::quant::Weight;
 
-macro_rules! shader {
-    ($name:literal) => {
-        Shader { name: $name, source: include_str!(concat!("../../shaders/", $name, ".wgsl")) }
-    };
+// The kernel families: each one's parameters, declared once for Rust and WGSL (see
+// `kernel_params!`), and its shader.
+
+kernel_params! { struct AttentionParams { lq: u32, lk: u32, heads: u32, width: u32, causal: u32, scale: f32, _p0: u32, _p1: u32 } }
+const ATTENTION: Shader<AttentionParams> = shader!("attention");
+
+kernel_params! { struct SoftmaxParams { rows: u32, cols: u32, scale: f32, _p0: u32 } }
+const SOFTMAX: Shader<SoftmaxParams> = shader!("softmax");
+
+kernel_params! { struct NormParams { rows: u32, cols: u32, eps: f32, _p0: u32 } }
+const NORM: Shader<NormParams> = shader!("norm");
+
+kernel_params! {
+    /// Shared by both kernels of a group norm (each reads its own fields).
+    struct GroupNormParams {
+        groups: u32, channels: u32, h: u32, w: u32,
+        y0: u32, y1: u32, x0: u32, x1: u32,
+        chunks: u32, stride: u32, slot0: u32, silu: u32,
+        eps: f32, _p0: u32, _p1: u32, _p2: u32,
+    }
+}
+const GROUP_NORM: Shader<GroupNormParams> = shader!("group_norm");
+
+kernel_params! {
+    /// `op`: an `Activation` for `unary`, 1 for exp in `affine`.
+    struct ActivationParams { n: u32, op: u32, _p0: u32, _p1: u32, scale: f32, shift: f32, lo: f32, hi: f32 }
+}
+const ACTIVATION: Shader<ActivationParams> = shader!("activation", Activation::KERNEL_IDS);
+
+kernel_params! { struct ElementwiseParams { n: u32, op: u32, b_inner: u32, b_len: u32, alpha: f32, beta: f32, a_width: u32, b_width: u32 } }
+const ELEMENTWISE: Shader<ElementwiseParams> = shader!("elementwise", BinaryOp::KERNEL_IDS);
+
+kernel_params! { struct ResampleParams { n: u32, h: u32, w: u32, oh: u32, ow: u32, scale_y: f32, scale_x: f32, _p0: u32 } }
+const RESAMPLE: Shader<ResampleParams> = shader!("resample");
+
+kernel_params! { struct EmbeddingParams { n: u32, dim: u32, row0: u32, rows: u32 } }
+const EMBEDDING: Shader<EmbeddingParams> = shader!("embedding");
+
+kernel_params! { struct TimestepParams { n: u32, dim: u32, flip: u32, shift: f32, log_period: f32, scale: f32, _p0: u32, _p1: u32 } }
+const TIMESTEP: Shader<TimestepParams> = shader!("timestep");
+
+kernel_params! { struct FillParams { n: u32, seed: u32, center: f32, scale: f32, constant: u32, use_constant: u32, _p0: u32, _p1: u32 } }
+const FILL: Shader<FillParams> = shader!("fill");
+
+kernel_params! {
+    struct TileParams {
+        n: u32, h: u32, w: u32, th: u32,
+        tw: u32, y0: u32, x0: u32, skip_y: u32,
+        ramp_y: u32, skip_x: u32, ramp_x: u32, _p0: u32,
+    }
+}
+const TILE: Shader<TileParams> = shader!("tile");
+
+kernel_params! { struct CastParams { n: u32, _p0: u32, _p1: u32, _p2: u32 } }
+const CAST: Shader<CastParams> = shader!("cast");
+
+kernel_ids! {
+    /// A pointwise activation (activation.wgsl's OP_*).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, EnumString)]
+    #[strum(serialize_all = "snake_case")]
+    pub enum Activation as "OP" {
+        #[strum(serialize = "silu", serialize = "swish")]
+        Silu = 0,
+        Gelu = 1,
+        QuickGelu = 2,
+        Relu = 3,
+    }
 }
 
-const ATTENTION: Shader = shader!("attention");
-const SOFTMAX: Shader = shader!("softmax");
-const NORM: Shader = shader!("norm");
-const GROUP_NORM: Shader = shader!("group_norm");
-const ACTIVATION: Shader = shader!("activation");
-const ELEMENTWISE: Shader = shader!("elementwise");
-const RESAMPLE: Shader = shader!("resample");
-const EMBEDDING: Shader = shader!("embedding");
-const TIMESTEP: Shader = shader!("timestep");
-const FILL: Shader = shader!("fill");
-const TILE: Shader = shader!("tile");
-const CAST: Shader = shader!("cast");
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu = 0,
-    Gelu = 1,
-    QuickGelu = 2,
-    Relu = 3,
+kernel_ids! {
+    /// elementwise.wgsl's OP_*.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum BinaryOp as "OP" {
+        Add = 0,
+        Mul = 1,
+    }
 }
 
 impl Activation {
     /// From a transformers / diffusers `hidden_act` / `act_fn` string.
     pub fn from_name(name: &str) -> Option<Activation> {
-        match name {
-            "silu" | "swish" => Some(Activation::Silu),
-            "gelu" => Some(Activation::Gelu),
-            "quick_gelu" => Some(Activation::QuickGelu),
-            "relu" => Some(Activation::Relu),
-            _ => None,
-        }
+        name.parse().ok()
     }
 }
 
@@ -127,7 +175,7 @@ impl Gpu {
         let y = self.empty_as(x.shape(), dtype)?;
         // The kernel is specialised for the f16 side (T = f16); `defines` orient it.
         let defines = if from == DType::F16 { "alias SRC = T;\nalias DST = f32;\n" } else { "alias SRC = f32;\nalias DST = T;\n" };
-        self.dispatch_with(&CAST, "convert", DType::F16, defines, &[u(x.len()), 0, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
+        self.dispatch_with(&CAST, "convert", DType::F16, defines, &CastParams { n: u(x.len()), ..Zeroable::zeroed() }, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 
@@ -164,7 +212,7 @@ impl Gpu {
         let defines = PRELUDES.with(|p| p.borrow_mut().entry((d, bkv)).or_insert_with(|| flash_prelude(d, bkv, bkv.min(8)).into()).clone());
         let out = self.empty_as(&[bq, lq, width], dtype)?;
         let scale = 1.0 / (d as f32).sqrt();
-        let params = [u(lq), u(lk), u(heads), u(width), causal as u32, scale.to_bits(), 0, 0];
+        let params = AttentionParams { lq: u(lq), lk: u(lk), heads: u(heads), width: u(width), causal: causal as u32, scale, ..Zeroable::zeroed() };
         self.dispatch_with(&ATTENTION, "attention", dtype, &defines, &params, &[q, k, v, &out], [u(lq.div_ceil(64)), u(bq * heads), 1])?;
         Ok(out)
     }
@@ -185,7 +233,7 @@ impl Gpu {
             for r0 in (0..lq).step_by(rows) {
                 let n = rows.min(lq - r0);
                 let scores = self.linear(&self.crop(&qb, r0, 0, n, d)?, &keys, None)?;
-                let params = [u(n), u(lk), (1.0 / (d as f32).sqrt()).to_bits(), 0];
+                let params = SoftmaxParams { rows: u(n), cols: u(lk), scale: 1.0 / (d as f32).sqrt(), ..Zeroable::zeroed() };
                 self.dispatch(&SOFTMAX, "softmax", dtype, &params, &[&scores], Gpu::grid(n, 1)?)?;
                 self.paste(&out, &self.linear(&scores, &vt, None)?, r0, 0, [(0, 0); 2])?;
             }
@@ -206,7 +254,7 @@ impl Gpu {
         let dtype = self.float_dtype("layer_norm", &[(x, "input"), (gamma, "weight"), (beta, "bias")])?;
         let rows = x.len() / cols;
         let y = self.empty_as(x.shape(), dtype)?;
-        let params = [u(rows), u(cols), eps.to_bits(), 0];
+        let params = NormParams { rows: u(rows), cols: u(cols), eps, ..Zeroable::zeroed() };
         self.dispatch(&NORM, "layer_norm", dtype, &params, &[x, gamma, beta, &y], Gpu::grid(rows, 1)?)?;
         Ok(y)
     }
@@ -238,7 +286,12 @@ impl Gpu {
         if y0 >= y1 || y1 > h || x0 >= x1 || x1 > w || partials.shape() != [batch * groups, slots, 4] || slot0 + chunks > slots {
             return Err(bad(format!("group statistics of rows {y0}..{y1}, cols {x0}..{x1} of {:?} into slots {slot0}.. of {:?}", x.shape(), partials.shape())));
         }
-        let params = [u(groups), u(channels), u(h), u(w), u(y0), u(y1), u(x0), u(x1), u(chunks), u(slots), u(slot0), 0, 0, 0, 0, 0];
+        let params = GroupNormParams {
+            groups: u(groups), channels: u(channels), h: u(h), w: u(w),
+            y0: u(y0), y1: u(y1), x0: u(x0), x1: u(x1),
+            chunks: u(chunks), stride: u(slots), slot0: u(slot0),
+            ..Zeroable::zeroed()
+        };
         self.dispatch(&GROUP_NORM, "group_partials", dtype, &params, &[x, partials], [u(chunks), u(batch * groups), 1])
     }
 
@@ -254,7 +307,11 @@ impl Gpu {
         }
         let chunks = group_chunks(x.len() / (batch * groups));
         let y = self.empty_as(x.shape(), dtype)?;
-        let params = [u(groups), u(channels), u(h), u(w), 0, 0, 0, 0, u(chunks), u(slots), 0, silu as u32, eps.to_bits(), 0, 0, 0];
+        let params = GroupNormParams {
+            groups: u(groups), channels: u(channels), h: u(h), w: u(w),
+            chunks: u(chunks), stride: u(slots), silu: silu as u32, eps,
+            ..Zeroable::zeroed()
+        };
         self.dispatch(&GROUP_NORM, "group_apply", dtype, &params, &[x, partials, gamma, beta, &y], [u(chunks), u(batch * groups), 1])?;
         Ok(y)
     }
@@ -285,18 +342,18 @@ impl Gpu {
     pub fn activation(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let dtype = self.float_dtype("activation", &[(x, "input")])?;
         let y = self.empty_as(x.shape(), dtype)?;
-        self.dispatch(&ACTIVATION, "unary", dtype, &[u(x.len()), act as u32, 0, 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(x.len(), 256)?)?;
+        self.dispatch(&ACTIVATION, "unary", dtype, &ActivationParams { n: u(x.len()), op: act as u32, ..Zeroable::zeroed() }, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
 
     /// a + b or a * b where b repeats: b index = (i / b_inner) % b.len() (see elementwise.wgsl).
-    fn binary(&self, op: u32, a: &Tensor, b: &Tensor, b_inner: usize) -> Result<Tensor> {
+    fn binary(&self, op: BinaryOp, a: &Tensor, b: &Tensor, b_inner: usize) -> Result<Tensor> {
         if b.is_empty() || b_inner == 0 || a.len() % (b_inner * b.len()) != 0 {
             return Err(bad(format!("cannot broadcast {:?} over {:?}", b.shape(), a.shape())));
         }
-        let dtype = self.float_dtype(if op == 0 { "add" } else { "mul" }, &[(a, "a"), (b, "b")])?;
+        let dtype = self.float_dtype(if op == BinaryOp::Add { "add" } else { "mul" }, &[(a, "a"), (b, "b")])?;
         let y = self.empty_as(a.shape(), dtype)?;
-        let params = [u(a.len()), op, u(b_inner), u(b.len()), 0, 0, 0, 0];
+        let params = ElementwiseParams { n: u(a.len()), op: op as u32, b_inner: u(b_inner), b_len: u(b.len()), ..Zeroable::zeroed() };
         self.dispatch(&ELEMENTWISE, "binary", dtype, &params, &[a, b, &y], Gpu::grid(a.len(), 256)?)?;
         Ok(y)
     }
@@ -304,12 +361,12 @@ impl Gpu {
     /// a + b for equal shapes, or b broadcast over a's leading axes (b's shape a suffix of a's).
     pub fn add(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         self.check_suffix(a, b, "add")?;
-        self.binary(0, a, b, 1)
+        self.binary(BinaryOp::Add, a, b, 1)
     }
 
     pub fn mul(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         self.check_suffix(a, b, "mul")?;
-        self.binary(1, a, b, 1)
+        self.binary(BinaryOp::Mul, a, b, 1)
     }
 
     fn check_suffix(&self, a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
@@ -328,7 +385,7 @@ impl Gpu {
         if b.shape() != [channels] && b.shape() != [batch, channels] {
             return Err(bad(format!("add_channelwise: {:?} over {:?}", b.shape(), x.shape())));
         }
-        self.binary(0, x, b, x.len() / (batch * channels))
+        self.binary(BinaryOp::Add, x, b, x.len() / (batch * channels))
     }
 
     /// alpha * a + beta * b, same shapes.
@@ -338,7 +395,7 @@ impl Gpu {
         }
         let dtype = self.float_dtype("axpby", &[(a, "a"), (b, "b")])?;
         let y = self.empty_as(a.shape(), dtype)?;
-        let params = [u(a.len()), 0, 1, 1, alpha.to_bits(), beta.to_bits(), 0, 0];
+        let params = ElementwiseParams { n: u(a.len()), b_inner: 1, b_len: 1, alpha, beta, ..Zeroable::zeroed() };
         self.dispatch(&ELEMENTWISE, "axpby", dtype, &params, &[a, b, &y], Gpu::grid(a.len(), 256)?)?;
         Ok(y)
     }
@@ -358,7 +415,7 @@ impl Gpu {
         let mut shape = sa.to_vec();
         shape[axis] += sb[axis];
         let y = self.empty_as(&shape, dtype)?;
-        let params = [u(y.len()), 0, 1, 1, 0, 0, u(sa[axis] * inner), u(sb[axis] * inner)];
+        let params = ElementwiseParams { n: u(y.len()), b_inner: 1, b_len: 1, a_width: u(sa[axis] * inner), b_width: u(sb[axis] * inner), ..Zeroable::zeroed() };
         self.dispatch(&ELEMENTWISE, "concat", dtype, &params, &[a, b, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
@@ -380,7 +437,7 @@ impl Gpu {
             if chunk.shape() != [rows, dim] {
                 return Err(bad(format!("embedding: chunk {:?} does not have width {dim}", chunk.shape())));
             }
-            let params = [u(ids.len()), u(dim), u(row0), u(rows)];
+            let params = EmbeddingParams { n: u(ids.len()), dim: u(dim), row0: u(row0), rows: u(rows) };
             self.dispatch(&EMBEDDING, "gather", dtype, &params, &[ids, chunk, &y], Gpu::grid(y.len(), 256)?)?;
             row0 += rows;
         }
@@ -402,7 +459,7 @@ impl Gpu {
         (shape[r - 2], shape[r - 1]) = (out_h, out_w);
         let y = self.empty_as(&shape, dtype)?;
         let (scale_y, scale_x) = (h as f32 / out_h as f32, w as f32 / out_w as f32);
-        let params = [u(y.len()), u(h), u(w), u(out_h), u(out_w), scale_y.to_bits(), scale_x.to_bits(), 0];
+        let params = ResampleParams { n: u(y.len()), h: u(h), w: u(w), oh: u(out_h), ow: u(out_w), scale_y, scale_x, ..Zeroable::zeroed() };
         self.dispatch(&RESAMPLE, "upsample_nearest", dtype, &params, &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
@@ -422,7 +479,7 @@ impl Gpu {
         }
         let n = t.len();
         let y = self.empty(&[n, dim])?;
-        let params = [u(n), u(dim), flip_sin_to_cos as u32, shift.to_bits(), max_period.ln().to_bits(), scale.to_bits(), 0, 0];
+        let params = TimestepParams { n: u(n), dim: u(dim), flip: flip_sin_to_cos as u32, shift, log_period: max_period.ln(), scale, ..Zeroable::zeroed() };
         self.dispatch(&TIMESTEP, "timestep", self.dtype, &params, &[t, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
@@ -440,7 +497,7 @@ impl Gpu {
         let r = shape.len();
         shape.swap(r - 2, r - 1);
         let y = self.empty_as(&shape, dtype)?;
-        self.dispatch(&RESAMPLE, "transpose", dtype, &[u(y.len()), u(rows), u(cols), 0, 0, 0, 0, 0], &[x, &y], Gpu::grid(y.len(), 256)?)?;
+        self.dispatch(&RESAMPLE, "transpose", dtype, &ResampleParams { n: u(y.len()), h: u(rows), w: u(cols), ..Zeroable::zeroed() }, &[x, &y], Gpu::grid(y.len(), 256)?)?;
         Ok(y)
     }
 
@@ -453,7 +510,7 @@ impl Gpu {
             return Err(bad(format!("affine: clamp bounds {lo}..{hi}")));
         }
         let y = self.empty_as(x.shape(), dtype)?;
-        let params = [u(x.len()), exp as u32, 0, 0, scale.to_bits(), shift.to_bits(), lo.to_bits(), hi.to_bits()];
+        let params = ActivationParams { n: u(x.len()), op: exp as u32, scale, shift, lo, hi, ..Zeroable::zeroed() };
         self.dispatch(&ACTIVATION, "affine", dtype, &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
@@ -466,7 +523,7 @@ impl Gpu {
             return Err(bad(format!("soft_clamp: scale {scale}, bound {bound}")));
         }
         let y = self.empty_as(x.shape(), dtype)?;
-        let params = [u(x.len()), 0, 0, 0, scale.to_bits(), 0, 0, bound.to_bits()];
+        let params = ActivationParams { n: u(x.len()), scale, hi: bound, ..Zeroable::zeroed() };
         self.dispatch(&ACTIVATION, "soft_clamp", dtype, &params, &[x, &y], Gpu::grid(x.len(), 256)?)?;
         Ok(y)
     }
@@ -474,7 +531,7 @@ impl Gpu {
     /// Overwrites a float tensor with center + scale · uniform(-1, 1), drawn on the GPU from `seed`.
     pub fn fill_uniform(&self, t: &Tensor, seed: u32, center: f32, scale: f32) -> Result<()> {
         let dtype = self.float_dtype("fill_uniform", &[(t, "tensor")])?;
-        let params = [u(t.len()), seed, center.to_bits(), scale.to_bits(), 0, 0, 0, 0];
+        let params = FillParams { n: u(t.len()), seed, center, scale, ..Zeroable::zeroed() };
         self.dispatch(&FILL, "fill_uniform", dtype, &params, &[t], Gpu::grid(t.len(), 256)?)
     }
 
@@ -483,7 +540,7 @@ impl Gpu {
         if t.dtype() != DType::U32 {
             return Err(bad(format!("fill_words: expected a u32 tensor, got {:?}", t.dtype())));
         }
-        let params = [u(t.len()), seed, 0, 0, constant.unwrap_or(0), constant.is_some() as u32, 0, 0];
+        let params = FillParams { n: u(t.len()), seed, constant: constant.unwrap_or(0), use_constant: constant.is_some() as u32, ..Zeroable::zeroed() };
         self.dispatch(&FILL, "fill_words", DType::F32, &params, &[t], Gpu::grid(t.len(), 256)?)
     }
 
@@ -498,7 +555,7 @@ impl Gpu {
         let r = shape.len();
         (shape[r - 2], shape[r - 1]) = (th, tw);
         let y = self.empty_as(&shape, dtype)?;
-        let params = [u(y.len()), u(h), u(w), u(th), u(tw), u(y0), u(x0), 0, 0, 0, 0, 0];
+        let params = TileParams { n: u(y.len()), h: u(h), w: u(w), th: u(th), tw: u(tw), y0: u(y0), x0: u(x0), ..Zeroable::zeroed() };
         self.dispatch(&TILE, "crop", dtype, &params, &[x, &y], Gpu::grid(planes * th * tw, 256)?)?;
         Ok(y)
     }
@@ -514,7 +571,11 @@ impl Gpu {
         if tile_planes != planes || y0 + th > h || x0 + tw > w || skip_y + ramp_y > th || skip_x + ramp_x > tw {
             return Err(bad(format!("paste: {:?} at ({y0}, {x0}) into {:?}, blend {blend:?}", tile.shape(), image.shape())));
         }
-        let params = [u(tile.len()), u(h), u(w), u(th), u(tw), u(y0), u(x0), u(skip_y), u(ramp_y), u(skip_x), u(ramp_x), 0];
+        let params = TileParams {
+            n: u(tile.len()), h: u(h), w: u(w), th: u(th), tw: u(tw), y0: u(y0), x0: u(x0),
+            skip_y: u(skip_y), ramp_y: u(ramp_y), skip_x: u(skip_x), ramp_x: u(ramp_x),
+            ..Zeroable::zeroed()
+        };
         self.dispatch(&TILE, "paste", dtype, &params, &[tile, image], Gpu::grid(tile.len(), 256)?)
     }
 

@@ -4,11 +4,65 @@
 
 use std::sync::OnceLock;
 
-use crate::error::{Error, Result};
-use crate::gpu::{DType, Gpu, Shader, Tensor};
-use crate::quant::{Weight, BLOCK};
+use bytemuck::Zeroable;
 
-const GEMM: Shader = Shader { name: "gemm", source: include_str!("../../shaders/gemm.wgsl") };
+use crate::error::{Error, Result};
+use crate::gpu::{kernel_ids, kernel_params, shader, DType, Gpu, Shader, Tensor};
+use crate::quant::{QuantFormat, Weight, BLOCK};
+
+kernel_params! {
+    struct GemmParams {
+        m: u32, n: u32, k: u32, blocks: u32, // GEMM rows, cols, depth; weight blocks of 32 per row
+        format: u32, addend: u32, geglu: u32, _p0: u32, // a WeightFormat, an AddendKind
+        cin: u32, h: u32, w: u32, ow: u32, // conv2d only
+        ksize: u32, stride: u32, pad_y: u32, pad_x: u32, // pad_y rows above, pad_x columns left
+    }
+}
+const GEMM: Shader<GemmParams> = shader!("gemm", WeightFormat::KERNEL_IDS, AddendKind::KERNEL_IDS);
+
+kernel_ids! {
+    /// How the kernel decodes a weight (gemm.wgsl's FORMAT_*). It also compares ranges: dense
+    /// from F16 on, K-quants from Q2_K on.
+    #[allow(non_camel_case_types)] // ggml's names
+    #[derive(Debug, Clone, Copy)]
+    enum WeightFormat as "FORMAT" {
+        Q8_0 = 0,
+        Q4_1 = 1,
+        Q4_0 = 2,
+        F16 = 3,
+        F32 = 4,
+        Q2_K = 5,
+        Q3_K = 6,
+        Q4_K = 7,
+        Q5_K = 8,
+        Q6_K = 9,
+    }
+}
+
+impl From<QuantFormat> for WeightFormat {
+    fn from(format: QuantFormat) -> WeightFormat {
+        match format {
+            QuantFormat::Q8_0 => WeightFormat::Q8_0,
+            QuantFormat::Q4_1 => WeightFormat::Q4_1,
+            QuantFormat::Q4_0 => WeightFormat::Q4_0,
+            QuantFormat::Q2_K => WeightFormat::Q2_K,
+            QuantFormat::Q3_K => WeightFormat::Q3_K,
+            QuantFormat::Q4_K => WeightFormat::Q4_K,
+            QuantFormat::Q5_K => WeightFormat::Q5_K,
+            QuantFormat::Q6_K => WeightFormat::Q6_K,
+        }
+    }
+}
+
+kernel_ids! {
+    /// What the kernel adds to its product (gemm.wgsl's ADD_*; see `Addend`).
+    #[derive(Debug, Clone, Copy)]
+    enum AddendKind as "ADD" {
+        None = 0,
+        Bias = 1,
+        Full = 2,
+    }
+}
 
 /// Big tiles (128 × 128 outputs per workgroup, 8 × 8 per invocation) once a problem has at least
 /// this many of them; else 64 × 64 (4 × 4), which leave fewer GPU cores idle on small problems.
@@ -57,7 +111,7 @@ fn u(x: usize) -> u32 {
     x as u32
 }
 
-/// What a GEMM adds to its product (shaders/gemm.wgsl's ADD_*).
+/// What a GEMM adds to its product.
 #[derive(Clone, Copy)]
 enum Addend<'a> {
     None,
@@ -72,11 +126,11 @@ impl<'a> Addend<'a> {
         bias.map_or(Addend::None, Addend::Bias)
     }
 
-    fn id(self) -> u32 {
+    fn kind(self) -> AddendKind {
         match self {
-            Addend::None => 0,
-            Addend::Bias(_) => 1,
-            Addend::Full(_) => 2,
+            Addend::None => AddendKind::None,
+            Addend::Bias(_) => AddendKind::Bias,
+            Addend::Full(_) => AddendKind::Full,
         }
     }
 
@@ -92,7 +146,7 @@ impl<'a> Addend<'a> {
 struct Operand<'a> {
     data: &'a Tensor,
     scales: &'a Tensor,
-    format: u32,
+    format: WeightFormat,
     rows: usize,
     cols: usize,
 }
@@ -103,13 +157,13 @@ impl Gpu {
             Weight::Dense(t) => {
                 let (&rows, rest) = t.shape().split_first().ok_or_else(|| bad(format!("{what}: scalar weight")))?;
                 let format = match t.dtype() {
-                    DType::F16 => 3,
-                    DType::F32 => 4,
+                    DType::F16 => WeightFormat::F16,
+                    DType::F32 => WeightFormat::F32,
                     DType::U32 => return Err(bad(format!("{what}: integer weight"))),
                 };
                 Operand { data: t, scales: t, format, rows, cols: rest.iter().product() }
             }
-            Weight::Quant(q) => Operand { data: &q.data, scales: q.scales.as_ref().unwrap_or(&q.data), format: q.format.kernel_id(), rows: q.rows, cols: q.cols },
+            Weight::Quant(q) => Operand { data: &q.data, scales: q.scales.as_ref().unwrap_or(&q.data), format: q.format.into(), rows: q.rows, cols: q.cols },
         })
     }
 
@@ -173,7 +227,11 @@ impl Gpu {
         *shape.last_mut().expect("pushed") = width;
         let y = self.empty_as(&shape, dtype)?;
         let (defines, tile) = Gpu::tiles(m, n);
-        let params = [u(m), u(n), u(k), u(k.div_ceil(BLOCK)), w.format, addend.id(), geglu as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let params = GemmParams {
+            m: u(m), n: u(n), k: u(k), blocks: u(k.div_ceil(BLOCK)),
+            format: w.format as u32, addend: addend.kind() as u32, geglu: geglu as u32,
+            ..Zeroable::zeroed()
+        };
         let cols_per_group = if geglu { tile / 2 } else { tile };
         let groups = [u(width.div_ceil(cols_per_group)), u(m.div_ceil(tile)), 1];
         let addend = addend.tensor().unwrap_or(x);
@@ -214,12 +272,12 @@ impl Gpu {
         let dtype = self.input_dtype(x, addend, cout, &[n, cout, oh, ow], "conv2d")?;
         let y = self.empty_as(&[n, cout, oh, ow], dtype)?;
         let (defines, tile) = Gpu::tiles(cout, n * oh * ow);
-        let params = [
-            u(cout), u(oh * ow), u(w.cols), u(w.cols.div_ceil(BLOCK)),
-            w.format, addend.id(), 0, 0,
-            u(cin), u(h), u(wd), u(ow),
-            u(k), u(stride), u(top), u(left),
-        ];
+        let params = GemmParams {
+            m: u(cout), n: u(oh * ow), k: u(w.cols), blocks: u(w.cols.div_ceil(BLOCK)),
+            format: w.format as u32, addend: addend.kind() as u32, geglu: 0, _p0: 0,
+            cin: u(cin), h: u(h), w: u(wd), ow: u(ow),
+            ksize: u(k), stride: u(stride), pad_y: u(top), pad_x: u(left),
+        };
         let groups = [u((oh * ow).div_ceil(tile)), u(cout.div_ceil(tile)), u(n)];
         let addend = addend.tensor().unwrap_or(x);
         self.dispatch_with(&GEMM, "conv2d", dtype, defines, &params, &[x, w.data, w.scales, &y, addend], groups)?;

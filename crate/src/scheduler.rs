@@ -26,8 +26,10 @@
 //! x = α·x0 + σ_t·ε with α = 1/sqrt(σ² + 1), σ_t = σ·α (unit initial noise, unscaled input).
 
 use serde::Deserialize;
+use strum::{EnumString, IntoStaticStr, VariantNames};
 
 use crate::error::{Error, Result};
+use crate::named::Named;
 use crate::weights::{read_json, Source};
 
 /// `scheduler/scheduler_config.json` with diffusers' field names. Fields whose default differs
@@ -125,35 +127,27 @@ impl Default for SchedulerConfig {
 
 /// A sampler users pick by name (`--scheduler`); each is a diffusers scheduler class built from
 /// the model's scheduler config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumString, VariantNames)]
+#[strum(serialize_all = "snake_case", parse_err_ty = Error, parse_err_fn = crate::named::unknown::<Self>)]
 pub enum SamplerChoice {
     Euler,
+    #[strum(serialize = "euler_a")]
     EulerAncestral,
+    #[strum(serialize = "dpmpp_2m")]
     DpmPP2M,
+    #[strum(serialize = "dpmpp_2m_karras")]
     DpmPP2MKarras,
     Ddim,
 }
 
-impl SamplerChoice {
-    const NAMES: [(&'static str, SamplerChoice); 5] = [
-        ("euler", SamplerChoice::Euler),
-        ("euler_a", SamplerChoice::EulerAncestral),
-        ("dpmpp_2m", SamplerChoice::DpmPP2M),
-        ("dpmpp_2m_karras", SamplerChoice::DpmPP2MKarras),
-        ("ddim", SamplerChoice::Ddim),
-    ];
-}
-
-impl std::str::FromStr for SamplerChoice {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<SamplerChoice> {
-        choose("scheduler", s, &SamplerChoice::NAMES).map_err(Error::InvalidParameter)
-    }
+impl Named for SamplerChoice {
+    const WHAT: &'static str = "scheduler";
 }
 
 /// How inference timesteps are spread over the training timesteps (`timestep_spacing`, see
 /// table 2 of "Common Diffusion Noise Schedules and Sample Steps are Flawed").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, EnumString, IntoStaticStr, VariantNames)]
+#[strum(serialize_all = "lowercase", parse_err_ty = Error, parse_err_fn = crate::named::unknown::<Self>)]
 pub enum TimestepSpacing {
     Leading,
     Trailing,
@@ -161,19 +155,13 @@ pub enum TimestepSpacing {
 }
 
 impl TimestepSpacing {
-    const NAMES: [(&'static str, TimestepSpacing); 3] =
-        [("leading", TimestepSpacing::Leading), ("trailing", TimestepSpacing::Trailing), ("linspace", TimestepSpacing::Linspace)];
-
     pub fn name(self) -> &'static str {
-        TimestepSpacing::NAMES.iter().find(|(_, s)| *s == self).map_or("", |(n, _)| n)
+        self.into()
     }
 }
 
-impl std::str::FromStr for TimestepSpacing {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<TimestepSpacing> {
-        choose("timestep spacing", s, &TimestepSpacing::NAMES).map_err(Error::InvalidParameter)
-    }
+impl Named for TimestepSpacing {
+    const WHAT: &'static str = "timestep spacing";
 }
 
 /// What the UNet predicts (`prediction_type`).
@@ -310,7 +298,10 @@ impl Scheduler {
         let default_spacing = if choice == SamplerChoice::Ddim { "leading" } else { "linspace" };
         let spacing = match spacing {
             Some(spacing) => spacing,
-            None => choose("timestep_spacing", config.timestep_spacing.as_deref().unwrap_or(default_spacing), &TimestepSpacing::NAMES)?,
+            None => {
+                let name = config.timestep_spacing.as_deref().unwrap_or(default_spacing);
+                name.parse().map_err(|_| not_supported("timestep_spacing", name, TimestepSpacing::VARIANTS))?
+            }
         };
         let sigma_min = choose("final_sigmas_type", &config.final_sigmas_type, &[("zero", false), ("sigma_min", true)])?;
         let n = config.num_train_timesteps;
@@ -745,8 +736,12 @@ fn sigma_to_t(sigma: f64, log_sigmas: &[f32]) -> f64 {
 fn choose<T: Copy>(field: &str, value: &str, options: &[(&str, T)]) -> std::result::Result<T, String> {
     options.iter().find(|(name, _)| *name == value).map(|&(_, option)| option).ok_or_else(|| {
         let names: Vec<&str> = options.iter().map(|(name, _)| *name).collect();
-        format!("{field} \"{value}\" is not supported (expected one of: {})", names.join(", "))
+        not_supported(field, value, &names)
     })
+}
+
+fn not_supported(field: &str, value: &str, names: &[&str]) -> String {
+    format!("{field} \"{value}\" is not supported (expected one of: {})", names.join(", "))
 }
 
 /// torch.linspace(start, end, n, dtype=float32) on the CPU: float32 arithmetic from both ends

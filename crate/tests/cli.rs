@@ -4,12 +4,10 @@
 
 mod common;
 
-use common::{sdxl, TempDir};
+use common::{read_all, sdxl, TempDir};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Output;
 
-use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
 use sdxl::weights::{DirSource, FileTensors};
 
 const MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-base");
@@ -36,25 +34,6 @@ fn encode(negative: Option<&str>) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let run = sdxl(&args);
     assert!(run.status.success(), "sdxl {args:?} failed: {}", String::from_utf8_lossy(&run.stderr));
     read_all(&dir.0, "e.safetensors")
-}
-
-/// Every tensor of `dir/file` as (shape, values); each must be stored as F32.
-fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join(file)).unwrap();
-    let n = header_len(file, &bytes, bytes.len() as u64).unwrap() as usize;
-    let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
-    let source = DirSource::new(dir);
-    let weights = pollster::block_on(FileTensors::open(&source, vec![file.to_string()])).unwrap();
-    let read = |name: &str, shape: &[usize]| pollster::block_on(weights.host(name, shape)).unwrap();
-    header
-        .tensors
-        .into_iter()
-        .map(|(name, info)| {
-            assert_eq!(info.dtype, Dtype::F32, "{name}: dtype");
-            let values = read(&name, &info.shape);
-            (name, (info.shape, values))
-        })
-        .collect()
 }
 
 /// diffusers' `encode_prompt` output for `key` (e.g. "plain.base.prompt_embeds").
@@ -132,4 +111,41 @@ fn nonexistent_model_dir() {
     let run = sdxl(&["encode", "--model", &model, "--prompt", PROMPT, "--out", &dir.file("e.safetensors"), "--precision", "f32"]);
     assert_fails_with(&run, &model);
     assert!(!dir.0.join("e.safetensors").exists(), "an output file was written");
+}
+
+/// Runs `sdxl args`, asserting it printed help on stdout and exited 0; returns the help.
+fn help_of(args: &[&str]) -> String {
+    let run = sdxl(args);
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert_eq!(run.status.code(), Some(0), "sdxl {args:?}: exit status {:?}; stderr:\n{}", run.status, String::from_utf8_lossy(&run.stderr));
+    stdout
+}
+
+#[test]
+fn help_lists_commands_and_options() {
+    for args in [&[][..], &["--help"], &["help"]] {
+        let help = help_of(args);
+        for command in ["encode", "generate", "convert", "download", "store", "quality", "bench", "info"] {
+            assert!(help.contains(command), "sdxl {args:?} does not list {command}:\n{help}");
+        }
+    }
+    for args in [&["generate", "--help"][..], &["help", "generate"]] {
+        let help = help_of(args);
+        for option in ["--prompt", "--mask-blur", "--outpaint", "--lora", "--taesd", "LEFT,TOP,RIGHT,BOTTOM", "single-file checkpoint"] {
+            assert!(help.contains(option), "sdxl {args:?} does not mention {option}:\n{help}");
+        }
+    }
+    assert!(help_of(&["store", "--help"]).contains("verify"));
+}
+
+#[test]
+fn usage_errors_exit_1() {
+    assert_fails_with(&sdxl(&["generate", "--bogus"]), "unknown option '--bogus'");
+    assert_fails_with(&sdxl(&["generate", "--sed", "1"]), "unknown option '--sed' (did you mean '--seed'?)");
+    assert_fails_with(&sdxl(&["generate", "--model", MODEL, "--prompt", PROMPT, "--out", "x.png", "--steps"]), "--steps needs a value");
+    assert_fails_with(&sdxl(&["encode", "--model", MODEL, "--prompt", PROMPT, "--out", "x", "--long-prompt", "yes"]), "--long-prompt 'yes' must be truncate or chunked");
+    assert_fails_with(&sdxl(&["bench", "--sizes", "512,big"]), "--sizes: 'big' is not a size");
+    assert_fails_with(&sdxl(&["convert", "--from", MODEL, "--out", "x", "--quant", "q3"]), "quantization 'q3'");
+    assert_fails_with(&sdxl(&["frobnicate"]), "unknown command 'frobnicate'");
+    assert_fails_with(&sdxl(&["store", "verify"]), "--id is required");
 }

@@ -6,13 +6,11 @@
 
 mod common;
 
-use common::{copy_tree, max_abs, psnr, sdxl, Case, TempDir};
-use std::collections::BTreeMap;
+use common::{copy_tree, max_abs, psnr, read_all, sdxl, Case, TempDir};
 use std::path::Path;
 use std::process::Output;
 use std::time::Instant;
 
-use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
 use sdxl::weights::{DirSource, FileTensors};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
@@ -21,24 +19,6 @@ const REFINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/ti
 
 fn case(name: &str) -> Case {
     Case::load("alt_pipeline_cases.json").into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name} in alt_pipeline_cases.json"))
-}
-
-/// Every tensor of `dir/file` as (shape, values); each must be stored as F32.
-fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join(file)).unwrap();
-    let n = header_len(file, &bytes, bytes.len() as u64).unwrap() as usize;
-    let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
-    let source = DirSource::new(dir);
-    let weights = pollster::block_on(FileTensors::open(&source, vec![file.to_string()])).unwrap();
-    header
-        .tensors
-        .into_iter()
-        .map(|(name, info)| {
-            assert_eq!(info.dtype, Dtype::F32, "{name}: dtype");
-            let values = pollster::block_on(weights.host(&name, &info.shape)).unwrap();
-            (name, (info.shape, values))
-        })
-        .collect()
 }
 
 /// diffusers' tensor `key` of reference/alt_pipeline.safetensors, checked to have `shape`.

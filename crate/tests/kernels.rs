@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, random, stored, tolerance};
+use common::{assert_close, cpu_conv, random, stored, tolerance};
 use sdxl::ops::Activation;
 use sdxl::quant::Weight;
 use sdxl::{DType, Error, Gpu};
@@ -268,34 +268,6 @@ async fn embedding_chunked(gpu: &Gpu) {
     assert_close("embedding", &gpu.read(&y).await.unwrap(), &want, 0.0);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cpu_conv(x: &[f32], w: &[f32], b: &[f32], (n, cin, h, wd): (usize, usize, usize, usize), cout: usize, k: usize, stride: usize, pad: usize) -> (Vec<f32>, usize, usize) {
-    let oh = (h + 2 * pad - k) / stride + 1;
-    let ow = (wd + 2 * pad - k) / stride + 1;
-    let mut y = vec![0.0; n * cout * oh * ow];
-    for bi in 0..n {
-        for co in 0..cout {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = b[co] as f64;
-                    for ci in 0..cin {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let (iy, ix) = ((oy * stride + ky) as isize - pad as isize, (ox * stride + kx) as isize - pad as isize);
-                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
-                                    acc += x[((bi * cin + ci) * h + iy as usize) * wd + ix as usize] as f64 * w[((co * cin + ci) * k + ky) * k + kx] as f64;
-                                }
-                            }
-                        }
-                    }
-                    y[((bi * cout + co) * oh + oy) * ow + ox] = acc as f32;
-                }
-            }
-        }
-    }
-    (y, oh, ow)
-}
-
 async fn conv2d_variants(gpu: &Gpu) {
     let (n, cin, h, w, cout) = (2, 5, 9, 7, 6);
     let x = stored(gpu, &random(n * cin * h * w, 28));
@@ -304,7 +276,7 @@ async fn conv2d_variants(gpu: &Gpu) {
         let wt = stored(gpu, &random(cout * cin * k * k, 29 + k as u64));
         let b = stored(gpu, &random(cout, 31));
         let y = gpu.conv2d(&tx, &dense(gpu, &wt, &[cout, cin, k, k]), k, Some(&gpu.upload(&b, &[cout]).unwrap()), stride, [pad; 4]).unwrap();
-        let (want, oh, ow) = cpu_conv(&x, &wt, &b, (n, cin, h, w), cout, k, stride, pad);
+        let (want, oh, ow) = cpu_conv(&x, &wt, Some(&b), (n, cin, h, w), cout, k, stride, [pad; 4]);
         assert_eq!(y.shape(), [n, cout, oh, ow], "conv {k}x{k} stride {stride}");
         assert_close(&format!("conv {k}x{k} stride {stride}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
     }
@@ -372,7 +344,7 @@ async fn conv2d_asymmetric_padding(gpu: &Gpu) {
                 }
             }
         }
-        let (want, oh, ow) = cpu_conv(&padded, &wt, &b, (n, cin, ph, pw), cout, k, stride, 0);
+        let (want, oh, ow) = cpu_conv(&padded, &wt, Some(&b), (n, cin, ph, pw), cout, k, stride, [0; 4]);
         let y = gpu.conv2d(&tx, &tw, k, Some(&tb), stride, [top, bottom, left, right]).unwrap();
         assert_eq!(y.shape(), [n, cout, oh, ow], "conv pad {top} {bottom} {left} {right}");
         assert_close(&format!("conv pad {top} {bottom} {left} {right}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{psnr, Case};
+use common::{max_abs, psnr, Case};
 
 use sdxl::pipeline::generate::{generate, Event, Observer, SdxlModel};
 use sdxl::quant::QuantPreset;
@@ -36,10 +36,6 @@ impl Observer for &mut Recorder {
 
 fn fixture(dir: &str) -> DirSource {
     DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
 }
 
 async fn pipelines_match_diffusers(gpu: &Gpu) {

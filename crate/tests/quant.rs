@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, random, stored, tolerance};
+use common::{assert_close, cpu_conv, random, stored, tolerance};
 use half::f16;
 use sdxl::quant::{dequantize, quantize, QuantFormat, QuantTensor, QuantizedTensor, Weight, BLOCK};
 use sdxl::Gpu;
@@ -385,36 +385,6 @@ async fn linear_q_subnormal_scales(gpu: &Gpu) {
         assert!(want.iter().any(|v| v.abs() > 0.5), "outputs of order 1e-3");
         assert_close(&format!("linear_q {format:?} subnormal scales"), &scale(gpu.read(&y).await.unwrap()), &want, tolerance(gpu));
     }
-}
-
-/// Direct convolution with zero padding [top, bottom, left, right], f64 accumulation.
-#[allow(clippy::too_many_arguments)]
-fn cpu_conv(x: &[f32], w: &[f32], b: Option<&[f32]>, (n, cin, h, wd): (usize, usize, usize, usize), cout: usize, k: usize, stride: usize, pad: [usize; 4]) -> (Vec<f32>, usize, usize) {
-    let [top, bottom, left, right] = pad;
-    let oh = (h + top + bottom - k) / stride + 1;
-    let ow = (wd + left + right - k) / stride + 1;
-    let mut y = vec![0.0; n * cout * oh * ow];
-    for bi in 0..n {
-        for co in 0..cout {
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = b.map_or(0.0, |b| b[co] as f64);
-                    for ci in 0..cin {
-                        for ky in 0..k {
-                            for kx in 0..k {
-                                let (iy, ix) = ((oy * stride + ky) as isize - top as isize, (ox * stride + kx) as isize - left as isize);
-                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
-                                    acc += x[((bi * cin + ci) * h + iy as usize) * wd + ix as usize] as f64 * w[((co * cin + ci) * k + ky) * k + kx] as f64;
-                                }
-                            }
-                        }
-                    }
-                    y[((bi * cout + co) * oh + oy) * ow + ox] = acc as f32;
-                }
-            }
-        }
-    }
-    (y, oh, ow)
 }
 
 async fn check_conv2d_q(gpu: &Gpu, format: QuantFormat) {

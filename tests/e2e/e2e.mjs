@@ -31,15 +31,19 @@
 //      generate: the CLI's image with that mask (PSNR >= 40 dB); through the API, the same run with
 //      the mask as ImageData, outpainting to a larger canvas, and typed errors for bad masks; the
 //      TAESD-XL preview decoder (the page's button, then the API): previews at image size.
+//  15. the npm package: `npm pack` of web/ holds exactly the API, its worker and the wasm build; its
+//      tarball installed offline into a fresh page dir resolves (node's exports, tsc's types), and a
+//      plain page importing ./node_modules/sdxl-webgpu/sdxl.js generates the PNG web/sdxl.js gives.
 // Usage: SDXL=target/debug/sdxl node tests/e2e/e2e.mjs [OUT_DIR]   (writes OUT_DIR/page.png, a screenshot)
 //        E2E_STEPS=10,11 ... runs only those steps (steps 1-9 build on each other: any of them runs all nine).
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { spawn, execFileSync } from 'node:child_process';
-import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { inflateSync } from 'node:zlib';
 import path from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { chromium } from 'playwright-core';
 
 const root = path.resolve(import.meta.dirname, '../..');
@@ -270,6 +274,15 @@ async function pageSteps(browser, url) {
     r.noRefiner = await outcome(sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, refinerStart: 0.5 }));
     r.unknownOption = await outcome(sdxl.generate({ prompt: 'x', steps: 1, seeed: 3 }));
     r.nanSteps = await outcome(sdxl.generate({ prompt: 'x', steps: NaN }));
+    // The engine checks every option (crate/src/app/de.rs): each bad value is named with what it must be.
+    r.infiniteWidth = await outcome(sdxl.generate({ prompt: 'x', width: Infinity, steps: 1 }));
+    r.stringSteps = await outcome(sdxl.generate({ prompt: 'x', steps: '30' }));
+    r.negativeSize = await outcome(sdxl.generate({ prompt: 'x', width: -64, steps: 1 }));
+    r.fractionalSeed = await outcome(sdxl.generate({ prompt: 'x', seed: 1.5, steps: 1 }));
+    r.badScheduler = await outcome(sdxl.generate({ prompt: 'x', scheduler: 'euler_b', steps: 1 }));
+    r.promptNumber = await outcome(sdxl.generate({ prompt: 7, steps: 1 }));
+    r.badLoraWeight = await outcome(sdxl.generate({ prompt: 'x', steps: 1, loras: [{ model: 'a', weight: NaN }] }));
+    r.badPrecision = await outcome(Sdxl.create({ precision: 'f8' }));
     r.hugeSize = await outcome(sdxl.generate({ prompt: 'x', width: 1e9, height: 1e9, steps: 1 }));
     const one = await sdxl.generate({ prompt: 'x', width: 64, height: 64, steps: 1, seed: 3 });
     [r.seed, r.timings] = [one.seed, one.timings];
@@ -292,6 +305,14 @@ async function pageSteps(browser, url) {
   assert.match(got.noRefiner, /^InvalidParameter: .*refinerStart is set but no refiner is loaded/);
   assert.match(got.unknownOption, /^InvalidParameter: generate: unknown option `seeed`/);
   assert.match(got.nanSteps, /^InvalidParameter: steps must be a finite number, not NaN/);
+  assert.match(got.infiniteWidth, /^InvalidParameter: width must be a finite number, not Infinity/);
+  assert.match(got.stringSteps, /^InvalidParameter: steps must be a finite number, not the string "30"/);
+  assert.match(got.negativeSize, /^InvalidParameter: width must be a whole number from 0 to 2\^53, not -64/);
+  assert.match(got.fractionalSeed, /^InvalidParameter: seed must be a whole number from 0 to 2\^53, not 1.5/);
+  assert.match(got.badScheduler, /^InvalidParameter: scheduler must be one of 'euler', 'euler_a', .*not "euler_b"/);
+  assert.match(got.promptNumber, /^InvalidParameter: prompt: invalid type/);
+  assert.match(got.badLoraWeight, /^InvalidParameter: loras\[0\]\.weight must be a finite number, not NaN/);
+  assert.match(got.badPrecision, /^InvalidParameter: precision must be one of 'auto', 'f32', 'f16', not "f8"/);
   assert.match(got.hugeSize, /^InvalidParameter: .*1000000000x1000000000 is too large/);
   assert.equal(got.seed, 3);
   assert.ok(got.timings.base > 0 && got.timings.decode > 0 && got.timings.total >= got.timings.base + got.timings.decode, 'timings');
@@ -890,6 +911,90 @@ async function inpaintSteps(browser, url) {
   await context.close();
 }
 
+/** The run the npm package's page and web/sdxl.js each make: the tiny base alone, few steps. */
+const NPM_RUN = { prompt: PROMPT, width: RUN.width, height: RUN.height, steps: RUN.steps, guidance: RUN.guidance, seed: RUN.seed };
+
+/** Step 15: web/ packed as the npm package, installed from its tarball into a fresh page that generates. */
+async function npmPackageSteps(browser, url) {
+  log('15. the npm package: pack web/, install the tarball into a fresh page, generate');
+  const dir = `${out}/npm`;
+  const pageDir = `${dir}/page`;
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(pageDir, { recursive: true });
+  const [packed] = JSON.parse(execFileSync('npm', ['pack', '--json', '--silent', '--pack-destination', dir], { cwd: `${root}/web`, encoding: 'utf8' }));
+  const pkg = `${root}/web/pkg`;
+  const built = readdirSync(pkg, { recursive: true }).filter((file) => statSync(`${pkg}/${file}`).isFile() && file !== 'build.js');
+  const expectedFiles = ['package.json', 'sdxl.d.ts', 'sdxl.js', 'worker.js', ...built.map((file) => `pkg/${file}`)].sort();
+  log('npm pack:', packed.filename, packed.files.map((f) => f.path).join(' '));
+  assert.deepEqual(packed.files.map((f) => f.path).sort(), expectedFiles, 'the tarball holds the API, its worker and the wasm build, nothing else');
+  assert.ok(expectedFiles.includes('pkg/sdxl_bg.wasm'), 'the wasm is packed');
+  assert.equal(packed.version, JSON.parse(readFileSync(`${root}/crate/Cargo.toml`, 'utf8').match(/^version = (".*")$/m)[1]), 'the package has the crate\'s version');
+
+  writeFileSync(`${pageDir}/package.json`, JSON.stringify({ name: 'sdxl-webgpu-e2e-page', private: true, type: 'module' }));
+  execFileSync('npm', ['install', '--offline', '--no-audit', '--no-fund', `../${packed.filename}`], { cwd: pageDir, stdio: 'inherit' });
+  const installed = `${pageDir}/node_modules/sdxl-webgpu`;
+  const resolve = (specifier) => execFileSync('node', ['--input-type=module', '-e', `console.log(import.meta.resolve(${JSON.stringify(specifier)}))`], { cwd: pageDir, encoding: 'utf8' }).trim();
+  assert.equal(resolve('sdxl-webgpu'), pathToFileURL(`${installed}/sdxl.js`).href, 'the package\'s main export');
+  assert.equal(resolve('sdxl-webgpu/worker.js'), pathToFileURL(`${installed}/worker.js`).href, 'the worker export');
+  // The declarations through the package's exports, as a bundler-based app sees them.
+  writeFileSync(`${pageDir}/check.ts`, "import { Sdxl, type GenerateResult } from 'sdxl-webgpu';\n" +
+    'export async function run(): Promise<GenerateResult> { return (await Sdxl.create()).generate({ prompt: "x", seed: 1 }); }\n');
+  writeFileSync(`${pageDir}/tsconfig.json`, JSON.stringify({ compilerOptions: { target: 'es2022', module: 'es2022', moduleResolution: 'bundler',
+    lib: ['es2022', 'dom'], strict: true, noEmit: true }, files: ['check.ts'] }));
+  execFileSync(`${root}/tests/e2e/node_modules/.bin/tsc`, ['-p', `${pageDir}/tsconfig.json`], { stdio: 'inherit' });
+
+  // A plain page beside node_modules on a server that serves no web/: worker and wasm can only come from the package.
+  writeFileSync(`${pageDir}/index.html`, `<!doctype html>
+<meta charset="utf-8">
+<title>sdxl-webgpu installed from npm</title>
+<link rel="icon" href="data:,">
+<script type="module">
+  import { Sdxl } from './node_modules/sdxl-webgpu/sdxl.js';
+  try {
+    const sdxl = await Sdxl.create({ storeName: 'e2e-npm' });
+    await sdxl.load({ base: './models/tiny-sdxl-base', quant: 'q8' });
+    const { blob } = await sdxl.generate(${JSON.stringify(NPM_RUN)});
+    window.generated = Array.from(new Uint8Array(await blob.arrayBuffer()));
+  } catch (e) {
+    window.failed = \`\${e.name}: \${e.message}\`;
+  }
+</script>
+`);
+  const own = await startServer(0, pageDir);
+  try {
+    const context = await browser.newContext();
+    const page = await context.newPage();
+    watch(page, 'npm');
+    await page.goto(`${own.url}/`);
+    await page.waitForFunction(() => window.generated || window.failed, null, { timeout: 10 * MINUTE });
+    assert.equal(await page.evaluate(() => window.failed ?? null), null, 'the page using the installed package generates');
+    const viaPackage = Buffer.from(await page.evaluate(() => window.generated));
+    const served = (await (await fetch(`${own.url}/_control/log`)).json()).map((request) => request.path);
+    for (const file of ['sdxl.js', 'worker.js', 'pkg/sdxl.js', 'pkg/sdxl_bg.wasm']) {
+      assert.ok(served.includes(`/node_modules/sdxl-webgpu/${file}`), `${file} served from node_modules (served: ${served.join(' ')})`);
+    }
+
+    const reference = await context.newPage();
+    watch(reference, 'npm-reference');
+    await reference.goto(`${url}/?preset=tiny`);
+    const viaWeb = Buffer.from(await reference.evaluate(async (run) => {
+      const { Sdxl } = await import('/sdxl.js');
+      const sdxl = await Sdxl.create({ storeName: 'e2e-npm-reference' });
+      await sdxl.load({ base: './models/tiny-sdxl-base', quant: 'q8' });
+      const { blob } = await sdxl.generate(run);
+      sdxl.terminate();
+      return Array.from(new Uint8Array(await blob.arrayBuffer()));
+    }, NPM_RUN));
+    const image = decodePng(viaPackage);
+    assert.deepEqual([image.width, image.height], [NPM_RUN.width, NPM_RUN.height], 'the package\'s image size');
+    log(`npm package: ${viaPackage.length} B PNG; PSNR against web/sdxl.js ${psnr(image.rgb, decodePng(viaWeb).rgb).toFixed(1)} dB`);
+    assert.ok(viaPackage.equals(viaWeb), 'the installed package gives web/sdxl.js\'s PNG, byte for byte');
+    await context.close();
+  } finally {
+    own.server.kill();
+  }
+}
+
 async function main() {
   rmSync(out, { recursive: true, force: true });
   mkdirSync(out, { recursive: true });
@@ -908,6 +1013,7 @@ async function main() {
     if (selected(12)) await serviceWorkerSteps(browser);
     if (selected(13)) await repairSteps(browser, url);
     if (selected(14)) await inpaintSteps(browser, url);
+    if (selected(15)) await npmPackageSteps(browser, url);
     log(STEPS ? `end-to-end steps ${STEPS.join(', ')} passed` : 'all end-to-end tests passed');
   } finally {
     await browser.close();

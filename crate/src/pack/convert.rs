@@ -10,7 +10,7 @@ use half::f16;
 use serde::{Deserialize, Serialize};
 
 use super::manifest::{sha256_hex, shard_path, Manifest, ModelKind, Pack, PackFile, PackTensor, Segment, Shard, Storage, ALIGN, FORMAT, MANIFEST, SHARD_BYTES, VERSION};
-use crate::error::{Error, Result};
+use crate::error::{mib, Error, Result};
 use crate::gpu::HOST_CHUNK;
 use crate::quant::{QuantFormat, QuantPolicy, QuantPreset, QuantizedTensor};
 use crate::weights::safetensors::{self, Dtype};
@@ -230,10 +230,6 @@ impl<K: PackSink> ShardWriter<'_, K> {
         self.append(&[0; ALIGN][..padding as usize]).await?;
         self.append(bytes).await
     }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.2} MiB", bytes as f64 / 1048576.0)
 }
 
 /// Converts the model that `plan` reads into a pack written to `sink`: weights the source stores

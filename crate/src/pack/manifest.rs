@@ -20,7 +20,7 @@ pub const MANIFEST: &str = "manifest.json";
 /// Alignment of every plane and file in a shard.
 pub(crate) const ALIGN: usize = 4;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, tsify::Tsify)]
 pub enum ModelKind {
     #[serde(rename = "sdxl-base")]
     Base,
@@ -135,8 +135,7 @@ mod preset_name {
         s.serialize_str(p.name())
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<QuantPreset, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(|_| D::Error::custom(format!("unknown quant preset '{s}' (expected f16, q8 or q4)")))
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
     }
 }
 
@@ -171,12 +170,8 @@ pub fn shard_path(i: usize) -> String {
     format!("shards/{i:05}.bin")
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// A validated manifest with its look-up tables.

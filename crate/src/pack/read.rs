@@ -10,8 +10,8 @@ use std::rc::Rc;
 use half::f16;
 use sha2::{Digest, Sha256};
 
-use super::manifest::{hex, sha256_hex, Pack, PackTensor, Segment, Storage, MANIFEST};
-use crate::error::{Error, Result};
+use super::manifest::{sha256_hex, Pack, PackTensor, Segment, Storage, MANIFEST};
+use crate::error::{mib, Error, Result};
 use crate::quant::QuantizedTensor;
 use crate::weights::safetensors::Dtype;
 use crate::weights::{checked, Encoding, Fetch, HostTensor, ModelSource, SharedSource, Source, TensorInfo, TensorSource};
@@ -42,7 +42,7 @@ pub async fn open<'a>(inner: impl Source + 'a) -> Result<(ModelSource<'a>, Rc<Pa
         components.insert(component.clone(), Rc::new(source));
     }
     let m = pack.manifest();
-    let format = format!("model pack ({:?}, {}, {} shards, {:.1} MiB)", m.model, m.quant.name(), m.shards.len(), m.bytes() as f64 / 1048576.0);
+    let format = format!("model pack ({:?}, {}, {} shards, {})", m.model, m.quant.name(), m.shards.len(), mib(m.bytes()));
     Ok((ModelSource::indexed(files, components, format), pack))
 }
 
@@ -169,7 +169,7 @@ pub async fn verify(source: &impl Source) -> Result<()> {
             hasher.update(source.read_range(&shard.path, pos, end).await?);
             pos = end;
         }
-        let sum = hex(&hasher.finalize());
+        let sum = hex::encode(hasher.finalize());
         if sum != shard.sha256 {
             return Err(Error::Io {
                 path: source.describe(&shard.path),

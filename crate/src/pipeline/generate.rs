@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use crate::adapt::Layers;
-use crate::error::{Error, Result};
+use crate::error::{mib, Error, Result};
 use crate::gpu::{Gpu, Tensor};
 use crate::models::taesd::TaesdDecoder;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -226,7 +226,8 @@ pub fn outpaint_canvas(image: &InitImage, [left, top, right, bottom]: [usize; 4]
     Ok((InitImage { width, height, rgb }, Mask { width, height, values }))
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, tsify::Tsify)]
+#[serde(rename_all = "lowercase")]
 pub enum Stage {
     Base,
     Refiner,
@@ -416,10 +417,10 @@ fn check_final_decoder(gpu: &Gpu, decoder: &TaesdDecoder, vae: &AutoencoderKL, p
     }
     if !decoder.fits(gpu, p.height / downscale, p.width / downscale) {
         return Err(Error::AdapterLimits(format!(
-            "a TAESD decode of a {}x{} image needs more than this adapter's {:.1} MiB in one buffer; leave out the TAESD final decoder (the VAE decodes in tiles)",
+            "a TAESD decode of a {}x{} image needs more than this adapter's {} in one buffer; leave out the TAESD final decoder (the VAE decodes in tiles)",
             p.width,
             p.height,
-            gpu.max_binding_bytes() as f64 / 1048576.0
+            mib(gpu.max_binding_bytes())
         )));
     }
     Ok(())

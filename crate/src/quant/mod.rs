@@ -47,15 +47,18 @@ pub mod kquants;
 use std::ops::Range;
 
 use half::f16;
+use strum::{EnumString, IntoStaticStr, VariantNames};
 
-use crate::error::{Error, Result};
+use crate::error::{mib, Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::named::Named;
 
 /// Values per quantization block (along cols).
 pub const BLOCK: usize = 32;
 
 #[allow(non_camel_case_types)] // ggml's names
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, EnumString, IntoStaticStr, VariantNames)]
+#[strum(serialize_all = "lowercase", parse_err_ty = Error, parse_err_fn = crate::named::unknown::<Self>)]
 pub enum QuantFormat {
     /// f16 scale + 32 × u4 per block (symmetric): 4.5 bits per weight.
     Q4_0,
@@ -139,43 +142,14 @@ impl QuantFormat {
         cols >= BLOCK && (!self.is_k() || cols.is_multiple_of(kquants::SUPER))
     }
 
-    /// The number the kernels switch on (shaders/gemm.wgsl's FORMAT_*).
-    pub(crate) fn kernel_id(self) -> u32 {
-        match self {
-            QuantFormat::Q8_0 => 0,
-            QuantFormat::Q4_1 => 1,
-            QuantFormat::Q4_0 => 2,
-            QuantFormat::Q2_K => 5,
-            QuantFormat::Q3_K => 6,
-            QuantFormat::Q4_K => 7,
-            QuantFormat::Q5_K => 8,
-            QuantFormat::Q6_K => 9,
-        }
-    }
-
     /// The name files and the CLI use (ggml's, lower case).
     pub fn name(self) -> &'static str {
-        match self {
-            QuantFormat::Q8_0 => "q8_0",
-            QuantFormat::Q4_0 => "q4_0",
-            QuantFormat::Q4_1 => "q4_1",
-            QuantFormat::Q2_K => "q2_k",
-            QuantFormat::Q3_K => "q3_k",
-            QuantFormat::Q4_K => "q4_k",
-            QuantFormat::Q5_K => "q5_k",
-            QuantFormat::Q6_K => "q6_k",
-        }
+        self.into()
     }
 }
 
-impl std::str::FromStr for QuantFormat {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        QuantFormat::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = QuantFormat::ALL.iter().map(|f| f.name()).collect();
-            Error::InvalidParameter(format!("quantization format '{s}': expected one of {}", names.join(", ")))
-        })
-    }
+impl Named for QuantFormat {
+    const WHAT: &'static str = "quantization format";
 }
 
 /// A quantized [rows, cols] weight on the CPU, in the GPU's layout (see the module docs).
@@ -465,12 +439,12 @@ impl QuantTensor {
             let bytes = words as u64 * 4;
             if bytes > limit {
                 return Err(Error::AdapterLimits(format!(
-                    "quantized weight '{name}' ({:?} [{}, {}]) needs {:.1} MiB of {plane} in one binding; this adapter allows {:.1} MiB",
+                    "quantized weight '{name}' ({:?} [{}, {}]) needs {} of {plane} in one binding; this adapter allows {}",
                     q.format,
                     q.rows,
                     q.cols,
-                    bytes as f64 / 1048576.0,
-                    limit as f64 / 1048576.0
+                    mib(bytes),
+                    mib(limit)
                 )));
             }
         }
@@ -505,25 +479,19 @@ pub enum Weight {
 ///
 /// `Q8` stores every candidate matrix as Q8_0. `Q4` stores them as Q4_0 except the roles in
 /// [`Q4_EXCEPTIONS`], which `sdxl quality --sensitivity` chose by measurement (see there).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, EnumString, IntoStaticStr, VariantNames)]
+#[strum(serialize_all = "lowercase", parse_err_ty = Error, parse_err_fn = crate::named::unknown::<Self>)]
 pub enum QuantPreset {
     /// All weights dense (f16 on shader-f16 adapters).
     #[default]
+    #[strum(to_string = "f16", serialize = "none")]
     F16,
     Q8,
     Q4,
 }
 
-impl std::str::FromStr for QuantPreset {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f16" | "none" => Ok(QuantPreset::F16),
-            "q8" => Ok(QuantPreset::Q8),
-            "q4" => Ok(QuantPreset::Q4),
-            _ => Err(bad(format!("quantization '{s}': expected f16, q8 or q4"))),
-        }
-    }
+impl Named for QuantPreset {
+    const WHAT: &'static str = "quantization";
 }
 
 /// The q4 preset's exceptions to Q4_0, by role (see [`role`]): the upgrades that remove the most
@@ -555,11 +523,7 @@ pub const Q4_EXCEPTIONS: &[(&str, QuantFormat)] = &[
 impl QuantPreset {
     /// The name the CLI, the JS API and pack manifests use.
     pub fn name(self) -> &'static str {
-        match self {
-            QuantPreset::F16 => "f16",
-            QuantPreset::Q8 => "q8",
-            QuantPreset::Q4 => "q4",
-        }
+        self.into()
     }
 
     pub fn policy(self) -> QuantPolicy {

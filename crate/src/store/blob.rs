@@ -4,15 +4,17 @@
 
 use std::cell::Cell;
 
-use js_sys::{Reflect, Uint8Array};
+use js_sys::Uint8Array;
 use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::Blob;
 
-use super::js::{self, JsFailure};
+use super::js::JsFailure;
 use crate::error::{Error, Result};
 use crate::weights::Source;
 
 pub struct BlobSource {
-    blob: JsValue,
+    blob: Blob,
     /// The file's name: the one path this source holds.
     name: String,
     size: u64,
@@ -22,11 +24,9 @@ pub struct BlobSource {
 impl BlobSource {
     /// `blob` must be a JS `Blob` (a `File` is one); `name` is what errors and the path call it.
     pub fn new(blob: JsValue, name: &str) -> Result<BlobSource> {
-        let size = Reflect::get(&blob, &"size".into()).ok().and_then(|s| s.as_f64());
-        let slice = Reflect::get(&blob, &"slice".into()).ok().filter(|f| f.is_function());
-        match (size, slice) {
-            (Some(size), Some(_)) if size >= 0.0 => Ok(BlobSource { blob, name: name.to_string(), size: size as u64, read: Cell::new(0) }),
-            _ => Err(Error::InvalidParameter(format!("'{name}' is not a File or Blob"))),
+        match blob.dyn_into::<Blob>() {
+            Ok(blob) => Ok(BlobSource { size: blob.size() as u64, blob, name: name.to_string(), read: Cell::new(0) }),
+            Err(_) => Err(Error::InvalidParameter(format!("'{name}' is not a File or Blob"))),
         }
     }
 
@@ -37,6 +37,11 @@ impl BlobSource {
     /// Bytes read so far (progress).
     pub fn bytes_read(&self) -> u64 {
         self.read.get()
+    }
+
+    async fn slice(&self, start: u64, end: u64) -> std::result::Result<Uint8Array, JsFailure> {
+        let slice = self.blob.slice_with_f64_and_f64(start as f64, end as f64)?;
+        Ok(Uint8Array::new(&JsFuture::from(slice.array_buffer()).await?))
     }
 
     fn check(&self, path: &str) -> Result<()> {
@@ -63,11 +68,10 @@ impl Source for BlobSource {
         if start > end || end > self.size {
             return Err(Error::Io { path: self.describe(path), message: format!("bytes {start}..{end} lie outside the {}-byte file", self.size) });
         }
-        let bytes = js::blob_read(&self.blob, start as f64, end as f64).await.map_err(|e| {
-            let f = JsFailure::from(e);
-            Error::Io { path: self.describe(path), message: format!("the browser could not read the file ({}: {}); pick it again", f.name, f.message) }
+        let bytes = self.slice(start, end).await.map_err(|f| Error::Io {
+            path: self.describe(path),
+            message: format!("the browser could not read the file ({}: {}); pick it again", f.name, f.message),
         })?;
-        let bytes: Uint8Array = bytes.unchecked_into();
         if bytes.length() as u64 != end - start {
             return Err(Error::Io {
                 path: self.describe(path),

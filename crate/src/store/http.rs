@@ -242,7 +242,7 @@ impl HttpSource {
             let length = lengths.get(path).copied().flatten();
             match &stated.hashing {
                 Some((hashed, hasher)) if Some(*hashed) == length => {
-                    let got: String = hasher.clone().finalize().iter().map(|b| format!("{b:02x}")).collect();
+                    let got = hex::encode(hasher.clone().finalize());
                     if got != stated.sha256 {
                         return Err(Error::Corrupt {
                             path: self.url(path),
@@ -293,16 +293,111 @@ impl Source for HttpSource {
     }
 }
 
+/// Why a range answer is not the range `start..end`, once its headers are in (in the browser,
+/// CORS may hide Content-Range: then a 206 is taken as the range).
+fn range_answer_error(status: u16, content_range: Option<&str>, start: u64, end: u64) -> Option<(Option<u16>, String)> {
+    match status {
+        206 => match content_range {
+            Some(range) if !range.trim().starts_with(&format!("bytes {start}-{}/", end - 1)) => {
+                Some((None, format!("asked for bytes {start}-{}, the server answered '{range}'", end - 1)))
+            }
+            _ => None,
+        },
+        // The whole file: its first bytes are the range only where the range starts it.
+        200 if start == 0 => None,
+        200 => Some((Some(200), "the server ignores Range requests (it answered 200 with the whole file)".into())),
+        _ => Some((Some(status), format!("HTTP {status}"))),
+    }
+}
+
 #[cfg(target_arch = "wasm32")]
 mod platform {
-    use super::super::js::{self, JsFailure};
+    use std::cell::Cell;
+
+    use js_sys::Uint8Array;
+    use wasm_bindgen::closure::Closure;
+    use wasm_bindgen::JsCast;
+    use wasm_bindgen_futures::JsFuture;
+    use web_sys::{AbortController, Headers, ReadableStreamDefaultReader, ReadableStreamReadResult, RequestCache, RequestInit, Response};
+
+    use super::super::js::{Global, JsFailure};
     use super::super::Bytes;
-    use super::{stated_sha256, Head};
+    use super::{range_answer_error, stated_sha256, Head};
     use crate::error::{Error, Result};
 
-    fn network(url: &str, e: wasm_bindgen::JsValue) -> Error {
-        let f = JsFailure::from(e);
+    /// The largest integer a JS number holds exactly.
+    const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
+    fn network(url: &str, f: JsFailure) -> Error {
         Error::Network { url: url.to_string(), status: f.status, message: f.message }
+    }
+
+    fn http_error(r: &Response) -> JsFailure {
+        let status = Some(r.status()).filter(|&s| s > 0);
+        JsFailure { status, ..JsFailure::new(format!("HTTP {} {}", r.status(), r.status_text()).trim()) }
+    }
+
+    fn header(r: &Response, name: &str) -> Option<String> {
+        r.headers().get(name).ok().flatten()
+    }
+
+    /// Aborts a fetch after `stall_ms` of silence (headers or body). Dropped, it aborts the fetch
+    /// too, so that a body left unread (a refused answer) stops downloading.
+    struct Watchdog {
+        global: Global,
+        abort: AbortController,
+        on_silence: Closure<dyn FnMut()>,
+        timer: Cell<Option<i32>>,
+        stall_ms: u64,
+    }
+
+    impl Watchdog {
+        fn start(stall_ms: u64) -> std::result::Result<Watchdog, JsFailure> {
+            let abort = AbortController::new()?;
+            let on_silence = Closure::new({
+                let abort = abort.clone();
+                move || abort.abort()
+            });
+            let watchdog = Watchdog { global: Global::get()?, abort, on_silence, timer: Cell::new(None), stall_ms };
+            watchdog.heard();
+            Ok(watchdog)
+        }
+
+        /// The server sent something: its silence starts again.
+        fn heard(&self) {
+            if let Some(timer) = self.timer.take() {
+                self.global.clear_timeout(timer);
+            }
+            self.timer.set(self.global.set_timeout(self.on_silence.as_ref().unchecked_ref(), self.stall_ms).ok());
+        }
+
+        fn stalled(&self) -> bool {
+            self.abort.signal().aborted()
+        }
+
+        async fn fetch(&self, url: &str, init: &RequestInit) -> std::result::Result<Response, JsFailure> {
+            init.set_cache(RequestCache::NoStore);
+            init.set_signal(Some(&self.abort.signal()));
+            self.global.fetch(url, init).await
+        }
+
+        /// `result`, except that whatever failed because the silence aborted the fetch failed
+        /// for that; such a failure has no status, so the caller retries it.
+        fn outcome<T>(&self, result: std::result::Result<T, JsFailure>) -> std::result::Result<T, JsFailure> {
+            match result {
+                Err(_) if self.stalled() => Err(JsFailure::new(format!("the server sent nothing for {} s", self.stall_ms as f64 / 1000.0))),
+                other => other,
+            }
+        }
+    }
+
+    impl Drop for Watchdog {
+        fn drop(&mut self) {
+            if let Some(timer) = self.timer.take() {
+                self.global.clear_timeout(timer);
+            }
+            self.abort.abort();
+        }
     }
 
     /// `fetch`, with the stall timeout in milliseconds.
@@ -314,18 +409,88 @@ mod platform {
         }
 
         pub async fn head(&self, url: &str) -> Result<Head> {
-            let head = js::http_head(url, self.0 as f64).await.map_err(|e| network(url, e))?;
-            let field = |k: &str| js_sys::Reflect::get(&head, &k.into()).ok();
-            let n = field("length").and_then(|v| v.as_f64()).unwrap_or(-1.0);
-            let sha256 = field("tag").and_then(|v| v.as_string()).and_then(|t| stated_sha256(&t));
-            Ok(Head { length: (n >= 0.0).then_some(n as u64), sha256 })
+            let watchdog = Watchdog::start(self.0).map_err(|f| network(url, f))?;
+            let head = watchdog.outcome(head(&watchdog, url).await);
+            head.map_err(|f| network(url, f))
         }
 
         pub async fn get(&self, url: &str, start: u64, end: u64) -> Result<Bytes> {
-            use wasm_bindgen::JsCast;
-            let value = js::http_get(url, start as f64, end as f64, self.0 as f64).await.map_err(|e| network(url, e))?;
-            Ok(Bytes { array: value.unchecked_into() })
+            let watchdog = Watchdog::start(self.0).map_err(|f| network(url, f))?;
+            let bytes = watchdog.outcome(get(&watchdog, url, start, end).await);
+            bytes.map(|array| Bytes { array }).map_err(|f| network(url, f))
         }
+    }
+
+    async fn head(watchdog: &Watchdog, url: &str) -> std::result::Result<Head, JsFailure> {
+        let init = RequestInit::new();
+        init.set_method("HEAD");
+        let r = watchdog.fetch(url, &init).await?;
+        if r.status() == 404 {
+            return Ok(Head { length: None, sha256: None });
+        }
+        if !r.ok() {
+            return Err(http_error(&r));
+        }
+        let length = header(&r, "content-length");
+        let Some(n) = length.as_deref().and_then(|n| n.trim().parse().ok()).filter(|&n| n <= MAX_SAFE_INTEGER) else {
+            return Err(JsFailure::new(format!("the response has no valid Content-Length ({})", length.as_deref().unwrap_or("null"))));
+        };
+        // The sha256 the server may state (the hub: X-Linked-Etag, where CORS shows it).
+        let tag = header(&r, "x-linked-etag").or_else(|| header(&r, "etag"));
+        Ok(Head { length: Some(n), sha256: tag.and_then(|t| stated_sha256(&t)) })
+    }
+
+    /// Bytes start..end, checked as the native client checks them ([`range_answer_error`]; CORS
+    /// may hide Content-Range), and never more bytes than asked for: a 200 where the range starts
+    /// the file is read no further than the range.
+    async fn get(watchdog: &Watchdog, url: &str, start: u64, end: u64) -> std::result::Result<Uint8Array, JsFailure> {
+        let headers = Headers::new()?;
+        headers.set("Range", &format!("bytes={start}-{}", end - 1))?;
+        let init = RequestInit::new();
+        init.set_headers(&headers);
+        let r = watchdog.fetch(url, &init).await?;
+        watchdog.heard();
+        let status = r.status();
+        if status != 200 && status != 206 {
+            return Err(http_error(&r));
+        }
+        if let Some((status, message)) = range_answer_error(status, header(&r, "content-range").as_deref(), start, end) {
+            return Err(JsFailure { status, ..JsFailure::new(message) });
+        }
+        let want = end - start;
+        let bytes = Uint8Array::new_with_length(want as u32);
+        let mut got = 0;
+        if let Some(body) = r.body() {
+            let reader: ReadableStreamDefaultReader = body.get_reader().unchecked_into();
+            loop {
+                let chunk: ReadableStreamReadResult = match JsFuture::from(reader.read()).await {
+                    Ok(chunk) => chunk.unchecked_into(),
+                    Err(e) if watchdog.stalled() => return Err(e.into()),
+                    Err(e) => return Err(JsFailure::new(format!("the transfer stopped after {got} of {want} bytes: {}", JsFailure::from(e).message))),
+                };
+                if chunk.get_done().unwrap_or(true) {
+                    break;
+                }
+                watchdog.heard();
+                let value: Uint8Array = chunk.get_value().unchecked_into();
+                let n = value.length() as u64;
+                if got + n > want {
+                    let _ = reader.cancel();
+                    if status == 206 {
+                        return Err(JsFailure::new(format!("the server sent more than the {want} bytes asked for")));
+                    }
+                    bytes.set(&value.subarray(0, (want - got) as u32), got as u32);
+                    got = want;
+                    break;
+                }
+                bytes.set(&value, got as u32);
+                got += n;
+            }
+        }
+        if got != want {
+            return Err(JsFailure::new(format!("the connection closed after {got} of {want} bytes")));
+        }
+        Ok(bytes)
     }
 }
 
@@ -335,28 +500,11 @@ mod platform {
     use std::time::Duration;
 
     use super::super::Bytes;
-    use super::{stated_sha256, Head};
+    use super::{range_answer_error, stated_sha256, Head};
     use crate::error::{Error, Result};
 
     const MAX_REDIRECTS: u32 = 10;
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-    /// Why a range answer is not the range `start..end`, once its headers are in (js.rs's
-    /// `http_get` checks the same in the browser, where CORS may hide Content-Range).
-    fn range_answer_error(status: u16, content_range: Option<&str>, start: u64, end: u64) -> Option<(Option<u16>, String)> {
-        match status {
-            206 => match content_range {
-                Some(range) if !range.trim().starts_with(&format!("bytes {start}-{}/", end - 1)) => {
-                    Some((None, format!("asked for bytes {start}-{}, the server answered '{range}'", end - 1)))
-                }
-                _ => None,
-            },
-            // The whole file: its first bytes are the range only where the range starts it.
-            200 if start == 0 => None,
-            200 => Some((Some(200), "the server ignores Range requests (it answered 200 with the whole file)".into())),
-            _ => Some((Some(status), format!("HTTP {status}"))),
-        }
-    }
 
     /// Where a redirect from `url` to `location` (absolute, or relative to `url`) leads.
     fn redirected(url: &str, location: &str) -> String {

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::models::{check_id, mib};
+use super::models::check_id;
 use super::{Bytes, RecordStore};
-use crate::error::{Error, Result};
+use crate::error::{mib, Error, Result};
 use crate::weights::lora::{LoraFile, ShortHash};
 use crate::weights::Source;
 
@@ -24,8 +24,10 @@ const CACHE_BYTES: u64 = 1 << 30;
 const INFO: &str = "lora.json";
 
 /// A LoRA in the store (the JS API lists these).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
+// Options cross as null (the engine serialises missing values as null).
+#[tsify(missing_as_null)]
 pub struct StoredLora {
     pub id: String,
     /// The file's name.

@@ -94,8 +94,7 @@ impl Bytes {
         return js::sha256_hex(&self.array).await;
         #[cfg(not(target_arch = "wasm32"))]
         {
-            use sha2::{Digest, Sha256};
-            Sha256::digest(self.vec.as_slice()).iter().map(|b| format!("{b:02x}")).collect()
+            crate::pack::manifest::sha256_hex(self.vec.as_slice())
         }
     }
 }

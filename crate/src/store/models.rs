@@ -24,7 +24,7 @@ use std::task::Poll;
 use serde::{Deserialize, Serialize};
 
 use super::{Bytes, HttpSource, RecordStore, StoreSource};
-use crate::error::{Error, Result};
+use crate::error::{mib, Error, Result};
 use crate::pack::convert::encode;
 use crate::pack::{self, ConvertState, Manifest, ModelKind, Pack, PackSink, Segment, MANIFEST, SHARD_BYTES};
 use crate::quant::QuantPreset;
@@ -63,8 +63,10 @@ pub struct Progress {
 }
 
 /// A model in the store, complete or not (the JS API lists these).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
+// Options cross as null (the engine serialises missing values as null).
+#[tsify(missing_as_null)]
 pub struct StoredModel {
     pub id: String,
     pub url: Option<String>,
@@ -493,10 +495,6 @@ pub(super) fn check_id(id: &str) -> Result<()> {
     } else {
         Err(Error::InvalidParameter(format!("model id '{id}' must be 1-128 letters, digits, '-', '_' or '.' (not starting with '.')")))
     }
-}
-
-pub(super) fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
 
 /// Runs `task` on every item, at most `limit` at once; stops at the first error.

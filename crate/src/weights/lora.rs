@@ -44,7 +44,7 @@ impl ShortHash {
     }
 
     pub fn finish(self) -> String {
-        sha2::Digest::finalize(self.hasher).iter().take(6).map(|b| format!("{b:02x}")).collect()
+        hex::encode(&sha2::Digest::finalize(self.hasher)[..6])
     }
 }
 

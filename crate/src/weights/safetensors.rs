@@ -8,6 +8,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
+use strum::{EnumString, IntoStaticStr};
 
 use super::Source;
 use crate::error::{Error, Result};
@@ -16,8 +17,8 @@ use crate::error::{Error, Result};
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
 /// safetensors' dtypes. The float ones are model weights; integers are buffers (position ids).
-#[allow(non_camel_case_types)] // safetensors' names
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)] // safetensors' names, which strum parses and gives back
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumString, IntoStaticStr)]
 pub enum Dtype {
     F64,
     F32,
@@ -36,9 +37,6 @@ pub enum Dtype {
 }
 
 impl Dtype {
-    const ALL: [Dtype; 12] =
-        [Dtype::F64, Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F8_E4M3, Dtype::F8_E5M2, Dtype::I64, Dtype::I32, Dtype::I16, Dtype::I8, Dtype::U8, Dtype::BOOL];
-
     pub fn size(self) -> usize {
         match self {
             Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::I8 | Dtype::U8 | Dtype::BOOL => 1,
@@ -53,26 +51,9 @@ impl Dtype {
         matches!(self, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F8_E4M3 | Dtype::F8_E5M2)
     }
 
-    fn parse(s: &str) -> Option<Dtype> {
-        Dtype::ALL.into_iter().find(|d| d.name() == s)
-    }
-
     /// The name safetensors headers use.
     pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F64 => "F64",
-            Dtype::F32 => "F32",
-            Dtype::F16 => "F16",
-            Dtype::BF16 => "BF16",
-            Dtype::F8_E4M3 => "F8_E4M3",
-            Dtype::F8_E5M2 => "F8_E5M2",
-            Dtype::I64 => "I64",
-            Dtype::I32 => "I32",
-            Dtype::I16 => "I16",
-            Dtype::I8 => "I8",
-            Dtype::U8 => "U8",
-            Dtype::BOOL => "BOOL",
-        }
+        self.into()
     }
 }
 
@@ -230,7 +211,7 @@ impl<'de> Visitor<'de> for EntryVisitor<'_> {
             match key.as_str() {
                 "dtype" => {
                     let name: String = map.next_value().map_err(|e| bad(format!("no dtype ({e})")))?;
-                    dtype = Some(Dtype::parse(&name).ok_or_else(|| bad(format!("unsupported dtype {name}")))?);
+                    dtype = Some(name.parse().map_err(|_| bad(format!("unsupported dtype {name}")))?);
                 }
                 "shape" => shape = Some(map.next_value::<Sizes<MAX_DIMS>>().map_err(|e| bad(format!("shape is not a list of at most {MAX_DIMS} sizes ({e})")))?.0),
                 "data_offsets" => {

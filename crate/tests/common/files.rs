@@ -1,9 +1,12 @@
 //! Native-only support for the tests that run the `sdxl` binary or write model folders.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use sdxl::pipeline::generate::GenerateParams;
+use sdxl::weights::safetensors::{header_len, parse_header, Dtype};
+use sdxl::weights::{DirSource, FileTensors};
 use serde::Deserialize;
 
 /// Runs the `sdxl` binary built with the tests.
@@ -51,6 +54,24 @@ pub fn copy_tree(from: &Path, to: &Path, skip: &str) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// Every tensor of `dir/file` as (shape, values); each must be stored as F32.
+pub fn read_all(dir: &Path, file: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join(file)).unwrap();
+    let n = header_len(file, &bytes, bytes.len() as u64).unwrap() as usize;
+    let header = parse_header(file, &bytes[8..8 + n], bytes.len() as u64).unwrap();
+    let source = DirSource::new(dir);
+    let weights = pollster::block_on(FileTensors::open(&source, vec![file.to_string()])).unwrap();
+    header
+        .tensors
+        .into_iter()
+        .map(|(name, info)| {
+            assert_eq!(info.dtype, Dtype::F32, "{name}: dtype");
+            let values = pollster::block_on(weights.host(&name, &info.shape)).unwrap();
+            (name, (info.shape, values))
+        })
+        .collect()
 }
 
 /// One whole-pipeline case of tests/fixtures/reference/*pipeline_cases.json (ref_pipeline.py).

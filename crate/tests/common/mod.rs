@@ -14,7 +14,7 @@ mod files;
 pub mod sgm;
 #[cfg(not(target_arch = "wasm32"))]
 #[allow(unused_imports)] // each test binary uses some
-pub use files::{copy_tree, sdxl, Case, TempDir};
+pub use files::{copy_tree, read_all, sdxl, Case, TempDir};
 
 /// An f32 device, plus an f16 one where the adapter has shader-f16.
 pub async fn gpus() -> Vec<Gpu> {
@@ -50,11 +50,10 @@ pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { m.max((x - y).abs()) })
 }
 
-/// PSNR of images in 0..1.
+/// The library's PSNR of images in 0..1, refusing images of different sizes.
 pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let mse = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64;
-    10.0 * (1.0 / mse.max(1e-20)).log10()
+    sdxl::pipeline::quality::psnr(a, b)
 }
 
 /// Relative tolerance of a kernel result: f32 storage keeps ~1e-6 per op; f16 storage rounds every
@@ -77,6 +76,36 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         .enumerate()
         .fold((0, 0f32), |acc, (i, e)| if e > acc.1 { (i, e) } else { acc });
     assert!(err / scale <= tol, "{what}: max |Δ| {err} (relative {}) at {worst}: got {} want {}; tolerance {tol}", err / scale, got[worst], want[worst]);
+}
+
+/// Direct convolution with zero padding [top, bottom, left, right], f64 accumulation.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_conv(x: &[f32], w: &[f32], b: Option<&[f32]>, (n, cin, h, wd): (usize, usize, usize, usize), cout: usize, k: usize, stride: usize, pad: [usize; 4]) -> (Vec<f32>, usize, usize) {
+    let [top, bottom, left, right] = pad;
+    let oh = (h + top + bottom - k) / stride + 1;
+    let ow = (wd + left + right - k) / stride + 1;
+    let mut y = vec![0.0; n * cout * oh * ow];
+    for bi in 0..n {
+        for co in 0..cout {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = b.map_or(0.0, |b| b[co] as f64);
+                    for ci in 0..cin {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let (iy, ix) = ((oy * stride + ky) as isize - top as isize, (ox * stride + kx) as isize - left as isize);
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wd {
+                                    acc += x[((bi * cin + ci) * h + iy as usize) * wd + ix as usize] as f64 * w[((co * cin + ci) * k + ky) * k + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    y[((bi * cout + co) * oh + oy) * ow + ox] = acc as f32;
+                }
+            }
+        }
+    }
+    (y, oh, ow)
 }
 
 /// Deterministic values in [-1, 1) (xorshift).
