@@ -109,6 +109,11 @@ fn loose_values_are_checked_whole() {
         let got = message(de::request::<GenerateRequest, _>(value.clone(), "generate"));
         assert!(got.starts_with(expected), "{value:?}: {got:?} should start with {expected:?}");
     }
+    let bench = |entries: Vec<(&str, Loose)>| de::request::<BenchRequest, _>(request(entries), "bench");
+    let list = |items: Vec<Loose>| Loose::Array(items);
+    let ok = bench(vec![("sizes", list(vec![Number(64.0), Number(128.0)])), ("quants", list(vec![Text("q8".into())])), ("loras", list(vec![]))]).unwrap();
+    assert_eq!((ok.sizes, ok.quants.map(|q| q.len()), ok.loras), (Some(vec![64, 128]), Some(1), Some(vec![])));
+    assert!(message(bench(vec![("sizes", list(vec![Number(64.5)]))])).starts_with("sizes[0] must be a whole number"));
     let good = de::request::<GenerateRequest, _>(request(vec![prompt(), ("steps", Number(4.0)), ("finalDecoder", Text("taesd".into())), ("refinerStart", Loose::Null)]), "generate").unwrap();
     assert_eq!((good.steps, good.final_decoder, good.refiner_start), (Some(4), app::FinalDecoder::Taesd, Some(None)));
 }

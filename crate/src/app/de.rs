@@ -243,6 +243,10 @@ impl<'de> Deserializer<'de> for Loose {
         }
     }
 
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _: &'static str, visitor: V) -> std::result::Result<V::Value, Self::Error> {
+        visitor.visit_newtype_struct(self)
+    }
+
     fn deserialize_enum<V: Visitor<'de>>(self, _: &'static str, _: &'static [&'static str], visitor: V) -> std::result::Result<V::Value, Self::Error> {
         match self {
             Loose::String(name) => visitor.visit_enum(de::IntoDeserializer::<de::value::Error>::into_deserializer(name)),
@@ -252,7 +256,7 @@ impl<'de> Deserializer<'de> for Loose {
 
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct newtype_struct seq tuple
+        bytes byte_buf unit unit_struct seq tuple
         tuple_struct map struct identifier ignored_any
     }
 }
