@@ -216,13 +216,12 @@ export interface Timings {
 }
 
 /**
- * A generated image as the engine returns it.
+ * A generated image as the engine describes it (its PNG crosses beside this, as bytes).
  */
 export interface GenerateOutput {
     /**
-     * PNG with the recipe in its `parameters` text chunk (AUTOMATIC1111 format).
+     * The recipe, as the PNG's `parameters` text chunk holds it (AUTOMATIC1111 format).
      */
-    png: Uint8Array;
     parameters: string;
     seed: number;
     width: number;
@@ -440,7 +439,7 @@ export interface GenerateOptions extends GenerateRequest {
 /** An image given to generate(): an image file (Blob), a decoded image, a canvas or its pixels. */
 export type ImageInput = Blob | ImageBitmap | ImageData | HTMLCanvasElement | OffscreenCanvas | HTMLImageElement;
 
-export interface GenerateResult extends Omit<GenerateOutput, 'png'> {
+export interface GenerateResult extends GenerateOutput {
   /** PNG with the recipe in its `parameters` text chunk (AUTOMATIC1111 format). */
   blob: Blob;
   bitmap: ImageBitmap;

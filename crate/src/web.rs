@@ -166,11 +166,14 @@ impl Engine {
     /// [`GenerateRequest`]; `images`: [image, mask], each null, PNG bytes (a Uint8Array) or
     /// `{data, width, height}` RGBA pixels). With `preview`, `on_event(event, preview)` gets each
     /// step's preview (RGBA bytes); `cancelled()` is asked before every step and before the
-    /// decode, and a true answer ends the run with an `AbortError`. Returns a [`GenerateOutput`].
+    /// decode, and a true answer ends the run with an `AbortError`. Returns a [`GenerateOutput`] with `png`, its bytes.
     pub async fn generate(&self, options: JsValue, images: js_sys::Array, preview: bool, on_event: Function, cancelled: Function) -> std::result::Result<JsValue, JsValue> {
         // One GPU operation: a GPU error fails this run only (see Gpu::operation).
-        let out = self.gpu.operation(self.run(options, &images, preview, &on_event, &cancelled)).await.map_err(js_error)?;
-        Ok(to_js(&out))
+        let (png, out) = self.gpu.operation(self.run(options, &images, preview, &on_event, &cancelled)).await.map_err(js_error)?;
+        // The PNG is the part the worker transfers to the page: bytes beside the typed fields.
+        let result = to_js(&out);
+        Reflect::set(&result, &"png".into(), &Uint8Array::from(png.as_slice())).expect("setting a field of a new object");
+        Ok(result)
     }
 
     /// The stored models ([`crate::store::StoredModel`]s).
@@ -452,7 +455,7 @@ impl Engine {
         Ok(applied.into_iter().map(|(name, weight, hash)| LoraRecipe { name, weight, hash }).collect())
     }
 
-    async fn run(&self, options: JsValue, images: &js_sys::Array, preview: bool, on_event: &Function, cancelled: &Function) -> Result<GenerateOutput> {
+    async fn run(&self, options: JsValue, images: &js_sys::Array, preview: bool, on_event: &Function, cancelled: &Function) -> Result<(Vec<u8>, GenerateOutput)> {
         let request: GenerateRequest = parse(options, "generate")?;
         let (image, mask) = (picture(&images.get(0), "image")?, picture(&images.get(1), "mask")?);
         // A random seed fits a JS number exactly (53 bits), so the result can report it.
@@ -484,7 +487,7 @@ impl Engine {
         let sampler = base.model.scheduler(params)?.name();
         let sources = RecipeSources { sampler, model: &base.id, refiner: refiner.map(|r| r.id.as_str()), loras: &loras, taesd: final_decoder.is_some() };
         let rendered = app::render(&prepared, &pixels, &sources)?;
-        Ok(GenerateOutput { png: rendered.png, parameters: rendered.recipe, seed: params.seed, width: rendered.width, height: rendered.height, timings: watcher.timings() })
+        Ok((rendered.png, GenerateOutput { parameters: rendered.recipe, seed: params.seed, width: rendered.width, height: rendered.height, timings: watcher.timings() }))
     }
 }
 

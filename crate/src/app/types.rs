@@ -261,13 +261,10 @@ pub struct Timings {
     pub total: f64,
 }
 
-/// A generated image as the engine returns it.
+/// A generated image as the engine describes it (its PNG crosses beside this, as bytes).
 #[derive(Debug, Clone, Serialize, Tsify)]
 pub struct GenerateOutput {
-    /// PNG with the recipe in its `parameters` text chunk (AUTOMATIC1111 format).
-    #[tsify(type = "Uint8Array")]
-    #[serde(with = "serde_bytes")]
-    pub png: Vec<u8>,
+    /// The recipe, as the PNG's `parameters` text chunk holds it (AUTOMATIC1111 format).
     pub parameters: String,
     #[tsify(type = "number")]
     pub seed: u64,
