@@ -65,15 +65,19 @@ fn parse<T: DeserializeOwned>(value: JsValue, call: &str) -> Result<T> {
 }
 
 /// A result or event as a JS value: maps as objects and None as null, as JSON would have them,
-/// bytes as `Uint8Array`s.
-fn to_js(value: &impl Serialize) -> JsValue {
+/// bytes as `Uint8Array`s. A whole number past 2^53 has no exact JS number: such a size can only
+/// come from stored or downloaded data claiming it, so it is refused as corrupt (`what` names it).
+fn to_js(value: &impl Serialize, what: &str) -> Result<JsValue> {
     let serializer = serde_wasm_bindgen::Serializer::new().serialize_missing_as_null(true).serialize_maps_as_objects(true);
-    value.serialize(&serializer).expect("the engine's types serialise")
+    value.serialize(&serializer).map_err(|e| Error::Corrupt { path: what.into(), message: e.to_string() })
 }
 
 fn emit(callback: &Function, event: EngineEvent) {
-    // The callback is the worker's own postMessage wrapper; it does not throw.
-    let _ = callback.call1(&JsValue::NULL, &to_js(&event));
+    // The callback is the worker's own postMessage wrapper; it does not throw. An event that
+    // cannot cross (see `to_js`) is dropped: the call's own result reports the failure.
+    if let Ok(event) = to_js(&event, "a progress event") {
+        let _ = callback.call1(&JsValue::NULL, &event);
+    }
 }
 
 /// A download, import or upload's progress.
@@ -121,9 +125,10 @@ impl Engine {
     }
 
     /// The adapter ([`AdapterInfo`]).
-    pub fn info(&self) -> JsValue {
+    pub fn info(&self) -> std::result::Result<JsValue, JsValue> {
         let precision = if self.gpu.dtype == crate::DType::F16 { "f16" } else { "f32" };
-        to_js(&AdapterInfo { adapter: self.gpu.adapter_name.clone(), precision, shader_f16: self.gpu.has_shader_f16, max_buffer_bytes: self.gpu.max_binding_bytes() })
+        let info = AdapterInfo { adapter: self.gpu.adapter_name.clone(), precision, shader_f16: self.gpu.has_shader_f16, max_buffer_bytes: self.gpu.max_binding_bytes() };
+        to_js(&info, "the adapter's limits").map_err(js_error)
     }
 
     /// Makes the models of `options` (a [`LoadRequest`])
@@ -171,14 +176,14 @@ impl Engine {
         // One GPU operation: a GPU error fails this run only (see Gpu::operation).
         let (png, out) = self.gpu.operation(self.run(options, &images, preview, &on_event, &cancelled)).await.map_err(js_error)?;
         // The PNG is the part the worker transfers to the page: bytes beside the typed fields.
-        let result = to_js(&out);
+        let result = to_js(&out, "the generation's result").map_err(js_error)?;
         Reflect::set(&result, &"png".into(), &Uint8Array::from(png.as_slice())).expect("setting a field of a new object");
         Ok(result)
     }
 
     /// The stored models ([`crate::store::StoredModel`]s).
     pub async fn models(&self) -> std::result::Result<JsValue, JsValue> {
-        self.store.list().await.map(|m| to_js(&m)).map_err(js_error)
+        self.store.list().await.and_then(|m| to_js(&m, "the stored models")).map_err(js_error)
     }
 
     /// Deletes a stored model (releasing it from the GPU if loaded); returns the bytes freed.
@@ -204,7 +209,7 @@ impl Engine {
                 report: &'a bench::BenchReport,
                 table: String,
             }
-            Ok(to_js(&Measured { report: &report, table: report.table() }))
+            to_js(&Measured { report: &report, table: report.table() }, "the benchmark report")
         }
         .await
         .map_err(js_error)
@@ -217,7 +222,7 @@ impl Engine {
     pub async fn store_lora(&self, options: JsValue, files: js_sys::Array, on_event: Function) -> std::result::Result<JsValue, JsValue> {
         async {
             let wanted: ModelSpec = parse(options, "storeLora")?;
-            Ok(to_js(&store_file(&self.loras, &wanted, &files, &on_event, FileKind::Lora).await?))
+            to_js(&store_file(&self.loras, &wanted, &files, &on_event, FileKind::Lora).await?, "the stored LoRA")
         }
         .await
         .map_err(js_error)
@@ -237,7 +242,7 @@ impl Engine {
             let (source, file) = self.decoders.open(&wanted.id).await?;
             let decoder = self.gpu.operation(TaesdDecoder::from_file(&self.gpu, source, &file)).await?;
             self.preview_decoder = Some(decoder);
-            Ok(to_js(&stored))
+            to_js(&stored, "the stored preview decoder")
         }
         .await
         .map_err(js_error)
@@ -246,7 +251,7 @@ impl Engine {
     /// The stored preview decoders, as `loras()` lists LoRAs.
     #[wasm_bindgen(js_name = previewDecoders)]
     pub async fn preview_decoders(&self) -> std::result::Result<JsValue, JsValue> {
-        self.decoders.list().await.map(|d| to_js(&d)).map_err(js_error)
+        self.decoders.list().await.and_then(|d| to_js(&d, "the stored preview decoders")).map_err(js_error)
     }
 
     /// Deletes a stored preview decoder; returns the bytes freed.
@@ -257,7 +262,7 @@ impl Engine {
 
     /// The stored LoRAs ([`StoredLora`]s).
     pub async fn loras(&self) -> std::result::Result<JsValue, JsValue> {
-        self.loras.list().await.map(|l| to_js(&l)).map_err(js_error)
+        self.loras.list().await.and_then(|l| to_js(&l, "the stored LoRAs")).map_err(js_error)
     }
 
     /// Deletes a stored LoRA; returns the bytes freed.
@@ -268,7 +273,7 @@ impl Engine {
 
     /// Checks a stored model's records against their sha256; the bad ones.
     pub async fn verify(&self, id: String) -> std::result::Result<JsValue, JsValue> {
-        self.store.verify(&id).await.map(|bad| to_js(&bad)).map_err(js_error)
+        self.store.verify(&id).await.and_then(|bad| to_js(&bad, "the damaged records")).map_err(js_error)
     }
 }
 
@@ -580,7 +585,9 @@ impl Observer for &mut JsObserver<'_> {
                 (EngineEvent::Decode, JsValue::UNDEFINED)
             }
         };
-        let _ = self.on_event.call2(&JsValue::NULL, &to_js(&event), &preview);
+        if let Ok(event) = to_js(&event, "a step event") {
+            let _ = self.on_event.call2(&JsValue::NULL, &event, &preview);
+        }
         Ok(())
     }
 }

@@ -497,6 +497,9 @@ async fn bad_http_answers_get_clear_errors() {
     assert!(seconds < 5.0, "the stalled request was given up after {seconds:.1} s");
     assert_eq!(got.slice(0, got.len()), &whole[start as usize..end as usize]);
     reset().await;
+    // An empty range asks nothing (no Range header can name it); a reversed one is refused.
+    assert!(http().fetch(path, end, end).await.unwrap().is_empty());
+    assert!(http().fetch(path, end, start).await.is_err_and(|e| e.kind() == "NetworkError"), "a reversed range");
 }
 
 /// A LoRA file of two records and a bit (its factors need not fit a model to be stored).

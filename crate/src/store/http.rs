@@ -192,6 +192,13 @@ impl HttpSource {
 
     async fn get(&self, path: &str, start: u64, end: u64) -> Result<Bytes> {
         let url = self.url(path);
+        // A Range header cannot name an empty range (bytes=start-(start-1)).
+        if start >= end {
+            return match start == end {
+                true => Ok(Vec::new().into()),
+                false => Err(Error::Network { url, status: None, message: format!("bytes {start}..{end} is not a range") }),
+            };
+        }
         let bytes = self.retrying(|| self.client.get(&url, start, end)).await?;
         *self.fetched.borrow_mut() += bytes.len();
         Ok(bytes)
@@ -458,7 +465,8 @@ mod platform {
             return Err(JsFailure { status, ..JsFailure::new(message) });
         }
         let want = end - start;
-        let bytes = Uint8Array::new_with_length(want as u32);
+        let length = u32::try_from(want).map_err(|_| JsFailure::new(format!("a range of {want} bytes is more than one read can hold")))?;
+        let bytes = Uint8Array::new_with_length(length);
         let mut got = 0;
         if let Some(body) = r.body() {
             let reader: ReadableStreamDefaultReader = body.get_reader().unchecked_into();
