@@ -1,33 +1,39 @@
 // Register-blocked GEMM behind nn.Linear and nn.Conv2d, for every weight format: dense T (f16 or
 // f32) and the block-quantized formats of crate/src/quant.rs, dequantized as tiles are loaded.
 //
-// out[row, col] = Σ_k A[row, k] · B[k, col]; a 16×16 workgroup computes a BM × BN tile, each
+// out[row, col] = Σ_k A[row, k] · B[k, col]; a WX × WY workgroup computes a BM × BN tile, each
 // invocation an RM × RN block of it (rows ty·RM.., cols tx·RN..) in registers, stepping k by BK
 // through workgroup memory held as vec4s so that one load feeds four multiply-adds.
 //   linear: A = x [m, k], B = Wᵀ (W [n, k]), out [m, n]; optionally fused with GEGLU.
-//   conv2d (implicit GEMM, per image): A = W [cout, cin·ks·ks], B = im2col(x), out [cout, oh·ow].
-// The prelude (ops_gemm.rs) defines RM and RN (4 or 8; bigger blocks reuse each loaded value more,
-// smaller ones leave fewer idle invocations on small problems) and, unrolled, the accumulators
+//   conv2d (implicit GEMM): A = W [cout, cin·ks·ks], B = im2col(x) with every image's oh·ow pixels
+//   side by side as columns (each weight loaded once per batch), out [n, cout, oh·ow].
+// The prelude (ops_gemm.rs, `Tiling`) defines the workgroup shape WX × WY and RM, RN (4 or 8; bigger
+// blocks reuse each loaded value more, smaller ones leave fewer idle invocations on small problems,
+// narrow workgroups fit outputs with few rows or columns) and, unrolled, the accumulators
 // (private vec4s, never a dynamically indexed array, which GPU compilers may leave in slow local
 // memory), `multiply_tiles(tx, ty)`, the BK-slice product of the workgroup's tiles (between barriers, so
 // the tiles are complete before and free to overwrite after), and
 // `acc_at(r, c)`, the invocation's output (row r, col c) of its block. Accumulation is f32.
-// The addend (`bias`) is a vector over output rows / channels, or (ADD_FULL) a whole tensor shaped
-// as the output before GEGLU: a LoRA's low-rank term computed beforehand (crate/src/adapt.rs).
+// The epilogue adds a bias (BIAS_CHANNEL: a vector over output rows / channels; BIAS_IMAGE_CHANNEL,
+// convolutions: one per image and channel, a resnet's time embedding folded with its bias) and,
+// with p.residual, a whole tensor shaped as the output before GEGLU: a skip connection, or a
+// LoRA's low-rank term computed beforehand (crate/src/adapt.rs) with the bias and skip in it.
 
-// Params, FORMAT_* and ADD_*: generated from crate/src/ops_gemm.rs (GemmParams, WeightFormat,
-// AddendKind).
+// Params and FORMAT_* / BIAS_*: generated from crate/src/ops_gemm.rs (GemmParams, WeightFormat,
+// BiasKind).
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<T>;
 @group(0) @binding(2) var<storage, read> wq: array<u32>; // weight codes, or dense values
 @group(0) @binding(3) var<storage, read> wscale: array<u32>; // block parameters (unused dense)
 @group(0) @binding(4) var<storage, read_write> out: array<T>;
-@group(0) @binding(5) var<storage, read> bias: array<T>; // the addend
+@group(0) @binding(5) var<storage, read> bias: array<T>;
+@group(0) @binding(6) var<storage, read> residual: array<T>;
 
-const BM: u32 = 16u * RM;
-const BN: u32 = 16u * RN;
+const BM: u32 = WY * RM;
+const BN: u32 = WX * RN;
 const BK: u32 = 16u;
+const THREADS: u32 = WX * WY;
 
 var<workgroup> sa: array<vec4<f32>, BK * BM / 4u>; // [k][row / 4]
 var<workgroup> sb: array<vec4<f32>, BK * BN / 4u>; // [k][col / 4]
@@ -178,11 +184,14 @@ fn weight4(row: u32, kk: u32, rows: u32) -> vec4<f32> {
 
 // What linear output (row, weight row) adds to its product.
 fn linear_addend(row: u32, wrow: u32) -> f32 {
-    switch (p.addend) {
-        case ADD_BIAS: { return f32(bias[wrow]); }
-        case ADD_FULL: { return f32(bias[row * p.n + wrow]); }
-        default: { return 0.0; }
+    var v = 0.0;
+    if (p.bias == BIAS_CHANNEL) {
+        v = f32(bias[wrow]);
     }
+    if (p.residual != 0u) {
+        v = v + f32(residual[row * p.n + wrow]);
+    }
+    return v;
 }
 
 // Weight row of tile column `col` (tile origin n0): with GEGLU, even columns are value rows and
@@ -195,13 +204,13 @@ fn linear_weight_row(n0: u32, col: u32) -> u32 {
     return select(pair, p.n / 2u + pair, (col % 2u) == 1u);
 }
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(WX, WY)
 fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
     let m0 = wid.y * BM;
     let n0 = wid.x * BN;
     for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
-        for (var e = li; e < BM * BK; e = e + 256u) {
+        for (var e = li; e < BM * BK; e = e + THREADS) {
             let r = e / BK;
             let c = e % BK;
             var v = 0.0;
@@ -210,7 +219,7 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             }
             sa[c * (BM / 4u) + r / 4u][r % 4u] = v;
         }
-        for (var e = li; e < BN * BK / 4u; e = e + 256u) {
+        for (var e = li; e < BN * BK / 4u; e = e + THREADS) {
             let col = e / (BK / 4u);
             let part = e % (BK / 4u);
             let v = weight4(linear_weight_row(n0, col), k0 + part * 4u, p.n);
@@ -246,15 +255,15 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     }
 }
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(WX, WY)
 fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
     let c0 = wid.y * BM; // output channels
-    let p0 = wid.x * BN; // output pixels
-    let x0 = wid.z * p.cin * p.h * p.w;
+    let p0 = wid.x * BN; // output pixels, image after image
+    let cols = p.n * p.images;
     let kk2 = p.ksize * p.ksize;
     for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
-        for (var e = li; e < BM * BK / 4u; e = e + 256u) {
+        for (var e = li; e < BM * BK / 4u; e = e + THREADS) {
             let row = e / (BK / 4u);
             let part = e % (BK / 4u);
             let v = weight4(c0 + row, k0 + part * 4u, p.m);
@@ -264,18 +273,19 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
             sa[at + 2u * (BM / 4u)][row % 4u] = v.z;
             sa[at + 3u * (BM / 4u)][row % 4u] = v.w;
         }
-        for (var e = li; e < BN * BK; e = e + 256u) {
+        for (var e = li; e < BN * BK; e = e + THREADS) {
             let col = e % BN;
             let kidx = k0 + e / BN;
-            let pix = p0 + col;
+            let at = p0 + col;
             var v = 0.0;
-            if (pix < p.n && kidx < p.k) {
+            if (at < cols && kidx < p.k) {
+                let pix = at % p.n;
                 let ci = kidx / kk2;
                 let rem = kidx % kk2;
                 let iy = i32((pix / p.ow) * p.stride + rem / p.ksize) - i32(p.pad_y);
                 let ix = i32((pix % p.ow) * p.stride + rem % p.ksize) - i32(p.pad_x);
                 if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                    v = f32(x[x0 + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
+                    v = f32(x[((at / p.n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix)]);
                 }
             }
             sb[(e / BN) * (BN / 4u) + col / 4u][col % 4u] = v;
@@ -287,19 +297,23 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
         if (co >= p.m) {
             break;
         }
-        var b = 0.0;
-        if (p.addend == ADD_BIAS) {
-            b = f32(bias[co]);
-        }
         for (var c = 0u; c < RN; c = c + 1u) {
-            let pix = p0 + lid.x * RN + c;
-            if (pix < p.n) {
-                let at = (wid.z * p.m + co) * p.n + pix;
-                if (p.addend == ADD_FULL) {
-                    b = f32(bias[at]);
-                }
-                out[at] = T(acc_at(r, c) + b);
+            let col = p0 + lid.x * RN + c;
+            if (col >= cols) {
+                break;
             }
+            let img = col / p.n;
+            var v = acc_at(r, c);
+            if (p.bias == BIAS_CHANNEL) {
+                v = v + f32(bias[co]);
+            } else if (p.bias == BIAS_IMAGE_CHANNEL) {
+                v = v + f32(bias[img * p.m + co]);
+            }
+            let at = (img * p.m + co) * p.n + col % p.n;
+            if (p.residual != 0u) {
+                v = v + f32(residual[at]);
+            }
+            out[at] = T(v);
         }
     }
 }

@@ -323,9 +323,22 @@ export interface UnetResult {
      */
     loraRank: number | null;
     /**
-     * One UNet evaluation with classifier-free guidance (batch 2).
+     * One UNet evaluation with classifier-free guidance (batch 2), steady (pipelines compiled).
      */
     secondsPerStep: number;
+    /**
+     * The first evaluation at this size in this process: the steady step plus compiling the
+     * pipelines it is the first to use.
+     */
+    firstStepSeconds: number;
+    /**
+     * Pipelines compiled by the first step.
+     */
+    pipelinesCompiled: number;
+    /**
+     * Kernel launches of one step.
+     */
+    dispatchesPerStep: number;
     tflops: number;
     /**
      * GPU memory of the weights, and the peak of everything during the steps.

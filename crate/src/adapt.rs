@@ -3,7 +3,7 @@
 //! q4 base keeps its quality and the LoRA keeps all of its own) and A, B in the working float type.
 //! Several LoRAs on one layer are stacked along the rank, each one's scale folded into its columns
 //! of B, so any number of them costs two small GEMMs per layer. The product W·x takes B·(A·x) + bias
-//! as its addend (shaders/gemm.wgsl's ADD_FULL), GEGLU included.
+//! (+ the layer's skip connection) as its residual addend (shaders/gemm.wgsl), GEGLU included.
 //!
 //! Every Linear and Conv2d a model loads registers a [`Slot`] in its component's [`Layers`] under
 //! diffusers' module name, so LoRAs are set or cleared between generations without reloading.
@@ -14,6 +14,7 @@ use std::rc::Rc;
 
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::Addend;
 use crate::quant::Weight;
 
 /// The stacked low-rank factors of one layer.
@@ -44,16 +45,16 @@ impl LowRank {
         LowRank { down: Weight::Dense(down), up: Weight::Dense(up) }
     }
 
-    /// A Linear's side path plus its bias, B·(A·x) + bias: the addend of its product
-    /// (`Gpu::linear_plus`, `Gpu::linear_geglu_plus`).
-    pub fn linear_delta(&self, gpu: &Gpu, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        gpu.linear(&gpu.linear(x, &self.down, None)?, &self.up, bias)
+    /// A Linear's side path plus the layer's `addend` (its bias, a skip connection), B·(A·x) +
+    /// addend: the whole addend of its product (`Gpu::linear_add`, `Gpu::linear_geglu`).
+    pub fn linear_delta(&self, gpu: &Gpu, x: &Tensor, addend: Addend) -> Result<Tensor> {
+        gpu.linear_add(&gpu.linear(x, &self.down, None)?, &self.up, addend)
     }
 
-    /// A Conv2d's side path plus its bias: A a convolution like the layer's (kernel `k`, `stride`,
-    /// `pad`), B a 1x1 one; the addend of `Gpu::conv2d_plus`.
-    pub fn conv2d_delta(&self, gpu: &Gpu, x: &Tensor, k: usize, bias: &Tensor, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
-        gpu.conv2d(&gpu.conv2d(x, &self.down, k, None, stride, pad)?, &self.up, 1, Some(bias), 1, [0; 4])
+    /// A Conv2d's side path plus the layer's `addend`: A a convolution like the layer's (kernel
+    /// `k`, `stride`, `pad`), B a 1x1 one; the whole addend of `Gpu::conv2d_add`.
+    pub fn conv2d_delta(&self, gpu: &Gpu, x: &Tensor, k: usize, addend: Addend, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
+        gpu.conv2d_add(&gpu.conv2d(x, &self.down, k, None, stride, pad)?, &self.up, 1, addend, 1, [0; 4])
     }
 }
 

@@ -10,6 +10,7 @@ use crate::adapt::{Layers, LowRank};
 use crate::error::{Error, Result};
 use crate::gpu::{kernel_params, shader, DType, Gpu, Shader, Tensor};
 use crate::models::taesd::{TaesdConfig, TaesdDecoder};
+use crate::ops::Addend;
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetLayout};
 use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::quant::{QuantFormat, QuantPolicy, QuantPreset, Weight};
@@ -96,8 +97,15 @@ pub struct UnetResult {
     /// The rank of a LoRA on every transformer Linear (kohya's default targets), run beside the
     /// weights; None: the base alone.
     pub lora_rank: Option<usize>,
-    /// One UNet evaluation with classifier-free guidance (batch 2).
+    /// One UNet evaluation with classifier-free guidance (batch 2), steady (pipelines compiled).
     pub seconds_per_step: f64,
+    /// The first evaluation at this size in this process: the steady step plus compiling the
+    /// pipelines it is the first to use.
+    pub first_step_seconds: f64,
+    /// Pipelines compiled by the first step.
+    pub pipelines_compiled: u64,
+    /// Kernel launches of one step.
+    pub dispatches_per_step: u64,
     pub tflops: f64,
     /// GPU memory of the weights, and the peak of everything during the steps.
     pub weight_bytes: u64,
@@ -155,22 +163,42 @@ fn now() -> f64 {
     js_sys::Date::now() / 1000.0
 }
 
-/// Seconds per run of `f`: one warm-up, one run to size the loop, then enough runs to fill
-/// `TIMED_SECONDS`, all waited for.
-async fn time(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Runs of `f`, each waited for: the first (which compiles the pipelines it is the first to use),
+/// then the steady time per run.
+struct Timing {
+    first: f64,
+    steady: f64,
+    pipelines: u64,
+    dispatches: u64,
+}
+
+/// Times `f`: one first run, one to size the loop, then enough runs to fill `TIMED_SECONDS`
+/// (none when one run fills it: a full-size step on a CPU driver takes minutes).
+async fn timing(gpu: &Gpu, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    let (before, t0) = (gpu.counters(), now());
     f()?;
     gpu.sync().await?;
+    let (first, warm) = (now() - t0, gpu.counters());
     let t0 = now();
     f()?;
     gpu.sync().await?;
     let once = (now() - t0).max(1e-6);
+    let (pipelines, dispatches) = (warm.pipelines - before.pipelines, gpu.counters().dispatches - warm.dispatches);
+    if once >= TIMED_SECONDS {
+        return Ok(Timing { first, steady: once, pipelines, dispatches });
+    }
     let runs = ((TIMED_SECONDS / once).ceil() as usize).clamp(1, 50);
     let t0 = now();
     for _ in 0..runs {
         f()?;
     }
     gpu.sync().await?;
-    Ok((now() - t0) / runs as f64)
+    Ok(Timing { first, steady: (now() - t0) / runs as f64, pipelines, dispatches })
+}
+
+/// Steady seconds per run of `f` (see `timing`).
+async fn time(gpu: &Gpu, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    Ok(timing(gpu, f).await?.steady)
 }
 
 fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T> {
@@ -334,7 +362,7 @@ async fn measure_kernel(gpu: &Gpu, case: &KernelCase, peak: &Peak) -> Result<Ker
             let (x, w) = (input(gpu, &[m, k])?, weight(gpu, &[n, k], format)?);
             let b = random::tensor(gpu, 7, "bench.bias", &[n], gpu.dtype)?;
             let s = time(gpu, || match geglu {
-                true => gpu.linear_geglu(&x, &w, Some(&b)).map(drop),
+                true => gpu.linear_geglu(&x, &w, Addend::bias(Some(&b))).map(drop),
                 false => gpu.linear(&x, &w, Some(&b)).map(drop),
             })
             .await?;
@@ -392,12 +420,15 @@ async fn measure_unet(gpu: &Gpu, config: &UNet2DConditionConfig, quant: QuantPre
         for &size in &options.sizes {
             log(&format!("unet {name}{what} {size}²"));
             match gpu.operation(unet_step(gpu, &unet, config, size)).await {
-                Ok((seconds, peak)) => report.unet.push(UnetResult {
+                Ok((t, peak)) => report.unet.push(UnetResult {
                     size,
                     quant: name.clone(),
                     lora_rank,
-                    seconds_per_step: seconds,
-                    tflops: unet_flops(config, size) / seconds / 1e12,
+                    seconds_per_step: t.steady,
+                    first_step_seconds: t.first,
+                    pipelines_compiled: t.pipelines,
+                    dispatches_per_step: t.dispatches,
+                    tflops: unet_flops(config, size) / t.steady / 1e12,
                     weight_bytes,
                     peak_bytes: peak,
                 }),
@@ -440,7 +471,7 @@ fn context_width(layout: &UNetLayout) -> usize {
     layout.down.iter().chain(&layout.mid).chain(&layout.up).find_map(|b| b.attentions.first()).map_or(1, |t| t.cross_attention_dim)
 }
 
-async fn unet_step(gpu: &Gpu, unet: &UNet2DConditionModel, c: &UNet2DConditionConfig, size: usize) -> Result<(f64, u64)> {
+async fn unet_step(gpu: &Gpu, unet: &UNet2DConditionModel, c: &UNet2DConditionConfig, size: usize) -> Result<(Timing, u64)> {
     let latent = size / 8;
     let sample = input(gpu, &[2, c.in_channels, latent, latent])?;
     let context = input(gpu, &[2, CONTEXT_TOKENS, context_width(&unet.layout)])?;
@@ -451,8 +482,8 @@ async fn unet_step(gpu: &Gpu, unet: &UNet2DConditionModel, c: &UNet2DConditionCo
     let time_ids: Vec<f32> = [size, size, 0, 0, size, size].repeat(2).into_iter().map(|v| v as f32).collect();
     gpu.sync().await?;
     gpu.reset_peak();
-    let seconds = time(gpu, || unet.forward(gpu, &sample, 500.0, &context, &text_embeds, &time_ids).map(drop)).await?;
-    Ok((seconds, gpu.memory().peak))
+    let t = timing(gpu, || unet.forward(gpu, &sample, 500.0, &context, &text_embeds, &time_ids).map(drop)).await?;
+    Ok((t, gpu.memory().peak))
 }
 
 async fn measure_vae(gpu: &Gpu, config: &VaeConfig, size: usize, tiled: bool) -> Result<VaeResult> {
@@ -500,11 +531,26 @@ impl BenchReport {
             s += &format!("{:<16} {:<30} {:<8} {:>10.3} {:>10.1} {:<7} {:>6.1}\n", k.kernel, k.shape, k.weights, k.ms, k.rate, k.unit, k.percent_of_peak);
         }
         if !self.unet.is_empty() {
-            s += &format!("\n{:<6} {:<6} {:<6} {:>10} {:>9} {:>13} {:>13}\n", "unet", "quant", "lora", "s/step", "TFLOP/s", "weights MiB", "peak MiB");
+            s += &format!(
+                "\n{:<6} {:<6} {:<6} {:>10} {:>9} {:>13} {:>13} {:>12} {:>10} {:>10}\n",
+                "unet", "quant", "lora", "s/step", "TFLOP/s", "weights MiB", "peak MiB", "first step s", "pipelines", "dispatches"
+            );
             for u in &self.unet {
                 let tflops = if u.tflops > 0.0 { format!("{:.2}", u.tflops) } else { "-".into() };
                 let lora = u.lora_rank.map_or("-".into(), |r| format!("r{r}"));
-                s += &format!("{:<6} {:<6} {:<6} {:>10.3} {:>9} {:>13.1} {:>13.1}\n", u.size, u.quant, lora, u.seconds_per_step, tflops, mib(u.weight_bytes), mib(u.peak_bytes));
+                s += &format!(
+                    "{:<6} {:<6} {:<6} {:>10.3} {:>9} {:>13.1} {:>13.1} {:>12.3} {:>10} {:>10}\n",
+                    u.size,
+                    u.quant,
+                    lora,
+                    u.seconds_per_step,
+                    tflops,
+                    mib(u.weight_bytes),
+                    mib(u.peak_bytes),
+                    u.first_step_seconds,
+                    u.pipelines_compiled,
+                    u.dispatches_per_step
+                );
             }
         }
         if !self.vae.is_empty() {

@@ -230,6 +230,14 @@ pub struct MemoryStats {
     pub peak: u64,
 }
 
+/// Work recorded since the device opened: what a step costs in launches, and what its first run
+/// compiles (`sdxl bench` reports both per UNet step).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Counters {
+    pub dispatches: u64,
+    pub pipelines: u64,
+}
+
 impl Tensor {
     pub fn shape(&self) -> &[usize] {
         &self.shape
@@ -295,6 +303,7 @@ pub struct Gpu {
     uniforms: wgpu::Buffer,
     memory: Rc<RefCell<Memory>>,
     pending_dispatches: Cell<u32>,
+    counters: Cell<Counters>,
     staged_bytes: Cell<u64>,
     /// A GPU error reported outside any operation's scopes; taken (and so cleared) by `check`.
     failure: Arc<Mutex<Option<Error>>>,
@@ -417,6 +426,7 @@ impl Gpu {
             pass: RefCell::default(),
             pending: RefCell::default(),
             pending_dispatches: Cell::new(0),
+            counters: Cell::default(),
             staged_bytes: Cell::new(0),
             failure,
             lost,
@@ -508,6 +518,10 @@ impl Gpu {
     }
 
     /// Starts a new peak measurement from what is allocated now.
+    pub fn counters(&self) -> Counters {
+        self.counters.get()
+    }
+
     pub fn reset_peak(&self) {
         let mut m = self.memory.borrow_mut();
         m.peak = m.allocated;
@@ -826,6 +840,7 @@ impl Gpu {
             cache: None,
         });
         self.pipelines.borrow_mut().entry(key).or_default().insert(defines.to_string(), pipeline.clone());
+        self.counters.set(Counters { pipelines: self.counters.get().pipelines + 1, ..self.counters.get() });
         pipeline
     }
 
@@ -892,6 +907,7 @@ impl Gpu {
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
         self.pending_dispatches.set(self.pending_dispatches.get() + 1);
+        self.counters.set(Counters { dispatches: self.counters.get().dispatches + 1, ..self.counters.get() });
         if self.pending_dispatches.get() >= DISPATCHES_PER_SUBMIT {
             self.flush();
         }

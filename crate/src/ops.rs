@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{kernel_ids, kernel_params, shader, DType, Gpu, Shader, Tensor};
 use crate::quant::Weight;
 
+pub use crate::ops_gemm::Addend;
+
 // The kernel families: each one's parameters, declared once for Rust and WGSL (see
 // `kernel_params!`), and its shader.
 
@@ -374,18 +376,6 @@ impl Gpu {
             return Err(bad(format!("{what}: {:?} does not broadcast over {:?}", b.shape(), a.shape())));
         }
         Ok(())
-    }
-
-    /// x [batch, channels, ...spatial] + b per channel: b [channels] or [batch, channels].
-    pub fn add_channelwise(&self, x: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let (batch, channels) = match x.shape() {
-            [n, c, ..] => (*n, *c),
-            s => return Err(bad(format!("add_channelwise: expected [batch, channels, ...], got {s:?}"))),
-        };
-        if b.shape() != [channels] && b.shape() != [batch, channels] {
-            return Err(bad(format!("add_channelwise: {:?} over {:?}", b.shape(), x.shape())));
-        }
-        self.binary(BinaryOp::Add, x, b, x.len() / (batch * channels))
     }
 
     /// alpha * a + beta * b, same shapes.

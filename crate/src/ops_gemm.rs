@@ -13,12 +13,13 @@ use crate::quant::{QuantFormat, Weight, BLOCK};
 kernel_params! {
     struct GemmParams {
         m: u32, n: u32, k: u32, blocks: u32, // GEMM rows, cols, depth; weight blocks of 32 per row
-        format: u32, addend: u32, geglu: u32, _p0: u32, // a WeightFormat, an AddendKind
+        format: u32, bias: u32, residual: u32, geglu: u32, // a WeightFormat, a BiasKind, flags
         cin: u32, h: u32, w: u32, ow: u32, // conv2d only
         ksize: u32, stride: u32, pad_y: u32, pad_x: u32, // pad_y rows above, pad_x columns left
+        images: u32, _p0: u32, _p1: u32, _p2: u32, // conv2d: columns are n = oh·ow pixels of each image
     }
 }
-const GEMM: Shader<GemmParams> = shader!("gemm", WeightFormat::KERNEL_IDS, AddendKind::KERNEL_IDS);
+const GEMM: Shader<GemmParams> = shader!("gemm", WeightFormat::KERNEL_IDS, BiasKind::KERNEL_IDS);
 
 kernel_ids! {
     /// How the kernel decodes a weight (gemm.wgsl's FORMAT_*). It also compares ranges: dense
@@ -55,24 +56,106 @@ impl From<QuantFormat> for WeightFormat {
 }
 
 kernel_ids! {
-    /// What the kernel adds to its product (gemm.wgsl's ADD_*; see `Addend`).
+    /// The bias the kernel adds (gemm.wgsl's BIAS_*; see `Addend`).
     #[derive(Debug, Clone, Copy)]
-    enum AddendKind as "ADD" {
+    enum BiasKind as "BIAS" {
         None = 0,
-        Bias = 1,
-        Full = 2,
+        Channel = 1,
+        ImageChannel = 2,
     }
 }
 
-/// Big tiles (128 × 128 outputs per workgroup, 8 × 8 per invocation) once a problem has at least
-/// this many of them; else 64 × 64 (4 × 4), which leave fewer GPU cores idle on small problems.
+/// What a GEMM adds to its product in its epilogue, so that no extra pass reads and writes the
+/// whole output: a bias and a whole tensor (a skip connection; a LoRA's term).
+#[derive(Clone, Copy, Default)]
+pub struct Addend<'a> {
+    /// Over the output's features: [n] (Linear) or [cout] (Conv2d); convolutions also take one
+    /// per image, [images, cout].
+    pub bias: Option<&'a Tensor>,
+    /// Shaped as the output (before GEGLU).
+    pub residual: Option<&'a Tensor>,
+}
+
+impl<'a> Addend<'a> {
+    pub fn bias(bias: Option<&'a Tensor>) -> Addend<'a> {
+        Addend { bias, residual: None }
+    }
+
+    pub fn residual(residual: &'a Tensor) -> Addend<'a> {
+        Addend { bias: None, residual: Some(residual) }
+    }
+}
+
+/// How a GEMM's output is cut among workgroups: a WX × WY workgroup computes BM = WY·RM rows by
+/// BN = WX·RN columns, each invocation an RM × RN block in registers. BM + BN ≤ 256 keeps the two
+/// k-slices of a workgroup (shaders/gemm.wgsl's `sa`, `sb`) within WebGPU's 16 KiB default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tiling {
+    wx: usize,
+    wy: usize,
+    rm: usize,
+    rn: usize,
+}
+
+/// Square 128 × 128 tiles (8 × 8 per invocation) for big problems; 64 × 64 (4 × 4), which leave
+/// fewer GPU cores idle, for smaller ones; then narrow tiles, 4 to 32 rows or columns by 128, for
+/// outputs whose narrow side would leave most of a 64-wide tile as padding: the few tokens of a
+/// small image's deep levels (linear rows) and their few pixels (convolution columns). With a
+/// square tile a 4-token level computed 16 times the products it keeps.
+const TILINGS: [Tiling; 10] = [
+    Tiling { wx: 16, wy: 16, rm: 8, rn: 8 },
+    Tiling { wx: 16, wy: 16, rm: 4, rn: 4 },
+    Tiling { wx: 32, wy: 1, rm: 4, rn: 4 },
+    Tiling { wx: 32, wy: 2, rm: 4, rn: 4 },
+    Tiling { wx: 32, wy: 4, rm: 4, rn: 4 },
+    Tiling { wx: 32, wy: 8, rm: 4, rn: 4 },
+    Tiling { wx: 1, wy: 32, rm: 4, rn: 4 },
+    Tiling { wx: 2, wy: 32, rm: 4, rn: 4 },
+    Tiling { wx: 4, wy: 32, rm: 4, rn: 4 },
+    Tiling { wx: 8, wy: 32, rm: 4, rn: 4 },
+];
+
+/// Square big tiles once a problem has at least this many of them.
 const BIG_TILES_FROM: usize = 256;
 
-/// The prelude of shaders/gemm.wgsl for RM × RN outputs per invocation: the accumulators as
-/// private vec4s and the code that touches them, unrolled (see the shader's header).
-fn unrolled(rm: usize, rn: usize) -> String {
+impl Tiling {
+    fn bm(self) -> usize {
+        self.wy * self.rm
+    }
+
+    fn bn(self) -> usize {
+        self.wx * self.rn
+    }
+
+    /// The tiling for an output of `rows` × `cols`.
+    fn for_output(rows: usize, cols: usize) -> Tiling {
+        let narrow = rows.min(cols);
+        if narrow < 64 {
+            // 4, 8, 16 or 32 invocations' worth of rows (or columns), four each.
+            let side = narrow.next_power_of_two().clamp(4, 32) / 4;
+            return if rows <= cols { Tiling { wx: 32, wy: side, rm: 4, rn: 4 } } else { Tiling { wx: side, wy: 32, rm: 4, rn: 4 } };
+        }
+        match rows.div_ceil(128) * cols.div_ceil(128) >= BIG_TILES_FROM {
+            true => TILINGS[0],
+            false => TILINGS[1],
+        }
+    }
+
+    /// The prelude of shaders/gemm.wgsl for this tiling, built once per tiling.
+    fn prelude(self) -> &'static str {
+        static PRELUDES: [OnceLock<String>; TILINGS.len()] = [const { OnceLock::new() }; TILINGS.len()];
+        let at = TILINGS.iter().position(|&t| t == self).expect("a tiling of TILINGS");
+        PRELUDES[at].get_or_init(|| unrolled(self))
+    }
+}
+
+/// The prelude of shaders/gemm.wgsl for a tiling: the workgroup shape and block sizes, and,
+/// unrolled, the accumulators as private vec4s and the code that touches them (see the shader's
+/// header).
+fn unrolled(t: Tiling) -> String {
+    let Tiling { wx, wy, rm, rn } = t;
     let (vm, vn) = (rm / 4, rn / 4);
-    let mut s = format!("const RM: u32 = {rm}u;\nconst RN: u32 = {rn}u;\n");
+    let mut s = format!("const WX: u32 = {wx}u;\nconst WY: u32 = {wy}u;\nconst RM: u32 = {rm}u;\nconst RN: u32 = {rn}u;\n");
     for r in 0..rm {
         for j in 0..vn {
             s += &format!("var<private> acc_{r}_{j}: vec4<f32>;\n");
@@ -111,37 +194,6 @@ fn u(x: usize) -> u32 {
     x as u32
 }
 
-/// What a GEMM adds to its product.
-#[derive(Clone, Copy)]
-enum Addend<'a> {
-    None,
-    /// A vector over the output's rows (Linear) or channels (Conv2d).
-    Bias(&'a Tensor),
-    /// A tensor shaped as the output (before GEGLU).
-    Full(&'a Tensor),
-}
-
-impl<'a> Addend<'a> {
-    fn bias(bias: Option<&'a Tensor>) -> Addend<'a> {
-        bias.map_or(Addend::None, Addend::Bias)
-    }
-
-    fn kind(self) -> AddendKind {
-        match self {
-            Addend::None => AddendKind::None,
-            Addend::Bias(_) => AddendKind::Bias,
-            Addend::Full(_) => AddendKind::Full,
-        }
-    }
-
-    fn tensor(self) -> Option<&'a Tensor> {
-        match self {
-            Addend::None => None,
-            Addend::Bias(t) | Addend::Full(t) => Some(t),
-        }
-    }
-}
-
 /// A weight matrix [rows, cols] as the kernel reads it.
 struct Operand<'a> {
     data: &'a Tensor,
@@ -167,29 +219,25 @@ impl Gpu {
         })
     }
 
-    /// The float type of input x and its addend (the GEMM's compute and output type; the weight
-    /// may be stored in any format), checking the addend's shape against the output's `rows`
-    /// (a bias) or `full` (a whole addend).
-    fn input_dtype(&self, x: &Tensor, addend: Addend, rows: usize, full: &[usize], what: &str) -> Result<DType> {
-        let (b, expected, name) = match addend {
-            Addend::None => return self.float_dtype(what, &[(x, "input")]),
-            Addend::Bias(b) => (b, vec![rows], "bias"),
-            Addend::Full(b) => (b, full.to_vec(), "addend"),
-        };
-        if b.shape() != expected {
-            return Err(bad(format!("{what}: {name} {:?} does not match the output {expected:?}", b.shape())));
+    /// The float type of input x and its addends (the GEMM's compute and output type; the weight
+    /// may be stored in any format), and the bias's kind: `biases` lists the shapes a bias may
+    /// take, `full` is the output's shape.
+    fn epilogue(&self, x: &Tensor, addend: Addend, biases: &[(Vec<usize>, BiasKind)], full: &[usize], what: &str) -> Result<(DType, BiasKind)> {
+        let mut inputs = vec![(x, "input")];
+        let mut kind = BiasKind::None;
+        if let Some(b) = addend.bias {
+            kind = biases.iter().find(|(shape, _)| b.shape() == shape).map(|&(_, kind)| kind).ok_or_else(|| {
+                bad(format!("{what}: bias {:?} does not match the output {full:?}", b.shape()))
+            })?;
+            inputs.push((b, "bias"));
         }
-        self.float_dtype(what, &[(x, "input"), (b, name)])
-    }
-
-    /// Prelude and tile edge for an output of `rows` × `cols`.
-    fn tiles(rows: usize, cols: usize) -> (&'static str, usize) {
-        static BIG: OnceLock<String> = OnceLock::new();
-        static SMALL: OnceLock<String> = OnceLock::new();
-        match rows.div_ceil(128) * cols.div_ceil(128) >= BIG_TILES_FROM {
-            true => (BIG.get_or_init(|| unrolled(8, 8)), 128),
-            false => (SMALL.get_or_init(|| unrolled(4, 4)), 64),
+        if let Some(r) = addend.residual {
+            if r.shape() != full {
+                return Err(bad(format!("{what}: addend {:?} does not match the output {full:?}", r.shape())));
+            }
+            inputs.push((r, "addend"));
         }
+        Ok((self.float_dtype(what, &inputs)?, kind))
     }
 
     /// nn.Linear: x [.., k] · W[n, k]ᵀ + bias [n] -> [.., n].
@@ -197,20 +245,15 @@ impl Gpu {
         self.gemm_linear(x, weight, Addend::bias(bias), false)
     }
 
-    /// x · Wᵀ + `addend`, a whole [.., n] tensor (the bias and a LoRA's term, see crate::adapt).
-    pub fn linear_plus(&self, x: &Tensor, weight: &Weight, addend: &Tensor) -> Result<Tensor> {
-        self.gemm_linear(x, weight, Addend::Full(addend), false)
+    /// x · Wᵀ + `addend` (a bias [n], a whole [.., n] tensor).
+    pub fn linear_add(&self, x: &Tensor, weight: &Weight, addend: Addend) -> Result<Tensor> {
+        self.gemm_linear(x, weight, addend, false)
     }
 
-    /// diffusers' GEGLU in one kernel: the projection x · Wᵀ + bias [.., 2n] split into value and
-    /// gate halves, value · gelu(gate) -> [.., n]; the projection is never stored.
-    pub fn linear_geglu(&self, x: &Tensor, weight: &Weight, bias: Option<&Tensor>) -> Result<Tensor> {
-        self.gemm_linear(x, weight, Addend::bias(bias), true)
-    }
-
-    /// `linear_geglu` with a whole [.., 2n] addend to the projection instead of a bias.
-    pub fn linear_geglu_plus(&self, x: &Tensor, weight: &Weight, addend: &Tensor) -> Result<Tensor> {
-        self.gemm_linear(x, weight, Addend::Full(addend), true)
+    /// diffusers' GEGLU in one kernel: the projection x · Wᵀ + `addend` [.., 2n] split into value
+    /// and gate halves, value · gelu(gate) -> [.., n]; the projection is never stored.
+    pub fn linear_geglu(&self, x: &Tensor, weight: &Weight, addend: Addend) -> Result<Tensor> {
+        self.gemm_linear(x, weight, addend, true)
     }
 
     fn gemm_linear(&self, x: &Tensor, weight: &Weight, addend: Addend, geglu: bool) -> Result<Tensor> {
@@ -221,21 +264,21 @@ impl Gpu {
         }
         let mut shape = lead.to_vec();
         shape.push(w.rows);
-        let dtype = self.input_dtype(x, addend, w.rows, &shape, "linear")?;
+        let (dtype, bias) = self.epilogue(x, addend, &[(vec![w.rows], BiasKind::Channel)], &shape, "linear")?;
         let (m, n) = (lead.iter().product::<usize>(), w.rows);
         let width = if geglu { n / 2 } else { n };
         *shape.last_mut().expect("pushed") = width;
         let y = self.empty_as(&shape, dtype)?;
-        let (defines, tile) = Gpu::tiles(m, n);
+        let tiling = Tiling::for_output(m, n);
         let params = GemmParams {
             m: u(m), n: u(n), k: u(k), blocks: u(k.div_ceil(BLOCK)),
-            format: w.format as u32, addend: addend.kind() as u32, geglu: geglu as u32,
+            format: w.format as u32, bias: bias as u32, residual: addend.residual.is_some() as u32, geglu: geglu as u32,
             ..Zeroable::zeroed()
         };
-        let cols_per_group = if geglu { tile / 2 } else { tile };
-        let groups = [u(width.div_ceil(cols_per_group)), u(m.div_ceil(tile)), 1];
-        let addend = addend.tensor().unwrap_or(x);
-        self.dispatch_with(&GEMM, "linear", dtype, defines, &params, &[x, w.data, w.scales, &y, addend], groups)?;
+        let cols_per_group = if geglu { tiling.bn() / 2 } else { tiling.bn() };
+        let groups = [u(width.div_ceil(cols_per_group)), u(m.div_ceil(tiling.bm())), 1];
+        let (bias, residual) = (addend.bias.unwrap_or(x), addend.residual.unwrap_or(x));
+        self.dispatch_with(&GEMM, "linear", dtype, tiling.prelude(), &params, &[x, w.data, w.scales, &y, bias, residual], groups)?;
         Ok(y)
     }
 
@@ -247,9 +290,9 @@ impl Gpu {
         self.gemm_conv2d(x, weight, k, Addend::bias(bias), stride, pad)
     }
 
-    /// `conv2d` plus a whole [n, cout, oh, ow] `addend` instead of a bias (see `linear_plus`).
-    pub fn conv2d_plus(&self, x: &Tensor, weight: &Weight, k: usize, addend: &Tensor, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
-        self.gemm_conv2d(x, weight, k, Addend::Full(addend), stride, pad)
+    /// `conv2d` plus `addend`: a bias [cout] or [n, cout], a whole [n, cout, oh, ow] tensor.
+    pub fn conv2d_add(&self, x: &Tensor, weight: &Weight, k: usize, addend: Addend, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
+        self.gemm_conv2d(x, weight, k, addend, stride, pad)
     }
 
     fn gemm_conv2d(&self, x: &Tensor, weight: &Weight, k: usize, addend: Addend, stride: usize, pad: [usize; 4]) -> Result<Tensor> {
@@ -269,18 +312,22 @@ impl Gpu {
         }
         let cout = w.rows;
         let (oh, ow) = ((ph - k) / stride + 1, (pw - k) / stride + 1);
-        let dtype = self.input_dtype(x, addend, cout, &[n, cout, oh, ow], "conv2d")?;
+        let biases = [(vec![cout], BiasKind::Channel), (vec![n, cout], BiasKind::ImageChannel)];
+        let (dtype, bias) = self.epilogue(x, addend, &biases, &[n, cout, oh, ow], "conv2d")?;
         let y = self.empty_as(&[n, cout, oh, ow], dtype)?;
-        let (defines, tile) = Gpu::tiles(cout, n * oh * ow);
+        // The images' pixels side by side as columns: a small image's deep levels (2 × 2 pixels)
+        // fill one tile, and each weight is loaded once for the whole batch.
+        let tiling = Tiling::for_output(cout, n * oh * ow);
         let params = GemmParams {
             m: u(cout), n: u(oh * ow), k: u(w.cols), blocks: u(w.cols.div_ceil(BLOCK)),
-            format: w.format as u32, addend: addend.kind() as u32, geglu: 0, _p0: 0,
+            format: w.format as u32, bias: bias as u32, residual: addend.residual.is_some() as u32, geglu: 0,
             cin: u(cin), h: u(h), w: u(wd), ow: u(ow),
             ksize: u(k), stride: u(stride), pad_y: u(top), pad_x: u(left),
+            images: u(n), _p0: 0, _p1: 0, _p2: 0,
         };
-        let groups = [u((oh * ow).div_ceil(tile)), u(cout.div_ceil(tile)), u(n)];
-        let addend = addend.tensor().unwrap_or(x);
-        self.dispatch_with(&GEMM, "conv2d", dtype, defines, &params, &[x, w.data, w.scales, &y, addend], groups)?;
+        let groups = [u((n * oh * ow).div_ceil(tiling.bn())), u(cout.div_ceil(tiling.bm())), 1];
+        let (bias, residual) = (addend.bias.unwrap_or(x), addend.residual.unwrap_or(x));
+        self.dispatch_with(&GEMM, "conv2d", dtype, tiling.prelude(), &params, &[x, w.data, w.scales, &y, bias, residual], groups)?;
         Ok(y)
     }
 }

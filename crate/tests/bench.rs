@@ -34,6 +34,12 @@ fn bench_reports_every_measurement() {
             assert!(u.seconds_per_step > 0.0 && u.weight_bytes > 0 && u.peak_bytes > u.weight_bytes, "{u:?}");
         }
         assert!(report.unet[2].weight_bytes < report.unet[0].weight_bytes, "q4 weights must be smaller than f16");
+        // The first step compiles what the kernel suite did not (the time embedding, norms, …);
+        // the weight format is a kernel parameter, so q4 runs f16's launches on f16's pipelines.
+        assert!(report.unet.iter().all(|u| u.first_step_seconds > 0.0 && u.dispatches_per_step > 0), "{:?}", report.unet);
+        assert!(report.unet[0].pipelines_compiled > 0, "{:?}", report.unet[0]);
+        assert_eq!(report.unet[0].dispatches_per_step, report.unet[2].dispatches_per_step, "f16 and q4 steps launch the same kernels");
+        assert!(report.unet[1].dispatches_per_step > report.unet[0].dispatches_per_step, "a LoRA adds its low-rank products");
         assert_eq!(report.vae.iter().map(|v| v.tiled).collect::<Vec<_>>(), [false, true]);
         assert_eq!(report.taesd.iter().map(|t| t.size).collect::<Vec<_>>(), [64], "one TAESD preview decode per size");
         for t in &report.taesd {
@@ -42,11 +48,12 @@ fn bench_reports_every_measurement() {
         let ms = |s: f64| s * 1e3;
         eprintln!("64²: VAE decode {:.3} ms whole, {:.3} ms tiled; TAESD preview decode {:.3} ms", ms(report.vae[0].seconds), ms(report.vae[1].seconds), ms(report.taesd[0].seconds));
         let table = report.table();
-        for part in ["linear+geglu", "self-attention", "conv3x3", "s/step", "peak MiB", " r4 ", "TAESD preview decode ms"] {
+        for part in ["linear+geglu", "self-attention", "conv3x3", "s/step", "peak MiB", "first step s", "dispatches", " r4 ", "TAESD preview decode ms"] {
             assert!(table.contains(part), "table lacks {part}:\n{table}");
         }
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert!(json["unet"][0]["secondsPerStep"].as_f64().unwrap() > 0.0);
+        assert!(json["unet"][0]["dispatchesPerStep"].as_u64().unwrap() > 0, "{}", json["unet"][0]);
         assert!(json["taesd"][0]["seconds"].as_f64().unwrap() > 0.0, "{}", json["taesd"]);
         assert_eq!(json["taesd"][0]["size"], 64);
     });

@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, cpu_conv, random, stored, tolerance};
-use sdxl::ops::Activation;
+use sdxl::ops::{Activation, Addend};
 use sdxl::quant::Weight;
 use sdxl::{DType, Error, Gpu};
 
@@ -18,6 +18,8 @@ gpu_tests!(
     activations,
     linear_geglu_fused,
     linear_big_tiles,
+    gemm_every_tiling,
+    gemm_epilogue_addends,
     elementwise_and_broadcast,
     concat_axes,
     embedding_chunked,
@@ -70,6 +72,58 @@ async fn linear_big_tiles(gpu: &Gpu) {
     let mut want = cpu_matmul_bt(&x, &w, m, n, k);
     want.iter_mut().enumerate().for_each(|(i, v)| *v += b[i % n]);
     assert_close("linear, big tiles", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+}
+
+/// Every tiling of the GEMM (ops_gemm.rs `Tiling`) with partial tiles on its edges: narrow rows
+/// (4 to 32 tokens, a small image's deep levels; plain and fused with GEGLU), narrow columns (few
+/// output features; a convolution's few pixels), square 64 × 64 (128 × 128: `linear_big_tiles`).
+async fn gemm_every_tiling(gpu: &Gpu) {
+    for (m, k, n) in [(3, 40, 300), (7, 40, 260), (13, 33, 130), (29, 17, 200), (150, 21, 3), (150, 21, 7), (130, 21, 13), (300, 19, 31), (70, 23, 90)] {
+        let (x, w, b) = (stored(gpu, &random(m * k, 64)), stored(gpu, &random(n * k, 65)), stored(gpu, &random(n, 66)));
+        let (tx, tw, tb) = (gpu.upload(&x, &[m, k]).unwrap(), dense(gpu, &w, &[n, k]), gpu.upload(&b, &[n]).unwrap());
+        let mut proj = cpu_matmul_bt(&x, &w, m, n, k);
+        proj.iter_mut().enumerate().for_each(|(i, v)| *v += b[i % n]);
+        let y = gpu.linear(&tx, &tw, Some(&tb)).unwrap();
+        assert_close(&format!("linear {m}x{k}->{n}"), &gpu.read(&y).await.unwrap(), &proj, tolerance(gpu));
+        let half = n / 2;
+        if m < n && n % 2 == 0 {
+            let want: Vec<f32> = proj.chunks(n).flat_map(|r| (0..half).map(move |j| r[j] * cpu_gelu(r[half + j]))).collect();
+            let y = gpu.linear_geglu(&tx, &tw, Addend::bias(Some(&tb))).unwrap();
+            assert_close(&format!("linear_geglu {m}x{k}->{half}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+        }
+    }
+    for (n, side, cin, cout) in [(2, 2, 7, 150), (1, 3, 7, 140), (2, 4, 5, 70), (1, 5, 5, 131), (1, 6, 3, 9)] {
+        let x = stored(gpu, &random(n * cin * side * side, 67));
+        let (wt, b) = (stored(gpu, &random(cout * cin * 9, 68)), stored(gpu, &random(cout, 69)));
+        let y = gpu.conv2d(&gpu.upload(&x, &[n, cin, side, side]).unwrap(), &dense(gpu, &wt, &[cout, cin, 3, 3]), 3, Some(&gpu.upload(&b, &[cout]).unwrap()), 1, [1; 4]).unwrap();
+        let (want, _, _) = cpu_conv(&x, &wt, Some(&b), (n, cin, side, side), cout, 3, 1, [1; 4]);
+        assert_close(&format!("conv {n}x{cin}x{side}x{side} -> {cout}"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    }
+}
+
+/// What the GEMM adds in its epilogue: a bias and a residual together (a skip connection), a
+/// convolution's bias per image and channel (a resnet's time embedding); mismatched shapes refused.
+async fn gemm_epilogue_addends(gpu: &Gpu) {
+    let (m, k, n) = (37, 19, 70);
+    let (x, w, b, r) = (stored(gpu, &random(m * k, 71)), stored(gpu, &random(n * k, 72)), stored(gpu, &random(n, 73)), stored(gpu, &random(m * n, 74)));
+    let (tx, tw, tb, tr) = (gpu.upload(&x, &[m, k]).unwrap(), dense(gpu, &w, &[n, k]), gpu.upload(&b, &[n]).unwrap(), gpu.upload(&r, &[m, n]).unwrap());
+    let y = gpu.linear_add(&tx, &tw, Addend { bias: Some(&tb), residual: Some(&tr) }).unwrap();
+    let want: Vec<f32> = cpu_matmul_bt(&x, &w, m, n, k).iter().enumerate().map(|(i, v)| v + b[i % n] + r[i]).collect();
+    assert_close("linear + bias + residual", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    assert!(gpu.linear_add(&tx, &tw, Addend::residual(&tb)).is_err(), "a residual must be shaped as the output");
+    assert!(gpu.linear_add(&tx, &tw, Addend::bias(Some(&tr))).is_err(), "a linear's bias is a vector");
+
+    let (images, cin, side, cout) = (2, 5, 6, 9);
+    let x = stored(gpu, &random(images * cin * side * side, 75));
+    let (wt, per_image) = (stored(gpu, &random(cout * cin * 9, 76)), stored(gpu, &random(images * cout, 77)));
+    let r = stored(gpu, &random(images * cout * side * side, 78));
+    let tx = gpu.upload(&x, &[images, cin, side, side]).unwrap();
+    let (tw, tb, tr) = (dense(gpu, &wt, &[cout, cin, 3, 3]), gpu.upload(&per_image, &[images, cout]).unwrap(), gpu.upload(&r, &[images, cout, side, side]).unwrap());
+    let y = gpu.conv2d_add(&tx, &tw, 3, Addend { bias: Some(&tb), residual: Some(&tr) }, 1, [1; 4]).unwrap();
+    let (conv, _, _) = cpu_conv(&x, &wt, None, (images, cin, side, side), cout, 3, 1, [1; 4]);
+    let want: Vec<f32> = conv.iter().enumerate().map(|(i, v)| v + per_image[i / (side * side)] + r[i]).collect();
+    assert_close("conv + bias per image and channel + residual", &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
+    assert!(gpu.conv2d_add(&tx, &tw, 3, Addend::bias(Some(&tr)), 1, [1; 4]).is_err(), "a convolution's bias is [cout] or [images, cout]");
 }
 
 /// softmax(q kᵀ / sqrt(d)) v per batch and head over [batch, tokens, heads * d].
@@ -208,7 +262,7 @@ async fn linear_geglu_fused(gpu: &Gpu) {
     for (rows, k, half) in [(3, 21, 37), (1030, 9, 1800)] {
         let x = stored(gpu, &random(rows * k, 17));
         let (w, b) = (stored(gpu, &random(2 * half * k, 18)), stored(gpu, &random(2 * half, 19)));
-        let y = gpu.linear_geglu(&gpu.upload(&x, &[1, rows, k]).unwrap(), &dense(gpu, &w, &[2 * half, k]), Some(&gpu.upload(&b, &[2 * half]).unwrap())).unwrap();
+        let y = gpu.linear_geglu(&gpu.upload(&x, &[1, rows, k]).unwrap(), &dense(gpu, &w, &[2 * half, k]), Addend::bias(Some(&gpu.upload(&b, &[2 * half]).unwrap()))).unwrap();
         assert_eq!(y.shape(), [1, rows, half]);
         let mut proj = cpu_matmul_bt(&x, &w, rows, 2 * half, k);
         proj.iter_mut().enumerate().for_each(|(i, v)| *v += b[i % (2 * half)]);
@@ -233,11 +287,6 @@ async fn elementwise_and_broadcast(gpu: &Gpu) {
     let want: Vec<f32> = a.iter().enumerate().map(|(i, x)| x + row[i % 3]).collect();
     assert_close("add suffix", &read(gpu.add(&ta, &gpu.upload(&row, &[3]).unwrap()).unwrap()).await, &want, tol);
     let per_c = stored(gpu, &random(c, 21));
-    let want: Vec<f32> = a.iter().enumerate().map(|(i, x)| x + per_c[(i / hw) % c]).collect();
-    assert_close("add per channel", &read(gpu.add_channelwise(&ta, &gpu.upload(&per_c, &[c]).unwrap()).unwrap()).await, &want, tol);
-    let per_nc = stored(gpu, &random(n * c, 22));
-    let want: Vec<f32> = a.iter().enumerate().map(|(i, x)| x + per_nc[i / hw]).collect();
-    assert_close("add per sample channel", &read(gpu.add_channelwise(&ta, &gpu.upload(&per_nc, &[n, c]).unwrap()).unwrap()).await, &want, tol);
     assert!(gpu.add(&ta, &gpu.upload(&per_c, &[c]).unwrap()).is_err(), "a non-suffix shape must not broadcast");
 }
 

@@ -354,6 +354,8 @@ async function pageSteps(browser, url) {
   assert.ok(report.peak.gflops > 0 && report.peak.gbps > 0, 'peaks measured');
   assert.deepEqual(report.unet.map((u) => u.loraRank), [null, 32], 'a step without and with a rank-32 LoRA');
   assert.ok(report.unet.every((u) => u.secondsPerStep > 0 && u.peakBytes > u.weightBytes), 'UNet steps measured');
+  assert.ok(report.unet.every((u) => u.firstStepSeconds > 0 && u.dispatchesPerStep > 0), 'first steps and launches counted');
+  assert.ok(report.unet[1].dispatchesPerStep > report.unet[0].dispatchesPerStep, 'a LoRA adds launches');
   assert.deepEqual(report.vae.map((v) => v.tiled), [false, true]);
   assert.match(await bench.locator('#table').textContent(), /s\/step/);
   log(`bench page: tiny UNet step ${(report.unet[0].secondsPerStep * 1e3).toFixed(0)} ms at 64², VAE decode ${(report.vae[0].seconds * 1e3).toFixed(0)} ms`);

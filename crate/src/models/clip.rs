@@ -133,10 +133,10 @@ impl ClipTextModel {
         let h = layer.norm1.forward(gpu, x)?;
         let (q, k, v) = (layer.q.forward(gpu, &h)?, layer.k.forward(gpu, &h)?, layer.v.forward(gpu, &h)?);
         let a = gpu.attention(&q, &k, &v, self.config.num_attention_heads, true)?;
-        let x = gpu.add(x, &layer.out.forward(gpu, &a)?)?;
+        let x = layer.out.forward_add(gpu, &a, Some(x))?;
         let h = layer.norm2.forward(gpu, &x)?;
         let h = gpu.activation(&layer.fc1.forward(gpu, &h)?, self.activation)?;
-        gpu.add(&x, &layer.fc2.forward(gpu, &h)?)
+        layer.fc2.forward_add(gpu, &h, Some(&x))
     }
 
     /// Runs the encoder on one tokenised prompt. `hidden` is transformers'

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use crate::adapt::Slot;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
+use crate::ops::Addend;
 use crate::quant::Weight;
 use crate::weights::Vars;
 
@@ -44,18 +45,35 @@ impl Linear {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(gpu, x, None)
+    }
+
+    /// The layer's output plus `residual` (a skip connection shaped as the output), added in the
+    /// product's epilogue.
+    pub fn forward_add(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let addend = Addend { bias: self.bias.as_ref(), residual };
         match &*self.lora.get() {
-            Some(lora) => gpu.linear_plus(x, &self.weight, &lora.linear_delta(gpu, x, self.bias.as_ref())?),
-            None => gpu.linear(x, &self.weight, self.bias.as_ref()),
+            Some(lora) => gpu.linear_add(x, &self.weight, Addend::residual(&lora.linear_delta(gpu, x, addend)?)),
+            None => gpu.linear_add(x, &self.weight, addend),
         }
     }
 
     /// The projection followed by diffusers' GEGLU gate, fused (see `Gpu::linear_geglu`).
     pub fn forward_geglu(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        let addend = Addend::bias(self.bias.as_ref());
         match &*self.lora.get() {
-            Some(lora) => gpu.linear_geglu_plus(x, &self.weight, &lora.linear_delta(gpu, x, self.bias.as_ref())?),
-            None => gpu.linear_geglu(x, &self.weight, self.bias.as_ref()),
+            Some(lora) => gpu.linear_geglu(x, &self.weight, Addend::residual(&lora.linear_delta(gpu, x, addend)?)),
+            None => gpu.linear_geglu(x, &self.weight, addend),
         }
+    }
+
+    /// Adds `extra` [out] to the bias (at load: a following layer's bias folded in).
+    pub fn fold_bias(&mut self, gpu: &Gpu, extra: &Tensor) -> Result<()> {
+        self.bias = Some(match &self.bias {
+            Some(bias) => gpu.add(bias, extra)?,
+            None => extra.clone(),
+        });
+        Ok(())
     }
 }
 
@@ -119,13 +137,24 @@ impl Conv2d {
     }
 
     pub fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
+        self.forward_add(gpu, x, Addend::bias(Some(&self.bias)))
+    }
+
+    /// The convolution plus `addend` in its epilogue, whose bias (if any) replaces the layer's
+    /// own: a resnet's time embedding per image and channel with this bias folded in
+    /// (`Linear::fold_bias`), and a skip connection.
+    pub fn forward_add(&self, gpu: &Gpu, x: &Tensor, addend: Addend) -> Result<Tensor> {
         match &*self.lora.get() {
             Some(lora) => {
-                let delta = lora.conv2d_delta(gpu, x, self.kernel, &self.bias, self.stride, self.padding)?;
-                gpu.conv2d_plus(x, &self.weight, self.kernel, &delta, self.stride, self.padding)
+                let delta = lora.conv2d_delta(gpu, x, self.kernel, addend, self.stride, self.padding)?;
+                gpu.conv2d_add(x, &self.weight, self.kernel, Addend::residual(&delta), self.stride, self.padding)
             }
-            None => gpu.conv2d(x, &self.weight, self.kernel, Some(&self.bias), self.stride, self.padding),
+            None => gpu.conv2d_add(x, &self.weight, self.kernel, addend, self.stride, self.padding),
         }
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
     }
 }
 

@@ -4,12 +4,15 @@
 use crate::error::Result;
 use crate::gpu::{Gpu, Tensor};
 use crate::models::{Conv2d, GroupNorm, Linear};
+use crate::ops::Addend;
 use crate::weights::Vars;
 
 /// ResnetBlock2D with the "default" time-embedding norm, output_scale_factor 1 and a 1x1
 /// `conv_shortcut` when the channel count changes (dropout is inference-time identity):
 /// h = conv1(silu(norm1(x))) [+ time_emb_proj(silu(temb)) per channel];
 /// out = shortcut(x) + conv2(silu(norm2(h))).
+/// Both additions happen in the convolutions' epilogues: conv1's bias is folded into
+/// time_emb_proj's at load, whose output becomes conv1's bias per image and channel.
 pub struct ResnetBlock2D {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -30,7 +33,11 @@ impl ResnetBlock2D {
         let norm1 = GroupNorm::load(&vb.pp("norm1"), in_channels, groups, eps).await?;
         let conv1 = Conv2d::load(&vb.pp("conv1"), in_channels, out_channels, 3, 1, 1).await?;
         let time_emb_proj = match temb_channels {
-            Some(t) => Some(Linear::load(&vb.pp("time_emb_proj"), t, out_channels, true).await?),
+            Some(t) => {
+                let mut proj = Linear::load(&vb.pp("time_emb_proj"), t, out_channels, true).await?;
+                proj.fold_bias(vb.gpu(), conv1.bias())?;
+                Some(proj)
+            }
             None => None,
         };
         let norm2 = GroupNorm::load(&vb.pp("norm2"), out_channels, groups, eps).await?;
@@ -42,9 +49,10 @@ impl ResnetBlock2D {
         Ok(ResnetBlock2D { norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut, in_channels })
     }
 
-    /// x [B, C, H, W]; temb [B, temb_channels] (raw time embedding; SiLU and time_emb_proj are
-    /// applied here, as diffusers does). A block loaded with temb_channels ignores a missing temb
-    /// (diffusers' `temb=None`); a block without time_emb_proj ignores a given one.
+    /// x [B, C, H, W]; temb [B, temb_channels]: the time embedding after the SiLU that diffusers
+    /// applies in every resnet (the same for all of them: the UNet applies it once); time_emb_proj
+    /// is applied here. A block loaded with temb_channels ignores a missing temb (diffusers'
+    /// `temb=None`); a block without time_emb_proj ignores a given one.
     pub fn forward(&self, gpu: &Gpu, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         if x.shape().len() != 4 || x.shape()[1] != self.in_channels {
             return Err(crate::error::Error::InvalidParameter(format!(
@@ -54,17 +62,17 @@ impl ResnetBlock2D {
             )));
         }
         let h = self.norm1.forward(gpu, x, true)?;
-        let mut h = self.conv1.forward(gpu, &h)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(gpu, &gpu.activation(temb, crate::ops::Activation::Silu)?)?;
-            h = gpu.add_channelwise(&h, &t)?;
-        }
+        let h = match (&self.time_emb_proj, temb) {
+            // Per image and channel: the projection with conv1's bias folded in.
+            (Some(proj), Some(temb)) => self.conv1.forward_add(gpu, &h, Addend::bias(Some(&proj.forward(gpu, temb)?)))?,
+            _ => self.conv1.forward(gpu, &h)?,
+        };
         let h = self.norm2.forward(gpu, &h, true)?;
-        let h = self.conv2.forward(gpu, &h)?;
-        match &self.conv_shortcut {
-            Some(shortcut) => gpu.add(&shortcut.forward(gpu, x)?, &h),
-            None => gpu.add(x, &h),
-        }
+        let shortcut = match &self.conv_shortcut {
+            Some(shortcut) => shortcut.forward(gpu, x)?,
+            None => x.clone(),
+        };
+        self.conv2.forward_add(gpu, &h, Addend { bias: Some(self.conv2.bias()), residual: Some(&shortcut) })
     }
 }
 

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::gpu::{DType, Gpu, Tensor};
 use crate::models::Conv2d;
-use crate::ops::Activation;
+use crate::ops::{Activation, Addend};
 use crate::quant::QuantPolicy;
 use crate::weights::{read_json, safetensors, FileTensors, Source, Vars};
 
@@ -78,7 +78,7 @@ impl Block {
         let [a, b, c] = &self.convs;
         let h = gpu.activation(&a.forward(gpu, x)?, Activation::Relu)?;
         let h = gpu.activation(&b.forward(gpu, &h)?, Activation::Relu)?;
-        gpu.activation(&gpu.add(&c.forward(gpu, &h)?, x)?, Activation::Relu)
+        gpu.activation(&c.forward_add(gpu, &h, Addend { bias: Some(c.bias()), residual: Some(x) })?, Activation::Relu)
     }
 }
 

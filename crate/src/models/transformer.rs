@@ -58,11 +58,12 @@ impl Attention {
         })
     }
 
-    fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Attention of `x` over `context`, plus `residual` (added by the output projection).
+    fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let q = self.to_q.forward(gpu, x)?;
         let k = self.to_k.forward(gpu, context)?;
         let v = self.to_v.forward(gpu, context)?;
-        self.to_out.forward(gpu, &gpu.attention(&q, &k, &v, self.heads, false)?)
+        self.to_out.forward_add(gpu, &gpu.attention(&q, &k, &v, self.heads, false)?, Some(residual))
     }
 }
 
@@ -96,12 +97,12 @@ impl BasicTransformerBlock {
 
     fn forward(&self, gpu: &Gpu, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let h = self.norm1.forward(gpu, x)?;
-        let x = gpu.add(x, &self.attn1.forward(gpu, &h, &h)?)?;
+        let x = self.attn1.forward(gpu, &h, &h, x)?;
         let h = self.norm2.forward(gpu, &x)?;
-        let x = gpu.add(&x, &self.attn2.forward(gpu, &h, context)?)?;
+        let x = self.attn2.forward(gpu, &h, context, &x)?;
         let h = self.norm3.forward(gpu, &x)?;
         let h = self.ff_in.forward_geglu(gpu, &h)?;
-        gpu.add(&x, &self.ff_out.forward(gpu, &h)?)
+        self.ff_out.forward_add(gpu, &h, Some(&x))
     }
 }
 

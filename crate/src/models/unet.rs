@@ -391,8 +391,9 @@ impl TimestepEmbedding {
         Ok(TimestepEmbedding { linear_1: Linear::load(&vb.pp("linear_1"), inputs, dim, true).await?, linear_2: Linear::load(&vb.pp("linear_2"), dim, dim, true).await? })
     }
 
-    fn forward(&self, gpu: &Gpu, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(gpu, &gpu.activation(&self.linear_1.forward(gpu, x)?, Activation::Silu)?)
+    /// The embedding of `x`, plus `residual` (added by the last projection).
+    fn forward(&self, gpu: &Gpu, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        self.linear_2.forward_add(gpu, &gpu.activation(&self.linear_1.forward(gpu, x)?, Activation::Silu)?, residual)
     }
 }
 
@@ -583,10 +584,12 @@ impl UNet2DConditionModel {
 
         let t = gpu.upload_f32(&vec![timestep; batch], &[batch])?;
         let t_emb = gpu.timestep_embedding(&t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, 1.0, 10000.0)?;
-        let mut emb = self.time_embedding.forward(gpu, &t_emb)?;
+        let mut emb = self.time_embedding.forward(gpu, &t_emb, None)?;
         if let (Some(add_embedding), Some((time_dim, inputs))) = (&self.add_embedding, self.layout.add_time) {
-            emb = gpu.add(&emb, &add_embedding.forward(gpu, &self.text_time(gpu, batch, text_embeds, time_ids, time_dim, inputs)?)?)?;
+            emb = add_embedding.forward(gpu, &self.text_time(gpu, batch, text_embeds, time_ids, time_dim, inputs)?, Some(&emb))?;
         }
+        // Every resnet starts with SiLU(emb): applied once here.
+        let emb = gpu.activation(&emb, Activation::Silu)?;
 
         let mut x = self.conv_in.forward(gpu, sample)?;
         let mut skips = vec![x.clone()];
