@@ -255,13 +255,36 @@ fn linear(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     }
 }
 
+// Where output column `at` (image at / n, pixel at % n) reads its input: the image's first element
+// and the top-left corner of its window, padding included.
+struct Window {
+    base: u32,
+    y: i32,
+    x: i32,
+    inside: bool,
+}
+
+fn column_window(at: u32) -> Window {
+    if (at >= p.n * p.images) {
+        return Window(0u, 0, 0, false);
+    }
+    let pix = at % p.n;
+    let y = i32((pix / p.ow) * p.stride) - i32(p.pad_y);
+    let x = i32((pix % p.ow) * p.stride) - i32(p.pad_x);
+    return Window(at / p.n * p.cin * p.h * p.w, y, x, true);
+}
+
 @compute @workgroup_size(WX, WY)
 fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
           @builtin(local_invocation_index) li: u32) {
     let c0 = wid.y * BM; // output channels
     let p0 = wid.x * BN; // output pixels, image after image
     let cols = p.n * p.images;
-    let kk2 = p.ksize * p.ksize;
+    // With THREADS a multiple of BN an invocation loads the same column at every k step: its
+    // window is found once (integer division is slow, and scalarised on CPU drivers). KS, the
+    // kernel size, is a constant of the pipeline for the same reason.
+    let fixed_column = THREADS % BN == 0u;
+    let own_window = column_window(p0 + li % BN);
     for (var k0 = 0u; k0 < p.k; k0 = k0 + BK) {
         for (var e = li; e < BM * BK / 4u; e = e + THREADS) {
             let row = e / (BK / 4u);
@@ -276,16 +299,18 @@ fn conv2d(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
         for (var e = li; e < BN * BK; e = e + THREADS) {
             let col = e % BN;
             let kidx = k0 + e / BN;
-            let at = p0 + col;
+            var window = own_window;
+            if (!fixed_column) {
+                window = column_window(p0 + col);
+            }
             var v = 0.0;
-            if (at < cols && kidx < p.k) {
-                let pix = at % p.n;
-                let ci = kidx / kk2;
-                let rem = kidx % kk2;
-                let iy = i32((pix / p.ow) * p.stride + rem / p.ksize) - i32(p.pad_y);
-                let ix = i32((pix % p.ow) * p.stride + rem % p.ksize) - i32(p.pad_x);
+            if (window.inside && kidx < p.k) {
+                let ci = kidx / (KS * KS);
+                let rem = kidx % (KS * KS);
+                let iy = window.y + i32(rem / KS);
+                let ix = window.x + i32(rem % KS);
                 if (iy >= 0 && iy < i32(p.h) && ix >= 0 && ix < i32(p.w)) {
-                    v = f32(x[((at / p.n * p.cin + ci) * p.h + u32(iy)) * p.w + u32(ix)]);
+                    v = f32(x[window.base + (ci * p.h + u32(iy)) * p.w + u32(ix)]);
                 }
             }
             sb[(e / BN) * (BN / 4u) + col / 4u][col % 4u] = v;

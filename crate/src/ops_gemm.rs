@@ -15,8 +15,8 @@ kernel_params! {
         m: u32, n: u32, k: u32, blocks: u32, // GEMM rows, cols, depth; weight blocks of 32 per row
         format: u32, bias: u32, residual: u32, geglu: u32, // a WeightFormat, a BiasKind, flags
         cin: u32, h: u32, w: u32, ow: u32, // conv2d only
-        ksize: u32, stride: u32, pad_y: u32, pad_x: u32, // pad_y rows above, pad_x columns left
-        images: u32, _p0: u32, _p1: u32, _p2: u32, // conv2d: columns are n = oh·ow pixels of each image
+        stride: u32, pad_y: u32, pad_x: u32, images: u32, // pad_y rows above, pad_x columns left;
+        // the columns are the n = oh·ow pixels of each image (the kernel size is the shader's KS)
     }
 }
 const GEMM: Shader<GemmParams> = shader!("gemm", WeightFormat::KERNEL_IDS, BiasKind::KERNEL_IDS);
@@ -141,11 +141,12 @@ impl Tiling {
         }
     }
 
-    /// The prelude of shaders/gemm.wgsl for this tiling, built once per tiling.
-    fn prelude(self) -> &'static str {
+    /// The prelude of shaders/gemm.wgsl for this tiling (built once per tiling) and a
+    /// convolution's kernel size `ksize` (1 for a Linear).
+    fn prelude(self, ksize: usize) -> String {
         static PRELUDES: [OnceLock<String>; TILINGS.len()] = [const { OnceLock::new() }; TILINGS.len()];
         let at = TILINGS.iter().position(|&t| t == self).expect("a tiling of TILINGS");
-        PRELUDES[at].get_or_init(|| unrolled(self))
+        format!("{}const KS: u32 = {ksize}u;\n", PRELUDES[at].get_or_init(|| unrolled(self)))
     }
 }
 
@@ -278,7 +279,7 @@ impl Gpu {
         let cols_per_group = if geglu { tiling.bn() / 2 } else { tiling.bn() };
         let groups = [u(width.div_ceil(cols_per_group)), u(m.div_ceil(tiling.bm())), 1];
         let (bias, residual) = (addend.bias.unwrap_or(x), addend.residual.unwrap_or(x));
-        self.dispatch_with(&GEMM, "linear", dtype, tiling.prelude(), &params, &[x, w.data, w.scales, &y, bias, residual], groups)?;
+        self.dispatch_with(&GEMM, "linear", dtype, &tiling.prelude(1), &params, &[x, w.data, w.scales, &y, bias, residual], groups)?;
         Ok(y)
     }
 
@@ -322,12 +323,11 @@ impl Gpu {
             m: u(cout), n: u(oh * ow), k: u(w.cols), blocks: u(w.cols.div_ceil(BLOCK)),
             format: w.format as u32, bias: bias as u32, residual: addend.residual.is_some() as u32, geglu: 0,
             cin: u(cin), h: u(h), w: u(wd), ow: u(ow),
-            ksize: u(k), stride: u(stride), pad_y: u(top), pad_x: u(left),
-            images: u(n), _p0: 0, _p1: 0, _p2: 0,
+            stride: u(stride), pad_y: u(top), pad_x: u(left), images: u(n),
         };
         let groups = [u((n * oh * ow).div_ceil(tiling.bn())), u(cout.div_ceil(tiling.bm())), 1];
         let (bias, residual) = (addend.bias.unwrap_or(x), addend.residual.unwrap_or(x));
-        self.dispatch_with(&GEMM, "conv2d", dtype, tiling.prelude(), &params, &[x, w.data, w.scales, &y, bias, residual], groups)?;
+        self.dispatch_with(&GEMM, "conv2d", dtype, &tiling.prelude(k), &params, &[x, w.data, w.scales, &y, bias, residual], groups)?;
         Ok(y)
     }
 }
