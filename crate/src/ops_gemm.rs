@@ -2,7 +2,9 @@
 //! through one register-blocked GEMM kernel (shaders/gemm.wgsl) that dequantizes weights as it
 //! loads them; activations stay in the working float type and accumulation is f32.
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 use bytemuck::Zeroable;
 
@@ -89,7 +91,7 @@ impl<'a> Addend<'a> {
 /// How a GEMM's output is cut among workgroups: a WX × WY workgroup computes BM = WY·RM rows by
 /// BN = WX·RN columns, each invocation an RM × RN block in registers. BM + BN ≤ 256 keeps the two
 /// k-slices of a workgroup (shaders/gemm.wgsl's `sa`, `sb`) within WebGPU's 16 KiB default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Tiling {
     wx: usize,
     wy: usize,
@@ -98,22 +100,12 @@ struct Tiling {
 }
 
 /// Square 128 × 128 tiles (8 × 8 per invocation) for big problems; 64 × 64 (4 × 4), which leave
-/// fewer GPU cores idle, for smaller ones; then narrow tiles, 4 to 32 rows or columns by 128, for
-/// outputs whose narrow side would leave most of a 64-wide tile as padding: the few tokens of a
-/// small image's deep levels (linear rows) and their few pixels (convolution columns). With a
-/// square tile a 4-token level computed 16 times the products it keeps.
-const TILINGS: [Tiling; 10] = [
-    Tiling { wx: 16, wy: 16, rm: 8, rn: 8 },
-    Tiling { wx: 16, wy: 16, rm: 4, rn: 4 },
-    Tiling { wx: 32, wy: 1, rm: 4, rn: 4 },
-    Tiling { wx: 32, wy: 2, rm: 4, rn: 4 },
-    Tiling { wx: 32, wy: 4, rm: 4, rn: 4 },
-    Tiling { wx: 32, wy: 8, rm: 4, rn: 4 },
-    Tiling { wx: 1, wy: 32, rm: 4, rn: 4 },
-    Tiling { wx: 2, wy: 32, rm: 4, rn: 4 },
-    Tiling { wx: 4, wy: 32, rm: 4, rn: 4 },
-    Tiling { wx: 8, wy: 32, rm: 4, rn: 4 },
-];
+/// fewer GPU cores idle, for smaller ones; then (`Tiling::for_output`) narrow tiles, 4 to 32 rows or
+/// columns by 128, for outputs whose narrow side would leave most of a 64-wide tile as padding: the
+/// few tokens of a small image's deep levels (linear rows) and their few pixels (convolution
+/// columns). With a square tile a 4-token level computed 16 times the products it keeps.
+const BIG: Tiling = Tiling { wx: 16, wy: 16, rm: 8, rn: 8 };
+const SMALL: Tiling = Tiling { wx: 16, wy: 16, rm: 4, rn: 4 };
 
 /// Square big tiles once a problem has at least this many of them.
 const BIG_TILES_FROM: usize = 256;
@@ -136,17 +128,20 @@ impl Tiling {
             return if rows <= cols { Tiling { wx: 32, wy: side, rm: 4, rn: 4 } } else { Tiling { wx: side, wy: 32, rm: 4, rn: 4 } };
         }
         match rows.div_ceil(128) * cols.div_ceil(128) >= BIG_TILES_FROM {
-            true => TILINGS[0],
-            false => TILINGS[1],
+            true => BIG,
+            false => SMALL,
         }
     }
 
-    /// The prelude of shaders/gemm.wgsl for this tiling (built once per tiling) and a
-    /// convolution's kernel size `ksize` (1 for a Linear).
-    fn prelude(self, ksize: usize) -> String {
-        static PRELUDES: [OnceLock<String>; TILINGS.len()] = [const { OnceLock::new() }; TILINGS.len()];
-        let at = TILINGS.iter().position(|&t| t == self).expect("a tiling of TILINGS");
-        format!("{}const KS: u32 = {ksize}u;\n", PRELUDES[at].get_or_init(|| unrolled(self)))
+    /// The prelude of shaders/gemm.wgsl for this tiling and a convolution's kernel size `ksize`
+    /// (1 for a Linear), built once per pair: every dispatch passes one.
+    fn prelude(self, ksize: usize) -> Rc<str> {
+        thread_local! {
+            static PRELUDES: RefCell<HashMap<(Tiling, usize), Rc<str>>> = RefCell::default();
+        }
+        PRELUDES.with_borrow_mut(|preludes| {
+            preludes.entry((self, ksize)).or_insert_with(|| format!("{}const KS: u32 = {ksize}u;\n", unrolled(self)).into()).clone()
+        })
     }
 }
 
