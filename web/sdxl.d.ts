@@ -110,11 +110,29 @@ export interface CreateRequest {
 }
 
 /**
- * A model (or LoRA, or preview decoder) as the engine gets it: its store id, and where it comes
- * from when it is not stored: a URL (a pack, a diffusers folder, a single .safetensors / .gguf)
- * or, with `file` (its name), the picked File passed beside the options.
+ * A model (or LoRA, or preview decoder) as the engine gets it: where it comes from when it is
+ * not stored, a URL (a pack, a diffusers folder, a single .safetensors / .gguf) or, with `file`
+ * (its name), the picked File passed beside the options; and its store id.
  */
 export interface ModelSpec {
+    /**
+     * Default: the URL's last part (or the file's name) with characters outside `A-Za-z0-9._-`
+     * as `-`, then for a model `-` and the preset (`stable-diffusion-xl-base-1.0-q4`), for a LoRA
+     * or decoder without `.safetensors` (what `<lora:NAME:WEIGHT>` tags name).
+     */
+    id?: string;
+    url?: string;
+    /**
+     * The picked file's name.
+     */
+    file?: string;
+}
+
+/**
+ * A model as loaded or stored: its store id, and its URL or picked file's name (neither: loaded
+ * by id alone).
+ */
+export interface LoadedModel {
     id: string;
     url?: string;
     /**
@@ -128,7 +146,19 @@ export interface ModelSpec {
  */
 export interface LoadRequest {
     base: ModelSpec;
-    refiner?: ModelSpec;
+    refiner?: ModelSpec | null;
+    /**
+     * Weight format on the GPU and in storage (default 'q4').
+     */
+    quant?: Quant;
+}
+
+/**
+ * What load() made the loaded models.
+ */
+export interface LoadedModels {
+    base: LoadedModel;
+    refiner: LoadedModel | null;
     quant: Quant;
 }
 
@@ -261,9 +291,9 @@ export interface StoredModel {
 }
 
 /**
- * A LoRA in the store (the JS API lists these).
+ * A stored file (a LoRA or a preview decoder) as the JS API lists it.
  */
-export interface StoredLora {
+export interface StoredFile {
     id: string;
     /**
      * The file's name.
@@ -458,13 +488,6 @@ export interface GenerateResult extends GenerateOutput {
   bitmap: ImageBitmap;
 }
 
-export interface LoadedModel {
-  id: string;
-  url?: string;
-  /** The picked file's name. */
-  file?: string;
-}
-
 /** A LoRA file: a File / Blob, a URL or hub `owner/name/file.safetensors`, or either with an explicit id. */
 export type LoraRef = string | { url: string; id?: string } | Blob | { file: Blob; id?: string };
 
@@ -490,19 +513,19 @@ export declare const RESOLUTION_BUCKETS: ReadonlyArray<readonly [number, number]
 export declare class Sdxl {
   static create(options?: CreateOptions): Promise<Sdxl>;
   readonly info: AdapterInfo;
-  /** What load() made the loaded models: each with its store id and its URL or picked file's name. */
-  readonly loaded: { base: LoadedModel; refiner: LoadedModel | null; quant: Quant } | null;
-  load(options: LoadOptions): Promise<void>;
+  /** What load() made the loaded models (null until it succeeds). */
+  readonly loaded: LoadedModels | null;
+  load(options: LoadOptions): Promise<LoadedModels>;
   generate(options: GenerateOptions): Promise<GenerateResult>;
   models(): Promise<StoredModel[]>;
   deleteModel(id: string): Promise<number>;
   verify(id: string): Promise<string[]>;
-  storeLora(lora: LoraRef, options?: StoreLoraOptions): Promise<StoredLora>;
-  loras(): Promise<StoredLora[]>;
+  storeLora(lora: LoraRef, options?: StoreLoraOptions): Promise<StoredFile>;
+  loras(): Promise<StoredFile[]>;
   deleteLora(id: string): Promise<number>;
   /** Stores (unless stored) and loads a TAESD-XL preview decoder (default TAESDXL); null unloads it. */
-  loadPreviewDecoder(ref?: LoraRef | null, options?: StoreLoraOptions): Promise<StoredLora | null>;
-  previewDecoders(): Promise<StoredLora[]>;
+  loadPreviewDecoder(ref?: LoraRef | null, options?: StoreLoraOptions): Promise<StoredFile | null>;
+  previewDecoders(): Promise<StoredFile[]>;
   deletePreviewDecoder(id: string): Promise<number>;
   bench(options?: BenchOptions): Promise<{ report: BenchReport; table: string }>;
   storage(): Promise<{ usage: number; quota: number; persisted: boolean }>;

@@ -65,6 +65,7 @@ function imageArg(value, name) {
   return context.getImageData(0, 0, width, height);
 }
 
+/** Rejects unknown names among options that never reach the engine (its own options it checks itself). */
 function checkOptions(what, options, known) {
   const unknown = Object.keys(options ?? {}).filter((key) => !known.includes(key));
   if (unknown.length) throw invalid(`${what}: unknown option ${unknown.map((k) => `\`${k}\``).join(', ')} (known: ${known.join(', ')})`);
@@ -104,32 +105,26 @@ function checkSendable(what, args) {
   if (bad) throw invalid(`${what}: ${bad}: options are strings, numbers, booleans, null, arrays and plain objects`);
 }
 
-/** A store id made of a path's last segment (or a file's name). */
-const storeName = (name) => name.replace(/\/+$/, '').split('/').pop().split(/[?#]/)[0].replace(/[^A-Za-z0-9._-]/g, '-').replace(/^\.+/, '');
-/** A model's store id: its name and the preset. */
-const storeId = (name, quant) => `${storeName(name)}-${quant}`;
-/** A LoRA's store id: its file's name without .safetensors (what `<lora:NAME:WEIGHT>` tags name). */
-const loraId = (name) => storeName(name).replace(/\.safetensors$/i, '');
-
 /**
- * `ref` → {url, id} or {file, id, blob}: a hub repository (`owner/name`, or `owner/name/file.gguf`
+ * `ref` → {url, id?} or {file, id?, blob}: a hub repository (`owner/name`, or `owner/name/file.gguf`
  * for one file of it), a URL (of a pack, a diffusers folder, or a single .safetensors / .gguf), a
  * path starting with `./`, `../` or `/` (relative to the page), {url, id}, a `File` / `Blob` the
- * user picked or dropped, or {file: File, id}. The store id defaults to the last path segment (or
- * the file's name) + `-quant`.
+ * user picked or dropped, or {file: File, id}. The engine names it in the store when no id is
+ * given (ModelSpec in sdxl.d.ts).
  */
-function modelRef(ref, id) {
+function modelRef(ref) {
+  const id = ref?.id === undefined ? {} : { id: ref.id };
   const blob = ref instanceof Blob ? ref : ref?.file instanceof Blob ? ref.file : null;
-  if (blob) {
-    const file = blob.name ?? 'model.safetensors';
-    return { file, id: ref?.id ?? id(file), blob };
-  }
+  if (blob) return { file: blob.name ?? 'model.safetensors', ...id, blob };
   const url = typeof ref === 'string' ? ref : ref?.url;
   if (typeof url !== 'string' || url === '') throw invalid(`a model is a hub repository, a URL, a File or {url, id}; got ${shown(ref)}`);
   const hub = /^[\w.-]+\/[\w.-]+(\/[\w.-]+)*$/.test(url) && !/^\.{1,2}\//.test(url);
   const absolute = /^[a-z]+:\/\//i.test(url) || hub ? url : new URL(url, globalThis.location?.href).href;
-  return { url: absolute, id: ref?.id ?? id(url) };
+  return { url: absolute, ...id };
 }
+
+/** The options given (an option set to undefined is left out: the engine applies its default). */
+const given = (options) => Object.fromEntries(Object.entries(options).filter(([, value]) => value !== undefined));
 
 /** Splits a modelRef into what crosses to the worker: the JSON part and the File (or null). */
 const withoutBlob = (ref) => [Object.fromEntries(Object.entries(ref).filter(([k]) => k !== 'blob')), ref.blob ?? null];
@@ -158,7 +153,7 @@ export class Sdxl {
   #calls = new Map();
   /** The GPU adapter: {adapter, precision ('f16' | 'f32'), shaderF16, maxBufferBytes}. */
   info = null;
-  /** What load() made the loaded models: {base: {url, id}, refiner: {url, id} | null, quant}. */
+  /** What load() made the loaded models: {base: {id, url | file}, refiner: {id, url | file} | null, quant}. */
   loaded = null;
 
   constructor(options) {
@@ -168,7 +163,7 @@ export class Sdxl {
   /** Starts the worker, opens the GPU and the model store. Fails with WebGpuUnavailable without WebGPU. */
   static async create(options = {}) {
     checkHooks('Sdxl.create', { onProgress: options.onProgress });
-    checkSendable('Sdxl.create', [{ precision: options.precision, storeName: options.storeName }]);
+    checkSendable('Sdxl.create', [given({ precision: options.precision, storeName: options.storeName })]);
     const sdxl = new Sdxl(options);
     try {
       await sdxl.#start();
@@ -181,13 +176,13 @@ export class Sdxl {
 
   /** Starts a worker and its engine; calls posted meanwhile queue behind its creation (and fail with it). */
   #start() {
-    const { precision = 'auto', storeName = 'sdxl-models', workerUrl = new URL('./worker.js', import.meta.url) } = this.#options;
+    const { precision, storeName, workerUrl = new URL('./worker.js', import.meta.url) } = this.#options;
     const worker = new Worker(workerUrl, { type: 'module' });
     // A replaced worker's last messages and errors are no longer anyone's.
     worker.onmessage = ({ data }) => worker === this.#worker && this.#receive(data);
     worker.onerror = (e) => worker === this.#worker && this.#stop(new SdxlError('InternalError', `the worker failed: ${e.message ?? 'it could not start'}`));
     this.#worker = worker;
-    return new Promise((resolve, reject) => this.#post(this.#next++, { method: 'create', args: [{ precision, storeName }], resolve, reject }))
+    return new Promise((resolve, reject) => this.#post(this.#next++, { method: 'create', args: [given({ precision, storeName })], resolve, reject }))
       .then((info) => { this.info = info; });
   }
 
@@ -286,18 +281,17 @@ export class Sdxl {
    * download (what is stored stays) by restarting the worker; calls queued behind it still run.
    */
   async load(options = {}) {
-    checkOptions('load', options, ['base', 'refiner', 'quant', 'signal', 'onProgress']);
-    const { base, refiner = null, quant = 'q4', signal, onProgress } = options;
+    // The engine reads and checks the options (LoadRequest); the models' files and the hooks stay here.
+    const { base, refiner = null, signal, onProgress, ...rest } = options ?? {};
     checkHooks('load', { signal, onProgress });
-    const id = (name) => storeId(name, quant);
-    const refs = [modelRef(base, id), refiner ? modelRef(refiner, id) : null];
+    const refs = [modelRef(base), refiner ? modelRef(refiner) : null];
     const files = refs.map((r) => r?.blob ?? null);
     const [b, r] = refs.map((ref) => ref && withoutBlob(ref)[0]);
-    const models = { base: b, refiner: r, quant };
+    const request = given({ ...rest, base: b, refiner: r });
     // The engine releases the models it replaces before loading: on failure, none may be loaded.
     this.loaded = null;
-    await this.#call('load', [models, files], { onEvent: this.#progress(onProgress), signal });
-    this.loaded = models;
+    this.loaded = await this.#call('load', [request, files], { onEvent: this.#progress(onProgress), signal });
+    return this.loaded;
   }
 
   /**
@@ -317,8 +311,7 @@ export class Sdxl {
       if (e.type === 'step') onStep?.(e);
     };
     const images = [imageArg(image, 'image'), imageArg(mask, 'mask')];
-    const given = Object.fromEntries(Object.entries(request).filter(([, value]) => value !== undefined));
-    const out = await this.#call('generate', [given, images, Boolean(onStep)], { onEvent, signal, cancel: true });
+    const out = await this.#call('generate', [given(request), images, Boolean(onStep)], { onEvent, signal, cancel: true });
     const blob = new Blob([out.png], { type: 'image/png' });
     const bitmap = await createImageBitmap(blob);
     return { blob, bitmap, seed: out.seed, width: out.width, height: out.height, parameters: out.parameters, timings: out.timings };
@@ -344,7 +337,7 @@ export class Sdxl {
     checkOptions('storeLora', options, ['signal', 'onProgress']);
     const { signal, onProgress } = options;
     checkHooks('storeLora', { signal, onProgress });
-    const [lora, file] = withoutBlob(modelRef(ref, loraId));
+    const [lora, file] = withoutBlob(modelRef(ref));
     return this.#call('storeLora', [lora, [file]], { onEvent: this.#progress(onProgress), signal });
   }
 
@@ -365,7 +358,7 @@ export class Sdxl {
     checkOptions('loadPreviewDecoder', options, ['signal', 'onProgress']);
     const { signal, onProgress } = options;
     checkHooks('loadPreviewDecoder', { signal, onProgress });
-    const [decoder, file] = ref === null ? [null, null] : withoutBlob(modelRef(ref, loraId));
+    const [decoder, file] = ref === null ? [null, null] : withoutBlob(modelRef(ref));
     return this.#call('loadPreviewDecoder', [decoder, [file]], { onEvent: this.#progress(onProgress), signal });
   }
 
@@ -385,10 +378,10 @@ export class Sdxl {
    * give the shapes (default: SDXL 1.0 base). Resolves to {report, table} (`table`: text).
    */
   async bench(options = {}) {
-    checkOptions('bench', options, ['sizes', 'quants', 'loras', 'only', 'model', 'signal', 'onProgress']);
-    const { sizes, quants, loras, only, model, signal, onProgress } = options;
+    // The engine reads and checks the options (BenchRequest); `model`'s configs are fetched here.
+    const { model, signal, onProgress, ...rest } = options ?? {};
     checkHooks('bench', { signal, onProgress });
-    const request = { sizes, quants, loras, only };
+    const request = given(rest);
     if (model) {
       const base = new URL(model.replace(/\/?$/, '/'), location.href);
       const config = async (path) => {

@@ -19,7 +19,7 @@ const methods = {
     engine = await Engine.create(options);
     return engine.info();
   },
-  async load(id, options, files) { await engine.load(options, files, (event) => post({ id, event })); },
+  async load(id, options, files) { return engine.load(options, files, (event) => post({ id, event })); },
   async generate(id, options, [image, mask], preview) {
     const onEvent = (event, previewBytes) => post({ id, event, preview: previewBytes }, previewBytes ? [previewBytes.buffer] : []);
     const images = [await pixels(image, 'image'), await pixels(mask, 'mask')];

@@ -475,6 +475,7 @@ async fn generate_command(args: &GenerateArgs) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_string(), message: e.to_string() })?;
         Ok(Some(app::Input { name: format!("{option} {path}"), picture: app::Picture::Png(bytes) }))
     };
+    let prompt_options = args.prompt_options.options();
     let request = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
@@ -486,8 +487,8 @@ async fn generate_command(args: &GenerateArgs) -> Result<()> {
         refiner_start: Some(Some(args.refiner_start)),
         scheduler: args.scheduler,
         timestep_spacing: args.timestep_spacing,
-        long_prompt: args.prompt_options.options().long_prompt,
-        prompt_weighting: args.prompt_options.options().weighting,
+        long_prompt: prompt_options.long_prompt,
+        prompt_weighting: prompt_options.weighting,
         strength: args.strength,
         outpaint: args.outpaint,
         outpaint_overlap: args.outpaint_overlap,
@@ -687,11 +688,20 @@ async fn store_command(action: &StoreCommand) -> Result<()> {
             Ok(())
         }
         StoreCommand::Verify { id, store } => match model_store(store).verify(id).await?.as_slice() {
-            [] => Ok(println!("{id}: every record matches its sha256")),
+            [] => {
+                println!("{id}: every record matches its sha256");
+                Ok(())
+            }
             bad => Err(Error::Corrupt { path: id.into(), message: format!("missing or damaged: {} (download again to re-fetch them)", bad.join(", ")) }),
         },
-        StoreCommand::Delete { id: Some(id), store } => Ok(println!("deleted {id}: {:.1} MiB freed", model_store(store).delete(id).await? as f64 / 1048576.0)),
-        StoreCommand::Delete { id: None, store } => Ok(println!("deleted every model: {:.1} MiB freed", model_store(store).delete_all().await? as f64 / 1048576.0)),
+        StoreCommand::Delete { id, store } => {
+            let (what, freed) = match id {
+                Some(id) => (id.as_str(), model_store(store).delete(id).await?),
+                None => ("every model", model_store(store).delete_all().await?),
+            };
+            println!("deleted {what}: {:.1} MiB freed", freed as f64 / 1048576.0);
+            Ok(())
+        }
     }
 }
 

@@ -279,6 +279,9 @@ pub const HOST_CHUNK: usize = 1 << 20;
 /// WebGPU's guaranteed maximum workgroup count per dimension.
 const MAX_GROUPS_PER_DIM: u32 = 65535;
 
+/// Compiled pipelines by (shader, entry point, float type), then by specialisation.
+type Pipelines = HashMap<(&'static str, &'static str, DType), HashMap<String, wgpu::ComputePipeline>>;
+
 pub struct Gpu {
     device: wgpu::Device,
     queue: wgpu::Queue,
@@ -291,7 +294,7 @@ pub struct Gpu {
     limits: wgpu::Limits,
     /// Compiled pipelines by (shader, entry, float type), then by specialisation (looked up
     /// without copying).
-    pipelines: RefCell<HashMap<(&'static str, &'static str, DType), HashMap<String, wgpu::ComputePipeline>>>,
+    pipelines: RefCell<Pipelines>,
     /// The open compute pass: consecutive dispatches share one pass (WebGPU still orders each
     /// dispatch's writes before the next's reads), ended before any copy and before submitting.
     pass: RefCell<Option<wgpu::ComputePass<'static>>>,
@@ -669,7 +672,7 @@ impl Gpu {
     /// Writes `bytes` at byte `offset` (a multiple of 4) of the tensor's buffer.
     fn write_at(&self, t: &Tensor, offset: u64, bytes: &[u8]) {
         // write_buffer needs a multiple of 4 bytes; odd-length f16 tensors get one padding element.
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(&t.buffer.raw, offset, bytes);
         } else {
             let mut padded = bytes.to_vec();

@@ -28,12 +28,7 @@ const NORM: Shader<NormParams> = shader!("norm");
 
 kernel_params! {
     /// Shared by both kernels of a group norm (each reads its own fields).
-    struct GroupNormParams {
-        groups: u32, channels: u32, h: u32, w: u32,
-        y0: u32, y1: u32, x0: u32, x1: u32,
-        chunks: u32, stride: u32, slot0: u32, silu: u32,
-        eps: f32, _p0: u32, _p1: u32, _p2: u32,
-    }
+    struct GroupNormParams { groups: u32, channels: u32, h: u32, w: u32, y0: u32, y1: u32, x0: u32, x1: u32, chunks: u32, stride: u32, slot0: u32, silu: u32, eps: f32, _p0: u32, _p1: u32, _p2: u32 }
 }
 const GROUP_NORM: Shader<GroupNormParams> = shader!("group_norm");
 
@@ -58,13 +53,7 @@ const TIMESTEP: Shader<TimestepParams> = shader!("timestep");
 kernel_params! { struct FillParams { n: u32, seed: u32, center: f32, scale: f32, constant: u32, use_constant: u32, _p0: u32, _p1: u32 } }
 const FILL: Shader<FillParams> = shader!("fill");
 
-kernel_params! {
-    struct TileParams {
-        n: u32, h: u32, w: u32, th: u32,
-        tw: u32, y0: u32, x0: u32, skip_y: u32,
-        ramp_y: u32, skip_x: u32, ramp_x: u32, _p0: u32,
-    }
-}
+kernel_params! { struct TileParams { n: u32, h: u32, w: u32, th: u32, tw: u32, y0: u32, x0: u32, skip_y: u32, ramp_y: u32, skip_x: u32, ramp_x: u32, _p0: u32 } }
 const TILE: Shader<TileParams> = shader!("tile");
 
 kernel_params! { struct CastParams { n: u32, _p0: u32, _p1: u32, _p2: u32 } }
@@ -350,7 +339,7 @@ impl Gpu {
 
     /// a + b or a * b where b repeats: b index = (i / b_inner) % b.len() (see elementwise.wgsl).
     fn binary(&self, op: BinaryOp, a: &Tensor, b: &Tensor, b_inner: usize) -> Result<Tensor> {
-        if b.is_empty() || b_inner == 0 || a.len() % (b_inner * b.len()) != 0 {
+        if b.is_empty() || b_inner == 0 || !a.len().is_multiple_of(b_inner * b.len()) {
             return Err(bad(format!("cannot broadcast {:?} over {:?}", b.shape(), a.shape())));
         }
         let dtype = self.float_dtype(if op == BinaryOp::Add { "add" } else { "mul" }, &[(a, "a"), (b, "b")])?;
@@ -439,7 +428,7 @@ impl Gpu {
     /// a multiple of 2^levels (diffusers' forward_upsample_size).
     pub fn upsample_nearest(&self, x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
         let s = x.shape();
-        if s.len() < 2 || out_h == 0 || out_w == 0 || s.iter().any(|&d| d == 0) {
+        if s.len() < 2 || out_h == 0 || out_w == 0 || s.contains(&0) {
             return Err(bad(format!("upsample: [.., h, w] {s:?} to {out_h}x{out_w}")));
         }
         let dtype = self.float_dtype("upsample", &[(x, "input")])?;

@@ -66,7 +66,7 @@ impl ClipTokenizer {
         let special = |key: &str, default: &str| config.get(key).and_then(token_text).unwrap_or_else(|| default.to_string());
         let (bos, eos) = (special("bos_token", "<|startoftext|>"), special("eos_token", "<|endoftext|>"));
         let (unk, pad) = (special("unk_token", "<|endoftext|>"), special("pad_token", "<|endoftext|>"));
-        let max_length = config.get("model_max_length").and_then(Value::as_f64).filter(|&n| n >= 2.0 && n <= 1e6).unwrap_or(77.0) as usize;
+        let max_length = config.get("model_max_length").and_then(Value::as_f64).filter(|n| (2.0..=1e6).contains(n)).unwrap_or(77.0) as usize;
         let id = |t: &str| vocab.get(t).copied().ok_or_else(|| err("vocab.json", format!("special token '{t}' is not in the vocabulary")));
         let (bos_id, eos_id, pad_id, unk_id) = (id(&bos)?, id(&eos)?, id(&pad)?, id(&unk)?);
 

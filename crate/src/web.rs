@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 
-use crate::app::{self, de, AdapterInfo, BenchRequest, CreateRequest, EngineEvent, FinalDecoder, Front, GenerateOutput, GenerateRequest, Input, LoadRequest, ModelSpec, Picture, RecipeSources, StepProgressEvent, Timings, Transfer};
+use crate::app::{self, de, AdapterInfo, BenchRequest, CreateRequest, EngineEvent, FinalDecoder, Front, GenerateOutput, GenerateRequest, Input, LoadRequest, LoadedModel, LoadedModels, ModelSpec, Picture, RecipeSources, StepProgressEvent, Timings, Transfer};
 use crate::bench;
 use crate::error::{Error, Result};
 use crate::pack::ModelKind;
@@ -19,7 +19,7 @@ use crate::pipeline::generate::{generate_with, Event, Observer, SdxlModel, Stage
 use crate::pipeline::image::{self, LoraRecipe};
 use crate::pipeline::lora::LoraChoice;
 use crate::quant::QuantPreset;
-use crate::store::{url_origin, BlobSource, DownloadOptions, HttpSource, IdbStore, LoraStore, ModelStore, Progress, StoredLora};
+use crate::store::{url_origin, BlobSource, DownloadOptions, HttpSource, IdbStore, FileStore, ModelStore, Progress, StoredFile};
 use crate::models::taesd::TaesdDecoder;
 use crate::weights::lora::LoraFile;
 use crate::weights::{ModelSource, Source};
@@ -99,9 +99,9 @@ struct Loaded {
 pub struct Engine {
     gpu: Gpu,
     store: ModelStore<IdbStore>,
-    loras: LoraStore<IdbStore>,
+    loras: FileStore<IdbStore>,
     /// Stored preview decoders (TAESD-XL), and the one loaded.
-    decoders: LoraStore<IdbStore>,
+    decoders: FileStore<IdbStore>,
     preview_decoder: Option<TaesdDecoder>,
     base: Option<Loaded>,
     refiner: Option<Loaded>,
@@ -116,8 +116,8 @@ impl Engine {
             let gpu = Gpu::new(options.precision.unwrap_or(Precision::Auto)).await?;
             let name = options.store_name.as_deref().unwrap_or("sdxl-models");
             let store = ModelStore::new(IdbStore::open(name).await?);
-            let loras = LoraStore::new(IdbStore::open(&format!("{name}-loras")).await?);
-            let decoders = LoraStore::of(IdbStore::open(&format!("{name}-decoders")).await?, "preview decoder");
+            let loras = FileStore::new(IdbStore::open(&format!("{name}-loras")).await?);
+            let decoders = FileStore::of(IdbStore::open(&format!("{name}-decoders")).await?, "preview decoder");
             Ok(Engine { gpu, store, loras, decoders, preview_decoder: None, base: None, refiner: None })
         }
         .await
@@ -135,18 +135,22 @@ impl Engine {
     /// the loaded ones: each is downloaded (or, from the `File`s in `files` — [base, refiner] —
     /// imported) into the store unless it is stored complete, then uploaded to the GPU. Models
     /// already loaded with the same id and preset stay; others are released first, so the GPU
-    /// never holds two of a kind. `on_event` gets progress events.
-    pub async fn load(&mut self, options: JsValue, files: js_sys::Array, on_event: Function) -> std::result::Result<(), JsValue> {
+    /// never holds two of a kind. `on_event` gets progress events. Returns the [`LoadedModels`].
+    pub async fn load(&mut self, options: JsValue, files: js_sys::Array, on_event: Function) -> std::result::Result<JsValue, JsValue> {
         async {
             let file = |i: u32| Some(files.get(i)).filter(|f| !f.is_undefined() && !f.is_null());
             let options: LoadRequest = parse(options, "load")?;
             let quant = options.quant;
-            let base = (&options.base, origin(&options.base, file(0).as_ref())?);
-            let refiner = match &options.refiner {
+            let id = |url: &str| app::store_id(url, quant);
+            let base = options.base.resolve(id)?;
+            let refiner = options.refiner.as_ref().map(|r| r.resolve(id)).transpose()?;
+            let loaded = LoadedModels { base: base.clone(), refiner: refiner.clone(), quant: quant.name() };
+            let base = (&base, origin(&base, file(0).as_ref())?);
+            let refiner = match &refiner {
                 Some(wanted) => Some((wanted, origin(wanted, file(1).as_ref())?)),
                 None => None,
             };
-            let keep = |slot: &Option<Loaded>, wanted: Option<&(&ModelSpec, Option<String>)>| {
+            let keep = |slot: &Option<Loaded>, wanted: Option<&(&LoadedModel, Option<String>)>| {
                 matches!((slot, wanted), (Some(l), Some((w, origin))) if l.id == w.id && l.quant == quant && l.origin == *origin)
             };
             if !keep(&self.base, Some(&base)) {
@@ -161,7 +165,7 @@ impl Engine {
             if let (None, Some((wanted, origin))) = (&self.refiner, refiner) {
                 self.refiner = Some(self.load_one(wanted, origin, file(1), quant, ModelKind::Refiner, &on_event).await?);
             }
-            Ok(())
+            to_js(&loaded, "the loaded models")
         }
         .await
         .map_err(js_error)
@@ -221,7 +225,7 @@ impl Engine {
     #[wasm_bindgen(js_name = storeLora)]
     pub async fn store_lora(&self, options: JsValue, files: js_sys::Array, on_event: Function) -> std::result::Result<JsValue, JsValue> {
         async {
-            let wanted: ModelSpec = parse(options, "storeLora")?;
+            let wanted = parse::<ModelSpec>(options, "storeLora")?.resolve(app::file_id)?;
             to_js(&store_file(&self.loras, &wanted, &files, &on_event, FileKind::Lora).await?, "the stored LoRA")
         }
         .await
@@ -238,6 +242,7 @@ impl Engine {
         self.preview_decoder = None;
         async {
             let Some(wanted) = parse::<Option<ModelSpec>>(options, "loadPreviewDecoder")? else { return Ok(JsValue::NULL) };
+            let wanted = wanted.resolve(app::file_id)?;
             let stored = store_file(&self.decoders, &wanted, &files, &on_event, FileKind::PreviewDecoder).await?;
             let (source, file) = self.decoders.open(&wanted.id).await?;
             let decoder = self.gpu.operation(TaesdDecoder::from_file(&self.gpu, source, &file)).await?;
@@ -260,7 +265,7 @@ impl Engine {
         self.decoders.delete(&id).await.map(|n| n as f64).map_err(js_error)
     }
 
-    /// The stored LoRAs ([`StoredLora`]s).
+    /// The stored LoRAs ([`StoredFile`]s).
     pub async fn loras(&self) -> std::result::Result<JsValue, JsValue> {
         self.loras.list().await.and_then(|l| to_js(&l, "the stored LoRAs")).map_err(js_error)
     }
@@ -277,8 +282,6 @@ impl Engine {
     }
 }
 
-/// Where `wanted` comes from, as the store records it: a picked `file`'s name, size and
-/// modification time, or its URL's origin; None for a model named by id alone.
 /// What a stored single file is, checked before it is stored.
 #[derive(Clone, Copy)]
 enum FileKind {
@@ -305,7 +308,7 @@ impl FileKind {
 
 /// Stores the file `wanted` names (its picked `File` in `files`, or its URL) in `store` unless
 /// stored from there already; a download is checked against the sha256 its server states.
-async fn store_file(store: &LoraStore<IdbStore>, wanted: &ModelSpec, files: &js_sys::Array, on_event: &Function, kind: FileKind) -> Result<StoredLora> {
+async fn store_file(store: &FileStore<IdbStore>, wanted: &LoadedModel, files: &js_sys::Array, on_event: &Function, kind: FileKind) -> Result<StoredFile> {
     let file = Some(files.get(0)).filter(|f| !f.is_undefined() && !f.is_null());
     let origin = origin(wanted, file.as_ref())?.ok_or_else(|| Error::InvalidParameter(format!("{} '{}': give its url or a file", kind.noun(), wanted.id)))?;
     let id = &wanted.id;
@@ -332,7 +335,9 @@ async fn store_file(store: &LoraStore<IdbStore>, wanted: &ModelSpec, files: &js_
     }
 }
 
-fn origin(wanted: &ModelSpec, file: Option<&JsValue>) -> Result<Option<String>> {
+/// Where `wanted` comes from, as the store records it: a picked `file`'s name, size and
+/// modification time, or its URL's origin; None for a model named by id alone.
+fn origin(wanted: &LoadedModel, file: Option<&JsValue>) -> Result<Option<String>> {
     let number = |blob: &JsValue, key: &str| Reflect::get(blob, &key.into()).ok().and_then(|v| v.as_f64());
     match (file, &wanted.url) {
         (Some(blob), _) => {
@@ -350,7 +355,7 @@ impl Engine {
     /// complete already, then uploads it to the GPU. Every record is checked against its sha256 as
     /// it loads: a damaged one is fetched again (or rebuilt from the picked file), then the model
     /// loads again.
-    async fn load_one(&self, wanted: &ModelSpec, origin: Option<String>, file: Option<JsValue>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
+    async fn load_one(&self, wanted: &LoadedModel, origin: Option<String>, file: Option<JsValue>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
         let stored = match &origin {
             Some(origin) => self.store.holds_complete(&wanted.id, origin).await?,
             None => self.store.list().await?.iter().any(|m| m.id == wanted.id && m.complete),
@@ -371,7 +376,7 @@ impl Engine {
     }
 
     /// Downloads or imports `wanted` into the store, or completes and repairs what it holds of it.
-    async fn fetch(&self, wanted: &ModelSpec, origin: &Option<String>, file: Option<JsValue>, quant: QuantPreset, on_event: &Function) -> Result<()> {
+    async fn fetch(&self, wanted: &LoadedModel, origin: &Option<String>, file: Option<JsValue>, quant: QuantPreset, on_event: &Function) -> Result<()> {
         let options = DownloadOptions::new(quant);
         // A folder or file is converted as it arrives: for the user, both are the download (or the import).
         let progress = |event: fn(Transfer) -> EngineEvent| {
@@ -393,7 +398,7 @@ impl Engine {
     }
 
     /// Uploads the stored `wanted` to the GPU.
-    async fn upload(&self, wanted: &ModelSpec, origin: &Option<String>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
+    async fn upload(&self, wanted: &LoadedModel, origin: &Option<String>, quant: QuantPreset, kind: ModelKind, on_event: &Function) -> Result<Loaded> {
         let (total, done, reported) = (Cell::new(0), Cell::new(0), Cell::new(0));
         // Thousands of tensors: an event per 0.5 % is enough for a progress bar.
         let report = |read: u64| {
@@ -433,7 +438,7 @@ impl Engine {
     /// they are set already; their recipe entries. On an error the base runs without LoRAs.
     async fn set_loras(&self, base: &Loaded, mut wanted: Vec<(String, f32)>) -> Result<Vec<LoraRecipe>> {
         wanted.retain(|(_, weight)| *weight != 0.0);
-        let stored: Vec<StoredLora> = match wanted.is_empty() {
+        let stored: Vec<StoredFile> = match wanted.is_empty() {
             true => Vec::new(),
             false => self.loras.list().await?,
         };
@@ -551,7 +556,7 @@ impl JsObserver<'_> {
 
 impl Observer for &mut JsObserver<'_> {
     async fn event(&mut self, gpu: &Gpu, event: Event<'_>) -> Result<()> {
-        if self.cancelled.call0(&JsValue::NULL).map_or(false, |v| v.is_truthy()) {
+        if self.cancelled.call0(&JsValue::NULL).is_ok_and(|v| v.is_truthy()) {
             return Err(Error::Cancelled("the run was cancelled; its GPU buffers are freed".into()));
         }
         let (event, preview) = match event {

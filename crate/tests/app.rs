@@ -125,3 +125,23 @@ fn store_ids_are_named_as_the_js_api_names_them() {
     assert_eq!(app::store_id("https://host/models/My Model.gguf?download=1", QuantPreset::Q8), "My-Model.gguf-q8");
     assert_eq!(app::store_id("http://host/..hidden/", QuantPreset::F16), "hidden-f16");
 }
+
+#[test]
+fn models_without_an_id_are_named_by_the_engine() {
+    use sdxl::quant::QuantPreset;
+    let spec = |value: serde_json::Value| de::request::<app::ModelSpec, _>(value, "load").unwrap();
+    let model = |value| spec(value).resolve(|url| app::store_id(url, QuantPreset::Q4));
+    let by_url = model(json!({"url": "https://host/sdxl/"})).unwrap();
+    assert_eq!((by_url.id.as_str(), by_url.url.as_deref()), ("sdxl-q4", Some("https://host/sdxl/")));
+    assert_eq!(model(json!({"file": "my model.safetensors"})).unwrap().id, "my-model.safetensors-q4");
+    assert_eq!(model(json!({"id": "mine", "url": "https://host/sdxl"})).unwrap().id, "mine");
+    assert_eq!(model(json!({"id": "stored"})).unwrap(), app::LoadedModel { id: "stored".into(), url: None, file: None });
+    assert_eq!(message(model(json!({}))), "a model needs an id, a url or a file");
+    assert_eq!(message(model(json!({"id": ""}))), "a model's id is empty");
+    // LoRAs and preview decoders: the file's name without .safetensors, as <lora:NAME:W> tags name it.
+    assert_eq!(spec(json!({"url": "owner/name/Detail Tweaker.SafeTensors"})).resolve(app::file_id).unwrap().id, "Detail-Tweaker");
+    assert_eq!(app::file_id("x/taesdxl.gguf"), "taesdxl.gguf");
+    // The preset defaults to q4.
+    let load = de::request::<LoadRequest, _>(json!({"base": {"url": "a/b"}}), "load").unwrap();
+    assert_eq!(load.quant, QuantPreset::Q4);
+}

@@ -16,6 +16,7 @@ use sdxl::weights::{DirSource, FileTensors};
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures");
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-alt-base");
 const REFINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-alt-refiner");
+const INIT_IMAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/init_96x64.png");
 
 fn case(name: &str) -> Case {
     Case::load("alt_pipeline_cases.json").into_iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no case {name} in alt_pipeline_cases.json"))
@@ -170,56 +171,65 @@ fn generate_with(dir: &TempDir, refiner: Option<&str>, extra: &[&str]) -> Output
     sdxl(&args)
 }
 
+/// Why `run` is not a clean refusal (a non-zero exit, not a panic, an `error:` line containing
+/// every needle, and no output image), if it is not one.
+fn refusal_problem(dir: &TempDir, run: &Output, needles: &[&str]) -> Option<String> {
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    if !matches!(run.status.code(), Some(c) if c != 0 && c != 101) {
+        return Some(format!("exit status {:?} (0 = success, 101 = panic); stderr:\n{stderr}", run.status));
+    }
+    if stderr.contains("panicked") {
+        return Some(format!("panic:\n{stderr}"));
+    }
+    let Some(line) = stderr.lines().find(|l| l.starts_with("error:")) else {
+        return Some(format!("no 'error:' line in:\n{stderr}"));
+    };
+    if let Some(needle) = needles.iter().find(|needle| !line.contains(*needle)) {
+        return Some(format!("{line:?} does not mention {needle:?}"));
+    }
+    Path::new(&dir.file("x.png")).exists().then(|| format!("an image was written despite {line:?}"))
+}
+
 /// Asserts a clean failure with an `error:` line containing every needle, and no output image.
 fn assert_fails_with(dir: &TempDir, run: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    let code = run.status.code();
-    assert!(matches!(code, Some(c) if c != 0 && c != 101), "exit status {:?} (0 = success, 101 = panic); stderr:\n{stderr}", run.status);
-    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
-    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_else(|| panic!("no 'error:' line in:\n{stderr}"));
-    for needle in needles {
-        assert!(line.contains(needle), "{line:?} does not mention {needle:?}");
+    if let Some(problem) = refusal_problem(dir, run, needles) {
+        panic!("{problem}");
     }
-    assert!(!Path::new(&dir.file("x.png")).exists(), "an image was written despite {line:?}");
 }
 
-#[test]
-fn zero_steps() {
-    let dir = TempDir::new("steps0");
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--steps", "0"]), &["steps", "at least 1"]);
-}
+/// Bad options given to `generate_with` (with the alt refiner where `refiner`), each refused with an
+/// error line mentioning its needles: (name, refiner, options, needles).
+const BAD_OPTIONS: &[(&str, bool, &[&str], &[&str])] = &[
+    ("zero_steps", false, &["--steps", "0"], &["steps", "at least 1"]),
+    ("non_numeric_steps", false, &["--steps", "abc"], &["--steps", "abc"]),
+    ("width_not_a_multiple_of_8", false, &["--width", "100"], &["width", "multiples of", "100"]),
+    ("height_not_a_multiple_of_8", true, &["--height", "60"], &["height", "multiples of 8", "60"]),
+    // Refused before allocating.
+    ("huge_size", false, &["--width", "1000000000", "--height", "1000000000"], &["1000000000x1000000000", "too large", "8192"]),
+    ("over_16_megapixels", false, &["--width", "8192", "--height", "4104"], &["8192x4104", "16 megapixels"]),
+    ("refiner_start_above_1", true, &["--refiner-start", "1.5"], &["refiner start", "1.5", "(0, 1)"]),
+    ("refiner_start_0", true, &["--refiner-start", "0"], &["refiner start", "0", "(0, 1)"]),
+    ("unknown_scheduler", false, &["--scheduler", "euler_b"], &["scheduler", "euler_b", "dpmpp_2m_karras"]),
+    ("unknown_timestep_spacing", false, &["--timestep-spacing", "uniform"], &["spacing", "uniform", "trailing"]),
+    ("strength_above_1", false, &["--init-image", INIT_IMAGE, "--width", "96", "--strength", "1.5"], &["strength", "1.5", "(0, 1]"]),
+    ("strength_0", false, &["--init-image", INIT_IMAGE, "--width", "96", "--strength", "0"], &["strength", "0", "(0, 1]"]),
+    ("strength_negative", false, &["--init-image", INIT_IMAGE, "--width", "96", "--strength", "-0.2"], &["strength", "-0.2", "(0, 1]"]),
+    ("strength_without_init_image", false, &["--strength", "0.5"], &["--strength needs --init-image"]),
+    // generate_with asks for 64x64; the image is 96x64.
+    ("init_image_of_the_wrong_size", false, &["--init-image", INIT_IMAGE], &["init image is 96x64", "64x64"]),
+];
 
 #[test]
-fn width_not_a_multiple_of_8() {
-    let dir = TempDir::new("width100");
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--width", "100"]), &["width", "multiples of", "100"]);
-}
-
-#[test]
-fn huge_size_is_refused_before_allocating() {
-    let dir = TempDir::new("huge");
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--width", "1000000000", "--height", "1000000000"]), &["1000000000x1000000000", "too large", "8192"]);
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--width", "8192", "--height", "4104"]), &["8192x4104", "16 megapixels"]);
-}
-
-#[test]
-fn height_not_a_multiple_of_8() {
-    let dir = TempDir::new("height60");
-    assert_fails_with(&dir, &generate_with(&dir, Some(REFINER), &["--height", "60"]), &["height", "multiples of 8", "60"]);
-}
-
-#[test]
-fn refiner_start_above_1() {
-    let dir = TempDir::new("start1.5");
-    let run = generate_with(&dir, Some(REFINER), &["--refiner-start", "1.5"]);
-    assert_fails_with(&dir, &run, &["refiner start", "1.5", "(0, 1)"]);
-}
-
-#[test]
-fn refiner_start_0() {
-    let dir = TempDir::new("start0");
-    let run = generate_with(&dir, Some(REFINER), &["--refiner-start", "0"]);
-    assert_fails_with(&dir, &run, &["refiner start", "0", "(0, 1)"]);
+fn bad_options_are_refused() {
+    let mut failures = vec![];
+    for &(name, refiner, options, needles) in BAD_OPTIONS {
+        let dir = TempDir::new(name);
+        let run = generate_with(&dir, refiner.then_some(REFINER), options);
+        if let Some(problem) = refusal_problem(&dir, &run, needles) {
+            failures.push(format!("{name} ({options:?}): {problem}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 
@@ -231,12 +241,6 @@ fn refiner_without_unet() {
     let refiner = refiner.display().to_string();
     let run = generate_with(&dir, Some(&refiner), &["--refiner-start", "0.7"]);
     assert_fails_with(&dir, &run, &[&refiner, "unet"]);
-}
-
-#[test]
-fn non_numeric_steps() {
-    let dir = TempDir::new("steps-abc");
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--steps", "abc"]), &["--steps", "abc"]);
 }
 
 #[test]
@@ -252,7 +256,6 @@ fn missing_prompt() {
 // ---------------------------------------------------------------------------------------------
 
 const TINY_REFINER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/tiny-sdxl-refiner");
-const INIT_IMAGE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/reference/init_96x64.png");
 
 /// The refiner alone refines an image (SDEdit) with DPM++ 2M: the image diffusers' img2img pipeline
 /// gives for the same seed, and a recipe naming the sampler and the strength.
@@ -281,40 +284,6 @@ fn refiner_sdedit_from_png_matches_diffusers() {
     let recipe = recipe.unwrap();
     assert!(recipe.contains("Sampler: DPM++ 2M,") && recipe.contains("Denoising strength: 0.5"), "{recipe}");
     eprintln!("SDEdit (refiner alone, DPM++ 2M, strength 0.5): image PSNR {db:.1} dB");
-}
-
-#[test]
-fn unknown_scheduler() {
-    let dir = TempDir::new("scheduler");
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--scheduler", "euler_b"]), &["scheduler", "euler_b", "dpmpp_2m_karras"]);
-}
-
-#[test]
-fn unknown_timestep_spacing() {
-    let dir = TempDir::new("spacing");
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--timestep-spacing", "uniform"]), &["spacing", "uniform", "trailing"]);
-}
-
-#[test]
-fn strength_outside_0_1() {
-    for strength in ["1.5", "0", "-0.2"] {
-        let dir = TempDir::new(&format!("strength{strength}"));
-        let run = generate_with(&dir, None, &["--init-image", INIT_IMAGE, "--width", "96", "--strength", strength]);
-        assert_fails_with(&dir, &run, &["strength", strength, "(0, 1]"]);
-    }
-}
-
-#[test]
-fn strength_without_init_image() {
-    let dir = TempDir::new("strength-alone");
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--strength", "0.5"]), &["--strength needs --init-image"]);
-}
-
-#[test]
-fn init_image_of_the_wrong_size() {
-    let dir = TempDir::new("init-size");
-    // generate_with asks for 64x64; the image is 96x64.
-    assert_fails_with(&dir, &generate_with(&dir, None, &["--init-image", INIT_IMAGE]), &["init image is 96x64", "64x64"]);
 }
 
 #[test]

@@ -8,20 +8,16 @@
 
 mod common;
 
-use common::{max_abs, psnr};
+use common::{fixture, max_abs, psnr};
 use sdxl::pipeline::generate::{generate, outpaint_canvas, GenerateParams, InitImage, Mask, SdxlModel, INPAINT_STRENGTH};
 use sdxl::pipeline::crop::{crop_for_run, gaussian_blur, resize, Pixels};
 use sdxl::pipeline::image::{decode_mask_png, decode_png, decode_png_pixels, mask_from_pixels};
 use sdxl::quant::QuantPreset;
-use sdxl::weights::{DirSource, FileTensors, Source};
+use sdxl::weights::{FileTensors, Source};
 use sdxl::{DType, Error, Gpu};
 use serde::Deserialize;
 
 gpu_tests!(inpainting_matches_diffusers, padding_mask_crop_matches_diffusers, bad_masks_and_models_are_refused);
-
-fn fixture(dir: &str) -> DirSource {
-    DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
 
 /// A run of ref_inpaint.py: `unet` "inpaint" (9 channels) or "base"; the rest as its CASES and
 /// CROP_CASES name them.
@@ -80,9 +76,16 @@ async fn load(gpu: &Gpu, dir: &str) -> SdxlModel {
     SdxlModel::load(gpu, &common::folder(gpu, fixture(dir)), &QuantPreset::F16.policy()).await.unwrap()
 }
 
+/// ref_inpaint.py's cases and the tensors it wrote.
+async fn references() -> (Cases, FileTensors<'static>) {
+    let files = fixture("reference");
+    let cases = serde_json::from_slice(&files.read("inpaint_cases.json").await.unwrap()).unwrap();
+    (cases, FileTensors::open(files, vec!["inpaint.safetensors".into()]).await.unwrap())
+}
+
 async fn inpainting_matches_diffusers(gpu: &Gpu) {
     let files = fixture("reference");
-    let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
+    let (cases, refs) = references().await;
     let get = |key: String| {
         let refs = &refs;
         async move {
@@ -90,8 +93,6 @@ async fn inpainting_matches_diffusers(gpu: &Gpu) {
             refs.host(&key, &shape).await.unwrap()
         }
     };
-    let cases: Cases = serde_json::from_slice(&files.read("inpaint_cases.json").await.unwrap()).unwrap();
-    let cases = cases.runs;
     let image = decode_png(&files.read("init_96x64.png").await.unwrap()).unwrap();
     let mask = decode_mask_png(&files.read("mask_96x64.png").await.unwrap()).unwrap();
     let repainted = mask.values.iter().filter(|&&v| v == 1.0).count();
@@ -101,7 +102,7 @@ async fn inpainting_matches_diffusers(gpu: &Gpu) {
     let refiner = load(gpu, "tiny-sdxl-refiner").await;
     // f32 as the issue states; f16 storage rounds every activation.
     let (latent_tol, min_psnr) = if gpu.dtype == DType::F32 { (1e-3, 45.0) } else { (2e-2, 40.0) };
-    for case in &cases {
+    for case in &cases.runs {
         let (image, mask) = match case.outpaint {
             Some(pad) => {
                 let (canvas, mask) = outpaint_canvas(&image, pad, 0).unwrap();
@@ -125,15 +126,14 @@ async fn inpainting_matches_diffusers(gpu: &Gpu) {
     }
 }
 
-fn reference_tensors() -> (DirSource, Cases) {
-    let files = fixture("reference");
-    let cases = serde_json::from_slice(&std::fs::read(format!("{}/../tests/fixtures/reference/inpaint_cases.json", env!("CARGO_MANIFEST_DIR"))).unwrap()).unwrap();
-    (files, cases)
+/// tests/fixtures/reference/`name` decoded, as a mask (one channel) or RGB.
+async fn reference_png(name: &str, mask: bool) -> Pixels {
+    decode_png_pixels(&fixture("reference").read(name).await.unwrap(), mask).unwrap()
 }
 
 /// init_96x64.png as RGB and as PIL's grey (`convert("L")`).
-async fn init_rgb_and_gray(files: &DirSource) -> (Pixels, Pixels) {
-    let image = decode_png_pixels(&files.read("init_96x64.png").await.unwrap(), false).unwrap();
+async fn init_rgb_and_gray() -> (Pixels, Pixels) {
+    let image = reference_png("init_96x64.png", false).await;
     let gray = image.data.chunks_exact(3).map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8).collect();
     let gray = Pixels::new(96, 64, 1, gray).unwrap();
     (image, gray)
@@ -143,9 +143,8 @@ async fn init_rgb_and_gray(files: &DirSource) -> (Pixels, Pixels) {
 #[test]
 fn resize_is_pils() {
     pollster::block_on(async {
-        let (files, cases) = reference_tensors();
-        let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
-        let (image, gray) = init_rgb_and_gray(&files).await;
+        let (cases, refs) = references().await;
+        let (image, gray) = init_rgb_and_gray().await;
         for (i, (kind, width, height, area)) in cases.resizes.iter().enumerate() {
             let source = if kind == "gray" { &gray } else { &image };
             let area = area.unwrap_or([0.0, 0.0, 96.0, 64.0]);
@@ -165,10 +164,9 @@ fn resize_is_pils() {
 #[test]
 fn blur_is_pils() {
     pollster::block_on(async {
-        let (files, cases) = reference_tensors();
-        let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
-        let (_, gray) = init_rgb_and_gray(&files).await;
-        let mask = decode_png_pixels(&files.read("mask_96x64.png").await.unwrap(), true).unwrap();
+        let (cases, refs) = references().await;
+        let (_, gray) = init_rgb_and_gray().await;
+        let mask = reference_png("mask_96x64.png", true).await;
         assert_eq!((mask.width, mask.height, mask.channels), (96, 64, 1));
         assert!(!cases.blurs.is_empty());
         let mut failures = vec![];
@@ -187,7 +185,7 @@ fn blur_is_pils() {
             }
         }
         // The padding-crop fixture's mask is diffusers' blur(mask, 4) of a box.
-        let blurred = decode_png_pixels(&files.read("mask_blurred_150x110.png").await.unwrap(), true).unwrap();
+        let blurred = reference_png("mask_blurred_150x110.png", true).await;
         let boxed = Pixels::new(150, 110, 1, (0..150 * 110).map(|i| if (84..110).contains(&(i % 150)) && (30..52).contains(&(i / 150)) { 255 } else { 0 }).collect()).unwrap();
         let off = gaussian_blur(&boxed, 4.0).unwrap().data.iter().zip(&blurred.data).filter(|(a, b)| a != b).count();
         if off != 0 {
@@ -200,10 +198,9 @@ fn blur_is_pils() {
 /// diffusers' `padding_mask_crop`: the crop around a blurred mask of a larger image, inpainted at
 /// the run's size and pasted back through the soft mask.
 async fn padding_mask_crop_matches_diffusers(gpu: &Gpu) {
-    let (files, cases) = reference_tensors();
-    let refs = FileTensors::open(&files, vec!["inpaint.safetensors".into()]).await.unwrap();
-    let original = decode_png_pixels(&files.read("init_150x110.png").await.unwrap(), false).unwrap();
-    let mask = decode_png_pixels(&files.read("mask_blurred_150x110.png").await.unwrap(), true).unwrap();
+    let (cases, refs) = references().await;
+    let original = reference_png("init_150x110.png", false).await;
+    let mask = reference_png("mask_blurred_150x110.png", true).await;
     assert!(mask.data.iter().any(|&v| v > 0 && v < 255), "the fixture mask is soft");
     for case in &cases.crops {
         let model = load(gpu, case.model()).await;

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{max_abs, sdxl, TempDir};
+use common::{fixture, max_abs, sdxl, TempDir};
 
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use sdxl::pipeline::prompt::{PromptEmbeds, PromptEncoder, PromptOptions};
@@ -17,10 +17,6 @@ use sdxl::{DType, Error, Gpu, Tensor};
 use serde::Deserialize;
 
 gpu_tests!(encodings_match_lpw, long_context_run_matches_diffusers, options_off_and_unweighted_prompts, inputs_lpw_fails_on_are_errors);
-
-fn fixture(dir: &str) -> DirSource {
-    DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
 
 #[derive(Deserialize)]
 struct Case {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{psnr, sdxl, Case, TempDir};
+use common::{fixture, psnr, sdxl, Case, TempDir};
 
 use sdxl::pipeline::generate::{generate, SdxlModel};
 use sdxl::pipeline::lora::LoraChoice;
@@ -17,10 +17,6 @@ use sdxl::weights::{DirSource, FileTensors, MemorySource};
 use sdxl::{DType, Error, Gpu};
 
 gpu_tests!(loras_match_diffusers, bad_loras_fail_typed_and_leave_the_base_working);
-
-fn fixture(dir: &str) -> DirSource {
-    DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
 
 #[derive(serde::Deserialize)]
 struct LoraCase {

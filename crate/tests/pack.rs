@@ -67,6 +67,15 @@ fn in_memory(dir: &Path) -> MemorySource {
     source
 }
 
+/// Asserts that generating from the packs (read from memory where `memory`) differs from the
+/// folders by at most `tolerance` in the latents and the image.
+fn assert_pack_matches_folder(gpu: &Gpu, preset: QuantPreset, memory: bool, tolerance: f32) {
+    let (latents, image) = pack_vs_folder(gpu, preset, memory);
+    let source = if memory { " (MemorySource)" } else { "" };
+    eprintln!("{preset:?} pack{source} vs folder with {preset:?} ({:?} GPU): latents max |Δ| {latents:e}, image max |Δ| {image:e}", gpu.dtype);
+    assert!(latents <= tolerance && image <= tolerance, "latents {latents}, image {image}");
+}
+
 /// Generates from the folders (quantized on load with `preset`) and from their packs, and
 /// returns the largest differences of (latents, image).
 fn pack_vs_folder(gpu: &Gpu, preset: QuantPreset, memory: bool) -> (f32, f32) {
@@ -103,24 +112,18 @@ fn pack_vs_folder(gpu: &Gpu, preset: QuantPreset, memory: bool) -> (f32, f32) {
 #[test]
 fn f16_pack_generates_the_folders_image() {
     // The fixtures' weights are fp16 already: the pack holds the same values.
-    let (latents, image) = pack_vs_folder(&gpu(), QuantPreset::F16, false);
-    eprintln!("f16 pack vs folder (f32 GPU): latents max |Δ| {latents:e}, image max |Δ| {image:e}");
-    assert!(latents <= 1e-6 && image <= 1e-6, "latents {latents}, image {image}");
+    assert_pack_matches_folder(&gpu(), QuantPreset::F16, false, 1e-6);
 }
 
 #[test]
 fn q8_pack_generates_the_folders_q8_image() {
     // Same quantizer on the same values: the same planes as quantize-on-load.
-    let (latents, image) = pack_vs_folder(&gpu(), QuantPreset::Q8, false);
-    eprintln!("q8 pack vs folder with Q8 (f32 GPU): latents max |Δ| {latents:e}, image max |Δ| {image:e}");
-    assert!(latents <= 1e-6 && image <= 1e-6, "latents {latents}, image {image}");
+    assert_pack_matches_folder(&gpu(), QuantPreset::Q8, false, 1e-6);
 }
 
 #[test]
 fn q4_pack_from_memory_generates_the_folders_q4_image() {
-    let (latents, image) = pack_vs_folder(&gpu(), QuantPreset::Q4, true);
-    eprintln!("q4 pack (MemorySource) vs folder with Q4 (f32 GPU): latents max |Δ| {latents:e}, image max |Δ| {image:e}");
-    assert!(latents <= 1e-6 && image <= 1e-6, "latents {latents}, image {image}");
+    assert_pack_matches_folder(&gpu(), QuantPreset::Q4, true, 1e-6);
 }
 
 #[test]
@@ -129,10 +132,8 @@ fn q8_pack_on_an_f16_gpu_generates_the_folders_q8_image() {
         eprintln!("skipped: the adapter has no shader-f16");
         return;
     };
-    // Dense f16 entries upload as f16 bits, as the fp16 safetensors do.
-    let (latents, image) = pack_vs_folder(&gpu, QuantPreset::Q8, false);
-    eprintln!("q8 pack vs folder with Q8 (f16 GPU): latents max |Δ| {latents:e}, image max |Δ| {image:e}");
-    assert!(latents == 0.0 && image == 0.0, "latents {latents}, image {image}");
+    // Dense f16 entries upload as f16 bits, as the fp16 safetensors do: exactly the folder's image.
+    assert_pack_matches_folder(&gpu, QuantPreset::Q8, false, 0.0);
 }
 
 /// Weights on a pack: names, shapes, dense and quantized entries, dequantization on request,

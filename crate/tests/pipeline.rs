@@ -4,11 +4,11 @@
 
 mod common;
 
-use common::{max_abs, psnr, Case};
+use common::{fixture, max_abs, psnr, Case};
 
 use sdxl::pipeline::generate::{generate, Event, Observer, SdxlModel};
 use sdxl::quant::QuantPreset;
-use sdxl::weights::{DirSource, FileTensors};
+use sdxl::weights::FileTensors;
 use sdxl::{DType, Gpu};
 
 gpu_tests!(pipelines_match_diffusers);
@@ -32,10 +32,6 @@ impl Observer for &mut Recorder {
         });
         Ok(())
     }
-}
-
-fn fixture(dir: &str) -> DirSource {
-    DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
 }
 
 async fn pipelines_match_diffusers(gpu: &Gpu) {

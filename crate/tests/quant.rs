@@ -10,13 +10,9 @@ use sdxl::quant::{dequantize, quantize, QuantFormat, QuantTensor, QuantizedTenso
 use sdxl::Gpu;
 
 gpu_tests!(
-    linear_q8_0_odd_shapes,
-    linear_q4_0_odd_shapes,
-    linear_q4_1_odd_shapes,
+    linear_q_odd_shapes,
     linear_q_subnormal_scales,
-    conv2d_q8_0_variants,
-    conv2d_q4_0_variants,
-    conv2d_q4_1_variants,
+    conv2d_q_variants,
     k_quant_kernels_decode_as_ggml,
     quant_ops_reject_mismatches,
 );
@@ -335,6 +331,12 @@ fn rel_error(got: &[f32], want: &[f32]) -> f32 {
     got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max) / scale
 }
 
+async fn linear_q_odd_shapes(gpu: &Gpu) {
+    for format in FORMATS {
+        check_linear_q(gpu, format).await;
+    }
+}
+
 async fn check_linear_q(gpu: &Gpu, format: QuantFormat) {
     for (lead, k, n, seed) in [(vec![37], 45, 29, 10u64), (vec![2, 19], 320, 70, 11), (vec![1], 1, 3, 12), (vec![3, 1], 64, 33, 13)] {
         let m: usize = lead.iter().product();
@@ -360,18 +362,6 @@ async fn check_linear_q(gpu: &Gpu, format: QuantFormat) {
     }
 }
 
-async fn linear_q8_0_odd_shapes(gpu: &Gpu) {
-    check_linear_q(gpu, QuantFormat::Q8_0).await;
-}
-
-async fn linear_q4_0_odd_shapes(gpu: &Gpu) {
-    check_linear_q(gpu, QuantFormat::Q4_0).await;
-}
-
-async fn linear_q4_1_odd_shapes(gpu: &Gpu) {
-    check_linear_q(gpu, QuantFormat::Q4_1).await;
-}
-
 /// Blocks of |w| ~ 1e-4 have subnormal f16 scales: the kernels must decode them, not flush them.
 async fn linear_q_subnormal_scales(gpu: &Gpu) {
     let (m, k, n) = (3, 64, 5);
@@ -384,6 +374,12 @@ async fn linear_q_subnormal_scales(gpu: &Gpu) {
         let want = scale(cpu_linear(&x, &dequantize(&q), None, m, n, k));
         assert!(want.iter().any(|v| v.abs() > 0.5), "outputs of order 1e-3");
         assert_close(&format!("linear_q {format:?} subnormal scales"), &scale(gpu.read(&y).await.unwrap()), &want, tolerance(gpu));
+    }
+}
+
+async fn conv2d_q_variants(gpu: &Gpu) {
+    for format in FORMATS {
+        check_conv2d_q(gpu, format).await;
     }
 }
 
@@ -416,18 +412,6 @@ async fn check_conv2d_q(gpu: &Gpu, format: QuantFormat) {
         let (want, _, _) = cpu_conv(&x, &wt, None, dims, cout, k, stride, pad);
         assert_close(&format!("{what} without bias"), &gpu.read(&y).await.unwrap(), &want, tolerance(gpu));
     }
-}
-
-async fn conv2d_q8_0_variants(gpu: &Gpu) {
-    check_conv2d_q(gpu, QuantFormat::Q8_0).await;
-}
-
-async fn conv2d_q4_0_variants(gpu: &Gpu) {
-    check_conv2d_q(gpu, QuantFormat::Q4_0).await;
-}
-
-async fn conv2d_q4_1_variants(gpu: &Gpu) {
-    check_conv2d_q(gpu, QuantFormat::Q4_1).await;
 }
 
 const K_FORMATS: [QuantFormat; 5] = [QuantFormat::Q2_K, QuantFormat::Q3_K, QuantFormat::Q4_K, QuantFormat::Q5_K, QuantFormat::Q6_K];

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::psnr;
+use common::{fixture, psnr};
 use sdxl::pipeline::generate::{generate, Event, GenerateParams, Observer, SdxlModel};
 use sdxl::pipeline::image::decode_png;
 use sdxl::quant::QuantPreset;
@@ -25,10 +25,6 @@ const SPACINGS: [&str; 3] = ["leading", "trailing", "linspace"];
 const SCHEDULE_STEPS: [usize; 6] = [1, 2, 4, 7, 30, 61];
 const WALK_STEPS: [usize; 3] = [1, 4, 7];
 
-fn fixture(dir: &str) -> DirSource {
-    DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-}
-
 async fn reference() -> FileTensors<'static> {
     let source: &'static DirSource = Box::leak(Box::new(fixture("reference")));
     FileTensors::open(source, vec!["samplers.safetensors".into()]).await.unwrap()
@@ -45,6 +41,21 @@ fn tiny_scheduler(sampler: &str, spacing: &str) -> Scheduler {
     Scheduler::from_config(&config, Some(sampler.parse().unwrap()), Some(spacing.parse().unwrap())).unwrap()
 }
 
+/// Each sampler with each spacing, for each of `step_counts`: (sampler, key, schedule), keys named
+/// as ref_samplers.py writes them (`{kind}.{sampler}.{spacing}.{steps}`).
+fn schedules(kind: &str, step_counts: &[usize]) -> Vec<(&'static str, String, Schedule)> {
+    let mut all = vec![];
+    for sampler in SAMPLERS {
+        for spacing in SPACINGS {
+            let scheduler = tiny_scheduler(sampler, spacing);
+            for steps in step_counts {
+                all.push((sampler, format!("{kind}.{sampler}.{spacing}.{steps}"), scheduler.timesteps(*steps).unwrap()));
+            }
+        }
+    }
+    all
+}
+
 /// Max |got − want| relative to max |want| (at least 1e-6).
 fn relative_error(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len());
@@ -56,18 +67,11 @@ fn relative_error(got: &[f32], want: &[f32]) -> f32 {
 fn schedules_match_diffusers() {
     pollster::block_on(async {
         let refs = reference().await;
-        for sampler in SAMPLERS {
-            for spacing in SPACINGS {
-                let scheduler = tiny_scheduler(sampler, spacing);
-                for steps in SCHEDULE_STEPS {
-                    let key = format!("sched.{sampler}.{spacing}.{steps}");
-                    let schedule = scheduler.timesteps(steps).unwrap();
-                    assert_eq!(schedule.timesteps, get(&refs, &format!("{key}.timesteps")).await, "{key}: timesteps");
-                    if sampler != "ddim" {
-                        let err = relative_error(&schedule.sigmas, &get(&refs, &format!("{key}.sigmas")).await);
-                        assert!(err <= 1e-6, "{key}: sigmas relative error {err}");
-                    }
-                }
+        for (sampler, key, schedule) in schedules("sched", &SCHEDULE_STEPS) {
+            assert_eq!(schedule.timesteps, get(&refs, &format!("{key}.timesteps")).await, "{key}: timesteps");
+            if sampler != "ddim" {
+                let err = relative_error(&schedule.sigmas, &get(&refs, &format!("{key}.sigmas")).await);
+                assert!(err <= 1e-6, "{key}: sigmas relative error {err}");
             }
         }
     })
@@ -98,25 +102,18 @@ fn apply(schedule: &Schedule, i: usize, x: &[f32], out: &[f32], previous: &mut O
 fn steps_match_diffusers_step() {
     pollster::block_on(async {
         let refs = reference().await;
-        for sampler in SAMPLERS {
-            for spacing in SPACINGS {
-                let scheduler = tiny_scheduler(sampler, spacing);
-                for steps in WALK_STEPS {
-                    let key = format!("walk.{sampler}.{spacing}.{steps}");
-                    let schedule = scheduler.timesteps(steps).unwrap();
-                    let n = schedule.num_steps();
-                    let mut x = get(&refs, &format!("{key}.x")).await;
-                    let outs = get(&refs, &format!("{key}.out")).await;
-                    let prevs = get(&refs, &format!("{key}.prev")).await;
-                    let size = x.len();
-                    assert_eq!(outs.len(), n * size, "{key}: step count");
-                    let (mut previous, mut noise) = (None, TorchGenerator::new(7));
-                    for i in 0..n {
-                        x = apply(&schedule, i, &x, &outs[i * size..(i + 1) * size], &mut previous, &mut noise);
-                        let err = relative_error(&x, &prevs[i * size..(i + 1) * size]);
-                        assert!(err <= 1e-5, "{key}: step {i} relative error {err}");
-                    }
-                }
+        for (_, key, schedule) in schedules("walk", &WALK_STEPS) {
+            let n = schedule.num_steps();
+            let mut x = get(&refs, &format!("{key}.x")).await;
+            let outs = get(&refs, &format!("{key}.out")).await;
+            let prevs = get(&refs, &format!("{key}.prev")).await;
+            let size = x.len();
+            assert_eq!(outs.len(), n * size, "{key}: step count");
+            let (mut previous, mut noise) = (None, TorchGenerator::new(7));
+            for i in 0..n {
+                x = apply(&schedule, i, &x, &outs[i * size..(i + 1) * size], &mut previous, &mut noise);
+                let err = relative_error(&x, &prevs[i * size..(i + 1) * size]);
+                assert!(err <= 1e-5, "{key}: step {i} relative error {err}");
             }
         }
     })

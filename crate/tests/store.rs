@@ -12,7 +12,7 @@ use common::psnr;
 use sdxl::pack::Manifest;
 use sdxl::pipeline::generate::{generate, GenerateParams, SdxlModel};
 use sdxl::quant::QuantPreset;
-use sdxl::store::{Bytes, DownloadOptions, HttpSource, LoraStore, ModelStore, RecordStore, LORA_RECORD};
+use sdxl::store::{Bytes, DownloadOptions, HttpSource, FileStore, ModelStore, RecordStore, FILE_RECORD};
 use sdxl::weights::lora::LoraFile;
 use sdxl::weights::safetensors::serialize_f32;
 use sdxl::weights::{FileTensors, MemorySource, Source};
@@ -504,14 +504,14 @@ async fn bad_http_answers_get_clear_errors() {
 
 /// A LoRA file of two records and a bit (its factors need not fit a model to be stored).
 fn big_lora() -> Vec<u8> {
-    let columns = (LORA_RECORD as usize * 2 + 4096) / 4 / 8 + 1;
+    let columns = (FILE_RECORD as usize * 2 + 4096) / 4 / 8 + 1;
     let down: Vec<f32> = (0..8 * columns).map(|i| (i % 1000) as f32 * 1e-3).collect();
     let up = vec![0.5f32; 16 * 8];
     serialize_f32(&[("lora_unet_a.lora_down.weight", vec![8, columns], &down), ("lora_unet_a.lora_up.weight", vec![16, 8], &up), ("lora_unet_a.alpha", vec![], &[4.0])])
 }
 
 async fn loras_are_stored_as_files_and_checked() {
-    let store = LoraStore::new(store("loras").await);
+    let store = FileStore::new(store("loras").await);
     let bytes = big_lora();
     let mut files = MemorySource::default();
     files.insert("style.safetensors", bytes.clone());
@@ -527,7 +527,7 @@ async fn loras_are_stored_as_files_and_checked() {
 
     let (source, file) = store.open("style").await.unwrap();
     assert_eq!(source.read(&file).await.unwrap(), bytes, "the file as stored");
-    let straddle = (LORA_RECORD - 10, LORA_RECORD + 10);
+    let straddle = (FILE_RECORD - 10, FILE_RECORD + 10);
     assert_eq!(source.read_range(&file, straddle.0, straddle.1).await.unwrap(), &bytes[straddle.0 as usize..straddle.1 as usize]);
     assert_eq!(LoraFile::open(&source, &file).await.unwrap().short_hash().await.unwrap(), hash);
     drop(source);
@@ -550,29 +550,18 @@ async fn loras_are_stored_as_files_and_checked() {
     assert!(store.list().await.unwrap().is_empty() && store.records().list("").await.unwrap().is_empty());
 }
 
-macro_rules! store_tests {
-    ($($name:ident),* $(,)?) => {
-        #[cfg(target_arch = "wasm32")]
-        wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_dedicated_worker);
-        mod run {
-            $(
-                #[cfg(not(target_arch = "wasm32"))]
-                #[test]
-                fn $name() {
-                    let _one_at_a_time = super::platform::serial();
-                    pollster::block_on(super::$name());
-                }
-                #[cfg(target_arch = "wasm32")]
-                #[wasm_bindgen_test::wasm_bindgen_test]
-                async fn $name() {
-                    super::$name().await;
-                }
-            )*
-        }
-    };
+/// Runs a test, natively one at a time (`platform::serial`).
+// Natively each test blocks its own thread on this future: the lock only keeps other tests out.
+#[allow(clippy::await_holding_lock)]
+async fn one_at_a_time(test: impl AsyncFn()) {
+    #[cfg(not(target_arch = "wasm32"))]
+    let _serial = platform::serial();
+    test().await
 }
 
-store_tests!(
+// In the browser, in a dedicated worker as the page runs the store.
+async_tests!(
+    run_in_dedicated_worker, crate::one_at_a_time;
     download_pack_load_and_generate,
     download_folder_converts_as_the_cli,
     interrupted_pack_download_resumes,

@@ -5,7 +5,7 @@
 use sdxl::app::*;
 use sdxl::bench::{BenchReport, KernelResult, Peak, Skipped, TaesdResult, UnetResult, VaeResult};
 use sdxl::pack::ModelKind;
-use sdxl::store::{StoredLora, StoredModel};
+use sdxl::store::{StoredFile, StoredModel};
 use sdxl::pipeline::generate::Stage;
 use sdxl::quant::QuantPreset;
 use sdxl::scheduler::{SamplerChoice, TimestepSpacing};
@@ -32,7 +32,9 @@ fn generated() -> String {
         FinalDecoder::DECL.into(),
         CreateRequest::DECL.into(),
         ModelSpec::DECL.into(),
+        LoadedModel::DECL.into(),
         LoadRequest::DECL.into(),
+        LoadedModels::DECL.into(),
         BenchPart::DECL.into(),
         BenchRequest::DECL.into(),
         Transfer::DECL.into(),
@@ -43,7 +45,7 @@ fn generated() -> String {
         AdapterInfo::DECL.into(),
         ModelKind::DECL.into(),
         StoredModel::DECL.into(),
-        StoredLora::DECL.into(),
+        StoredFile::DECL.into(),
         Peak::DECL.into(),
         KernelResult::DECL.into(),
         UnetResult::DECL.into(),

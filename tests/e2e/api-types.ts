@@ -1,5 +1,5 @@
 // Type-checks web/sdxl.d.ts against the documented usage (README, docs/browser.md) (tsc --noEmit in tests/run.sh).
-import { Sdxl, SdxlError, SDXL_1_0, RESOLUTION_BUCKETS, type ProgressEvent, type StepEvent, type GenerateResult, type StoredLora } from '../../web/sdxl.js';
+import { Sdxl, SdxlError, SDXL_1_0, RESOLUTION_BUCKETS, type ProgressEvent, type StepEvent, type GenerateResult, type StoredFile } from '../../web/sdxl.js';
 
 function describe(e: ProgressEvent): string {
   switch (e.type) {
@@ -21,7 +21,7 @@ export async function example(canvas: HTMLCanvasElement, picked: File): Promise<
   const sdxl = await Sdxl.create({ onProgress: (e) => console.log(describe(e)), precision: 'auto' });
   const adapter: string = sdxl.info.adapter;
   await sdxl.load({ base: SDXL_1_0.base, refiner: SDXL_1_0.refiner, quant: 'q4' });
-  const style: StoredLora = await sdxl.storeLora(picked, { onProgress: (e) => console.log(describe(e)) });
+  const style: StoredFile = await sdxl.storeLora(picked, { onProgress: (e) => console.log(describe(e)) });
   await sdxl.storeLora({ url: 'owner/name/detail.safetensors', id: 'detail' });
   console.log((await sdxl.loras()).map((l) => `${l.id} ${l.hash} ${l.storedBytes} ${l.complete}`), style.file);
   const [width, height] = RESOLUTION_BUCKETS[1];

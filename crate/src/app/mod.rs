@@ -233,13 +233,44 @@ pub fn render(prepared: &Prepared, pixels: &[f32], sources: &RecipeSources) -> R
     }
 }
 
-/// A model's store id when none is given: the last part of its URL (or file name), characters
-/// outside `A-Za-z0-9._-` as `-`, and the preset (the JS API's storeId in web/sdxl.js).
-pub fn store_id(url: &str, quant: QuantPreset) -> String {
+/// A store id made of a URL's last part (or a file's name): characters outside `A-Za-z0-9._-` as
+/// `-`, leading dots dropped.
+fn store_name(url: &str) -> String {
     let last = url.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
     let last = last.split(['?', '#']).next().unwrap_or_default();
     let name: String = last.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' }).collect();
-    format!("{}-{}", name.trim_start_matches('.'), quant.name())
+    name.trim_start_matches('.').to_string()
+}
+
+/// A model's store id when none is given: its name and the preset.
+pub fn store_id(url: &str, quant: QuantPreset) -> String {
+    format!("{}-{}", store_name(url), quant.name())
+}
+
+/// A LoRA's (or preview decoder's) store id when none is given: its file's name without
+/// `.safetensors`, as `<lora:NAME:WEIGHT>` tags name it.
+pub fn file_id(url: &str) -> String {
+    let name = store_name(url);
+    // ASCII only (store_name replaced the rest), so the suffix's length in bytes is its own.
+    match name.to_ascii_lowercase().ends_with(".safetensors") {
+        true => name[..name.len() - ".safetensors".len()].to_string(),
+        false => name,
+    }
+}
+
+impl ModelSpec {
+    /// The spec with its store id: the one given, or `default_id` of its URL or file name.
+    pub fn resolve(&self, default_id: impl Fn(&str) -> String) -> Result<LoadedModel> {
+        let id = match (&self.id, self.url.as_deref().or(self.file.as_deref())) {
+            (Some(id), _) => id.clone(),
+            (None, Some(source)) => default_id(source),
+            (None, None) => return Err(Error::InvalidParameter("a model needs an id, a url or a file".into())),
+        };
+        if id.is_empty() {
+            return Err(Error::InvalidParameter("a model's id is empty".into()));
+        }
+        Ok(LoadedModel { id, url: self.url.clone(), file: self.file.clone() })
+    }
 }
 
 /// The bench's model (the request's configs, or SDXL 1.0 base) and options.

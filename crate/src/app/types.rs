@@ -108,31 +108,46 @@ pub enum FinalDecoder {
 
 /// Options of the engine's creation.
 #[derive(Debug, Default, Deserialize, Tsify)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct CreateRequest {
     /// 'auto' uses f16 where the adapter has shader-f16 (default).
     #[tsify(optional, type = "'auto' | 'f16' | 'f32'")]
-    #[serde(default, deserialize_with = "de::choice")]
+    #[serde(deserialize_with = "de::choice")]
     pub precision: Option<Precision>,
     /// The IndexedDB database for models (default 'sdxl-models'; LoRAs and preview decoders in the ones named this + '-loras' / '-decoders').
     #[tsify(optional)]
-    #[serde(default)]
     pub store_name: Option<String>,
 }
 
-/// A model (or LoRA, or preview decoder) as the engine gets it: its store id, and where it comes
-/// from when it is not stored: a URL (a pack, a diffusers folder, a single .safetensors / .gguf)
-/// or, with `file` (its name), the picked File passed beside the options.
-#[derive(Debug, Clone, Deserialize, Serialize, Tsify)]
-#[serde(deny_unknown_fields)]
+/// A model (or LoRA, or preview decoder) as the engine gets it: where it comes from when it is
+/// not stored, a URL (a pack, a diffusers folder, a single .safetensors / .gguf) or, with `file`
+/// (its name), the picked File passed beside the options; and its store id.
+#[derive(Debug, Clone, Default, Deserialize, Tsify)]
+#[serde(default, deny_unknown_fields)]
 pub struct ModelSpec {
-    pub id: String,
+    /// Default: the URL's last part (or the file's name) with characters outside `A-Za-z0-9._-`
+    /// as `-`, then for a model `-` and the preset (`stable-diffusion-xl-base-1.0-q4`), for a LoRA
+    /// or decoder without `.safetensors` (what `<lora:NAME:WEIGHT>` tags name).
     #[tsify(optional)]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[tsify(optional)]
     pub url: Option<String>,
     /// The picked file's name.
     #[tsify(optional)]
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+}
+
+/// A model as loaded or stored: its store id, and its URL or picked file's name (neither: loaded
+/// by id alone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Tsify)]
+pub struct LoadedModel {
+    pub id: String,
+    #[tsify(optional)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The picked file's name.
+    #[tsify(optional)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
 }
 
@@ -141,12 +156,27 @@ pub struct ModelSpec {
 #[serde(deny_unknown_fields)]
 pub struct LoadRequest {
     pub base: ModelSpec,
-    #[tsify(optional)]
+    #[tsify(optional, type = "ModelSpec | null")]
     #[serde(default)]
     pub refiner: Option<ModelSpec>,
-    #[tsify(type = "Quant")]
-    #[serde(deserialize_with = "de::required_choice")]
+    /// Weight format on the GPU and in storage (default 'q4').
+    #[tsify(optional, type = "Quant")]
+    #[serde(default = "default_quant", deserialize_with = "de::required_choice")]
     pub quant: QuantPreset,
+}
+
+fn default_quant() -> QuantPreset {
+    QuantPreset::Q4
+}
+
+/// What load() made the loaded models.
+#[derive(Debug, Clone, Serialize, Tsify)]
+pub struct LoadedModels {
+    pub base: LoadedModel,
+    #[tsify(type = "LoadedModel | null")]
+    pub refiner: Option<LoadedModel>,
+    #[tsify(type = "Quant")]
+    pub quant: &'static str,
 }
 
 /// A part of `sdxl bench`.
@@ -162,33 +192,29 @@ pub enum BenchPart {
 
 /// What `sdxl bench` measures.
 #[derive(Debug, Default, Deserialize, Tsify)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct BenchRequest {
     /// Square image sizes, multiples of 8 (default [512, 1024]); the kernels use the largest.
     #[tsify(optional, type = "number[]")]
-    #[serde(default, deserialize_with = "de::counts")]
+    #[serde(deserialize_with = "de::counts")]
     pub sizes: Option<Vec<usize>>,
     /// Weight formats of the UNet steps (default all).
     #[tsify(optional, type = "Quant[]")]
-    #[serde(default, deserialize_with = "de::choices")]
+    #[serde(deserialize_with = "de::choices")]
     pub quants: Option<Vec<QuantPreset>>,
     /// LoRA ranks whose per-step cost is measured on the UNet (default [32, 128]; [] for none).
     #[tsify(optional, type = "number[]")]
-    #[serde(default, deserialize_with = "de::counts")]
+    #[serde(deserialize_with = "de::counts")]
     pub loras: Option<Vec<usize>>,
     /// Which parts to run (default all).
     #[tsify(optional)]
-    #[serde(default)]
     pub only: Option<Vec<BenchPart>>,
     /// The model's name, and its unet/config.json and vae/config.json texts (default: SDXL 1.0 base).
     #[tsify(optional)]
-    #[serde(default)]
     pub model: Option<String>,
     #[tsify(optional)]
-    #[serde(default)]
     pub unet_config: Option<String>,
     #[tsify(optional)]
-    #[serde(default)]
     pub vae_config: Option<String>,
 }
 

@@ -230,7 +230,10 @@ impl GroupNorm {
     pub(crate) fn use_recorded(&self) -> Result<()> {
         let mut statistics = self.statistics.borrow_mut();
         match std::mem::replace(&mut *statistics, Statistics::Own) {
-            Statistics::Record { slots: Some(slots), .. } => Ok(*statistics = Statistics::Merged(slots)),
+            Statistics::Record { slots: Some(slots), .. } => {
+                *statistics = Statistics::Merged(slots);
+                Ok(())
+            }
             _ => Err(Error::InvalidParameter("group norm: no statistics were recorded".into())),
         }
     }

@@ -40,32 +40,33 @@ impl Plan<'_, '_> {
     /// where [`read_twice`] says so).
     pub async fn read_bytes(&self) -> Result<u64> {
         let policy = self.preset.policy();
-        let mut total = 0;
-        for path in &self.small {
-            total += self.model.files.len(path).await?;
-        }
-        for (c, w) in &self.weights {
-            for (name, info) in w.names().into_iter().filter_map(|n| Some((n, w.info(n)?))) {
-                let times = if read_twice(info, policy.format_for(c, name, &info.shape)) { 2 } else { 1 };
-                total += times * info.bytes;
-            }
-        }
-        Ok(total)
+        let tensor_bytes = |c: &str, name: &str, info: &TensorInfo| {
+            let times = if read_twice(info, policy.format_for(c, name, &info.shape)) { 2 } else { 1 };
+            times * info.bytes
+        };
+        Ok(self.small_bytes().await? + self.tensors().map(|(c, name, info)| tensor_bytes(c, name, info)).sum::<u64>())
     }
 
     /// Bytes of the pack: the small files plus every tensor as [`planned_bytes`] stores it (f32
     /// fallbacks for values beyond f16's range, which only the data shows, not counted).
     pub async fn pack_bytes(&self) -> Result<u64> {
         let policy = self.preset.policy();
+        let stored = self.tensors().filter(|(_, _, info)| is_stored(info.encoding));
+        let tensor_bytes: u64 = stored.map(|(c, name, info)| planned_bytes(&policy, c, [(name, info.shape.as_slice(), info.encoding)])).sum();
+        Ok(self.small_bytes().await? + tensor_bytes)
+    }
+
+    async fn small_bytes(&self) -> Result<u64> {
         let mut total = 0;
         for path in &self.small {
             total += self.model.files.len(path).await?;
         }
-        for (c, w) in &self.weights {
-            let tensors = w.names().into_iter().filter_map(|n| Some((n, w.info(n)?))).filter(|(_, i)| is_stored(i.encoding));
-            total += planned_bytes(&policy, c, tensors.map(|(n, i)| (n, i.shape.as_slice(), i.encoding)));
-        }
         Ok(total)
+    }
+
+    /// Every tensor with its component and info.
+    fn tensors(&self) -> impl Iterator<Item = (&str, &str, &TensorInfo)> {
+        self.weights.iter().flat_map(|(c, w)| w.names().into_iter().filter_map(move |n| Some((*c, n, w.info(n)?))))
     }
 }
 

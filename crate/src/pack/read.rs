@@ -14,7 +14,7 @@ use super::manifest::{sha256_hex, Pack, PackTensor, Segment, Storage, MANIFEST};
 use crate::error::{mib, Error, Result};
 use crate::quant::QuantizedTensor;
 use crate::weights::safetensors::Dtype;
-use crate::weights::{checked, Encoding, Fetch, HostTensor, ModelSource, SharedSource, Source, TensorInfo, TensorSource};
+use crate::weights::{checked, Encoding, Fetch, HostTensor, ModelSource, SharedSource, Source, TensorIndex, TensorInfo, TensorSource};
 
 /// Bytes read at a time by [`verify`].
 const VERIFY_CHUNK: u64 = 4 << 20;
@@ -103,7 +103,7 @@ pub struct PackTensors<'a> {
     pack: Rc<Pack>,
     component: String,
     /// name → (info, index in the manifest's tensors).
-    tensors: BTreeMap<String, (TensorInfo, usize)>,
+    tensors: TensorIndex<usize>,
 }
 
 impl PackTensors<'_> {
@@ -143,16 +143,15 @@ impl TensorSource for PackTensors<'_> {
         format!("{} ({})", self.pack.location, self.component)
     }
     fn names(&self) -> Vec<&str> {
-        self.tensors.keys().map(String::as_str).collect()
+        self.tensors.names()
     }
     fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.get(name).map(|(info, _)| info)
+        self.tensors.info(name)
     }
     fn read<'s>(&'s self, name: &'s str, shape: &'s [usize], rows: Range<usize>) -> Fetch<'s, HostTensor> {
         Box::pin(async move {
             checked(self, name, shape)?;
-            let t = &self.pack.manifest().tensors[self.tensors[name].1];
-            self.read_entry(t, rows).await
+            self.read_entry(&self.pack.manifest().tensors[self.tensors[name]], rows).await
         })
     }
 }

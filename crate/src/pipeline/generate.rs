@@ -317,7 +317,7 @@ fn check_params(p: &GenerateParams, multiple: usize, with_refiner: bool) -> Resu
     if p.steps == 0 {
         return bad("steps must be at least 1".into());
     }
-    if p.width == 0 || p.height == 0 || p.width % multiple != 0 || p.height % multiple != 0 {
+    if p.width == 0 || p.height == 0 || !p.width.is_multiple_of(multiple) || !p.height.is_multiple_of(multiple) {
         return bad(format!("width and height must be positive multiples of {multiple} for this model (got {}x{})", p.width, p.height));
     }
     if p.width > MAX_SIDE || p.height > MAX_SIDE || p.width * p.height > MAX_PIXELS {

@@ -5,15 +5,15 @@
 //! `--model` option reads). [`HttpSource`] reads a model folder, pack or single file over HTTP with
 //! range requests and retries; in the browser, `BlobSource` reads a file the user picked. [`ModelStore`] puts them together: download (a pack record by record, or a
 //! diffusers folder converted tensor by tensor as it streams in), resume, repair, list, delete,
-//! verify, and [`ModelStore::open`] to load a stored model record by record. [`LoraStore`] keeps
-//! LoRA files as they are, beside the models.
+//! verify, and [`ModelStore::open`] to load a stored model record by record. [`FileStore`] keeps
+//! single files (LoRAs, preview decoders) as they are, beside the models.
 //!
 //! Record bytes travel as [`Bytes`]: in the browser a JS `Uint8Array` outside wasm memory, so that
 //! downloading a pack never copies a shard into the wasm heap and loading copies one tensor at a
 //! time.
 
 mod http;
-mod loras;
+mod files;
 mod models;
 mod source;
 
@@ -33,7 +33,7 @@ pub use http::{hub_url, HttpSource, StatedHashes};
 pub use blob::BlobSource;
 #[cfg(target_arch = "wasm32")]
 pub use idb::IdbStore;
-pub use loras::{LoraStore, StoredLora, StoredLoraSource, LORA_RECORD};
+pub use files::{FileStore, StoredFile, StoredFileSource, FILE_RECORD};
 pub use models::{url_origin, DownloadOptions, ModelStore, Progress, StoredModel};
 pub use source::StoreSource;
 
@@ -56,6 +56,20 @@ pub trait RecordStore {
     /// Asks the platform to keep the records under storage pressure; whether it agreed.
     async fn persist(&self) -> bool {
         true
+    }
+
+    /// Deletes the records under `prefix`, the one whose key ends with `first` (what marks them
+    /// complete) first, so that an interrupted delete leaves them incomplete, never broken and
+    /// complete. Returns the bytes freed.
+    async fn delete_all_under(&self, prefix: &str, first: &str) -> Result<u64> {
+        let mut records = self.list(prefix).await?;
+        records.sort_by_key(|(k, _)| !k.ends_with(first));
+        let mut freed = 0;
+        for (key, n) in records {
+            self.delete(&key).await?;
+            freed += n;
+        }
+        Ok(freed)
     }
 }
 

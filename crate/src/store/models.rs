@@ -162,14 +162,7 @@ impl<R: RecordStore> ModelStore<R> {
     /// incomplete model, never a broken complete one). Returns the bytes freed.
     pub async fn delete(&self, id: &str) -> Result<u64> {
         check_id(id)?;
-        let mut records = self.records.list(&Self::key(id, "")).await?;
-        records.sort_by_key(|(k, _)| !k.ends_with(MANIFEST));
-        let mut freed = 0;
-        for (key, n) in records {
-            self.records.delete(&key).await?;
-            freed += n;
-        }
-        Ok(freed)
+        self.records.delete_all_under(&Self::key(id, ""), MANIFEST).await
     }
 
     /// Deletes every model; returns the bytes freed.

@@ -2,13 +2,12 @@
 //! [`super::names`]). A diffusers folder component (one file, or the shards of an index) and each
 //! component of a single-file checkpoint are one each.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 
 use super::gguf::{self, GgufTensor, Repacked};
 use super::names::{self, Entry, Stored};
 use super::safetensors::{self, Dtype};
-use super::{checked, confined, read_json, tensor_error, Encoding, Fetch, HostTensor, SharedSource, Source, TensorInfo, TensorSource};
+use super::{checked, confined, read_json, tensor_error, Encoding, Fetch, HostTensor, SharedSource, Source, TensorIndex, TensorInfo, TensorSource};
 use crate::error::{Error, Result};
 
 /// Pickle checkpoints' extensions (refused: loading a pickle runs code, and its tensors cannot be
@@ -24,7 +23,7 @@ pub fn is_pickle(name: &str) -> bool {
 pub struct FileTensors<'a> {
     source: SharedSource<'a>,
     files: Vec<String>,
-    tensors: BTreeMap<String, (TensorInfo, Entry)>,
+    tensors: TensorIndex<Entry>,
 }
 
 /// What a model reads of an entry: its values as a float dtype or as kernel blocks.
@@ -53,7 +52,7 @@ impl<'a> FileTensors<'a> {
     pub async fn folder(source: SharedSource<'a>, dir: &str, prefer_fp16: bool) -> Result<FileTensors<'a>> {
         let files = weight_files(&source, dir, prefer_fp16).await?;
         let plain = FileTensors::open(source, files).await?;
-        let entries = plain.tensors.into_iter().map(|(name, (_, entry))| (name, entry)).collect();
+        let entries = plain.tensors.into_entries().collect();
         Ok(FileTensors::new(plain.source, plain.files, names::diffusers(dir, entries)))
     }
 
@@ -80,7 +79,7 @@ impl<'a> FileTensors<'a> {
 
     fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry> {
         checked(self, name, shape)?;
-        Ok(&self.tensors[name].1)
+        Ok(&self.tensors[name])
     }
 
     async fn read_entry(&self, name: &str, entry: &Entry, rows: Range<usize>) -> Result<HostTensor> {
@@ -142,16 +141,13 @@ impl TensorSource for FileTensors<'_> {
         self.files.iter().map(|f| self.source.describe(f)).collect::<Vec<_>>().join(", ")
     }
     fn names(&self) -> Vec<&str> {
-        self.tensors.keys().map(String::as_str).collect()
+        self.tensors.names()
     }
     fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.get(name).map(|(info, _)| info)
+        self.tensors.info(name)
     }
     fn read<'s>(&'s self, name: &'s str, shape: &'s [usize], rows: Range<usize>) -> Fetch<'s, HostTensor> {
-        Box::pin(async move {
-            let entry = self.entry(name, shape)?;
-            self.read_entry(name, entry, rows).await
-        })
+        Box::pin(async move { self.read_entry(name, self.entry(name, shape)?, rows).await })
     }
 }
 

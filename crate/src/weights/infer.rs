@@ -20,30 +20,25 @@ use super::names::{Entry, Kind};
 use super::MemorySource;
 use crate::error::{Error, Result};
 
+/// A shipped model's small files (crate/configs/`$dir`/`$path`), by path.
+macro_rules! shipped {
+    ($dir:literal: $($path:literal),+) => {
+        [$(($path, include_str!(concat!("../../configs/", $dir, "/", $path)))),+]
+    };
+}
+
 /// SDXL 1.0 base's small files, by path.
-const BASE: [(&str, &str); 10] = [
-    ("model_index.json", include_str!("../../configs/sdxl-base/model_index.json")),
-    ("scheduler/scheduler_config.json", include_str!("../../configs/sdxl-base/scheduler/scheduler_config.json")),
-    ("text_encoder/config.json", include_str!("../../configs/sdxl-base/text_encoder/config.json")),
-    ("text_encoder_2/config.json", include_str!("../../configs/sdxl-base/text_encoder_2/config.json")),
-    ("tokenizer/special_tokens_map.json", include_str!("../../configs/sdxl-base/tokenizer/special_tokens_map.json")),
-    ("tokenizer/tokenizer_config.json", include_str!("../../configs/sdxl-base/tokenizer/tokenizer_config.json")),
-    ("tokenizer_2/special_tokens_map.json", include_str!("../../configs/sdxl-base/tokenizer_2/special_tokens_map.json")),
-    ("tokenizer_2/tokenizer_config.json", include_str!("../../configs/sdxl-base/tokenizer_2/tokenizer_config.json")),
-    ("unet/config.json", include_str!("../../configs/sdxl-base/unet/config.json")),
-    ("vae/config.json", include_str!("../../configs/sdxl-base/vae/config.json")),
-];
+const BASE: [(&str, &str); 10] = shipped!("sdxl-base":
+    "model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
+    "text_encoder/config.json", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "text_encoder_2/config.json", "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json"
+);
 
 /// SDXL 1.0 refiner's small files, by path.
-const REFINER: [(&str, &str); 7] = [
-    ("model_index.json", include_str!("../../configs/sdxl-refiner/model_index.json")),
-    ("scheduler/scheduler_config.json", include_str!("../../configs/sdxl-refiner/scheduler/scheduler_config.json")),
-    ("text_encoder_2/config.json", include_str!("../../configs/sdxl-refiner/text_encoder_2/config.json")),
-    ("tokenizer_2/special_tokens_map.json", include_str!("../../configs/sdxl-refiner/tokenizer_2/special_tokens_map.json")),
-    ("tokenizer_2/tokenizer_config.json", include_str!("../../configs/sdxl-refiner/tokenizer_2/tokenizer_config.json")),
-    ("unet/config.json", include_str!("../../configs/sdxl-refiner/unet/config.json")),
-    ("vae/config.json", include_str!("../../configs/sdxl-refiner/vae/config.json")),
-];
+const REFINER: [(&str, &str); 7] = shipped!("sdxl-refiner":
+    "model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
+    "text_encoder_2/config.json", "tokenizer_2/special_tokens_map.json", "tokenizer_2/tokenizer_config.json"
+);
 
 /// The CLIP BPE merges both SDXL tokenizers use (openai/clip-vit-large-patch14's merges.txt).
 const MERGES: &str = include_str!("../../configs/clip/merges.txt");
@@ -59,10 +54,7 @@ const VAE: &str = "first_stage_model.";
 /// tokenizers' files (vocab.json built from the shipped merges).
 pub fn sdxl_files(kind: Kind) -> MemorySource {
     let mut files = MemorySource::default();
-    let list: &[(&str, &str)] = match kind {
-        Kind::Base => &BASE,
-        Kind::Refiner => &REFINER,
-    };
+    let list = shipped_files(kind);
     for (path, text) in list {
         files.insert(path, text.as_bytes().to_vec());
     }
@@ -92,12 +84,15 @@ pub fn clip_vocab(merges: &str) -> Vec<u8> {
 /// Shapes of a file's tensors by their own names.
 pub type Shapes<'n> = HashMap<&'n str, &'n [usize]>;
 
-fn base_config(kind: Kind, path: &str) -> Value {
-    let list: &[(&str, &str)] = match kind {
+fn shipped_files(kind: Kind) -> &'static [(&'static str, &'static str)] {
+    match kind {
         Kind::Base => &BASE,
         Kind::Refiner => &REFINER,
-    };
-    let text = list.iter().find(|(p, _)| *p == path).map_or("{}", |(_, t)| *t);
+    }
+}
+
+fn base_config(kind: Kind, path: &str) -> Value {
+    let text = shipped_files(kind).iter().find(|(p, _)| *p == path).map_or("{}", |(_, t)| *t);
     serde_json::from_str(text).expect("the shipped configs are JSON")
 }
 

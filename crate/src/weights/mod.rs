@@ -31,6 +31,7 @@ pub mod safetensors;
 mod source;
 mod vars;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
@@ -76,6 +77,39 @@ pub enum HostTensor {
     Quant(QuantizedTensor),
     /// Random weights: generated where they are used, from this seed (see [`random`]).
     Random(u32),
+}
+
+/// Tensors by name (sorted), each with its info and where its format stores it (`E`): what
+/// the file and pack sources answer `names` and `info` from.
+pub struct TensorIndex<E>(BTreeMap<String, (TensorInfo, E)>);
+
+impl<E> FromIterator<(String, (TensorInfo, E))> for TensorIndex<E> {
+    fn from_iter<I: IntoIterator<Item = (String, (TensorInfo, E))>>(entries: I) -> Self {
+        TensorIndex(entries.into_iter().collect())
+    }
+}
+
+impl<E> TensorIndex<E> {
+    pub fn names(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.0.get(name).map(|(info, _)| info)
+    }
+
+    /// Each tensor's name and where it is stored.
+    pub fn into_entries(self) -> impl Iterator<Item = (String, E)> {
+        self.0.into_iter().map(|(name, (_, entry))| (name, entry))
+    }
+}
+
+/// Where a tensor is stored; the name must be listed (see [`checked`]).
+impl<E> std::ops::Index<&str> for TensorIndex<E> {
+    type Output = E;
+    fn index(&self, name: &str) -> &E {
+        &self.0[name].1
+    }
 }
 
 /// The tensors of one model component (`unet`, `text_encoder`, ...) under diffusers' names: one

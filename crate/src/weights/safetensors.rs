@@ -5,8 +5,9 @@ use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use strum::{EnumString, IntoStaticStr};
 
@@ -172,9 +173,10 @@ impl<'de> Visitor<'de> for HeaderVisitor {
         let mut header = RawHeader { tensors: Vec::new(), metadata: BTreeMap::new() };
         while let Some(name) = map.next_key::<String>()? {
             if name == "__metadata__" {
-                // Its string entries; other values are skipped.
-                let entries: Option<BTreeMap<String, Metadata>> = map.next_value()?;
-                header.metadata.extend(entries.into_iter().flatten().filter_map(|(k, v)| Some((k, v.0?))));
+                // Its string entries; other values are kept as their text only to be dropped.
+                let entries: Option<BTreeMap<String, Box<RawValue>>> = map.next_value()?;
+                let text = |raw: Box<RawValue>| serde_json::from_str::<String>(raw.get()).ok();
+                header.metadata.extend(entries.into_iter().flatten().filter_map(|(k, v)| Some((k, text(v)?))));
                 continue;
             }
             let tensor = map.next_value_seed(EntryVisitor { name: &name })?;
@@ -256,47 +258,6 @@ impl<'de, const N: usize> Deserialize<'de> for Sizes<N> {
     }
 }
 
-/// A `__metadata__` value: kept when it is a string (others are skipped without being built).
-struct Metadata(Option<String>);
-
-impl<'de> Deserialize<'de> for Metadata {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct Any;
-        impl<'de> Visitor<'de> for Any {
-            type Value = Metadata;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<Metadata, E> {
-                Ok(Metadata(Some(s.to_string())))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> std::result::Result<Metadata, E> {
-                Ok(Metadata(None))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> std::result::Result<Metadata, E> {
-                Ok(Metadata(None))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> std::result::Result<Metadata, E> {
-                Ok(Metadata(None))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> std::result::Result<Metadata, E> {
-                Ok(Metadata(None))
-            }
-            fn visit_unit<E: de::Error>(self) -> std::result::Result<Metadata, E> {
-                Ok(Metadata(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Metadata, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Metadata(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Metadata, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Metadata(None))
-            }
-        }
-        d.deserialize_any(Any)
-    }
-}
 
 /// Reads and validates the header of the safetensors file `path`.
 pub async fn read_header(source: &impl Source, path: &str) -> Result<Header> {
@@ -356,4 +317,15 @@ pub fn serialize_f32(tensors: &[(&str, Vec<usize>, &[f32])]) -> Vec<u8> {
         out.extend_from_slice(bytemuck::cast_slice(data));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metadata_keeps_its_strings_and_drops_other_values() {
+        let json = br#"{"__metadata__": {"format": "pt", "escaped": "a\"b", "n": 3, "x": null, "nested": {"a": [1, {"b": "c"}]}}}"#;
+        let header = super::parse_header("h", json, 8 + json.len() as u64).unwrap();
+        let kept: Vec<(&str, &str)> = header.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(kept, [("escaped", "a\"b"), ("format", "pt")]);
+    }
 }

@@ -1,6 +1,6 @@
 //! Shared test support: GPUs for every precision the adapter offers, deterministic data, CPU
-//! references, tolerances, and `gpu_tests!` which runs each async test natively (pollster) and in
-//! the browser (wasm-bindgen-test).
+//! references, tolerances, and `gpu_tests!` / `async_tests!` which run each async test natively
+//! (pollster) and in the browser (wasm-bindgen-test).
 #![allow(dead_code)]
 
 use sdxl::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -25,6 +25,19 @@ pub async fn gpus() -> Vec<Gpu> {
         all.push(Gpu::new(Precision::F16).await.expect("an f16 device"));
     }
     all
+}
+
+/// Runs `test` on each of `gpus()`.
+pub async fn on_every_gpu(test: impl AsyncFn(&Gpu)) {
+    for gpu in gpus().await {
+        test(&gpu).await;
+    }
+}
+
+/// tests/fixtures/`dir` on disk (the browser's tests embed theirs: `fixtures!`).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn fixture(dir: &str) -> sdxl::weights::DirSource {
+    sdxl::weights::DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
 }
 
 /// A diffusers folder as a model, its `.fp16` weights preferred on f16 devices.
@@ -129,31 +142,37 @@ pub fn stored(gpu: &Gpu, v: &[f32]) -> Vec<f32> {
     }
 }
 
+/// `async_tests!(runner, harness; a, b, ...)` makes a test of each `async fn a` that awaits
+/// `harness(a)`: natively under pollster, in wasm under wasm-bindgen-test's `runner`
+/// (`run_in_browser` or `run_in_dedicated_worker`). `harness` is a path from the crate root.
 #[macro_export]
-macro_rules! gpu_tests {
-    ($($name:ident),* $(,)?) => {
+macro_rules! async_tests {
+    ($runner:ident, $harness:path; $($name:ident),* $(,)?) => {
         #[cfg(target_arch = "wasm32")]
-        wasm_bindgen_test::wasm_bindgen_test_configure!(run_in_browser);
+        wasm_bindgen_test::wasm_bindgen_test_configure!($runner);
         mod run {
             $(
                 #[cfg(not(target_arch = "wasm32"))]
                 #[test]
                 fn $name() {
-                    pollster::block_on(async {
-                        for gpu in crate::common::gpus().await {
-                            super::$name(&gpu).await;
-                        }
-                    })
+                    pollster::block_on($harness(super::$name))
                 }
                 #[cfg(target_arch = "wasm32")]
                 #[wasm_bindgen_test::wasm_bindgen_test]
                 async fn $name() {
-                    for gpu in crate::common::gpus().await {
-                        super::$name(&gpu).await;
-                    }
+                    $harness(super::$name).await
                 }
             )*
         }
+    };
+}
+
+/// `gpu_tests!(a, b, ...)`: a test of each `async fn a(gpu: &Gpu)` that runs it on every GPU, on a
+/// browser page in wasm.
+#[macro_export]
+macro_rules! gpu_tests {
+    ($($name:ident),* $(,)?) => {
+        $crate::async_tests!(run_in_browser, $crate::common::on_every_gpu; $($name),*);
     };
 }
 
@@ -164,9 +183,7 @@ macro_rules! gpu_tests {
 macro_rules! fixtures {
     ($($dir:literal => [$($file:literal),* $(,)?]),* $(,)?) => {
         #[cfg(not(target_arch = "wasm32"))]
-        fn fixture(dir: &str) -> sdxl::weights::DirSource {
-            sdxl::weights::DirSource::new(format!("{}/../tests/fixtures/{dir}", env!("CARGO_MANIFEST_DIR")))
-        }
+        use $crate::common::fixture;
 
         #[cfg(target_arch = "wasm32")]
         fn fixture(dir: &str) -> sdxl::weights::MemorySource {

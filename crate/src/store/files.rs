@@ -1,8 +1,10 @@
-//! LoRAs in a record store, kept as the files they are (safetensors, tens to hundreds of MB): the
-//! file in records of [`LORA_RECORD`] bytes under `{id}/`, then `{id}/lora.json` (its name, origin,
-//! size, A1111 short hash and each record's sha256), written last so that an interrupted store is
-//! never taken for a complete one. [`LoraStore::open`] serves a stored LoRA as a [`Source`]
-//! holding its one file, every record checked against its sha256 as it is read.
+//! Single safetensors files in a record store: LoRAs, and (in a store of their own) preview
+//! decoders, kept as the files they are (tens to hundreds of MB): the file in records of
+//! [`FILE_RECORD`] bytes under `{id}/`, then `{id}/lora.json` (its name, origin, size, A1111 short
+//! hash and each record's sha256; named so for every kind, as stores already hold it), written
+//! last so that an interrupted store is never taken for a complete one. [`FileStore::open`]
+//! serves a stored file as a [`Source`] holding it, every record checked against its sha256 as it
+//! is read.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -15,20 +17,19 @@ use crate::error::{mib, Error, Result};
 use crate::weights::lora::{LoraFile, ShortHash};
 use crate::weights::Source;
 
-/// Bytes per record of a stored LoRA.
-pub const LORA_RECORD: u64 = 16 << 20;
-/// Records a stored LoRA's source keeps once read (in the browser as JS arrays, outside wasm
+/// Bytes per record of a stored file.
+pub const FILE_RECORD: u64 = 16 << 20;
+/// Records a stored file's source keeps once read (in the browser as JS arrays, outside wasm
 /// memory): a LoRA's factors are read layer by layer, not in file order, so every LoRA up to
 /// this size is fetched and checked once.
 const CACHE_BYTES: u64 = 1 << 30;
 const INFO: &str = "lora.json";
 
-/// A LoRA in the store (the JS API lists these).
+/// A stored file (a LoRA or a preview decoder) as the JS API lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, tsify::Tsify)]
 #[serde(rename_all = "camelCase")]
-// Options cross as null (the engine serialises missing values as null).
-#[tsify(missing_as_null)]
-pub struct StoredLora {
+#[tsify(missing_as_null)] // as StoredModel's
+pub struct StoredFile {
     pub id: String,
     /// The file's name.
     pub file: Option<String>,
@@ -53,7 +54,7 @@ struct Info {
 }
 
 /// Stored safetensors files by id: LoRAs, or (a store of its own) preview decoders.
-pub struct LoraStore<R: RecordStore> {
+pub struct FileStore<R: RecordStore> {
     records: R,
     /// What the files are, for messages ("LoRA").
     noun: &'static str,
@@ -63,15 +64,15 @@ fn record_key(id: &str, index: usize) -> String {
     format!("{id}/data/{index:05}.bin")
 }
 
-impl<R: RecordStore> LoraStore<R> {
-    pub fn new(records: R) -> LoraStore<R> {
-        LoraStore { records, noun: "LoRA" }
+impl<R: RecordStore> FileStore<R> {
+    pub fn new(records: R) -> FileStore<R> {
+        FileStore { records, noun: "LoRA" }
     }
 
     /// A store of other safetensors files (`noun` names them in messages), stored with
-    /// [`LoraStore::store_file`].
-    pub fn of(records: R, noun: &'static str) -> LoraStore<R> {
-        LoraStore { records, noun }
+    /// [`FileStore::store_file`].
+    pub fn of(records: R, noun: &'static str) -> FileStore<R> {
+        FileStore { records, noun }
     }
 
     pub fn records(&self) -> &R {
@@ -86,18 +87,18 @@ impl<R: RecordStore> LoraStore<R> {
         Ok(Some(info))
     }
 
-    /// Every stored LoRA, by id.
-    pub async fn list(&self) -> Result<Vec<StoredLora>> {
+    /// Every stored file, by id.
+    pub async fn list(&self) -> Result<Vec<StoredFile>> {
         let mut sizes: std::collections::BTreeMap<String, u64> = Default::default();
         for (key, n) in self.records.list("").await? {
             if let Some((id, _)) = key.split_once('/') {
                 *sizes.entry(id.to_string()).or_default() += n;
             }
         }
-        let mut loras = Vec::new();
+        let mut files = Vec::new();
         for (id, stored_bytes) in sizes {
             let info = self.info(&id).await.ok().flatten();
-            loras.push(StoredLora {
+            files.push(StoredFile {
                 file: info.as_ref().map(|i| i.file.clone()),
                 origin: info.as_ref().map(|i| i.origin.clone()),
                 hash: info.as_ref().map(|i| i.hash.clone()),
@@ -106,18 +107,18 @@ impl<R: RecordStore> LoraStore<R> {
                 id,
             });
         }
-        Ok(loras)
+        Ok(files)
     }
 
     /// Stores the LoRA file `file` of `source` (a URL's folder, a picked file) as `id`, unless
     /// `id` holds it from `origin` already. The file is checked to be a LoRA first (its header:
     /// other adapter formats and pickles are refused before anything is stored). `progress` gets
     /// (bytes stored, bytes in all).
-    pub async fn store(&self, id: &str, origin: &str, source: &impl Source, file: &str, progress: impl FnMut(u64, u64)) -> Result<StoredLora> {
+    pub async fn store(&self, id: &str, origin: &str, source: &impl Source, file: &str, progress: impl FnMut(u64, u64)) -> Result<StoredFile> {
         self.store_file(id, origin, source, file, async { Ok(LoraFile::open(source, file).await?.data_start()) }, progress).await
     }
 
-    /// Stores `file` as [`LoraStore::store`] does, after `checked` (awaited only when the file is
+    /// Stores `file` as [`FileStore::store`] does, after `checked` (awaited only when the file is
     /// not stored yet) checks what it is and gives where its data section starts.
     pub async fn store_file(
         &self,
@@ -127,7 +128,7 @@ impl<R: RecordStore> LoraStore<R> {
         file: &str,
         checked: impl std::future::Future<Output = Result<u64>>,
         mut progress: impl FnMut(u64, u64),
-    ) -> Result<StoredLora> {
+    ) -> Result<StoredFile> {
         let noun = self.noun;
         check_id(id)?;
         if let Some(info) = self.info(id).await? {
@@ -147,8 +148,8 @@ impl<R: RecordStore> LoraStore<R> {
         self.delete(id).await?;
         let written = async {
             let (mut hash, mut records) = (ShortHash::new(data_start), Vec::new());
-            for (index, start) in (0..bytes).step_by(LORA_RECORD as usize).enumerate() {
-                let end = (start + LORA_RECORD).min(bytes);
+            for (index, start) in (0..bytes).step_by(FILE_RECORD as usize).enumerate() {
+                let end = (start + FILE_RECORD).min(bytes);
                 let chunk = source.read_range(file, start, end).await?;
                 hash.update(start, &chunk);
                 let chunk = Bytes::from(chunk);
@@ -157,7 +158,7 @@ impl<R: RecordStore> LoraStore<R> {
                 progress(end, bytes);
             }
             let info = Info { file: file.to_string(), origin: origin.to_string(), bytes, hash: hash.finish(), records };
-            let json = serde_json::to_vec(&info).expect("LoRA info serialises");
+            let json = serde_json::to_vec(&info).expect("a file's info serialises");
             self.records.put(&format!("{id}/{INFO}"), &Bytes::from(json)).await
         };
         if let Err(e) = written.await {
@@ -168,62 +169,56 @@ impl<R: RecordStore> LoraStore<R> {
         self.stored(id).await
     }
 
-    async fn stored(&self, id: &str) -> Result<StoredLora> {
+    async fn stored(&self, id: &str) -> Result<StoredFile> {
         let all = self.list().await?;
         all.into_iter().find(|l| l.id == id).ok_or_else(|| Error::ModelIncomplete(format!("no {} '{id}' is stored", self.noun)))
     }
 
-    /// Deletes a LoRA's records (lora.json first); returns the bytes freed.
+    /// Deletes a file's records (lora.json first); returns the bytes freed.
     pub async fn delete(&self, id: &str) -> Result<u64> {
         check_id(id)?;
-        let mut records = self.records.list(&format!("{id}/")).await?;
-        records.sort_by_key(|(k, _)| !k.ends_with(INFO));
-        let mut freed = 0;
-        for (key, n) in records {
-            self.records.delete(&key).await?;
-            freed += n;
-        }
-        Ok(freed)
+        self.records.delete_all_under(&format!("{id}/"), INFO).await
     }
 
-    /// A stored LoRA as a source holding its file, and the file's name in it.
-    pub async fn open(&self, id: &str) -> Result<(StoredLoraSource<'_, R>, String)> {
+    /// A stored file as a source holding it, and the file's name in it.
+    pub async fn open(&self, id: &str) -> Result<(StoredFileSource<'_, R>, String)> {
         check_id(id)?;
         let info = self.info(id).await?.ok_or_else(|| {
             Error::ModelIncomplete(format!("no {} '{id}' is stored (or its store was interrupted): store it first", self.noun))
         })?;
-        let expected = info.bytes.div_ceil(LORA_RECORD);
+        let expected = info.bytes.div_ceil(FILE_RECORD);
         if info.records.len() as u64 != expected {
             return Err(Error::Corrupt { path: self.records.describe(&format!("{id}/{INFO}")), message: format!("{} records for {} bytes", info.records.len(), info.bytes) });
         }
         let file = info.file.clone();
-        Ok((StoredLoraSource { records: &self.records, id: id.to_string(), info, cache: RefCell::default() }, file))
+        Ok((StoredFileSource { records: &self.records, noun: self.noun, id: id.to_string(), info, cache: RefCell::default() }, file))
     }
 }
 
-/// A stored LoRA's file, read from its records, each checked against its sha256 when first read
-/// and kept (up to [`CACHE_BYTES`]).
-pub struct StoredLoraSource<'a, R: RecordStore> {
+/// A stored file, read from its records, each checked against its sha256 when first read and
+/// kept (up to [`CACHE_BYTES`]).
+pub struct StoredFileSource<'a, R: RecordStore> {
     records: &'a R,
+    noun: &'static str,
     id: String,
     info: Info,
     cache: RefCell<HashMap<usize, Bytes>>,
 }
 
-impl<R: RecordStore> StoredLoraSource<'_, R> {
+impl<R: RecordStore> StoredFileSource<'_, R> {
     async fn record(&self, index: usize) -> Result<Bytes> {
         if let Some(bytes) = self.cache.borrow().get(&index) {
             return Ok(bytes.clone());
         }
         let key = record_key(&self.id, index);
-        let bytes = self.records.get(&key).await?.ok_or_else(|| Error::ModelIncomplete(format!("{} is missing: store the LoRA again", self.records.describe(&key))))?;
-        let want_len = (self.info.bytes - index as u64 * LORA_RECORD).min(LORA_RECORD);
+        let bytes = self.records.get(&key).await?.ok_or_else(|| Error::ModelIncomplete(format!("{} is missing: store the {} again", self.records.describe(&key), self.noun)))?;
+        let want_len = (self.info.bytes - index as u64 * FILE_RECORD).min(FILE_RECORD);
         let got = bytes.sha256().await;
         if bytes.len() != want_len || got != self.info.records[index] {
-            return Err(Error::Corrupt { path: self.records.describe(&key), message: format!("{} bytes with sha256 {got}, not the {want_len} stored: delete the LoRA and store it again", bytes.len()) });
+            return Err(Error::Corrupt { path: self.records.describe(&key), message: format!("{} bytes with sha256 {got}, not the {want_len} stored: delete the {} and store it again", bytes.len(), self.noun) });
         }
         let mut cache = self.cache.borrow_mut();
-        if (cache.len() as u64 + 1) * LORA_RECORD > CACHE_BYTES {
+        if (cache.len() as u64 + 1) * FILE_RECORD > CACHE_BYTES {
             cache.clear();
         }
         cache.insert(index, bytes.clone());
@@ -231,9 +226,9 @@ impl<R: RecordStore> StoredLoraSource<'_, R> {
     }
 }
 
-impl<R: RecordStore> Source for StoredLoraSource<'_, R> {
+impl<R: RecordStore> Source for StoredFileSource<'_, R> {
     fn describe(&self, path: &str) -> String {
-        format!("stored LoRA '{}' ({path})", self.id)
+        format!("stored {} '{}' ({path})", self.noun, self.id)
     }
     async fn exists(&self, path: &str) -> bool {
         path == self.info.file
@@ -252,8 +247,8 @@ impl<R: RecordStore> Source for StoredLoraSource<'_, R> {
         let mut out = Vec::with_capacity((end - start) as usize);
         let mut at = start;
         while at < end {
-            let index = (at / LORA_RECORD) as usize;
-            let offset = index as u64 * LORA_RECORD;
+            let index = (at / FILE_RECORD) as usize;
+            let offset = index as u64 * FILE_RECORD;
             let record = self.record(index).await?;
             let stop = end.min(offset + record.len());
             out.extend_from_slice(&record.slice(at - offset, stop - offset));
