@@ -520,11 +520,18 @@ impl Gpu {
         MemoryStats { allocated: m.allocated, cached: m.cached, peak: m.peak }
     }
 
-    /// Starts a new peak measurement from what is allocated now.
+    /// Dispatches and pipeline compilations so far.
     pub fn counters(&self) -> Counters {
         self.counters.get()
     }
 
+    fn count(&self, update: impl FnOnce(&mut Counters)) {
+        let mut counters = self.counters.get();
+        update(&mut counters);
+        self.counters.set(counters);
+    }
+
+    /// Starts a new peak measurement from what is allocated now.
     pub fn reset_peak(&self) {
         let mut m = self.memory.borrow_mut();
         m.peak = m.allocated;
@@ -843,7 +850,7 @@ impl Gpu {
             cache: None,
         });
         self.pipelines.borrow_mut().entry(key).or_default().insert(defines.to_string(), pipeline.clone());
-        self.counters.set(Counters { pipelines: self.counters.get().pipelines + 1, ..self.counters.get() });
+        self.count(|c| c.pipelines += 1);
         pipeline
     }
 
@@ -910,7 +917,7 @@ impl Gpu {
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
         self.pending_dispatches.set(self.pending_dispatches.get() + 1);
-        self.counters.set(Counters { dispatches: self.counters.get().dispatches + 1, ..self.counters.get() });
+        self.count(|c| c.dispatches += 1);
         if self.pending_dispatches.get() >= DISPATCHES_PER_SUBMIT {
             self.flush();
         }

@@ -142,11 +142,10 @@ impl Engine {
             let options: LoadRequest = parse(options, "load")?;
             let quant = options.quant;
             let id = |url: &str| app::store_id(url, quant);
-            let base = options.base.resolve(id)?;
             let refiner = options.refiner.as_ref().map(|r| r.resolve(id)).transpose()?;
-            let loaded = LoadedModels { base: base.clone(), refiner: refiner.clone(), quant: quant.name() };
-            let base = (&base, origin(&base, file(0).as_ref())?);
-            let refiner = match &refiner {
+            let loaded = LoadedModels { base: options.base.resolve(id)?, refiner, quant: quant.name() };
+            let base = (&loaded.base, origin(&loaded.base, file(0).as_ref())?);
+            let refiner = match &loaded.refiner {
                 Some(wanted) => Some((wanted, origin(wanted, file(1).as_ref())?)),
                 None => None,
             };

@@ -173,9 +173,9 @@ impl<'de> Visitor<'de> for HeaderVisitor {
         let mut header = RawHeader { tensors: Vec::new(), metadata: BTreeMap::new() };
         while let Some(name) = map.next_key::<String>()? {
             if name == "__metadata__" {
-                // Its string entries; other values are kept as their text only to be dropped.
-                let entries: Option<BTreeMap<String, Box<RawValue>>> = map.next_value()?;
-                let text = |raw: Box<RawValue>| serde_json::from_str::<String>(raw.get()).ok();
+                // Its string entries; other values are skipped (borrowed from the header, not copied).
+                let entries: Option<BTreeMap<String, &'de RawValue>> = map.next_value()?;
+                let text = |raw: &RawValue| serde_json::from_str::<String>(raw.get()).ok();
                 header.metadata.extend(entries.into_iter().flatten().filter_map(|(k, v)| Some((k, text(v)?))));
                 continue;
             }
